@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`. Both build .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# One torch thread: on 2 shared cores a busy neighbour makes 2-thread torch 10-30x slower.
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: venv quickstart test test-slow lint bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and exactly: a plain `torch` pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,plots]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+quickstart: venv
+	$(BIN)/alignkit --help
+	$(BIN)/alignkit ops-check
+
+test: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[bench]"
+	$(BIN)/python bench/compare_trl.py dpo-tiny
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,331 @@
+"""Returns and advantages for policy-gradient RL on language models.
+
+Token quantities are ``[B, T]`` with a ``mask`` (1 = response token). Responses are contiguous but
+may be left- or right-padded; the scans below treat the *next valid* position as the next time
+step, so padding anywhere is skipped: a masked position contributes neither reward nor value, the
+bootstrap after the last response token is 0, and outputs are 0 where the mask is 0. Everything is
+computed in float32 (float64 inputs stay float64) without gradient: advantages and returns are
+targets, not part of the graph.
+
+Sequence-level estimators (GRPO, RLOO) take one score per sequence and an integer group id per
+sequence (sequences sampled from the same prompt share an id); they are vectorised with
+``torch.unique`` + ``index_add_`` over group ids, never a Python loop over groups or samples.
+
+Every estimator is also registered by name behind one adapter signature (see
+``register_advantage_estimator``) so a trainer picks one from its config without branching.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from alignkit.ops.stats import masked_mean, masked_var, masked_whiten
+
+__all__ = [
+    "available_advantage_estimators",
+    "discounted_returns",
+    "gae",
+    "get_advantage_estimator",
+    "grpo_advantages",
+    "register_advantage_estimator",
+    "reinforce_pp_advantages",
+    "reinforce_returns",
+    "rloo_advantages",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Token-level scans
+
+
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    """Half-precision inputs are computed in float32; float64 stays float64."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _check_token_shapes(mask: Tensor, **tensors: Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.shape != mask.shape or mask.dim() != 2:
+            raise ValueError(
+                f"{name} {tuple(tensor.shape)} and mask {tuple(mask.shape)} must both be [B, T]"
+            )
+
+
+def _reverse_discounted_sum(x: Tensor, valid: Tensor, discount: float) -> Tensor:
+    """``y_t = x_t + discount * y_{next valid position after t}`` (0 past the last), 0 where invalid.
+
+    One step per time column on whole ``[B]`` columns (as verl's GAE): a closed form via cumsum of
+    ``discount**-t`` overflows float32 for long responses.
+    """
+    carry = x.new_zeros(x.shape[0])
+    columns = []
+    for t in range(x.shape[1] - 1, -1, -1):
+        carry = torch.where(valid[:, t], x[:, t] + discount * carry, carry)
+        columns.append(carry)
+    if not columns:
+        return torch.zeros_like(x)
+    return torch.where(valid, torch.stack(columns[::-1], dim=1), 0.0)
+
+
+def _next_valid_values(values: Tensor, valid: Tensor) -> Tensor:
+    """Value at the next valid position after each t, 0 after the last one (the bootstrap)."""
+    batch, time = values.shape
+    positions = torch.arange(time, device=values.device).expand(batch, time)
+    valid_positions = torch.where(valid, positions, time)  # `time` indexes the appended 0 column
+    following = torch.cat([valid_positions[:, 1:], valid_positions.new_full((batch, 1), time)], 1)
+    next_index = following.flip(1).cummin(dim=1).values.flip(1)
+    padded = torch.cat([torch.where(valid, values, 0.0), values.new_zeros(batch, 1)], dim=1)
+    return padded.gather(1, next_index)
+
+
+@torch.no_grad()
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Discounted return-to-go ``G_t = sum_{k>=0} gamma^k r_{t+k}`` over response tokens.
+
+    Args:
+        rewards: ``[B, T]`` per-token rewards (values at masked positions are ignored).
+        mask: ``[B, T]`` 1 on response tokens.
+        gamma: discount factor in [0, 1].
+
+    Returns:
+        ``[B, T]`` float32, 0 where ``mask`` is 0.
+    """
+    _check_token_shapes(mask, rewards=rewards)
+    return _reverse_discounted_sum(_at_least_float32(rewards), mask.bool(), gamma)
+
+
+@torch.no_grad()
+def reinforce_returns(rewards: Tensor, mask: Tensor, gamma: float, eps: float = 1e-8) -> Tensor:
+    """REINFORCE (Williams, 1992) with normalised returns: ``(G_t - mean(G)) / (std(G) + eps)``.
+
+    Mean and unbiased std are taken over all response tokens of the batch. Seed 002 (section
+    4.1.2) normalises within each trajectory; with one terminal reward and gamma = 1 that makes
+    every return of a trajectory equal and every advantage 0, and for gamma < 1 it erases the
+    reward's sign and scale, so alignkit normalises over the batch.
+    ``reinforce_pp_advantages`` is the same statistic with eps inside the square root (verl).
+
+    Returns:
+        ``[B, T]`` float32, 0 where ``mask`` is 0.
+    """
+    return _normalise_returns(discounted_returns(rewards, mask, gamma), mask.bool(), eps)
+
+
+def _normalise_returns(returns: Tensor, valid: Tensor, eps: float = 1e-8) -> Tensor:
+    std = masked_var(returns, valid, unbiased=True).sqrt()
+    return torch.where(valid, (returns - masked_mean(returns, valid)) / (std + eps), 0.0)
+
+
+@torch.no_grad()
+def gae(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016, arXiv:1506.02438).
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = sum_{k>=0} (gamma*lam)^k delta_{t+k}``,
+    where ``t+1`` is the next response token and ``V`` after the last one is 0 (the episode ends).
+    ``returns = A + V`` are the critic's targets (lam-returns). Advantages are not whitened here
+    (verl whitens inside its GAE); whiten them in the trainer if wanted, so returns stay A + V.
+
+    Args:
+        token_rewards: ``[B, T]`` rewards per token (score and KL penalty already included).
+        values: ``[B, T]`` critic values V(s_t) of the same positions.
+        mask: ``[B, T]`` 1 on response tokens; masked rewards and values are ignored.
+        gamma: discount factor; lam: GAE lambda.
+
+    Returns:
+        ``(advantages, returns)``, ``[B, T]`` float32, 0 where ``mask`` is 0.
+    """
+    _check_token_shapes(mask, token_rewards=token_rewards, values=values)
+    valid = mask.bool()
+    values = torch.where(valid, _at_least_float32(values.detach()), 0.0)
+    deltas = _at_least_float32(token_rewards) + gamma * _next_valid_values(values, valid) - values
+    advantages = _reverse_discounted_sum(deltas, valid, gamma * lam)
+    return advantages, torch.where(valid, advantages + values, 0.0)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """REINFORCE++ (Hu, arXiv:2501.03262): discounted returns whitened over the whole batch.
+
+    ``A_t = (G_t - mean(G)) / sqrt(var(G) + 1e-8)``, with the mean and unbiased variance over all
+    response tokens of the batch (global normalisation, not per prompt). The token rewards should
+    already carry the per-token KL penalty (``apply_kl_penalty``), as in the paper.
+
+    Returns:
+        ``[B, T]`` float32, 0 where ``mask`` is 0.
+    """
+    return masked_whiten(discounted_returns(token_rewards, mask, gamma), mask.bool())
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence-level (group) estimators
+
+
+def _group_centred_scores(
+    scores: Tensor, group_index: Tensor | Sequence[int]
+) -> tuple[Tensor, ...]:
+    """Per sample: score minus group mean, group size, group unbiased std, group-is-all-tied."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be [N], got {tuple(scores.shape)}")
+    ids = torch.as_tensor(group_index, device=scores.device)
+    if ids.shape != scores.shape:
+        raise ValueError(f"group_index {tuple(ids.shape)} must match scores {tuple(scores.shape)}")
+    scores = _at_least_float32(scores.detach())
+    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    n_groups = counts.numel()
+    sizes = counts.to(scores.dtype)[inverse]
+    means = scores.new_zeros(n_groups).index_add_(0, inverse, scores)[inverse] / sizes
+    centred = scores - means
+    squares = scores.new_zeros(n_groups).index_add_(0, inverse, centred.square())[inverse]
+    stds = (squares / (sizes - 1).clamp(min=1)).sqrt()
+    # Identical scores must give exactly 0; the float mean can be off by an ulp from them.
+    group_max = scores.new_full((n_groups,), -torch.inf).scatter_reduce(0, inverse, scores, "amax")
+    group_min = scores.new_full((n_groups,), torch.inf).scatter_reduce(0, inverse, scores, "amin")
+    tied = (group_max == group_min)[inverse]
+    return centred, sizes, stds, tied
+
+
+@torch.no_grad()
+def grpo_advantages(
+    scores: Tensor,
+    group_index: Tensor | Sequence[int],
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """GRPO outcome advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300).
+
+    ``A_i = (s_i - mean_g) / (std_g + eps)`` with the unbiased std of the scores of sample i's
+    group g (as verl). ``norm_by_std=False`` gives Dr. GRPO's ``A_i = s_i - mean_g`` (Liu et al.
+    2025, arXiv:2503.20783), which removes the difficulty bias of dividing by std.
+
+    Groups whose scores are all equal get exactly 0. A group of one sample gets 0: there is no
+    baseline to compare it with. (verl instead uses mean 0, std 1 there, i.e. ``A = s / (1 + eps)``,
+    which mixes raw scores with normalised advantages.)
+
+    Args:
+        scores: ``[N]`` one scalar reward per sequence.
+        group_index: ``[N]`` integer group id per sequence (any ids; equal id = same prompt).
+
+    Returns:
+        ``[N]`` float32 advantages.
+    """
+    centred, sizes, stds, tied = _group_centred_scores(scores, group_index)
+    advantages = centred / (stds + eps) if norm_by_std else centred
+    return torch.where((sizes < 2) | tied, 0.0, advantages)
+
+
+@torch.no_grad()
+def rloo_advantages(scores: Tensor, group_index: Tensor | Sequence[int]) -> Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024, arXiv:2402.14740).
+
+    ``A_i = s_i - mean_{j in g, j != i} s_j = n_g / (n_g - 1) * (s_i - mean_g)``: each sample's
+    baseline is the mean of the *other* members of its group, so it is independent of s_i and the
+    gradient estimate stays unbiased. Groups of one sample (no other member) get 0; groups with all
+    scores equal get exactly 0.
+
+    Returns:
+        ``[N]`` float32 advantages.
+    """
+    centred, sizes, _, tied = _group_centred_scores(scores, group_index)
+    advantages = centred * sizes / (sizes - 1).clamp(min=1)
+    return torch.where((sizes < 2) | tied, 0.0, advantages)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+AdvantageEstimator = Callable[..., tuple[Tensor, Tensor]]
+"""``fn(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0)``
+returning ``(advantages, returns)``, both ``[B, T]`` float32 and 0 where ``mask`` is 0."""
+
+_ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Register an estimator under ``name`` (decorator). It must accept the keyword arguments of
+    ``AdvantageEstimator`` (ignoring those it does not use) and return ``(advantages, returns)``."""
+
+    def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
+        if name in _ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        _ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return decorator
+
+
+def available_advantage_estimators() -> tuple[str, ...]:
+    """Names accepted by ``get_advantage_estimator``."""
+    return tuple(_ADVANTAGE_ESTIMATORS)
+
+
+def get_advantage_estimator(name: str) -> AdvantageEstimator:
+    """The estimator registered as ``name``; ``ValueError`` naming the valid ones otherwise."""
+    if name in _ADVANTAGE_ESTIMATORS:
+        return _ADVANTAGE_ESTIMATORS[name]
+    message = f"unknown advantage estimator {name!r}; valid: {', '.join(_ADVANTAGE_ESTIMATORS)}"
+    nearest = difflib.get_close_matches(str(name), list(_ADVANTAGE_ESTIMATORS), n=1)
+    if nearest:
+        message += f". Did you mean {nearest[0]!r}?"
+    raise ValueError(message)
+
+
+def _require(value: Tensor | Sequence[int] | None, what: str, estimator: str) -> None:
+    if value is None:
+        raise ValueError(f"advantage estimator {estimator!r} needs {what}")
+
+
+@register_advantage_estimator("gae")
+def _gae_estimator(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0):
+    _require(values, "values (a critic)", "gae")
+    return gae(token_rewards, values, mask, gamma, lam)
+
+
+def _broadcast_outcome(advantages_per_sequence: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    # Outcome estimators have no critic: like verl, the "returns" are the advantages themselves.
+    advantages = torch.where(mask.bool(), advantages_per_sequence[:, None], 0.0)
+    return advantages, advantages
+
+
+def _sequence_scores(token_rewards: Tensor, mask: Tensor) -> Tensor:
+    _check_token_shapes(mask, token_rewards=token_rewards)
+    return torch.where(mask.bool(), _at_least_float32(token_rewards), 0.0).sum(dim=1)
+
+
+@register_advantage_estimator("grpo")
+def _grpo_estimator(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0):
+    _require(group_index, "group_index", "grpo")
+    scores = _sequence_scores(token_rewards, mask)
+    return _broadcast_outcome(grpo_advantages(scores, group_index, norm_by_std=True), mask)
+
+
+@register_advantage_estimator("dr_grpo")
+def _dr_grpo_estimator(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0):
+    _require(group_index, "group_index", "dr_grpo")
+    scores = _sequence_scores(token_rewards, mask)
+    return _broadcast_outcome(grpo_advantages(scores, group_index, norm_by_std=False), mask)
+
+
+@register_advantage_estimator("rloo")
+def _rloo_estimator(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0):
+    _require(group_index, "group_index", "rloo")
+    scores = _sequence_scores(token_rewards, mask)
+    return _broadcast_outcome(rloo_advantages(scores, group_index), mask)
+
+
+@register_advantage_estimator("reinforce")
+def _reinforce_estimator(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0):
+    returns = discounted_returns(token_rewards, mask, gamma)
+    return _normalise_returns(returns, mask.bool()), returns
+
+
+@register_advantage_estimator("reinforce_pp")
+def _reinforce_pp_estimator(
+    token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0
+):
+    returns = discounted_returns(token_rewards, mask, gamma)
+    return masked_whiten(returns, mask.bool()), returns

@@ -1,0 +1,273 @@
+"""Token log-probabilities and entropies from logits, without a float32 ``[B, T, V]`` copy.
+
+Everything here works on ``[..., V]`` logits of any float dtype. Half-precision logits
+(bfloat16 / float16) are upcast to float32 one block of rows at a time, so the float32 version
+of the whole tensor never exists; float32 and float64 logits are computed in their own dtype.
+Results are returned in that compute dtype (float32 for half-precision inputs), because the
+losses built on them (importance ratios ``exp(logp - old_logp)``, KL estimates) need it.
+
+The two reductions are custom autograd functions: their backward recomputes the softmax of
+each block from the saved logits and per-row log-normaliser, instead of letting autograd keep
+every float32 intermediate alive until the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+__all__ = ["entropy_from_logits", "selective_log_softmax", "sequence_logprobs"]
+
+# Elements (rows x vocab) processed per block when no chunk size is given: 2**24 float32
+# values are 64 MiB per temporary, small next to a model's activations, large enough that the
+# per-block overhead is negligible (about 110 rows per block for a 152k vocabulary).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _rows_per_chunk(vocab_size: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+        return chunk_size
+    return max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def _row_block(logits: torch.Tensor, rows: torch.Tensor | None, start: int, end: int):
+    """Rows ``start:end`` of the selected rows (all rows when ``rows`` is None), upcast."""
+    block = logits[start:end] if rows is None else logits.index_select(0, rows[start:end])
+    return block.to(_compute_dtype(logits.dtype))
+
+
+def _write_rows(target: torch.Tensor, rows: torch.Tensor | None, start: int, end: int, values):
+    if rows is None:
+        target[start:end] = values
+    else:
+        target.index_copy_(0, rows[start:end], values.to(target.dtype))
+
+
+# The loops below pass each block straight into a per-block function and write its result
+# straight out, so a block's float32 temporaries are freed before the next block is built
+# (holding them in a loop variable would keep two blocks alive at once).
+
+
+def _log_softmax_at(block: torch.Tensor, index: torch.Tensor):
+    log_normaliser = torch.logsumexp(block, dim=-1)
+    return block.gather(-1, index[:, None]).squeeze(-1) - log_normaliser, log_normaliser
+
+
+def _log_softmax_at_grad(block, index, log_normaliser, upstream) -> torch.Tensor:
+    # d/dz_j log softmax(z)_i = 1[j = i] - softmax(z)_j
+    upstream = upstream[:, None]
+    grad = (block - log_normaliser[:, None]).exp_().mul_(-upstream)
+    return grad.scatter_add_(-1, index[:, None], upstream)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits)[row, index[row]] for 2-D logits, optionally on a subset of rows."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        logits: torch.Tensor,  # [N, V]
+        index: torch.Tensor,  # [M] int64, one token per selected row
+        rows: torch.Tensor | None,  # [M] row numbers into logits, or None for all N rows
+        chunk_rows: int,
+    ) -> torch.Tensor:
+        n_selected = index.shape[0]
+        out = torch.empty(n_selected, dtype=_compute_dtype(logits.dtype), device=logits.device)
+        log_normaliser = torch.empty_like(out)
+        for start in range(0, n_selected, chunk_rows):
+            end = min(start + chunk_rows, n_selected)
+            out[start:end], log_normaliser[start:end] = _log_softmax_at(
+                _row_block(logits, rows, start, end), index[start:end]
+            )
+        ctx.save_for_backward(logits, index, log_normaliser, rows)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor):
+        logits, index, log_normaliser, rows = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits) if rows is None else torch.zeros_like(logits)
+        grad_out = grad_out.to(log_normaliser.dtype)
+        for start in range(0, index.shape[0], ctx.chunk_rows):
+            end = min(start + ctx.chunk_rows, index.shape[0])
+            _write_rows(
+                grad_logits,
+                rows,
+                start,
+                end,
+                _log_softmax_at_grad(
+                    _row_block(logits, rows, start, end),
+                    index[start:end],
+                    log_normaliser[start:end],
+                    grad_out[start:end],
+                ),
+            )
+        return grad_logits, None, None, None
+
+
+def _flatten_rows(logits: torch.Tensor) -> torch.Tensor:
+    # A view for contiguous logits; a non-contiguous slice such as logits[:, :-1] is copied here,
+    # which is why sequence_logprobs keeps the logits whole and shifts the targets instead.
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def selective_log_softmax(
+    logits: torch.Tensor, index: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Log-probability of one chosen class per row: ``log softmax(logits)[..., index]``.
+
+    Computed as ``logits.gather(index) - logsumexp(logits)`` block by block over the flattened
+    rows, so no ``[..., V]`` log-softmax (and, for bfloat16/float16 logits, no float32 copy of
+    the whole tensor) is ever materialised. Differentiable with respect to ``logits``; the
+    backward pass is chunked the same way and gives ``upstream * (onehot(index) - softmax)``.
+
+    Args:
+        logits: ``[..., V]`` unnormalised scores, any float dtype (``-inf`` allowed).
+        index: ``[...]`` integer class per row, same leading shape as ``logits``.
+        chunk_size: rows per block; by default about ``2**24 / V`` rows.
+
+    Returns:
+        ``[...]`` log-probabilities in float32 (float64 for float64 logits).
+    """
+    if index.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"index shape {tuple(index.shape)} must equal logits shape without the vocabulary "
+            f"dimension {tuple(logits.shape[:-1])}"
+        )
+    flat = _flatten_rows(logits)
+    chunk_rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    out = _SelectiveLogSoftmax.apply(flat, index.reshape(-1).long(), None, chunk_rows)
+    return out.view(index.shape)
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probabilities aligned with ``input_ids``; the one place the shift is done.
+
+    ``out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])``, read from ``logits[b, t - 1]``
+    (a causal LM's logits at position ``t - 1`` predict token ``t``). Position 0 has no
+    prediction and is 0; every position where ``response_mask`` is 0 is 0. Only the rows whose
+    next token is in the mask are computed (prompt and padding rows cost nothing).
+
+    Example, one sequence of 4 tokens where the last 2 are the response::
+
+        input_ids     = [ 5,   9,   2,   7 ]
+        response_mask = [ 0,   0,   1,   1 ]
+        logits row    =  z0   z1   z2   z3      (z3 predicts past the end: unused)
+        out           = [ 0,   0,   log softmax(z1)[2],  log softmax(z2)[7] ]
+
+    Sum ``out`` over time (``masked_sum``) for the sequence log-probability used by DPO.
+
+    Args:
+        logits: ``[B, T, V]`` causal-LM logits for the full sequence ``input_ids``.
+        input_ids: ``[B, T]`` token ids; values at masked positions are never read, so padding
+            ids such as ``-100`` are allowed there.
+        response_mask: ``[B, T]`` 1 (or True) for tokens to score, 0 elsewhere.
+        chunk_size: rows per block, as in :func:`selective_log_softmax`.
+
+    Returns:
+        ``[B, T]`` log-probabilities (float32 for half-precision logits), 0 where unscored.
+    """
+    if logits.shape[:-1] != input_ids.shape or response_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"expected logits [B, T, V] with input_ids and response_mask [B, T]; got logits "
+            f"{tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, response_mask "
+            f"{tuple(response_mask.shape)}"
+        )
+    # Row t of the logits predicts token t + 1: select the rows whose *next* token is scored
+    # and gather that next token, leaving the logits untouched (slicing them would copy).
+    # Position 0 is nobody's next token, so it stays 0 whatever the mask says.
+    predicts_scored = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    predicts_scored[..., :-1] = response_mask[..., 1:] != 0
+    rows = predicts_scored.reshape(-1).nonzero().squeeze(-1)
+    next_ids = input_ids.reshape(-1).index_select(0, rows + 1).long()
+    flat = _flatten_rows(logits)
+    chunk_rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    selected = _SelectiveLogSoftmax.apply(flat, next_ids, rows, chunk_rows)
+    out = torch.zeros(input_ids.numel(), dtype=selected.dtype, device=logits.device)
+    # Row r predicts token r + 1 (never across sequences: the last row of each is unselected).
+    out = out.index_put((rows + 1,), selected)
+    return out.view(input_ids.shape)
+
+
+def _entropy_terms(block: torch.Tensor, log_normaliser: torch.Tensor):
+    log_p = block - log_normaliser[:, None]
+    p = torch.exp(log_p)
+    # 0 * log 0 = 0: rows with -inf logits (top-k masking) would otherwise give NaN.
+    return log_p, p, torch.where(p > 0, p * log_p, 0.0)
+
+
+def _entropy(block: torch.Tensor):
+    log_normaliser = torch.logsumexp(block, dim=-1)
+    return -_entropy_terms(block, log_normaliser)[2].sum(-1), log_normaliser
+
+
+def _entropy_grad(block, log_normaliser, entropy, upstream) -> torch.Tensor:
+    # dH/dz_j = -p_j (log p_j + H), written so that p_j = 0 gives 0 rather than NaN.
+    log_p, p, _ = _entropy_terms(block, log_normaliser)
+    return torch.where(p > 0, p * (log_p + entropy[:, None]), 0.0).mul_(-upstream[:, None])
+
+
+class _EntropyFromLogits(torch.autograd.Function):
+    """Softmax entropy per row of 2-D logits."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, logits: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        n_rows = logits.shape[0]
+        entropy = torch.empty(n_rows, dtype=_compute_dtype(logits.dtype), device=logits.device)
+        log_normaliser = torch.empty_like(entropy)
+        for start in range(0, n_rows, chunk_rows):
+            end = min(start + chunk_rows, n_rows)
+            entropy[start:end], log_normaliser[start:end] = _entropy(
+                _row_block(logits, None, start, end)
+            )
+        ctx.save_for_backward(logits, log_normaliser, entropy)
+        ctx.chunk_rows = chunk_rows
+        return entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor):
+        logits, log_normaliser, entropy = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        grad_out = grad_out.to(entropy.dtype)
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            end = min(start + ctx.chunk_rows, logits.shape[0])
+            grad_logits[start:end] = _entropy_grad(
+                _row_block(logits, None, start, end),
+                log_normaliser[start:end],
+                entropy[start:end],
+                grad_out[start:end],
+            )
+        return grad_logits, None
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the last dimension, in nats.
+
+    ``H = logsumexp(z) - sum_j p_j z_j = -sum_j p_j log p_j`` with ``p = softmax(z)``. The
+    second form is used: every term has the same sign, so nothing large cancels, and
+    ``0 log 0 = 0`` handles ``-inf`` logits. Computed block by block over rows in float32 (or
+    float64), differentiable, with a chunked backward ``dH/dz_j = -p_j (log p_j + H)``.
+
+    Args:
+        logits: ``[..., V]`` unnormalised scores, any float dtype.
+        chunk_size: rows per block; by default about ``2**24 / V`` rows.
+
+    Returns:
+        ``[...]`` entropies in float32 (float64 for float64 logits).
+    """
+    flat = _flatten_rows(logits)
+    chunk_rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    return _EntropyFromLogits.apply(flat, chunk_rows).view(logits.shape[:-1])

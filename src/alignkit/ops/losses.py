@@ -1,0 +1,258 @@
+"""Policy and value losses for online RL, and the one definition of loss aggregation.
+
+Token quantities are ``[B, T]`` with a ``mask`` of the same shape (nonzero = response token).
+Every loss here is a *minimisation* objective. Low-precision inputs (bf16/fp16) are upcast to
+float32 before any arithmetic, so the returned loss is float32; float64 stays float64 (for
+``gradcheck``). The preference losses (DPO family, reward models, Plackett-Luce) live in
+``alignkit.ops.preference`` and are re-exported here so ``alignkit.ops.losses`` is the one place
+to import a loss from.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from alignkit.ops.preference import (
+    DPO_LOSSES,
+    REWARD_LOSSES,
+    dpo_loss,
+    plackett_luce_loss,
+    register_dpo_loss,
+    reward_model_loss,
+)
+
+__all__ = [
+    "AGG_MODES",
+    "DPO_LOSSES",
+    "REWARD_LOSSES",
+    "AggMode",
+    "aggregate_loss",
+    "dpo_loss",
+    "plackett_luce_loss",
+    "policy_gradient_loss",
+    "ppo_policy_loss",
+    "register_dpo_loss",
+    "reward_model_loss",
+    "value_loss",
+]
+
+AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+# exp(20) ~ 4.9e8: large enough never to bind in a healthy run, small enough that a diverged
+# policy (or garbage at a padded position) cannot overflow the ratio to inf and poison the grads.
+_MAX_LOG_RATIO = 20.0
+
+
+def _upcast(x: Tensor) -> Tensor:
+    if x.dtype in (torch.bfloat16, torch.float16) or not x.is_floating_point():
+        return x.float()
+    return x
+
+
+def _check_same_shape(reference_name: str, reference: Tensor, **others: Tensor) -> None:
+    # Shapes must match exactly: silent broadcasting ([B,1] against [B]) is a classic bug.
+    for name, tensor in others.items():
+        if tensor.shape != reference.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)} "
+                f"(the shape of {reference_name})"
+            )
+
+
+def _per_token(advantages: Tensor, logp: Tensor) -> Tensor:
+    """Advantages ``[B, T]`` as given, or per-sequence ``[B]`` broadcast over the tokens."""
+    advantages = _upcast(advantages)
+    if advantages.shape == logp.shape:
+        return advantages
+    if advantages.shape == logp.shape[:-1]:
+        return advantages.unsqueeze(-1).expand_as(logp)
+    raise ValueError(
+        f"advantages has shape {tuple(advantages.shape)}; expected {tuple(logp.shape)} "
+        f"(per token) or {tuple(logp.shape[:-1])} (per sequence)"
+    )
+
+
+def aggregate_loss(loss_mat: Tensor, mask: Tensor, agg: AggMode | str = "token-mean") -> Tensor:
+    """Reduce a per-token loss ``[B, T]`` to a scalar over the valid (``mask != 0``) tokens.
+
+    - ``"token-mean"``: sum over all valid tokens / number of valid tokens (every token weighs
+      the same, so long responses weigh more; verl's and DAPO's default).
+    - ``"seq-mean-token-sum"``: per-sequence sum, then mean over sequences (Dr. GRPO-style,
+      no length normalisation).
+    - ``"seq-mean-token-mean"``: per-sequence mean, then mean over sequences (the original
+      GRPO and seed 003's length-normalised ``log_prob.mean()``).
+
+    Sequences without a single valid token are left out of the sequence means (as verl does);
+    an all-zero mask gives 0 (still attached to the graph), never NaN. Values at masked
+    positions are never read, so inf/NaN in padding cannot leak into the loss or its gradient
+    through this function.
+
+    Args:
+        loss_mat: per-token loss, shape ``[B, T]``.
+        mask: shape ``[B, T]``, bool or numeric; nonzero marks a valid token.
+        agg: one of ``AGG_MODES``.
+
+    Returns:
+        0-d tensor.
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown agg {agg!r}; valid: {', '.join(AGG_MODES)}")
+    _check_same_shape("loss_mat", loss_mat, mask=mask)
+    loss_mat = _upcast(loss_mat)
+    valid = mask.bool()
+    masked = torch.where(valid, loss_mat, loss_mat.new_zeros(()))
+    if agg == "token-mean":
+        return masked.sum() / valid.sum().clamp_min(1)
+    token_counts = valid.sum(dim=-1)
+    seq_losses = masked.sum(dim=-1)
+    if agg == "seq-mean-token-mean":
+        seq_losses = seq_losses / token_counts.clamp_min(1)
+    # Empty sequences contribute 0 to the sum; leave them out of the count too.
+    return seq_losses.sum() / (token_counts > 0).sum().clamp_min(1)
+
+
+def policy_gradient_loss(
+    logp: Tensor, advantages: Tensor, mask: Tensor, agg: AggMode | str = "token-mean"
+) -> Tensor:
+    """REINFORCE loss ``-A * log pi(a_t | s_t)``, aggregated over valid tokens (seed 003).
+
+    Williams 1992 (https://doi.org/10.1007/BF00992696): minimising it ascends
+    ``E[A * grad log pi]``, raising the log-probability of tokens with positive advantage.
+    With per-sequence advantages (the reward) and ``agg="seq-mean-token-mean"`` this is
+    exactly seed 003's ``-log_probs.mean() * reward`` averaged over sequences.
+
+    Args:
+        logp: log-probabilities of the sampled tokens under the current policy, ``[B, T]``.
+        advantages: ``[B, T]`` or per-sequence ``[B]``; treated as constants (pass them
+            without grad).
+        mask: ``[B, T]``, nonzero on response tokens.
+        agg: see ``aggregate_loss``.
+
+    Returns:
+        0-d loss tensor (float32 for low-precision inputs).
+    """
+    logp = _upcast(logp)
+    _check_same_shape("logp", logp, mask=mask)
+    return aggregate_loss(-_per_token(advantages, logp) * logp, mask, agg)
+
+
+def ppo_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_ratio: float = 0.2,
+    clip_ratio_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: AggMode | str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss, with optional asymmetric and dual clipping.
+
+    Schulman et al. 2017 (https://arxiv.org/abs/1707.06347): take the pessimistic (larger) of
+    the unclipped and clipped losses, so the policy gains nothing by moving the probability
+    ratio outside ``[1 - clip_ratio, 1 + clip_ratio_high]``. Per token::
+
+        ratio = exp(clamp(logp - old_logp, -20, 20))
+        pg    = max(-A * ratio, -A * clamp(ratio, 1 - clip_ratio, 1 + clip_ratio_high))
+
+    ``clip_ratio_high`` (DAPO's "clip-higher", https://arxiv.org/abs/2503.14476) defaults to
+    ``clip_ratio``. Dual clip (Ye et al. 2020, https://arxiv.org/abs/1912.09729): where A < 0
+    an unbounded ratio would give an unbounded loss, so there ``pg = min(pg, -A * dual_clip)``.
+
+    Args:
+        logp: log-probs of the sampled tokens under the current policy, ``[B, T]``.
+        old_logp: the same under the policy that sampled them, ``[B, T]``.
+        advantages: ``[B, T]`` or per-sequence ``[B]``; constants.
+        mask: ``[B, T]``, nonzero on response tokens.
+        clip_ratio: lower clip ``eps_low`` in (0, 1).
+        clip_ratio_high: upper clip ``eps_high`` > 0; ``None`` means ``clip_ratio``.
+        dual_clip: constant ``c > 1`` of dual-clip PPO; ``None`` disables it.
+        agg: see ``aggregate_loss``.
+
+    Returns:
+        ``(loss, stats)``: 0-d loss, and detached 0-d tensors (call ``.item()`` once, when
+        logging) over valid tokens: ``"clipfrac"`` (share of tokens where the clipped branch
+        is the larger one), ``"approx_kl"`` (mean of ``old_logp - logp``: tokens were sampled
+        from the old policy, so this is the k1 estimate of KL(pi_old || pi)), and, when
+        ``dual_clip`` is set, ``"dual_clipfrac"`` (share of tokens capped by it).
+    """
+    eps_low = clip_ratio
+    eps_high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    if not 0.0 < eps_low < 1.0:
+        raise ValueError(f"clip_ratio must be in (0, 1), got {clip_ratio}")
+    if eps_high <= 0.0:
+        raise ValueError(f"clip_ratio_high must be > 0, got {clip_ratio_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    logp, old_logp = _upcast(logp), _upcast(old_logp)
+    _check_same_shape("logp", logp, old_logp=old_logp, mask=mask)
+    advantages = _per_token(advantages, logp)
+
+    log_ratio = torch.clamp(logp - old_logp, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    pg = torch.maximum(unclipped, clipped)
+
+    stats: dict[str, Tensor] = {}
+    with torch.no_grad():
+        stats["clipfrac"] = aggregate_loss((clipped > unclipped).to(logp.dtype), mask)
+        stats["approx_kl"] = aggregate_loss(-log_ratio, mask)
+    if dual_clip is not None:
+        dual_bound = -advantages * dual_clip
+        capped = (advantages < 0) & (pg > dual_bound)
+        with torch.no_grad():
+            stats["dual_clipfrac"] = aggregate_loss(capped.to(logp.dtype), mask)
+        pg = torch.where(advantages < 0, torch.minimum(pg, dual_bound), pg)
+    return aggregate_loss(pg, mask, agg), stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor | None,
+    returns: Tensor,
+    mask: Tensor,
+    clip: float | None = None,
+    agg: AggMode | str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Squared-error critic loss ``0.5 * (V - R)^2``, optionally clipped around the old values.
+
+    PPO's value clipping (as in OpenAI baselines / verl): the critic may not profit from moving
+    ``V`` more than ``clip`` away from ``old_values`` in one update. Per token::
+
+        V_clipped = old_values + clamp(V - old_values, -clip, clip)
+        loss      = 0.5 * max((V - R)^2, (V_clipped - R)^2)
+
+    Args:
+        values: current critic values, ``[B, T]``.
+        old_values: critic values at rollout time, ``[B, T]``; only read when ``clip`` is set
+            (may be ``None`` otherwise).
+        returns: regression targets ``R``, ``[B, T]``; constants.
+        mask: ``[B, T]``, nonzero on response tokens.
+        clip: clip range > 0, or ``None`` for the plain squared error.
+        agg: see ``aggregate_loss``.
+
+    Returns:
+        ``(loss, stats)``: 0-d loss and ``{"vf_clipfrac": ...}``, the detached share of valid
+        tokens where the clipped error is the larger one (0 without ``clip``).
+    """
+    values, returns = _upcast(values), _upcast(returns)
+    _check_same_shape("values", values, returns=returns, mask=mask)
+    unclipped = 0.5 * (values - returns).square()
+    if clip is None:
+        return aggregate_loss(unclipped, mask, agg), {"vf_clipfrac": values.new_zeros(())}
+    if clip <= 0.0:
+        raise ValueError(f"value clip must be > 0, got {clip}")
+    if old_values is None:
+        raise ValueError("value_loss with clip needs old_values")
+    old_values = _upcast(old_values)
+    _check_same_shape("values", values, old_values=old_values)
+    values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    clipped = 0.5 * (values_clipped - returns).square()
+    with torch.no_grad():
+        clipfrac = aggregate_loss((clipped > unclipped).to(values.dtype), mask)
+    return aggregate_loss(torch.maximum(unclipped, clipped), mask, agg), {"vf_clipfrac": clipfrac}

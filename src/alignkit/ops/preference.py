@@ -1,0 +1,271 @@
+"""Preference losses: the DPO family, pairwise reward-model losses, and Plackett-Luce rankings.
+
+All return *per-example* losses, so the caller chooses the weighting and the mean (and can
+log per-example values). Low-precision inputs (bf16/fp16) are upcast to float32 first; float64
+stays float64. Import them from ``alignkit.ops.losses``, which re-exports this module.
+
+Losses are selected by name from a registry (``DPO_LOSSES``, ``REWARD_LOSSES``): a new kind is
+one decorated function here, and no trainer changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DPO_LOSSES",
+    "REWARD_LOSSES",
+    "dpo_loss",
+    "plackett_luce_loss",
+    "register_dpo_loss",
+    "reward_model_loss",
+]
+
+# (h, beta, label_smoothing) -> per-example loss, where h is the log-ratio difference
+# (pi_c - ref_c) - (pi_r - ref_r).
+DPOLossFn = Callable[[Tensor, float, float], Tensor]
+DPO_LOSSES: dict[str, DPOLossFn] = {}
+
+# (r_chosen - r_rejected, margin or None) -> per-example loss; each kind owns its margin default.
+RewardLossFn = Callable[[Tensor, "Tensor | float | None"], Tensor]
+REWARD_LOSSES: dict[str, RewardLossFn] = {}
+
+
+def _upcast(x: Tensor) -> Tensor:
+    if x.dtype in (torch.bfloat16, torch.float16) or not x.is_floating_point():
+        return x.float()
+    return x
+
+
+def register_dpo_loss(name: str) -> Callable[[DPOLossFn], DPOLossFn]:
+    """Register ``fn(h, beta, label_smoothing) -> losses`` as ``dpo_loss(kind=name)``."""
+
+    def decorator(fn: DPOLossFn) -> DPOLossFn:
+        if name in DPO_LOSSES:
+            raise ValueError(f"DPO loss {name!r} is already registered")
+        DPO_LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+def _require_no_label_smoothing(kind: str, label_smoothing: float) -> None:
+    # Refuse rather than silently ignore a setting the chosen loss has no place for.
+    if label_smoothing != 0.0:
+        raise ValueError(
+            f"label_smoothing is not defined for kind={kind!r}; use 'sigmoid' or 'robust'"
+        )
+
+
+@register_dpo_loss("sigmoid")
+def _dpo_sigmoid(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # DPO (https://arxiv.org/abs/2305.18290, eq. 7); with eps > 0 the conservative cDPO of
+    # Mitchell 2023 (https://ericmitchell.ai/cdpo.pdf, eq. 3): the label is flipped w.p. eps.
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(
+            f"label_smoothing must be in [0, 0.5] for 'sigmoid', got {label_smoothing}"
+        )
+    z = beta * h
+    return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+@register_dpo_loss("ipo")
+def _dpo_ipo(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # IPO (https://arxiv.org/abs/2310.12036, eq. 17): regress h onto 1/(2 beta) instead of
+    # pushing it to infinity. Seed 002 writes 1/beta; the paper (and TRL) use 1/(2 beta).
+    _require_no_label_smoothing("ipo", label_smoothing)
+    return (h - 1.0 / (2.0 * beta)).square()
+
+
+@register_dpo_loss("hinge")
+def _dpo_hinge(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # SLiC-HF calibration loss (https://arxiv.org/abs/2305.10425) on the reference-adjusted
+    # log-ratio: relu(1 - beta*h) = beta * relu(1/beta - h), i.e. a margin of 1/beta nats.
+    _require_no_label_smoothing("hinge", label_smoothing)
+    return F.relu(1.0 - beta * h)
+
+
+@register_dpo_loss("robust")
+def _dpo_robust(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # Robust DPO (Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409, eq. 9): unbiased
+    # under labels flipped w.p. eps: (1-eps)*L(h) + eps*L(-h) equals the clean DPO loss.
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) for 'robust', got {label_smoothing}")
+    eps = label_smoothing
+    z = beta * h
+    return ((1.0 - eps) * -F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    kind: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct preference optimisation and its variants, per example.
+
+    DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290): the policy is its own reward
+    model, ``r = beta * log(pi / ref)``, so a Bradley-Terry loss on the implicit rewards trains
+    the policy directly. With ``h = (pi_c - ref_c) - (pi_r - ref_r)`` and ``eps = label_smoothing``:
+
+    - ``"sigmoid"``: ``-(1-eps) log s(beta h) - eps log s(-beta h)`` (DPO; cDPO when eps > 0).
+    - ``"ipo"``: ``(h - 1/(2 beta))^2`` (Azar et al. 2023, https://arxiv.org/abs/2310.12036).
+      The paper defines h on length-averaged log-probs (TRL averages before calling it); this
+      function uses whatever log-probs it is given, so pass averaged ones to match.
+    - ``"hinge"``: ``relu(1 - beta h)`` (SLiC-HF, https://arxiv.org/abs/2305.10425).
+    - ``"robust"``: ``((1-eps)(-log s(beta h)) + eps log s(-beta h)) / (1 - 2 eps)``
+      (Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409), eps < 0.5.
+
+    ``"ipo"`` and ``"hinge"`` take no label smoothing (a nonzero value is an error). More kinds:
+    ``register_dpo_loss``.
+
+    Args:
+        policy_chosen_logps: summed log-probs of the chosen responses under the policy, ``[B]``.
+        policy_rejected_logps: the same for the rejected responses, ``[B]``.
+        ref_chosen_logps: chosen responses under the frozen reference, ``[B]``.
+        ref_rejected_logps: rejected responses under the reference, ``[B]``.
+        beta: inverse temperature of the implicit reward (> 0).
+        kind: a name in ``DPO_LOSSES``.
+        label_smoothing: assumed label-flip probability ``eps``.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; the rewards are the
+        detached implicit rewards ``beta * (pi - ref)`` of each response.
+    """
+    if kind not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss kind {kind!r}; valid: {', '.join(sorted(DPO_LOSSES))}")
+    if beta <= 0.0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    shape = policy_chosen_logps.shape
+    for name, tensor in (
+        ("policy_rejected_logps", policy_rejected_logps),
+        ("ref_chosen_logps", ref_chosen_logps),
+        ("ref_rejected_logps", ref_rejected_logps),
+    ):
+        if tensor.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    chosen_logratios = _upcast(policy_chosen_logps) - _upcast(ref_chosen_logps)
+    rejected_logratios = _upcast(policy_rejected_logps) - _upcast(ref_rejected_logps)
+    losses = DPO_LOSSES[kind](chosen_logratios - rejected_logratios, beta, label_smoothing)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def _register_reward_loss(name: str) -> Callable[[RewardLossFn], RewardLossFn]:
+    def decorator(fn: RewardLossFn) -> RewardLossFn:
+        REWARD_LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+@_register_reward_loss("bt")
+def _reward_bt(diff: Tensor, margin: Tensor | float | None) -> Tensor:
+    # Bradley-Terry; the margin is subtracted inside as in Llama 2
+    # (https://arxiv.org/abs/2307.09288, eq. 2): pairs rated far apart must be separated more.
+    return -F.logsigmoid(diff if margin is None else diff - margin)
+
+
+@_register_reward_loss("margin_weighted")
+def _reward_margin_weighted(diff: Tensor, margin: Tensor | float | None) -> Tensor:
+    # Seed 002 §4.2.4: the margin *scales* the logit (a per-pair temperature). A different
+    # loss from Llama 2's subtraction (NOTES); the margin should be >= 0.
+    return -F.logsigmoid(diff if margin is None else diff * margin)
+
+
+@_register_reward_loss("hinge")
+def _reward_hinge(diff: Tensor, margin: Tensor | float | None) -> Tensor:
+    # Seed 002 §4.3.4 ``ranking_loss`` defaults to margin 0, where every correctly ordered pair
+    # has zero loss and the reward scale is left free; we default to the usual hinge margin 1.
+    return F.relu((1.0 if margin is None else margin) - diff)
+
+
+def reward_model_loss(
+    chosen: Tensor,
+    rejected: Tensor,
+    margin: Tensor | float | None = None,
+    kind: str = "bt",
+) -> Tensor:
+    """Pairwise reward-model loss, per example.
+
+    Bradley-Terry (seed 002 §4.3.1): ``P(chosen > rejected) = s(r_c - r_r)``. With
+    ``d = r_c - r_r`` and ``m = margin``:
+
+    - ``"bt"``: ``-log s(d - m)``; ``m`` defaults to 0 (plain BT). Llama 2's margin loss.
+    - ``"margin_weighted"``: ``-log s(d * m)``; ``m`` defaults to 1 (seed 002 §4.2.4).
+    - ``"hinge"``: ``relu(m - d)``; ``m`` defaults to 1 (seed 002's ``ranking_loss`` uses 0).
+
+    Importance weights outside the log (seed 002's ``weighted_bt_loss``) are the caller's
+    ``(losses * weights).mean()``, which is why per-example losses are returned.
+
+    Args:
+        chosen: rewards of the preferred responses, ``[B]``.
+        rejected: rewards of the other responses, same shape as ``chosen``.
+        margin: a float, or a tensor broadcastable to ``chosen`` (per-pair margins ``[B]``).
+        kind: a name in ``REWARD_LOSSES``.
+
+    Returns:
+        Per-example losses, shape of ``chosen``.
+    """
+    if kind not in REWARD_LOSSES:
+        raise ValueError(
+            f"unknown reward loss kind {kind!r}; valid: {', '.join(sorted(REWARD_LOSSES))}"
+        )
+    if rejected.shape != chosen.shape:
+        raise ValueError(
+            f"rejected has shape {tuple(rejected.shape)}, expected {tuple(chosen.shape)} "
+            "(the shape of chosen)"
+        )
+    if isinstance(margin, Tensor):
+        if torch.broadcast_shapes(margin.shape, chosen.shape) != chosen.shape:
+            raise ValueError(
+                f"margin has shape {tuple(margin.shape)}, not broadcastable to "
+                f"{tuple(chosen.shape)}"
+            )
+        margin = _upcast(margin)
+    return REWARD_LOSSES[kind](_upcast(chosen) - _upcast(rejected), margin)
+
+
+def plackett_luce_loss(scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Negative log-likelihood of a ranking under the Plackett-Luce model, per example.
+
+    Plackett 1975 / Luce 1959; for reward models, Zhu et al. 2023
+    (https://arxiv.org/abs/2301.11270). The best item is picked first with softmax probability,
+    then the best of the rest, and so on (seed 002 §4.3.1)::
+
+        loss = -sum_{i=1}^{K-1} [ s_i - logsumexp(s_i, ..., s_K) ]
+
+    with items given best to worst along dim 1. For K = 2 it is the Bradley-Terry loss
+    ``-log s(s_1 - s_2)``. The suffix log-sum-exps come from one ``logcumsumexp`` over the
+    reversed scores.
+
+    Args:
+        scores: rewards of the K responses of each prompt, best first, ``[B, K]``.
+        mask: optional ``[B, K]``, nonzero on real items (for prompts with fewer than K
+            responses). Masked items are removed from the ranking; a row with fewer than two
+            real items has loss 0.
+
+    Returns:
+        Per-example losses, ``[B]``.
+    """
+    scores = _upcast(scores)
+    if mask is None:
+        suffix_lse = torch.logcumsumexp(scores.flip(-1), dim=-1).flip(-1)
+        return -(scores - suffix_lse).sum(dim=-1)
+    if mask.shape != scores.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(scores.shape)}")
+    valid = mask.bool()
+    # A finite stand-in for -inf: exp(lowest - anything finite) is exactly 0, and every
+    # intermediate stays finite, so no NaN is formed even in the branch `where` discards
+    # (with -inf, a fully masked suffix gives (-inf) - (-inf)).
+    lowest = torch.finfo(scores.dtype).min
+    filled = torch.where(valid, scores, scores.new_full((), lowest))
+    suffix_lse = torch.logcumsumexp(filled.flip(-1), dim=-1).flip(-1)
+    terms = torch.where(valid, filled - suffix_lse, scores.new_zeros(()))
+    return -terms.sum(dim=-1)

@@ -1,0 +1,190 @@
+"""Masked statistics over token tensors, and a running mean/variance for normalising rewards.
+
+``mask`` has the shape of ``x`` (or broadcasts to it); nonzero entries are counted, with their
+value as a weight (a 0/1 or bool mask is the usual case). Values at masked positions are never
+read, so NaN or ``inf`` padding there does not leak into a result. An empty mask gives 0, never
+NaN, so a batch without response tokens cannot poison a metric or a loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from alignkit.errors import CheckpointError
+
+__all__ = [
+    "RunningMeanStd",
+    "explained_variance",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+]
+
+
+def _masked_values(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # where() rather than a bare product: 0 * NaN is NaN, and padding may hold anything.
+    return torch.where(mask != 0, x * mask, 0.0)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``sum(x * mask)`` over ``dim`` (all elements when None)."""
+    values = _masked_values(x, mask)
+    return values.sum() if dim is None else values.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``sum(x * mask) / sum(mask)`` over ``dim`` (all elements when None); 0 where the mask
+    is empty."""
+    total = masked_sum(x, mask, dim)
+    count = masked_sum(torch.ones_like(x), mask, dim)
+    nonempty = count != 0
+    return torch.where(nonempty, total / torch.where(nonempty, count, 1), 0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over the masked elements (all dimensions), a 0-dim tensor.
+
+    ``mean((x - m)^2)`` with ``m = masked_mean(x)``; with ``unbiased`` the Bessel factor
+    ``n / (n - 1)`` (``n = sum(mask)``) is applied, as in verl/TRL. Returns 0 when ``n = 0``, and
+    also when ``unbiased`` and ``n <= 1`` (one sample has no unbiased variance; 0 rather than
+    the NaN or ``inf`` that would follow).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if not unbiased:
+        return var
+    count = masked_sum(torch.ones_like(x), mask)
+    has_spread = count > 1
+    return torch.where(has_spread, var * count / torch.where(has_spread, count - 1, 1), 0)
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` with the masked mean and unbiased variance (verl/TRL).
+
+    With ``shift_mean=False`` the mean is added back (only the scale changes). Masked positions
+    are returned as 0.
+    """
+    mean = masked_mean(x, mask)
+    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask, unbiased=True) + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask != 0, whitened, 0.0)
+
+
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``1 - Var[returns - values] / Var[returns]`` over the masked positions (0-dim tensor).
+
+    1 for a perfect value function, 0 for one that predicts the mean return, negative for one
+    worse than that. Returns 0 when the returns have no variance (or the mask is empty): there is
+    nothing to explain, and a metric log should not receive NaN.
+    """
+    var_returns = masked_var(returns, mask, unbiased=False)
+    var_residual = masked_var(returns - values, mask, unbiased=False)
+    has_variance = var_returns > 0
+    ratio = var_residual / torch.where(has_variance, var_returns, 1)
+    return torch.where(has_variance, 1 - ratio, 0)
+
+
+class RunningMeanStd:
+    """Running mean and (population) variance of a stream of batches, in float64.
+
+    Batches are merged with the parallel update of Chan et al. (seed 002 §4.1.6): with the
+    running ``(mean, var, count)`` and a batch's ``(mean_b, var_b, n_b)``, ``delta = mean_b -
+    mean``, ``n' = count + n_b``, ``mean' = mean + delta n_b / n'`` and ``var' = (var count +
+    var_b n_b + delta^2 count n_b / n') / n'``. Unlike the seed, ``count`` starts at 0 instead
+    of 1e-8, so the result equals the mean and variance of all the data seen, exactly (up to
+    rounding); before the first update ``mean = 0`` and ``var = 1`` (``normalize`` is then the
+    identity).
+
+    State lives on ``device`` (CPU by default); batches on another device are reduced there and
+    only their statistics are moved.
+    """
+
+    def __init__(self, shape: Sequence[int] = (), device: torch.device | str = "cpu"):
+        self.shape = tuple(shape)
+        self._mean = torch.zeros(self.shape, dtype=torch.float64, device=device)
+        self._var = torch.ones(self.shape, dtype=torch.float64, device=device)
+        self._count = torch.zeros((), dtype=torch.float64, device=device)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._mean
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self._var
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self._var.sqrt()
+
+    @property
+    def count(self) -> float:
+        return float(self._count)
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add a batch ``x`` of shape ``[*batch, *shape]``.
+
+        ``mask`` (shape ``[*batch]``, optional) selects the samples that count, e.g. the
+        response tokens of ``[B, T]`` token rewards with ``shape=()``.
+        """
+        n_sample_dims = x.dim() - len(self.shape)
+        if n_sample_dims < 0 or tuple(x.shape[n_sample_dims:]) != self.shape:
+            raise ValueError(f"x shape {tuple(x.shape)} must end with {self.shape}")
+        samples = x.reshape(-1, *self.shape).to(torch.float64)
+        if mask is None:
+            selected = torch.ones(samples.shape[0], dtype=torch.float64, device=x.device)
+        else:
+            if mask.shape != x.shape[:n_sample_dims]:
+                raise ValueError(
+                    f"mask shape {tuple(mask.shape)} must equal x's sample dimensions "
+                    f"{tuple(x.shape[:n_sample_dims])}"
+                )
+            selected = (mask.reshape(-1) != 0).to(torch.float64)
+        weights = selected.view(-1, *([1] * len(self.shape)))
+        batch_count = selected.sum()
+        if batch_count == 0:
+            return
+        batch_mean = masked_sum(samples, weights.expand_as(samples), dim=0) / batch_count
+        centered = samples - batch_mean
+        batch_var = masked_sum(centered * centered, weights.expand_as(samples), dim=0) / batch_count
+        self._merge(*(t.to(self._mean.device) for t in (batch_mean, batch_var, batch_count)))
+
+    def _merge(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, batch_count: torch.Tensor):
+        total = self._count + batch_count
+        delta = batch_mean - self._mean
+        m2 = self._var * self._count + batch_var * batch_count
+        m2 = m2 + delta * delta * self._count * batch_count / total
+        self._mean = self._mean + delta * batch_count / total
+        self._var = m2 / total
+        self._count = total
+
+    def normalize(self, x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """``(x - mean) / (std + eps)`` in float32 (float64 for float64 ``x``)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        mean = self._mean.to(device=x.device, dtype=dtype)
+        std = self.std.to(device=x.device, dtype=dtype)
+        return (x.to(dtype) - mean) / (std + eps)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self._mean.clone(), "var": self._var.clone(), "count": self._count.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = {"mean", "var", "count"} - set(state)
+        if missing:
+            raise CheckpointError(f"RunningMeanStd state is missing {sorted(missing)}")
+        if tuple(state["mean"].shape) != self.shape or tuple(state["var"].shape) != self.shape:
+            raise CheckpointError(
+                f"RunningMeanStd state has shape {tuple(state['mean'].shape)}, expected {self.shape}"
+            )
+        device = self._mean.device
+        self._mean = state["mean"].to(device=device, dtype=torch.float64).clone()
+        self._var = state["var"].to(device=device, dtype=torch.float64).clone()
+        self._count = torch.as_tensor(state["count"], dtype=torch.float64, device=device).clone()
