@@ -36,6 +36,7 @@ def test_ops_check_command_prints_table(capsys: pytest.CaptureFixture[str]) -> N
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "formula" in out and "FAIL" not in out
+    assert "E_pi[k1]" in out and "E_pi[k3]" in out  # formulas are not eaten as rich markup
 
 
 def test_check_result_fails_outside_tolerance() -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -179,7 +180,7 @@ def register(app: typer.Typer) -> None:
             table.add_column(column, justify="left" if column == "formula" else "right")
         for r in results:
             table.add_row(
-                r.formula,
+                escape(r.formula),
                 f"{r.value:.6g}",
                 f"{r.expected:.6g}",
                 "[green]ok[/]" if r.ok else "[red]FAIL[/]",
