@@ -1,0 +1,281 @@
+"""Load records from JSONL, JSON, Parquet, CSV/TSV files or a saved `datasets` directory.
+
+Every row is validated against a named format (``alignkit.data.formats``). All bad rows are
+collected, and if there is any, one ``DataError`` lists them (file, 1-based row, field, what is
+wrong) up to ``max_problems`` with the total count. Nothing is silently dropped.
+
+Row numbers are what a user finds in the file: the 1-based *line* for JSONL (blank lines count
+as lines but are not records) and CSV/TSV (the header is line 1, so the first record is line
+2; a record with quoted line breaks is numbered by its first line), the 1-based *record number*
+for JSON, Parquet and `datasets` directories. Problems with the file as a whole use row 0.
+
+CSV/TSV cells are text: numbers and booleans (``true``/``false``/``1``/``0``) are parsed from
+it, and conversational (message list) rows need JSONL, JSON, Parquet or `datasets`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+from alignkit.data.formats import FORMATS, normalize_row
+from alignkit.errors import DataError, RowProblem
+
+__all__ = [
+    "DEFAULT_MAX_PROBLEMS",
+    "RecordSet",
+    "file_kind",
+    "load_records",
+    "read_rows",
+    "validate_records",
+]
+
+DEFAULT_MAX_PROBLEMS = 20
+FILE_ROW = 0  # row number of a problem with the whole file
+_KINDS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One record as read from a file, before validation (``error`` when it could not be read)."""
+
+    row: int
+    value: Any = None
+    error: str | None = None
+
+
+class RecordSet(Sequence[dict[str, Any]]):
+    """Validated, normalised records with where each came from.
+
+    A sequence of dicts; ``rows[i]`` is the 1-based line or record number of ``self[i]`` in
+    ``source``, so later stages (tokenisation length limits) can name the rows they touch.
+    """
+
+    def __init__(
+        self, records: list[dict[str, Any]], rows: list[int], source: str, fmt: str
+    ) -> None:
+        if len(records) != len(rows):
+            raise ValueError("records and rows must have the same length")
+        self.records, self.rows, self.source, self.format = records, rows, source, fmt
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> RecordSet: ...
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | RecordSet:
+        if isinstance(index, slice):
+            return RecordSet(self.records[index], self.rows[index], self.source, self.format)
+        return self.records[index]
+
+    def __repr__(self) -> str:
+        return f"RecordSet({len(self)} {self.format} records from {self.source})"
+
+
+def _file_error(path: Path | str, message: str) -> DataError:
+    return DataError([RowProblem(str(path), FILE_ROW, "<file>", message)])
+
+
+def file_kind(path: str | Path) -> str:
+    """``jsonl``, ``json``, ``csv``, ``tsv``, ``parquet`` or ``datasets`` (a directory)."""
+    path = Path(path)
+    if not path.exists():
+        raise _file_error(path, "no such file or directory")
+    if path.is_dir():
+        if not any((path / marker).exists() for marker in _DATASET_MARKERS):
+            raise _file_error(
+                path,
+                "directory is not a dataset saved with `datasets.save_to_disk` "
+                f"(none of {', '.join(_DATASET_MARKERS)} found)",
+            )
+        return "datasets"
+    kind = _KINDS.get(path.suffix.lower())
+    if kind is None:
+        known = ", ".join(sorted(_KINDS))
+        raise _file_error(path, f"unknown file type {path.suffix!r}; expected one of {known}")
+    return kind
+
+
+def _read_jsonl_lines(lines: Iterable[str]) -> Iterator[RawRow]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield RawRow(number, json.loads(line))
+        except json.JSONDecodeError as exc:
+            yield RawRow(number, error=f"invalid JSON: {exc.msg} (column {exc.colno})")
+
+
+def _read_json(path: Path) -> list[RawRow]:
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # several JSON values: a JSONL file named .json
+            return list(_read_jsonl_lines(text.splitlines()))
+        raise _file_error(
+            path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    if isinstance(data, Mapping) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise _file_error(path, 'expected a list of objects or {"data": [...]}')
+    return [RawRow(i, value) for i, value in enumerate(data, start=1)]
+
+
+def _read_csv(path: Path, delimiter: str) -> list[RawRow]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return []
+        rows, last_line = [], reader.line_num
+        for cells in reader:
+            first_line, last_line = last_line + 1, reader.line_num
+            if not cells:
+                continue  # blank line
+            if len(cells) > len(header):
+                message = f"{len(cells)} cells but the header has {len(header)} columns"
+                rows.append(RawRow(first_line, error=message))
+                continue
+            rows.append(RawRow(first_line, dict(zip(header, cells, strict=False))))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[RawRow]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise _file_error(path, f"cannot read Parquet file: {exc}") from None
+    return [RawRow(i, value) for i, value in enumerate(records, start=1)]
+
+
+def _read_datasets_dir(path: Path, split: str | None) -> list[RawRow]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        raise _file_error(path, f"cannot load dataset directory: {exc}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        if split is None and len(names) == 1:
+            split = names[0]
+        if split not in loaded:
+            wanted = "a split" if split is None else f"split {split!r}"
+            raise _file_error(path, f"{wanted} must be chosen from: {', '.join(names)}")
+        loaded = loaded[split]
+    return [RawRow(i, value) for i, value in enumerate(loaded.to_list(), start=1)]
+
+
+def read_rows(path: str | Path, split: str | None = None) -> list[RawRow]:
+    """Read raw records (no validation) with their 1-based row numbers."""
+    return _read(Path(path), file_kind(path), split)
+
+
+def _read(path: Path, kind: str, split: str | None) -> list[RawRow]:
+    if kind == "jsonl":
+        with path.open(encoding="utf-8-sig") as handle:
+            return list(_read_jsonl_lines(handle))
+    if kind == "json":
+        return _read_json(path)
+    if kind in ("csv", "tsv"):
+        return _read_csv(path, "," if kind == "csv" else "\t")
+    if kind == "parquet":
+        return _read_parquet(path)
+    return _read_datasets_dir(path, split)
+
+
+def _validate(
+    raw_rows: Iterable[RawRow], fmt: str, source: str, text_cells: bool, max_problems: int
+) -> RecordSet:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    records, rows, problems = [], [], []
+    seen = 0
+    for raw in raw_rows:
+        seen += 1
+        if raw.error is not None:
+            problems.append(RowProblem(source, raw.row, "<row>", raw.error))
+            continue
+        record, row_problems = normalize_row(raw.value, fmt, text_cells)
+        problems.extend(RowProblem(source, raw.row, f, m) for f, m in row_problems)
+        if record is not None:
+            records.append(record)
+            rows.append(raw.row)
+    if seen == 0:
+        raise _file_error(source, "no records")
+    if fmt == "preference":
+        problems.extend(_margin_consistency(records, rows, source))
+    if problems:
+        problems.sort(key=lambda p: p.row)
+        raise DataError(problems[:max_problems], total=len(problems), note=f"format {fmt!r}")
+    return RecordSet(records, rows, source, fmt)
+
+
+def _margin_consistency(records: list[dict], rows: list[int], source: str) -> list[RowProblem]:
+    # A batch cannot mix pairs with and without a margin; filling one in would be a silent guess.
+    with_margin = sum("margin" in r for r in records)
+    if with_margin in (0, len(records)):
+        return []
+    return [
+        RowProblem(source, row, "margin", f"missing here but given in {with_margin} other rows")
+        for record, row in zip(records, rows, strict=True)
+        if "margin" not in record
+    ]
+
+
+def load_records(
+    path: str | Path,
+    fmt: str,
+    *,
+    split: str | None = None,
+    max_problems: int = DEFAULT_MAX_PROBLEMS,
+) -> RecordSet:
+    """Load and validate a data file (or `datasets` directory) in format ``fmt``.
+
+    Args:
+        path: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects or ``{"data": [...]}``),
+            ``.csv``/``.tsv`` (with a header), ``.parquet``, or a `datasets` directory.
+        fmt: one of ``prompt``, ``sft``, ``preference``, ``safety_preference``, ``rating``.
+        split: the split of a saved ``DatasetDict`` (needed when it has several).
+        max_problems: how many problems the error lists (all are counted).
+
+    Raises:
+        DataError: listing every bad row (up to ``max_problems``) and the total.
+    """
+    path = Path(path)
+    kind = file_kind(path)
+    # CSV cells are text: numbers and booleans are parsed from it, prompts are plain strings.
+    text_cells = kind in ("csv", "tsv")
+    return _validate(_read(path, kind, split), fmt, str(path), text_cells, max_problems)
+
+
+def validate_records(
+    records: Iterable[Any],
+    fmt: str,
+    *,
+    source: str = "<records>",
+    max_problems: int = DEFAULT_MAX_PROBLEMS,
+) -> RecordSet:
+    """Validate in-memory records (numbered 1, 2, ...) as ``load_records`` does for a file."""
+    raw_rows = (RawRow(i, value) for i, value in enumerate(records, start=1))
+    return _validate(raw_rows, fmt, source, False, max_problems)

@@ -1,0 +1,299 @@
+"""Tokenise validated records into token-id examples, with an explicit length policy.
+
+Prompts are rendered to text first: a string prompt as is; a message list with the tokenizer's
+chat template (``add_generation_prompt=True``) when it has one, else the plain fallback
+``"user: ...\\nassistant: "`` (one ``role: content`` line per message, then ``assistant: ``).
+
+Prompt and answer are tokenised *separately* and their ids concatenated, so the boundary
+between them is exact (tokenising the joined text could merge tokens across it). A plain-text
+prompt (a string, or messages in the fallback rendering) gets the special tokens the tokenizer
+puts in front of a text (a BOS token, for Llama), a templated one only what the template
+writes; every answer ends with the EOS token. Texts are tokenised in one batched call per
+field, each distinct text once.
+
+Length policy, when ``max_length`` is set (``prompt + answer`` tokens; the longer answer of a
+pair counts):
+
+- ``truncate``: keep the *end* of the prompt (drop its start, the least relevant part for the
+  answer); if the answer alone is still too long, keep the last prompt token and cut the
+  answer's end (its EOS is lost).
+- ``drop``: leave the row out.
+- ``error``: raise ``DataError`` naming the rows.
+
+Rows over the limit are never silently handled: the returned ``LengthReport`` names them, and
+a warning is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from alignkit.data.loaders import DEFAULT_MAX_PROBLEMS, RecordSet
+from alignkit.errors import DataError, ModelError, RowProblem
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LENGTH_POLICIES",
+    "LengthReport",
+    "TokenizedData",
+    "render_prompt",
+    "tokenize_preferences",
+    "tokenize_prompts",
+    "tokenize_sft",
+]
+
+IGNORE_INDEX = -100  # label of positions the loss skips (PyTorch cross-entropy's default)
+LENGTH_POLICIES = ("truncate", "drop", "error")
+_TEXT_FIELDS = ("prompt", "chosen", "rejected", "completion", "response")
+
+logger = logging.getLogger("alignkit.data")
+
+
+@dataclass
+class LengthReport:
+    """Which rows were over ``max_length`` and what was done with them."""
+
+    source: str
+    max_length: int | None
+    policy: str
+    n_rows: int
+    over_limit_rows: list[int] = field(default_factory=list)  # 1-based source rows
+
+    @property
+    def n_over_limit(self) -> int:
+        return len(self.over_limit_rows)
+
+    def summary(self, max_listed: int = DEFAULT_MAX_PROBLEMS) -> str:
+        """One line for logs and the console."""
+        if not self.over_limit_rows:
+            return f"{self.source}: all {self.n_rows} rows within max_length={self.max_length}"
+        action = {"truncate": "truncated", "drop": "dropped", "error": "rejected"}[self.policy]
+        listed = ", ".join(map(str, self.over_limit_rows[:max_listed]))
+        more = self.n_over_limit - min(self.n_over_limit, max_listed)
+        tail = f" and {more} more" if more else ""
+        return (
+            f"{self.source}: {self.n_over_limit} of {self.n_rows} rows over "
+            f"max_length={self.max_length} tokens were {action} (rows {listed}{tail})"
+        )
+
+
+@dataclass
+class TokenizedData(Sequence[dict[str, Any]]):
+    """Tokenised examples (a sequence of dicts of id lists and scalars) and their length report."""
+
+    examples: list[dict[str, Any]]
+    report: LengthReport
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.examples[index]
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[Mapping]) -> str:
+    """Prompt text: a string as is; messages via the chat template or the plain fallback."""
+    if isinstance(prompt, str):
+        return prompt
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    # The ids the tokenizer adds *before* a text (e.g. BOS); anything it adds after (an EOS from
+    # a post-processor) is not wanted between a prompt and its answer.
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def _batch_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    unique = list(dict.fromkeys(texts))
+    ids = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+    by_text = dict(zip(unique, ids, strict=True))
+    return [list(by_text[t]) for t in texts]
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Any]) -> list[list[int]]:
+    prefix = _special_prefix(tokenizer)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    ids = _batch_ids(tokenizer, [render_prompt(tokenizer, p) for p in prompts])
+    # A chat template writes its own special tokens; plain text (a string prompt or the
+    # fallback rendering of messages) gets what the tokenizer puts in front of a text.
+    return [
+        x if has_template and not isinstance(p, str) else prefix + x
+        for p, x in zip(prompts, ids, strict=True)
+    ]
+
+
+def _answer_ids(tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]) -> list[list[int]]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
+    return [[*x, eos] for x in _batch_ids(tokenizer, answers)]
+
+
+def _check_policy(max_length: int | None, policy: str) -> None:
+    if policy not in LENGTH_POLICIES:
+        raise ValueError(f"length policy must be one of {LENGTH_POLICIES}, got {policy!r}")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+
+
+def _provenance(records: Sequence[Mapping]) -> tuple[list[int], str]:
+    if isinstance(records, RecordSet):
+        return records.rows, records.source
+    return list(range(1, len(records) + 1)), "<records>"
+
+
+def _fit(prompt: list[int], answer_len: int, max_length: int) -> tuple[int, int]:
+    """``(prompt tokens kept from the end, answer tokens kept from the start)``."""
+    keep_answer = min(answer_len, max_length - min(len(prompt), 1))
+    return min(len(prompt), max_length - keep_answer), keep_answer
+
+
+def _finish(
+    examples: list[dict[str, Any] | None],
+    over: list[int],
+    rows: list[int],
+    source: str,
+    max_length: int | None,
+    policy: str,
+    what: str,
+    lengths: list[int],
+) -> TokenizedData:
+    report = LengthReport(source, max_length, policy, len(rows), [rows[i] for i in over])
+    if over and policy == "error":
+        problems = [
+            RowProblem(source, rows[i], what, f"{lengths[i]} tokens > max_length={max_length}")
+            for i in over
+        ]
+        raise DataError(
+            problems[:DEFAULT_MAX_PROBLEMS], total=len(problems), note="too long; policy 'error'"
+        )
+    if over:
+        logger.warning(report.summary())
+    kept = [e for e in examples if e is not None]
+    return TokenizedData(kept, report)
+
+
+def tokenize_sft(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    policy: str = "truncate",
+) -> TokenizedData:
+    """SFT examples ``{"input_ids", "labels"}``: prompt + completion + EOS, prompt labels -100.
+
+    Labels equal ``input_ids`` on the completion and are ``IGNORE_INDEX`` on the prompt (seed
+    002 §4.2.2 with the correction in seeds/NOTES.md), so the loss is on the answer only.
+    """
+    _check_policy(max_length, policy)
+    rows, source = _provenance(records)
+    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records])
+    answers = _answer_ids(tokenizer, [r["completion"] for r in records])
+    examples: list[dict[str, Any] | None] = []
+    over, lengths = [], []
+    for i, (p, c) in enumerate(zip(prompts, answers, strict=True)):
+        lengths.append(len(p) + len(c))
+        if max_length is not None and lengths[-1] > max_length:
+            over.append(i)
+            if policy != "truncate":
+                examples.append(None)
+                continue
+            keep_p, keep_c = _fit(p, len(c), max_length)
+            p, c = p[len(p) - keep_p :], c[:keep_c]
+        examples.append({"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c})
+    return _finish(examples, over, rows, source, max_length, policy, "prompt+completion", lengths)
+
+
+def _extra_fields(records: Sequence[Mapping[str, Any]], wanted: Sequence[str] | None) -> list[str]:
+    if wanted is not None:
+        rows, source = _provenance(records)
+        problems = [
+            RowProblem(source, row, key, "missing field")
+            for record, row in zip(records, rows, strict=True)
+            for key in wanted
+            if key not in record
+        ]
+        if problems:
+            raise DataError(problems[:DEFAULT_MAX_PROBLEMS], total=len(problems))
+        return list(wanted)
+    # Every scalar per-pair value (margin, safety scores and labels) travels with the pair.
+    first = records[0] if len(records) else {}
+    return [
+        k for k, v in first.items() if k not in _TEXT_FIELDS and isinstance(v, (bool, int, float))
+    ]
+
+
+def tokenize_preferences(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    policy: str = "truncate",
+    extra_fields: Sequence[str] | None = None,
+) -> TokenizedData:
+    """Pair examples ``{"prompt_ids", "chosen_ids", "rejected_ids", <extras>}``.
+
+    ``max_length`` bounds prompt + the longer answer; truncation cuts both answers to the same
+    budget. ``extra_fields`` (default: every scalar field of the records, such as ``margin``,
+    ``chosen_safety``, ``rejected_is_safe``) are copied into each example.
+    """
+    _check_policy(max_length, policy)
+    rows, source = _provenance(records)
+    extras = _extra_fields(records, extra_fields)
+    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records])
+    chosen = _answer_ids(tokenizer, [r["chosen"] for r in records])
+    rejected = _answer_ids(tokenizer, [r["rejected"] for r in records])
+    examples: list[dict[str, Any] | None] = []
+    over, lengths = [], []
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True)):
+        longest = max(len(c), len(r))
+        lengths.append(len(p) + longest)
+        if max_length is not None and lengths[-1] > max_length:
+            over.append(i)
+            if policy != "truncate":
+                examples.append(None)
+                continue
+            keep_p, keep_answer = _fit(p, longest, max_length)
+            p, c, r = p[len(p) - keep_p :], c[:keep_answer], r[:keep_answer]
+        example = {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+        example.update((k, records[i][k]) for k in extras)
+        examples.append(example)
+    return _finish(examples, over, rows, source, max_length, policy, "prompt+answer", lengths)
+
+
+def tokenize_prompts(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    policy: str = "truncate",
+) -> TokenizedData:
+    """Prompt-only examples ``{"input_ids"}`` for generation; truncation keeps the prompt's end."""
+    _check_policy(max_length, policy)
+    rows, source = _provenance(records)
+    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records])
+    examples: list[dict[str, Any] | None] = []
+    over, lengths = [], []
+    for i, p in enumerate(prompts):
+        lengths.append(len(p))
+        if max_length is not None and len(p) > max_length:
+            over.append(i)
+            if policy != "truncate":
+                examples.append(None)
+                continue
+            p = p[len(p) - max_length :]
+        examples.append({"input_ids": p})
+    return _finish(examples, over, rows, source, max_length, policy, "prompt", lengths)
