@@ -1,0 +1,68 @@
+"""Models: load and save policies and tokenizers, the ``tiny`` preset, reward/cost/value models,
+LoRA adapters, and fetching a real small model into the local cache.
+
+tiny: 166,208 parameters (0.17M), vocab 1024 (see ``alignkit.models.tiny``).
+"""
+
+from __future__ import annotations
+
+from alignkit.models.fetch import KNOWN_MODELS, cache_root, cached_models, fetch_model
+from alignkit.models.loading import (
+    ResolvedModel,
+    ensure_pad_token,
+    load_policy,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+    save_model,
+)
+from alignkit.models.lora import (
+    LoraSettings,
+    apply_lora,
+    disabled_adapter,
+    has_adapter,
+    reference_mode,
+    unwrap_model,
+)
+from alignkit.models.pooling import POOLINGS, pool
+from alignkit.models.reward import (
+    AUX_HEADS,
+    REWARD_HEADS,
+    RewardModel,
+    RewardModelConfig,
+    RewardOutput,
+    load_reward_model,
+    multitask_reward_loss,
+)
+from alignkit.models.tiny import TINY_NAME, TINY_NUM_PARAMETERS
+
+__all__ = [
+    "AUX_HEADS",
+    "KNOWN_MODELS",
+    "POOLINGS",
+    "REWARD_HEADS",
+    "TINY_NAME",
+    "TINY_NUM_PARAMETERS",
+    "LoraSettings",
+    "ResolvedModel",
+    "RewardModel",
+    "RewardModelConfig",
+    "RewardOutput",
+    "apply_lora",
+    "cache_root",
+    "cached_models",
+    "disabled_adapter",
+    "ensure_pad_token",
+    "fetch_model",
+    "has_adapter",
+    "load_policy",
+    "load_reward_model",
+    "load_tokenizer",
+    "multitask_reward_loss",
+    "pool",
+    "reference_mode",
+    "resolve_dtype",
+    "resolve_model",
+    "save_model",
+    "unwrap_model",
+]

@@ -1,0 +1,355 @@
+"""Reward, cost and value models: a transformers backbone plus a scalar head (seed 002 §4.3.2).
+
+``RewardModel`` = backbone (``AutoModel``: no LM head) -> pooling over the real tokens
+(``last``, ``mean``, ``max``, ``cls``, ``attention``; see ``alignkit.models.pooling``) -> head
+(``linear`` or ``mlp``) -> one reward per sequence. Optional auxiliary heads read the same
+pooled vector: ``helpfulness`` (a regression prediction) and ``safety`` (the logit that the
+response is *safe*, label 1 = safe as in ``is_response_0_safe``), trained with
+``multitask_reward_loss`` (seed 002 §4.3.4).
+
+A cost model is the same class with ``kind="cost"``. Sign convention (Safe RLHF): cost > 0 means
+unsafe, cost < 0 safe; pairwise, the less safe response is the one with the higher cost.
+
+``forward(..., return_token_values=True)`` also returns the head applied at every position
+(``token_values [B, T]``, 0 at pad positions): that is a value model for PPO.
+
+Saved layout (``save_pretrained``): the backbone in Hugging Face format (``config.json``,
+``model.safetensors``), the head weights in ``reward_head.safetensors``, and
+``alignkit_reward.json`` with the head config and the base model's name;
+``load_reward_model(dir)`` restores it in one call.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from alignkit import __version__
+from alignkit.errors import CheckpointError, ConfigError
+from alignkit.models.loading import (
+    DTypeLike,
+    ResolvedModel,
+    ensure_pad_token,
+    load_policy,
+    load_pretrained,
+    lora_adapter_dir,
+    resolve_dtype,
+    resolve_model,
+    tokenizer_for,
+)
+from alignkit.models.pooling import POOLINGS, AttentionPooling, pool
+from alignkit.models.tiny import build_tiny_model
+from alignkit.ops.losses import reward_model_loss
+
+REWARD_HEADS = ("linear", "mlp")
+AUX_HEADS = ("helpfulness", "safety")
+MODEL_KINDS = ("reward", "cost")
+CONFIG_FILE = "alignkit_reward.json"
+HEAD_WEIGHTS = "reward_head.safetensors"
+_FORMAT_VERSION = 1
+
+
+def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        near = difflib.get_close_matches(str(value), valid, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError(f"{key} must be one of {', '.join(valid)}; got {value!r}{hint}")
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """What sits on top of the backbone; saved as ``alignkit_reward.json``."""
+
+    # "linear": Linear(H, 1); "mlp": Linear(H, H/2), ReLU, Dropout, Linear(H/2, 1) (the seed's)
+    head: str = "linear"
+    pooling: str = "last"  # one of POOLINGS
+    aux_heads: tuple[str, ...] = ()  # subset of AUX_HEADS
+    mlp_dropout: float = 0.1  # the seed's MLP head dropout
+    kind: str = "reward"  # "reward" or "cost" (cost > 0 means unsafe); a label, same maths
+    base_model: str = ""  # the name or path the backbone was first loaded from
+
+    def __post_init__(self) -> None:
+        _check_choice("head", self.head, REWARD_HEADS)
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("kind", self.kind, MODEL_KINDS)
+        object.__setattr__(self, "aux_heads", tuple(self.aux_heads))
+        for name in self.aux_heads:
+            _check_choice("aux_heads entry", name, AUX_HEADS)
+        if len(set(self.aux_heads)) != len(self.aux_heads):
+            raise ConfigError(f"aux_heads lists a head twice: {list(self.aux_heads)}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RewardModelConfig:
+        valid = [f.name for f in fields(cls)]
+        unknown = [key for key in values if key not in valid]
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], valid, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; valid: {', '.join(valid)}"
+            raise ConfigError(f"unknown reward model setting '{unknown[0]}'{hint}")
+        return cls(**values)
+
+
+@dataclass
+class RewardOutput:
+    """What ``RewardModel.forward`` returns."""
+
+    rewards: Tensor  # [B], one scalar per sequence (a cost for kind="cost")
+    token_values: Tensor | None = None  # [B, T], head at every position, 0 at pads (if asked)
+    aux: dict[str, Tensor] = field(default_factory=dict)  # aux head name -> [B]
+
+
+def _build_head(kind: str, hidden_size: int, dropout: float) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(hidden_size, 1)
+    inner = max(hidden_size // 2, 1)
+    return nn.Sequential(
+        nn.Linear(hidden_size, inner), nn.ReLU(), nn.Dropout(dropout), nn.Linear(inner, 1)
+    )
+
+
+class RewardModel(nn.Module):
+    """A backbone (no LM head) plus a scalar head; see the module docstring."""
+
+    def __init__(self, backbone: PreTrainedModel, config: RewardModelConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.reward_config = config
+        hidden = backbone.config.hidden_size
+        self.attention_pooling = AttentionPooling(hidden) if config.pooling == "attention" else None
+        self.head = _build_head(config.head, hidden, config.mlp_dropout)
+        self.aux_heads = nn.ModuleDict({name: nn.Linear(hidden, 1) for name in config.aux_heads})
+        dtype = next(backbone.parameters()).dtype
+        for module in (self.attention_pooling, self.head, self.aux_heads):
+            if module is not None:
+                module.to(dtype)
+        # Positions counted from each row's first real token make left- and right-padded
+        # batches give the same rewards (for backbones that take position ids).
+        self._takes_position_ids = "position_ids" in inspect.signature(backbone.forward).parameters
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Checkpoint the backbone's activations (the heads are too small to matter)."""
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        return_token_values: bool = False,
+    ) -> RewardOutput:
+        """Score each sequence of ``input_ids [B, T]``; ``attention_mask`` 1 = real token."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self._takes_position_ids:
+            inputs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        hidden = self.backbone(**inputs).last_hidden_state
+        pooled = pool(hidden, attention_mask, self.reward_config.pooling, self.attention_pooling)
+        output = RewardOutput(
+            rewards=self.head(pooled).squeeze(-1),
+            aux={name: head(pooled).squeeze(-1) for name, head in self.aux_heads.items()},
+        )
+        if return_token_values:
+            values = self.head(hidden).squeeze(-1)
+            output.token_values = values.masked_fill(~attention_mask.bool(), 0.0)
+        return output
+
+    def head_state_dict(self) -> dict[str, Tensor]:
+        """Weights of everything but the backbone (heads and attention pooling)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def save_pretrained(
+        self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> Path:
+        """Write backbone (HF format), head weights, config and optionally the tokenizer."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(out)
+        heads = {k: v.detach().contiguous() for k, v in self.head_state_dict().items()}
+        save_file(heads, str(out / HEAD_WEIGHTS), metadata={"format": "pt"})
+        record = {
+            "format_version": _FORMAT_VERSION,
+            **asdict(self.reward_config),
+            "aux_heads": list(self.reward_config.aux_heads),
+            "hidden_size": self.backbone.config.hidden_size,
+            "alignkit_version": __version__,
+        }
+        (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
+
+
+def _saved_config(directory: Path) -> RewardModelConfig:
+    record = json.loads((directory / CONFIG_FILE).read_text())
+    if record.pop("format_version", None) != _FORMAT_VERSION:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: unsupported format version")
+    record.pop("hidden_size", None)
+    record.pop("alignkit_version", None)
+    return RewardModelConfig.from_dict(record)
+
+
+def _load_saved(directory: Path, overrides: dict[str, Any], dtype: Any) -> RewardModel:
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    config = _saved_config(directory)
+    for key, value in overrides.items():
+        saved = getattr(config, key)
+        if (tuple(value) if key == "aux_heads" else value) != saved:
+            raise ConfigError(
+                f"the reward model saved in {directory} has {key}={saved!r}; "
+                f"{value!r} was asked for (leave it unset to use the saved one)"
+            )
+    model = RewardModel(load_pretrained(AutoModel, str(directory), dtype), config)
+    if not (directory / HEAD_WEIGHTS).is_file():
+        raise CheckpointError(f"{directory} has {CONFIG_FILE} but no {HEAD_WEIGHTS}")
+    missing, unexpected = model.load_state_dict(
+        load_file(str(directory / HEAD_WEIGHTS)), strict=False
+    )
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / HEAD_WEIGHTS} does not match {CONFIG_FILE}: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    return model
+
+
+def _fresh_backbone(
+    resolved: ResolvedModel, dtype: Any, seed: int, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel:
+    from transformers import AutoModel
+
+    if resolved.kind == "preset":
+        dtype = torch.float32 if dtype == "auto" else dtype
+        return build_tiny_model(tokenizer, seed=seed, dtype=dtype, causal_lm=False)
+    if lora_adapter_dir(resolved) is not None:
+        # A LoRA policy: fold the adapter into the weights, then keep the decoder stack.
+        policy, _ = load_policy(resolved.location, dtype=dtype, seed=seed)
+        return policy.merge_and_unload().base_model
+    return load_pretrained(AutoModel, resolved.location, dtype)
+
+
+def load_reward_model(
+    name_or_dir: str | Path,
+    head: str | None = None,
+    pooling: str | None = None,
+    aux_heads: tuple[str, ...] | list[str] | None = None,
+    kind: str | None = None,
+    mlp_dropout: float | None = None,
+    dtype: DTypeLike = "float32",
+    seed: int = 0,
+) -> tuple[RewardModel, PreTrainedTokenizerBase]:
+    """Load a saved reward/cost model, or build a fresh one on a model's backbone.
+
+    A directory written by ``RewardModel.save_pretrained`` is restored as saved (a setting
+    given here that contradicts the saved one is an error). Any other name or path (``"tiny"``,
+    a fetched model, a policy directory, a cached hub id) gives its backbone with fresh heads
+    initialised from ``seed`` (for ``"tiny"`` the backbone too); unset settings take
+    ``RewardModelConfig``'s defaults.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    settings = dict(
+        head=head, pooling=pooling, aux_heads=aux_heads, kind=kind, mlp_dropout=mlp_dropout
+    )
+    given = {key: value for key, value in settings.items() if value is not None}
+    directory = Path(name_or_dir).expanduser()
+    if (directory / CONFIG_FILE).is_file():
+        model = _load_saved(directory, given, torch_dtype)
+        has_tokenizer = (directory / "tokenizer_config.json").is_file()
+        tokenizer_source = str(directory) if has_tokenizer else model.reward_config.base_model
+        tokenizer = ensure_pad_token(tokenizer_for(resolve_model(tokenizer_source)))
+    else:
+        resolved = resolve_model(name_or_dir)
+        # Directories are recorded absolute, so the saved model finds its base from anywhere.
+        base = str(resolved.path.resolve()) if resolved.path is not None else resolved.name
+        config = RewardModelConfig.from_dict({**given, "base_model": base})
+        tokenizer = ensure_pad_token(tokenizer_for(resolved))
+        backbone = _fresh_backbone(resolved, torch_dtype, seed, tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = RewardModel(backbone, config)
+    ensure_pad_token(tokenizer, model.backbone)
+    return model.eval(), tokenizer
+
+
+def _labelled_mean(losses: Tensor, targets: Tensor) -> Tensor:
+    # NaN targets mark unlabelled examples (e.g. pairs without safety labels): left out.
+    labelled = ~torch.isnan(targets)
+    if not labelled.any():
+        return losses.sum() * 0.0  # keeps the graph, contributes nothing
+    return losses[labelled].mean()
+
+
+def multitask_reward_loss(
+    chosen: RewardOutput,
+    rejected: RewardOutput,
+    *,
+    kind: str = "bt",
+    margin: Tensor | float | None = None,
+    pair_weights: Tensor | None = None,
+    helpfulness: tuple[Tensor, Tensor] | None = None,
+    is_safe: tuple[Tensor, Tensor] | None = None,
+    task_weights: Mapping[str, float] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Preference loss plus the auxiliary-head losses (seed 002 §4.3.4's ``MultiTaskRewardLoss``).
+
+    ``total = w_pref * preference + w_help * helpfulness + w_safe * safety``, where
+
+    - ``preference = mean(pair_weights * reward_model_loss(r_chosen, r_rejected, margin, kind))``
+      (the pairwise formula lives in ``alignkit.ops.losses``);
+    - ``helpfulness = MSE(aux["helpfulness"], target)`` over chosen and rejected responses;
+    - ``safety = BCE-with-logits(aux["safety"], is_safe)`` over chosen and rejected responses.
+
+    An auxiliary term is included when its targets are given; NaN targets mark unlabelled
+    responses and are left out. ``task_weights`` keys: ``preference``, ``helpfulness``,
+    ``safety`` (default 1 each).
+
+    Args:
+        chosen, rejected: model outputs for the preferred and the other responses, ``[B]`` each.
+        helpfulness: ``(chosen_scores, rejected_scores)``, float ``[B]`` each.
+        is_safe: ``(chosen_labels, rejected_labels)``, 1 = safe, 0 = unsafe, float ``[B]`` each.
+
+    Returns:
+        ``(total, parts)`` with ``parts`` holding each included term, detached.
+    """
+    weights = {"preference": 1.0, "helpfulness": 1.0, "safety": 1.0}
+    for key, value in (task_weights or {}).items():
+        if key not in weights:
+            raise ConfigError(f"unknown task weight '{key}'; valid: {', '.join(weights)}")
+        weights[key] = float(value)
+
+    pairwise = reward_model_loss(chosen.rewards, rejected.rewards, margin=margin, kind=kind)
+    if pair_weights is not None:
+        pairwise = pairwise * pair_weights
+    parts = {"preference": pairwise.mean()}
+    for name, targets in (("helpfulness", helpfulness), ("safety", is_safe)):
+        if targets is None:
+            continue
+        if name not in chosen.aux or name not in rejected.aux:
+            raise ValueError(f"{name} targets given but the model has no '{name}' head")
+        predicted = torch.cat([chosen.aux[name], rejected.aux[name]]).float()
+        target = torch.cat([targets[0], targets[1]]).to(predicted)
+        filled = torch.nan_to_num(target, nan=0.0)
+        if name == "helpfulness":
+            losses = F.mse_loss(predicted, filled, reduction="none")
+        else:
+            losses = F.binary_cross_entropy_with_logits(predicted, filled, reduction="none")
+        parts[name] = _labelled_mean(losses, target)
+    total = sum(weights[name] * value for name, value in parts.items())
+    return total, {name: value.detach() for name, value in parts.items()}
