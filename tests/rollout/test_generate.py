@@ -1,0 +1,53 @@
+"""Batched generation: order, batching invariance, decoding settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignkit.data.synthetic import SyntheticTask
+from alignkit.models import load_policy
+from alignkit.rollout import GenerationSettings, generate_responses
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_policy("tiny", seed=3)
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = SyntheticTask(seed=0).prompts("heldout")[:12]
+    one_by_one = generate_responses(
+        model, tokenizer, prompts, GenerationSettings(max_new_tokens=8, prompts_per_batch=1)
+    )
+    batched = generate_responses(
+        model, tokenizer, prompts, GenerationSettings(max_new_tokens=8, prompts_per_batch=5)
+    )
+    assert batched == one_by_one
+    assert len(set(batched)) > 1  # different prompts, different continuations: order matters
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = ["how do I bake bread?"] * 4
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.0)
+    first = generate_responses(model, tokenizer, prompts, settings, generator_seed=7)
+    again = generate_responses(model, tokenizer, prompts, settings, generator_seed=7)
+    assert first == again
+    assert len(set(first)) > 1  # a random tiny model samples different continuations
+
+
+def test_generation_restores_training_mode_and_handles_empty_input(tiny) -> None:
+    model, tokenizer = tiny
+    model.train()
+    assert generate_responses(model, tokenizer, []) == []
+    generate_responses(model, tokenizer, ["hello"], GenerationSettings(max_new_tokens=2))
+    assert model.training
+    model.eval()
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError):
+        GenerationSettings(max_new_tokens=0)
+    with pytest.raises(ValueError):
+        GenerationSettings(top_p=0.0)
