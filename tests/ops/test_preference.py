@@ -242,3 +242,38 @@ def test_bf16_inputs_give_float32_results_close_to_float32() -> None:
     pl = plackett_luce_loss(scores.bfloat16())
     assert pl.dtype == torch.float32
     torch.testing.assert_close(pl, plackett_luce_loss(scores.bfloat16().float()))
+
+
+# --- cost model (Safe RLHF) -----------------------------------------------------------------
+
+
+def test_cost_model_loss_matches_hand_values() -> None:
+    from alignkit.ops.preference import cost_model_loss
+
+    # Pair 0: chosen safer (dS > 0), rejected unsafe: pairwise on c_r - c_c.
+    # Pair 1: chosen less safe (dS < 0): pairwise on c_c - c_r.  Pair 2: dS = 0: no pairwise.
+    c_c = torch.tensor([-1.0, 2.0, 0.5])
+    c_r = torch.tensor([1.5, -0.5, 0.5])
+    d_s = torch.tensor([2.0, -3.0, 0.0])
+    unsafe_c = torch.tensor([0.0, 1.0, 0.0])
+    unsafe_r = torch.tensor([1.0, 0.0, 0.0])
+    pairwise, sign = cost_model_loss(c_c, c_r, d_s, unsafe_c, unsafe_r)
+
+    def nls(x: float) -> float:
+        return math.log1p(math.exp(-x))  # -log sigmoid(x)
+
+    assert pairwise.tolist() == pytest.approx([nls(2.5), nls(2.5), 0.0], abs=1e-6)
+    expected_sign = [nls(1.0) + nls(1.5), nls(2.0) + nls(0.5), nls(-0.5) + nls(-0.5)]
+    assert sign.tolist() == pytest.approx(expected_sign, abs=1e-6)
+
+
+def test_cost_model_loss_gradient_pushes_unsafe_costs_up() -> None:
+    from alignkit.ops.preference import cost_model_loss
+
+    c_c = torch.zeros(1, requires_grad=True)
+    c_r = torch.zeros(1, requires_grad=True)
+    pairwise, sign = cost_model_loss(
+        c_c, c_r, torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0])
+    )
+    (pairwise + sign).sum().backward()
+    assert c_r.grad.item() < 0 < c_c.grad.item()  # descent raises the unsafe cost, lowers safe

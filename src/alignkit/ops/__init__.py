@@ -42,6 +42,7 @@ from alignkit.ops.losses import (
 from alignkit.ops.preference import (
     DPO_LOSSES,
     REWARD_LOSSES,
+    cost_model_loss,
     dpo_loss,
     plackett_luce_loss,
     register_dpo_loss,
@@ -78,6 +79,7 @@ __all__ = [
     "apply_kl_penalty",
     "available_advantage_estimators",
     "available_kl_estimators",
+    "cost_model_loss",
     "discounted_returns",
     "disjoint_supports",
     "dpo_loss",

@@ -18,6 +18,7 @@ from torch import Tensor
 from alignkit.ops.preference import (
     DPO_LOSSES,
     REWARD_LOSSES,
+    cost_model_loss,
     dpo_loss,
     plackett_luce_loss,
     register_dpo_loss,
@@ -30,6 +31,7 @@ __all__ = [
     "REWARD_LOSSES",
     "AggMode",
     "aggregate_loss",
+    "cost_model_loss",
     "dpo_loss",
     "plackett_luce_loss",
     "policy_gradient_loss",

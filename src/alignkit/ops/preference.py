@@ -19,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "DPO_LOSSES",
     "REWARD_LOSSES",
+    "cost_model_loss",
     "dpo_loss",
     "plackett_luce_loss",
     "register_dpo_loss",
@@ -230,6 +231,53 @@ def reward_model_loss(
             )
         margin = _upcast(margin)
     return REWARD_LOSSES[kind](_upcast(chosen) - _upcast(rejected), margin)
+
+
+def cost_model_loss(
+    cost_chosen: Tensor,
+    cost_rejected: Tensor,
+    delta_safety: Tensor,
+    chosen_unsafe: Tensor,
+    rejected_unsafe: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Cost-model loss of Safe RLHF (Dai et al. 2023, arXiv:2310.12773, eq. 6), per example.
+
+    A cost model scores how harmful a response is, with ``cost > 0`` meaning *unsafe*. Two
+    terms: the less safe response of a pair must cost more (Bradley-Terry), and each cost's
+    sign must match the response's safe/unsafe label (a classification term that anchors
+    zero as the boundary)::
+
+        pairwise = -log s(c_less_safe - c_safer)            (pairs with delta_S != 0 only)
+        sign     = -log s(y_c * c_c) - log s(y_r * c_r),  y = +1 if unsafe else -1
+
+    Args:
+        cost_chosen, cost_rejected: costs of the two responses, ``[B]``.
+        delta_safety: ``safety(chosen) - safety(rejected)``, ``[B]`` (> 0: chosen is safer);
+            pairs with ``delta_safety == 0`` contribute no pairwise term.
+        chosen_unsafe, rejected_unsafe: 1 where the response is labelled unsafe, else 0, ``[B]``.
+
+    Returns:
+        ``(pairwise, sign)`` per-example terms ``[B]``; ``pairwise`` is 0 where
+        ``delta_safety == 0``. The usual total is ``(pairwise + sign).mean()``.
+    """
+    if not (cost_chosen.shape == cost_rejected.shape == delta_safety.shape):
+        raise ValueError(
+            "cost_chosen, cost_rejected and delta_safety must have the same shape, got "
+            f"{tuple(cost_chosen.shape)}, {tuple(cost_rejected.shape)}, "
+            f"{tuple(delta_safety.shape)}"
+        )
+    c_chosen, c_rejected = _upcast(cost_chosen), _upcast(cost_rejected)
+    # The less safe response is the rejected one when chosen is safer (delta_S > 0).
+    chosen_safer = delta_safety > 0
+    less_safe = torch.where(chosen_safer, c_rejected, c_chosen)
+    safer = torch.where(chosen_safer, c_chosen, c_rejected)
+    pairwise = torch.where(
+        delta_safety != 0, -F.logsigmoid(less_safe - safer), torch.zeros_like(less_safe)
+    )
+    sign_chosen = 2.0 * _upcast(chosen_unsafe) - 1.0
+    sign_rejected = 2.0 * _upcast(rejected_unsafe) - 1.0
+    sign = -F.logsigmoid(sign_chosen * c_chosen) - F.logsigmoid(sign_rejected * c_rejected)
+    return pairwise, sign
 
 
 def plackett_luce_loss(scores: Tensor, mask: Tensor | None = None) -> Tensor:
