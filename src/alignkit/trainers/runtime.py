@@ -1,0 +1,247 @@
+"""What the training loop runs on: the accelerator, data order, metric averaging, its state.
+
+Kept apart from :mod:`alignkit.trainers.loop` so the loop reads as the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from alignkit.config import EarlyStoppingConfig, TrainConfig
+from alignkit.errors import ConfigError
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices); call before building models."""
+    set_seed(seed)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The Accelerator for `config`: gradient accumulation and fp32/bf16 autocast."""
+    mixed_precision = "bf16" if config.precision == "bf16" else "no"
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
+        if PartialState().num_processes > 1:
+            raise ConfigError(
+                f"precision={config.precision} differs from an earlier trainer in this "
+                "distributed job; use one precision per launch"
+            )
+        # One process, nothing distributed to break: accelerate keeps its precision in a
+        # process-wide singleton, so a notebook that trains fp32 then bf16 must reset it.
+        AcceleratorState._reset_state()
+    return Accelerator(
+        gradient_accumulation_steps=config.grad_accum_steps,
+        mixed_precision=mixed_precision,
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
+    )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (ConfigError if the model cannot)."""
+    # Non-reentrant checkpointing works with frozen inputs (LoRA) and without extra hooks.
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x spelling
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    else:
+        raise ConfigError(
+            f"gradient_checkpointing=true but {type(model).__name__} does not support it "
+            "(no activation_checkpointing_enable or gradient_checkpointing_enable method)"
+        )
+    if getattr(getattr(model, "config", None), "use_cache", None):
+        model.config.use_cache = False
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of the dataset that depends only on (seed, epoch), not on global RNG.
+
+    So every process draws the same order, and a resumed run the same order as the
+    interrupted one.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
+        return iter(order.tolist())
+
+
+def as_scalar(value: Tensor | float, device: torch.device) -> Tensor:
+    """A 0-dim float32 tensor on `device` (a tensor with several elements is averaged)."""
+    if isinstance(value, Tensor):
+        return value.detach().float().mean()
+    return torch.tensor(float(value), device=device)
+
+
+class MetricMeans:
+    """Sums of scalar metrics over calls, kept on the device (no sync per micro-batch)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.calls = 0
+        self.names: frozenset[str] | None = None
+
+    def add(self, metrics: Mapping[str, Tensor | float], device: torch.device) -> None:
+        names = frozenset(metrics)
+        if self.names is None:
+            self.names = names
+        elif names != self.names:
+            raise RuntimeError(
+                f"compute_loss returned metrics {sorted(names)} after {sorted(self.names)}: "
+                "return the same names on every call"
+            )
+        for name, value in metrics.items():
+            scalar = as_scalar(value, device)
+            self.sums[name] = self.sums[name] + scalar if name in self.sums else scalar
+        self.calls += 1
+
+    def mean_across_processes(self, accelerator: Accelerator) -> dict[str, Tensor]:
+        """Mean over calls here, then over processes; resets the sums."""
+        if not self.calls:
+            return {}
+        names = sorted(self.sums)
+        means = torch.stack([self.sums[n] for n in names]) / self.calls
+        if accelerator.num_processes > 1:
+            means = accelerator.reduce(means, reduction="mean")
+        self.sums, self.calls = {}, 0
+        return dict(zip(names, means.unbind(), strict=True))
+
+
+class Throughput:
+    """Non-pad tokens per second of training time (evaluation and saving excluded)."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.tokens = torch.zeros((), device=accelerator.device)
+        self.counting = True
+        self.seconds = 0.0
+        self._since = time.perf_counter()
+
+    def add(self, tokens: Tensor | int | None) -> None:
+        if tokens is None:
+            self.counting = False
+        else:
+            self.tokens = self.tokens + tokens
+
+    def pause(self) -> None:
+        self.seconds += time.perf_counter() - self._since
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def flush(self) -> float | None:
+        """Tokens per second (all processes together) since the last flush; None if uncounted."""
+        total = self.tokens
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        rate = float(total) / max(self.seconds, 1e-9) if self.counting else None
+        self.tokens = torch.zeros((), device=self.accelerator.device)
+        self.seconds = 0.0
+        return rate
+
+
+@dataclass
+class LoopState:
+    """Where training is; all of it goes into every checkpoint (`stop_reason` aside)."""
+
+    step: int = 0
+    epoch: int = 0  # index of the epoch in progress
+    batches_in_epoch: int = 0  # micro-batches of that epoch consumed, per process
+    window_sums: dict[str, Tensor] = field(default_factory=dict)  # per-step means, summed
+    window_steps: int = 0
+    latest: dict[str, float] = field(default_factory=dict)  # lr and controller values
+    last_record: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stop_reason: str | None = None
+
+    def add_step(self, step_metrics: Mapping[str, Tensor], latest: Mapping[str, float]) -> None:
+        """Count one optimizer step into the logging window."""
+        for name, value in step_metrics.items():
+            previous = self.window_sums.get(name)
+            self.window_sums[name] = value if previous is None else previous + value
+        self.window_steps += 1
+        self.latest = dict(latest)
+
+    def flush_window(self) -> dict[str, float]:
+        """Per-batch metrics averaged over the window's steps, plus the latest state values."""
+        record: dict[str, float] = {}
+        if self.window_steps:
+            names = sorted(self.window_sums)
+            means = torch.stack([self.window_sums[n] for n in names]) / self.window_steps
+            record = dict(zip(names, means.tolist(), strict=True))  # one device sync
+        self.window_sums, self.window_steps = {}, 0
+        return {**record, **self.latest}
+
+    def observe_evaluation(self, rule: EarlyStoppingConfig, metrics: Mapping[str, float]) -> bool:
+        """Track the best value of the early-stopping metric; True when it is time to stop."""
+        self.last_eval = dict(metrics)
+        if not rule.metric:
+            return False
+        if rule.metric not in metrics:
+            raise ConfigError(
+                f"eval.early_stopping.metric={rule.metric!r} is not among the evaluation "
+                f"metrics {sorted(metrics)}"
+            )
+        value = metrics[rule.metric]
+        if self.best_metric is None:
+            improved = True
+        elif rule.mode == "min":
+            improved = value < self.best_metric - rule.min_delta
+        else:
+            improved = value > self.best_metric + rule.min_delta
+        if improved:
+            self.best_metric, self.best_step = value, self.step
+            self.evals_without_improvement = 0
+            return False
+        self.evals_without_improvement += 1
+        return self.evals_without_improvement >= rule.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "window_sums": {k: v.detach().cpu() for k, v in self.window_sums.items()},
+            "window_steps": self.window_steps,
+            "latest": self.latest,
+            "last_record": self.last_record,
+            "last_eval": self.last_eval,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "evals_without_improvement": self.evals_without_improvement,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batches_in_epoch = state["batches_in_epoch"]
+        self.window_sums = {k: v.to(device) for k, v in state["window_sums"].items()}
+        self.window_steps = state["window_steps"]
+        self.latest, self.last_record = dict(state["latest"]), dict(state["last_record"])
+        self.last_eval = dict(state["last_eval"])
+        self.best_metric, self.best_step = state["best_metric"], state["best_step"]
+        self.evals_without_improvement = state["evals_without_improvement"]

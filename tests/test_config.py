@@ -1,0 +1,240 @@
+"""Config loading: YAML + dotted overrides, typed coercion, errors that name key, file and fix."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from alignkit import config as config_module
+from alignkit.config import (
+    VERSIONS_KEY,
+    OptimConfig,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    save_resolved_config,
+)
+from alignkit.errors import ConfigError
+
+
+@dataclass
+class LambdaConfig:
+    rule: Literal["log", "linear"] = field(default="log", metadata={"help": "Update rule."})
+    init: float = field(default=1.0, metadata={"help": "Initial value."})
+
+
+@dataclass
+class MethodConfig(TrainConfig):
+    """A method config the way trainers write them: inherits the loop's, adds sub-configs."""
+
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature."})
+    lambda_: LambdaConfig = field(default_factory=LambdaConfig, metadata={"help": "Multiplier."})
+    lora: LambdaConfig | None = field(default=None, metadata={"help": "Optional block."})
+    tags: dict[str, int] = field(default_factory=dict, metadata={"help": "Free-form counts."})
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_fill_nested_sub_configs(tmp_path):
+    path = write(
+        tmp_path,
+        "run_name: demo\noptim:\n  lr: 1e-4\n  schedule: cosine\neval:\n"
+        "  early_stopping: {metric: eval/loss, patience: 2}\nlambda:\n  rule: linear\n",
+    )
+    cfg = load_config(
+        MethodConfig, path, ["optim.lr=3e-5", "eval.every=50", "lambda.init=2", "beta=0.2"]
+    )
+    assert cfg.run_name == "demo"
+    assert cfg.optim == OptimConfig(lr=3e-5, schedule="cosine")
+    assert cfg.eval.every == 50
+    assert cfg.eval.early_stopping.metric == "eval/loss"
+    assert cfg.eval.early_stopping.patience == 2
+    assert cfg.lambda_ == LambdaConfig(rule="linear", init=2.0)
+    assert cfg.beta == 0.2
+
+
+def test_defaults_without_a_file():
+    assert load_config(TrainConfig) == TrainConfig()
+
+
+def test_unknown_yaml_key_names_file_and_nearest_spelling(tmp_path):
+    path = write(tmp_path, "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "'optim.lrr'" in message
+    assert "did you mean 'optim.lr'" in message
+
+
+def test_unknown_key_at_the_wrong_level_suggests_where_it_lives(tmp_path):
+    path = write(tmp_path, "lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'optim.lr'"):
+        load_config(TrainConfig, path)
+
+
+def test_unknown_override_key_names_the_override():
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, None, ["eval.early_stopping.patiense=3"])
+    message = str(info.value)
+    assert "override 'eval.early_stopping.patiense=3'" in message
+    assert "did you mean 'eval.early_stopping.patience'" in message
+
+
+def test_wrong_type_in_yaml_names_file_key_and_value(tmp_path):
+    path = write(tmp_path, "epochs: three\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, path)
+    message = str(info.value)
+    assert str(path) in message and "'epochs'" in message and "'three'" in message
+
+
+def test_literal_value_gets_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 'cosine'"):
+        load_config(TrainConfig, None, ["optim.schedule=cosin"])
+
+
+def test_invalid_value_from_post_init_names_its_source(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: -1.0\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml.*'optim'.*lr must be > 0"):
+        load_config(TrainConfig, path)
+    with pytest.raises(ConfigError, match=r"override 'optim.lr=-1'.*lr must be > 0"):
+        load_config(TrainConfig, None, ["optim.lr=-1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.lr=1e-5", 1e-5),  # YAML 1.1 reads 1e-5 as a string
+        ("optim.lr=0.5", 0.5),
+        ("optim.lr=2", 2.0),
+    ],
+)
+def test_floats_parse_in_every_spelling(override, expected):
+    assert load_config(TrainConfig, None, [override]).optim.lr == expected
+
+
+def test_override_values_are_yaml_typed():
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "gradient_checkpointing=true",
+            "max_steps=100",
+            "optim.betas=[0.8, 0.95]",
+            "logging.report_to=[jsonl, tensorboard]",
+            "checkpoint.keep_last=null",
+            "run_name=2024",  # a string field keeps the text
+        ],
+    )
+    assert cfg.gradient_checkpointing is True
+    assert cfg.max_steps == 100
+    assert cfg.optim.betas == (0.8, 0.95)
+    assert cfg.logging.report_to == ["jsonl", "tensorboard"]
+    assert cfg.checkpoint.keep_last is None
+    assert cfg.run_name == "2024"
+
+
+def test_a_single_name_is_a_one_item_list():
+    assert load_config(TrainConfig, None, ["logging.report_to=wandb"]).logging.report_to == [
+        "wandb"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("gradient_checkpointing=yes please", r"must be a boolean"),
+        ("max_steps=1.5", r"must be an integer or null"),
+        ("optim.betas=[0.9]", r"must have 2 items"),
+        ("logging.report_to=[jsonl, mlflow]", r"report_to\[1\]"),
+        ("optim=3", r"'optim' must be a mapping"),
+        ("optim.lr.value=3", r"it has no key 'value'"),
+        ("no_equals_sign", r"must look like key=value"),
+    ],
+)
+def test_bad_overrides_are_rejected(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(TrainConfig, None, [override])
+
+
+def test_optional_sub_config_is_created_by_an_override():
+    cfg = load_config(MethodConfig, None, ["lora.init=3"])
+    assert cfg.lora == LambdaConfig(init=3.0)
+    assert load_config(MethodConfig).lora is None
+
+
+def test_dict_fields_type_their_values():
+    assert load_config(MethodConfig, None, ["tags.a=1", "tags.b=2"]).tags == {"a": 1, "b": 2}
+    with pytest.raises(ConfigError, match=r"'tags.a' must be an integer"):
+        load_config(MethodConfig, None, ["tags.a=x"])
+
+
+def test_override_of_a_mapping_merges_into_the_file(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 0.1\n  schedule: cosine\n")
+    cfg = load_config(TrainConfig, path, ["optim={lr: 0.2}"])
+    assert (cfg.optim.lr, cfg.optim.schedule) == (0.2, "cosine")
+
+
+def test_bad_yaml_and_missing_file_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(TrainConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TrainConfig, write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="top level must map"):
+        load_config(TrainConfig, write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_missing_required_key_is_named():
+    @dataclass
+    class Needs:
+        model: str = field(metadata={"help": "Model name."})
+
+    with pytest.raises(ConfigError, match="missing required key 'model'"):
+        load_config(Needs)
+    assert load_config(Needs, None, ["model=tiny"]).model == "tiny"
+
+
+def test_resolved_config_round_trips_and_records_versions(tmp_path):
+    cfg = load_config(
+        MethodConfig, None, ["optim.lr=3e-5", "lambda.rule=linear", "lora.init=0.5", "tags.x=3"]
+    )
+    path = save_resolved_config(cfg, tmp_path / "run" / "config.yaml")
+    data = yaml.safe_load(path.read_text())
+    assert {"alignkit", "torch", "transformers"} <= set(data[VERSIONS_KEY])
+    assert data["lambda"] == {"rule": "linear", "init": 1.0}  # keyword field written bare
+    assert data["optim"]["betas"] == [0.9, 0.999]
+    assert load_config(MethodConfig, path) == cfg
+    assert config_to_dict(load_config(MethodConfig, path)) == config_to_dict(cfg)
+
+
+def test_run_dir_follows_resume_from():
+    assert load_config(TrainConfig, None, ["output_dir=out", "run_name=a"]).run_dir == Path("out/a")
+    assert load_config(TrainConfig, None, ["resume_from=elsewhere/b"]).run_dir == Path(
+        "elsewhere/b"
+    )
+
+
+def _config_classes():
+    return [
+        value
+        for value in vars(config_module).values()
+        if isinstance(value, type)
+        and dataclasses.is_dataclass(value)
+        and value.__module__ == config_module.__name__
+    ]
+
+
+@pytest.mark.parametrize("cls", _config_classes(), ids=lambda c: c.__name__)
+def test_every_shipped_config_field_has_help(cls):
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
