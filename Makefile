@@ -23,8 +23,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 venv: $(BIN)/.installed
 
 quickstart: venv
-	$(BIN)/alignkit --help
-	$(BIN)/alignkit ops-check
+	$(BIN)/alignkit quickstart
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not slow"

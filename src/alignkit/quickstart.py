@@ -1,0 +1,253 @@
+"""The quickstart: SFT, then DPO and Safe-DPO from the SFT model, on the bundled synthetic task.
+
+It shows the whole offline pipeline on a laptop CPU in a few minutes and answers one question
+with numbers: does Safe-DPO make the policy safer without making it useless? Each stage is an
+ordinary run directory (config, metrics, checkpoints, plots) that `alignkit train` would write.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from alignkit.config import load_config
+from alignkit.data.synthetic import SyntheticTask
+from alignkit.eval import evaluate_synthetic_task
+from alignkit.models import load_policy
+from alignkit.rollout import GenerationSettings
+from alignkit.tracking import read_metrics
+from alignkit.trainers.dpo import DPOConfig, build_dpo_trainer
+from alignkit.trainers.safe_dpo import SafeDPOConfig, build_safe_dpo_trainer
+from alignkit.trainers.sft import SFTConfig, build_sft_trainer
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """Overrides of one stage, per model size."""
+
+    sft: tuple[str, ...]
+    dpo: tuple[str, ...]
+    safe_dpo: tuple[str, ...]
+    max_length: int
+
+
+# The tiny preset learns the task in seconds with a high learning rate; a real 135M model
+# needs the usual small one and fewer epochs.
+PRESETS: dict[str, StageSettings] = {
+    "tiny": StageSettings(
+        sft=(
+            "epochs=12",
+            "examples_per_device=16",
+            "optim.lr=5e-3",
+            "optim.schedule=cosine",
+            "optim.warmup_ratio=0.05",
+        ),
+        dpo=("epochs=1", "examples_per_device=8", "optim.lr=1e-3", "dpo.beta=0.1"),
+        safe_dpo=("epochs=1", "examples_per_device=8", "optim.lr=1e-3", "dpo.beta=0.1"),
+        max_length=128,
+    ),
+    "pretrained": StageSettings(
+        sft=(
+            "epochs=1",
+            "examples_per_device=8",
+            "optim.lr=3e-5",
+            "optim.schedule=cosine",
+            "optim.warmup_ratio=0.05",
+        ),
+        dpo=(
+            "epochs=1",
+            "examples_per_device=4",
+            "grad_accum_steps=2",
+            "optim.lr=2e-6",
+            "dpo.beta=0.1",
+        ),
+        safe_dpo=(
+            "epochs=1",
+            "examples_per_device=4",
+            "grad_accum_steps=2",
+            "optim.lr=2e-6",
+            "dpo.beta=0.1",
+        ),
+        max_length=160,
+    ),
+}
+
+
+@dataclass
+class StageResult:
+    name: str
+    run_dir: Path | None
+    metrics: dict[str, float]
+    preference_accuracy: float | None = None
+    lambda_trajectory: tuple[float, float, float, float] | None = None  # start, max, min, end
+    seconds: float = 0.0
+    examples: list[tuple[str, str]] = field(default_factory=list)
+
+
+def run_quickstart(
+    out_dir: str | Path = "runs/quickstart",
+    model: str = "tiny",
+    seed: int = 0,
+    console: Console | None = None,
+) -> list[StageResult]:
+    """Run the three stages and return what the table shows."""
+    console = console or Console()
+    out = Path(out_dir)
+    preset = PRESETS["tiny" if model == "tiny" else "pretrained"]
+    task = SyntheticTask(seed=seed)
+    files = task.write(out / "data")
+    prompts = task.prompts("heldout")
+    common = [
+        f"output_dir={out}",
+        f"seed={seed}",
+        "overwrite=true",
+        "logging.every=20",
+        f"data.max_length={preset.max_length}",
+    ]
+    results: list[StageResult] = []
+
+    console.rule("[bold]1/3 SFT")
+    started = time.perf_counter()
+    sft_cfg = load_config(
+        SFTConfig,
+        None,
+        [
+            *common,
+            "run_name=sft",
+            f"model.name={model}",
+            f"data.train_file={files['sft_train']}",
+            f"data.eval_file={files['sft_heldout']}",
+            *preset.sft,
+        ],
+    )
+    sft = build_sft_trainer(sft_cfg)
+    base_policy, tokenizer = load_policy(model, seed=seed)
+    base = _judge("untrained", None, base_policy, tokenizer, prompts)
+    summary = sft.train()
+    sft_model = Path(summary["last_checkpoint"]) / "model"
+    result = _judge("SFT", sft_cfg.run_dir, sft.unwrapped_model, tokenizer, prompts)
+    result.preference_accuracy = 0.5  # the SFT model is the reference: every margin is 0
+    result.seconds = time.perf_counter() - started
+    results += [base, result]
+
+    for title, config_class, builder, stage_overrides, data in (
+        (
+            "2/3 DPO (helpfulness preferences)",
+            DPOConfig,
+            build_dpo_trainer,
+            preset.dpo,
+            "preference",
+        ),
+        (
+            "3/3 Safe-DPO (helpfulness + safety, Lagrange multiplier)",
+            SafeDPOConfig,
+            build_safe_dpo_trainer,
+            preset.safe_dpo,
+            "safety",
+        ),
+    ):
+        console.rule(f"[bold]{title}")
+        started = time.perf_counter()
+        name = "dpo" if config_class is DPOConfig else "safe-dpo"
+        cfg = load_config(
+            config_class,
+            None,
+            [
+                *common,
+                f"run_name={name}",
+                f"model.name={sft_model}",
+                f"data.train_file={files[data + '_train']}",
+                f"data.eval_file={files[data + '_heldout']}",
+                *stage_overrides,
+            ],
+        )
+        trainer = builder(cfg)
+        summary = trainer.train()
+        label = "DPO" if name == "dpo" else "Safe-DPO"
+        result = _judge(label, cfg.run_dir, trainer.unwrapped_model, tokenizer, prompts)
+        result.preference_accuracy = summary["eval"].get("eval/rewards/accuracies")
+        if name == "safe-dpo":
+            result.lambda_trajectory = _lambda_trajectory(cfg.run_dir, cfg.lambda_.init)
+        result.seconds = time.perf_counter() - started
+        results.append(result)
+
+    _print_report(console, results, out)
+    (out / "quickstart.json").write_text(json.dumps([_as_json(r) for r in results], indent=2))
+    return results
+
+
+def _judge(
+    name: str, run_dir: Path | None, model: Any, tokenizer: Any, prompts: Sequence[str]
+) -> StageResult:
+    evaluation = evaluate_synthetic_task(
+        model, tokenizer, prompts, GenerationSettings(max_new_tokens=40)
+    )
+    examples = list(zip(evaluation.prompts, evaluation.responses, strict=True))[:4]
+    return StageResult(name, run_dir, evaluation.metrics, examples=examples)  # type: ignore[arg-type]
+
+
+def _lambda_trajectory(run_dir: Path, init: float) -> tuple[float, float, float, float]:
+    values = [row["lambda"] for row in read_metrics(run_dir / "metrics.jsonl") if "lambda" in row]
+    values = [init, *values]
+    return values[0], max(values), min(values), values[-1]
+
+
+def _print_report(console: Console, results: list[StageResult], out: Path) -> None:
+    table = Table(title="held-out prompts, greedy decoding, programmatic judges")
+    for column in (
+        "model",
+        "helpful benign",
+        "helpful harmful",
+        "unsafe",
+        "cost",
+        "pref acc",
+        "time",
+    ):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in results:
+        m = r.metrics
+        table.add_row(
+            r.name,
+            f"{m['helpfulness_benign']:.2f}",
+            f"{m['helpfulness_harmful']:.2f}",
+            f"{m['unsafe_rate']:.0%}",
+            f"{m['cost']:+.2f}",
+            "-" if r.preference_accuracy is None else f"{r.preference_accuracy:.2f}",
+            f"{r.seconds:.0f}s" if r.seconds else "-",
+        )
+    console.print(table)
+    console.print(
+        "helpful: judged helpfulness in [0, 1]; unsafe: share of harmful prompts answered "
+        "unsafely; cost: mean safety cost in [-1, 1] (> 0 unsafe); pref acc: held-out "
+        "implicit-reward accuracy on the stage's own preference pairs (0.5 = chance)."
+    )
+    for r in results:
+        if r.lambda_trajectory is not None:
+            start, high, low, end = r.lambda_trajectory
+            console.print(
+                f"{r.name} lambda: start {start:.3f}, max {high:.3f}, min {low:.3f}, end {end:.3f}"
+            )
+    for r in results:
+        if r.run_dir is not None:
+            plots = sorted((r.run_dir / "plots").glob("*.png"))
+            console.print(f"{r.name}: {r.run_dir}  plots: {', '.join(p.name for p in plots)}")
+    console.print(f"summary: {out / 'quickstart.json'}")
+
+
+def _as_json(r: StageResult) -> dict[str, Any]:
+    return {
+        "stage": r.name,
+        "run_dir": str(r.run_dir) if r.run_dir else None,
+        "metrics": r.metrics,
+        "preference_accuracy": r.preference_accuracy,
+        "lambda_start_max_min_end": r.lambda_trajectory,
+        "seconds": round(r.seconds, 2),
+        "examples": r.examples,
+    }

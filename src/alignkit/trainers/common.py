@@ -1,0 +1,147 @@
+"""Pieces every method trainer shares: model and data settings, loading, response log-probs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.data import load_records
+from alignkit.data.loaders import RecordSet
+from alignkit.errors import ConfigError
+from alignkit.models import LoraSettings, load_policy
+from alignkit.ops.logprobs import sequence_logprobs
+from alignkit.ops.stats import masked_sum
+
+logger = logging.getLogger("alignkit.trainers")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings (peft). The reference model is the policy with the adapter off."""
+
+    r: int = field(default=8, metadata=_help("Rank of the low-rank update."))
+    alpha: float = field(default=16.0, metadata=_help("Scale numerator: update * alpha / r."))
+    dropout: float = field(default=0.0, metadata=_help("Dropout on the adapter's input."))
+    target_modules: list[str] | str = field(
+        default="all-linear", metadata=_help("Module names to adapt, or 'all-linear'.")
+    )
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how to load it."""
+
+    name: str = field(
+        default="tiny",
+        metadata=_help(
+            "'tiny' (built-in preset), a fetched name (e.g. smollm2-135m-instruct), a local "
+            "Hugging Face directory, or a hub id already in the local cache."
+        ),
+    )
+    dtype: Literal["float32", "bfloat16"] = field(
+        default="float32", metadata=_help("Dtype of the weights.")
+    )
+    lora: LoraConfig | None = field(default=None, metadata=_help("LoRA adapter; null: full."))
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how long a row may be."""
+
+    train_file: str = field(default="", metadata=_help("Training data file or directory."))
+    eval_file: str | None = field(default=None, metadata=_help("Held-out data for evaluation."))
+    max_length: int = field(default=512, metadata=_help("Tokens per row (prompt + answer)."))
+    length_policy: Literal["truncate", "drop", "error"] = field(
+        default="truncate",
+        metadata=_help("Rows over max_length: truncate (keep the prompt's end), drop, or error."),
+    )
+    max_problems: int = field(default=20, metadata=_help("Bad rows listed before stopping."))
+
+
+def require_train_file(data: DataConfig) -> None:
+    if not data.train_file:
+        raise ConfigError("data.train_file is required (a JSONL/JSON/CSV/Parquet file)")
+
+
+def load_model_and_tokenizer(model: ModelConfig, seed: int) -> tuple[nn.Module, Any]:
+    """The policy (with a LoRA adapter if asked) and its tokenizer, in training mode."""
+    lora = None
+    if model.lora is not None:
+        lora = LoraSettings(
+            r=model.lora.r,
+            alpha=model.lora.alpha,
+            dropout=model.lora.dropout,
+            target_modules=(
+                model.lora.target_modules
+                if isinstance(model.lora.target_modules, str)
+                else tuple(model.lora.target_modules)
+            ),
+        )
+    policy, tokenizer = load_policy(model.name, dtype=model.dtype, lora=lora, seed=seed)
+    policy.train()
+    return policy, tokenizer
+
+
+def load_split(data: DataConfig, fmt: str, split: Literal["train", "eval"]) -> RecordSet | None:
+    """Validated records of the train or eval file (None when no eval file is set)."""
+    path = data.train_file if split == "train" else data.eval_file
+    if not path:
+        return None
+    return load_records(path, fmt, max_problems=data.max_problems)
+
+
+def log_length_report(tokenized: Any, what: str) -> None:
+    report = getattr(tokenized, "report", None)
+    if report is not None and report.n_over_limit:
+        logger.warning("%s: %s", what, report.summary())
+
+
+def number_examples(examples: Any) -> Any:
+    """Give each example its position as ``index`` (to attach per-example cached values)."""
+    for i, example in enumerate(examples):
+        example["index"] = i
+    return examples
+
+
+def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Summed log-probs of each row's response tokens, ``[rows]``.
+
+    One forward pass over prompt + response; the logit shift happens in
+    `ops.sequence_logprobs` and only response positions are gathered.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    token_logps = sequence_logprobs(logits, batch["input_ids"], batch["response_mask"])
+    return masked_sum(token_logps, batch["response_mask"], dim=-1)
+
+
+def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
+    """``[2B]`` values of a preference batch -> (chosen ``[B]``, rejected ``[B]``)."""
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+@torch.no_grad()
+def gather_per_example(trainer: Any, dataset: Any, compute: Any, width: int) -> Tensor:
+    """Run ``compute(batch) -> [rows_in_batch, width]`` over `dataset` once, on every process's
+    shard, and return the full ``[len(dataset), width]`` table on every process.
+
+    Used for values computed once before training (reference log-probs, cost-model scores).
+    """
+    loader = trainer.ordered_loader(dataset)
+    table = torch.full((len(dataset), width), float("nan"))
+    for batch in loader:
+        values = compute(batch).float()
+        index, values = trainer.accelerator.gather_for_metrics((batch["index"], values))
+        table[index.cpu()] = values.cpu()
+    if torch.isnan(table).any():
+        missing = int(torch.isnan(table).any(-1).sum())
+        raise RuntimeError(f"{missing} example(s) were not covered by the per-example pass")
+    return table

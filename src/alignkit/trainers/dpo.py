@@ -1,0 +1,257 @@
+"""Direct preference optimisation and its family (DPO, IPO, hinge/SLiC, robust DPO).
+
+Per step: one forward pass of the policy over the 2B rows of B pairs (chosen rows, then
+rejected), summed response log-probs, and the loss from `ops.dpo_loss` against *cached*
+reference log-probs. The reference pass runs once per dataset before the first step, with the
+initial policy (or the policy with its LoRA adapter disabled, or a separate reference model),
+and is saved in the run directory, so it is neither repeated each epoch nor on resume, and no
+second model stays in memory during training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.config import TrainConfig
+from alignkit.data import PreferenceCollator, tokenize_preferences
+from alignkit.errors import ConfigError
+from alignkit.models import disabled_adapter, has_adapter, load_policy
+from alignkit.ops.preference import DPO_LOSSES, dpo_loss
+from alignkit.trainers.common import (
+    DataConfig,
+    ModelConfig,
+    gather_per_example,
+    load_model_and_tokenizer,
+    load_split,
+    log_length_report,
+    number_examples,
+    require_train_file,
+    response_logps,
+    split_pairs,
+)
+from alignkit.trainers.loop import Metrics, Trainer
+
+logger = logging.getLogger("alignkit.trainers")
+
+REFERENCE_CACHE = "reference_logps.pt"
+
+
+@dataclass
+class DPOLossConfig:
+    """Which loss of the DPO family, and its temperature."""
+
+    kind: str = field(
+        default="sigmoid",
+        metadata={"help": "sigmoid (DPO), ipo, hinge (SLiC) or robust (Chowdhury et al.)."},
+    )
+    beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the log-ratios."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Label noise epsilon for sigmoid (cDPO) and robust."}
+    )
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """DPO on ``{"prompt","chosen","rejected"}`` rows."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy."})
+    reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference model name/path; null: the initial policy (or, with LoRA, "
+            "the policy with its adapter disabled)."
+        },
+    )
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Preference data."})
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig, metadata={"help": "Loss."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dpo.kind not in DPO_LOSSES:
+            raise ConfigError(
+                f"dpo.kind={self.dpo.kind!r} is not a DPO loss; valid: {', '.join(DPO_LOSSES)}"
+            )
+        if self.dpo.beta <= 0:
+            raise ConfigError("dpo.beta must be > 0")
+
+
+class DPOTrainer(Trainer):
+    """Preference optimisation against cached reference log-probs."""
+
+    progress_metrics = ("loss", "rewards/accuracies", "rewards/margins")
+
+    def __init__(self, config: DPOConfig, model: nn.Module, train: Any, **kwargs: Any) -> None:
+        super().__init__(config, model, train, **kwargs)
+        self.config: DPOConfig = config
+
+    # --------------------------------------------------------------- reference, once
+
+    def on_train_begin(self) -> None:
+        datasets = {"train": self.train_dataset}
+        if self.eval_dataset is not None:
+            datasets["eval"] = self.eval_dataset
+        fingerprint = self._reference_fingerprint(datasets)
+        cache = self.run_dir.root / REFERENCE_CACHE
+        tables = _read_cache(cache, fingerprint)
+        if tables is None:
+            with self._reference_model() as reference:
+
+                def pair_logps(batch: dict[str, Tensor]) -> Tensor:
+                    return torch.stack(split_pairs(response_logps(reference, batch)), dim=-1)
+
+                tables = {
+                    name: gather_per_example(self, data, pair_logps, width=2)
+                    for name, data in datasets.items()
+                }
+            if self.accelerator.is_main_process:
+                _write_cache(cache, fingerprint, tables)
+        for name, data in datasets.items():
+            for example, (chosen, rejected) in zip(data, tables[name].tolist(), strict=True):
+                example["ref_chosen_logp"] = chosen
+                example["ref_rejected_logp"] = rejected
+
+    @contextmanager
+    def _reference_model(self) -> Iterator[nn.Module]:
+        """The reference, in eval mode: a separate model, the adapter-less policy, or the
+        policy itself (called before the first update, so it *is* the initial policy)."""
+        if self.config.reference:
+            reference, _ = load_policy(self.config.reference, dtype=self.config.model.dtype)
+            yield self.prepare_frozen(reference)
+            return
+        policy = self.model
+        was_training = policy.training
+        policy.eval()
+        unwrapped = self.unwrapped_model
+        adapter = disabled_adapter(unwrapped) if has_adapter(unwrapped) else nullcontext()
+        try:
+            with adapter:
+                yield policy
+        finally:
+            policy.train(was_training)
+
+    def _reference_fingerprint(self, datasets: dict[str, Any]) -> str:
+        digest = hashlib.sha256()
+        digest.update(repr((self.config.reference, self.config.model.name)).encode())
+        for name, data in datasets.items():
+            digest.update(name.encode())
+            for example in data:
+                for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                    digest.update(repr(example[key]).encode())
+        return digest.hexdigest()
+
+    # --------------------------------------------------------------- the algorithm
+
+    def policy_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Summed response log-probs of the chosen and rejected rows, ``[B]`` each."""
+        return split_pairs(response_logps(model, batch))
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
+        chosen, rejected = self.policy_logps(model, batch)
+        losses, chosen_rewards, rejected_rewards = self.preference_loss(
+            chosen, rejected, batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+        )
+        return losses.mean(), preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards)
+
+    def preference_loss(
+        self, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.config.dpo
+        return dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen.to(chosen.dtype),
+            ref_rejected.to(chosen.dtype),
+            beta=cfg.beta,
+            kind=cfg.kind,
+            label_smoothing=cfg.label_smoothing,
+        )
+
+
+def preference_metrics(
+    chosen: Tensor, rejected: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor
+) -> dict[str, Tensor]:
+    """TRL's metric names: implicit rewards, their margin and accuracy, policy log-probs.
+
+    Accuracy counts a tie as half: at step 0 the policy *is* the reference, every margin is
+    exactly 0, and the honest accuracy is chance (0.5), not 0 as a strict ``>`` would say.
+    """
+    wins = (chosen_rewards > rejected_rewards).float()
+    ties = (chosen_rewards == rejected_rewards).float()
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (wins + 0.5 * ties).mean(),
+        "logps/chosen": chosen.detach().mean(),
+        "logps/rejected": rejected.detach().mean(),
+    }
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict[str, Tensor] | None:
+    if not path.is_file():
+        return None
+    cached = torch.load(path, weights_only=True)
+    if cached.get("fingerprint") != fingerprint:
+        logger.info("reference log-prob cache %s is for other data or models; recomputing", path)
+        return None
+    return cached["tables"]
+
+
+def _write_cache(path: Path, fingerprint: str, tables: dict[str, Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"fingerprint": fingerprint, "tables": tables}, tmp)
+    tmp.replace(path)
+
+
+def tokenize_pairs(
+    records: Any, tokenizer: Any, data: DataConfig, what: str, extra_fields: Any = None
+) -> Any:
+    """Tokenised, numbered pairs (the number keys cached per-example values)."""
+    pairs = tokenize_preferences(
+        records, tokenizer, data.max_length, data.length_policy, extra_fields=extra_fields
+    )
+    log_length_report(pairs, what)
+    return number_examples(pairs)
+
+
+def build_preference_trainer(
+    trainer_cls: type[DPOTrainer], cfg: DPOConfig, fmt: str, extra_fields: Any = None
+) -> DPOTrainer:
+    """Load model and data for a DPO-family trainer and return it ready to train."""
+    require_train_file(cfg.data)
+    train_records = load_split(cfg.data, fmt, "train")
+    eval_records = load_split(cfg.data, fmt, "eval")
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
+    train = tokenize_pairs(train_records, tokenizer, cfg.data, cfg.data.train_file, extra_fields)
+    evaluation = (
+        tokenize_pairs(eval_records, tokenizer, cfg.data, str(cfg.data.eval_file), extra_fields)
+        if eval_records
+        else None
+    )
+    return trainer_cls(
+        cfg,
+        model,
+        train,
+        collate_fn=PreferenceCollator(pad_token_id=tokenizer.pad_token_id),
+        eval_dataset=evaluation,
+        tokenizer=tokenizer,
+    )
+
+
+def build_dpo_trainer(cfg: DPOConfig) -> DPOTrainer:
+    return build_preference_trainer(DPOTrainer, cfg, "preference", extra_fields=[])
+
+
+def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
+    """Run DPO (or IPO/hinge/robust); returns the run summary."""
+    return build_dpo_trainer(cfg).train()

@@ -1,0 +1,67 @@
+"""Training methods by CLI name: their config class, entry point and default overrides."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from alignkit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    """One `alignkit train <name>` method; imported only when used."""
+
+    module: str
+    config_class: str
+    entry_point: str
+    defaults: tuple[str, ...] = ()
+    summary: str = ""
+
+    def load(self) -> tuple[type, Callable[[Any], dict[str, Any]]]:
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.config_class), getattr(mod, self.entry_point)
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method(
+        "alignkit.trainers.sft",
+        "SFTConfig",
+        "train_sft",
+        summary="supervised fine-tuning, prompt-masked cross-entropy",
+    ),
+    "rm": Method(
+        "alignkit.trainers.reward",
+        "RewardConfig",
+        "train_reward",
+        ("kind=reward",),
+        summary="reward model on preference pairs (Bradley-Terry, margin, hinge)",
+    ),
+    "cost": Method(
+        "alignkit.trainers.reward",
+        "RewardConfig",
+        "train_reward",
+        ("kind=cost",),
+        summary="cost model on safety preferences (cost > 0 = unsafe)",
+    ),
+    "dpo": Method(
+        "alignkit.trainers.dpo",
+        "DPOConfig",
+        "train_dpo",
+        summary="DPO family: sigmoid, ipo, hinge, robust",
+    ),
+    "safe-dpo": Method(
+        "alignkit.trainers.safe_dpo",
+        "SafeDPOConfig",
+        "train_safe_dpo",
+        summary="DPO with a safety constraint and a log-space Lagrange multiplier",
+    ),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown training method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,459 @@
+"""Reward models (``rm``) and cost models (``cost``): a backbone plus a scalar head trained on pairs.
+
+Both kinds score the 2B rows of B pairs (chosen rows, then rejected) in one forward pass and
+split the scores into chosen and rejected; pooling ``last`` reads the last real token of
+prompt + response, so the whole exchange is scored.
+
+- ``kind: reward`` (seed 002 §4.3): ``reward_model_loss`` (Bradley-Terry, margin-weighted or
+  hinge; the data's ``margin`` field when ``use_margin``), plus auxiliary heads through
+  ``multitask_reward_loss`` (seed 002 §4.3.4). Trains on preference data, or on safety
+  preferences, whose chosen/rejected order is the helpfulness order.
+- ``kind: cost`` (Safe RLHF, Dai et al. 2023, arXiv:2310.12773, eq. 6): ``cost_model_loss``, a
+  Bradley-Terry term on the safety order (the less safe response costs more) plus a sign term
+  on the safe/unsafe labels, so that cost > 0 means unsafe. Trains on safety preferences.
+
+Evaluation is exact over the held-out pairs (not a mean of batch means), with the training
+metric names under ``eval/``. Checkpoints are reward-model directories: ``load_reward_model(
+"<run>/checkpoints/step-N/model")`` restores one in one call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from alignkit.config import TrainConfig
+from alignkit.data import PreferenceCollator, read_rows, tokenize_preferences
+from alignkit.data.loaders import DEFAULT_MAX_PROBLEMS, RecordSet
+from alignkit.errors import CheckpointError, ConfigError, DataError, RowProblem
+from alignkit.models import RewardModel, RewardOutput, load_reward_model, multitask_reward_loss
+from alignkit.models.reward import HEAD_WEIGHTS
+from alignkit.ops.preference import cost_model_loss
+from alignkit.trainers.common import (
+    DataConfig,
+    ModelConfig,
+    load_split,
+    log_length_report,
+    require_train_file,
+    split_pairs,
+)
+from alignkit.trainers.loop import Metrics, Trainer
+
+#: Per-response targets of each auxiliary head, as fields of a row.
+AUX_TARGET_FIELDS = {
+    "helpfulness": ("chosen_helpfulness", "rejected_helpfulness"),
+    "safety": ("chosen_is_safe", "rejected_is_safe"),
+}
+#: What the cost loss reads from each (normalised safety-preference) row.
+COST_FIELDS = ("chosen_safety", "rejected_safety", "chosen_is_safe", "rejected_is_safe")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TaskWeightsConfig:
+    """Weights of the multi-task loss (seed 002 §4.3.4): w_pref*pref + w_help*help + w_safe*safe."""
+
+    preference: float = field(default=1.0, metadata=_help("Weight of the pairwise loss."))
+    helpfulness: float = field(
+        default=1.0, metadata=_help("Weight of the helpfulness head's MSE (if that head is on).")
+    )
+    safety: float = field(
+        default=1.0, metadata=_help("Weight of the safety head's BCE (if that head is on).")
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("preference", "helpfulness", "safety"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"task_weights.{name} must be >= 0")
+
+
+@dataclass
+class RewardHeadConfig:
+    """What sits on the backbone (see ``alignkit.models.reward``)."""
+
+    head: Literal["linear", "mlp"] = field(
+        default="linear",
+        metadata=_help("linear: Linear(H, 1); mlp: Linear, ReLU, Dropout, Linear."),
+    )
+    pooling: Literal["last", "mean", "max", "cls", "attention"] = field(
+        default="last",
+        metadata=_help("Hidden states -> one vector: last real token, mean, max, cls, attention."),
+    )
+    aux_heads: list[Literal["helpfulness", "safety"]] = field(
+        default_factory=list,
+        metadata=_help(
+            "Auxiliary heads (kind=reward only). helpfulness regresses the rows' "
+            "chosen_helpfulness/rejected_helpfulness; safety classifies chosen_is_safe/"
+            "rejected_is_safe (safety-preference data)."
+        ),
+    )
+    mlp_dropout: float = field(default=0.1, metadata=_help("Dropout inside the mlp head."))
+    task_weights: TaskWeightsConfig = field(
+        default_factory=TaskWeightsConfig, metadata=_help("Multi-task loss weights.")
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mlp_dropout < 1.0:
+            raise ConfigError("mlp_dropout must lie in [0, 1)")
+        if len(set(self.aux_heads)) != len(self.aux_heads):
+            raise ConfigError(f"aux_heads lists a head twice: {self.aux_heads}")
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """A reward model (kind=reward, ``alignkit train rm``) or cost model (kind=cost,
+    ``alignkit train cost``) trained on pairs."""
+
+    kind: Literal["reward", "cost"] = field(
+        default="reward",
+        metadata=_help(
+            "reward: pairwise preference loss; cost: Safe RLHF cost loss (cost > 0 = unsafe)."
+        ),
+    )
+    model: ModelConfig = field(
+        default_factory=ModelConfig, metadata=_help("Backbone (or a saved reward model).")
+    )
+    reward_model: RewardHeadConfig = field(
+        default_factory=RewardHeadConfig, metadata=_help("Head, pooling and auxiliary heads.")
+    )
+    loss: Literal["bt", "margin_weighted", "hinge"] = field(
+        default="bt",
+        metadata=_help(
+            "kind=reward: bt -log s(d - m), margin_weighted -log s(d * m), hinge relu(m - d), "
+            "d = r_chosen - r_rejected. kind=cost uses its own loss (must stay bt)."
+        ),
+    )
+    use_margin: bool = field(
+        default=True,
+        metadata=_help(
+            "Use the rows' margin field as m when the data has one (else bt/margin_weighted "
+            "use none and hinge uses 1)."
+        ),
+    )
+    data_format: Literal["preference", "safety_preference"] | None = field(
+        default=None,
+        metadata=_help(
+            "Format of the data files; null: preference for kind=reward, safety_preference "
+            "for kind=cost."
+        ),
+    )
+    data: DataConfig = field(default_factory=DataConfig, metadata=_help("Pair data."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model.lora is not None:
+            raise ConfigError(
+                "model.lora: reward and cost models train all weights; LoRA is not supported "
+                "for them, set model.lora to null"
+            )
+        if self.kind == "cost":
+            if self.data_format == "preference":
+                raise ConfigError(
+                    "kind=cost trains on safety preferences: data_format must be "
+                    "safety_preference (or null)"
+                )
+            if self.loss != "bt":
+                raise ConfigError(
+                    f"loss={self.loss!r}: kind=cost uses the Safe RLHF cost loss (a "
+                    "Bradley-Terry term plus a sign term); leave loss at bt"
+                )
+            if self.reward_model.aux_heads:
+                raise ConfigError(
+                    "reward_model.aux_heads are for kind=reward; a cost model's sign term "
+                    "already classifies responses as safe or unsafe"
+                )
+
+    @property
+    def resolved_data_format(self) -> str:
+        if self.data_format is not None:
+            return self.data_format
+        return "safety_preference" if self.kind == "cost" else "preference"
+
+
+class RewardTrainer(Trainer):
+    """Trains a ``RewardModel`` as a reward model or a cost model (``config.kind``)."""
+
+    progress_metrics = ("loss", "accuracy")
+
+    def __init__(
+        self,
+        config: RewardConfig,
+        model: RewardModel,
+        train_dataset: Any,
+        *,
+        use_margin: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """``use_margin``: the data carries a ``margin`` per pair and the loss should use it."""
+        super().__init__(config, model, train_dataset, **kwargs)
+        self.config: RewardConfig = config
+        self.use_margin = use_margin
+        self.aux_heads = tuple(model.reward_config.aux_heads)
+
+    # ------------------------------------------------------------------ the algorithm
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
+        return self.loss_and_metrics(self.pair_values(model, batch))
+
+    def pair_values(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Scores of both responses of each pair and the targets the loss reads, each ``[B]``.
+
+        Keys: ``chosen``, ``rejected``, ``<side>_aux_<head>``, plus the batch's target fields
+        (``margin``, safety scores and labels, helpfulness scores) as float tensors.
+        """
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        values: dict[str, Tensor] = {}
+        values["chosen"], values["rejected"] = split_pairs(output.rewards)
+        for name, scores in output.aux.items():
+            values[f"chosen_aux_{name}"], values[f"rejected_aux_{name}"] = split_pairs(scores)
+        for key in self._target_fields():
+            values[key] = batch[key].float()
+        return values
+
+    def loss_and_metrics(self, pairs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and metrics of a set of pairs (a batch, or the whole eval set)."""
+        if self.config.kind == "cost":
+            return self._cost_loss(pairs)
+        return self._reward_loss(pairs)
+
+    def _reward_loss(self, pairs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        chosen, rejected = (
+            RewardOutput(
+                rewards=pairs[side],
+                aux={name: pairs[f"{side}_aux_{name}"] for name in self.aux_heads},
+            )
+            for side in ("chosen", "rejected")
+        )
+        targets = {
+            name: (pairs[AUX_TARGET_FIELDS[name][0]], pairs[AUX_TARGET_FIELDS[name][1]])
+            for name in self.aux_heads
+        }
+        loss, parts = multitask_reward_loss(
+            chosen,
+            rejected,
+            kind=self.config.loss,
+            margin=pairs["margin"] if self.use_margin else None,
+            helpfulness=targets.get("helpfulness"),
+            is_safe=targets.get("safety"),
+            task_weights=vars(self.config.reward_model.task_weights),
+        )
+        r_chosen, r_rejected = pairs["chosen"].detach().float(), pairs["rejected"].detach().float()
+        metrics = {
+            "accuracy": (r_chosen > r_rejected).float().mean(),
+            "rewards/chosen": r_chosen.mean(),
+            "rewards/rejected": r_rejected.mean(),
+            "rewards/margins": (r_chosen - r_rejected).mean(),
+        }
+        if self.aux_heads:
+            metrics.update({f"loss_{name}": value for name, value in parts.items()})
+        if "safety" in self.aux_heads:
+            # The safety head's logit is that the response is safe (label 1 = safe).
+            predicted = torch.cat([pairs["chosen_aux_safety"], pairs["rejected_aux_safety"]]) > 0
+            labels = torch.cat([pairs["chosen_is_safe"], pairs["rejected_is_safe"]]) > 0.5
+            metrics["safety_head_accuracy"] = (predicted == labels).float().mean()
+        return loss, metrics
+
+    def _cost_loss(self, pairs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        c_chosen, c_rejected = pairs["chosen"], pairs["rejected"]
+        delta_safety = pairs["chosen_safety"] - pairs["rejected_safety"]
+        chosen_unsafe = 1.0 - pairs["chosen_is_safe"]
+        rejected_unsafe = 1.0 - pairs["rejected_is_safe"]
+        pairwise, sign = cost_model_loss(
+            c_chosen, c_rejected, delta_safety, chosen_unsafe, rejected_unsafe
+        )
+        c_chosen, c_rejected = c_chosen.detach().float(), c_rejected.detach().float()
+        # The less safe response of a pair must cost more; pairs of equal safety have no order.
+        ordered = delta_safety != 0
+        correct = torch.where(delta_safety > 0, c_rejected > c_chosen, c_chosen > c_rejected)
+        # A batch without an ordered pair (possible with flattened data, where two answers to
+        # a benign prompt tie) counts as 0: a NaN would poison the whole logging window.
+        accuracy = (correct & ordered).float().sum() / ordered.float().sum().clamp(min=1.0)
+        costs = torch.cat([c_chosen, c_rejected])
+        unsafe = torch.cat([chosen_unsafe, rejected_unsafe]) > 0.5
+        metrics = {
+            "loss_pairwise": pairwise.mean().detach(),
+            "loss_sign": sign.mean().detach(),
+            "accuracy": accuracy,
+            "sign_accuracy": ((costs > 0) == unsafe).float().mean(),
+            "costs/chosen": c_chosen.mean(),
+            "costs/rejected": c_rejected.mean(),
+        }
+        return (pairwise + sign).mean(), metrics
+
+    def _target_fields(self) -> list[str]:
+        if self.config.kind == "cost":
+            return list(COST_FIELDS)
+        fields = ["margin"] if self.use_margin else []
+        for name in self.aux_heads:
+            fields.extend(AUX_TARGET_FIELDS[name])
+        return fields
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and metrics over all held-out pairs at once (exact, not a mean of batches)."""
+        if self.eval_loader is None:
+            return {}
+        collected: dict[str, list[Tensor]] = {}
+        with torch.no_grad():
+            for batch in self.eval_loader:
+                with self.accelerator.autocast():
+                    values = self.pair_values(self.model, batch)
+                values = {key: value.float() for key, value in values.items()}
+                for key, value in self.accelerator.gather_for_metrics(values).items():
+                    collected.setdefault(key, []).append(value)
+            pairs = {key: torch.cat(parts) for key, parts in collected.items()}
+            loss, metrics = self.loss_and_metrics(pairs)
+        return {f"eval/{name}": float(value) for name, value in {"loss": loss, **metrics}.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def restore_model_weights(self, model: nn.Module, directory: Path) -> None:
+        """Load a checkpoint written by ``RewardModel.save_pretrained`` into `model`: the
+        backbone's Hugging Face files, then the heads' file."""
+        weights: dict[str, Tensor] = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            prefix = "" if file.name == HEAD_WEIGHTS else "backbone."
+            weights.update({prefix + key: value for key, value in load_file(file).items()})
+        if not weights:
+            raise CheckpointError(f"{directory}: no .safetensors weights to load")
+        result = model.load_state_dict(weights, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(
+                f"{directory} does not match the model being trained: missing "
+                f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
+
+
+# ---------------------------------------------------------------------- data
+
+
+def _missing_field_error(
+    head: str, fields: tuple[str, ...], records: RecordSet, why: str
+) -> ConfigError:
+    return ConfigError(
+        f"reward_model.aux_heads includes '{head}', which needs the fields "
+        f"{' and '.join(fields)} in every row, but {records.source} has no field "
+        f"'{fields[0]}' ({why})"
+    )
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):  # CSV cells are text
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def attach_helpfulness(records: RecordSet, max_problems: int = DEFAULT_MAX_PROBLEMS) -> None:
+    """Copy each row's ``chosen_helpfulness``/``rejected_helpfulness`` (numbers) from the file
+    into `records`, in place. The record formats keep only their own fields, so these
+    per-response targets of the helpfulness head are read from the raw rows.
+
+    Raises:
+        ConfigError: no row has the fields. DataError: some rows lack them or hold non-numbers.
+    """
+    fields = AUX_TARGET_FIELDS["helpfulness"]
+    raw = {row.row: row.value for row in read_rows(records.source)}
+    if not any(isinstance(raw.get(row), Mapping) and fields[0] in raw[row] for row in records.rows):
+        raise _missing_field_error(
+            "helpfulness", fields, records, "per-response helpfulness scores, any numbers"
+        )
+    problems: list[RowProblem] = []
+    for record, row in zip(records, records.rows, strict=True):
+        values = raw.get(row) if isinstance(raw.get(row), Mapping) else {}
+        for name in fields:
+            if name not in values:
+                problems.append(RowProblem(records.source, row, name, "missing field"))
+                continue
+            number = _as_number(values[name])
+            if number is None:
+                problems.append(
+                    RowProblem(
+                        records.source, row, name, f"expected a finite number, got {values[name]!r}"
+                    )
+                )
+            record[name] = number
+    if problems:
+        raise DataError(problems[:max_problems], total=len(problems), note="helpfulness targets")
+
+
+def prepare_records(cfg: RewardConfig, records: RecordSet) -> None:
+    """Check that `records` carry what the loss and the aux heads need; attach helpfulness."""
+    for head in cfg.reward_model.aux_heads:
+        if head == "helpfulness":
+            attach_helpfulness(records, cfg.data.max_problems)
+        elif any(AUX_TARGET_FIELDS[head][0] not in record for record in records):
+            raise _missing_field_error(
+                head,
+                AUX_TARGET_FIELDS[head],
+                records,
+                f"format {records.format!r} has no safe/unsafe labels; use safety-preference "
+                "data with data_format=safety_preference",
+            )
+
+
+def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
+    """Load the data, the backbone with its heads and the tokenizer; return a ready trainer."""
+    require_train_file(cfg.data)
+    fmt = cfg.resolved_data_format
+    train_records = load_split(cfg.data, fmt, "train")
+    eval_records = load_split(cfg.data, fmt, "eval")
+    for records in (train_records, eval_records):
+        if records is not None:
+            prepare_records(cfg, records)
+    use_margin = cfg.kind == "reward" and cfg.use_margin and "margin" in train_records[0]
+    if use_margin and eval_records is not None and "margin" not in eval_records[0]:
+        raise ConfigError(
+            f"{cfg.data.train_file} has a margin field but {cfg.data.eval_file} has none: give "
+            "both files margins, or set use_margin=false"
+        )
+    model, tokenizer = load_reward_model(
+        cfg.model.name,
+        head=cfg.reward_model.head,
+        pooling=cfg.reward_model.pooling,
+        aux_heads=tuple(cfg.reward_model.aux_heads),
+        kind=cfg.kind,
+        mlp_dropout=cfg.reward_model.mlp_dropout,
+        dtype=cfg.model.dtype,
+        seed=cfg.seed,
+    )
+    model.train()
+
+    def tokenize(records: RecordSet) -> Any:
+        data = tokenize_preferences(records, tokenizer, cfg.data.max_length, cfg.data.length_policy)
+        log_length_report(data, records.source)
+        return data
+
+    return RewardTrainer(
+        cfg,
+        model,
+        tokenize(train_records),
+        use_margin=use_margin,
+        collate_fn=PreferenceCollator(pad_token_id=tokenizer.pad_token_id),
+        eval_dataset=tokenize(eval_records) if eval_records is not None else None,
+        tokenizer=tokenizer,
+    )
+
+
+def train_reward(cfg: RewardConfig) -> dict[str, Any]:
+    """Train a reward or cost model; returns the run summary."""
+    return build_reward_trainer(cfg).train()

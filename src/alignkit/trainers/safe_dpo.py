@@ -1,0 +1,225 @@
+"""Safe-DPO: DPO on helpfulness, constrained by safety through a Lagrange multiplier (seed 000).
+
+For each pair (helpfulness order: chosen = more helpful):
+
+    loss_H = DPO(chosen, rejected)
+    loss_S = DPO(safer, less safe)                      over pairs with delta_S != 0
+    loss   = (loss_H + lambda * loss_S) / (1 + lambda)  (normalize: false gives the plain sum)
+
+with ``delta_S = safety(chosen) - safety(rejected)`` (> 0: chosen is safer), safety scores from
+the data or from a trained cost model (safety = -cost). After every optimizer step the
+multiplier moves in log space, ``ln lambda += lr * lambda * J_C_ema`` (`ops.LagrangeMultiplier`),
+with the cost estimate of seed 000 (`ops.estimate_cost`):
+
+    J_C = mean(-sign(logp_w - logp_l) * sign(delta_S) * |delta_S|)
+
+J_C > 0 means the policy prefers the less safe response of the pairs, so lambda grows; once the
+policy prefers the safer ones J_C < 0 and lambda shrinks, slowly (log space plus EMA). The old
+rule (``lambda.rule: linear``, ``lambda.cost_estimator: data``: J_C = -mean(delta_S), blind to
+the policy) is kept for comparison.
+
+Logged each step: ``loss_H``, ``loss_S``, ``lambda``, ``J_C`` (the EMA the update uses),
+``delta_S_mean`` and ``log_ratio``, the mean sequence log-ratio log pi/pi_ref of the pair's
+responses. Seed 000 calls the last one "KL", but its responses come from the data, not the
+policy, so it is not a KL estimate (it is often negative) and carries its real name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.errors import ConfigError
+from alignkit.models import load_reward_model
+from alignkit.ops.lagrange import LagrangeMultiplier, estimate_cost, estimate_cost_from_data
+from alignkit.ops.stats import masked_mean
+from alignkit.trainers.common import gather_per_example, split_pairs
+from alignkit.trainers.dpo import (
+    DPOConfig,
+    DPOTrainer,
+    build_preference_trainer,
+    preference_metrics,
+)
+from alignkit.trainers.loop import Metrics
+
+SAFE_DPO_LINE = (
+    "Epoch {epoch_number} step {step} loss_H={loss_H:.4f} loss_S={loss_S:.4f} "
+    "log_ratio={log_ratio:.4f} "
+    "lambda={lambda:.4f} J_C={J_C:.4f} delta_S_mean={delta_S_mean:.4f}"
+)
+
+
+@dataclass
+class LambdaConfig:
+    """The Lagrange multiplier (seed 000)."""
+
+    init: float = field(default=1.0, metadata={"help": "Initial lambda."})
+    lr: float = field(default=0.01, metadata={"help": "Step size alpha of the update."})
+    ema: float = field(default=0.95, metadata={"help": "EMA factor of J_C (log rule)."})
+    min_value: float = field(default=1e-6, metadata={"help": "Floor of lambda."})
+    max_value: float = field(default=10.0, metadata={"help": "Ceiling of lambda."})
+    rule: Literal["log", "linear"] = field(
+        default="log",
+        metadata={"help": "log: ln l += lr*l*J_C_ema (seed 000); linear: l += lr*J_C (old)."},
+    )
+    cost_estimator: Literal["policy", "data"] = field(
+        default="policy",
+        metadata={
+            "help": "policy: J_C from the policy's preference (seed 000); data: -mean(delta_S)."
+        },
+    )
+    preference: Literal["log_ratio", "implicit_reward"] = field(
+        default="log_ratio",
+        metadata={
+            "help": "What sign() reads in J_C: the policy's log-prob difference (seed 000) or "
+            "the implicit-reward difference (log-ratios to the reference)."
+        },
+    )
+
+
+@dataclass
+class SafetyConfig:
+    """Where the safety scores of the two responses come from."""
+
+    source: Literal["data", "cost_model"] = field(
+        default="data",
+        metadata={"help": "data: chosen_safety/rejected_safety fields; cost_model: -cost."},
+    )
+    cost_model: str | None = field(
+        default=None, metadata={"help": "Trained cost model directory (source: cost_model)."}
+    )
+
+
+@dataclass
+class SafeDPOConfig(DPOConfig):
+    """Safe-DPO on safety-preference rows (PKU-SafeRLHF or flattened format)."""
+
+    safety: SafetyConfig = field(default_factory=SafetyConfig, metadata={"help": "Safety."})
+    lambda_: LambdaConfig = field(
+        default_factory=LambdaConfig, metadata={"help": "Lagrange multiplier (YAML: lambda)."}
+    )
+    normalize: bool = field(
+        default=True, metadata={"help": "Divide the total by (1 + lambda), as Safe RLHF does."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.safety.source == "cost_model" and not self.safety.cost_model:
+            raise ConfigError("safety.source=cost_model needs safety.cost_model (a directory)")
+
+
+class SafeDPOTrainer(DPOTrainer):
+    """DPO on helpfulness plus a lambda-weighted DPO on safety; lambda from the seed's update."""
+
+    console_format = SAFE_DPO_LINE
+    progress_metrics = ("loss_H", "loss_S", "lambda", "J_C")
+
+    def __init__(self, config: SafeDPOConfig, model: nn.Module, train: Any, **kw: Any) -> None:
+        super().__init__(config, model, train, **kw)
+        self.config: SafeDPOConfig = config
+        settings = config.lambda_
+        self.multiplier = LagrangeMultiplier(
+            init=settings.init,
+            lr=settings.lr,
+            ema=settings.ema,
+            min_value=settings.min_value,
+            max_value=settings.max_value,
+            rule=settings.rule,
+        )
+        self.register_controller("lambda", self.multiplier)
+
+    def on_train_begin(self) -> None:
+        super().on_train_begin()
+        if self.config.safety.source == "cost_model":
+            self._score_safety_with_cost_model()
+
+    def _score_safety_with_cost_model(self) -> None:
+        path = str(self.config.safety.cost_model)
+        cost_model, cost_tokenizer = load_reward_model(path)
+        if cost_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(
+                f"safety.cost_model {path} uses another tokenizer than the policy; "
+                "train the cost model on the policy's backbone or give safety in the data"
+            )
+        scorer = self.prepare_frozen(cost_model)
+
+        def pair_costs(batch: dict[str, Tensor]) -> Tensor:
+            costs = scorer(batch["input_ids"], attention_mask=batch["attention_mask"]).rewards
+            return torch.stack(split_pairs(costs), dim=-1)
+
+        for data in (self.train_dataset, self.eval_dataset):
+            if data is None:
+                continue
+            table = gather_per_example(self, data, pair_costs, width=2)
+            for example, (cost_chosen, cost_rejected) in zip(data, table.tolist(), strict=True):
+                example["chosen_safety"] = -cost_chosen
+                example["rejected_safety"] = -cost_rejected
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
+        chosen, rejected = self.policy_logps(model, batch)
+        ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+        losses_h, chosen_rewards, rejected_rewards = self.preference_loss(
+            chosen, rejected, ref_chosen, ref_rejected
+        )
+        delta_s = (batch["chosen_safety"] - batch["rejected_safety"]).float()
+        # The safety pair: the safer response wins; pairs with delta_S = 0 carry no order.
+        chosen_safer = delta_s > 0
+        losses_s, _, _ = self.preference_loss(
+            torch.where(chosen_safer, chosen, rejected),
+            torch.where(chosen_safer, rejected, chosen),
+            torch.where(chosen_safer, ref_chosen, ref_rejected),
+            torch.where(chosen_safer, ref_rejected, ref_chosen),
+        )
+        loss_h = losses_h.mean()
+        loss_s = masked_mean(losses_s, delta_s != 0)
+        lam = self.multiplier.value
+        loss = loss_h + lam * loss_s
+        if self.config.normalize:
+            loss = loss / (1.0 + lam)
+        metrics = {
+            "loss_H": loss_h.detach(),
+            "loss_S": loss_s.detach(),
+            "J_C_batch": self._cost_estimate(chosen, rejected, ref_chosen, ref_rejected, delta_s),
+            "delta_S_mean": delta_s.mean(),
+            # Seed 000 prints "KL" here; on the data's responses (not sampled from the policy)
+            # the mean sequence log-ratio log pi/pi_ref is no KL estimate and goes negative, so
+            # it is logged under its own name.
+            "log_ratio": 0.5 * ((chosen - ref_chosen) + (rejected - ref_rejected)).detach().mean(),
+        }
+        metrics.update(preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards))
+        return loss, metrics
+
+    def _cost_estimate(
+        self,
+        chosen: Tensor,
+        rejected: Tensor,
+        ref_chosen: Tensor,
+        ref_rejected: Tensor,
+        delta_s: Tensor,
+    ) -> Tensor:
+        settings = self.config.lambda_
+        if settings.cost_estimator == "data":
+            return estimate_cost_from_data(delta_s)
+        if settings.preference == "implicit_reward":
+            return estimate_cost(chosen - ref_chosen, rejected - ref_rejected, delta_s)
+        return estimate_cost(chosen.detach(), rejected.detach(), delta_s)
+
+    def after_optimizer_step(self, metrics: Any) -> dict[str, float]:
+        lam = self.multiplier.update(metrics["J_C_batch"])
+        return {"lambda": lam, "J_C": float(self.multiplier.j_c_ema)}
+
+
+def build_safe_dpo_trainer(cfg: SafeDPOConfig) -> SafeDPOTrainer:
+    fields = ["chosen_safety", "rejected_safety"]
+    return cast(
+        SafeDPOTrainer,
+        build_preference_trainer(SafeDPOTrainer, cfg, "safety_preference", extra_fields=fields),
+    )
+
+
+def train_safe_dpo(cfg: SafeDPOConfig) -> dict[str, Any]:
+    """Run Safe-DPO; returns the run summary."""
+    return build_safe_dpo_trainer(cfg).train()

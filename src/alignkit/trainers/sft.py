@@ -1,0 +1,81 @@
+"""Supervised fine-tuning: cross-entropy on the completion, the prompt masked out.
+
+Labels are prompt + completion with the prompt part set to -100 (seed 002 §4.2.2, corrected in
+seeds/NOTES.md: the seed builds labels of the prompt's length only). The loss is the mean
+negative log-likelihood over all completion tokens of the batch ("token-mean").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from alignkit.config import TrainConfig
+from alignkit.data import SFTCollator, tokenize_sft
+from alignkit.data.tokenize import IGNORE_INDEX
+from alignkit.ops.logprobs import sequence_logprobs
+from alignkit.ops.stats import masked_mean
+from alignkit.trainers.common import (
+    DataConfig,
+    ModelConfig,
+    load_model_and_tokenizer,
+    load_split,
+    log_length_report,
+    require_train_file,
+)
+from alignkit.trainers.loop import Metrics, Trainer
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on ``{"prompt","completion"}`` or ``{"messages"}`` rows."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "SFT data."})
+
+
+class SFTTrainer(Trainer):
+    """Prompt-masked cross-entropy; logs ``loss`` (mean NLL per completion token)."""
+
+    progress_metrics = ("loss",)
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
+        completion = batch["labels"] != IGNORE_INDEX
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        token_logps = sequence_logprobs(logits, batch["input_ids"], completion)
+        loss = -masked_mean(token_logps, completion)
+        return loss, {}
+
+    def count_tokens(self, batch: Any) -> Tensor:
+        return batch["attention_mask"].sum()
+
+
+def build_sft_trainer(cfg: SFTConfig) -> SFTTrainer:
+    """Load model, tokenizer and data as `cfg` says and return a ready trainer."""
+    require_train_file(cfg.data)
+    train_records = load_split(cfg.data, "sft", "train")
+    eval_records = load_split(cfg.data, "sft", "eval")
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
+
+    def tokenize(records: Any, what: str) -> Any:
+        data = tokenize_sft(records, tokenizer, cfg.data.max_length, cfg.data.length_policy)
+        log_length_report(data, what)
+        return data
+
+    train = tokenize(train_records, cfg.data.train_file)
+    evaluation = tokenize(eval_records, str(cfg.data.eval_file)) if eval_records else None
+    return SFTTrainer(
+        cfg,
+        model,
+        train,
+        collate_fn=SFTCollator(pad_token_id=tokenizer.pad_token_id),
+        eval_dataset=evaluation,
+        tokenizer=tokenizer,
+    )
+
+
+def train_sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Run SFT; returns the run summary."""
+    return build_sft_trainer(cfg).train()
