@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         "train",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
         help=f"Train with one method. Methods: {_METHOD_HELP}.",
+        short_help=f"Train: {', '.join(METHODS)}.",
     )
     def train(
         method: str = typer.Argument(..., help=f"One of: {', '.join(METHODS)}."),
