@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -245,7 +245,7 @@ class RewardTrainer(Trainer):
             margin=pairs["margin"] if self.use_margin else None,
             helpfulness=targets.get("helpfulness"),
             is_safe=targets.get("safety"),
-            task_weights=vars(self.config.reward_model.task_weights),
+            task_weights=asdict(self.config.reward_model.task_weights),
         )
         r_chosen, r_rejected = pairs["chosen"].detach().float(), pairs["rejected"].detach().float()
         metrics = {
@@ -386,11 +386,9 @@ def attach_helpfulness(records: RecordSet, max_problems: int = DEFAULT_MAX_PROBL
                 continue
             number = _as_number(values[name])
             if number is None:
-                problems.append(
-                    RowProblem(
-                        records.source, row, name, f"expected a finite number, got {values[name]!r}"
-                    )
-                )
+                message = f"expected a finite number, got {values[name]!r}"
+                problems.append(RowProblem(records.source, row, name, message))
+                continue
             record[name] = number
     if problems:
         raise DataError(problems[:max_problems], total=len(problems), note="helpfulness targets")
