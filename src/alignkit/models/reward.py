@@ -122,6 +122,13 @@ class RewardModel(nn.Module):
 
     def __init__(self, backbone: PreTrainedModel, config: RewardModelConfig):
         super().__init__()
+        if config.pooling == "cls" and _is_causal(backbone):
+            # In a causal model the first token attends to nothing after it: every row would
+            # get the same reward (measured: held-out accuracy 0.0).
+            raise ConfigError(
+                "pooling 'cls' reads the first token, which in a causal (decoder-only) backbone "
+                "sees no other token; use 'last' (default), 'mean', 'max' or 'attention'"
+            )
         self.backbone = backbone
         self.reward_config = config
         hidden = backbone.config.hidden_size
@@ -353,3 +360,8 @@ def multitask_reward_loss(
         parts[name] = _labelled_mean(losses, target)
     total = sum(weights[name] * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}
+
+
+def _is_causal(backbone: nn.Module) -> bool:
+    """True for decoder-only backbones (their attention layers are marked ``is_causal``)."""
+    return any(getattr(module, "is_causal", None) is True for module in backbone.modules())
