@@ -82,6 +82,12 @@ class DPOConfig(TrainConfig):
             )
         if self.dpo.beta <= 0:
             raise ConfigError("dpo.beta must be > 0")
+        # The loss itself knows which label_smoothing it accepts; asked now, a bad value is a
+        # config error instead of a traceback after the reference pass.
+        try:
+            DPO_LOSSES[self.dpo.kind](torch.zeros(1), self.dpo.beta, self.dpo.label_smoothing)
+        except ValueError as err:
+            raise ConfigError(f"dpo.label_smoothing: {err}") from None
 
 
 class DPOTrainer(Trainer):
