@@ -40,8 +40,12 @@ def register(app: typer.Typer) -> None:
             extra.append(f"resume_from={resume}")
         cfg = load_config(config_class, config, extra)
         summary = entry_point(cfg)
-        Console().print(f"[green]done[/] run directory: {summary['run_dir']}")
-        typer.echo(json.dumps({k: summary[k] for k in ("step", "metrics", "eval") if k in summary}))
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:  # under `accelerate launch`, print once
+            Console(soft_wrap=True).print(f"[green]done[/] run directory: {summary['run_dir']}")
+            keys = ("step", "metrics", "eval")
+            typer.echo(json.dumps({k: summary[k] for k in keys if k in summary}))
 
     models = typer.Typer(help="Fetch and list models usable offline.", no_args_is_help=True)
     app.add_typer(models, name="models")
