@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from alignkit.config import load_config
+from alignkit.config import atomic_write_text, load_config
 from alignkit.data.synthetic import SyntheticTask
 from alignkit.eval import evaluate_synthetic_task
 from alignkit.models import load_policy
@@ -179,7 +179,7 @@ def run_quickstart(
         results.append(result)
 
     _print_report(console, results, out)
-    (out / "quickstart.json").write_text(json.dumps([_as_json(r) for r in results], indent=2))
+    atomic_write_text(out / "quickstart.json", json.dumps([_as_json(r) for r in results], indent=2))
     return results
 
 

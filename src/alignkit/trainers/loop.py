@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -85,7 +86,7 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class Trainer:
+class Trainer(ABC):
     """Base class of offline trainers; subclasses implement :meth:`compute_loss`."""
 
     #: Line printed at each logging step (see LoggingConfig.console_format); None: none.
@@ -127,9 +128,9 @@ class Trainer:
 
     # ----------------------------------------------------------------- hooks to override
 
+    @abstractmethod
     def compute_loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         """The loss to minimise on `batch` and metrics to log (scalars; tensors averaged)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss")
 
     def after_optimizer_step(self, metrics: Mapping[str, Tensor]) -> Metrics | None:
         """Called after each optimizer step with its metrics (0-dim tensors, the mean over
@@ -168,6 +169,7 @@ class Trainer:
 
     def on_train_begin(self) -> None:
         """Called once models, optimizer and loaders are prepared, before any step."""
+        return None  # an optional hook: nothing to do unless a trainer needs it
 
     def checkpoint_models(self) -> dict[str, nn.Module]:
         """Models saved in each checkpoint, as `step-N/<name>/`."""
