@@ -238,3 +238,11 @@ def _config_classes():
 def test_every_shipped_config_field_has_help(cls):
     for f in dataclasses.fields(cls):
         assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_data_subset_sizes_must_be_positive() -> None:
+    from alignkit.trainers.sft import SFTConfig
+
+    assert load_config(SFTConfig, None, ["data.max_eval_examples=7"]).data.max_eval_examples == 7
+    with pytest.raises(ConfigError, match="max_train_examples must be >= 1"):
+        load_config(SFTConfig, None, ["data.max_train_examples=0"])

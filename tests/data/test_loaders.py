@@ -306,3 +306,14 @@ def test_margin_must_be_given_for_every_pair_or_none():
 def test_unknown_format_is_a_programming_error():
     with pytest.raises(ValueError, match="unknown data format"):
         validate_records([PAIR], "pairs")
+
+
+def test_record_set_sample_is_seeded_keeps_file_order_and_row_numbers() -> None:
+    records = RecordSet([{"i": i} for i in range(20)], list(range(2, 22)), "f.jsonl", "sft")
+    first, again, other = records.sample(5, seed=1), records.sample(5, seed=1), records.sample(5, 2)
+    assert [r["i"] for r in first] == [r["i"] for r in again]
+    assert [r["i"] for r in first] != [r["i"] for r in other]
+    indices = [r["i"] for r in first]
+    assert indices == sorted(indices) and len(set(indices)) == 5
+    assert first.rows == [i + 2 for i in indices]  # each record keeps its line number
+    assert records.sample(20, seed=0) is records and records.sample(99, seed=0) is records

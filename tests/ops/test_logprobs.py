@@ -8,7 +8,13 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from alignkit.ops import logprobs
-from alignkit.ops.logprobs import entropy_from_logits, selective_log_softmax, sequence_logprobs
+from alignkit.ops.logprobs import (
+    entropy_from_logits,
+    predicts_scored_mask,
+    selective_log_softmax,
+    sequence_logprobs,
+    sequence_logprobs_at,
+)
 
 
 def naive_selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -256,6 +262,38 @@ def test_sequence_logprobs_rejects_unaligned_logits():
         sequence_logprobs(
             torch.randn(2, 3, 8), torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4)
         )
+
+
+def test_predicts_scored_mask_moves_the_mask_one_position_left():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
+    expected = torch.tensor([[False, True, True, False], [True, False, False, False], [False] * 4])
+    assert torch.equal(predicts_scored_mask(mask), expected)
+
+
+def test_sequence_logprobs_at_selected_rows_equals_the_full_logits_version():
+    batch, time, vocab = 4, 9, 30
+    logits = torch.randn(batch, time, vocab, requires_grad=True)
+    input_ids = torch.randint(0, vocab, (batch, time))
+    positions = torch.arange(time)
+    mask = (positions >= torch.tensor([1, 2, 3, 5])[:, None]) & (
+        positions < torch.tensor([9, 6, 4, 5])[:, None]
+    )
+    input_ids[~mask] = -100
+    selected = logits[predicts_scored_mask(mask)]  # what logits_to_keep=<bool mask> returns
+    result = sequence_logprobs_at(selected, input_ids, mask, chunk_size=2)
+    expected = loop_sequence_logprobs(logits, input_ids, mask)
+    torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+
+    result.sum().backward()
+    reference = logits.detach().clone().requires_grad_()
+    loop_sequence_logprobs(reference, input_ids, mask).sum().backward()
+    torch.testing.assert_close(logits.grad, reference.grad)
+
+
+def test_sequence_logprobs_at_rejects_a_row_count_that_does_not_match_the_mask():
+    mask = torch.tensor([[0, 1, 1]])  # two scored tokens -> two logit rows
+    with pytest.raises(ValueError, match=r"expected \[2, V\] logits"):
+        sequence_logprobs_at(torch.randn(3, 8), torch.zeros(1, 3, dtype=torch.long), mask)
 
 
 # --- entropy_from_logits -----------------------------------------------------------------

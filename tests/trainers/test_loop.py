@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from alignkit.config import TrainConfig, load_config
+from alignkit.config import OptimConfig, TrainConfig, load_config
 from alignkit.errors import CheckpointError, ConfigError
 from alignkit.tracking import (
     TRAINER_STATE_FILE,
@@ -32,6 +32,7 @@ from alignkit.tracking import (
     read_metrics,
 )
 from alignkit.trainers import Trainer, lr_multiplier
+from alignkit.trainers.optim import build_optimizer
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -619,7 +620,7 @@ TRAINING_SCRIPT = textwrap.dedent(
     import os, sys
     import torch
     from torch import nn
-    from alignkit.config import TrainConfig, load_config
+    from alignkit.config import OptimConfig, TrainConfig, load_config
     from alignkit.trainers import Trainer
 
     class Regressor(nn.Module):
@@ -725,3 +726,35 @@ def test_two_processes_match_one_process_with_accumulation_and_resume(tmp_path):
     assert [r["loss"] for r in cut_records] == pytest.approx(two_curve, rel=1e-6)
     state = load_trainer_state(tmp_path / "cut" / "checkpoints" / "step-16")
     assert len(state["rng"]) == 2  # one RNG state per process
+
+
+def test_optimizer_is_fused_adamw_with_decay_on_matrices_only():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1, weight_decay=0.01))
+    assert optimizer.defaults["fused"] is True
+    decays = {len(g["params"]): g["weight_decay"] for g in optimizer.param_groups}
+    assert decays == {1: 0.01, 3: 0.0}  # the Linear weight; its bias and the norm's two
+
+
+def test_fused_adamw_step_equals_the_plain_update():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    plain = nn.Linear(5, 3)
+    plain.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, OptimConfig(lr=0.1, weight_decay=0.01))
+    reference = torch.optim.AdamW(
+        [
+            {"params": [plain.weight], "weight_decay": 0.01},
+            {"params": [plain.bias], "weight_decay": 0.0},
+        ],
+        lr=0.1,
+        foreach=False,
+    )
+    for _ in range(3):
+        x = torch.randn(4, 5)
+        for net, optimizer in ((model, fused), (plain, reference)):
+            optimizer.zero_grad()
+            net(x).square().sum().backward()
+            optimizer.step()
+    torch.testing.assert_close(model.weight, plain.weight)
+    torch.testing.assert_close(model.bias, plain.bias)

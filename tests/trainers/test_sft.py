@@ -81,3 +81,22 @@ def test_sft_trains_on_conversational_rows(task_files, run_settings, tmp_path):
     # Measured: 6.95 -> 5.47 in 12 steps.
     assert len(losses) == 12
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_data_subsets_shrink_the_datasets_and_the_epoch(task_files, run_settings, tmp_path):
+    config = load_config(
+        SFTConfig,
+        None,
+        run_settings(
+            tmp_path,
+            "subset",
+            f"data.train_file={task_files['sft_train']}",
+            f"data.eval_file={task_files['sft_heldout']}",
+            "data.max_train_examples=32",
+            "data.max_eval_examples=8",
+            "examples_per_device=16",
+        ),
+    )
+    trainer = build_sft_trainer(config)
+    assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (32, 8)
+    assert trainer.train()["step"] == 2  # one epoch of 32 rows at 16 per step

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,16 @@ class RecordSet(Sequence[dict[str, Any]]):
 
     def __repr__(self) -> str:
         return f"RecordSet({len(self)} {self.format} records from {self.source})"
+
+    def sample(self, count: int, seed: int) -> RecordSet:
+        """``count`` records drawn without replacement by ``seed``, kept in file order (all of
+        them when ``count >= len(self)``)."""
+        if count >= len(self):
+            return self
+        keep = sorted(random.Random(seed).sample(range(len(self)), count))
+        return RecordSet(
+            [self.records[i] for i in keep], [self.rows[i] for i in keep], self.source, self.format
+        )
 
 
 def _file_error(path: Path | str, message: str) -> DataError:

@@ -31,7 +31,13 @@ from alignkit.ops.lagrange import (
     estimate_cost,
     estimate_cost_from_data,
 )
-from alignkit.ops.logprobs import entropy_from_logits, selective_log_softmax, sequence_logprobs
+from alignkit.ops.logprobs import (
+    entropy_from_logits,
+    predicts_scored_mask,
+    selective_log_softmax,
+    sequence_logprobs,
+    sequence_logprobs_at,
+)
 from alignkit.ops.losses import (
     AGG_MODES,
     aggregate_loss,
@@ -102,6 +108,7 @@ __all__ = [
     "plackett_luce_loss",
     "policy_gradient_loss",
     "ppo_policy_loss",
+    "predicts_scored_mask",
     "progress_terms",
     "register_advantage_estimator",
     "register_dpo_loss",
@@ -112,6 +119,7 @@ __all__ = [
     "rloo_advantages",
     "selective_log_softmax",
     "sequence_logprobs",
+    "sequence_logprobs_at",
     "snr_alpha",
     "value_loss",
 ]

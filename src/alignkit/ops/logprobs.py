@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["entropy_from_logits", "selective_log_softmax", "sequence_logprobs"]
+__all__ = [
+    "entropy_from_logits",
+    "predicts_scored_mask",
+    "selective_log_softmax",
+    "sequence_logprobs",
+    "sequence_logprobs_at",
+]
 
 # Elements (rows x vocab) processed per block when no chunk size is given: 2**24 float32
 # values are 64 MiB per temporary, small next to a model's activations, large enough that the
@@ -187,18 +193,58 @@ def sequence_logprobs(
         )
     # Row t of the logits predicts token t + 1: select the rows whose *next* token is scored
     # and gather that next token, leaving the logits untouched (slicing them would copy).
-    # Position 0 is nobody's next token, so it stays 0 whatever the mask says.
-    predicts_scored = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    predicts_scored[..., :-1] = response_mask[..., 1:] != 0
-    rows = predicts_scored.reshape(-1).nonzero().squeeze(-1)
-    next_ids = input_ids.reshape(-1).index_select(0, rows + 1).long()
+    rows = predicts_scored_mask(response_mask).reshape(-1).nonzero().squeeze(-1)
     flat = _flatten_rows(logits)
     chunk_rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    next_ids = input_ids.reshape(-1).index_select(0, rows + 1).long()
     selected = _SelectiveLogSoftmax.apply(flat, next_ids, rows, chunk_rows)
-    out = torch.zeros(input_ids.numel(), dtype=selected.dtype, device=logits.device)
+    return _place_at_scored(selected, rows, input_ids.shape)
+
+
+def predicts_scored_mask(response_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool, True at ``t`` when token ``t + 1`` is scored: the logit rows that matter.
+
+    ``predicts[b, t] = response_mask[b, t + 1] != 0`` for ``t < T - 1``, and False at ``T - 1``.
+    Position 0 is nobody's next token, so a mask at position 0 selects nothing. A causal LM
+    that is given this mask as ``logits_to_keep`` returns exactly these rows, in row-major
+    order, as ``[N, V]`` logits for :func:`sequence_logprobs_at`.
+    """
+    predicts = torch.zeros(response_mask.shape, dtype=torch.bool, device=response_mask.device)
+    predicts[..., :-1] = response_mask[..., 1:] != 0
+    return predicts
+
+
+def sequence_logprobs_at(
+    selected_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`sequence_logprobs` from only the logit rows that predict a scored token.
+
+    ``selected_logits`` is ``[N, V]``: ``logits[predicts_scored_mask(response_mask)]`` in
+    row-major order, which is what a model computes when it runs its LM head only on those
+    positions (cheaper by the prompt and padding share of the sequence). The result is the same
+    ``[B, T]`` tensor as ``sequence_logprobs(logits, input_ids, response_mask)``.
+    """
+    predicts = predicts_scored_mask(response_mask)
+    rows = predicts.reshape(-1).nonzero().squeeze(-1)
+    if selected_logits.ndim != 2 or selected_logits.shape[0] != rows.shape[0]:
+        raise ValueError(
+            f"expected [{rows.shape[0]}, V] logits (one row per scored token), got "
+            f"{tuple(selected_logits.shape)}"
+        )
+    chunk_rows = _rows_per_chunk(selected_logits.shape[-1], chunk_size)
+    next_ids = input_ids.reshape(-1).index_select(0, rows + 1).long()
+    selected = _SelectiveLogSoftmax.apply(selected_logits, next_ids, None, chunk_rows)
+    return _place_at_scored(selected, rows, input_ids.shape)
+
+
+def _place_at_scored(selected: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    out = torch.zeros(shape.numel(), dtype=selected.dtype, device=selected.device)
     # Row r predicts token r + 1 (never across sequences: the last row of each is unselected).
     out = out.index_put((rows + 1,), selected)
-    return out.view(input_ids.shape)
+    return out.view(shape)
 
 
 def _entropy_terms(block: torch.Tensor, log_normaliser: torch.Tensor):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -13,7 +16,8 @@ from alignkit.data import load_records
 from alignkit.data.loaders import RecordSet
 from alignkit.errors import ConfigError
 from alignkit.models import LoraSettings, load_policy
-from alignkit.ops.logprobs import sequence_logprobs
+from alignkit.models.lora import unwrap_model
+from alignkit.ops.logprobs import predicts_scored_mask, sequence_logprobs, sequence_logprobs_at
 from alignkit.ops.stats import masked_sum
 
 logger = logging.getLogger("alignkit.trainers")
@@ -64,6 +68,20 @@ class DataConfig:
         metadata=_help("Rows over max_length: truncate (keep the prompt's end), drop, or error."),
     )
     max_problems: int = field(default=20, metadata=_help("Bad rows listed before stopping."))
+    max_train_examples: int | None = field(
+        default=None,
+        metadata=_help("Train on a random subset of this many rows (drawn by seed); null: all."),
+    )
+    max_eval_examples: int | None = field(
+        default=None,
+        metadata=_help("Evaluate on a random subset of this many rows (drawn by seed); null: all."),
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or null, got {value}")
 
 
 def require_train_file(data: DataConfig) -> None:
@@ -90,12 +108,22 @@ def load_model_and_tokenizer(model: ModelConfig, seed: int) -> tuple[nn.Module, 
     return policy, tokenizer
 
 
-def load_split(data: DataConfig, fmt: str, split: Literal["train", "eval"]) -> RecordSet | None:
-    """Validated records of the train or eval file (None when no eval file is set)."""
+def load_split(
+    data: DataConfig, fmt: str, split: Literal["train", "eval"], seed: int = 0
+) -> RecordSet | None:
+    """Validated records of the train or eval file (None when no eval file is set), subsampled
+    to ``data.max_{split}_examples`` rows when that is set."""
     path = data.train_file if split == "train" else data.eval_file
     if not path:
         return None
-    return load_records(path, fmt, max_problems=data.max_problems)
+    records = load_records(path, fmt, max_problems=data.max_problems)
+    limit = data.max_train_examples if split == "train" else data.max_eval_examples
+    if limit is not None and limit < len(records):
+        logger.info(
+            "%s: using %d of %d rows (data.max_%s_examples)", path, limit, len(records), split
+        )
+        records = records.sample(limit, seed)
+    return records
 
 
 def log_length_report(tokenized: Any, what: str) -> None:
@@ -111,14 +139,60 @@ def number_examples(examples: Any) -> Any:
     return examples
 
 
-def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Summed log-probs of each row's response tokens, ``[rows]``.
+def token_logprobs(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    scored: Tensor,
+    position_ids: Tensor | None = None,
+) -> Tensor:
+    """``[B, T]`` log-probs of the tokens where ``scored`` is set (0 elsewhere), one forward.
 
-    One forward pass over prompt + response; the logit shift happens in
-    `ops.sequence_logprobs` and only response positions are gathered.
+    Where the model supports it, its LM head runs only on the positions that predict a scored
+    token (``logits_to_keep`` with a boolean mask), so prompt and padding positions never
+    produce ``V``-wide logits; otherwise all logits are computed and the scored rows gathered.
+    Either way the shift is the one in `ops.logprobs`.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    token_logps = sequence_logprobs(logits, batch["input_ids"], batch["response_mask"])
+    inputs: dict[str, Any] = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+    }
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    if selects_logit_rows(model):
+        logits = model(**inputs, logits_to_keep=predicts_scored_mask(scored)).logits
+        return sequence_logprobs_at(logits, batch["input_ids"], scored)
+    logits = model(**inputs).logits
+    return sequence_logprobs(logits, batch["input_ids"], scored)
+
+
+def selects_logit_rows(model: nn.Module) -> bool:
+    """Whether ``model`` takes a boolean ``[B, T]`` ``logits_to_keep`` and returns ``[N, V]``.
+
+    True for transformers' own causal LMs that slice with ``slice_logits_to_keep`` (which
+    gained the boolean form in 5.x); remote-code and other models take the full-logits path.
+    """
+    return _selects_logit_rows(type(_innermost_model(model)))
+
+
+@functools.cache
+def _selects_logit_rows(model_class: type) -> bool:
+    module = sys.modules.get(model_class.__module__)
+    if module is None or not model_class.__module__.startswith("transformers.models."):
+        return False
+    if not hasattr(module, "slice_logits_to_keep"):
+        return False
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def _innermost_model(model: nn.Module) -> nn.Module:
+    model = unwrap_model(model)
+    get_base_model = getattr(model, "get_base_model", None)  # peft wrappers
+    return get_base_model() if callable(get_base_model) else model
+
+
+def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Summed log-probs of each row's response tokens, ``[rows]``, from one forward pass."""
+    token_logps = token_logprobs(model, batch, batch["response_mask"])
     return masked_sum(token_logps, batch["response_mask"], dim=-1)
 
 

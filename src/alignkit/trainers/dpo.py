@@ -235,8 +235,8 @@ def build_preference_trainer(
 ) -> DPOTrainer:
     """Load model and data for a DPO-family trainer and return it ready to train."""
     require_train_file(cfg.data)
-    train_records = load_split(cfg.data, fmt, "train")
-    eval_records = load_split(cfg.data, fmt, "eval")
+    train_records = load_split(cfg.data, fmt, "train", cfg.seed)
+    eval_records = load_split(cfg.data, fmt, "eval", cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
     train = tokenize_pairs(train_records, tokenizer, cfg.data, cfg.data.train_file, extra_fields)
     evaluation = (

@@ -413,8 +413,8 @@ def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
     """Load the data, the backbone with its heads and the tokenizer; return a ready trainer."""
     require_train_file(cfg.data)
     fmt = cfg.resolved_data_format
-    train_records = load_split(cfg.data, fmt, "train")
-    eval_records = load_split(cfg.data, fmt, "eval")
+    train_records = load_split(cfg.data, fmt, "train", cfg.seed)
+    eval_records = load_split(cfg.data, fmt, "eval", cfg.seed)
     for records in (train_records, eval_records):
         if records is not None:
             prepare_records(cfg, records)

@@ -16,7 +16,6 @@ from alignkit.config import TrainConfig
 from alignkit.data import SFTCollator, tokenize_sft
 from alignkit.data.packing import PackedSFTCollator, pack_examples
 from alignkit.data.tokenize import IGNORE_INDEX
-from alignkit.ops.logprobs import sequence_logprobs
 from alignkit.ops.stats import masked_mean
 from alignkit.trainers.common import (
     DataConfig,
@@ -25,6 +24,7 @@ from alignkit.trainers.common import (
     load_split,
     log_length_report,
     require_train_file,
+    token_logprobs,
 )
 from alignkit.trainers.loop import Metrics, Trainer
 
@@ -51,12 +51,8 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         completion = batch["labels"] != IGNORE_INDEX
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),  # packed rows restart positions per example
-        ).logits
-        token_logps = sequence_logprobs(logits, batch["input_ids"], completion)
+        # Packed rows restart positions per example.
+        token_logps = token_logprobs(model, batch, completion, batch.get("position_ids"))
         loss = -masked_mean(token_logps, completion)
         return loss, {}
 
@@ -69,8 +65,8 @@ class SFTTrainer(Trainer):
 def build_sft_trainer(cfg: SFTConfig) -> SFTTrainer:
     """Load model, tokenizer and data as `cfg` says and return a ready trainer."""
     require_train_file(cfg.data)
-    train_records = load_split(cfg.data, "sft", "train")
-    eval_records = load_split(cfg.data, "sft", "eval")
+    train_records = load_split(cfg.data, "sft", "train", cfg.seed)
+    eval_records = load_split(cfg.data, "sft", "eval", cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
 
     def tokenize(records: Any, what: str) -> Any:
