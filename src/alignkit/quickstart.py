@@ -8,6 +8,7 @@ ordinary run directory (config, metrics, checkpoints, plots) that `alignkit trai
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,16 +31,27 @@ from alignkit.trainers.sft import SFTConfig, build_sft_trainer
 
 @dataclass(frozen=True)
 class StageSettings:
-    """Overrides of one stage, per model size."""
+    """Overrides of each stage for one model size, and how many held-out prompts are judged."""
 
     sft: tuple[str, ...]
     dpo: tuple[str, ...]
     safe_dpo: tuple[str, ...]
     max_length: int
+    judged_prompts: int | None = None  # None: all 96
 
 
-# The tiny preset learns the task in seconds with a high learning rate; a real 135M model
-# needs the usual small one and fewer epochs.
+# The tiny preset learns the task in seconds with a high learning rate. A real 135M model
+# needs the usual small learning rate, and is about 100x slower per token on a CPU: it gets one
+# SFT epoch and 24 preference steps on a random subset of the pairs (it reaches held-out DPO
+# accuracy 1.0 within 8 steps at lr 5e-6), so the whole run stays near ten minutes.
+_PREFERENCE_PRETRAINED = (
+    "epochs=1",
+    "examples_per_device=8",
+    "data.max_train_examples=192",
+    "data.max_eval_examples=96",
+    "optim.lr=5e-6",
+    "dpo.beta=0.1",
+)
 PRESETS: dict[str, StageSettings] = {
     "tiny": StageSettings(
         sft=(
@@ -57,25 +69,15 @@ PRESETS: dict[str, StageSettings] = {
         sft=(
             "epochs=1",
             "examples_per_device=8",
+            "data.max_eval_examples=48",
             "optim.lr=3e-5",
             "optim.schedule=cosine",
             "optim.warmup_ratio=0.05",
         ),
-        dpo=(
-            "epochs=1",
-            "examples_per_device=4",
-            "grad_accum_steps=2",
-            "optim.lr=2e-6",
-            "dpo.beta=0.1",
-        ),
-        safe_dpo=(
-            "epochs=1",
-            "examples_per_device=4",
-            "grad_accum_steps=2",
-            "optim.lr=2e-6",
-            "dpo.beta=0.1",
-        ),
+        dpo=_PREFERENCE_PRETRAINED,
+        safe_dpo=_PREFERENCE_PRETRAINED,
         max_length=160,
+        judged_prompts=48,
     ),
 }
 
@@ -104,6 +106,9 @@ def run_quickstart(
     task = SyntheticTask(seed=seed)
     files = task.write(out / "data")
     prompts = task.prompts("heldout")
+    if preset.judged_prompts is not None and preset.judged_prompts < len(prompts):
+        chosen = sorted(random.Random(seed).sample(range(len(prompts)), preset.judged_prompts))
+        prompts = [prompts[i] for i in chosen]
     common = [
         f"output_dir={out}",
         f"seed={seed}",

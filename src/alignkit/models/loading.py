@@ -191,10 +191,19 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 def load_pretrained(auto_class: Any, location: str, dtype: torch.dtype | str) -> PreTrainedModel:
     """``auto_class.from_pretrained`` offline, with loading problems raised as ModelError."""
+    from transformers.utils import logging as transformers_logging
+
+    # A local load takes about a second; transformers' per-tensor bar would only add noise
+    # between our own progress bars.
+    bars_were_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         return auto_class.from_pretrained(location, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"could not load a model from {location}: {err}") from None
+    finally:
+        if bars_were_on:
+            transformers_logging.enable_progress_bar()
 
 
 def lora_adapter_dir(resolved: ResolvedModel) -> Path | None:

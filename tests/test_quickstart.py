@@ -1,0 +1,40 @@
+"""The quickstart's plumbing on a few steps (`make quickstart` runs the full recipe)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from rich.console import Console
+
+from alignkit import quickstart
+from alignkit.quickstart import StageSettings, run_quickstart
+
+FEW_STEPS = StageSettings(
+    sft=("max_steps=3", "examples_per_device=8", "optim.lr=5e-3", "data.max_eval_examples=8"),
+    dpo=("max_steps=2", "examples_per_device=4", "data.max_train_examples=8",
+         "data.max_eval_examples=8", "optim.lr=1e-3"),
+    safe_dpo=("max_steps=2", "examples_per_device=4", "data.max_train_examples=8",
+              "data.max_eval_examples=8", "optim.lr=1e-3"),
+    max_length=128,
+    judged_prompts=6,
+)  # fmt: skip
+
+
+def test_quickstart_runs_three_stages_and_writes_its_report(tmp_path, monkeypatch):
+    monkeypatch.setitem(quickstart.PRESETS, "tiny", FEW_STEPS)
+    output = io.StringIO()
+    results = run_quickstart(tmp_path / "qs", console=Console(file=output, width=120))
+
+    assert [r.name for r in results] == ["untrained", "SFT", "DPO", "Safe-DPO"]
+    assert all(r.metrics["n_benign"] + r.metrics["n_harmful"] == 6 for r in results)
+    for stage in ("sft", "dpo", "safe-dpo"):
+        assert (tmp_path / "qs" / stage / "summary.json").is_file()
+    start, high, low, end = results[-1].lambda_trajectory
+    assert start == 1.0 and low <= end <= high
+
+    saved = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
+    assert [s["stage"] for s in saved] == ["untrained", "SFT", "DPO", "Safe-DPO"]
+    assert saved[2]["preference_accuracy"] == results[2].preference_accuracy
+    report = output.getvalue()
+    assert "Safe-DPO lambda: start 1.000" in report and "quickstart.json" in report
