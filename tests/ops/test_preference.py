@@ -13,6 +13,7 @@ from alignkit.ops import losses
 from alignkit.ops.preference import (
     DPO_LOSSES,
     dpo_loss,
+    length_normalized_nll,
     plackett_luce_loss,
     register_dpo_loss,
     reward_model_loss,
@@ -277,3 +278,21 @@ def test_cost_model_loss_gradient_pushes_unsafe_costs_up() -> None:
     )
     (pairwise + sign).sum().backward()
     assert c_r.grad.item() < 0 < c_c.grad.item()  # descent raises the unsafe cost, lowers safe
+
+
+def test_length_normalized_nll_by_hand_and_its_gradient() -> None:
+    summed = torch.tensor([-6.0, -1.5, 0.0], requires_grad=True)
+    counts = torch.tensor([3, 2, 0])
+    nll = length_normalized_nll(summed, counts)
+    # 6/3, 1.5/2, and an empty response counts as one token: 0.
+    torch.testing.assert_close(nll, torch.tensor([2.0, 0.75, 0.0]))
+    nll.sum().backward()
+    # Descent raises the winner's log-prob, by 1/|y| per unit of loss.
+    torch.testing.assert_close(summed.grad, torch.tensor([-1 / 3, -0.5, -1.0]))
+
+
+def test_length_normalized_nll_upcasts_and_checks_shapes() -> None:
+    half = length_normalized_nll(torch.tensor([-3.0], dtype=torch.bfloat16), torch.tensor([2]))
+    assert half.dtype == torch.float32 and half.item() == 1.5
+    with pytest.raises(ValueError, match="token_counts has shape"):
+        length_normalized_nll(torch.zeros(2), torch.ones(3))

@@ -18,6 +18,7 @@ import alignkit.trainers.dpo as dpo_module
 from alignkit.config import load_config
 from alignkit.errors import ConfigError
 from alignkit.models import load_policy
+from alignkit.ops.preference import dpo_loss
 from alignkit.tracking import read_metrics
 from alignkit.trainers.common import response_logps, split_pairs
 from alignkit.trainers.dpo import (
@@ -249,3 +250,69 @@ def test_label_smoothing_on_a_loss_without_it_is_a_config_error(kind):
 def test_unknown_dpo_kind_is_a_config_error():
     with pytest.raises(ConfigError, match="valid: sigmoid, ipo, hinge, robust"):
         load_config(DPOConfig, None, ["dpo.kind=sigmod"])
+
+
+def test_nll_weight_adds_the_per_token_nll_of_the_chosen_response(
+    sft_run, head_of, run_settings, tmp_path
+):
+    config = dpo_config(
+        run_settings,
+        tmp_path,
+        "rpo",
+        sft_run.model_dir,
+        f"data.train_file={head_of('preference_train', 8)}",
+        "dpo.nll_weight=0.5",
+    )
+    trainer = build_dpo_trainer(config)
+    examples = [trainer.train_dataset[i] for i in range(4)]
+    for example, (ref_chosen, ref_rejected) in zip(
+        examples, [(-20.0, -25.0), (-30.0, -10.0), (-15.0, -15.0), (-40.0, -35.0)], strict=True
+    ):
+        example["ref_chosen_logp"], example["ref_rejected_logp"] = ref_chosen, ref_rejected
+    batch = trainer.collate_fn(examples)
+    loss, metrics = trainer.compute_loss(trainer.model, batch)
+
+    with torch.no_grad():
+        chosen, rejected = split_pairs(response_logps(trainer.model, batch))
+    dpo, _, _ = dpo_loss(
+        chosen, rejected, batch["ref_chosen_logp"], batch["ref_rejected_logp"], beta=0.1
+    )
+    # Token counts straight from the tokenised examples, not from the batch's masks.
+    chosen_lengths = torch.tensor([float(len(e["chosen_ids"])) for e in examples])
+    nll = -chosen / chosen_lengths
+    torch.testing.assert_close(loss.detach(), (dpo + 0.5 * nll).mean())
+    torch.testing.assert_close(metrics["nll_loss"], nll.mean())
+    assert 0.5 < metrics["nll_loss"].item() < 10  # a trained model's per-token NLL, in nats
+
+
+def test_nll_weight_keeps_the_chosen_log_prob_from_falling(
+    sft_run, head_of, run_settings, tmp_path
+):
+    def run(name: str, *overrides: str) -> dict[str, float]:
+        config = dpo_config(
+            run_settings,
+            tmp_path,
+            name,
+            sft_run.model_dir,
+            f"data.train_file={head_of('preference_train', 80)}",
+            f"data.eval_file={head_of('preference_heldout', 48)}",
+            "max_steps=10",
+            "logging.every=10",
+            *overrides,
+        )
+        return build_dpo_trainer(config).train()["eval"]
+
+    plain = run("plain")
+    rpo = run("rpo", "dpo.nll_weight=1.0")
+    # Measured on 48 held-out pairs after 10 steps: plain DPO widens the margin partly by
+    # lowering the chosen response (implicit reward -0.79, i.e. -7.9 nats), RPO barely lowers
+    # it (-0.11) and still separates the pairs (accuracy 0.94, margin 2.4).
+    assert plain["eval/rewards/chosen"] < -0.4
+    assert rpo["eval/rewards/chosen"] > plain["eval/rewards/chosen"] + 0.4
+    assert rpo["eval/rewards/margins"] > 1.0
+    assert rpo["eval/rewards/accuracies"] >= 0.85
+
+
+def test_negative_nll_weight_is_a_config_error():
+    with pytest.raises(ConfigError, match="nll_weight"):
+        load_config(DPOConfig, None, ["dpo.nll_weight=-1"])

@@ -24,8 +24,9 @@ from rich.console import Console
 
 from alignkit.config import load_config
 from alignkit.models import load_reward_model
+from alignkit.ops.preference import dpo_loss
 from alignkit.tracking import latest_checkpoint, load_trainer_state, read_metrics
-from alignkit.trainers.common import split_pairs
+from alignkit.trainers.common import response_logps, split_pairs
 from alignkit.trainers.reward import RewardConfig, train_reward
 from alignkit.trainers.safe_dpo import SafeDPOConfig, SafeDPOTrainer, build_safe_dpo_trainer
 
@@ -293,3 +294,45 @@ def test_safety_scores_from_a_trained_cost_model(
     assert sum(agree) >= 0.9 * len(mixed)
     records = read_metrics(config.run_dir / "metrics.jsonl")
     assert len(records) == 4 and all(set(r) >= SEED_FIELDS for r in records)
+
+
+def test_nll_weight_adds_each_terms_nll_on_its_own_winner(head_of, sft_run, run_settings, tmp_path):
+    config = safe_dpo_config(
+        run_settings,
+        tmp_path,
+        "safe-rpo",
+        f"model.name={sft_run.model_dir}",
+        f"data.train_file={head_of('safety_train', 8)}",
+        "dpo.nll_weight=0.5",
+        "lambda.init=2.0",
+    )
+    trainer = build_safe_dpo_trainer(config)
+    examples = [trainer.train_dataset[i] for i in range(4)]
+    # Chosen safer, rejected safer, a tie (no safety order), chosen safer.
+    safety = [(1.0, -1.0), (-1.0, 1.0), (0.0, 0.0), (0.5, 0.0)]
+    refs = [(-20.0, -25.0), (-30.0, -10.0), (-15.0, -15.0), (-40.0, -35.0)]
+    for example, (safe_c, safe_r), (ref_c, ref_r) in zip(examples, safety, refs, strict=True):
+        example["chosen_safety"], example["rejected_safety"] = safe_c, safe_r
+        example["ref_chosen_logp"], example["ref_rejected_logp"] = ref_c, ref_r
+    batch = trainer.collate_fn(examples)
+    loss, metrics = trainer.compute_loss(trainer.model, batch)
+
+    with torch.no_grad():
+        chosen, rejected = split_pairs(response_logps(trainer.model, batch))
+    ref_chosen = torch.tensor([r[0] for r in refs])
+    ref_rejected = torch.tensor([r[1] for r in refs])
+    lengths_c = torch.tensor([float(len(e["chosen_ids"])) for e in examples])
+    lengths_r = torch.tensor([float(len(e["rejected_ids"])) for e in examples])
+    dpo_h = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)[0]
+    loss_h = (dpo_h - 0.5 * chosen / lengths_c).mean()
+    # The safety pairs by hand: pairs 0 and 3 keep their order, pair 1 is swapped, 2 is out.
+    safer = torch.stack([chosen[0], rejected[1], chosen[3]])
+    riskier = torch.stack([rejected[0], chosen[1], rejected[3]])
+    ref_safer = torch.tensor([-20.0, -10.0, -40.0])
+    ref_riskier = torch.tensor([-25.0, -30.0, -35.0])
+    dpo_s = dpo_loss(safer, riskier, ref_safer, ref_riskier, beta=0.1)[0]
+    nll_s = -safer / torch.stack([lengths_c[0], lengths_r[1], lengths_c[3]])
+    loss_s = (dpo_s + 0.5 * nll_s).mean()
+    torch.testing.assert_close(loss.detach(), (loss_h + 2.0 * loss_s) / 3.0)
+    torch.testing.assert_close(metrics["loss_S"], loss_s)
+    torch.testing.assert_close(metrics["nll_loss_S"], nll_s.mean())

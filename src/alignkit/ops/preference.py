@@ -21,6 +21,7 @@ __all__ = [
     "REWARD_LOSSES",
     "cost_model_loss",
     "dpo_loss",
+    "length_normalized_nll",
     "plackett_luce_loss",
     "register_dpo_loss",
     "reward_model_loss",
@@ -156,6 +157,27 @@ def dpo_loss(
     rejected_logratios = _upcast(policy_rejected_logps) - _upcast(ref_rejected_logps)
     losses = DPO_LOSSES[kind](chosen_logratios - rejected_logratios, beta, label_smoothing)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def length_normalized_nll(summed_logps: Tensor, token_counts: Tensor) -> Tensor:
+    """Per-token negative log-likelihood of each response, per example: ``-log pi(y|x) / |y|``.
+
+    The NLL term of RPO (Pang et al. 2024, https://arxiv.org/abs/2404.19733, eq. 4): added to a
+    DPO loss on the winning response, ``loss = dpo + alpha * nll``, it stops DPO from meeting its
+    margins by lowering the winner's likelihood along with the loser's. Dividing by the length
+    keeps long and short winners on one scale. A response with no tokens has NLL 0.
+
+    Args:
+        summed_logps: summed log-probs of each response, ``[B]``.
+        token_counts: number of response tokens of each, ``[B]`` (integer or float).
+    """
+    if summed_logps.shape != token_counts.shape:
+        raise ValueError(
+            f"token_counts has shape {tuple(token_counts.shape)}, "
+            f"expected {tuple(summed_logps.shape)}"
+        )
+    counts = token_counts.to(_upcast(summed_logps).dtype)
+    return -_upcast(summed_logps) / counts.clamp(min=1.0)
 
 
 def _register_reward_loss(name: str) -> Callable[[RewardLossFn], RewardLossFn]:

@@ -25,7 +25,7 @@ from alignkit.config import TrainConfig
 from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.errors import ConfigError
 from alignkit.models import disabled_adapter, has_adapter, load_policy
-from alignkit.ops.preference import DPO_LOSSES, dpo_loss
+from alignkit.ops.preference import DPO_LOSSES, dpo_loss, length_normalized_nll
 from alignkit.trainers.common import (
     DataConfig,
     ModelConfig,
@@ -57,6 +57,13 @@ class DPOLossConfig:
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Label noise epsilon for sigmoid (cDPO) and robust."}
     )
+    nll_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "RPO alpha: adds alpha * per-token NLL of the winning response to each "
+            "pair's loss (0: plain DPO), so DPO cannot widen margins by lowering both."
+        },
+    )
 
 
 @dataclass
@@ -82,6 +89,8 @@ class DPOConfig(TrainConfig):
             )
         if self.dpo.beta <= 0:
             raise ConfigError("dpo.beta must be > 0")
+        if self.dpo.nll_weight < 0:
+            raise ConfigError("dpo.nll_weight must be >= 0")
         # The loss itself knows which label_smoothing it accepts; asked now, a bad value is a
         # config error instead of a traceback after the reference pass.
         try:
@@ -165,7 +174,13 @@ class DPOTrainer(Trainer):
         losses, chosen_rewards, rejected_rewards = self.preference_loss(
             chosen, rejected, batch["ref_chosen_logp"], batch["ref_rejected_logp"]
         )
-        return losses.mean(), preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards)
+        metrics = preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards)
+        if self.config.dpo.nll_weight > 0:
+            chosen_lengths, _ = response_lengths(batch)
+            nll = length_normalized_nll(chosen, chosen_lengths)
+            losses = losses + self.config.dpo.nll_weight * nll
+            metrics["nll_loss"] = nll.detach().mean()
+        return losses.mean(), metrics
 
     def preference_loss(
         self, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor
@@ -200,6 +215,11 @@ def preference_metrics(
         "logps/chosen": chosen.detach().mean(),
         "logps/rejected": rejected.detach().mean(),
     }
+
+
+def response_lengths(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Response token counts of the chosen and rejected rows, ``[B]`` each."""
+    return split_pairs(batch["response_mask"].sum(dim=-1))
 
 
 def _read_cache(path: Path, fingerprint: str) -> dict[str, Tensor] | None:
