@@ -113,7 +113,7 @@ def run_quickstart(
         f"output_dir={out}",
         f"seed={seed}",
         "overwrite=true",
-        "logging.every=20",
+        "logging.every=4",  # dense enough for the plots and the lambda summary
         f"data.max_length={preset.max_length}",
     ]
     results: list[StageResult] = []

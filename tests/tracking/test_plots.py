@@ -9,7 +9,7 @@ import matplotlib
 import pytest
 
 from alignkit.errors import ConfigError
-from alignkit.tracking.plots import ema, plot_metrics
+from alignkit.tracking.plots import ema, plot_metrics, stacked_panels
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,3 +76,25 @@ def test_ema_keeps_a_constant_curve_constant_and_smooths_noise():
     smoothed = ema(noisy)
     assert max(abs(v) for v in smoothed[20:]) < 0.2
     assert smoothed[0] == 1.0  # debiased: the first point is the first value
+
+
+def test_stacked_panels_share_an_axis_with_eval_twins_and_per_batch_values():
+    names = ["J_C_batch", "delta_S_mean", "lambda", "J_C", "eval/delta_S_mean", "eval/kl"]
+    assert stacked_panels(names) == [
+        ["J_C", "J_C_batch"],  # the controller's EMA names the axis; the raw batches go under it
+        ["delta_S_mean", "eval/delta_S_mean"],
+        ["lambda"],
+        ["eval/kl"],  # an eval metric without its training twin keeps an axis of its own
+    ]
+    assert stacked_panels(["J_C_batch"]) == [["J_C_batch"]]
+    ordered = stacked_panels(names, order=("lambda", "J_C"))
+    assert [panel[0] for panel in ordered] == ["lambda", "J_C", "delta_S_mean", "eval/kl"]
+
+
+def test_lambda_figure_holds_j_c_batch_instead_of_a_figure_of_its_own(tmp_path, metrics_file):
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    with metrics_file.open("w") as handle:
+        for record in records:
+            handle.write(json.dumps({**record, "J_C_batch": record["J_C"] + 0.1}) + "\n")
+    written = {p.name for p in plot_metrics(metrics_file, tmp_path)}
+    assert "lambda.png" in written and "J_C_batch.png" not in written

@@ -2,9 +2,11 @@
 
 Groups: losses (`loss`, `loss_H`, `loss_S` with their `eval/` twins) on one axis, implicit
 rewards on one axis, accuracies, log-probs, KL, the Lagrange multiplier with its constraint
-(`lambda`, `J_C`, `delta_S_mean`, stacked), learning rate, gradient norm, throughput; any
-other metric is grouped by its prefix (`actor/...`). Noisy curves are drawn faint with an
-exponential moving average on top. Figures are drawn with matplotlib's object API and the
+(`lambda`, `J_C` with its per-batch `J_C_batch`, `delta_S_mean`, stacked), learning rate,
+gradient norm, throughput; any other metric is grouped by its prefix (`actor/...`). In a stacked
+figure a metric's `eval/` twin shares its axis. Noisy curves are drawn faint with an
+exponential moving average on top; controller state (lambda, the J_C EMA it reads) is drawn
+as it is. Figures are drawn with matplotlib's object API and the
 Agg canvas, so plotting never changes the caller's matplotlib backend.
 """
 
@@ -29,6 +31,7 @@ class _Group:
     title: str
     pattern: str  # matched against the name without its `eval/` prefix
     overlay: bool  # True: one shared axis; False: one stacked axis per metric
+    order: tuple[str, ...] = ()  # stacked axes top to bottom; others follow as they appear
 
 
 _GROUPS = (
@@ -40,8 +43,9 @@ _GROUPS = (
     _Group(
         "lambda",
         "Lagrange multiplier and safety constraint",
-        r"^(lambda|J_C|delta_S_mean)$",
+        r"^(lambda|J_C|J_C_batch|delta_S_mean)$",
         overlay=False,
+        order=("lambda", "J_C", "delta_S_mean"),
     ),
     _Group("lr", "Learning rate", r"^lr$", overlay=True),
     _Group("grad_norm", "Gradient norm (before clipping)", r"^grad_norm$", overlay=True),
@@ -49,7 +53,9 @@ _GROUPS = (
 )
 
 # Values a controller or schedule sets (not per-batch estimates): drawn as they are.
-_STATE_METRICS = {"lambda", "lr", "kl/coef"}
+_STATE_METRICS = {"lambda", "J_C", "lr", "kl/coef"}
+# A per-batch value drawn faintly on the axis of the smoothed value a controller keeps of it.
+_DRAWN_WITH = {"J_C_batch": "J_C"}
 # Metrics whose sign is what matters get a line at 0 (J_C > 0: constraint violated).
 _ZERO_LINES = {"J_C": "constraint boundary (J_C = 0)", "delta_S_mean": None}
 
@@ -122,7 +128,7 @@ def _group(series: dict) -> list[tuple[_Group, list[str]]]:
 def _draw(group: _Group, series: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    panels = [list(series)] if group.overlay else [[name] for name in series]
+    panels = [list(series)] if group.overlay else stacked_panels(list(series), group.order)
     height = 3.8 if len(panels) == 1 else 1.2 + 2.2 * len(panels)
     fig = Figure(figsize=(7.0, height), dpi=110)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
@@ -133,7 +139,10 @@ def _draw(group: _Group, series: dict[str, tuple[list[float], list[float]]], pat
             if name in _ZERO_LINES:
                 ax.axhline(0.0, color="grey", linestyle="--", linewidth=1, label=_ZERO_LINES[name])
         ax.grid(True, alpha=0.3)
-        ax.set_ylabel(_LABELS.get(panel[0], panel[0]) if len(panel) == 1 else "value")
+        if group.overlay and len(panel) > 1:
+            ax.set_ylabel("value")
+        else:
+            ax.set_ylabel(_LABELS.get(panel[0], panel[0].removeprefix("eval/")))
         ax.legend(fontsize="small", loc="best")
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle(group.title)
@@ -141,7 +150,31 @@ def _draw(group: _Group, series: dict[str, tuple[list[float], list[float]]], pat
     fig.savefig(path, format="png")
 
 
+def stacked_panels(names: Sequence[str], order: Sequence[str] = ()) -> list[list[str]]:
+    """One axis per metric of a stacked figure, shared by its `eval/` twin and by the
+    per-batch values drawn with it (``J_C_batch`` on ``J_C``'s axis); axes of the metrics in
+    `order` first, in that order, then the others as they appear in `names`.
+
+    A twin or companion whose metric is not plotted gets an axis of its own.
+    """
+    present = set(names)
+    panels: dict[str, list[str]] = {}
+    for name in names:
+        base = name.removeprefix("eval/")
+        host = _DRAWN_WITH.get(base, base)
+        key = host if host in present or f"eval/{host}" in present else base
+        panels.setdefault(key, []).append(name)
+    for members in panels.values():  # the host's own curve first: it names the axis
+        members.sort(key=lambda n: (n.startswith("eval/"), n.removeprefix("eval/") in _DRAWN_WITH))
+    rank = {name: i for i, name in enumerate(order)}
+    keys = sorted(panels, key=lambda key: rank.get(key, len(rank)))  # stable: others keep order
+    return [panels[key] for key in keys]
+
+
 def _draw_curve(ax, name: str, steps: list[float], values: list[float], smooth: bool) -> None:
+    if name in _DRAWN_WITH:
+        ax.plot(steps, values, alpha=0.35, linewidth=1, label=name)
+        return
     sparse = name.startswith("eval/") or len(values) < 3
     if sparse:
         ax.plot(steps, values, marker="o", label=name)
