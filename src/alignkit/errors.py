@@ -37,7 +37,14 @@ class RowProblem:
     field: str
     message: str
 
+    @property
+    def whole_file(self) -> bool:
+        """A problem with the file itself (missing, unreadable, empty), not with one row."""
+        return self.row == 0
+
     def __str__(self) -> str:
+        if self.whole_file:
+            return f"{self.file}: {self.message}"
         return f"{self.file}:{self.row}: field '{self.field}': {self.message}"
 
 
@@ -51,5 +58,8 @@ class DataError(AlignkitError):
         more = self.total - len(self.problems)
         if more > 0:
             lines.append(f"... and {more} more problem(s)")
+        if self.total == 1 and self.problems[0].whole_file:
+            super().__init__(lines[0] + (f" ({note})" if note else ""))
+            return
         header = f"{self.total} invalid row(s)" + (f" ({note})" if note else "")
         super().__init__(header + ":\n" + "\n".join("  " + line for line in lines))

@@ -79,6 +79,8 @@ def test_file_level_problems_raise_data_error_with_exit_code_2(tmp_path, name, c
         load_records(path, "prompt")
     assert isinstance(info.value, AlignkitError) and info.value.exit_code == 2
     assert info.value.problems[0].row == 0
+    # A problem with the whole file reads as one line about the file, not as a bad row.
+    assert str(info.value).startswith(f"{path}: ") and "invalid row" not in str(info.value)
 
 
 def test_plain_directory_is_not_a_dataset(tmp_path):
