@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 
 from alignkit.cli import main
 from alignkit.cli.ops_check import run_checks
+from alignkit.data.synthetic import SyntheticTask
 
 
 def test_help_lists_ops_check(capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,3 +50,16 @@ def test_check_result_fails_outside_tolerance() -> None:
     assert CheckResult("x", 1.0, 1.0, 0.0).ok
     assert not CheckResult("x", 1.1, 1.0, 0.05).ok
     assert not CheckResult("x", float("nan"), 1.0, 1.0).ok
+
+
+def test_data_synthetic_writes_the_files_the_examples_read(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "synthetic", "--out", str(tmp_path / "data"), "--seed", "3"])
+    assert exit_info.value.code in (0, None)
+    assert "wrote 16 files" in capsys.readouterr().out
+    examples = Path(__file__).parents[2] / "examples"
+    for config in examples.glob("*.yaml"):
+        for name in re.findall(r"data/(\w+\.jsonl)", config.read_text()):
+            assert (tmp_path / "data" / name).is_file(), (config.name, name)
+    written = (tmp_path / "data" / "preference_train.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in written] == SyntheticTask(3).preference_rows("train")

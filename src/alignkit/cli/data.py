@@ -1,0 +1,29 @@
+"""`alignkit data synthetic`: write the bundled "assistant safety" task as JSONL files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+
+def register(app: typer.Typer) -> None:
+    data = typer.Typer(help="Data tools: write the bundled synthetic task.", no_args_is_help=True)
+    app.add_typer(data, name="data")
+
+    @data.command("synthetic")
+    def synthetic(
+        out: Path = typer.Option(Path("data"), help="Directory to write the files into."),
+        seed: int = typer.Option(0, help="Seed of prompts, answers and pairings."),
+    ) -> None:
+        """Write every file of the synthetic task (SFT, preference, safety, prompts, ratings),
+        train and held-out splits; examples/*.yaml read them from data/."""
+        from alignkit.data.synthetic import write_task
+
+        paths = write_task(out, seed=seed)
+        console = Console(soft_wrap=True)
+        for path in paths.values():
+            rows = path.read_text(encoding="utf-8").count("\n")
+            console.print(f"{path}  {rows} rows", highlight=False)
+        console.print(f"[green]wrote[/] {len(paths)} files into {out}")
