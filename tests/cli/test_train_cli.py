@@ -128,6 +128,16 @@ def test_train_dpo_with_overrides_runs_end_to_end_and_resumes(data, tmp_path, ca
     assert train([*args, "max_steps=5", "--resume", str(run_dir)]) == 0
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
+    # Without -c, --resume takes the run's own config.yaml (the hinge loss, beta 0.2), from
+    # the run directory or from one of its checkpoints.
+    assert train(["dpo", "--resume", str(run_dir), "max_steps=6", *QUIET]) == 0
+    assert train(["dpo", "--resume", str(run_dir / "checkpoints" / "step-6"), "max_steps=7"]) == 0
+    resumed = load_config(DPOConfig, run_dir / "config.yaml")
+    assert (resumed.dpo.kind, resumed.dpo.beta, resumed.max_steps) == ("hinge", 0.2, 7)
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 8))
+    assert train(["dpo", "--resume", str(tmp_path / "no-such-run")]) == 2
+    assert "no config.yaml there" in capsys.readouterr().err
+
 
 def test_a_bad_data_row_exits_2_naming_file_row_and_field(data, tmp_path, capsys):
     good = (data / "small" / "preference_train.jsonl").read_text().splitlines()

@@ -9,9 +9,18 @@ import typer
 from rich.console import Console
 
 from alignkit.config import load_config
+from alignkit.errors import CheckpointError
 from alignkit.trainers.registry import METHODS, get_method
 
 _METHOD_HELP = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+
+
+def _resolved_config_of(run: Path) -> Path:
+    """The config.yaml a run wrote, given its directory or one of its checkpoints."""
+    for directory in (run, run.parent.parent):  # <run> or <run>/checkpoints/step-N
+        if (directory / "config.yaml").is_file():
+            return directory / "config.yaml"
+    raise CheckpointError(f"--resume {run}: no config.yaml there; name the config with -c")
 
 
 def register(app: typer.Typer) -> None:
@@ -30,7 +39,10 @@ def register(app: typer.Typer) -> None:
             None, help="Dotted key=value overrides, e.g. optim.lr=1e-4 data.max_length=256."
         ),
         resume: Path | None = typer.Option(
-            None, "--resume", help="Continue runs/<name> from its newest complete checkpoint."
+            None,
+            "--resume",
+            help="Continue runs/<name> (or one of its checkpoints) from its newest complete "
+            "checkpoint; without -c, with the config.yaml the run wrote.",
         ),
     ) -> None:
         chosen = get_method(method)
@@ -38,6 +50,8 @@ def register(app: typer.Typer) -> None:
         extra = [*chosen.defaults, *(overrides or [])]
         if resume is not None:
             extra.append(f"resume_from={resume}")
+            if config is None:
+                config = _resolved_config_of(resume)
         cfg = load_config(config_class, config, extra)
         summary = entry_point(cfg)
         from accelerate import PartialState
