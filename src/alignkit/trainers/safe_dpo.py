@@ -169,8 +169,9 @@ class SafeDPOTrainer(DPOTrainer):
         delta_s = (batch["chosen_safety"] - batch["rejected_safety"]).float()
         # The safety pair: the safer response wins; pairs with delta_S = 0 carry no order.
         chosen_safer = delta_s > 0
+        safer = torch.where(chosen_safer, chosen, rejected)
         losses_s, _, _ = self.preference_loss(
-            torch.where(chosen_safer, chosen, rejected),
+            safer,
             torch.where(chosen_safer, rejected, chosen),
             torch.where(chosen_safer, ref_chosen, ref_rejected),
             torch.where(chosen_safer, ref_rejected, ref_chosen),
@@ -182,8 +183,7 @@ class SafeDPOTrainer(DPOTrainer):
             chosen_lengths, rejected_lengths = response_lengths(batch)
             nll_h = length_normalized_nll(chosen, chosen_lengths)
             nll_s = length_normalized_nll(
-                torch.where(chosen_safer, chosen, rejected),
-                torch.where(chosen_safer, chosen_lengths, rejected_lengths),
+                safer, torch.where(chosen_safer, chosen_lengths, rejected_lengths)
             )
             losses_h = losses_h + nll_weight * nll_h
             losses_s = losses_s + nll_weight * nll_s
