@@ -28,19 +28,22 @@ class CheckpointError(AlignkitError):
     """A run directory or checkpoint is missing, incomplete or incompatible."""
 
 
+FILE_ROW = 0  # the row number of a problem with the whole file
+
+
 @dataclass(frozen=True)
 class RowProblem:
     """One bad field of one row in a data file."""
 
     file: str
-    row: int  # 1-based line (JSONL/CSV) or record number (JSON, Parquet, datasets)
+    row: int  # 1-based line (JSONL/CSV) or record number (JSON, Parquet, datasets); FILE_ROW
     field: str
     message: str
 
     @property
     def whole_file(self) -> bool:
         """A problem with the file itself (missing, unreadable, empty), not with one row."""
-        return self.row == 0
+        return self.row == FILE_ROW
 
     def __str__(self) -> str:
         if self.whole_file:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from alignkit.data.formats import FORMATS, normalize_row
-from alignkit.errors import DataError, RowProblem
+from alignkit.errors import FILE_ROW, DataError, RowProblem
 
 __all__ = [
     "DEFAULT_MAX_PROBLEMS",
@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PROBLEMS = 20
-FILE_ROW = 0  # row number of a problem with the whole file
 _KINDS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",

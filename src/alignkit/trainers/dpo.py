@@ -177,10 +177,16 @@ class DPOTrainer(Trainer):
         metrics = preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards)
         if self.config.dpo.nll_weight > 0:
             chosen_lengths, _ = response_lengths(batch)
-            nll = length_normalized_nll(chosen, chosen_lengths)
-            losses = losses + self.config.dpo.nll_weight * nll
-            metrics["nll_loss"] = nll.detach().mean()
+            losses, nll = self.add_winner_nll(losses, chosen, chosen_lengths)
+            metrics["nll_loss"] = nll.mean()
         return losses.mean(), metrics
+
+    def add_winner_nll(
+        self, losses: Tensor, winner_logps: Tensor, winner_lengths: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """RPO: ``losses + nll_weight * NLL(winner)`` per pair, and the NLL (detached)."""
+        nll = length_normalized_nll(winner_logps, winner_lengths)
+        return losses + self.config.dpo.nll_weight * nll, nll.detach()
 
     def preference_loss(
         self, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor

@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from alignkit.errors import ConfigError
 from alignkit.models import load_reward_model
 from alignkit.ops.lagrange import LagrangeMultiplier, estimate_cost, estimate_cost_from_data
-from alignkit.ops.preference import length_normalized_nll
 from alignkit.ops.stats import masked_mean
 from alignkit.trainers.common import gather_per_example, split_pairs
 from alignkit.trainers.dpo import (
@@ -176,17 +175,15 @@ class SafeDPOTrainer(DPOTrainer):
             torch.where(chosen_safer, ref_chosen, ref_rejected),
             torch.where(chosen_safer, ref_rejected, ref_chosen),
         )
-        nll_weight = self.config.dpo.nll_weight
-        if nll_weight > 0:
+        with_nll = self.config.dpo.nll_weight > 0
+        if with_nll:
             # Each DPO term carries RPO's NLL on its own winner: the more helpful response for
             # loss_H, the safer one for loss_S.
             chosen_lengths, rejected_lengths = response_lengths(batch)
-            nll_h = length_normalized_nll(chosen, chosen_lengths)
-            nll_s = length_normalized_nll(
-                safer, torch.where(chosen_safer, chosen_lengths, rejected_lengths)
+            losses_h, nll_h = self.add_winner_nll(losses_h, chosen, chosen_lengths)
+            losses_s, nll_s = self.add_winner_nll(
+                losses_s, safer, torch.where(chosen_safer, chosen_lengths, rejected_lengths)
             )
-            losses_h = losses_h + nll_weight * nll_h
-            losses_s = losses_s + nll_weight * nll_s
         loss_h = losses_h.mean()
         loss_s = masked_mean(losses_s, delta_s != 0)
         lam = self.multiplier.value
@@ -204,9 +201,9 @@ class SafeDPOTrainer(DPOTrainer):
             "log_ratio": 0.5 * ((chosen - ref_chosen) + (rejected - ref_rejected)).detach().mean(),
         }
         metrics.update(preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards))
-        if nll_weight > 0:
-            metrics["nll_loss"] = nll_h.detach().mean()
-            metrics["nll_loss_S"] = masked_mean(nll_s.detach(), delta_s != 0)
+        if with_nll:
+            metrics["nll_loss"] = nll_h.mean()
+            metrics["nll_loss_S"] = masked_mean(nll_s, delta_s != 0)
         return loss, metrics
 
     def _cost_estimate(
