@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -292,7 +292,15 @@ class AdvantageEstimator:
 
     name: str
     fn: Callable[..., tuple[Tensor, Tensor]]
-    needs: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+    accepts: frozenset[str] | None = field(init=False)
+    """The keyword inputs ``fn`` takes; None when it takes ``**kwargs`` (then it gets all)."""
+
+    def __post_init__(self) -> None:
+        parameters = inspect.signature(self.fn).parameters.values()
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        accepts = None if takes_any else frozenset(p.name for p in parameters)
+        object.__setattr__(self, "accepts", accepts)
 
     def __call__(
         self, token_rewards: Tensor | None = None, mask: Tensor | None = None, **inputs: Any
@@ -305,9 +313,8 @@ class AdvantageEstimator:
                 f"advantage estimator {self.name!r} needs {', '.join(missing)}; given: "
                 f"{', '.join(given) or 'nothing'}"
             )
-        parameters = inspect.signature(self.fn).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            given = {key: value for key, value in given.items() if key in parameters}
+        if self.accepts is not None:
+            given = {key: value for key, value in given.items() if key in self.accepts}
         return self.fn(**given)
 
 

@@ -1,4 +1,5 @@
-"""KL divergence between the policy and the reference: estimators, exact KL, controllers, penalty.
+"""KL divergence between the policy and the reference: estimators, KL as a loss, exact KL,
+controllers, penalty.
 
 Direction and sign are always the same: everything here is about KL(pi || ref), the divergence of
 the policy pi from the reference, with tokens sampled from pi (the rollouts). Per token,
@@ -18,8 +19,13 @@ Estimators (Schulman, "Approximating KL Divergence", 2020; verl's ``kl_penalty``
   verl (the lower bound never binds because k3 >= 0); the upper one binds for tokens with
   ref/pi > ~13.6 and then biases the estimate downwards, the price verl pays for bounded rewards.
 
-A KL penalty placed in the reward (``apply_kl_penalty``) changes the token rewards *before* the
-advantage estimator (GAE etc.) runs; it does not rescale advantages.
+Value versus gradient. These are estimators of the *value* (``kl_estimate``). A KL penalty
+placed in the reward (``apply_kl_penalty``) changes the token rewards *before* the advantage
+estimator (GAE etc.) runs; it does not rescale advantages, and its gradient reaches the policy
+through the policy-gradient loss. A KL term placed in the *loss* is differentiated directly, and
+then the estimators' expected gradients differ (k1: 0, k2: grad KL(pi||ref), k3: grad
+KL(ref||pi)): use ``kl_loss``, whose docstring states each one (and offers ``k1+``/``k3+``).
+``full_kl`` is the exact KL from two sets of logits, differentiable, blockwise in memory.
 """
 
 from __future__ import annotations
