@@ -408,8 +408,8 @@ def test_full_kl_backward_keeps_no_float32_copy_of_the_logits():
     )
     bf16_size = base.numel() * 2
     float32_block = 4 * vocab * 4
-    # Ours: the leaf and its bf16 gradient plus a few float32 blocks of 4 rows (upcasts,
-    # log-softmaxes, p, the difference). Naive: several float32 [64, V] activations kept for
-    # backward, and their gradients.
-    assert chunked_peak < 2 * bf16_size + 8 * float32_block
-    assert naive_peak > 3 * chunked_peak
+    # Ours: the leaf and its bf16 gradient plus a few float32 blocks of 4 rows (an upcast,
+    # two log-softmaxes, p; measured 9.6 MiB). Naive: several float32 [64, V] activations kept
+    # for backward, and their gradients (measured 44 MiB).
+    assert chunked_peak < 2 * bf16_size + 5 * float32_block
+    assert naive_peak > 4 * chunked_peak

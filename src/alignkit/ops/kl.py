@@ -227,27 +227,31 @@ def full_kl(logits: Tensor, ref_logits: Tensor, chunk_size: int | None = None) -
 
 
 def _log_softmax_pair(logits: Tensor, ref_logits: Tensor, dtype: torch.dtype):
-    logp = torch.log_softmax(logits.to(dtype), dim=-1)
+    """``p = softmax(logits)``, ``log q`` and ``log p - log q`` (0 where p == 0) of a block.
+
+    In-place where possible: each float32 ``[rows, V]`` temporary costs a block of memory.
+    """
+    difference = torch.log_softmax(logits.to(dtype), dim=-1)
     ref_logp = torch.log_softmax(ref_logits.to(dtype), dim=-1)
-    p = logp.exp()
-    # Where p == 0 the term is 0 by convention; select before multiplying so that neither the
+    p = difference.exp()
+    # Where p == 0 the term is 0 by convention: zero the difference there, so that neither the
     # value nor the gradient sees 0 * (-inf).
-    difference = torch.where(p > 0, logp - ref_logp, torch.zeros_like(logp))
+    difference.sub_(ref_logp).masked_fill_(p == 0, 0.0)
     return p, ref_logp, difference
 
 
 def _full_kl_block(logits: Tensor, ref_logits: Tensor, dtype: torch.dtype) -> tuple[Tensor]:
     p, _, difference = _log_softmax_pair(logits, ref_logits, dtype)
-    return ((p * difference).sum(dim=-1),)
+    return (p.mul_(difference).sum(dim=-1),)
 
 
 def _full_kl_grads(logits, ref_logits, kl, upstream, dtype, with_ref: bool) -> tuple[Tensor, ...]:
+    # dKL/dz_v = p_v (log p_v - log q_v - KL); dKL/dr_v = q_v - p_v.
     p, ref_logp, difference = _log_softmax_pair(logits, ref_logits, dtype)
     upstream = upstream[:, None]
-    grad = torch.where(p > 0, p * (difference - kl[:, None]), 0.0).mul_(upstream)
-    if not with_ref:
-        return (grad,)
-    return grad, (ref_logp.exp_() - p).mul_(upstream)
+    ref_grad = ref_logp.exp_().sub_(p).mul_(upstream) if with_ref else None
+    grad = difference.sub_(kl[:, None]).mul_(p).mul_(upstream)
+    return (grad,) if ref_grad is None else (grad, ref_grad)
 
 
 class _FullKL(torch.autograd.Function):
