@@ -55,6 +55,7 @@ def lagrangian_combine(
     ``lam``: a convex combination with weights ``1/(1+lam)`` and ``lam/(1+lam)``.
 
     Sign convention: both arguments point the same way, the way ``primary`` is optimised.
+
     - Losses (minimised), Safe-DPO: ``lagrangian_combine(loss_H, loss_S, lam)``; a larger
       ``lam`` weighs the safety loss more.
     - Advantages (maximised), Safe-PPO: a cost is to be *lowered*, so pass its negation,
