@@ -340,6 +340,14 @@ def test_each_registered_adapter_gives_the_direct_functions_values():
     assert (other - expected["gae"][0]).abs().max() > 1e-3
     other = get_advantage_estimator("reinforce_pp")(**{**inputs, "gamma": 1.0})[0]
     assert (other - expected["reinforce_pp"][0]).abs().max() > 1e-3
+    # REINFORCE divides by std + eps, REINFORCE++ by sqrt(var + eps): on returns with variance
+    # near eps the two differ, and each adapter must give its own.
+    tiny = {**inputs, "token_rewards": 1e-4 * token_rewards}
+    pp = get_advantage_estimator("reinforce_pp")(**tiny)[0]
+    plain = get_advantage_estimator("reinforce")(**tiny)[0]
+    torch.testing.assert_close(pp, reinforce_pp_advantages(1e-4 * token_rewards, mask, 0.9))
+    torch.testing.assert_close(plain, reinforce_returns(1e-4 * token_rewards, mask, 0.9))
+    assert (pp - plain).abs().max() > 1e-2
 
 
 def test_process_global_moments_whiten_each_shard_like_the_whole_batch():
