@@ -246,3 +246,10 @@ def test_the_written_config_runs(
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["step"] == 2
+
+
+def test_the_docs_show_the_rule_table_of_the_code() -> None:
+    from alignkit.recommend.report import rules_markdown
+
+    doc = Path(__file__).parents[2] / "docs" / "recommender.md"
+    assert rules_markdown() in doc.read_text(encoding="utf-8")

@@ -11,7 +11,7 @@ from rich.table import Table
 from alignkit.recommend.rules import METHODS
 from alignkit.recommend.scoring import Recommendation
 
-__all__ = ["RECOMMENDATION_SCHEMA", "print_recommendation"]
+__all__ = ["RECOMMENDATION_SCHEMA", "print_recommendation", "rules_markdown"]
 
 _METHOD = {"enum": list(METHODS)}
 _NULLABLE_STR = {"type": ["string", "null"]}
@@ -90,3 +90,17 @@ def print_recommendation(rec: Recommendation, console: Console | None = None) ->
         console.print(f"[yellow]note[/] {escape(note)}")
     if rec.command:
         console.print(f"run: {escape(rec.command)}")
+
+
+def rules_markdown() -> str:
+    """The rule table as Markdown (docs/recommender.md embeds it; a test keeps them equal)."""
+    from alignkit.recommend.rules import RULES
+
+    methods = list(METHODS)
+    lines = ["| rule | " + " | ".join(methods) + " | why | evidence |",
+             "|---|" + "---|" * len(methods) + "---|---|"]
+    for rule in RULES:
+        cells = [f"{rule.effects[m]:+.1f}" if m in rule.effects else "" for m in methods]
+        lines.append(f"| `{rule.id}` | " + " | ".join(cells) + f" | {rule.reason} | "
+                     f"{rule.evidence} |")
+    return "\n".join(lines)
