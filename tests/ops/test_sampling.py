@@ -13,6 +13,8 @@ from alignkit.ops.sampling import (
     exact_progress,
     geometric_mixture_logprobs,
     kl_symmetry_alpha,
+    min_variance_proposal_logprobs,
+    policy_gradient_variance,
     progress_terms,
     snr_alpha,
     truncated_importance_weights,
@@ -410,3 +412,115 @@ def test_effective_sample_size_closed_forms():
     assert effective_sample_size(torch.zeros(4)).item() == 0.0
     with pytest.raises(ValueError, match="differ"):
         effective_sample_size(weights, mask[:1])
+
+
+# --- min_variance_proposal_logprobs / policy_gradient_variance --------------------------------
+
+
+def enumerated_estimator(logp_policy, logq, scores, baseline):
+    """Mean and total variance of ĝ = (π/q)(A - b)(e_y - π), y ~ q, by a loop over every y."""
+    p, q = logp_policy.exp(), logq.exp()
+    vocab = p.shape[-1]
+    estimates = []
+    for y in range(vocab):
+        one_hot = torch.zeros(vocab, dtype=p.dtype)
+        one_hot[y] = 1.0
+        estimates.append(p[y] / q[y] * (scores[y] - baseline) * (one_hot - p))
+    estimates = torch.stack(estimates)  # [V(samples), V(logits)]
+    mean = (q[:, None] * estimates).sum(0)
+    variance = (q * ((estimates - mean) ** 2).sum(-1)).sum()
+    return mean, variance
+
+
+def exact_logit_gradient(logits, scores):
+    """∇_z E_softmax(z)[A] by autograd."""
+    z = logits.clone().requires_grad_(True)
+    (torch.softmax(z, -1) * scores).sum().backward()
+    return z.grad
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_min_variance_proposal_beats_on_policy_and_kl_symmetric_sampling(seed):
+    generator = torch.Generator().manual_seed(seed)
+    vocab = 7
+    logits_policy = torch.randn(vocab, generator=generator, dtype=torch.float64) * 2
+    logits_target = torch.randn(vocab, generator=generator, dtype=torch.float64) * 2
+    log_policy = torch.log_softmax(logits_policy, -1)
+    scores = torch.log_softmax(logits_target, -1) - log_policy  # teacher log-ratio
+    baseline = float((log_policy.exp() * scores).sum())
+    gradient = exact_logit_gradient(logits_policy, scores)
+
+    alpha_kl = kl_symmetry_alpha(logits_policy, logits_target).alpha
+    proposals = {
+        "on_policy": log_policy,
+        "alpha_kl": geometric_mixture_logprobs(logits_policy, logits_target, alpha_kl),
+        "alpha_half": geometric_mixture_logprobs(logits_policy, logits_target, 0.5),
+        "q_star": min_variance_proposal_logprobs(logits_policy, scores, floor=1e-12),
+        "q_floor": min_variance_proposal_logprobs(logits_policy, scores, floor=0.2),
+    }
+    variances = {}
+    for name, logq in proposals.items():
+        assert torch.allclose(logq.exp().sum(), torch.ones((), dtype=torch.float64))
+        mean, variance = enumerated_estimator(log_policy, logq, scores, baseline)
+        assert torch.allclose(mean, gradient, atol=1e-12), name  # unbiased
+        closed = policy_gradient_variance(log_policy, logq, scores)
+        assert torch.allclose(closed, variance, rtol=1e-9), name
+        variances[name] = float(variance)
+    assert variances["q_star"] <= variances["on_policy"] * (1 + 1e-9)
+    assert variances["q_star"] <= variances["alpha_kl"] * (1 + 1e-9)
+    assert variances["q_star"] <= variances["alpha_half"] * (1 + 1e-9)
+    # Convexity in q: the defensive mixture is never worse than on-policy.
+    assert variances["q_floor"] <= variances["on_policy"] * (1 + 1e-9)
+    # Cauchy-Schwarz minimum: (Σ π|A-b|‖e_y-π‖)² - ‖∇‖².
+    p = log_policy.exp()
+    norms = ((1 - p) ** 2 + (p**2).sum() - p**2).sqrt()
+    minimum = float((p * (scores - baseline).abs() * norms).sum() ** 2 - gradient.square().sum())
+    assert variances["q_star"] == pytest.approx(minimum, rel=1e-9)
+    # No other proposal does better: 200 random ones.
+    others = torch.distributions.Dirichlet(torch.ones(vocab, dtype=torch.float64)).sample((200,))
+    other_var = policy_gradient_variance(
+        log_policy.expand(200, -1), others.log(), scores.expand(200, -1), baseline
+    )
+    assert float(other_var.min()) >= variances["q_star"]
+
+
+def test_min_variance_proposal_with_a_given_baseline_and_degenerate_rows():
+    logits = torch.tensor(
+        [[0.0, 1.0, NEG_INF, -1.0], [0.3, 0.3, 0.3, 0.3], [0.0, 2.0, 1.0, 0.5]], dtype=torch.float64
+    )
+    scores = torch.tensor(
+        [[1.0, -2.0, 5.0, 0.5], [2.0, 2.0, 2.0, 2.0], [1.0, 0.0, 3.0, -1.0]], dtype=torch.float64
+    )
+    logq = min_variance_proposal_logprobs(
+        logits, scores, baseline=torch.tensor([0.0, 2.0, 1.0]), floor=0.25
+    )
+    log_policy = torch.log_softmax(logits, -1)
+    # Off supp π q is 0; a constant score equal to the baseline leaves only the policy.
+    assert logq[0, 2] == NEG_INF
+    assert torch.allclose(logq[1], log_policy[1])
+    # Row 3 by hand: q* ∝ π|A - 1|‖e_y - π‖, mixed 3:1 with π.
+    p = log_policy[2].exp()
+    mass = p * (scores[2] - 1).abs() * ((1 - p) ** 2 + (p**2).sum() - p**2).sqrt()
+    expected = 0.75 * mass / mass.sum() + 0.25 * p
+    assert torch.allclose(logq[2].exp(), expected, atol=1e-14)
+    assert float(logq[2].exp()[0]) == pytest.approx(0.25 * float(p[0]))  # A = b: the floor only
+    # Weights π/q never exceed 1/floor.
+    weights = (log_policy - logq).exp()[torch.isfinite(log_policy)]
+    assert float(weights.max()) <= 4.0 + 1e-12
+    with pytest.raises(ValueError, match="floor must lie in"):
+        min_variance_proposal_logprobs(logits, scores, floor=0.0)
+    with pytest.raises(ValueError, match="differ"):
+        min_variance_proposal_logprobs(logits, scores[:, :3])
+
+
+def test_policy_gradient_variance_is_infinite_when_q_misses_a_needed_token():
+    log_policy = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), -1)
+    scores = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    logq = torch.log(torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+    assert policy_gradient_variance(log_policy, logq, scores) == math.inf
+    # On-policy, closed form: E_π[(A-b)²‖e_y-π‖²] - ‖π ⊙ (A - E_π A)‖².
+    p = log_policy.exp()
+    b = (p * scores).sum()
+    norms_sq = (1 - p) ** 2 + (p**2).sum() - p**2
+    expected = (p * (scores - b) ** 2 * norms_sq).sum() - (p * (scores - b)).square().sum()
+    assert torch.allclose(policy_gradient_variance(log_policy, log_policy, scores), expected)

@@ -24,6 +24,11 @@ What the seed claims and what holds (NOTES, after a numerical check):
   its root is unique unless π_t = π_θ. The root is the Chernoff point,
   ``argmin_α log Σ π_θ^α π_t^(1-α)``.
 
+Beyond the seed: the geometric family does not contain the proposal that minimises the
+variance of the importance-sampled policy gradient. Given a per-token score A and a baseline b
+it is ``q* ∝ π_θ·|A - b|·‖e_y - π_θ‖`` (:func:`min_variance_proposal_logprobs`, mixed with
+π_θ for a floor); :func:`policy_gradient_variance` gives any proposal's exact variance.
+
 Masked logits (top-k / top-p, ``-inf``): for 0 < α < 1, q_α lives on the intersection of the
 two supports; α = 1 and α = 0 return π_θ and π_t exactly. Rows whose supports are disjoint
 have no mixture: they fall back to the policy (α treated as 1); :func:`disjoint_supports`
@@ -50,6 +55,8 @@ __all__ = [
     "exact_progress",
     "geometric_mixture_logprobs",
     "kl_symmetry_alpha",
+    "min_variance_proposal_logprobs",
+    "policy_gradient_variance",
     "progress_terms",
     "snr_alpha",
     "truncated_importance_weights",
@@ -464,3 +471,120 @@ def snr_alpha(
     refined_snr = snr_at(refined.unsqueeze(-1)).squeeze(-1)
     better = refined_snr > best_snr
     return torch.where(better, refined, best_alpha), torch.where(better, refined_snr, best_snr)
+
+
+# --- Beyond the seed: the variance-optimal proposal ------------------------------------------
+
+
+def _score_terms(logp_policy: Tensor, scores: Tensor, baseline: Tensor | None) -> tuple:
+    """π, centred scores ``A - b`` (0 off supp π) and ``‖e_y - π‖²`` per token."""
+    logp_policy, scores = _as_dtype(logp_policy, scores)
+    p = logp_policy.exp()
+    on_support = p > 0
+    scores = torch.where(on_support, scores, torch.zeros_like(scores))
+    if baseline is None:
+        baseline = (p * scores).sum(-1, keepdim=True)
+    else:
+        baseline = baseline.to(p.dtype)
+        baseline = baseline.unsqueeze(-1) if baseline.dim() > 0 else baseline
+    centred = torch.where(on_support, scores - baseline, torch.zeros_like(scores))
+    # ‖e_y - π‖² = (1 - π_y)² + Σ_{y'≠y} π_y'², written without the cancellation of
+    # 1 - 2π_y + Σπ² when π_y is close to 1.
+    squares = p.square()
+    norm_sq = (1 - p).square() + (squares.sum(-1, keepdim=True) - squares).clamp_min(0)
+    return p, centred, norm_sq
+
+
+def min_variance_proposal_logprobs(
+    logits_policy: Tensor,
+    scores: Tensor,
+    baseline: Tensor | float | None = None,
+    floor: float = 0.1,
+) -> Tensor:
+    """``log q`` of the importance-sampling proposal that minimises the policy gradient's variance.
+
+    Setting (one position): logits z, ``π = softmax(z)``, a score ``A(y)`` known for every
+    token (e.g. the teacher log-ratio ``log π_t(y) - log π_ref(y)``) and a constant baseline b.
+    The gradient ``∇_z E_π[A] = Σ_y π(y)(A(y) - b)(e_y - π)`` (any b: ``Σ π (e_y - π) = 0``)
+    is estimated from one token ``y ~ q`` by ``ĝ = (π(y)/q(y))·(A(y) - b)·(e_y - π)``,
+    unbiased whenever q > 0 where ``π·(A - b) ≠ 0``. Its total variance is
+
+        tr Cov_q[ĝ] = Σ_y π(y)²(A(y) - b)²‖e_y - π‖² / q(y)  -  ‖∇_z E_π[A]‖²,
+
+    and by Cauchy-Schwarz (``Σ c_y²/q_y ≥ (Σ c_y)²`` on the simplex) it is minimised by
+
+        q*(y) ∝ π(y)·|A(y) - b|·‖e_y - π‖,   ‖e_y - π‖² = 1 - 2π(y) + Σ_y' π(y')²
+
+    (``∇_z log softmax(z)_y = e_y - π``), the optimal importance density for a vector
+    integrand (Kahn & Marshall 1953; Owen, "Monte Carlo theory, methods and examples", §9.1).
+    Returned is the defensive mixture ``q = (1 - floor)·q* + floor·π`` (Hesterberg 1995): it
+    keeps every token of supp π (q* drops tokens with ``A = b``), bounds the importance weight
+    ``π/q`` by ``1/floor``, and, the variance being convex in q, is never worse than
+    on-policy sampling.
+
+    Assumptions, stated because they limit what "optimal" means:
+
+    - the parameters are the logits of this one position; through a network the gradient is
+      ``J_zᵀ(e_y - π)`` and ``‖e_y - π‖`` is a proxy for its norm;
+    - the criterion is the trace of the covariance (the sum of per-logit variances);
+    - ``A(y)`` is known for every token before sampling: true for per-token scores such as the
+      teacher log-ratio; a sequence-level reward's per-token advantage is only known after the
+      rollout, so there q* can be applied only with such a per-token proxy score;
+    - b is fixed (default ``E_π[A]``, the position's value); the jointly optimal (q, b) is not
+      sought.
+
+    Args:
+        logits_policy: ``[..., V]`` policy logits (``-inf`` allowed: q is 0 off supp π).
+        scores: ``[..., V]`` A(y) per token; only its values on supp π are used.
+        baseline: ``[...]`` tensor or float b; ``None`` is ``E_π[A]``.
+        floor: share of π in the returned mixture, in (0, 1] (1 returns π).
+
+    Returns:
+        ``[..., V]`` normalised ``log q``. Rows where q* has no mass (``A ≡ b`` on supp π, or
+        π one-hot) get ``log π``.
+    """
+    if not 0.0 < floor <= 1.0:
+        raise ValueError(f"floor must lie in (0, 1], got {floor}")
+    if logits_policy.shape != scores.shape:
+        raise ValueError(
+            f"logits {tuple(logits_policy.shape)} and scores {tuple(scores.shape)} differ"
+        )
+    logp_policy = torch.log_softmax(logits_policy.to(compute_dtype(logits_policy, scores)), -1)
+    if baseline is not None and not isinstance(baseline, Tensor):
+        baseline = logp_policy.new_tensor(float(baseline))
+    p, centred, norm_sq = _score_terms(logp_policy, scores, baseline)
+    mass = p * centred.abs() * norm_sq.sqrt()
+    total = mass.sum(-1, keepdim=True)
+    has_mass = total > 0
+    q_star = mass / torch.where(has_mass, total, torch.ones_like(total))
+    q = torch.where(has_mass, (1 - floor) * q_star + floor * p, p)
+    return torch.where(p > 0, q.log(), logp_policy)
+
+
+def policy_gradient_variance(
+    logp_policy: Tensor, logq: Tensor, scores: Tensor, baseline: Tensor | float | None = None
+) -> Tensor:
+    """Exact ``tr Cov_q[ĝ]`` of the one-token importance-sampled logit gradient, per row.
+
+    ``ĝ = (π(y)/q(y))·(A(y) - b)·(e_y - π)`` with ``y ~ q`` (see
+    :func:`min_variance_proposal_logprobs`): ``Σ_y π²(A - b)²‖e_y - π‖²/q - ‖π ⊙ (A - E_π A)‖²``
+    (the mean ``∇_z E_π[A] = π ⊙ (A - E_π[A])`` does not depend on b). With n samples the
+    variance of their mean is this over n, so ``variance(π) / variance(q)`` is how many
+    times fewer samples q needs for the same mean squared error. Infinite where q = 0 on a
+    token with ``π·(A - b) ≠ 0`` (the estimator is then biased). Inputs: normalised
+    ``[..., V]`` log-probs and ``[..., V]`` scores; ``baseline`` as there.
+    """
+    logp_policy, logq, scores = _as_dtype(logp_policy, logq, scores)
+    if baseline is not None and not isinstance(baseline, Tensor):
+        baseline = logp_policy.new_tensor(float(baseline))
+    p, centred, norm_sq = _score_terms(logp_policy, scores, baseline)
+    numerator = (p * centred).square() * norm_sq
+    needed = numerator > 0
+    q = logq.exp()
+    second_moment = torch.where(
+        needed, numerator / torch.where(needed & (q > 0), q, torch.ones_like(q)), 0.0
+    )
+    second_moment = torch.where(needed & (q <= 0), math.inf, second_moment).sum(-1)
+    value = (p * scores.where(p > 0, 0.0)).sum(-1, keepdim=True)
+    mean_sq = (p * (scores.where(p > 0, 0.0) - value)).square().sum(-1)
+    return second_moment - mean_sq
