@@ -9,6 +9,7 @@ from alignkit.rollout.engine import (
 )
 from alignkit.rollout.experience import Experience
 from alignkit.rollout.generate import GenerationSettings, generate_responses
+from alignkit.rollout.teacher import TeacherGuidedEngine
 
 __all__ = [
     "Experience",
@@ -16,6 +17,7 @@ __all__ = [
     "GenerationSettings",
     "Prompt",
     "SamplingConfig",
+    "TeacherGuidedEngine",
     "TransformersEngine",
     "generate_responses",
     "prompts_from_records",

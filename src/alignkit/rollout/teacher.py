@@ -1,0 +1,346 @@
+"""Teacher-guided rollouts (seed 001): sample each token from a proposal between the policy and a
+teacher, record the proposal's log-prob as the behaviour log-prob.
+
+At every position the engine has the policy's and the teacher's next-token log-probs (both after
+the same temperature / top-k / top-p) and samples from
+
+- ``q_α ∝ π_θ^α · π_t^(1-α)`` with α per position from a rule: ``"kl_symmetry"`` (the default,
+  ``ops.sampling.kl_symmetry_alpha``: KL(q‖π_θ) = KL(q‖π_t)), ``"snr"``
+  (``ops.sampling.snr_alpha``: usually 1, i.e. on-policy, see docs/teacher-guided-sampling.md),
+  a fixed float, or a schedule ``f(iteration) -> α`` (set the iteration with
+  :meth:`TeacherGuidedEngine.set_iteration`);
+- or ``"min_variance"``: ``ops.sampling.min_variance_proposal_logprobs`` with the teacher's
+  log-ratio ``log π_t(y) - log π_θ(y)`` as the per-token score (seed 001's reward with
+  π_ref = π_θ) and a floor of π_θ, the proposal that minimises the variance of the
+  per-position importance-sampled gradient of that score (not in the α family).
+
+Per-position α makes each position's proposal KL-symmetric; the sequence-level distribution is
+the product of those, not the sequence-level q_α of whole responses.
+
+The behaviour log-prob of each token is ``log q(y_t)``. The samples do not follow the policy
+(``matches_policy = False``): the trainer must weight the policy loss and the KL term by the
+truncated importance weights ``min(π_θ/q, max_weight)``
+(``ops.sampling.truncated_importance_weights``). After each ``generate`` the engine's
+``last_stats`` holds ``sampling/alpha_mean`` (α rules only), ``sampling/is_weight_max`` and
+``sampling/ess`` (the untruncated weights π_θ/q of the sampled tokens under the policy that
+sampled, ESS as a fraction of the response tokens) and ``sampling/fallback_share`` (positions
+whose two supports were disjoint, so the policy was used).
+
+Both models decode with their own KV cache in one batch; the prompt's prefill is shared by its
+samples; finished rows leave both caches. The teacher must use the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from alignkit.data.collate import PromptCollator
+from alignkit.errors import ConfigError
+from alignkit.ops.sampling import (
+    disjoint_supports,
+    effective_sample_size,
+    geometric_mixture_logprobs,
+    kl_symmetry_alpha,
+    min_variance_proposal_logprobs,
+    snr_alpha,
+)
+from alignkit.rollout.engine import (
+    Prompt,
+    SamplingConfig,
+    _draw,
+    sampling_distribution,
+    unwrap_for_generation,
+)
+from alignkit.rollout.experience import Experience
+
+__all__ = ["ALPHA_RULES", "TeacherGuidedEngine", "check_same_vocabulary"]
+
+ALPHA_RULES = ("kl_symmetry", "snr", "min_variance")
+AlphaSpec = str | float | Callable[[int], float]
+
+
+def _output_width(model: nn.Module) -> int | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_same_vocabulary(
+    tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None,
+    model: nn.Module,
+    teacher: nn.Module,
+) -> int:
+    """The number of logits both models share; ``ConfigError`` unless the tokenizers agree.
+
+    Token ids must mean the same in both models: the two tokenizers' vocabularies (token ->
+    id) and EOS must be equal. The models' output widths may differ (padded embedding
+    matrices, e.g. Qwen2.5 7B's 152064 against 0.5B's 151936), but both must cover the
+    tokenizer; the first ``min(widths)`` logits are used.
+    """
+    if teacher_tokenizer is not None and teacher_tokenizer is not tokenizer:
+        mine, theirs = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        if mine != theirs:
+            only_mine = sorted(set(mine) - set(theirs))[:3]
+            only_theirs = sorted(set(theirs) - set(mine))[:3]
+            moved = [t for t in mine if t in theirs and mine[t] != theirs[t]][:3]
+            raise ConfigError(
+                "rollout.teacher: the teacher's tokenizer differs from the policy's "
+                f"({len(theirs)} vs {len(mine)} tokens; only the policy's: {only_mine}, only "
+                f"the teacher's: {only_theirs}, different ids: {moved}); teacher-guided "
+                "sampling needs the same tokenizer"
+            )
+        if tokenizer.eos_token_id != teacher_tokenizer.eos_token_id:
+            raise ConfigError(
+                f"rollout.teacher: EOS ids differ (policy {tokenizer.eos_token_id}, "
+                f"teacher {teacher_tokenizer.eos_token_id})"
+            )
+    widths = [_output_width(model), _output_width(teacher)]
+    if None in widths:
+        raise ConfigError("rollout.teacher: cannot read the models' output widths")
+    width = min(widths)
+    needed = len(tokenizer) if hasattr(tokenizer, "__len__") else width
+    if width < needed:
+        raise ConfigError(
+            f"rollout.teacher: the models' output widths {widths} do not cover the tokenizer's "
+            f"{needed} tokens"
+        )
+    return width
+
+
+class TeacherGuidedEngine:
+    """A ``GenerationEngine`` sampling from a policy/teacher proposal (see the module docstring).
+
+    Args:
+        model: the policy (unwrapped for generation).
+        teacher: any causal LM with the same tokenizer; frozen, run in eval mode.
+        tokenizer: the policy's tokenizer (pad and EOS ids).
+        alpha: ``"kl_symmetry"`` | ``"snr"`` | ``"min_variance"`` | a float in [0, 1] | a
+            callable ``iteration -> α``.
+        teacher_tokenizer: checked against ``tokenizer`` when given.
+        floor: the policy's share in the ``"min_variance"`` proposal (weights <= 1/floor).
+    """
+
+    matches_policy = False
+    """Its samples follow q, not the policy: importance weights are needed."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        alpha: AlphaSpec = "kl_symmetry",
+        teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+        floor: float = 0.1,
+    ) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs a pad token for batched generation")
+        if isinstance(alpha, str) and alpha not in ALPHA_RULES:
+            raise ConfigError(
+                f"rollout.alpha: unknown rule {alpha!r}; use one of {', '.join(ALPHA_RULES)}, "
+                "a number in [0, 1] or a schedule"
+            )
+        if isinstance(alpha, int | float) and not 0.0 <= float(alpha) <= 1.0:
+            raise ConfigError(f"rollout.alpha: a fixed alpha must lie in [0, 1], got {alpha}")
+        if not 0.0 < floor <= 1.0:
+            raise ConfigError(f"rollout.floor must lie in (0, 1], got {floor}")
+        self.tokenizer = tokenizer
+        self.model = unwrap_for_generation(model)
+        self.teacher = unwrap_for_generation(teacher)
+        self.width = check_same_vocabulary(tokenizer, teacher_tokenizer, self.model, self.teacher)
+        self.alpha = alpha
+        self.floor = floor
+        self.iteration = 0
+        self.last_stats: dict[str, float] = {}
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """In-process: generate with ``model`` itself from now on (no copy)."""
+        self.model = unwrap_for_generation(model)
+
+    def set_iteration(self, iteration: int) -> None:
+        """The training iteration a schedule ``alpha`` is evaluated at."""
+        self.iteration = iteration
+
+    def proposal(self, policy_logits: Tensor, teacher_logits: Tensor, sampling: SamplingConfig):
+        """``(log q [R, V], log π_θ [R, V], alpha [R] or None, fallback [R])`` for one step's
+        logits, both through ``sampling_distribution`` first."""
+        policy = sampling_distribution(policy_logits, sampling)
+        teacher = sampling_distribution(teacher_logits, sampling)
+        fallback = disjoint_supports(policy, teacher)
+        rule = self.alpha
+        if rule == "min_variance":
+            # The score needs both log-probs wherever π_θ > 0: take them before top-k/top-p.
+            scaled_policy = (policy_logits.float() / sampling.temperature).log_softmax(-1)
+            scaled_teacher = (teacher_logits.float() / sampling.temperature).log_softmax(-1)
+            logq = min_variance_proposal_logprobs(
+                policy, scaled_teacher - scaled_policy, floor=self.floor
+            )
+            return logq, policy, None, torch.zeros_like(fallback)
+        if rule == "kl_symmetry":
+            alpha = kl_symmetry_alpha(policy, teacher).alpha
+        elif rule == "snr":
+            alpha = snr_alpha(policy, teacher)[0]
+        else:
+            value = float(rule(self.iteration) if callable(rule) else rule)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(
+                    f"rollout.alpha: the schedule gave {value} at iteration {self.iteration}"
+                )
+            alpha = policy.new_full(fallback.shape, value)
+        alpha = torch.where(fallback, torch.ones_like(alpha), alpha)
+        return geometric_mixture_logprobs(policy, teacher, alpha), policy, alpha, fallback
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingConfig,
+        *,
+        generator: torch.Generator,
+        group_offset: int = 0,
+    ) -> Experience:
+        """Sample ``sampling.samples_per_prompt`` responses per prompt from the proposal."""
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        if sampling.temperature == 0:
+            raise ConfigError("teacher-guided sampling needs temperature > 0 (greedy has no q)")
+        modes = self.model.training, self.teacher.training
+        self.model.eval()
+        self.teacher.eval()
+        try:
+            with torch.inference_mode():
+                return self._generate(prompts, sampling, generator, group_offset)
+        finally:
+            self.model.train(modes[0])
+            self.teacher.train(modes[1])
+
+    def _generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingConfig,
+        generator: torch.Generator,
+        group_offset: int,
+    ) -> Experience:
+        device = next(self.model.parameters()).device
+        g, steps = sampling.samples_per_prompt, sampling.max_new_tokens
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        batch = PromptCollator(pad_token_id=pad)(
+            [{"input_ids": list(p.input_ids)} for p in prompts]
+        )
+        prompt_ids = batch["input_ids"].to(device)
+        prompt_mask = batch["attention_mask"].to(device)
+        width = prompt_ids.shape[1]
+        positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+        def forward(model: nn.Module, cache: Any, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+            where = next(model.parameters()).device
+            out = model(
+                input_ids=ids.to(where),
+                attention_mask=mask.to(where),
+                position_ids=pos.to(where),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1, : self.width].to(device)
+
+        caches = [
+            DynamicCache(config=getattr(m, "config", None)) for m in (self.model, self.teacher)
+        ]
+        models = (self.model, self.teacher)
+        logits = [
+            forward(m, c, prompt_ids, prompt_mask, positions)
+            for m, c in zip(models, caches, strict=True)
+        ]
+        if g > 1:
+            for cache in caches:
+                cache.batch_repeat_interleave(g)
+            logits = [x.repeat_interleave(g, dim=0) for x in logits]
+        n = len(prompts) * g
+        mask = prompt_mask.repeat_interleave(g, dim=0)
+        next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1
+
+        tokens = torch.full((n, steps), pad, dtype=torch.long, device=device)
+        behaviour = torch.zeros((n, steps), dtype=torch.float32, device=device)
+        policy_logprobs = torch.zeros((n, steps), dtype=torch.float32, device=device)
+        lengths = torch.zeros(n, dtype=torch.long, device=device)
+        live = torch.arange(n, device=device)
+        alpha_sum, positions_seen, fallbacks = 0.0, 0, 0
+        for step in range(steps):
+            if sampling.suppress_eos and eos is not None:
+                for x in logits:
+                    x[:, eos] = float("-inf")
+            logq, logp, alpha, fallback = self.proposal(logits[0], logits[1], sampling)
+            chosen = _draw(logq, generator)
+            tokens[live, step] = chosen
+            behaviour[live, step] = logq.gather(1, chosen[:, None]).squeeze(1).float()
+            policy_logprobs[live, step] = logp.gather(1, chosen[:, None]).squeeze(1).float()
+            lengths[live] += 1
+            positions_seen += int(chosen.numel())
+            fallbacks += int(fallback.sum())
+            if alpha is not None:
+                alpha_sum += float(alpha.sum())
+            if step == steps - 1:
+                break
+            done = chosen == eos if eos is not None else torch.zeros_like(chosen, dtype=torch.bool)
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                for model, cache in zip(models, caches, strict=True):
+                    cache.batch_select_indices(keep.to(next(model.parameters()).device))
+                live, chosen, mask = live[keep], chosen[keep], mask[keep]
+                next_position = next_position[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            logits = [
+                forward(m, c, chosen[:, None], mask, next_position)
+                for m, c in zip(models, caches, strict=True)
+            ]
+            next_position = next_position + 1
+
+        longest = int(lengths.max())
+        tokens, behaviour = tokens[:, :longest], behaviour[:, :longest]
+        policy_logprobs = policy_logprobs[:, :longest]
+        response_mask = torch.arange(longest, device=device)[None, :] < lengths[:, None]
+        weights = (policy_logprobs - behaviour).clamp(max=80.0).exp().masked_fill(~response_mask, 0)
+        count = int(response_mask.sum())
+        self.last_stats = {
+            "sampling/is_weight_max": float(weights.max()),
+            "sampling/ess": float(effective_sample_size(weights, response_mask)) / max(count, 1),
+            "sampling/fallback_share": fallbacks / max(positions_seen, 1),
+        }
+        if self.alpha != "min_variance":
+            self.last_stats["sampling/alpha_mean"] = alpha_sum / max(positions_seen, 1)
+
+        last_token = tokens.gather(1, (lengths - 1)[:, None]).squeeze(1)
+        emitted_eos = (last_token == eos) if eos is not None else lengths < 0
+        full_prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
+        response_ids = tokens.masked_fill(~response_mask, pad)
+        completions = self.tokenizer.batch_decode(response_ids.tolist(), skip_special_tokens=True)
+        return Experience(
+            input_ids=torch.cat([prompt_ids.repeat_interleave(g, dim=0), response_ids], dim=1),
+            attention_mask=torch.cat([full_prompt_mask, response_mask.long()], dim=1),
+            response_mask=torch.cat(
+                [torch.zeros_like(full_prompt_mask, dtype=torch.bool), response_mask], dim=1
+            ),
+            prompt_width=width,
+            behaviour_logprobs=torch.cat(
+                [torch.zeros(n, width, device=device), behaviour.masked_fill(~response_mask, 0.0)],
+                dim=1,
+            ),
+            scores=torch.full((n,), math.nan, device=device),
+            group_index=torch.arange(len(prompts), device=device).repeat_interleave(g)
+            + group_offset,
+            response_lengths=lengths,
+            truncated=(lengths == steps) & ~emitted_eos,
+            prompts=[p.text for p in prompts for _ in range(g)],
+            completions=completions,
+            row_fields=[dict(p.fields) for p in prompts for _ in range(g)],
+        )
