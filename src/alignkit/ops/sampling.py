@@ -516,7 +516,7 @@ def min_variance_proposal_logprobs(
         q*(y) ∝ π(y)·|A(y) - b|·‖e_y - π‖,   ‖e_y - π‖² = 1 - 2π(y) + Σ_y' π(y')²
 
     (``∇_z log softmax(z)_y = e_y - π``), the optimal importance density for a vector
-    integrand (Kahn & Marshall 1953; Owen, "Monte Carlo theory, methods and examples", §9.1).
+    integrand (Kahn & Marshall 1953; Owen, "Monte Carlo theory, methods and examples", ch. 9).
     Returned is the defensive mixture ``q = (1 - floor)·q* + floor·π`` (Hesterberg 1995): it
     keeps every token of supp π (q* drops tokens with ``A = b``), bounds the importance weight
     ``π/q`` by ``1/floor``, and, the variance being convex in q, is never worse than
