@@ -7,6 +7,13 @@ tiny: 166,208 parameters (0.17M), vocab 1024 (see ``alignkit.models.tiny``).
 from __future__ import annotations
 
 from alignkit.models.fetch import KNOWN_MODELS, cache_root, cached_models, fetch_model
+from alignkit.models.forward import (
+    innermost_model,
+    position_ids_from_mask,
+    response_logps,
+    selects_logit_rows,
+    token_logprobs,
+)
 from alignkit.models.loading import (
     ResolvedModel,
     ensure_pad_token,
@@ -21,7 +28,6 @@ from alignkit.models.lora import (
     apply_lora,
     disabled_adapter,
     has_adapter,
-    reference_mode,
     unwrap_model,
 )
 from alignkit.models.pooling import POOLINGS, pool
@@ -55,14 +61,18 @@ __all__ = [
     "ensure_pad_token",
     "fetch_model",
     "has_adapter",
+    "innermost_model",
     "load_policy",
     "load_reward_model",
     "load_tokenizer",
     "multitask_reward_loss",
     "pool",
-    "reference_mode",
+    "position_ids_from_mask",
     "resolve_dtype",
     "resolve_model",
+    "response_logps",
     "save_model",
+    "selects_logit_rows",
+    "token_logprobs",
     "unwrap_model",
 ]
