@@ -1,5 +1,7 @@
 """Models: load and save policies and tokenizers, the ``tiny`` preset, reward/cost/value models,
-LoRA adapters, and fetching a real small model into the local cache.
+LoRA adapters, fetching a real small model into the local cache, and the forward pass to token
+log-probs (``alignkit.models.forward``: sampling temperature, positions from the attention mask,
+the LM head on scored positions only, under any DDP/FSDP/DeepSpeed/peft wrapper).
 
 tiny: 166,208 parameters (0.17M), vocab 1024 (see ``alignkit.models.tiny``).
 """
