@@ -81,6 +81,18 @@ def token_logprobs(
 ) -> tuple[Tensor, Tensor]: ...
 
 
+@overload
+def token_logprobs(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    scored: Tensor,
+    *,
+    temperature: float = ...,
+    position_ids: Tensor | None = ...,
+    with_entropy: bool,
+) -> Tensor | tuple[Tensor, Tensor]: ...
+
+
 def token_logprobs(
     model: nn.Module,
     batch: dict[str, Tensor],
