@@ -240,3 +240,70 @@ def test_bad_configurations_are_refused(models):
             SamplingConfig(max_new_tokens=2, temperature=0.0),
             generator=torch.Generator().manual_seed(0),
         )
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    from alignkit.models import load_policy
+
+    teacher, tokenizer = load_policy("tiny", seed=5)
+    reference, _ = load_policy("tiny", seed=6)
+    return teacher, reference, tokenizer
+
+
+def _summed_logprob(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
+    """Independent path: a full forward, all logits, the shift done by sequence_logprobs."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+        ).logits
+    return sequence_logprobs(logits, input_ids, response_mask).sum(-1)
+
+
+def test_teacher_log_ratio_reward_from_texts_and_from_sampled_ids(tiny_pair):
+    from alignkit.data.collate import SFTCollator
+    from alignkit.data.tokenize import tokenize_sft
+    from alignkit.rollout.engine import TransformersEngine, prompts_from_records
+    from alignkit.rollout.teacher import TeacherLogRatioReward
+
+    teacher, reference, tokenizer = tiny_pair
+    prompts = ["Say hi.", "Add 2 and 3."]
+    completions = ["hi there", "5"]
+    reward = TeacherLogRatioReward(teacher, reference, tokenizer, batch_size=1)
+    got = reward(prompts, completions, [{}, {}])
+    examples = tokenize_sft(
+        [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)],
+        tokenizer,
+    )
+    batch = SFTCollator(pad_token_id=tokenizer.pad_token_id)(list(examples))
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"] != -100)
+    expected = _summed_logprob(teacher, *args) - _summed_logprob(reference, *args)
+    assert got.shape == (2,) and bool((got != 0).all())
+    assert torch.allclose(got, expected, atol=1e-4)
+    same = TeacherLogRatioReward(teacher, teacher, tokenizer)
+    assert torch.equal(same(prompts, completions, [{}, {}]), torch.zeros(2))
+
+    exp = TransformersEngine(reference, tokenizer).generate(
+        prompts_from_records([{"prompt": p} for p in prompts], tokenizer),
+        SamplingConfig(max_new_tokens=5, samples_per_prompt=2),
+        generator=torch.Generator().manual_seed(0),
+    )
+    args = (exp.input_ids, exp.attention_mask, exp.response_mask)
+    expected = _summed_logprob(teacher, *args) - _summed_logprob(reference, *args)
+    assert torch.allclose(reward.score_experience(exp), expected, atol=1e-4)
+
+
+def test_teacher_log_ratio_from_a_reward_spec():
+    from alignkit.rollout.rewards import build_reward_source
+
+    source = build_reward_source(
+        [{"teacher_log_ratio": {"teacher": "tiny", "reference": "tiny"}, "weight": 2.0}]
+    )
+    assert source.name == "2*teacher_log_ratio"
+    # Same preset, same seed: the two models agree, the log-ratio is 0.
+    assert torch.equal(source(["Say hi."], ["hi"], [{}]), torch.zeros(1))
+    with pytest.raises(ConfigError, match=r"rewards\[0\]\.teacher_log_ratio: expected"):
+        build_reward_source([{"teacher_log_ratio": {"teacher": "tiny"}}])
+    with pytest.raises(ConfigError, match="exactly one of 'function', 'model' or 'teacher_log"):
+        build_reward_source([{"teacher_log_ratio": {}, "function": "exact_match"}])

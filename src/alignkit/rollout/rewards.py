@@ -296,7 +296,8 @@ class WeightedReward:
         return total
 
 
-_SPEC_KEYS = ("function", "model", "weight")
+_SPEC_KEYS = ("function", "model", "teacher_log_ratio", "weight")
+_SOURCE_KEYS = ("function", "model", "teacher_log_ratio")
 
 
 def build_reward_source(
@@ -307,10 +308,12 @@ def build_reward_source(
 ) -> WeightedReward:
     """The weighted sum of the sources in ``specs`` (see the module docstring).
 
-    ``tokenizer`` is accepted for interface stability (model sources use their own tokenizer,
-    since a reward model may have been trained from a different base than the policy).
+    Model sources use their own tokenizer (a reward model may have been trained from a
+    different base than the policy). ``{teacher_log_ratio: {teacher: <model>, reference:
+    <model>}}`` is seed 001's reward log π_t(c|p) - log π_ref(c|p)
+    (``rollout.teacher.TeacherLogRatioReward``); both models must share ``tokenizer`` (the
+    policy's; the teacher's own when None).
     """
-    del tokenizer
     sources: list[tuple[RewardSource, float]] = []
     for i, spec in enumerate(specs):
         where = f"rewards[{i}]"
@@ -323,8 +326,10 @@ def build_reward_source(
             raise ConfigError(
                 f"{where}: unknown key '{unknown[0]}' (keys: {', '.join(_SPEC_KEYS)})"
             )
-        if ("function" in spec) == ("model" in spec):
-            raise ConfigError(f"{where}: give exactly one of 'function' or 'model'")
+        if sum(key in spec for key in _SOURCE_KEYS) != 1:
+            raise ConfigError(
+                f"{where}: give exactly one of 'function', 'model' or 'teacher_log_ratio'"
+            )
         weight = spec.get("weight", 1.0)
         if (
             isinstance(weight, bool)
@@ -336,7 +341,30 @@ def build_reward_source(
             source: RewardSource = FunctionReward(
                 resolve_reward_function(str(spec["function"])), name=str(spec["function"])
             )
-        else:
+        elif "model" in spec:
             source = ModelReward(spec["model"], device=device)
+        else:
+            source = _teacher_log_ratio(spec["teacher_log_ratio"], where, tokenizer, device)
         sources.append((source, float(weight)))
     return WeightedReward(sources)
+
+
+def _teacher_log_ratio(
+    spec: Any, where: str, tokenizer: Any, device: torch.device | str | None
+) -> RewardSource:
+    from alignkit.models import load_policy
+    from alignkit.rollout.teacher import TeacherLogRatioReward, check_same_vocabulary
+
+    if not isinstance(spec, Mapping) or set(spec) != {"teacher", "reference"}:
+        raise ConfigError(
+            f"{where}.teacher_log_ratio: expected {{teacher: <model>, reference: <model>}}, "
+            f"got {spec!r}"
+        )
+    teacher, teacher_tokenizer = load_policy(spec["teacher"])
+    reference, reference_tokenizer = load_policy(spec["reference"])
+    tokenizer = tokenizer or teacher_tokenizer
+    check_same_vocabulary(tokenizer, teacher_tokenizer, teacher, reference)
+    check_same_vocabulary(tokenizer, reference_tokenizer, teacher, reference)
+    teacher.to(device or "cpu")
+    reference.to(device or "cpu")
+    return TeacherLogRatioReward(teacher, reference, tokenizer)

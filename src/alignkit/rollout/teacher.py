@@ -59,7 +59,12 @@ from alignkit.rollout.engine import (
 )
 from alignkit.rollout.experience import Experience
 
-__all__ = ["ALPHA_RULES", "TeacherGuidedEngine", "check_same_vocabulary"]
+__all__ = [
+    "ALPHA_RULES",
+    "TeacherGuidedEngine",
+    "TeacherLogRatioReward",
+    "check_same_vocabulary",
+]
 
 ALPHA_RULES = ("kl_symmetry", "snr", "min_variance")
 AlphaSpec = str | float | Callable[[int], float]
@@ -344,3 +349,83 @@ class TeacherGuidedEngine:
             completions=completions,
             row_fields=[dict(p.fields) for p in prompts for _ in range(g)],
         )
+
+
+class TeacherLogRatioReward:
+    """Seed 001's reward ``r = log π_t(c | p) - log π_ref(c | p)``, summed over the completion.
+
+    A ``RewardSource``: called with texts, it tokenises ``prompt + completion + EOS`` exactly as
+    ``ModelReward`` does (the policy's tokenizer, shared by teacher and reference) and scores
+    both models in batches of ``batch_size``. Decoded text need not re-tokenise to the sampled
+    ids; :meth:`score_experience` scores the sampled token ids themselves (use it when the
+    ``Experience`` is at hand). Positive where the teacher likes the completion more than the
+    reference does.
+    """
+
+    name = "teacher_log_ratio"
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        reference: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int = 16,
+        max_length: int | None = None,
+    ) -> None:
+        check_same_vocabulary(tokenizer, None, teacher, reference)
+        self.teacher, self.reference, self.tokenizer = teacher, reference, tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def _log_ratio(self, batch: dict[str, Tensor]) -> Tensor:
+        from alignkit.models.forward import response_logps
+
+        scores = []
+        for model in (self.teacher, self.reference):
+            device = next(model.parameters()).device
+            on_device = {key: value.to(device) for key, value in batch.items()}
+            scores.append(response_logps(model, on_device).float().cpu())
+        return scores[0] - scores[1]
+
+    @torch.inference_mode()
+    def __call__(
+        self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]
+    ) -> Tensor:
+        from alignkit.data.collate import SFTCollator
+        from alignkit.data.tokenize import tokenize_sft
+
+        records = [
+            {"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)
+        ]
+        examples = tokenize_sft(records, self.tokenizer, max_length=self.max_length)
+        collate = SFTCollator(pad_token_id=self.tokenizer.pad_token_id)
+        out = []
+        for start in range(0, len(examples), self.batch_size):
+            batch = collate(examples[start : start + self.batch_size])
+            out.append(
+                self._log_ratio(
+                    {
+                        "input_ids": batch["input_ids"],
+                        "attention_mask": batch["attention_mask"],
+                        "response_mask": batch["labels"] != -100,
+                    }
+                )
+            )
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def score_experience(self, experience: Experience) -> Tensor:
+        """``[N]`` rewards of the sampled ids (prompt and response as generated)."""
+        out = []
+        for part in experience.split(self.batch_size):
+            out.append(
+                self._log_ratio(
+                    {
+                        "input_ids": part.input_ids,
+                        "attention_mask": part.attention_mask,
+                        "response_mask": part.response_mask,
+                    }
+                )
+            )
+        return torch.cat(out)
