@@ -88,7 +88,7 @@ def _next_token_logits(model, prompt: Prompt) -> torch.Tensor:
 def test_teacher_equal_to_policy_gives_alpha_one_and_unit_weights(models):
     policy, _, tokenizer = models
     engine = TeacherGuidedEngine(policy, policy, tokenizer)
-    assert isinstance(engine, GenerationEngine) and engine.matches_policy is False
+    assert isinstance(engine, GenerationEngine) and engine.samples_from_policy is False
     exp = engine.generate(
         _prompts(),
         SamplingConfig(max_new_tokens=6, samples_per_prompt=3),

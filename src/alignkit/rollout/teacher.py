@@ -18,8 +18,8 @@ Per-position α makes each position's proposal KL-symmetric; the sequence-level 
 the product of those, not the sequence-level q_α of whole responses.
 
 The behaviour log-prob of each token is ``log q(y_t)``. The samples do not follow the policy
-(``matches_policy = False``): the trainer must weight the policy loss and the KL term by the
-truncated importance weights ``min(π_θ/q, max_weight)``
+(``samples_from_policy = False``, the attribute the policy-gradient trainer reads): the trainer
+must weight the policy loss and the KL term by the truncated importance weights ``min(π_θ/q, max_weight)``
 (``ops.sampling.truncated_importance_weights``). After each ``generate`` the engine's
 ``last_stats`` holds ``sampling/alpha_mean`` (α rules only), ``sampling/is_weight_max`` and
 ``sampling/ess`` (the untruncated weights π_θ/q of the sampled tokens under the policy that
@@ -133,7 +133,7 @@ class TeacherGuidedEngine:
         floor: the policy's share in the ``"min_variance"`` proposal (weights <= 1/floor).
     """
 
-    matches_policy = False
+    samples_from_policy = False
     """Its samples follow q, not the policy: importance weights are needed."""
 
     def __init__(
