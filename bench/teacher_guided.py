@@ -404,9 +404,22 @@ def main() -> None:
     theory = sub.add_parser("theory", help="seed 001's numerical claims on random pairs")
     theory.add_argument("--scale", type=float, default=1.0, help="multiplies pairs per cell")
     theory.add_argument("--seed", type=int, default=0)
+    rl = sub.add_parser("rl", help="samples-to-threshold in a tabular RL simulation")
+    rl.add_argument("--budget", type=int, default=200_000, help="sampled answers per run")
+    rl.add_argument("--threshold", type=float, default=0.8, help="mean success probability")
+    rl.add_argument("--max-weight", type=float, default=2.0, help="importance-weight cap C")
     args = parser.parse_args()
     if args.command == "theory":
         run_theory(args.scale, args.seed)
+    else:
+        from teacher_guided_rl import rl_table, run_rl
+
+        result = run_rl(args.budget, args.threshold, args.max_weight)
+        table = rl_table(result)
+        print(f"\n{table}")
+        path = RESULTS.with_name(f"teacher_guided_rl_cap{args.max_weight:g}.json")
+        atomic_write_text(path, json.dumps({**result, "table": table}, indent=1) + "\n")
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
