@@ -66,3 +66,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def side_for(db: Database, assignment_id: int, want: str) -> str:
+    """The side ("left"/"right"/"tie") that means response ``want`` ("a"/"b"/"tie") to this viewer."""
+    from alignkit.annotate.schema import Assignment
+
+    if want == "tie":
+        return "tie"
+    with db.read() as session:
+        left_is_a = session.get(Assignment, assignment_id).left_is_a
+    return "left" if (want == "a") == left_is_a else "right"
+
+
+def task_of(db: Database, assignment_id: int) -> int:
+    from alignkit.annotate.schema import Assignment
+
+    with db.read() as session:
+        return session.get(Assignment, assignment_id).task_id

@@ -72,7 +72,7 @@ def select_prompts(
     left = list(prompts)
     rng.shuffle(left)
     count = min(count, len(left))
-    quotas = {s: int(mix.get(s, 0.0) * count) for s in STRATEGIES}
+    quotas = {s: int(mix.get(s, 0.0) * count + 1e-9) for s in STRATEGIES}  # 1e-9: 0.29 * 100
     quotas["random"] += count - sum(quotas.values())
     picked: list[tuple[Prompt, str]] = []
 
