@@ -156,6 +156,10 @@ def submit(
     """Store a label; returns ``(annotation id, was a retry)``. Committed before it returns."""
     postgres = db.dialect == "postgresql"
     with db.write() as session:
+        # Lock the assignment first (PostgreSQL): a concurrent retry of the same label waits here
+        # and then finds the committed key below, instead of racing to a second insert.
+        query = select(Assignment).where(Assignment.id == assignment_id)
+        assignment = session.scalar(query.with_for_update() if postgres else query)
         earlier = session.scalar(
             select(Annotation).where(Annotation.idempotency_key == sub.idempotency_key)
         )
@@ -163,8 +167,6 @@ def submit(
             if earlier.annotator_id == annotator_id and earlier.assignment_id == assignment_id:
                 return earlier.id, True
             raise LabelError(409, "idempotency_key was already used for another submission")
-        query = select(Assignment).where(Assignment.id == assignment_id)
-        assignment = session.scalar(query.with_for_update() if postgres else query)
         if assignment is None or assignment.annotator_id != annotator_id:
             raise LabelError(404, f"no assignment {assignment_id} for you")
         if assignment.status == "submitted":

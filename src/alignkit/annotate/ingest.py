@@ -52,11 +52,14 @@ def prompt_key(prompt: str | list) -> str:
     return _sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False))
 
 
-def import_prompts(db: Database, rows: Sequence[Any], source: str = "<request>") -> tuple[int, int]:
+def import_prompts(
+    db: Database, rows: Sequence[Any], source: str = "<request>", row_numbers: Sequence[int] = ()
+) -> tuple[int, int]:
     """Validate prompt-format rows (``category`` and flags such as ``adversarial`` kept) and add the
     new ones. Returns ``(added, already present)``. Every bad row is reported, none is added."""
     problems, records = [], []
-    for i, raw in enumerate(rows, start=1):
+    numbers = list(row_numbers) or range(1, len(rows) + 1)
+    for i, raw in zip(numbers, rows, strict=True):
         record, row_problems = normalize_row(raw, "prompt")
         for field in ("adversarial", "high_value"):
             if isinstance(raw, Mapping) and not isinstance(raw.get(field, False), bool):
@@ -263,11 +266,18 @@ def make_gold(db: Database, count: int, kinds: Sequence[str] = GOLD_KINDS, seed:
     return made
 
 
-def import_gold(db: Database, rows: Sequence[Any], source: str = "<request>", seed: int = 0) -> int:
+def import_gold(
+    db: Database,
+    rows: Sequence[Any],
+    source: str = "<request>",
+    seed: int = 0,
+    row_numbers: Sequence[int] = (),
+) -> int:
     """Import gold pairs with known answers: preference rows ``{prompt, chosen, rejected}``.
     Returns how many gold tasks were made (a pair already in the database is skipped)."""
     problems, records = [], []
-    for i, raw in enumerate(rows, start=1):
+    numbers = list(row_numbers) or range(1, len(rows) + 1)
+    for i, raw in zip(numbers, rows, strict=True):
         record, row_problems = normalize_row(raw, "preference")
         problems += [RowProblem(source, i, f, m) for f, m in row_problems]
         if record is not None:
