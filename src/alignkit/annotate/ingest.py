@@ -252,8 +252,12 @@ def make_gold(db: Database, count: int, kinds: Sequence[str] = GOLD_KINDS, seed:
         for source in sources:
             if made >= count:
                 break
-            kind = kinds[made % len(kinds)]
-            text = corrupt(source.text, kind, rng)
+            # kinds in rotation; a response too short for one kind tries the next
+            rotation = [kinds[(made + k) % len(kinds)] for k in range(len(kinds))]
+            kind, text = next(
+                ((k, t) for k in rotation if (t := corrupt(source.text, k, rng)) is not None),
+                ("", None),
+            )
             if text is None:
                 continue
             new = NewResponse(
