@@ -1,5 +1,8 @@
 """`annotate serve`: the FastAPI app. Annotators label; admins run the round over HTTP too.
 
+(No `from __future__ import annotations` here: FastAPI reads the dependency annotations of the
+endpoints defined inside `create_app` at run time.)
+
 Security: every API call carries ``Authorization: Bearer <token>`` (never a cookie, so a form on
 another site cannot post on an annotator's behalf, and no CORS is enabled); POST bodies must be
 JSON; tokens are looked up by hash and compared with ``hmac.compare_digest``; bodies over
@@ -8,8 +11,6 @@ before the reply, and a client idempotency key makes a retried submission return
 Model output reaches the page only through ``textContent`` (static/app.js) under a CSP that
 forbids inline scripts.
 """
-
-from __future__ import annotations
 
 import math
 import random
