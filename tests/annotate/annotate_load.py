@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from sqlalchemy import func, select
 
 from alignkit.annotate.db import open_database
 from alignkit.annotate.ingest import NewResponse, add_annotator, add_responses, import_prompts
 from alignkit.annotate.pairs import create_tasks
-from alignkit.annotate.schema import Prompt
+from alignkit.annotate.schema import Annotation, Prompt, Task
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 _NETWORK = (httpx.TransportError, httpx.RemoteProtocolError)
@@ -229,7 +230,20 @@ def main() -> None:
             result = run(server, tokens, args.per_annotator, args.kill_after, budget=1800)
         finally:
             server.stop()
-        print(result.summary())
+        db = open_database(url)
+        with db.read() as session:
+            stored = dict(session.execute(select(Annotation.idempotency_key, Annotation.id)).all())
+            over = session.scalar(select(func.count()).where(Task.submitted > Task.target))
+        db.dispose()
+        lost = sum(stored.get(k) != v for k, v in result.acked.items())
+        print(
+            {
+                **result.summary(),
+                "stored": len(stored),
+                "acknowledged_but_lost": lost,
+                "tasks_over_target": over,
+            }
+        )
 
 
 if __name__ == "__main__":

@@ -120,3 +120,19 @@ def test_user_errors_are_one_line_and_exit_2(
     assert code == 2 and "unknown strategy 'loud'" in text
     code, text = _run(["annotate", "stats", "--db", "mysql://h/d"], capsys)
     assert code == 2 and "only sqlite:/// and postgresql://" in text
+
+
+def test_a_run_directory_means_its_newest_checkpoint_model(tmp_path: Path) -> None:
+    from alignkit.annotate.generate import resolve_checkpoint
+
+    run = tmp_path / "runs" / "sft"
+    for step in (5, 12):
+        model = run / "checkpoints" / f"step-{step}" / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text("{}")
+        (model.parent / "trainer_state.pt").write_text("")
+    (run / "checkpoints" / "step-20" / "model").mkdir(parents=True)  # incomplete: no trainer state
+    assert resolve_checkpoint(str(run)) == str(run / "checkpoints" / "step-12" / "model")
+    step5 = run / "checkpoints" / "step-5"
+    assert resolve_checkpoint(str(step5)) == str(step5 / "model")
+    assert resolve_checkpoint("tiny") == "tiny"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -20,6 +21,23 @@ from alignkit.annotate.schema import Prompt
 from alignkit.errors import AlignkitError
 
 __all__ = ["GenerateReport", "generate"]
+
+
+def resolve_checkpoint(name: str) -> str:
+    """A run directory means its newest complete checkpoint's model (``<run>/checkpoints/step-N/
+    model``), a checkpoint directory its ``model`` subdirectory; anything else is left as it is
+    for `load_policy` (preset, fetched model, HF directory, LoRA adapter directory)."""
+    from alignkit.tracking.checkpoint import latest_checkpoint
+
+    path = Path(name).expanduser()
+    if (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise AlignkitError(f"--model {name}: run directory without a complete checkpoint")
+        path = latest
+    if (path / "model").is_dir() and not (path / "config.json").is_file():
+        return str(path / "model")
+    return name if path == Path(name).expanduser() else str(path)
 
 
 @dataclass(frozen=True)
@@ -82,7 +100,8 @@ def generate(
     total_steps = len(models) * len(settings_list) * samples
     generated = added = step = 0
     for model_name in models:
-        model, tokenizer = load_policy(model_name)
+        location = resolve_checkpoint(model_name)
+        model, tokenizer = load_policy(location)
         for t_index, settings in enumerate(settings_list):
             for sample in range(samples):
                 sample_seed = seed + 1000 * t_index + sample
@@ -90,6 +109,7 @@ def generate(
                     model, tokenizer, prompts, settings, generator_seed=sample_seed
                 )
                 recorded = {k: v for k, v in asdict(settings).items() if k != "prompts_per_batch"}
+                recorded["checkpoint"] = location
                 new = [
                     NewResponse(pid, text, model_name, recorded, sample_seed)
                     for pid, text in zip(prompt_ids, texts, strict=True)
