@@ -45,7 +45,7 @@ class QualityConfig:
 def annotation_quality(
     gold_correct: int, gold_answered: int, seconds: float, confidence: int, config: QualityConfig
 ) -> float:
-    """``q`` of one annotation (module docstring), in [1/6, 1]."""
+    """``q`` of one annotation (module docstring), in (0.23, 1]."""
     gold_accuracy = (gold_correct + 1) / (gold_answered + 2)
     time_ok = 1.0 if config.min_seconds <= seconds <= config.max_seconds else 0.5
     return (gold_accuracy + time_ok + confidence / 5) / 3
