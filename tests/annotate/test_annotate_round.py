@@ -296,3 +296,36 @@ def test_export_weights_votes_by_quality_and_loads_for_dpo(db, tmp_path) -> None
     )
     records = load_records(out, "preference")
     assert len(records) == 1 and records[0]["margin"] == pytest.approx(1 / 3, abs=1e-6)
+
+
+def test_quality_weights_can_overturn_a_majority() -> None:
+    from alignkit.annotate.quality import TaskResult, aggregate
+
+    labels = [SimpleNamespace(choice=c, confidence=5) for c in ("a", "a", "b")]
+    # two low-quality votes for a against one high-quality vote for b:
+    # s = (0.3 + 0.3 - 0.9) / 1.5 = -0.2, so b wins with margin 0.2; weighted agreement 0.6
+    result = TaskResult(task=None, labels=labels, quality=[0.3, 0.3, 0.9])
+    assert result.score == pytest.approx(-0.2)
+    assert aggregate(result) == "b" and aggregate(result, tie_margin=0.25) is None
+    assert result.weighted_agreement == pytest.approx(0.6) and result.agreement == pytest.approx(
+        2 / 3
+    )
+
+
+def test_stats_measure_position_and_length_bias(db) -> None:
+    seed_round(db, n_prompts=6)  # response 1 of each prompt is the longer one
+    add_annotator(db, "x")
+    rng = random.Random(3)
+    longer_left = []
+    while (task := claim(db, 1, NO_GOLD, rng)) is not None:  # always picks the left response
+        longer_left.append(len(task.left) > len(task.right))
+        submit(db, 1, task.assignment_id, Submission(f"k{task.assignment_id}", "left", 3), NO_GOLD)
+    report = stats(db)
+    assert (
+        report["left_choice_rate"] == 1.0 and report["annotators"]["x"]["left_choice_rate"] == 1.0
+    )
+    assert report["longer_chosen_rate"] == pytest.approx(sum(longer_left) / 6)
+    assert 0 < sum(longer_left) < 6  # the sides really were randomised
+    assert (
+        report["labels"] == 6 and report["agreement_majority_share"] is None
+    )  # one label per task
