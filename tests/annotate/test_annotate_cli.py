@@ -136,3 +136,23 @@ def test_a_run_directory_means_its_newest_checkpoint_model(tmp_path: Path) -> No
     step5 = run / "checkpoints" / "step-5"
     assert resolve_checkpoint(str(step5)) == str(step5 / "model")
     assert resolve_checkpoint("tiny") == "tiny"
+
+
+def test_generate_records_sources_and_drops_duplicates(tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from alignkit.annotate.generate import generate
+    from alignkit.annotate.ingest import import_prompts
+    from alignkit.annotate.schema import Response
+
+    db = open_database(str(tmp_path / "g.db"))
+    import_prompts(db, [{"prompt": "Hello there"}, {"prompt": "Tell me a story"}])
+    # greedy decoding twice: the second sample repeats the first, and is dropped
+    report = generate(db, ["tiny"], temperatures=[0.0], samples=2, max_new_tokens=6, seed=7)
+    assert (report.generated, report.added, report.duplicates) == (4, 2, 2)
+    with db.read() as s:
+        rows = s.scalars(select(Response)).all()
+    assert {(r.model, r.seed, json.loads(r.settings_json)["temperature"]) for r in rows} == {
+        ("tiny", 7, 0.0)
+    }
+    assert all(json.loads(r.settings_json)["checkpoint"] == "tiny" for r in rows)
