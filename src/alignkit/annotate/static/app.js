@@ -37,7 +37,7 @@
   }
 
   function showProgress(p) {
-    $("progress").textContent = `Done: ${p.done} · Left for you: ${p.available}`;
+    $("progress").textContent = `Done: ${p.done} · Waiting after this one: ${p.available}`;
   }
 
   function promptText(prompt) {
