@@ -329,3 +329,23 @@ def test_stats_measure_position_and_length_bias(db) -> None:
     assert (
         report["labels"] == 6 and report["agreement_majority_share"] is None
     )  # one label per task
+
+
+def test_deadlock_victims_are_retried_other_errors_are_not() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from alignkit.annotate.assign import retry_conflicts
+
+    calls = []
+
+    def flaky(code: str):
+        calls.append(code)
+        if len(calls) == 1:
+            raise OperationalError("UPDATE ...", {}, SimpleNamespace(sqlstate=code))
+        return "ok"
+
+    assert retry_conflicts(flaky, "40P01") == "ok" and len(calls) == 2
+    calls.clear()
+    with pytest.raises(OperationalError, match="UPDATE"):
+        retry_conflicts(flaky, "08006")  # a lost connection is not retried here
+    assert len(calls) == 1

@@ -13,18 +13,34 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from alignkit.annotate.db import Database, utcnow
 from alignkit.annotate.schema import Annotation, Annotator, Assignment, Prompt, Response, Task
 from alignkit.data.tools import majority_share
 
-__all__ = ["AssignConfig", "LabelError", "Served", "Submission", "claim", "progress", "submit"]
+__all__ = [
+    "AssignConfig",
+    "LabelError",
+    "Served",
+    "Submission",
+    "claim",
+    "progress",
+    "retry_conflicts",
+    "submit",
+]
+
+_RETRYABLE = {"40P01", "40001"}  # PostgreSQL: deadlock detected, serialization failure
+
+
+T = TypeVar("T")
 
 
 class LabelError(Exception):
@@ -142,6 +158,19 @@ def claim(
                 session.flush()
                 return _serve(session, assignment)
         return None
+
+
+def retry_conflicts(fn: Callable[..., T], *args: Any, attempts: int = 3) -> T:
+    """Run a claim or submit again when PostgreSQL aborted it as a deadlock victim (a late label
+    for a lease that a concurrent claim is expiring can cross locks). Both are safe to repeat:
+    the aborted transaction left nothing, and a submission is idempotent by its key."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args)
+        except OperationalError as err:
+            if getattr(err.orig, "sqlstate", None) not in _RETRYABLE or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _to_ab(side: str | None, left_is_a: bool) -> str | None:

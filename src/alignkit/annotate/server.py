@@ -24,10 +24,18 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from alignkit.annotate import ingest
-from alignkit.annotate.assign import AssignConfig, LabelError, Submission, claim, progress, submit
+from alignkit.annotate.assign import (
+    AssignConfig,
+    LabelError,
+    Submission,
+    claim,
+    progress,
+    retry_conflicts,
+    submit,
+)
 from alignkit.annotate.db import Database
 from alignkit.annotate.export import export_rows
 from alignkit.annotate.pairs import DEFAULT_MIX, STRATEGIES, create_tasks
@@ -211,6 +219,15 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
     async def _user_error(_request: Request, err: AlignkitError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=400)
 
+    @app.exception_handler(OperationalError)
+    async def _busy(_request: Request, err: OperationalError) -> JSONResponse:
+        # a lock that outlasted the busy timeout, or a lost connection: nothing was committed
+        return JSONResponse(
+            {"detail": f"database busy, retry ({type(err.orig).__name__})"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
         problems = [
@@ -271,7 +288,7 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
     def next_task(who: Who) -> dict[str, Any]:
         with rng_lock:
             task_rng = random.Random(rng.random())
-        served = claim(db, who.id, config.assign, task_rng)
+        served = retry_conflicts(claim, db, who.id, config.assign, task_rng)
         task = (
             None
             if served is None
@@ -289,7 +306,9 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
     def label(assignment_id: int, body: LabelBody, who: Who) -> dict[str, Any]:
         sub = Submission(**body.model_dump())
         try:
-            annotation_id, retry = submit(db, who.id, assignment_id, sub, config.assign)
+            annotation_id, retry = retry_conflicts(
+                submit, db, who.id, assignment_id, sub, config.assign
+            )
         except IntegrityError:  # the same key raced in from a concurrent retry: answer as a retry
             annotation_id, retry = submit(db, who.id, assignment_id, sub, config.assign)
         return {"annotation_id": annotation_id, "duplicate": retry}
