@@ -40,11 +40,12 @@ def _root(
 
 def _register_commands() -> None:
     # Imported here so `alignkit --help` stays fast and each command module owns its options.
-    from alignkit.cli import data, ops_check, quickstart, train
+    from alignkit.cli import data, generate, ops_check, quickstart, train
 
     train.register(app)
     quickstart.register(app)
     data.register(app)
+    generate.register(app)
     ops_check.register(app)
 
 
