@@ -21,12 +21,12 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
-from alignkit.data.collate import PromptCollator  # noqa: E402
-from alignkit.data.synthetic import SyntheticTask  # noqa: E402
-from alignkit.models import load_policy  # noqa: E402
-from alignkit.rollout import (  # noqa: E402
+from alignkit.data.collate import PromptCollator
+from alignkit.data.synthetic import SyntheticTask
+from alignkit.models import load_policy
+from alignkit.rollout import (
     SamplingConfig,
     TransformersEngine,
     load_prompt_file,
@@ -105,7 +105,7 @@ def main() -> None:
             }
             times: dict[str, list[float]] = {name: [] for name in runs}
             tokens: dict[str, list[int]] = {name: [] for name in runs}
-            for name, run in runs.items():
+            for run in runs.values():
                 run(0)  # warm-up
             for repeat in range(args.repeats):
                 order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
