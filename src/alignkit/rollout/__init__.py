@@ -5,6 +5,7 @@ from alignkit.rollout.engine import (
     Prompt,
     SamplingConfig,
     TransformersEngine,
+    load_prompt_file,
     prompts_from_records,
 )
 from alignkit.rollout.experience import Experience
@@ -20,5 +21,6 @@ __all__ = [
     "TeacherGuidedEngine",
     "TransformersEngine",
     "generate_responses",
+    "load_prompt_file",
     "prompts_from_records",
 ]
