@@ -1,6 +1,7 @@
 """Seed 001 (the optimal sampling distribution) checked with ``alignkit.ops.sampling``.
 
     PYTHONPATH=src .venv/bin/python bench/teacher_guided.py theory [--scale 1.0] [--seed 0]
+    PYTHONPATH=src .venv/bin/python bench/teacher_guided.py rl [--max-weight 2] [--budget N]
 
 ``theory``: random policy/target pairs (one next-token distribution each) in several regimes
 and vocabulary sizes up to 50,257, all rows of a cell computed at once in float64. For each
@@ -12,6 +13,11 @@ second-order progress, SNR(q)²/SNR(π_θ)²) and the exact variance of an impor
 policy gradient (``policy_gradient_variance``) for q_αKL, q_0.5 and the variance-optimal
 proposal. Prints markdown tables and writes ``bench/results/teacher_guided_theory.json``.
 ``--scale`` multiplies the number of pairs per cell.
+
+``rl``: samples-to-threshold of on-policy, α_KL, α = 0.5 and min-variance proposals in a tabular
+importance-weighted REINFORCE simulation (``bench/teacher_guided_rl.py`` describes it); writes
+``bench/results/teacher_guided_rl_cap<C>.json``. Results and verdicts:
+docs/teacher-guided-sampling.md.
 """
 
 from __future__ import annotations
