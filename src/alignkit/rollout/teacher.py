@@ -167,8 +167,10 @@ class TeacherGuidedEngine:
         self.last_stats: dict[str, float] = {}
 
     def sync_weights(self, model: nn.Module) -> None:
-        """In-process: generate with ``model`` itself from now on (no copy)."""
+        """In-process: generate with ``model`` itself from now on (no copy); the teacher moves
+        to the policy's device (the trainer places the policy after building the engine)."""
         self.model = unwrap_for_generation(model)
+        self.teacher.to(next(self.model.parameters()).device)
 
     def set_iteration(self, iteration: int) -> None:
         """The training iteration a schedule ``alpha`` is evaluated at."""
