@@ -74,3 +74,40 @@ def register(data: typer.Typer) -> None:
             f"{out}: {written} {target} rows from {len(report.rows)} {source} rows{note}",
             markup=False,
         )
+
+    @data.command("check")
+    def check(
+        source_file: Path = typer.Argument(..., metavar="IN", help="Preference or safety pairs."),
+        kept: Path = typer.Option(..., help="Where the rows that pass go (.jsonl/.json)."),
+        rejected: Path = typer.Option(..., help="Where the other rows go, with their reasons."),
+        format: str | None = typer.Option(
+            None, "--format", "-f", help="preference or safety (auto-detected when omitted)."
+        ),
+        min_margin: float = typer.Option(0.0, help="Reject pairs whose margin is below this."),
+        ngram: int = typer.Option(3, help="Word n-gram size of the repetition check."),
+        max_repeat: float = typer.Option(
+            0.5, help="Reject a response whose share of repeated n-grams exceeds this."
+        ),
+        echo_share: float = typer.Option(
+            0.8, help="A response containing the prompt that makes up this share of it echoes it."
+        ),
+        min_agreement: float = typer.Option(
+            0.6, help="Reject every vote on a pair whose annotators' majority share is below this."
+        ),
+    ) -> None:
+        """Quality control: agreement, margins, degenerate responses, duplicates, length bias."""
+        from alignkit.data.loaders import read_rows
+        from alignkit.data.output import write_rows
+        from alignkit.data.quality import QualityConfig, check_pairs
+        from alignkit.data.validate import detect_format
+        from alignkit.errors import ConfigError
+
+        raw_rows = read_rows(source_file)
+        fmt = format or detect_format([r.value for r in raw_rows if r.error is None])
+        if fmt not in ("preference", "safety"):
+            raise ConfigError(f"check works on preference or safety pairs, got format {fmt!r}")
+        config = QualityConfig(min_margin, ngram, max_repeat, echo_share, min_agreement)
+        report = check_pairs(raw_rows, config, fmt)
+        write_rows(kept, report.kept)
+        write_rows(rejected, report.rejected)
+        Console(soft_wrap=True, highlight=False).print(f"{source_file}: {report.summary()}")
