@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -111,3 +112,70 @@ def register(data: typer.Typer) -> None:
         write_rows(kept, report.kept)
         write_rows(rejected, report.rejected)
         Console(soft_wrap=True, highlight=False).print(f"{source_file}: {report.summary()}")
+
+    @data.command("augment")
+    def augment(
+        source_file: Path = typer.Argument(..., metavar="IN", help="Preference pairs."),
+        out: Path = typer.Argument(..., metavar="OUT", help="Output .jsonl or .json file."),
+        transitivity: bool = typer.Option(
+            False, "--transitivity", help="Add a > c from a > b and b > c (cycles reported)."
+        ),
+        decay: float = typer.Option(0.5, help="Margin factor per extra judgement on the path."),
+        max_hops: int = typer.Option(2, help="Longest chain of judgements a pair is derived from."),
+    ) -> None:
+        """Augment preference pairs; the input rows are kept, derived ones are appended."""
+        from alignkit.data.augment import transitive_pairs
+        from alignkit.data.output import write_rows
+        from alignkit.data.validate import load_validated
+        from alignkit.errors import ConfigError
+
+        if not transitivity:
+            raise ConfigError("choose an augmentation: --transitivity")
+        report = load_validated(source_file, "preference")
+        result = transitive_pairs(report.rows, decay=decay, max_hops=max_hops)
+        write_rows(out, result.rows)
+        console = Console(soft_wrap=True, highlight=False)
+        for cycle in result.cycles:
+            console.print(
+                f"cycle (not propagated), rows {cycle['rows']}: "
+                + " > ".join(json.dumps(r)[:40] for r in cycle["responses"]),
+                markup=False,
+            )
+        console.print(
+            f"{out}: {len(result.rows)} rows ({len(report.rows)} input, {result.added} derived); "
+            f"{len(result.cycles)} cycle(s)",
+            markup=False,
+        )
+
+    @data.command("split")
+    def split(
+        source_file: Path = typer.Argument(..., metavar="IN", help="Any data file with a prompt."),
+        out_dir: Path = typer.Option(..., help="Writes train/validation/test.jsonl here."),
+        validation: float = typer.Option(0.1, help="Share of prompts in validation."),
+        test: float = typer.Option(0.1, help="Share of prompts in test."),
+        seed: int = typer.Option(0, help="Seed of the prompt shuffle."),
+        category_field: str = typer.Option(
+            "category", help="Stratify by this column when it exists ('' to turn off)."
+        ),
+    ) -> None:
+        """Split IN by prompt (no prompt in two splits), seeded, stratified by category."""
+        from alignkit.data.output import write_rows
+        from alignkit.data.split import split_by_prompt
+        from alignkit.data.validate import load_validated
+        from alignkit.errors import ConfigError
+
+        if validation < 0 or test < 0 or validation + test >= 1:
+            raise ConfigError("--validation and --test must be >= 0 with a sum below 1")
+        report = load_validated(source_file)
+        parts = split_by_prompt(
+            [r.raw for r in report.rows],
+            validation=validation,
+            test=test,
+            seed=seed,
+            category_field=category_field or None,
+        )
+        console = Console(soft_wrap=True, highlight=False)
+        for name, rows in parts.items():
+            path = out_dir / f"{name}.jsonl"
+            write_rows(path, rows)
+            console.print(f"{path}: {len(rows)} rows", markup=False)
