@@ -32,7 +32,6 @@ from alignkit.models.reward import (
     RewardModelConfig,
     RewardOutput,
     load_reward_model,
-    multitask_reward_loss,
 )
 from alignkit.models.tiny import TINY_NAME, TINY_NUM_PARAMETERS
 
@@ -58,7 +57,6 @@ __all__ = [
     "load_policy",
     "load_reward_model",
     "load_tokenizer",
-    "multitask_reward_loss",
     "pool",
     "reference_mode",
     "resolve_dtype",
