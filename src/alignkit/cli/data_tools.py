@@ -179,3 +179,39 @@ def register(data: typer.Typer) -> None:
             path = out_dir / f"{name}.jsonl"
             write_rows(path, rows)
             console.print(f"{path}: {len(rows)} rows", markup=False)
+
+    @data.command("select")
+    def select(
+        source_file: Path = typer.Argument(..., metavar="IN", help="Candidate pairs."),
+        out: Path = typer.Argument(..., metavar="OUT", help="Output .jsonl or .json file."),
+        by: str = typer.Option("uncertainty", "--by", help="Selection rule: uncertainty."),
+        ensemble: Path = typer.Option(..., help="An rm-ensemble run directory."),
+        budget: int = typer.Option(..., min=1, help="How many pairs to select."),
+        measure: str = typer.Option(
+            "std", help="std (members' margin spread), variance_ratio (vote split) or entropy."
+        ),
+        device: str | None = typer.Option(None, help="Where the members run (default cpu)."),
+    ) -> None:
+        """Select the BUDGET candidate pairs the ensemble is least sure of, to label first."""
+        from alignkit.data.loaders import read_rows
+        from alignkit.data.output import write_rows
+        from alignkit.data.select import candidate_pairs, select_uncertain
+        from alignkit.errors import ConfigError
+        from alignkit.models.ensemble import load_reward_source
+        from alignkit.ops.evaluation import UNCERTAINTIES
+
+        if by != "uncertainty":
+            raise ConfigError(f"--by must be uncertainty, got {by!r}")
+        if measure not in UNCERTAINTIES:
+            raise ConfigError(f"--measure must be one of {', '.join(UNCERTAINTIES)}")
+        candidates = candidate_pairs(read_rows(source_file), str(source_file))
+        scorer = load_reward_source(ensemble, device=device)
+        if len(scorer) < 2:
+            raise ConfigError(f"{ensemble}: uncertainty needs an ensemble of >= 2 members")
+        chosen = select_uncertain(scorer, candidates, budget, measure)
+        write_rows(out, chosen)
+        Console(soft_wrap=True, highlight=False).print(
+            f"{out}: {len(chosen)} of {len(candidates)} pairs, {measure} from "
+            f"{chosen[-1]['uncertainty']:.4g} to {chosen[0]['uncertainty']:.4g}",
+            markup=False,
+        )
