@@ -182,3 +182,24 @@ def test_stacking_weights_favour_the_informative_member() -> None:
     margins = torch.stack([truth * 2, torch.randn(400, generator=g) * 2])
     w = fit_stacking(margins)
     assert w[0] > 0.5 and abs(w[1]) < 0.5 * w[0]
+
+
+@pytest.mark.parametrize("which", ["ensemble", "single"])
+def test_eval_rm_cli_writes_report_and_plots(
+    trained: tuple[Path, Path], tmp_path: Path, which: str
+) -> None:
+    run, data = trained
+    model = run if which == "ensemble" else run / "member-1"
+    ratings = tmp_path / "ratings.jsonl"
+    lines = (data / "ratings_heldout.jsonl").read_text().splitlines()[:30]
+    ratings.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "rm", str(model), str(ratings), "--out-dir", str(out)])
+    assert info.value.code in (0, None)
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"] >= 0.9
+    assert report["kendall_tau"]["groups"] >= 5 and report["kendall_tau"]["mean"] >= 0.5
+    assert set(report["robustness"]) == {"whitespace", "casing", "appended_text", "response_order"}
+    assert (out / "reliability.png").is_file() and (out / "margins.png").is_file()
+    assert ("members" in report) == (which == "ensemble")
