@@ -68,3 +68,57 @@ def register(app: typer.Typer) -> None:
         console = Console(soft_wrap=True)
         _print_table(f"{source.name} on {data}", report, console)
         console.print(f"report: {out_dir / 'report.json'}", highlight=False)
+
+    @group.command("policy")
+    def policy(
+        model: str = typer.Argument(..., help="Policy: tiny, a model name or a directory."),
+        prompts: Path = typer.Argument(..., help="Prompt file (prompt format)."),
+        reward: list[str] = typer.Option(
+            ["synthetic"],
+            help="Reward source(s): synthetic (the bundled judges) or a reward/cost model or "
+            "ensemble directory; repeat for several. The first judges the win rate.",
+        ),
+        reference: str | None = typer.Option(None, help="Reference model for KL(pi || ref)."),
+        versus: str | None = typer.Option(None, help="A second policy for the win rate."),
+        max_new_tokens: int = typer.Option(48, min=1, help="Tokens generated per prompt."),
+        temperature: float = typer.Option(
+            1.0, min=0.0, help="Sampling temperature (1: the KL estimate is unbiased; 0: greedy)."
+        ),
+        max_prompts: int | None = typer.Option(None, help="Evaluate the first N prompts only."),
+        batch_size: int = typer.Option(32, min=1, help="Prompts per generation batch."),
+        seed: int = typer.Option(0, help="Sampling seed."),
+        out_dir: Path = typer.Option(Path("eval/policy"), help="Where report.json goes."),
+        device: str | None = typer.Option(None, help="Where the models run (default cpu)."),
+    ) -> None:
+        """Generate, then reward/cost/length statistics, KL to a reference, win rate."""
+        from alignkit.config import atomic_write_text
+        from alignkit.data.validate import load_validated
+        from alignkit.eval.policy import evaluate_policy
+        from alignkit.models.ensemble import load_reward_source
+        from alignkit.models.loading import ensure_pad_token, load_policy
+
+        def load(name: str) -> tuple:
+            loaded, tokenizer = load_policy(name)
+            return loaded.to(device or "cpu"), ensure_pad_token(tokenizer, loaded)
+
+        rows = [r.record["prompt"] for r in load_validated(prompts, "prompt").rows]
+        rows = rows[:max_prompts] if max_prompts else rows
+        sources = [s if s == "synthetic" else load_reward_source(s, device=device) for s in reward]
+        policy_model, tokenizer = load(model)
+        report = evaluate_policy(
+            policy_model,
+            tokenizer,
+            rows,
+            sources,
+            reference=load(reference)[0] if reference else None,
+            versus=load(versus) if versus else None,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        report |= {"model": model, "reference": reference, "versus": versus}
+        atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+        console = Console(soft_wrap=True)
+        _print_table(f"{model} on {prompts}", report, console)
+        console.print(f"report: {out_dir / 'report.json'}", highlight=False)
