@@ -69,6 +69,17 @@ def test_pairwise_and_ratings_problems(tmp_path: Path) -> None:
     assert _problems(ratings) == [(1, "rating", "expected a number, got string")]
 
 
+def test_mixed_margins_are_reported_on_the_rows_without(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "m.jsonl",
+        [
+            json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1}),
+            json.dumps({"prompt": "p", "chosen": "a", "rejected": "c"}),
+        ],
+    )
+    assert _problems(path) == [(2, "margin", "missing here but given in 1 other rows")]
+
+
 def test_detect_format() -> None:
     assert detect_format([{"prompt": "p", "response_0": "a"}]) == "safety"
     assert detect_format([{"prompt": "p", "chosen": "a", "rejected": "b"}]) == "preference"

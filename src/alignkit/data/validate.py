@@ -181,6 +181,17 @@ def validate_file(path: str | Path, fmt: str | None = None) -> ValidationReport:
         report.problems.extend(RowProblem(str(path), raw.row, f, m) for f, m in problems)
         if record is not None and not problems:
             report.rows.append(ValidatedRow(raw.row, dict(raw.value), record))
+    if FORMAT_ALIASES[fmt] == "preference":
+        # as the loader: a file cannot mix pairs with and without a margin
+        with_margin = sum("margin" in r.record for r in report.rows)
+        if 0 < with_margin < len(report.rows):
+            message = f"missing here but given in {with_margin} other rows"
+            report.problems.extend(
+                RowProblem(str(path), r.row, "margin", message)
+                for r in report.rows
+                if "margin" not in r.record
+            )
+            report.rows = [r for r in report.rows if "margin" in r.record]
     report.problems.sort(key=lambda p: p.row)
     return report
 
