@@ -203,3 +203,15 @@ def test_eval_rm_cli_writes_report_and_plots(
     assert set(report["robustness"]) == {"whitespace", "casing", "appended_text", "response_order"}
     assert (out / "reliability.png").is_file() and (out / "margins.png").is_file()
     assert ("members" in report) == (which == "ensemble")
+
+
+def test_ensemble_is_a_rollout_reward_source(trained: tuple[Path, Path]) -> None:
+    from alignkit.rollout.rewards import build_reward_source
+
+    run, data = trained
+    rows = _heldout(data, 6)
+    prompts, responses = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    source = build_reward_source([{"model": str(run), "penalty": 1.0, "combination": "median"}])
+    expected = load_reward_source(run, combination="median", penalty=1.0).score(prompts, responses)
+    got = source(prompts, responses, [{} for _ in rows])
+    assert torch.allclose(got, expected, atol=1e-5)

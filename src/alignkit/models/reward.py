@@ -35,6 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignkit import __version__
 from alignkit.errors import CheckpointError, ConfigError
+from alignkit.models.forward import position_ids_from_mask
 from alignkit.models.loading import (
     DTypeLike,
     ResolvedModel,
@@ -156,7 +157,7 @@ class RewardModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_position_ids:
-            inputs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            inputs["position_ids"] = position_ids_from_mask(attention_mask)
         hidden = self.backbone(**inputs).last_hidden_state
         pooled = pool(hidden, attention_mask, self.reward_config.pooling, self.attention_pooling)
         output = RewardOutput(

@@ -25,6 +25,7 @@ from alignkit.config import TrainConfig
 from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.errors import ConfigError
 from alignkit.models import disabled_adapter, has_adapter, load_policy
+from alignkit.models.forward import response_logps
 from alignkit.ops.preference import DPO_LOSSES, dpo_loss, length_normalized_nll
 from alignkit.ops.stats import pairwise_accuracy
 from alignkit.trainers.common import (
@@ -36,7 +37,6 @@ from alignkit.trainers.common import (
     log_length_report,
     number_examples,
     require_train_file,
-    response_logps,
     split_pairs,
 )
 from alignkit.trainers.loop import Metrics, Trainer
