@@ -46,12 +46,6 @@ METHODS: dict[str, Method] = {
         ("kind=cost",),
         summary="cost model on safety preferences (cost > 0 = unsafe)",
     ),
-    "rm-ensemble": Method(
-        "alignkit.trainers.ensemble",
-        "EnsembleConfig",
-        "train_rm_ensemble",
-        summary="K reward (or cost) models on resampled data, best checkpoint each, one run",
-    ),
     "dpo": Method(
         "alignkit.trainers.dpo",
         "DPOConfig",
@@ -63,6 +57,12 @@ METHODS: dict[str, Method] = {
         "SafeDPOConfig",
         "train_safe_dpo",
         summary="DPO with a safety constraint and a log-space Lagrange multiplier",
+    ),
+    "rm-ensemble": Method(
+        "alignkit.trainers.ensemble",
+        "EnsembleConfig",
+        "train_rm_ensemble",
+        summary="K reward (or cost) models on resampled data, best checkpoint each, one run",
     ),
 }
 
