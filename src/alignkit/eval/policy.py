@@ -1,7 +1,7 @@
 """Evaluate a policy on prompts (seed 002 §4.3.6): reward, cost and length statistics of its
 generations, KL to a reference model, and win rate against a second policy.
 
-Generation is batched with the model's KV cache (``model.generate(use_cache=True)``) and keeps
+Generation is batched with the KV cache (``alignkit.rollout``'s ``TransformersEngine``) and keeps
 the sampled token ids, so the KL is computed on exactly the tokens that were sampled:
 ``KL(pi || ref) ~ mean over sequences of sum_t (log pi(y_t) - log ref(y_t))`` (the k1
 estimator, ``alignkit.ops.kl.kl_estimate``; unbiased only for samples from pi itself, i.e.
@@ -43,7 +43,6 @@ class Generations:
     truncated: Tensor  # [N] bool: no EOS within max_new_tokens
 
 
-@torch.no_grad()
 def sample(
     model: nn.Module,
     tokenizer: Any,
@@ -54,62 +53,28 @@ def sample(
     batch_size: int = 32,
     seed: int = 0,
 ) -> Generations:
-    """Generate one response per prompt in batches with the KV cache (temperature 0: greedy).
+    """One response per prompt from ``alignkit.rollout``'s ``TransformersEngine`` (KV cache,
+    shared prefill, finished rows dropped), ``batch_size`` prompts at a time, in the prompts'
+    order; temperature 0 is greedy."""
+    from alignkit.rollout.engine import SamplingConfig, TransformersEngine, prompts_from_records
+    from alignkit.rollout.experience import Experience
 
-    Rows are returned in the prompts' order; batches are padded to the longest row.
-    """
-    from alignkit.data.collate import PromptCollator
-    from alignkit.data.tokenize import tokenize_prompts
-
-    examples = tokenize_prompts([{"prompt": p} for p in prompts], tokenizer)
-    collate = PromptCollator(pad_token_id=tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    torch.manual_seed(seed)
-    extra = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    rows: list[tuple[Tensor, Tensor, Tensor]] = []
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size])
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-                **(extra if temperature > 0 else {"do_sample": False}),
-            )
-            new = out[:, ids.shape[1] :]
-            is_eos = new == tokenizer.eos_token_id
-            # generated tokens up to and including the first EOS
-            response = (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0
-            rows.append((torch.cat([ids, new], dim=1).cpu(), mask.cpu(), response.cpu()))
-    finally:
-        model.train(was_training)
-    prompt_width = max(r[1].shape[1] for r in rows)
-    response_width = max(r[2].shape[1] for r in rows)
-    # left-pad each batch's prompt part to one width, right-pad the responses
-    input_ids = torch.full((len(examples), prompt_width + response_width), tokenizer.pad_token_id)
-    attention = torch.zeros_like(input_ids)
-    response_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    at = 0
-    for ids, prompt_mask, response in rows:
-        n, p = prompt_mask.shape
-        shift = prompt_width - p
-        input_ids[at : at + n, shift : shift + ids.shape[1]] = ids
-        attention[at : at + n, shift : shift + p] = prompt_mask
-        attention[at : at + n, prompt_width : prompt_width + response.shape[1]] = response.long()
-        response_mask[at : at + n, prompt_width : prompt_width + response.shape[1]] = response
-        at += n
-    truncated = ~((input_ids == tokenizer.eos_token_id) & response_mask).any(dim=1)
-    texts = tokenizer.batch_decode(
-        torch.where(response_mask, input_ids, tokenizer.pad_token_id), skip_special_tokens=True
-    )
+    engine = TransformersEngine(model, tokenizer)
+    items = prompts_from_records([{"prompt": p} for p in prompts], tokenizer)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    generator = torch.Generator().manual_seed(seed)  # CPU uniforms drive any device
+    parts = [
+        engine.generate(items[s : s + batch_size], sampling, generator=generator, group_offset=s)
+        for s in range(0, len(items), batch_size)
+    ]
+    exp = Experience.cat(parts).to("cpu")
     return Generations(
-        list(prompts), [t.strip() for t in texts], input_ids, attention, response_mask, truncated
+        list(prompts),
+        [t.strip() for t in exp.completions],
+        exp.input_ids,
+        exp.attention_mask,
+        exp.response_mask,
+        exp.truncated,
     )
 
 
@@ -119,23 +84,18 @@ def sequence_kl(
 ) -> Tensor:
     """``[N]`` k1 estimate of each sequence's KL(pi || ref): ``sum_t log pi(y_t) - log ref(y_t)``
     over the sampled response tokens (one teacher-forced forward per model and batch)."""
-    from alignkit.trainers.common import token_logprobs
+    from alignkit.models.forward import token_logprobs
 
     out = []
     for start in range(0, len(gens.texts), batch_size):
         part = slice(start, start + batch_size)
         batch = {"input_ids": gens.input_ids[part], "attention_mask": gens.attention_mask[part]}
         mask = gens.response_mask[part]
-        positions = (batch["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
         logps = []
         for model in (policy, reference):
             device = next(model.parameters()).device
             on_device = {k: v.to(device) for k, v in batch.items()}
-            logps.append(
-                token_logprobs(model, on_device, mask.to(device), positions.to(device))
-                .float()
-                .cpu()
-            )
+            logps.append(token_logprobs(model, on_device, mask.to(device)).float().cpu())
         out.append(masked_sum(kl_estimate(logps[0], logps[1], "k1"), mask.float(), dim=1))
     return torch.cat(out)
 
