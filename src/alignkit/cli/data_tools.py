@@ -193,6 +193,8 @@ def register(data: typer.Typer) -> None:
         device: str | None = typer.Option(None, help="Where the members run (default cpu)."),
     ) -> None:
         """Select the BUDGET candidate pairs the ensemble is least sure of, to label first."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
         from alignkit.data.loaders import read_rows
         from alignkit.data.output import write_rows
         from alignkit.data.select import candidate_pairs, select_uncertain
@@ -208,9 +210,20 @@ def register(data: typer.Typer) -> None:
         scorer = load_reward_source(ensemble, device=device)
         if len(scorer) < 2:
             raise ConfigError(f"{ensemble}: uncertainty needs an ensemble of >= 2 members")
-        chosen = select_uncertain(scorer, candidates, budget, measure)
+        console = Console(soft_wrap=True, highlight=False)
+        with Progress(
+            TextColumn("scoring"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            job = bar.add_task("scoring", total=None)
+            scorer.on_progress = lambda done, total: bar.update(job, completed=done, total=total)
+            chosen = select_uncertain(scorer, candidates, budget, measure)
         write_rows(out, chosen)
-        Console(soft_wrap=True, highlight=False).print(
+        console.print(
             f"{out}: {len(chosen)} of {len(candidates)} pairs, {measure} from "
             f"{chosen[-1]['uncertainty']:.4g} to {chosen[0]['uncertainty']:.4g}",
             markup=False,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -26,6 +28,23 @@ def _print_table(title: str, report: dict, console: Console) -> None:
 
     add("", report)
     console.print(table)
+
+
+@contextmanager
+def _progress(console: Console, what: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar with ETA; yields the ``(done, total)`` callback to update it."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(what),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        job = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(job, completed=done, total=total)
 
 
 def register(app: typer.Typer) -> None:
@@ -62,10 +81,12 @@ def register(app: typer.Typer) -> None:
         source = load_reward_source(model, combination=combination, penalty=penalty, device=device)
         records = [r.record for r in report_in.rows]
         pairs = pairs_from_records(records, report_in.format, source.kind, str(data))
-        report = evaluate_reward_model(source, pairs, out_dir, bins)
+        console = Console(soft_wrap=True)
+        with _progress(console, "scoring") as update:
+            source.on_progress = update
+            report = evaluate_reward_model(source, pairs, out_dir, bins)
         report["data"] = str(data)
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-        console = Console(soft_wrap=True)
         _print_table(f"{source.name} on {data}", report, console)
         console.print(f"report: {out_dir / 'report.json'}", highlight=False)
 
@@ -105,20 +126,22 @@ def register(app: typer.Typer) -> None:
         rows = rows[:max_prompts] if max_prompts else rows
         sources = [s if s == "synthetic" else load_reward_source(s, device=device) for s in reward]
         policy_model, tokenizer = load(model)
-        report = evaluate_policy(
-            policy_model,
-            tokenizer,
-            rows,
-            sources,
-            reference=load(reference)[0] if reference else None,
-            versus=load(versus) if versus else None,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            batch_size=batch_size,
-            seed=seed,
-        )
+        console = Console(soft_wrap=True)
+        with _progress(console, "generating") as update:
+            report = evaluate_policy(
+                policy_model,
+                tokenizer,
+                rows,
+                sources,
+                reference=load(reference)[0] if reference else None,
+                versus=load(versus) if versus else None,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                batch_size=batch_size,
+                seed=seed,
+                on_progress=update,
+            )
         report |= {"model": model, "reference": reference, "versus": versus}
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-        console = Console(soft_wrap=True)
         _print_table(f"{model} on {prompts}", report, console)
         console.print(f"report: {out_dir / 'report.json'}", highlight=False)

@@ -15,7 +15,7 @@ rate of policy A over B counts ties as half, with a Wilson 95 % interval.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ def sample(
     temperature: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Generations:
     """One response per prompt from ``alignkit.rollout``'s ``TransformersEngine`` (KV cache,
     shared prefill, finished rows dropped), ``batch_size`` prompts at a time, in the prompts'
@@ -63,10 +64,12 @@ def sample(
     items = prompts_from_records([{"prompt": p} for p in prompts], tokenizer)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     generator = torch.Generator().manual_seed(seed)  # CPU uniforms drive any device
-    parts = [
-        engine.generate(items[s : s + batch_size], sampling, generator=generator, group_offset=s)
-        for s in range(0, len(items), batch_size)
-    ]
+    parts = []
+    for s in range(0, len(items), batch_size):
+        part = items[s : s + batch_size]
+        parts.append(engine.generate(part, sampling, generator=generator, group_offset=s))
+        if on_progress is not None:
+            on_progress(s + len(part), len(items))
     exp = Experience.cat(parts).to("cpu")
     return Generations(
         list(prompts),
@@ -149,10 +152,16 @@ def evaluate_policy(
     temperature: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The report: per-source statistics, lengths, KL to ``reference``, win rate vs ``versus``
     (a ``(model, tokenizer)``) under the first source's reward (or lower cost)."""
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+    settings: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        on_progress=on_progress,
+    )
     gens = sample(policy, tokenizer, prompts, seed=seed, **settings)
     lengths = gens.response_mask.sum(dim=1).double()
     report: dict[str, Any] = {

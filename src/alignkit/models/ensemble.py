@@ -21,7 +21,7 @@ An ensemble run directory (``alignkit train rm-ensemble``) holds ``ensemble.json
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,8 @@ class RewardEnsemble:
             else:
                 self.groups.append((tokenizer, [i]))
         self.name = f"{self.kind}_ensemble[{len(models)}]:{combination}"
+        # called after each batch with (sequences scored, sequences in this call): progress bars
+        self.on_progress: Callable[[int, int], None] | None = None
 
     def __len__(self) -> int:
         return len(self.models)
@@ -166,6 +168,8 @@ class RewardEnsemble:
                             batch["input_ids"].to(device), batch["attention_mask"].to(device)
                         ).rewards
                         out[k, start : start + len(rewards)] = rewards.float().cpu()
+                    if self.on_progress is not None:
+                        self.on_progress(min(start + self.batch_size, len(records)), len(records))
         return out
 
     def combine(self, scores: Tensor) -> Tensor:
