@@ -200,5 +200,6 @@ def load_validated(path: str | Path, fmt: str | None = None) -> ValidationReport
     """``validate_file``, raising one ``DataError`` listing every problem when there is any."""
     report = validate_file(path, fmt)
     if not report.ok:
-        raise DataError(report.problems[:20], total=len(report.problems), note=f"format {fmt!r}")
+        note = f"format {report.format!r}"
+        raise DataError(report.problems[:20], total=len(report.problems), note=note)
     return report
