@@ -1,6 +1,7 @@
 """What the training loop runs on: the accelerator, data order, metric averaging, its state.
 
-Kept apart from :mod:`alignkit.trainers.loop` so the loop reads as the loop.
+Kept apart from :mod:`alignkit.trainers.run` and :mod:`alignkit.trainers.loop` so they read
+as the lifecycle and the schedule.
 """
 
 from __future__ import annotations
