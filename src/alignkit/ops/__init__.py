@@ -41,6 +41,7 @@ from alignkit.ops.logprobs import (
 from alignkit.ops.losses import (
     AGG_MODES,
     aggregate_loss,
+    aggregation_units,
     policy_gradient_loss,
     ppo_policy_loss,
     value_loss,
@@ -83,6 +84,7 @@ __all__ = [
     "RunningMeanStd",
     "SymmetryResult",
     "aggregate_loss",
+    "aggregation_units",
     "apply_kl_penalty",
     "available_advantage_estimators",
     "available_kl_estimators",
