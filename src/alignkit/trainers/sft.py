@@ -17,6 +17,7 @@ from alignkit.config import TrainConfig
 from alignkit.data import SFTCollator, tokenize_sft
 from alignkit.data.packing import PackedSFTCollator, pack_examples
 from alignkit.data.tokenize import IGNORE_INDEX
+from alignkit.models.forward import token_logprobs
 from alignkit.ops.stats import masked_mean
 from alignkit.trainers.common import (
     DataConfig,
@@ -25,7 +26,6 @@ from alignkit.trainers.common import (
     load_split,
     log_length_report,
     require_train_file,
-    token_logprobs,
 )
 from alignkit.trainers.loop import Metrics, Trainer
 
@@ -54,7 +54,9 @@ class SFTTrainer(Trainer):
     def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         completion = batch["labels"] != IGNORE_INDEX
         # Packed rows restart positions per example.
-        token_logps = token_logprobs(model, batch, completion, batch.get("position_ids"))
+        token_logps = token_logprobs(
+            model, batch, completion, position_ids=batch.get("position_ids")
+        )
         loss = -masked_mean(token_logps, completion)
         return loss, {}
 
