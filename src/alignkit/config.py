@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from alignkit.errors import ConfigError
-from alignkit.tracking.io import atomic_write_text
+from alignkit.tracking.io import atomic_write_text, umask_mode
 
 __all__ = [
     "CheckpointConfig",
@@ -44,6 +44,7 @@ __all__ = [
     "library_versions",
     "load_config",
     "save_resolved_config",
+    "umask_mode",
 ]
 
 T = TypeVar("T")
