@@ -118,4 +118,7 @@ def test_cost_model_orders_by_safety_and_reports_members() -> None:
     assert report["accuracy"] == 1.0
     assert report["members"] == {"m0": 1.0, "m1": 1.0}
     assert report["member_std"] > 0
+    # members agree on every pair's order: no vote split; margins differ by 10 %: std > 0
+    assert report["pair_uncertainty"]["variance_ratio"] == 0.0
+    assert report["pair_uncertainty"]["std"] > 0
     assert math.isfinite(report["ece"])

@@ -11,8 +11,8 @@ at their terciles), Kendall's tau per ranking group (mean), calibration (ECE of
 ``sigmoid(s_better - s_worse)`` over both orientations of each pair, reliability diagram), robustness (accuracy under
 perturbations that should not change the preference: whitespace, casing, appended neutral
 text, response order in the batch), the margin histogram, the Pearson correlation of the
-score with the response length in characters, and for an ensemble each member's accuracy and
-the members' mean std.
+score with the response length in characters, and for an ensemble each member's accuracy, the
+members' mean std and the mean pair uncertainty (std, variance ratio, entropy).
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ from torch import Tensor
 from alignkit.data.tools import ratings_to_pairs
 from alignkit.errors import DataError, RowProblem
 from alignkit.models.ensemble import RewardEnsemble
-from alignkit.ops.evaluation import calibration_bins, expected_calibration_error, kendall_tau
+from alignkit.ops.evaluation import (
+    UNCERTAINTIES,
+    calibration_bins,
+    expected_calibration_error,
+    kendall_tau,
+    pair_uncertainty,
+)
 from alignkit.ops.stats import pairwise_accuracy
 
 __all__ = ["PERTURBATIONS", "EvalPairs", "evaluate_reward_model", "pairs_from_records"]
@@ -183,6 +189,9 @@ def evaluate_reward_model(
             for k, name in enumerate(source.names)
         }
         report["member_std"] = float(members.std(0, correction=0).mean())
+        report["pair_uncertainty"] = {
+            kind: float(pair_uncertainty(member_diff, kind).mean()) for kind in UNCERTAINTIES
+        }
     if out_dir is not None:
         count, conf, hits = calibration_bins(probs, outcomes, bins)
         used = count > 0
