@@ -76,6 +76,13 @@ class OptimConfig:
     max_grad_norm: float | None = field(
         default=1.0, metadata=_help("Clip the global gradient norm to this value; null: no clip.")
     )
+    max_consecutive_skipped_steps: int = field(
+        default=10,
+        metadata=_help(
+            "A step whose gradient norm is inf/NaN is skipped; stop the run after more than "
+            "this many skipped steps in a row."
+        ),
+    )
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr must be > 0")
@@ -85,6 +92,9 @@ class OptimConfig:
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio must lie in [0, 1)")
         _require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        _require(
+            self.max_consecutive_skipped_steps >= 0, "max_consecutive_skipped_steps must be >= 0"
+        )
 
 
 @dataclass

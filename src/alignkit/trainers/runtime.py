@@ -1,6 +1,7 @@
 """What the training loop runs on: the accelerator, data order, metric averaging, its state.
 
-Kept apart from :mod:`alignkit.trainers.loop` so the loop reads as the loop.
+Kept apart from :mod:`alignkit.trainers.run` and :mod:`alignkit.trainers.loop` so they read
+as the lifecycle and the schedule.
 """
 
 from __future__ import annotations
@@ -96,10 +97,15 @@ def as_scalar(value: Tensor | float, device: torch.device) -> Tensor:
 
 
 class MetricMeans:
-    """Sums of scalar metrics over calls, kept on the device (no sync per micro-batch)."""
+    """Sums of scalar metrics over calls, kept on the device (no sync per micro-batch).
+
+    Metrics given to :meth:`add` are averaged over calls, then over processes; those given to
+    :meth:`add_totals` (shares of a step's loss) are summed over calls and processes.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
+        self.totals: dict[str, Tensor] = {}
         self.calls = 0
         self.names: frozenset[str] | None = None
 
@@ -117,16 +123,31 @@ class MetricMeans:
             self.sums[name] = self.sums[name] + scalar if name in self.sums else scalar
         self.calls += 1
 
+    def add_totals(self, values: Mapping[str, Tensor | float], device: torch.device) -> None:
+        for name, value in values.items():
+            scalar = as_scalar(value, device)
+            self.totals[name] = self.totals[name] + scalar if name in self.totals else scalar
+
+    @property
+    def all_names(self) -> list[str]:
+        return sorted(self.sums) + sorted(self.totals)
+
     def mean_across_processes(self, accelerator: Accelerator) -> dict[str, Tensor]:
-        """Mean over calls here, then over processes; resets the sums."""
-        if not self.calls:
+        """Means over calls here then over processes, and totals; resets (one all-reduce)."""
+        if not self.calls and not self.totals:
             return {}
         names = sorted(self.sums)
-        means = torch.stack([self.sums[n] for n in names]) / self.calls
+        total_names = sorted(self.totals)
+        values = [self.sums[n] / self.calls for n in names]
+        values += [self.totals[n] for n in total_names]
+        stacked = torch.stack(values)
         if accelerator.num_processes > 1:
-            means = accelerator.reduce(means, reduction="mean")
-        self.sums, self.calls = {}, 0
-        return dict(zip(names, means.unbind(), strict=True))
+            stacked = accelerator.reduce(stacked, reduction="sum")
+            stacked = torch.cat(
+                [stacked[: len(names)] / accelerator.num_processes, stacked[len(names) :]]
+            )
+        self.sums, self.totals, self.calls = {}, {}, 0
+        return dict(zip(names + total_names, stacked.unbind(), strict=True))
 
 
 class Throughput:
