@@ -40,7 +40,6 @@ from alignkit.models.reward import (
     RewardModelConfig,
     RewardOutput,
     load_reward_model,
-    multitask_reward_loss,
 )
 from alignkit.models.tiny import TINY_NAME, TINY_NUM_PARAMETERS
 
@@ -67,7 +66,6 @@ __all__ = [
     "load_policy",
     "load_reward_model",
     "load_tokenizer",
-    "multitask_reward_loss",
     "pool",
     "position_ids_from_mask",
     "resolve_dtype",

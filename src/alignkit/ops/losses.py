@@ -10,11 +10,14 @@ to import a loss from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from alignkit.ops._dtype import at_least_float32
+from alignkit.ops._registry import Registry
 from alignkit.ops.preference import (
     DPO_LOSSES,
     REWARD_LOSSES,
@@ -28,15 +31,19 @@ from alignkit.ops.preference import (
 __all__ = [
     "AGG_MODES",
     "DPO_LOSSES",
+    "POLICY_LOSSES",
     "REWARD_LOSSES",
     "AggMode",
+    "PolicyLoss",
     "aggregate_loss",
     "cost_model_loss",
     "dpo_loss",
+    "get_policy_loss",
     "plackett_luce_loss",
     "policy_gradient_loss",
     "ppo_policy_loss",
     "register_dpo_loss",
+    "register_policy_loss",
     "reward_model_loss",
     "value_loss",
 ]
@@ -49,10 +56,48 @@ AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-toke
 _MAX_LOG_RATIO = 20.0
 
 
-def _upcast(x: Tensor) -> Tensor:
-    if x.dtype in (torch.bfloat16, torch.float16) or not x.is_floating_point():
-        return x.float()
-    return x
+_upcast = at_least_float32
+
+PolicyLoss = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+"""``fn(logp, old_logp, advantages, mask, *, weights=None, agg="token-mean", normaliser=None,
+**settings) -> (loss, stats)``: a 0-d loss and detached 0-d statistics to log."""
+
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+
+
+def register_policy_loss(
+    name: str, *, aliases: tuple[str, ...] = ()
+) -> Callable[[PolicyLoss], PolicyLoss]:
+    """Register a policy loss (decorator), selected by name from a trainer's config.
+
+    It must take ``(logp, old_logp, advantages, mask)`` positionally, then the keywords
+    ``weights`` (per-token importance weights ``[B, T]`` or None, multiplied into the per-token
+    loss before aggregation), ``agg`` and ``normaliser`` (passed on to ``aggregate_loss``), and
+    its own settings as keywords; it returns ``(loss, stats)`` (see ``ppo_policy_loss``).
+    """
+    return POLICY_LOSSES.register(name, aliases=aliases)
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    """The policy loss registered as ``name``; ``UnknownNameError`` with a hint otherwise."""
+    return POLICY_LOSSES.get(name)
+
+
+def _aggregate(
+    loss_mat: Tensor, mask: Tensor, agg: str, normaliser: Tensor | float | None
+) -> Tensor:
+    """``aggregate_loss``, passing the step's ``normaliser`` on only when one is given."""
+    if normaliser is None:
+        return aggregate_loss(loss_mat, mask, agg)
+    return aggregate_loss(loss_mat, mask, agg, normaliser=normaliser)
+
+
+def _weighted(per_token: Tensor, weights: Tensor | None) -> Tensor:
+    """Per-token loss times detached per-token weights (truncated IS weights, rejection masks)."""
+    if weights is None:
+        return per_token
+    _check_same_shape("the per-token loss", per_token, weights=weights)
+    return per_token * _upcast(weights.detach())
 
 
 def _check_same_shape(reference_name: str, reference: Tensor, **others: Tensor) -> None:
@@ -118,9 +163,15 @@ def aggregate_loss(loss_mat: Tensor, mask: Tensor, agg: AggMode | str = "token-m
 
 
 def policy_gradient_loss(
-    logp: Tensor, advantages: Tensor, mask: Tensor, agg: AggMode | str = "token-mean"
+    logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    agg: AggMode | str = "token-mean",
+    *,
+    weights: Tensor | None = None,
+    normaliser: Tensor | float | None = None,
 ) -> Tensor:
-    """REINFORCE loss ``-A * log pi(a_t | s_t)``, aggregated over valid tokens (seed 003).
+    """REINFORCE loss ``-w * A * log pi(a_t | s_t)``, aggregated over valid tokens (seed 003).
 
     Williams 1992 (https://doi.org/10.1007/BF00992696): minimising it ascends
     ``E[A * grad log pi]``, raising the log-probability of tokens with positive advantage.
@@ -133,13 +184,41 @@ def policy_gradient_loss(
             without grad).
         mask: ``[B, T]``, nonzero on response tokens.
         agg: see ``aggregate_loss``.
+        weights: optional per-token weights ``w`` ``[B, T]`` (detached; 1 when None), e.g.
+            ``ops.sampling.truncated_importance_weights`` for samples from another policy.
+        normaliser: the optimizer step's token (or sequence) count, see ``aggregate_loss``.
 
     Returns:
         0-d loss tensor (float32 for low-precision inputs).
     """
     logp = _upcast(logp)
     _check_same_shape("logp", logp, mask=mask)
-    return aggregate_loss(-_per_token(advantages, logp) * logp, mask, agg)
+    per_token = _weighted(-_per_token(advantages, logp) * logp, weights)
+    return _aggregate(per_token, mask, agg, normaliser)
+
+
+@register_policy_loss("policy_gradient", aliases=("pg",))
+def _policy_gradient(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    weights: Tensor | None = None,
+    agg: AggMode | str = "token-mean",
+    normaliser: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    # Plain policy gradient (``policy_gradient_loss``) behind the registry's signature. It has
+    # no ratio: for on-policy samples only (one update per rollout), or with ``weights``.
+    # ``old_logp`` only feeds the logged approx_kl. (verl calls PPO's clipped loss "vanilla",
+    # so that name is not used here.)
+    loss = policy_gradient_loss(logp, advantages, mask, agg, weights=weights, normaliser=normaliser)
+    stats: dict[str, Tensor] = {}
+    if old_logp is not None:
+        with torch.no_grad():
+            _check_same_shape("logp", logp, old_logp=old_logp)
+            stats["approx_kl"] = aggregate_loss(_upcast(old_logp) - _upcast(logp), mask)
+    return loss, stats
 
 
 def ppo_policy_loss(
@@ -151,8 +230,11 @@ def ppo_policy_loss(
     clip_ratio_high: float | None = None,
     dual_clip: float | None = None,
     agg: AggMode | str = "token-mean",
+    *,
+    weights: Tensor | None = None,
+    normaliser: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss, with optional asymmetric and dual clipping.
+    """PPO clipped surrogate loss, with optional asymmetric and dual clipping; ``"ppo_clip"``.
 
     Schulman et al. 2017 (https://arxiv.org/abs/1707.06347): take the pessimistic (larger) of
     the unclipped and clipped losses, so the policy gains nothing by moving the probability
@@ -164,6 +246,8 @@ def ppo_policy_loss(
     ``clip_ratio_high`` (DAPO's "clip-higher", https://arxiv.org/abs/2503.14476) defaults to
     ``clip_ratio``. Dual clip (Ye et al. 2020, https://arxiv.org/abs/1912.09729): where A < 0
     an unbounded ratio would give an unbounded loss, so there ``pg = min(pg, -A * dual_clip)``.
+    With ``weights`` the per-token loss is ``w * pg`` before aggregation (verl's and TRL's
+    place for truncated importance weights of rollout-vs-trainer mismatch).
 
     Args:
         logp: log-probs of the sampled tokens under the current policy, ``[B, T]``.
@@ -174,6 +258,9 @@ def ppo_policy_loss(
         clip_ratio_high: upper clip ``eps_high`` > 0; ``None`` means ``clip_ratio``.
         dual_clip: constant ``c > 1`` of dual-clip PPO; ``None`` disables it.
         agg: see ``aggregate_loss``.
+        weights: optional per-token weights ``[B, T]`` (detached), e.g.
+            ``ops.sampling.truncated_importance_weights(old_logp, behaviour_logp, cap)``.
+        normaliser: the optimizer step's token (or sequence) count, see ``aggregate_loss``.
 
     Returns:
         ``(loss, stats)``: 0-d loss, and detached 0-d tensors (call ``.item()`` once, when
@@ -210,7 +297,10 @@ def ppo_policy_loss(
         with torch.no_grad():
             stats["dual_clipfrac"] = aggregate_loss(capped.to(logp.dtype), mask)
         pg = torch.where(advantages < 0, torch.minimum(pg, dual_bound), pg)
-    return aggregate_loss(pg, mask, agg), stats
+    return _aggregate(_weighted(pg, weights), mask, agg, normaliser), stats
+
+
+register_policy_loss("ppo_clip")(ppo_policy_loss)
 
 
 def value_loss(

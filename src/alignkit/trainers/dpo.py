@@ -27,6 +27,7 @@ from alignkit.errors import ConfigError
 from alignkit.models import disabled_adapter, has_adapter, load_policy
 from alignkit.models.forward import response_logps
 from alignkit.ops.preference import DPO_LOSSES, dpo_loss, length_normalized_nll
+from alignkit.ops.stats import pairwise_accuracy
 from alignkit.trainers.common import (
     DataConfig,
     ModelConfig,
@@ -51,7 +52,10 @@ class DPOLossConfig:
 
     kind: str = field(
         default="sigmoid",
-        metadata={"help": "sigmoid (DPO), ipo, hinge (SLiC) or robust (Chowdhury et al.)."},
+        metadata={
+            "help": "sigmoid (DPO), ipo, hinge (SLiC), robust (Chowdhury et al.), or any loss "
+            "registered with alignkit.ops.preference.register_dpo_loss."
+        },
     )
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the log-ratios."})
     label_smoothing: float = field(
@@ -83,10 +87,7 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.dpo.kind not in DPO_LOSSES:
-            raise ConfigError(
-                f"dpo.kind={self.dpo.kind!r} is not a DPO loss; valid: {', '.join(DPO_LOSSES)}"
-            )
+        DPO_LOSSES.check(self.dpo.kind, "dpo.kind")
         if self.dpo.beta <= 0:
             raise ConfigError("dpo.beta must be > 0")
         if self.dpo.nll_weight < 0:
@@ -208,16 +209,13 @@ def preference_metrics(
 ) -> dict[str, Tensor]:
     """TRL's metric names: implicit rewards, their margin and accuracy, policy log-probs.
 
-    Accuracy counts a tie as half: at step 0 the policy *is* the reference, every margin is
-    exactly 0, and the honest accuracy is chance (0.5), not 0 as a strict ``>`` would say.
+    Accuracy is ``pairwise_accuracy``: a tie counts as half (at step 0 every margin is 0).
     """
-    wins = (chosen_rewards > rejected_rewards).float()
-    ties = (chosen_rewards == rejected_rewards).float()
     return {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (wins + 0.5 * ties).mean(),
+        "rewards/accuracies": pairwise_accuracy(chosen_rewards, rejected_rewards),
         "logps/chosen": chosen.detach().mean(),
         "logps/rejected": rejected.detach().mean(),
     }
