@@ -214,6 +214,10 @@ class RewardTrainer(Trainer):
     def compute_loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         return self.loss_and_metrics(self.pair_values(model, batch))
 
+    def loss_units(self, batch: Mapping[str, Any]) -> int:
+        """Pairs: the loss is a per-pair mean over the optimizer step."""
+        return batch["input_ids"].shape[0] // 2  # chosen rows, then rejected rows
+
     def pair_values(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Scores of both responses of each pair and the targets the loss reads, each ``[B]``.
 
