@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.data import load_records
+from alignkit.data.loaders import read_rows
 from alignkit.models import disabled_adapter, has_adapter, load_policy
 from alignkit.models.forward import token_logprobs
 from alignkit.models.reward import RewardModel, load_reward_model
@@ -447,8 +448,14 @@ def _zero_std_fraction(scores: Tensor, group_index: Tensor) -> Tensor:
 def load_prompts(
     path: str, tokenizer: Any, max_length: int, limit: int | None = None
 ) -> list[Prompt]:
-    """Prompts of a prompt file, their other columns kept for the reward functions."""
-    rows = [dict(r) for r in load_records(path, "prompt")]
+    """Prompts of a prompt file (validated as the ``prompt`` format), each row's other columns
+    kept for the reward functions."""
+    records = load_records(path, "prompt")
+    raw = {r.row: r.value for r in read_rows(path)}
+    rows = [
+        {**raw[number], "prompt": record["prompt"]}
+        for number, record in zip(records.rows, records, strict=True)
+    ]
     if limit is not None:
         rows = rows[:limit]
     return prompts_from_records(rows, tokenizer, max_length=max_length)
