@@ -115,6 +115,7 @@ class OnlineTrainer(RunLoop):
             top_p=r.top_p,
         )
         self.timings: dict[str, float] = {}
+        self.initial_eval: dict[str, float] = {}
         self._guard_streaks: dict[str, int] = {}
         disable_dropout(model)
 
@@ -186,9 +187,23 @@ class OnlineTrainer(RunLoop):
             "epochs_per_iteration": cfg.train.epochs_per_iteration,
         }
 
+    def _extra_state(self) -> dict[str, Any]:
+        return {"initial_eval": dict(self.initial_eval)}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.initial_eval = dict(state.get("initial_eval", {}))
+
+    def _summary_fields(self) -> dict[str, Any]:
+        return {"initial_eval": dict(self.initial_eval)}
+
     def _run(self) -> None:
         state, acc = self.state, self.accelerator
         self.model.train()
+        if state.step == 0 and self._has_evaluation():
+            # The starting point, so that a run shows its own before/after (logged at step 0).
+            self.initial_eval = self._run_evaluation()
+            for sink in self.sinks:
+                sink.log(0, dict(self.initial_eval))
         while state.step < self.total_steps and state.stop_reason is None:
             iteration = state.step
             self.timings = {}
