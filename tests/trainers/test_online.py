@@ -107,7 +107,7 @@ REWARD_RISE = 0.03
 )
 def test_each_method_raises_the_reward_of_the_sorting_task(sort_task, method, extra):
     cfg = rl_config(sort_task, method, f"rise_{method}", "train.iterations=40", *extra)
-    trainer, records = train(cfg)
+    _, records = train(cfg)
     rewards = [r for r in records if "reward/mean" in r]
     first, last = mean_of(rewards[:5], "reward/mean"), mean_of(rewards[-5:], "reward/mean")
     assert last - first > REWARD_RISE, (method, first, last)
@@ -217,7 +217,9 @@ def test_adaptive_controller_holds_the_kl_near_its_target(sort_task):
 def test_batch_settings_that_do_not_divide_name_the_valid_values(sort_task):
     with pytest.raises(ConfigError, match=r"valid: \[1, 2, 4, 8, 16, 32, 64\]"):
         rl_config(sort_task, "grpo", "bad", "train.sequences_per_minibatch=48")
-    with pytest.raises(ConfigError, match=r"sequences_per_device=5 .* valid: \[1, 2, 4, 8, 16, 32\]"):
+    with pytest.raises(
+        ConfigError, match=r"sequences_per_device=5 .* valid: \[1, 2, 4, 8, 16, 32\]"
+    ):
         rl_config(
             sort_task,
             "grpo",
@@ -265,7 +267,10 @@ def test_samples_table_and_start_up_evaluation(sort_task):
     )
     trainer, records = train(cfg)
     assert records[0]["step"] == 0 and "eval/accuracy" in records[0]
-    rows = [json.loads(line) for line in (trainer.run_dir.root / "samples" / "iteration-000002.jsonl").open()]
+    rows = [
+        json.loads(line)
+        for line in (trainer.run_dir.root / "samples" / "iteration-000002.jsonl").open()
+    ]
     assert len(rows) == 64
     assert {"prompt", "completion", "reward"} <= rows[0].keys()
     assert 0.0 <= rows[0]["reward"] <= 1.0

@@ -47,7 +47,9 @@ _GUARD_PATIENCE = 3
 _GUARD_THRESHOLD = 0.95
 
 
-def iteration_generator(seed: int, iteration: int, stream: int, process: int = 0) -> torch.Generator:
+def iteration_generator(
+    seed: int, iteration: int, stream: int, process: int = 0
+) -> torch.Generator:
     """A CPU generator seeded by ``(seed, iteration, stream, process)`` only."""
     state = np.random.SeedSequence([seed, iteration, stream, process]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(state))

@@ -27,7 +27,7 @@ import copy
 import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +204,6 @@ class PolicyGradientTrainer(OnlineTrainer):
             ).to(device)
         with self.timed("reward"):
             exp.scores = self.reward(exp.prompts, exp.completions, exp.row_fields).to(device)
-        mask = exp.response_mask
         with self.timed("old_logprobs"):
             if self.exactly_on_policy:
                 exp.old_logprobs = exp.behaviour_logprobs
@@ -347,7 +346,9 @@ class PolicyGradientTrainer(OnlineTrainer):
                 # Weighted by pi/pi_old (detached): the KL gradient identities hold for samples
                 # of pi, and after the first update the samples are pi_old's (TRL #3025).
                 ratio = torch.exp((logp - batch.old_logprobs).clamp(-20, 20)).detach()
-                kl_tokens = kl_loss_values(logp, batch.reference_logprobs, cfg.kl.resolved_estimator)
+                kl_tokens = kl_loss_values(
+                    logp, batch.reference_logprobs, cfg.kl.resolved_estimator
+                )
                 kl_term = aggregate_loss(kl_tokens * ratio, mask, agg, normaliser=normaliser)
                 loss = loss + self.kl_controller.value * kl_term
                 add("actor/kl_loss", kl_term * processes)
@@ -415,7 +416,10 @@ class PolicyGradientTrainer(OnlineTrainer):
         """Greedy completions of the held-out prompts: mean reward, and accuracy = the share
         that earn the full reward (>= 1, the exact answer of a verifiable task)."""
         scores = evaluate_prompts(self.engine, self.reward, self.eval_prompts, self.sampling)
-        return {"eval/reward": float(scores.mean()), "eval/accuracy": float((scores >= 1).float().mean())}
+        return {
+            "eval/reward": float(scores.mean()),
+            "eval/accuracy": float((scores >= 1).float().mean()),
+        }
 
 
 def evaluate_prompts(
@@ -466,7 +470,9 @@ def build_pg_trainer(cfg: PGConfig) -> PolicyGradientTrainer:
     from alignkit.errors import ConfigError
 
     if not cfg.data.train_file:
-        raise ConfigError("data.train_file is required (a prompt file, e.g. data/sort_prompts.jsonl)")
+        raise ConfigError(
+            "data.train_file is required (a prompt file, e.g. data/sort_prompts.jsonl)"
+        )
     if not cfg.rewards:
         raise ConfigError("rewards: give at least one source, e.g. [{function: sort_match}]")
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)

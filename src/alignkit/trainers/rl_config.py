@@ -270,9 +270,6 @@ class KLConfig:
         return "k1" if self.placement == "reward" else "k3+"
 
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-
-
 @dataclass
 class PolicyLossConfig:
     """The policy loss (alignkit.ops.losses registry) and how it is averaged."""
@@ -369,7 +366,9 @@ class TrainSchedule:
     )
     samples_every: int = field(
         default=10,
-        metadata=_help("Append a table of sampled (prompt, completion, reward) every N iterations."),
+        metadata=_help(
+            "Append a table of sampled (prompt, completion, reward) every N iterations."
+        ),
     )
 
     def __post_init__(self) -> None:
