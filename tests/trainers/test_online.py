@@ -274,3 +274,20 @@ def test_samples_table_and_start_up_evaluation(sort_task):
     assert len(rows) == 64
     assert {"prompt", "completion", "reward"} <= rows[0].keys()
     assert 0.0 <= rows[0]["reward"] <= 1.0
+
+
+def test_disable_dropout_zeroes_modules_and_attention_probabilities():
+    from torch import nn
+
+    from alignkit.trainers.online import disable_dropout
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention_dropout = 0.1  # read in forward by transformers' attention layers
+            self.drop = nn.Dropout(0.2)
+
+    model = nn.Sequential(Attention(), nn.Dropout(0.3))
+    assert disable_dropout(model) == 3
+    assert model[0].attention_dropout == 0.0 and model[0].drop.p == 0.0 and model[1].p == 0.0
+    assert disable_dropout(model) == 0
