@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -255,3 +256,22 @@ def test_fast_path_is_decided_by_the_class_that_defines_forward() -> None:
 
     assert not forward_module._selects_logit_rows(RemoteCodeLM)
     assert not selects_logit_rows(PlainLM())
+
+
+def test_models_without_position_ids_get_none() -> None:
+    seen: list[set[str]] = []
+
+    class AlibiLikeLM(nn.Module):  # like BLOOM / MPT: positions come from the mask inside
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 8)
+            self.head = nn.Linear(8, VOCAB)
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            seen.append(set(kwargs))
+            return types.SimpleNamespace(logits=self.head(self.embed(input_ids)))
+
+    batch = _left_padded(*_ragged_sequences(VOCAB))
+    logps = token_logprobs(AlibiLikeLM(), batch, batch["response_mask"])
+    assert seen == [set()]
+    assert (logps[batch["response_mask"].bool()] < 0).all()

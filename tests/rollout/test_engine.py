@@ -205,3 +205,18 @@ def test_greedy_is_argmax_with_zero_logprobs(small) -> None:
     assert torch.equal(argmax[response], exp.input_ids[:, 1:][response])
     assert bool((rescored[exp.response_mask] < 0).all())
     assert bool((exp.behaviour_logprobs == 0).all())
+
+
+def test_engine_generates_with_the_model_inside_ddp(small) -> None:
+    import torch.distributed as dist
+
+    model, tokenizer = small
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        engine = TransformersEngine(wrapped, tokenizer)
+        assert engine.model is model
+        engine.sync_weights(wrapped)
+        assert engine.model is model
+    finally:
+        dist.destroy_process_group()

@@ -145,6 +145,16 @@ def test_model_source_equals_a_direct_reward_model_forward(tmp_path: Path) -> No
             direct.append(model(torch.tensor([ids])).rewards[0].item())
     assert scores.tolist() == pytest.approx([-d for d in direct], abs=1e-5)
     assert len(set(direct)) == 2
+    # a run directory resolves to its newest checkpoint's model
+    for step in (2, 10):
+        checkpoint = tmp_path / "run" / "checkpoints" / f"step-{step}"
+        (checkpoint / "model").mkdir(parents=True)
+        (checkpoint / "trainer_state.pt").write_bytes(b"")
+    model.save_pretrained(
+        tmp_path / "run" / "checkpoints" / "step-10" / "model", tokenizer=tokenizer
+    )
+    from_run = build_reward_source([{"model": str(tmp_path / "run")}])
+    assert from_run(prompts, completions, [{}, {}]).tolist() == pytest.approx(direct, abs=1e-5)
 
 
 def test_user_file_import_error_is_reported(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "position_ids_from_mask",
     "response_logps",
     "selects_logit_rows",
+    "takes_position_ids",
     "token_logprobs",
 ]
 
@@ -80,6 +81,18 @@ def token_logprobs(
 ) -> tuple[Tensor, Tensor]: ...
 
 
+@overload
+def token_logprobs(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    scored: Tensor,
+    *,
+    temperature: float = ...,
+    position_ids: Tensor | None = ...,
+    with_entropy: bool,
+) -> Tensor | tuple[Tensor, Tensor]: ...
+
+
 def token_logprobs(
     model: nn.Module,
     batch: dict[str, Tensor],
@@ -105,7 +118,8 @@ def token_logprobs(
         scored: ``[B, T]`` 1 (or True) on the tokens to score, e.g. the response mask.
         temperature: the sampling temperature the logits are divided by; must be positive.
         position_ids: ``[B, T]`` explicit positions (packed rows restart them per sequence); by
-            default :func:`position_ids_from_mask` of the attention mask.
+            default :func:`position_ids_from_mask` of the attention mask, for models that take
+            positions (ALiBi models such as BLOOM and MPT take none: their biases are relative).
         with_entropy: also return the entropy (nats) of the temperature-scaled predictive
             distribution that each scored token was drawn from, ``[B, T]``, 0 elsewhere.
 
@@ -121,13 +135,11 @@ def token_logprobs(
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    if position_ids is None:
+    if position_ids is None and takes_position_ids(model):
         position_ids = position_ids_from_mask(attention_mask)
-    inputs: dict[str, Any] = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-    }
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
     predicts = predicts_scored_mask(scored)
     if selects_logit_rows(model):
         # [N, V]: one row per scored token, in row-major order of `predicts`.
@@ -172,6 +184,16 @@ def innermost_model(model: nn.Module) -> nn.Module:
     model = unwrap_model(model)
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
+
+
+def takes_position_ids(model: nn.Module) -> bool:
+    """Whether the forward of :func:`innermost_model` names a ``position_ids`` parameter."""
+    return _takes_position_ids(type(innermost_model(model)))
+
+
+@functools.cache
+def _takes_position_ids(model_class: type) -> bool:
+    return "position_ids" in inspect.signature(model_class.forward).parameters
 
 
 def selects_logit_rows(model: nn.Module) -> bool:

@@ -5,6 +5,7 @@ from alignkit.rollout.engine import (
     Prompt,
     SamplingConfig,
     TransformersEngine,
+    load_prompt_file,
     prompts_from_records,
 )
 from alignkit.rollout.experience import Experience
@@ -18,5 +19,6 @@ __all__ = [
     "SamplingConfig",
     "TransformersEngine",
     "generate_responses",
+    "load_prompt_file",
     "prompts_from_records",
 ]

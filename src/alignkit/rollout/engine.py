@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "Prompt",
     "SamplingConfig",
     "TransformersEngine",
+    "load_prompt_file",
     "prompts_from_records",
     "sampling_distribution",
     "unwrap_for_generation",
@@ -299,3 +301,22 @@ def prompts_from_records(
         )
         for r, e in zip(records, examples, strict=True)
     ]
+
+
+def load_prompt_file(
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    split: str | None = None,
+) -> list[Prompt]:
+    """``Prompt``s of a prompt file (any format ``load_records`` reads), validated as the
+    ``prompt`` format, with each row's other columns (e.g. ``answer``) kept as ``fields``."""
+    from alignkit.data.loaders import load_records, read_rows
+
+    records = load_records(path, "prompt", split=split)
+    raw = {r.row: r.value for r in read_rows(path, split=split)}
+    rows = [
+        {**{k: v for k, v in raw[row].items() if k != "prompt"}, "prompt": record["prompt"]}
+        for record, row in zip(records, records.rows, strict=True)
+    ]
+    return prompts_from_records(rows, tokenizer, max_length=max_length)

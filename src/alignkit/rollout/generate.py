@@ -51,8 +51,8 @@ def generate_responses(
     """Generate one response per prompt; returns the decoded new text, in the prompts' order.
 
     Special tokens are stripped from the output and generation stops at the tokenizer's eos.
-    ``generator_seed`` seeds the sampling generator (ignored for greedy decoding; the global
-    RNG is never reseeded). A thin wrapper over ``TransformersEngine``.
+    ``generator_seed`` seeds the sampling generator (0 when None; ignored for greedy decoding;
+    the global RNG is neither read nor reseeded). A thin wrapper over ``TransformersEngine``.
     """
     settings = settings or GenerationSettings()
     if not prompts:
@@ -69,11 +69,8 @@ def generate_responses(
         top_p=settings.top_p,
         top_k=settings.top_k,
     )
-    generator = torch.Generator()
-    if generator_seed is not None:
-        generator.manual_seed(generator_seed)
-    else:
-        generator.seed()
+    # Its own generator: reproducible (seed 0 when none is given), the global RNG untouched.
+    generator = torch.Generator().manual_seed(0 if generator_seed is None else generator_seed)
     engine = TransformersEngine(model, tokenizer)
     texts: list[str] = [""] * len(prompts)
     for start in range(0, len(order), settings.prompts_per_batch):
