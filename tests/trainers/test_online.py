@@ -291,3 +291,20 @@ def test_disable_dropout_zeroes_modules_and_attention_probabilities():
     assert disable_dropout(model) == 3
     assert model[0].attention_dropout == 0.0 and model[0].drop.p == 0.0 and model[1].p == 0.0
     assert disable_dropout(model) == 0
+
+
+def test_a_file_that_contradicts_the_method_is_refused(tmp_path, capsys):
+    from alignkit.cli import main
+
+    config = tmp_path / "rloo_by_mistake.yaml"
+    config.write_text("advantage:\n  estimator: rloo\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "grpo", "-c", str(config)])
+    assert exit_info.value.code == 2
+    assert "advantage.estimator is 'rloo', but `alignkit train grpo`" in capsys.readouterr().err
+
+
+def test_reinforce_without_a_baseline_is_the_returns_estimator(sort_task):
+    cfg = rl_config(sort_task, "reinforce", "no_baseline", "advantage.estimator=returns")
+    assert cfg.advantage.resolved_estimator == "returns"
+    assert cfg.policy_loss.name == "policy_gradient"
