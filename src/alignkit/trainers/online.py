@@ -115,6 +115,7 @@ class OnlineTrainer(RunLoop):
             temperature=r.temperature,
             top_k=r.top_k,
             top_p=r.top_p,
+            suppress_eos=r.suppress_eos,
         )
         self.timings: dict[str, float] = {}
         self.initial_eval: dict[str, float] = {}

@@ -163,7 +163,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         top-p truncation); otherwise importance weights correct the mismatch."""
         r = self.config.rollout
         if isinstance(self.engine, TransformersEngine):
-            return r.top_k == 0 and r.top_p == 1.0
+            return r.top_k == 0 and r.top_p == 1.0 and not r.suppress_eos
         return bool(getattr(self.engine, "samples_from_policy", False))
 
     # ----------------------------------------------------------------- experience

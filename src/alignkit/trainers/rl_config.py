@@ -97,6 +97,13 @@ class RolloutConfig:
         default=1.0,
         metadata=_help("Nucleus sampling mass; 1: off (same importance-weight remark as top_k)."),
     )
+    suppress_eos: bool = field(
+        default=False,
+        metadata=_help(
+            "Forbid EOS so every completion runs to max_new_tokens (benchmarks only: the "
+            "sampled distribution then differs from the policy's, so importance weights apply)."
+        ),
+    )
     max_importance_weight: float = field(
         default=2.0,
         metadata=_help(
