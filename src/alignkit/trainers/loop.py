@@ -138,6 +138,9 @@ class Trainer(RunLoop):
 
     # ----------------------------------------------------------------- the schedule
 
+    def _gradient_accumulation_steps(self, config: TrainConfig) -> int:
+        return config.grad_accum_steps
+
     def _has_evaluation(self) -> bool:
         return self.eval_dataset is not None or type(self).evaluate is not Trainer.evaluate
 

@@ -123,17 +123,19 @@ class OptimizerStep:
         scale = acc.num_processes * acc.gradient_accumulation_steps
         step_loss = torch.zeros((), dtype=torch.float32, device=acc.device)
         last = len(micro_batches) - 1
-        for index, batch in enumerate(micro_batches):
-            syncing = index == last
-            # Tells accelerate's wrappers (DeepSpeed, the optimizer) whether this backward ends
-            # the accumulation; DDP/FSDP skip the gradient all-reduce until then.
-            acc.sync_gradients = syncing
-            with nullcontext() if syncing else acc.no_sync(model):
-                with acc.autocast():
-                    share = loss_fn(batch, units)
-                acc.backward(share * scale)
-            step_loss = step_loss + share.detach().float()
-        acc.sync_gradients = True
+        try:
+            for index, batch in enumerate(micro_batches):
+                syncing = index == last
+                # Tells accelerate's wrappers (DeepSpeed, the optimizer) whether this backward
+                # ends the accumulation; DDP/FSDP skip the gradient all-reduce until then.
+                acc.sync_gradients = syncing
+                with nullcontext() if syncing else acc.no_sync(model):
+                    with acc.autocast():
+                        share = loss_fn(batch, units)
+                    acc.backward(share * scale)
+                step_loss = step_loss + share.detach().float()
+        finally:
+            acc.sync_gradients = True  # accelerate's state is process-wide
         max_norm = self.max_grad_norm or math.inf
         grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
         lr = float(self.optimizer.param_groups[0]["lr"])

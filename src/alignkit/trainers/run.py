@@ -37,7 +37,7 @@ from rich.console import Console
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, SequentialSampler
 
-from alignkit.config import TrainConfig, config_to_dict, library_versions, save_resolved_config
+from alignkit.config import RunConfig, config_to_dict, library_versions, save_resolved_config
 from alignkit.errors import AlignkitError, CheckpointError, ConfigError
 from alignkit.tracking import (
     ConsoleSink,
@@ -95,14 +95,14 @@ class RunLoop(ABC):
 
     def __init__(
         self,
-        config: TrainConfig,
+        config: RunConfig,
         model: nn.Module,
         *,
         tokenizer: Any | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         self.config = config
-        self.accelerator = make_accelerator(config)
+        self.accelerator = make_accelerator(config, self._gradient_accumulation_steps(config))
         seed_everything(config.seed)
         self.model = model  # wrapped for the device setup once _prepare_training prepares it
         self.tokenizer = tokenizer
@@ -133,6 +133,11 @@ class RunLoop(ABC):
         """What fixes which data a step sees; a resume with other values is refused."""
 
     # ----------------------------------------------------------------- optional hooks
+
+    def _gradient_accumulation_steps(self, config: RunConfig) -> int:
+        """What accelerate's ``backward`` divides by (:class:`OptimizerStep` undoes it, so
+        any value gives the same gradient) and DeepSpeed's accumulation; default 1."""
+        return 1
 
     def on_train_begin(self) -> None:
         """Called once models, optimizers and loaders are prepared, before any step."""

@@ -19,7 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from alignkit.config import EarlyStoppingConfig, TrainConfig
+from alignkit.config import EarlyStoppingConfig, RunConfig
 from alignkit.errors import ConfigError
 
 
@@ -28,8 +28,9 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    """The Accelerator for `config`: gradient accumulation and fp32/bf16 autocast."""
+def make_accelerator(config: RunConfig, gradient_accumulation_steps: int = 1) -> Accelerator:
+    """The Accelerator for `config`: fp32/bf16 autocast, and the accumulation steps its
+    ``backward`` divides by (and DeepSpeed accumulates over)."""
     mixed_precision = "bf16" if config.precision == "bf16" else "no"
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
@@ -42,7 +43,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # process-wide singleton, so a notebook that trains fp32 then bf16 must reset it.
         AcceleratorState._reset_state()
     return Accelerator(
-        gradient_accumulation_steps=config.grad_accum_steps,
+        gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
