@@ -31,7 +31,7 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from alignkit.config import atomic_write_text
+from alignkit.tracking.io import atomic_write_text
 from alignkit.rollout import Experience, Prompt, SamplingConfig, TransformersEngine
 from alignkit.rollout.engine import GenerationEngine
 from alignkit.rollout.rewards import RewardSource

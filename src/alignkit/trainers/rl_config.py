@@ -9,10 +9,10 @@ micro-batches of ``train.sequences_per_device`` sequences per process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from alignkit.config import TrainConfig
+from alignkit.config import RunConfig
 from alignkit.errors import ConfigError
 from alignkit.trainers.common import ModelConfig
 
@@ -389,16 +389,8 @@ class TrainSchedule:
         _require(self.samples_every >= 1, "samples_every must be >= 1")
 
 
-_OFFLINE_FIELDS = {
-    "epochs": "train.iterations",
-    "max_steps": "train.iterations",
-    "examples_per_device": "train.sequences_per_device",
-    "grad_accum_steps": "train.sequences_per_minibatch",
-}
-
-
 @dataclass
-class OnlineConfig(TrainConfig):
+class OnlineConfig(RunConfig):
     """Settings shared by every online trainer: model, prompts, rollout, rewards, schedule."""
 
     model: ModelConfig = field(default_factory=ModelConfig, metadata=_help("The policy."))
@@ -419,12 +411,6 @@ class OnlineConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        defaults = {f.name: f.default for f in fields(TrainConfig)}
-        for name, instead in _OFFLINE_FIELDS.items():
-            _require(
-                getattr(self, name) == defaults[name],
-                f"{name} is an offline setting; online trainers use {instead}",
-            )
         check_batch_settings(self, num_processes=1)
 
     @property
