@@ -31,10 +31,10 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from alignkit.tracking.io import atomic_write_text
 from alignkit.rollout import Experience, Prompt, SamplingConfig, TransformersEngine
 from alignkit.rollout.engine import GenerationEngine
 from alignkit.rollout.rewards import RewardSource
+from alignkit.tracking.io import atomic_write_text
 from alignkit.trainers.optim import build_lr_scheduler, build_optimizer
 from alignkit.trainers.rl_config import OnlineConfig, check_batch_settings
 from alignkit.trainers.run import RunLoop
