@@ -50,7 +50,7 @@ class StageSettings:
         "optim.warmup_ratio=0.05",
     )
     grpo: tuple[str, ...] = (
-        "train.iterations=60",
+        "train.iterations=100",
         "rollout.prompts_per_iteration=16",
         "rollout.samples_per_prompt=8",
         "rollout.max_new_tokens=8",
