@@ -148,9 +148,17 @@ def test_micro_batch_split_does_not_change_the_update(sort_task):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_resume_after_a_kill_reproduces_the_uninterrupted_run(sort_task):
-    settings = ("train.iterations=6", "checkpoint.every=3", "kl.coef=0.05", "kl.placement=loss")
-    _, whole = train(rl_config(sort_task, "grpo", "whole", *settings))
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("grpo", ("kl.coef=0.05", "kl.placement=loss")),
+        # The critic and its optimizer are checkpointed and restored too; 2 mini-batches.
+        ("ppo", ("train.sequences_per_minibatch=32", "kl.coef=0.05", "kl.controller=adaptive")),
+    ],
+)
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(sort_task, method, extra):
+    settings = ("train.iterations=6", "checkpoint.every=3", *extra)
+    _, whole = train(rl_config(sort_task, method, f"whole_{method}", *settings))
 
     class Killed(Exception):
         pass
@@ -161,17 +169,18 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(sort_task):
                 raise Killed
             return super().optimize(minibatch)
 
-    cfg = rl_config(sort_task, "grpo", "cut", *settings)
+    cfg = rl_config(sort_task, method, f"cut_{method}", *settings)
     built = build_pg_trainer(cfg)
     dying = DiesInIteration5(
-        cfg, built.unwrapped_model, built.tokenizer, built.prompts, built.reward
-    )
+        cfg, built.unwrapped_model, built.tokenizer, built.prompts, built.reward,
+        critic=built.critic,
+    )  # fmt: skip
     with pytest.raises(Killed):
         dying.train()
-    cut = sort_task["root"] / "cut"
+    cut = sort_task["root"] / f"cut_{method}"
     assert latest_checkpoint(cut).name == "step-3"
     torch.manual_seed(99)  # the resumed process starts with another global RNG state
-    train(rl_config(sort_task, "grpo", "ignored", *settings, f"resume_from={cut}"))
+    train(rl_config(sort_task, method, "ignored", *settings, f"resume_from={cut}"))
     got = read_metrics(cut / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in whole] == [1, 2, 3, 4, 5, 6]
     for want, have in zip(whole, got, strict=True):

@@ -49,7 +49,7 @@ from alignkit.rollout import Experience, Prompt, TransformersEngine, prompts_fro
 from alignkit.rollout.engine import GenerationEngine
 from alignkit.rollout.rewards import RewardSource, build_reward_source
 from alignkit.trainers.common import load_model_and_tokenizer
-from alignkit.trainers.online import OnlineTrainer
+from alignkit.trainers.online import OnlineTrainer, disable_dropout
 from alignkit.trainers.reward import load_reward_checkpoint
 from alignkit.trainers.rl_config import CriticConfig, PGConfig
 
@@ -85,6 +85,8 @@ class PolicyGradientTrainer(OnlineTrainer):
         self.policy_loss = get_policy_loss(config.policy_loss.name)
         self.policy_loss_settings = self._policy_loss_settings()
         self.critic = critic
+        if critic is not None:
+            disable_dropout(critic)  # its values are regression targets of the same states
         if "values" in self.estimator.needs and critic is None:
             raise ValueError(f"advantage estimator {self.estimator.name!r} needs a critic")
         kl = config.kl
