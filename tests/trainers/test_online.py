@@ -317,3 +317,22 @@ def test_reinforce_without_a_baseline_is_the_returns_estimator(sort_task):
     cfg = rl_config(sort_task, "reinforce", "no_baseline", "advantage.estimator=returns")
     assert cfg.advantage.resolved_estimator == "returns"
     assert cfg.policy_loss.name == "policy_gradient"
+
+
+def test_a_constant_reward_is_warned_about_loudly(sort_task, tmp_path, capsys):
+    reward_file = tmp_path / "constant.py"
+    reward_file.write_text(
+        "def same(prompts, completions, **_):\n    return [1.0] * len(completions)\n"
+    )
+    cfg = rl_config(
+        sort_task,
+        "grpo",
+        "constant",
+        "train.iterations=3",
+        f"rewards=[{{function: {reward_file}:same}}]",
+    )
+    _, records = train(cfg)
+    assert [r["reward/zero_std_frac"] for r in records] == [1.0, 1.0, 1.0]
+    assert all(r["actor/pg_loss"] == 0.0 for r in records)  # every advantage is exactly 0
+    out = capsys.readouterr().out
+    assert "WARNING iteration 3: 100% of the groups have the same reward" in out
