@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignkit import __version__
-from alignkit.errors import CheckpointError, ConfigError
+from alignkit.errors import CheckpointError, ConfigError, ModelError
 from alignkit.models.loading import (
+    ADAPTER_CONFIG,
     DTypeLike,
     ResolvedModel,
     ensure_pad_token,
@@ -48,7 +49,7 @@ from alignkit.models.loading import (
     tokenizer_for,
 )
 from alignkit.models.pooling import POOLINGS, AttentionPooling, pool
-from alignkit.models.tiny import build_tiny_model
+from alignkit.models.tiny import TINY_NAME, build_tiny_model
 from alignkit.ops.losses import reward_model_loss
 
 REWARD_HEADS = ("linear", "mlp")
@@ -232,6 +233,45 @@ def _load_saved(directory: Path, overrides: dict[str, Any], dtype: Any) -> Rewar
             f"missing {missing}, unexpected {unexpected}"
         )
     return model
+
+
+def check_saved_kind(path: str | Path, kind: str, setting: str) -> Path:
+    """The directory of a model saved by ``RewardModel.save_pretrained`` with this `kind`.
+
+    Anything else (the ``tiny`` preset, a policy checkpoint whose head would be random, a
+    reward model where a cost model is wanted: the opposite sign) is a ``ModelError`` naming
+    `setting` and saying what `path` is. A saved model from before kinds were recorded is
+    refused with the one-line fix.
+    """
+    directory = Path(path).expanduser()
+    record_path = directory / CONFIG_FILE
+    what: str
+    if record_path.is_file():
+        try:
+            saved = json.loads(record_path.read_text(encoding="utf-8")).get("kind")
+        except (json.JSONDecodeError, AttributeError):
+            saved = "unreadable"
+        if saved == kind:
+            return directory
+        if saved is None:
+            raise ModelError(
+                f"{setting}={path}: {record_path} does not say whether this is a reward or a "
+                f"cost model (saved by an older alignkit); if it was trained with kind={kind}, "
+                f'add "kind": "{kind}" to that file'
+            )
+        what = f"a {saved} model ({CONFIG_FILE} says kind={saved})"
+    elif str(path) == TINY_NAME:
+        what = "the built-in untrained 'tiny' preset"
+    elif not directory.exists():
+        what = "not an existing directory"
+    elif (directory / "config.json").is_file() or (directory / ADAPTER_CONFIG).is_file():
+        what = f"a policy or plain model (no {CONFIG_FILE}): its head would be random"
+    else:
+        what = f"a directory without a saved model ({CONFIG_FILE})"
+    raise ModelError(
+        f"{setting}={path} is {what}; it must be a {kind} model saved by "
+        f"`alignkit train {'cost' if kind == 'cost' else 'rm'}`"
+    )
 
 
 def _fresh_backbone(
