@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from alignkit.errors import CheckpointError
+from alignkit.models.loading import write_base_record
 from alignkit.tracking.run_dir import RunDir, as_run_dir
 
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -146,6 +147,7 @@ def save_model_weights(
         kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
         with _quiet_transformers_progress():
             model.save_pretrained(directory, **kwargs)
+        write_base_record(model, directory)  # a LoRA adapter: where its base is
     elif state_dict is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, directory / "model.safetensors")
