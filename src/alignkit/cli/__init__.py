@@ -10,6 +10,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from alignkit import __version__
 from alignkit.errors import AlignkitError
@@ -54,5 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="alignkit")
     except AlignkitError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
+        )
         sys.exit(err.exit_code)

