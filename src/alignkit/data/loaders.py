@@ -190,8 +190,12 @@ def _read_datasets_dir(path: Path, split: str | None) -> list[RawRow]:
         if split is None and len(names) == 1:
             split = names[0]
         if split not in loaded:
-            wanted = "a split" if split is None else f"split {split!r}"
-            raise _file_error(path, f"{wanted} must be chosen from: {', '.join(names)}")
+            wanted = "has several splits" if split is None else f"has no split {split!r}"
+            raise _file_error(
+                path,
+                f"{wanted}: set data.train_split to one of: {', '.join(names)} "
+                "(data.eval_split for the eval file)",
+            )
         loaded = loaded[split]
     return [RawRow(i, value) for i, value in enumerate(loaded.to_list(), start=1)]
 
@@ -237,7 +241,12 @@ def _validate(
         problems.extend(_margin_consistency(records, rows, source))
     if problems:
         problems.sort(key=lambda p: p.row)
-        raise DataError(problems[:max_problems], total=len(problems), note=f"format {fmt!r}")
+        raise DataError(
+            problems[:max_problems],
+            total=len(problems),
+            note=f"format {fmt!r}",
+            rows=len({p.row for p in problems}),
+        )
     return RecordSet(records, rows, source, fmt)
 
 

@@ -184,7 +184,7 @@ def _finish(
             problems[:DEFAULT_MAX_PROBLEMS], total=len(problems), note="too long; policy 'error'"
         )
     if over:
-        logger.warning(report.summary())
+        logger.warning(report.summary())  # the only place it is said (trainers do not repeat it)
     kept = [e for e in examples if e is not None]
     return TokenizedData(kept, report)
 
@@ -229,7 +229,11 @@ def _extra_fields(records: Sequence[Mapping[str, Any]], wanted: Sequence[str] | 
             if key not in record
         ]
         if problems:
-            raise DataError(problems[:DEFAULT_MAX_PROBLEMS], total=len(problems))
+            raise DataError(
+                problems[:DEFAULT_MAX_PROBLEMS],
+                total=len(problems),
+                rows=len({p.row for p in problems}),
+            )
         return list(wanted)
     # Every scalar per-pair value (margin, safety scores and labels) travels with the pair.
     first = records[0] if len(records) else {}

@@ -67,6 +67,14 @@ class DataConfig:
         default="truncate",
         metadata=_help("Rows over max_length: truncate (keep the prompt's end), drop, or error."),
     )
+    train_split: str | None = field(
+        default=None,
+        metadata=_help("Split of a saved DatasetDict directory to train on (e.g. train)."),
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata=_help("Split of a saved DatasetDict directory to evaluate on (e.g. test)."),
+    )
     max_problems: int = field(default=20, metadata=_help("Bad rows listed before stopping."))
     max_train_examples: int | None = field(
         default=None,
@@ -116,7 +124,8 @@ def load_split(
     path = data.train_file if split == "train" else data.eval_file
     if not path:
         return None
-    records = load_records(path, fmt, max_problems=data.max_problems)
+    which = data.train_split if split == "train" else data.eval_split
+    records = load_records(path, fmt, split=which, max_problems=data.max_problems)
     limit = data.max_train_examples if split == "train" else data.max_eval_examples
     if limit is not None and limit < len(records):
         logger.info(
@@ -124,12 +133,6 @@ def load_split(
         )
         records = records.sample(limit, seed)
     return records
-
-
-def log_length_report(tokenized: Any, what: str) -> None:
-    report = getattr(tokenized, "report", None)
-    if report is not None and report.n_over_limit:
-        logger.warning("%s: %s", what, report.summary())
 
 
 def number_examples(examples: Any) -> Any:

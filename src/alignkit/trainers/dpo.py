@@ -34,7 +34,6 @@ from alignkit.trainers.common import (
     gather_per_example,
     load_model_and_tokenizer,
     load_split,
-    log_length_report,
     number_examples,
     require_train_file,
     response_logps,
@@ -273,14 +272,11 @@ def _write_cache(path: Path, fingerprint: str, tables: dict[str, Tensor]) -> Non
     tmp.replace(path)
 
 
-def tokenize_pairs(
-    records: Any, tokenizer: Any, data: DataConfig, what: str, extra_fields: Any = None
-) -> Any:
+def tokenize_pairs(records: Any, tokenizer: Any, data: DataConfig, extra_fields: Any = None) -> Any:
     """Tokenised, numbered pairs (the number keys cached per-example values)."""
     pairs = tokenize_preferences(
         records, tokenizer, data.max_length, data.length_policy, extra_fields=extra_fields
     )
-    log_length_report(pairs, what)
     return number_examples(pairs)
 
 
@@ -292,11 +288,9 @@ def build_preference_trainer(
     train_records = load_split(cfg.data, fmt, "train", cfg.seed)
     eval_records = load_split(cfg.data, fmt, "eval", cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
-    train = tokenize_pairs(train_records, tokenizer, cfg.data, cfg.data.train_file, extra_fields)
+    train = tokenize_pairs(train_records, tokenizer, cfg.data, extra_fields)
     evaluation = (
-        tokenize_pairs(eval_records, tokenizer, cfg.data, str(cfg.data.eval_file), extra_fields)
-        if eval_records
-        else None
+        tokenize_pairs(eval_records, tokenizer, cfg.data, extra_fields) if eval_records else None
     )
     return trainer_cls(
         cfg,

@@ -40,7 +40,6 @@ from alignkit.trainers.common import (
     DataConfig,
     ModelConfig,
     load_split,
-    log_length_report,
     require_train_file,
     split_pairs,
 )
@@ -391,7 +390,12 @@ def attach_helpfulness(records: RecordSet, max_problems: int = DEFAULT_MAX_PROBL
                 continue
             record[name] = number
     if problems:
-        raise DataError(problems[:max_problems], total=len(problems), note="helpfulness targets")
+        raise DataError(
+            problems[:max_problems],
+            total=len(problems),
+            note="helpfulness targets",
+            rows=len({p.row for p in problems}),
+        )
 
 
 def prepare_records(cfg: RewardConfig, records: RecordSet) -> None:
@@ -437,9 +441,7 @@ def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
     model.train()
 
     def tokenize(records: RecordSet) -> Any:
-        data = tokenize_preferences(records, tokenizer, cfg.data.max_length, cfg.data.length_policy)
-        log_length_report(data, records.source)
-        return data
+        return tokenize_preferences(records, tokenizer, cfg.data.max_length, cfg.data.length_policy)
 
     return RewardTrainer(
         cfg,
