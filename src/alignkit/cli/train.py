@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
 
@@ -16,12 +18,42 @@ from alignkit.trainers.registry import METHODS, get_method
 _METHOD_HELP = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
 
 
-def _resolved_config_of(run: Path) -> Path:
+def _resolved_config_of(run: Path) -> Path | None:
     """The config.yaml a run wrote, given its directory or one of its checkpoints."""
     for directory in (run, run.parent.parent):  # <run> or <run>/checkpoints/step-N
         if (directory / "config.yaml").is_file():
             return directory / "config.yaml"
-    raise CheckpointError(f"--resume {run}: no config.yaml there; name the config with -c")
+    return None
+
+
+def _method_of_run(config_path: Path) -> str | None:
+    """The `alignkit train` method that wrote `config_path` (from its header and, for the
+    reward trainer, its kind), or None when the file does not say."""
+    with config_path.open(encoding="utf-8") as handle:
+        header = handle.readline()
+    match = re.match(r"# Resolved (\w+);", header)
+    if match is None:
+        return None
+    candidates = [name for name, m in METHODS.items() if m.config_class == match.group(1)]
+    if len(candidates) > 1:  # rm and cost share RewardConfig: the run's kind tells them apart
+        kind = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}).get("kind")
+        candidates = [name for name in candidates if f"kind={kind}" in METHODS[name].defaults]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _check_resume(run: Path, method: str) -> Path | None:
+    """The run's own config.yaml; errors for a missing run or one of another method."""
+    if not run.exists():
+        raise CheckpointError(f"--resume {run}: no such run directory")
+    saved = _resolved_config_of(run)
+    if saved is not None:
+        trained_with = _method_of_run(saved)
+        if trained_with is not None and trained_with != method:
+            raise CheckpointError(
+                f"--resume {run}: that run was trained with `alignkit train {trained_with}`, "
+                f"not {method}; resume it with `alignkit train {trained_with} --resume {run}`"
+            )
+    return saved
 
 
 def register(app: typer.Typer) -> None:
@@ -51,8 +83,13 @@ def register(app: typer.Typer) -> None:
         extra = [*chosen.defaults, *(overrides or [])]
         if resume is not None:
             extra.append(f"resume_from={resume}")
+            saved = _check_resume(resume, method)
             if config is None:
-                config = _resolved_config_of(resume)
+                if saved is None:
+                    raise CheckpointError(
+                        f"--resume {resume}: no config.yaml there; name the config with -c"
+                    )
+                config = saved
         cfg = load_config(config_class, config, extra)
         summary = entry_point(cfg)
         from accelerate import PartialState
