@@ -645,11 +645,20 @@ def save_resolved_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
+def umask_mode(mode: int) -> int:
+    """`mode` as the process umask leaves it: what ``open``/``mkdir`` would give a new file
+    (0o666) or directory (0o777). For files made by `tempfile`, which always uses 0600/0700."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file so readers see the old or the new content, never a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode(0o666))  # mkstemp's 0600 would ignore the user's umask
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
+from alignkit.config import umask_mode
 from alignkit.errors import CheckpointError
 from alignkit.models.loading import write_base_record
 from alignkit.tracking.run_dir import RunDir, as_run_dir
@@ -82,6 +83,7 @@ def save_checkpoint(
     _remove_leftovers(root)
     final = run_dir.checkpoint_dir(step)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}step-{step}-", dir=root))
+    tmp.chmod(umask_mode(0o777))  # mkdtemp's 0700 would ignore the user's umask
     try:
         for name, model in models.items():
             state_dict = state_dicts.get(name) if state_dicts else None
