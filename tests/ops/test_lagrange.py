@@ -176,7 +176,9 @@ def test_load_state_dict_rejects_mismatched_checkpoints():
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs):
-    with pytest.raises(ValueError):
+    # The message names the setting at fault (min/max share one message).
+    name = "max_value" if "max_value" in kwargs else next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
         LagrangeMultiplier(**kwargs)
 
 
