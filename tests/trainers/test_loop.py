@@ -510,7 +510,7 @@ def test_bf16_autocast_runs_the_forward_in_bfloat16(tmp_path):
     assert trainer.dtype == torch.bfloat16
     assert next(trainer.unwrapped_model.parameters()).dtype == torch.float32
     curve = losses(tmp_path / "bf16" / "metrics.jsonl")
-    assert curve[-1] < curve[0]
+    assert curve[-1] < 0.6 * curve[0]  # measured: 2.61 -> 1.00 in bf16
     trainer, _ = run(DtypeSpy, make_config(tmp_path, "fp32", "max_steps=1"))
     assert trainer.dtype == torch.float32  # a later fp32 run in the same process
 
