@@ -171,3 +171,13 @@ def test_a_separate_reference_model_caches_that_models_logps(
     torch.testing.assert_close(cache["tables"]["train"][:8], expected, rtol=1e-5, atol=1e-4)
     # The two models differ by far more than the tolerance (the SFT model fits the answers).
     assert (expected - of_policy).abs().mean() > 5.0
+
+
+def test_overwrite_recomputes_even_for_the_same_setup(
+    sft_run, head_of, run_settings, tmp_path, reference_passes
+):
+    data = head_of("preference_train", 16)
+    build_dpo_trainer(config(run_settings, tmp_path, sft_run.model_dir, data)).train()
+    again = config(run_settings, tmp_path, sft_run.model_dir, data, "overwrite=true")
+    build_dpo_trainer(again).train()
+    assert reference_passes == [16, 16]  # overwrite starts the run afresh, its cache too
