@@ -134,7 +134,9 @@ def test_other_data_recomputes_the_cache(
     assert first_loss(other) == pytest.approx(math.log(2), rel=1e-5)
 
 
-@pytest.mark.parametrize("setting", ["model.dtype=bfloat16", "data.max_length=24"])
+@pytest.mark.parametrize(
+    "setting", ["model.dtype=bfloat16", "precision=bf16", "data.max_length=24"]
+)
 def test_other_dtype_or_max_length_recomputes_the_cache(
     setting, sft_run, head_of, run_settings, tmp_path, reference_passes
 ):
@@ -146,7 +148,9 @@ def test_other_dtype_or_max_length_recomputes_the_cache(
     build_dpo_trainer(other).train()
     assert reference_passes == [16, 16]
     # bfloat16 log-probs of ~30-token responses differ from float32 ones by ~0.1 nats.
-    assert first_loss(other) == pytest.approx(math.log(2), rel=1e-2 if "dtype" in setting else 1e-5)
+    assert first_loss(other) == pytest.approx(
+        math.log(2), rel=1e-5 if "max_length" in setting else 1e-2
+    )
 
 
 def test_a_separate_reference_model_caches_that_models_logps(

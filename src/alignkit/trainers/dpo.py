@@ -174,12 +174,14 @@ class DPOTrainer(Trainer):
 
     def _reference_fingerprint(self, reference: nn.Module, datasets: dict[str, Any]) -> str:
         """A digest of everything the cached values depend on: the reference's weights (the
-        adapter excluded: the reference runs with it off), dtype, tokenizer vocabulary, the
-        token ids of every pair, max length and the reference setting."""
+        adapter excluded: the reference runs with it off), dtype, mixed precision, tokenizer
+        vocabulary, the token ids of every pair, max length and the reference setting."""
         cfg = self.config
         digest = hashlib.sha256()
+        # dtype and max length also show in the weights and token ids; precision (autocast)
+        # shows nowhere else.
         settings = (cfg.reference, cfg.model.dtype, cfg.data.max_length, cfg.data.length_policy)
-        digest.update(repr(settings).encode())
+        digest.update(repr((*settings, cfg.precision)).encode())
         digest.update(weights_digest(self.accelerator.unwrap_model(reference)).encode())
         if self.tokenizer is not None:
             digest.update(repr(sorted(self.tokenizer.get_vocab().items())).encode())
