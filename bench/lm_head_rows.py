@@ -21,14 +21,14 @@ import torch
 from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.data.loaders import RecordSet
 from alignkit.data.synthetic import SyntheticTask
-from alignkit.models import load_policy
-from alignkit.trainers import common
+from alignkit.models import forward, load_policy
+from alignkit.ops.logprobs import predicts_scored_mask
 
 
 def one_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     started = time.perf_counter()
-    logps = common.response_logps(model, batch)
+    logps = forward.response_logps(model, batch)
     logps.sum().backward()
     return time.perf_counter() - started, logps.detach()
 
@@ -48,12 +48,12 @@ def main() -> None:
     records = RecordSet(rows, list(range(1, len(rows) + 1)), "synthetic", "preference")
     pairs = tokenize_preferences(records, tokenizer, args.max_length, "truncate", extra_fields=[])
     batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(list(pairs))
-    scored = int(common.predicts_scored_mask(batch["response_mask"]).sum())
+    scored = int(predicts_scored_mask(batch["response_mask"]).sum())
     all_rows = batch["input_ids"].numel()
 
     results = {}
     for name, selects in (("scored rows", True), ("all rows", False)):
-        with mock.patch.object(common, "selects_logit_rows", lambda m, s=selects: s):
+        with mock.patch.object(forward, "selects_logit_rows", lambda m, s=selects: s):
             one_step(model, batch)  # warm-up
             times, logps = [], None
             for _ in range(args.repeats):

@@ -56,7 +56,7 @@ def test_data_synthetic_writes_the_files_the_examples_read(tmp_path, capsys) -> 
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "synthetic", "--out", str(tmp_path / "data"), "--seed", "3"])
     assert exit_info.value.code in (0, None)
-    assert "wrote 16 files" in capsys.readouterr().out
+    assert "wrote 25 files" in capsys.readouterr().out  # 16 assistant-task + 9 verifiable
     examples = Path(__file__).parents[2] / "examples"
     for config in examples.glob("*.yaml"):
         for name in re.findall(r"data/(\w+\.jsonl)", config.read_text()):

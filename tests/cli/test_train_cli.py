@@ -22,7 +22,7 @@ import yaml
 
 from alignkit.cli import main
 from alignkit.config import load_config
-from alignkit.data.synthetic import write_task
+from alignkit.data.synthetic import write_task, write_verifiable_tasks
 from alignkit.tracking import read_metrics
 from alignkit.trainers.dpo import DPOConfig
 from alignkit.trainers.registry import get_method
@@ -39,6 +39,9 @@ EXAMPLE_METHODS = {
     "safe_dpo_linear.yaml": "safe-dpo",
     "rm.yaml": "rm",
     "cost.yaml": "cost",
+    "sft_reverse.yaml": "sft",
+    "sft_sort.yaml": "sft",
+    "sft_add.yaml": "sft",
 }
 QUIET = ("logging.progress_bar=false", "logging.plots=false")
 
@@ -49,7 +52,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("data")
     small = folder / "small"
     small.mkdir()
-    for path in write_task(folder).values():
+    for path in [*write_task(folder).values(), *write_verifiable_tasks(folder).values()]:
         rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
         (small / path.name).write_text("".join(rows[:16]), encoding="utf-8")
     return folder

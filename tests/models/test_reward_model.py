@@ -13,10 +13,10 @@ from alignkit.models import (
     RewardModelConfig,
     load_policy,
     load_reward_model,
-    multitask_reward_loss,
     save_model,
 )
 from alignkit.models.pooling import last_token_index
+from alignkit.ops.preference import multitask_reward_loss
 
 # "cls" is refused on a causal backbone (see the last test); pooling.py tests it directly.
 CAUSAL_POOLINGS = [p for p in POOLINGS if p != "cls"]
@@ -86,7 +86,13 @@ def test_aux_heads_shapes_and_multitask_loss() -> None:
     helpfulness = (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, float("nan"), 1.0]))
     is_safe = (torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0]))
     total, parts = multitask_reward_loss(
-        chosen, rejected, helpfulness=helpfulness, is_safe=is_safe, task_weights={"safety": 0.5}
+        chosen.rewards,
+        rejected.rewards,
+        chosen_aux=chosen.aux,
+        rejected_aux=rejected.aux,
+        helpfulness=helpfulness,
+        is_safe=is_safe,
+        task_weights={"safety": 0.5},
     )
     assert set(parts) == {"preference", "helpfulness", "safety"}
     assert torch.isfinite(total)
@@ -106,11 +112,13 @@ def test_multitask_loss_without_aux_targets_is_the_pairwise_loss() -> None:
     model, tokenizer = load_reward_model("tiny")
     ids, mask = pad_batch(ROWS, tokenizer.pad_token_id, "right")
     chosen, rejected = model(ids, mask), model(ids.flip(0), mask.flip(0))
-    total, parts = multitask_reward_loss(chosen, rejected, kind="hinge", margin=0.5)
+    total, parts = multitask_reward_loss(chosen.rewards, rejected.rewards, kind="hinge", margin=0.5)
     expected = torch.relu(0.5 - (chosen.rewards - rejected.rewards)).mean()
     assert torch.allclose(total, expected) and set(parts) == {"preference"}
     with pytest.raises(ValueError, match="no 'safety' head"):
-        multitask_reward_loss(chosen, rejected, is_safe=(torch.ones(3), torch.zeros(3)))
+        multitask_reward_loss(
+            chosen.rewards, rejected.rewards, is_safe=(torch.ones(3), torch.zeros(3))
+        )
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path: Path) -> None:

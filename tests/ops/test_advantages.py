@@ -6,15 +6,18 @@ import pytest
 import torch
 
 from alignkit.ops.advantages import (
+    ADVANTAGE_ESTIMATORS,
     available_advantage_estimators,
     discounted_returns,
     gae,
     get_advantage_estimator,
     grpo_advantages,
+    register_advantage_estimator,
     reinforce_pp_advantages,
     reinforce_returns,
     rloo_advantages,
 )
+from alignkit.ops.stats import Moments
 
 # --- helpers --------------------------------------------------------------------------------
 
@@ -282,10 +285,128 @@ def test_registry_errors_name_the_problem():
         ValueError, match=r"unknown advantage estimator 'grpoo'.*Did you mean 'grpo'"
     ):
         get_advantage_estimator("grpoo")
-    with pytest.raises(ValueError, match="'gae' needs values"):
+    with pytest.raises(ValueError, match="'gae' needs values; given: token_rewards, mask"):
         get_advantage_estimator("gae")(torch.zeros(1, 2), torch.ones(1, 2))
     with pytest.raises(ValueError, match="'rloo' needs group_index"):
-        get_advantage_estimator("rloo")(torch.zeros(1, 2), torch.ones(1, 2))
+        get_advantage_estimator("rloo")(torch.zeros(1, 2), torch.ones(1, 2), group_index=None)
+    with pytest.raises(ValueError, match="'grpo' needs mask, group_index"):
+        get_advantage_estimator("grpo")(token_rewards=torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="advantage estimator name 'gae' is already registered"):
+        register_advantage_estimator("gae", needs=("values",))(gae)
+
+
+def _adapter_batch():
+    """Ragged, left/right-padded responses with rewards on every token (not just the last)."""
+    generator = torch.Generator().manual_seed(21)
+    mask = _padded_mask([4, 2, 5, 3, 1, 5], time=6, left=[True, False, False, True, False, True])
+    token_rewards = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    values = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    group_index = torch.tensor([7, 7, 7, 2, 2, 2])
+    return token_rewards, mask, values, group_index
+
+
+def test_each_registered_adapter_gives_the_direct_functions_values():
+    token_rewards, mask, values, group_index = _adapter_batch()
+    inputs = {
+        "token_rewards": token_rewards,
+        "mask": mask,
+        "values": values,
+        "group_index": group_index,
+        "gamma": 0.9,
+        "lam": 0.7,
+    }
+    # Sequence scores by hand: the sum of each row's response-token rewards.
+    scores = torch.stack(
+        [token_rewards[b][mask[b].bool()].sum() for b in range(token_rewards.shape[0])]
+    )
+    per_token = mask.to(torch.float64)
+    discounted = discounted_returns(token_rewards, mask, 0.9)
+    expected = {
+        "gae": gae(token_rewards, values, mask, gamma=0.9, lam=0.7),
+        "grpo": (grpo_advantages(scores, group_index)[:, None] * per_token,) * 2,
+        "dr_grpo": (grpo_advantages(scores, group_index, norm_by_std=False)[:, None] * per_token,)
+        * 2,
+        "rloo": (rloo_advantages(scores, group_index)[:, None] * per_token,) * 2,
+        "reinforce": (reinforce_returns(token_rewards, mask, 0.9), discounted),
+        "reinforce_pp": (reinforce_pp_advantages(token_rewards, mask, 0.9), discounted),
+    }
+    assert set(expected) <= set(available_advantage_estimators())
+    for name, (advantages, returns) in expected.items():
+        got_advantages, got_returns = get_advantage_estimator(name)(**inputs)
+        torch.testing.assert_close(got_advantages, advantages, msg=name)
+        torch.testing.assert_close(got_returns, returns, msg=name)
+    # The settings reach the estimators: another gamma/lam gives other values.
+    other = get_advantage_estimator("gae")(**{**inputs, "lam": 0.9})[0]
+    assert (other - expected["gae"][0]).abs().max() > 1e-3
+    other = get_advantage_estimator("reinforce_pp")(**{**inputs, "gamma": 1.0})[0]
+    assert (other - expected["reinforce_pp"][0]).abs().max() > 1e-3
+    # REINFORCE divides by std + eps, REINFORCE++ by sqrt(var + eps): on returns with variance
+    # near eps the two differ, and each adapter must give its own.
+    tiny = {**inputs, "token_rewards": 1e-4 * token_rewards}
+    pp = get_advantage_estimator("reinforce_pp")(**tiny)[0]
+    plain = get_advantage_estimator("reinforce")(**tiny)[0]
+    torch.testing.assert_close(pp, reinforce_pp_advantages(1e-4 * token_rewards, mask, 0.9))
+    torch.testing.assert_close(plain, reinforce_returns(1e-4 * token_rewards, mask, 0.9))
+    assert (pp - plain).abs().max() > 1e-2
+
+
+def test_process_global_moments_whiten_each_shard_like_the_whole_batch():
+    token_rewards, mask, _, _ = _adapter_batch()
+    whole_pp = reinforce_pp_advantages(token_rewards, mask, 0.9)
+    whole_reinforce = reinforce_returns(token_rewards, mask, 0.9)
+    shards = [slice(0, 2), slice(2, 6)]  # two "processes" of unequal token counts
+    returns = discounted_returns(token_rewards, mask, 0.9)
+    local = [Moments.of(returns[shard], mask[shard]) for shard in shards]
+    # What a trainer does: all-reduce (here: sum) the stacked moments.
+    global_moments = Moments.from_tensor(local[0].tensor() + local[1].tensor())
+    for shard in shards:
+        for name, whole in [("reinforce_pp", whole_pp), ("reinforce", whole_reinforce)]:
+            advantages, _ = get_advantage_estimator(name)(
+                token_rewards[shard], mask[shard], gamma=0.9, moments=global_moments
+            )
+            torch.testing.assert_close(advantages, whole[shard])
+        torch.testing.assert_close(
+            reinforce_pp_advantages(token_rewards[shard], mask[shard], 0.9, global_moments),
+            whole_pp[shard],
+        )
+    # Without them each shard whitens on its own: a different result.
+    alone = reinforce_pp_advantages(token_rewards[shards[0]], mask[shards[0]], 0.9)
+    assert (alone - whole_pp[shards[0]]).abs().max() > 1e-2
+
+
+def test_an_estimator_registered_outside_declares_its_inputs_and_receives_only_those():
+    received = {}
+
+    @register_advantage_estimator("test-baseline", needs=("baseline_scores",))
+    def baseline_estimator(*, token_rewards, mask, baseline_scores):
+        received.update(token_rewards=token_rewards, baseline_scores=baseline_scores)
+        scores = (token_rewards * mask).sum(dim=1)
+        advantages = (scores - baseline_scores)[:, None] * mask
+        return advantages, advantages
+
+    try:
+        token_rewards, mask, values, group_index = _adapter_batch()
+        estimator = get_advantage_estimator("test-baseline")
+        assert estimator.needs == ("baseline_scores",)
+        baseline = torch.linspace(-1, 1, 6, dtype=torch.float64)
+        # A trainer passes everything it has; the estimator sees only what it declares.
+        advantages, _ = estimator(
+            token_rewards=token_rewards,
+            mask=mask,
+            values=values,
+            group_index=group_index,
+            gamma=0.9,
+            baseline_scores=baseline,
+        )
+        assert set(received) == {"token_rewards", "baseline_scores"}
+        scores = torch.stack([token_rewards[b][mask[b].bool()].sum() for b in range(6)])
+        torch.testing.assert_close(advantages, (scores - baseline)[:, None] * mask)
+        with pytest.raises(ValueError, match="'test-baseline' needs baseline_scores"):
+            estimator(token_rewards=token_rewards, mask=mask, values=values)
+    finally:
+        ADVANTAGE_ESTIMATORS.unregister("test-baseline")
+    with pytest.raises(ValueError, match="unknown advantage estimator 'test-baseline'"):
+        get_advantage_estimator("test-baseline")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from alignkit.errors import CheckpointError
-from alignkit.ops.lagrange import LagrangeMultiplier, estimate_cost, estimate_cost_from_data
+from alignkit.ops.lagrange import (
+    LagrangeMultiplier,
+    estimate_cost,
+    estimate_cost_from_data,
+    lagrangian_combine,
+)
 
 
 def seed_reference(j_c_values, init, lr, lo=1e-6, hi=10.0):
@@ -225,3 +230,27 @@ def test_estimate_cost_computes_in_float32_for_bfloat16_inputs():
     )
     assert cost.dtype == torch.float32
     assert cost.item() == pytest.approx((-0.5 + 0.25) / 2)
+
+
+def test_lagrangian_combine_on_hand_values_and_signs():
+    primary, constraint = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 4.0])
+    # (1 + 2*3)/3, (-2 + 2*4)/3; without normalisation the plain sums.
+    torch.testing.assert_close(
+        lagrangian_combine(primary, constraint, 2.0), torch.tensor([7.0 / 3.0, 2.0])
+    )
+    torch.testing.assert_close(
+        lagrangian_combine(primary, constraint, 2.0, normalize=False), torch.tensor([7.0, 6.0])
+    )
+    # Safe-PPO's advantages: a cost enters negated, (A_r - lam A_c) / (1 + lam).
+    a_reward, a_cost = torch.tensor([1.0]), torch.tensor([0.5])
+    assert lagrangian_combine(a_reward, -a_cost, 3.0).item() == pytest.approx((1 - 1.5) / 4)
+    # lam = 0 is the primary alone; a tensor lam broadcasts.
+    torch.testing.assert_close(lagrangian_combine(primary, constraint, 0.0), primary)
+    lam = torch.tensor(1.0, requires_grad=True)
+    lagrangian_combine(primary, constraint, lam).sum().backward()
+    # d/dlam sum((p + lam c)/(1 + lam)) = sum(c - p)/(1 + lam)^2 = (2 + 6)/4.
+    assert lam.grad.item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
+        lagrangian_combine(primary, constraint, -0.1)
+    with pytest.raises(ValueError, match="differ"):
+        lagrangian_combine(primary, constraint[:1], 1.0)

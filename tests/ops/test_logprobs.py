@@ -7,7 +7,7 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from alignkit.ops import logprobs
+from alignkit.ops import _dtype
 from alignkit.ops.logprobs import (
     entropy_from_logits,
     predicts_scored_mask,
@@ -163,7 +163,7 @@ def test_selective_log_softmax_default_chunking_bounds_memory(monkeypatch):
     vocab = 4096
     logits = torch.randn(256, vocab).to(torch.bfloat16)
     index = torch.randint(0, vocab, (256,))
-    monkeypatch.setattr(logprobs, "_CHUNK_ELEMENTS", 16 * vocab)  # 16 rows per block
+    monkeypatch.setattr(_dtype, "CHUNK_ELEMENTS", 16 * vocab)  # 16 rows per block
     peak = peak_allocated_bytes(lambda: selective_log_softmax(logits, index))
     assert peak < logits.numel() * 4 / 4
     torch.testing.assert_close(

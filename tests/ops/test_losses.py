@@ -8,11 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from alignkit.ops import losses as losses_module
 from alignkit.ops.losses import (
     AGG_MODES,
+    POLICY_LOSSES,
     aggregate_loss,
+    aggregation_units,
+    get_policy_loss,
     policy_gradient_loss,
     ppo_policy_loss,
+    register_policy_loss,
     value_loss,
 )
 
@@ -49,6 +54,50 @@ def test_aggregate_ignores_nan_and_inf_in_padding(agg: str) -> None:
     assert aggregate_loss(poisoned, RAGGED, agg).item() == pytest.approx(
         aggregate_loss(LOSS_MAT, RAGGED, agg).item()
     )
+
+
+@pytest.mark.parametrize(
+    ("agg", "units"), [("token-mean", 3), ("seq-mean-token-sum", 2), ("seq-mean-token-mean", 2)]
+)
+def test_aggregation_units_count_tokens_or_non_empty_sequences(agg: str, units: int) -> None:
+    assert aggregation_units(RAGGED, agg).item() == units
+    expected = aggregate_loss(LOSS_MAT, RAGGED, agg)
+    assert aggregate_loss(LOSS_MAT, RAGGED, agg, normaliser=units).item() == expected.item()
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_micro_batch_shares_with_the_step_normaliser_add_up_to_the_step_loss(agg: str) -> None:
+    # Ragged rows split unevenly: 1 + 3 + 4 rows. With the step's global count as the
+    # normaliser, the micro-batch losses sum to the whole batch's loss (and so do gradients).
+    generator = torch.Generator().manual_seed(0)
+    loss_mat = torch.randn(8, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([1, 6, 0, 2, 5, 3, 6, 1])
+    mask = torch.arange(6) < lengths[:, None]
+    whole = aggregate_loss(loss_mat, mask, agg)
+    (whole_grad,) = torch.autograd.grad(whole, loss_mat)
+    parts = [slice(0, 1), slice(1, 4), slice(4, 8)]
+    normaliser = sum(aggregation_units(mask[p], agg) for p in parts)
+    shares = [aggregate_loss(loss_mat[p], mask[p], agg, normaliser=normaliser) for p in parts]
+    (split_grad,) = torch.autograd.grad(sum(shares), loss_mat)
+    assert sum(shares).item() == pytest.approx(whole.item(), rel=1e-12)
+    torch.testing.assert_close(split_grad, whole_grad, rtol=1e-12, atol=1e-15)
+    # Brute force: the documented formula, row by row.
+    rows = [loss_mat[b, : lengths[b]] for b in range(8)]
+    if agg == "token-mean":
+        brute = sum(r.sum() for r in rows) / lengths.sum()
+    elif agg == "seq-mean-token-sum":
+        brute = sum(r.sum() for r in rows if len(r)) / 7
+    else:
+        brute = sum(r.mean() for r in rows if len(r)) / 7
+    assert whole.item() == pytest.approx(brute.item(), rel=1e-12)
+    # Averaging the micro-batches' own means is a different objective on ragged rows.
+    local_means = [aggregate_loss(loss_mat[p], mask[p], agg) for p in parts]
+    assert abs(sum(local_means).item() / 3 - whole.item()) > 1e-3
+
+
+def test_aggregate_rejects_a_non_positive_normaliser() -> None:
+    with pytest.raises(ValueError, match="normaliser must be > 0, got 0"):
+        aggregate_loss(LOSS_MAT, RAGGED, normaliser=0)
 
 
 def test_aggregate_rejects_unknown_mode_listing_valid_ones() -> None:
@@ -265,3 +314,98 @@ def test_bf16_inputs_give_float32_results_close_to_float32() -> None:
     assert vf.dtype == torch.float32
     torch.testing.assert_close(vf, value_loss(*rounded, mask, clip=0.2)[0])
     assert aggregate_loss(bf16[0], mask).dtype == torch.float32
+
+
+# --- policy-loss registry, importance weights, the step normaliser ---------------------------
+
+
+def _rollout(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(3, 5, generator=generator, dtype=torch.float64)).requires_grad_()
+    old_logp = logp.detach() + 0.3 * torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    advantages = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
+    weights = torch.rand(3, 5, generator=generator, dtype=torch.float64) * 2
+    return logp, old_logp, advantages, mask, weights
+
+
+def test_registered_policy_losses_are_the_direct_functions():
+    assert {"ppo_clip", "policy_gradient"} <= set(POLICY_LOSSES)
+    logp, old_logp, advantages, mask, _ = _rollout()
+    ppo, stats = get_policy_loss("ppo_clip")(
+        logp, old_logp, advantages, mask, clip_ratio=0.1, agg="seq-mean-token-mean"
+    )
+    direct, direct_stats = ppo_policy_loss(
+        logp, old_logp, advantages, mask, clip_ratio=0.1, agg="seq-mean-token-mean"
+    )
+    assert ppo.item() == direct.item() and stats.keys() == direct_stats.keys()
+    pg, pg_stats = get_policy_loss("pg")(logp, old_logp, advantages, mask)
+    assert pg.item() == policy_gradient_loss(logp, advantages, mask).item()
+    valid = mask.bool()
+    assert pg_stats["approx_kl"].item() == pytest.approx((old_logp - logp)[valid].mean().item())
+
+
+@pytest.mark.parametrize("name", ["ppo_clip", "policy_gradient"])
+def test_weights_multiply_each_token_loss_before_aggregation(name):
+    logp, old_logp, advantages, mask, weights = _rollout(1)
+    loss, _ = get_policy_loss(name)(
+        logp, old_logp, advantages, mask, weights=weights, agg="seq-mean-token-sum"
+    )
+    # Brute force, token by token: PPO's per-token term, or -A logp, times w.
+    ratio = (logp - old_logp).exp()
+    total = 0.0
+    for b in range(3):
+        sequence = 0.0
+        for t in range(5):
+            if mask[b, t]:
+                a, r = advantages[b, t], ratio[b, t]
+                if name == "ppo_clip":
+                    term = torch.maximum(-a * r, -a * r.clamp(0.8, 1.2))
+                else:
+                    term = -a * logp[b, t]
+                sequence = sequence + weights[b, t] * term
+        total = total + sequence
+    torch.testing.assert_close(loss, total / 3)
+    # The weights are constants: d loss / d logp carries w, never d w.
+    (grad,) = torch.autograd.grad(loss, logp)
+    unweighted, _ = get_policy_loss(name)(
+        logp, old_logp, advantages, mask, agg="seq-mean-token-sum"
+    )
+    (grad_unweighted,) = torch.autograd.grad(unweighted, logp)
+    torch.testing.assert_close(grad, grad_unweighted * weights * mask)
+    with pytest.raises(ValueError, match="weights has shape"):
+        get_policy_loss(name)(logp, old_logp, advantages, mask, weights=weights[:, :2])
+
+
+@pytest.mark.parametrize("name", ["ppo_clip", "policy_gradient"])
+def test_policy_losses_forward_the_step_normaliser_to_aggregate_loss(monkeypatch, name):
+    seen = []
+
+    def recording_aggregate(loss_mat, mask, agg="token-mean", normaliser=None):
+        seen.append((agg, normaliser))
+        return loss_mat.sum()
+
+    monkeypatch.setattr(losses_module, "aggregate_loss", recording_aggregate)
+    logp, old_logp, advantages, mask, _ = _rollout()
+    get_policy_loss(name)(logp, old_logp, advantages, mask, agg="token-mean", normaliser=40.0)
+    assert ("token-mean", 40.0) in seen
+
+
+def test_policy_loss_registry_errors_and_outside_registration():
+    with pytest.raises(ValueError, match=r"unknown policy loss 'ppo_clp'.*Did you mean 'ppo_clip'"):
+        get_policy_loss("ppo_clp")
+    with pytest.raises(ValueError, match="policy loss name 'ppo_clip' is already registered"):
+        register_policy_loss("ppo_clip")(ppo_policy_loss)
+
+    @register_policy_loss("test-sign-only")
+    def sign_only(
+        logp, old_logp, advantages, mask, *, weights=None, agg="token-mean", normaliser=None
+    ):
+        return aggregate_loss(-advantages.sign() * logp, mask, agg), {}
+
+    try:
+        logp, old_logp, advantages, mask, _ = _rollout(2)
+        loss, _ = get_policy_loss("test-sign-only")(logp, old_logp, advantages, mask)
+        assert loss.item() == pytest.approx((-advantages.sign() * logp)[mask.bool()].mean().item())
+    finally:
+        POLICY_LOSSES.unregister("test-sign-only")

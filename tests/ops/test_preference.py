@@ -9,13 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from alignkit.errors import ConfigError
 from alignkit.ops import losses
 from alignkit.ops.preference import (
     DPO_LOSSES,
+    REWARD_LOSSES,
     dpo_loss,
     length_normalized_nll,
+    multitask_reward_loss,
+    orient_pairs,
     plackett_luce_loss,
     register_dpo_loss,
+    register_reward_loss,
     reward_model_loss,
 )
 
@@ -112,7 +117,9 @@ def test_dpo_rejects_label_smoothing_the_kind_cannot_take(
 
 def test_dpo_rejects_unknown_kind_bad_beta_and_mismatched_shapes() -> None:
     inputs = _logps_with_margin(torch.zeros(2))
-    with pytest.raises(ValueError, match="hinge, ipo, robust, sigmoid"):
+    with pytest.raises(
+        ValueError, match=r"valid: sigmoid, ipo, hinge, robust.*Did you mean 'sigmoid'"
+    ):
         dpo_loss(*inputs, kind="sigmod")
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(*inputs, beta=0.0)
@@ -133,7 +140,8 @@ def test_registering_a_kind_makes_it_available_by_name() -> None:
         with pytest.raises(ValueError, match="already registered"):
             register_dpo_loss("test-squared-logit")(squared)
     finally:
-        del DPO_LOSSES["test-squared-logit"]
+        DPO_LOSSES.unregister("test-squared-logit")
+    assert "test-squared-logit" not in DPO_LOSSES
 
 
 @pytest.mark.parametrize(
@@ -173,7 +181,9 @@ def test_reward_loss_rejects_bad_shapes_and_unknown_kind() -> None:
         reward_model_loss(torch.zeros(4, 1), torch.zeros(4))
     with pytest.raises(ValueError, match="margin has shape"):
         reward_model_loss(torch.zeros(4), torch.zeros(4), margin=torch.zeros(4, 1))
-    with pytest.raises(ValueError, match="bt, hinge, margin_weighted"):
+    with pytest.raises(
+        ValueError, match=r"unknown reward loss 'ranking'; valid: bt, margin_weighted, hinge"
+    ):
         reward_model_loss(torch.zeros(4), torch.zeros(4), kind="ranking")
 
 
@@ -296,3 +306,63 @@ def test_length_normalized_nll_upcasts_and_checks_shapes() -> None:
     assert half.dtype == torch.float32 and half.item() == 1.5
     with pytest.raises(ValueError, match="token_counts has shape"):
         length_normalized_nll(torch.zeros(2), torch.ones(3))
+
+
+# --- pair orientation, multi-task reward loss, reward-loss registry ---------------------------
+
+
+def test_orient_pairs_swaps_exactly_the_flipped_pairs():
+    chosen, rejected = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])
+    winner, loser = orient_pairs(chosen, rejected, torch.tensor([False, True, False]))
+    assert winner.tolist() == [1.0, 20.0, 3.0] and loser.tolist() == [10.0, 2.0, 30.0]
+    winner, loser = orient_pairs(chosen, rejected, torch.tensor([1, 1, 1]))
+    assert winner.tolist() == rejected.tolist() and loser.tolist() == chosen.tolist()
+    with pytest.raises(ValueError, match="differ"):
+        orient_pairs(chosen, rejected[:2], torch.tensor([True, False]))
+
+
+def test_multitask_reward_loss_by_hand():
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    chosen_aux = {"helpfulness": torch.tensor([0.5, 1.0]), "safety": torch.tensor([0.0, 2.0])}
+    rejected_aux = {"helpfulness": torch.tensor([0.0, 3.0]), "safety": torch.tensor([-1.0, 0.0])}
+    helpfulness = (torch.tensor([1.0, float("nan")]), torch.tensor([0.0, 1.0]))
+    is_safe = (torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]))
+    total, parts = multitask_reward_loss(
+        chosen,
+        rejected,
+        chosen_aux=chosen_aux,
+        rejected_aux=rejected_aux,
+        helpfulness=helpfulness,
+        is_safe=is_safe,
+        task_weights={"preference": 2.0, "safety": 0.5},
+    )
+    preference = (-math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(2.0)))) / 2
+    # MSE over the three labelled responses: (0.5-1)^2, (0-0)^2, (3-1)^2.
+    help_mse = (0.25 + 0.0 + 4.0) / 3
+    bce = [
+        F.binary_cross_entropy_with_logits(torch.tensor(z), torch.tensor(y)).item()
+        for z, y in [(0.0, 1.0), (2.0, 1.0), (-1.0, 0.0), (0.0, 1.0)]
+    ]
+    safety = sum(bce) / 4
+    assert parts["preference"].item() == pytest.approx(preference, rel=1e-6)
+    assert parts["helpfulness"].item() == pytest.approx(help_mse, rel=1e-6)
+    assert parts["safety"].item() == pytest.approx(safety, rel=1e-6)
+    assert total.item() == pytest.approx(2.0 * preference + help_mse + 0.5 * safety, rel=1e-6)
+    with pytest.raises(ConfigError, match="unknown task weight 'safe'"):
+        multitask_reward_loss(chosen, rejected, task_weights={"safe": 1.0})
+
+
+def test_a_registered_reward_loss_is_selected_by_name():
+    @register_reward_loss("test-squared")
+    def squared(diff, margin):
+        return (1.0 - diff).square()
+
+    try:
+        losses = reward_model_loss(torch.tensor([3.0]), torch.tensor([1.0]), kind="test-squared")
+        assert losses.item() == pytest.approx(1.0)
+        with pytest.raises(ValueError, match="reward loss name 'bt' is already registered"):
+            register_reward_loss("bt")(squared)
+    finally:
+        REWARD_LOSSES.unregister("test-squared")
+    with pytest.raises(ValueError, match="Did you mean 'hinge'"):
+        reward_model_loss(torch.zeros(1), torch.zeros(1), kind="hinje")

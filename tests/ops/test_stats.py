@@ -8,12 +8,14 @@ import torch
 
 from alignkit.errors import CheckpointError
 from alignkit.ops.stats import (
+    Moments,
     RunningMeanStd,
     explained_variance,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
+    pairwise_accuracy,
 )
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -181,3 +183,72 @@ def test_running_mean_std_rejects_incompatible_state_and_shapes():
         stats.update(torch.randn(4, 3))
     with pytest.raises(ValueError, match="mask shape"):
         stats.update(torch.randn(4, 2), torch.ones(5))
+
+
+# --- Moments --------------------------------------------------------------------------------
+
+
+def test_moments_of_masked_values_match_numpy():
+    moments = Moments.of(X, MASK)
+    selected = np.array([1.0, 3.0, 5.0, 6.0])
+    assert moments.count.item() == 4
+    assert moments.mean.item() == pytest.approx(selected.mean())
+    assert moments.var().item() == pytest.approx(selected.var(ddof=1))
+    assert moments.var(unbiased=False).item() == pytest.approx(selected.var())
+    assert moments.std().item() == pytest.approx(selected.std(ddof=1))
+    assert moments.var().item() == pytest.approx(masked_var(X, MASK).item())
+
+
+def test_moments_merge_and_round_trip_equal_the_moments_of_the_union():
+    generator = torch.Generator().manual_seed(5)
+    values = 3.0 + 2.0 * torch.randn(50, generator=generator)
+    parts = [Moments.of(values[:7]), Moments.of(values[7:30]), Moments.of(values[30:])]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    reduced = Moments.from_tensor(sum(part.tensor() for part in parts))
+    for moments in (merged, reduced):
+        assert moments.mean.item() == pytest.approx(values.double().mean().item(), rel=1e-12)
+        assert moments.var().item() == pytest.approx(values.double().var().item(), rel=1e-10)
+
+
+def test_moments_of_empty_and_single_sets_are_zero_not_nan():
+    empty = Moments.of(torch.ones(3), torch.zeros(3))
+    assert (empty.count.item(), empty.mean.item(), empty.var().item()) == (0.0, 0.0, 0.0)
+    single = Moments.of(torch.tensor([4.0]))
+    assert (single.mean.item(), single.var().item(), single.var(unbiased=False).item()) == (
+        4.0,
+        0.0,
+        0.0,
+    )
+
+
+def test_running_mean_std_update_moments_equals_update_on_the_data():
+    generator = torch.Generator().manual_seed(6)
+    batches = [torch.randn(n, generator=generator) * 2 + 1 for n in (5, 9, 3)]
+    from_data, from_moments = RunningMeanStd(), RunningMeanStd()
+    for batch in batches:
+        from_data.update(batch)
+        from_moments.update_moments(Moments.of(batch))
+    everything = torch.cat(batches).double()
+    for rms in (from_data, from_moments):
+        assert rms.mean.item() == pytest.approx(everything.mean().item(), rel=1e-12)
+        assert rms.var.item() == pytest.approx(everything.var(unbiased=False).item(), rel=1e-10)
+    assert from_moments.count == 17
+    from_moments.update_moments(Moments.of(torch.ones(2), torch.zeros(2)))  # empty: no change
+    assert from_moments.count == 17
+    with pytest.raises(ValueError, match="moments of shape"):
+        RunningMeanStd(shape=(2,)).update_moments(Moments.of(torch.ones(3)))
+
+
+# --- pairwise accuracy ----------------------------------------------------------------------
+
+
+def test_pairwise_accuracy_counts_ties_as_half_by_default():
+    chosen = torch.tensor([2.0, 1.0, 0.5, 3.0])
+    rejected = torch.tensor([1.0, 1.0, 0.7, 3.0])  # win, tie, loss, tie
+    assert pairwise_accuracy(chosen, rejected).item() == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert pairwise_accuracy(chosen, rejected, ties=0.0).item() == pytest.approx(1 / 4)
+    mask = torch.tensor([1, 0, 1, 0])  # only the win and the loss count
+    assert pairwise_accuracy(chosen, rejected, mask=mask).item() == pytest.approx(0.5)
+    assert pairwise_accuracy(chosen, rejected, mask=torch.zeros(4)).item() == 0.0
+    with pytest.raises(ValueError, match="differ"):
+        pairwise_accuracy(chosen, rejected[:3])

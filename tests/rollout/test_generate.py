@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from alignkit.data.synthetic import SyntheticTask
 from alignkit.models import load_policy
@@ -31,7 +32,9 @@ def test_sampling_is_reproducible_with_a_seed(tiny) -> None:
     model, tokenizer = tiny
     prompts = ["how do I bake bread?"] * 4
     settings = GenerationSettings(max_new_tokens=6, temperature=1.0)
+    state = torch.get_rng_state()
     first = generate_responses(model, tokenizer, prompts, settings, generator_seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # its own generator, no global reseed
     again = generate_responses(model, tokenizer, prompts, settings, generator_seed=7)
     assert first == again
     assert len(set(first)) > 1  # a random tiny model samples different continuations

@@ -18,8 +18,9 @@ import torch
 import alignkit.trainers.dpo as dpo_module
 from alignkit.config import load_config
 from alignkit.models import load_policy
+from alignkit.models.forward import response_logps
 from alignkit.tracking import read_metrics
-from alignkit.trainers.common import response_logps, split_pairs
+from alignkit.trainers.common import split_pairs
 from alignkit.trainers.dpo import REFERENCE_CACHE, DPOConfig, build_dpo_trainer
 
 

@@ -24,9 +24,10 @@ from rich.console import Console
 
 from alignkit.config import load_config
 from alignkit.models import load_reward_model
+from alignkit.models.forward import response_logps
 from alignkit.ops.preference import dpo_loss
 from alignkit.tracking import latest_checkpoint, load_trainer_state, read_metrics
-from alignkit.trainers.common import response_logps, split_pairs
+from alignkit.trainers.common import split_pairs
 from alignkit.trainers.reward import RewardConfig, train_reward
 from alignkit.trainers.safe_dpo import SafeDPOConfig, SafeDPOTrainer, build_safe_dpo_trainer
 

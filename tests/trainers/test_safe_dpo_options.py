@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from alignkit.config import load_config
-from alignkit.trainers.common import response_logps, split_pairs
+from alignkit.models.forward import response_logps
+from alignkit.trainers.common import split_pairs
 from alignkit.trainers.safe_dpo import SafeDPOConfig, build_safe_dpo_trainer
 
 #: Reference log-probs chosen so that the implicit reward and the raw log-prob order disagree.

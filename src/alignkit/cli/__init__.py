@@ -41,12 +41,25 @@ def _root(
 
 def _register_commands() -> None:
     # Imported here so `alignkit --help` stays fast and each command module owns its options.
-    from alignkit.cli import data, ops_check, quickstart, train
+    from alignkit.cli import (
+        annotate,
+        data,
+        generate,
+        ops_check,
+        pipeline,
+        quickstart,
+        recommend,
+        train,
+    )
 
     train.register(app)
     quickstart.register(app)
     data.register(app)
+    generate.register(app)
     ops_check.register(app)
+    recommend.register(app)
+    pipeline.register(app)
+    annotate.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""`alignkit data synthetic`: write the bundled "assistant safety" task as JSONL files."""
+"""`alignkit data synthetic`: write the bundled "assistant safety" task and the verifiable RL
+tasks as JSONL files."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed of prompts, answers and pairings."),
     ) -> None:
         """Write every file of the synthetic task (SFT, preference, safety, prompts, ratings),
-        train and held-out splits; examples/*.yaml read them from data/."""
-        from alignkit.data.synthetic import write_task
+        train and held-out splits, and of the verifiable RL tasks (reverse, sort, add: SFT
+        warm-up, RL prompts with answers, held-out prompts); examples/*.yaml read them from data/."""
+        from alignkit.data.synthetic import write_task, write_verifiable_tasks
 
-        paths = write_task(out, seed=seed)
+        paths = {**write_task(out, seed=seed), **write_verifiable_tasks(out, seed=seed)}
         console = Console(soft_wrap=True)
         for path in paths.values():
             rows = path.read_text(encoding="utf-8").count("\n")

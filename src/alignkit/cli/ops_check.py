@@ -68,6 +68,51 @@ def _kl_estimators(gen: torch.Generator) -> list[CheckResult]:
     return rows
 
 
+def _kl_loss_gradients(gen: torch.Generator) -> list[CheckResult]:
+    """E_{y~pi}[grad kl_loss] in closed form (a sum over a small vocabulary, pi as the weight)
+    against autograd's gradient of the exact divergence each estimator is documented to give."""
+    from alignkit.ops.kl import kl_loss
+
+    # Scale 0.5 keeps ref/pi far below 13.6, where k3's clamp at 10 would cut its gradient.
+    logits = 0.5 * torch.randn(6, generator=gen, dtype=torch.float64)
+    ref_logp = torch.log_softmax(0.5 * torch.randn(6, generator=gen, dtype=torch.float64), -1)
+
+    def gradient(objective: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        leaf = logits.clone().requires_grad_()
+        return torch.autograd.grad(objective(torch.log_softmax(leaf, -1)), leaf)[0]
+
+    def expected_loss_gradient(estimator: str) -> torch.Tensor:
+        return gradient(
+            lambda logp: (logp.detach().exp() * kl_loss(logp, ref_logp, estimator)).sum()
+        )
+
+    reverse = gradient(lambda logp: (logp.exp() * (logp - ref_logp)).sum())
+    forward = gradient(lambda logp: (ref_logp.exp() * (ref_logp - logp)).sum())
+    rows = []
+    for estimator, target, name in [
+        ("k1", torch.zeros_like(reverse), "0"),
+        ("k2", reverse, "grad KL(pi||ref)"),
+        ("k3", forward, "grad KL(ref||pi)"),
+        ("k3+", reverse, "grad KL(pi||ref)"),
+    ]:
+        err = (expected_loss_gradient(estimator) - target).abs().max().item()
+        rows.append(
+            CheckResult(f"E_pi[grad kl_loss {estimator}] = {name} (max |diff|)", err, 0.0, 1e-9)
+        )
+    return rows
+
+
+def _importance_weights(gen: torch.Generator) -> CheckResult:
+    from alignkit.ops.sampling import truncated_importance_weights
+
+    log_pi = torch.log_softmax(torch.randn(8, generator=gen, dtype=torch.float64), -1)
+    log_mu = torch.log_softmax(torch.randn(8, generator=gen, dtype=torch.float64), -1)
+    f = torch.randn(8, generator=gen, dtype=torch.float64)
+    weights = truncated_importance_weights(log_pi, log_mu, max_weight=1e9)
+    err = abs((log_mu.exp() * weights * f).sum().item() - (log_pi.exp() * f).sum().item())
+    return CheckResult("E_mu[w f] = E_pi[f] (uncapped importance weights, |diff|)", err, 0.0, 1e-12)
+
+
 def _dpo(gen: torch.Generator) -> list[CheckResult]:
     from alignkit.ops.losses import dpo_loss
 
@@ -157,6 +202,8 @@ def run_checks(seed: int = 0) -> list[CheckResult]:
     steps: list[Callable[[], CheckResult | list[CheckResult]]] = [
         lambda: _selective_log_softmax(gen),
         lambda: _kl_estimators(gen),
+        lambda: _kl_loss_gradients(gen),
+        lambda: _importance_weights(gen),
         lambda: _dpo(gen),
         lambda: _gae(gen),
         lambda: _grpo(gen),

@@ -1,5 +1,7 @@
 """Models: load and save policies and tokenizers, the ``tiny`` preset, reward/cost/value models,
-LoRA adapters, and fetching a real small model into the local cache.
+LoRA adapters, fetching a real small model into the local cache, and the forward pass to token
+log-probs (``alignkit.models.forward``: sampling temperature, positions from the attention mask,
+the LM head on scored positions only, under any DDP/FSDP/DeepSpeed/peft wrapper).
 
 tiny: 166,208 parameters (0.17M), vocab 1024 (see ``alignkit.models.tiny``).
 """
@@ -7,6 +9,13 @@ tiny: 166,208 parameters (0.17M), vocab 1024 (see ``alignkit.models.tiny``).
 from __future__ import annotations
 
 from alignkit.models.fetch import KNOWN_MODELS, cache_root, cached_models, fetch_model
+from alignkit.models.forward import (
+    innermost_model,
+    position_ids_from_mask,
+    response_logps,
+    selects_logit_rows,
+    token_logprobs,
+)
 from alignkit.models.loading import (
     ResolvedModel,
     ensure_pad_token,
@@ -21,7 +30,6 @@ from alignkit.models.lora import (
     apply_lora,
     disabled_adapter,
     has_adapter,
-    reference_mode,
     unwrap_model,
 )
 from alignkit.models.pooling import POOLINGS, pool
@@ -32,7 +40,6 @@ from alignkit.models.reward import (
     RewardModelConfig,
     RewardOutput,
     load_reward_model,
-    multitask_reward_loss,
 )
 from alignkit.models.tiny import TINY_NAME, TINY_NUM_PARAMETERS
 
@@ -55,14 +62,17 @@ __all__ = [
     "ensure_pad_token",
     "fetch_model",
     "has_adapter",
+    "innermost_model",
     "load_policy",
     "load_reward_model",
     "load_tokenizer",
-    "multitask_reward_loss",
     "pool",
-    "reference_mode",
+    "position_ids_from_mask",
     "resolve_dtype",
     "resolve_model",
+    "response_logps",
     "save_model",
+    "selects_logit_rows",
+    "token_logprobs",
     "unwrap_model",
 ]

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import umask_mode
 from alignkit.errors import ModelError
+from alignkit.tracking.io import umask_mode
 
 SOURCE_FILE = "alignkit_source.json"
 

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from alignkit.config import atomic_write_text
 from alignkit.errors import ConfigError, ModelError
 from alignkit.models import fetch
 from alignkit.models.lora import (
@@ -41,6 +40,8 @@ from alignkit.models.lora import (
     unwrap_model,
 )
 from alignkit.models.tiny import TINY_NAME, build_tiny_model, load_tiny_tokenizer
+from alignkit.tracking.checkpoint import register_save_hook
+from alignkit.tracking.io import atomic_write_text
 
 DTypeLike = str | torch.dtype
 ADAPTER_CONFIG = "adapter_config.json"
@@ -298,6 +299,9 @@ def write_base_record(model: nn.Module, adapter_dir: Path) -> None:
         "weights_sha256": weights_digest(base_weights),
     }
     atomic_write_text(adapter_dir / BASE_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+register_save_hook(write_base_record)
 
 
 def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:

@@ -73,10 +73,22 @@ def require_peft():
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel wrappers (as accelerate's ``prepare`` adds)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
+    """The model inside the wrappers that distributed training and compilation add.
+
+    Peels ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and every wrapper that holds
+    the model as ``.module``: DistributedDataParallel, DataParallel, FSDP (version 1) and
+    DeepSpeed's engine, the set accelerate's ``extract_model_from_parallel`` peels, found here by
+    the attribute so that neither deepspeed nor accelerate has to be imported, and without that
+    function's side effect on ``forward``. FSDP2 (``fully_shard``) wraps nothing: it subclasses
+    the model in place. A peft adapter is not peeled (it is part of the model being trained).
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def has_adapter(model: nn.Module) -> bool:
@@ -135,7 +147,3 @@ def disabled_adapter(model: nn.Module) -> Iterator[nn.Module]:
         )
     with unwrap_model(model).disable_adapter():
         yield model
-
-
-# The name trainers read best with: the reference model is the policy minus its adapter.
-reference_mode = disabled_adapter

@@ -5,7 +5,7 @@
 (``linear`` or ``mlp``) -> one reward per sequence. Optional auxiliary heads read the same
 pooled vector: ``helpfulness`` (a regression prediction) and ``safety`` (the logit that the
 response is *safe*, label 1 = safe as in ``is_response_0_safe``), trained with
-``multitask_reward_loss`` (seed 002 §4.3.4).
+``alignkit.ops.preference.multitask_reward_loss`` (seed 002 §4.3.4).
 
 A cost model is the same class with ``kind="cost"``. Sign convention (Safe RLHF): cost > 0 means
 unsafe, cost < 0 safe; pairwise, the less safe response is the one with the higher cost.
@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignkit import __version__
 from alignkit.errors import CheckpointError, ConfigError, ModelError
+from alignkit.models.forward import position_ids_from_mask
 from alignkit.models.loading import (
     ADAPTER_CONFIG,
     DTypeLike,
@@ -50,7 +50,6 @@ from alignkit.models.loading import (
 )
 from alignkit.models.pooling import POOLINGS, AttentionPooling, pool
 from alignkit.models.tiny import TINY_NAME, build_tiny_model
-from alignkit.ops.losses import reward_model_loss
 
 REWARD_HEADS = ("linear", "mlp")
 AUX_HEADS = ("helpfulness", "safety")
@@ -159,7 +158,7 @@ class RewardModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_position_ids:
-            inputs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            inputs["position_ids"] = position_ids_from_mask(attention_mask)
         hidden = self.backbone(**inputs).last_hidden_state
         pooled = pool(hidden, attention_mask, self.reward_config.pooling, self.attention_pooling)
         output = RewardOutput(
@@ -333,73 +332,6 @@ def load_reward_model(
             model = RewardModel(backbone, config)
     ensure_pad_token(tokenizer, model.backbone)
     return model.eval(), tokenizer
-
-
-def _labelled_mean(losses: Tensor, targets: Tensor) -> Tensor:
-    # NaN targets mark unlabelled examples (e.g. pairs without safety labels): left out.
-    labelled = ~torch.isnan(targets)
-    if not labelled.any():
-        return losses.sum() * 0.0  # keeps the graph, contributes nothing
-    return losses[labelled].mean()
-
-
-def multitask_reward_loss(
-    chosen: RewardOutput,
-    rejected: RewardOutput,
-    *,
-    kind: str = "bt",
-    margin: Tensor | float | None = None,
-    pair_weights: Tensor | None = None,
-    helpfulness: tuple[Tensor, Tensor] | None = None,
-    is_safe: tuple[Tensor, Tensor] | None = None,
-    task_weights: Mapping[str, float] | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Preference loss plus the auxiliary-head losses (seed 002 §4.3.4's ``MultiTaskRewardLoss``).
-
-    ``total = w_pref * preference + w_help * helpfulness + w_safe * safety``, where
-
-    - ``preference = mean(pair_weights * reward_model_loss(r_chosen, r_rejected, margin, kind))``
-      (the pairwise formula lives in ``alignkit.ops.losses``);
-    - ``helpfulness = MSE(aux["helpfulness"], target)`` over chosen and rejected responses;
-    - ``safety = BCE-with-logits(aux["safety"], is_safe)`` over chosen and rejected responses.
-
-    An auxiliary term is included when its targets are given; NaN targets mark unlabelled
-    responses and are left out. ``task_weights`` keys: ``preference``, ``helpfulness``,
-    ``safety`` (default 1 each).
-
-    Args:
-        chosen, rejected: model outputs for the preferred and the other responses, ``[B]`` each.
-        helpfulness: ``(chosen_scores, rejected_scores)``, float ``[B]`` each.
-        is_safe: ``(chosen_labels, rejected_labels)``, 1 = safe, 0 = unsafe, float ``[B]`` each.
-
-    Returns:
-        ``(total, parts)`` with ``parts`` holding each included term, detached.
-    """
-    weights = {"preference": 1.0, "helpfulness": 1.0, "safety": 1.0}
-    for key, value in (task_weights or {}).items():
-        if key not in weights:
-            raise ConfigError(f"unknown task weight '{key}'; valid: {', '.join(weights)}")
-        weights[key] = float(value)
-
-    pairwise = reward_model_loss(chosen.rewards, rejected.rewards, margin=margin, kind=kind)
-    if pair_weights is not None:
-        pairwise = pairwise * pair_weights
-    parts = {"preference": pairwise.mean()}
-    for name, targets in (("helpfulness", helpfulness), ("safety", is_safe)):
-        if targets is None:
-            continue
-        if name not in chosen.aux or name not in rejected.aux:
-            raise ValueError(f"{name} targets given but the model has no '{name}' head")
-        predicted = torch.cat([chosen.aux[name], rejected.aux[name]]).float()
-        target = torch.cat([targets[0], targets[1]]).to(predicted)
-        filled = torch.nan_to_num(target, nan=0.0)
-        if name == "helpfulness":
-            losses = F.mse_loss(predicted, filled, reduction="none")
-        else:
-            losses = F.binary_cross_entropy_with_logits(predicted, filled, reduction="none")
-        parts[name] = _labelled_mean(losses, target)
-    total = sum(weights[name] * value for name, value in parts.items())
-    return total, {name: value.detach() for name, value in parts.items()}
 
 
 def _is_causal(backbone: nn.Module) -> bool:

@@ -1,12 +1,17 @@
 """Every formula of alignkit once: pure tensor functions, no I/O, no models.
 
-Submodules by topic: `logprobs` (the one logit/label shift), `stats`, `kl` (estimators of
-KL(pi||ref) and controllers), `advantages`, `losses` (policy/value) and `preference`
-(DPO family, reward-model losses), `lagrange` (Safe-DPO multiplier, seed 000), `sampling`
-(geometric mixture of policy and teacher, seed 001).
+Submodules by topic: `logprobs` (the one logit/label shift), `stats` (masked statistics,
+`Moments`, pair accuracy), `kl` (estimators of KL(pi||ref), KL as a loss, controllers),
+`advantages`, `losses` (policy/value) and `preference` (DPO family, reward-model losses, pair
+orientation), `lagrange` (Lagrangian combination, Safe-DPO multiplier, seed 000), `sampling`
+(importance weights; geometric mixture of policy and teacher, seed 001). `_registry.Registry`
+is the one registry behind every kind selected by name; `_dtype` the one precision rule.
 """
 
+from alignkit.ops._registry import Registry, UnknownNameError
 from alignkit.ops.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageEstimator,
     available_advantage_estimators,
     discounted_returns,
     gae,
@@ -18,18 +23,21 @@ from alignkit.ops.advantages import (
     rloo_advantages,
 )
 from alignkit.ops.kl import (
+    KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     apply_kl_penalty,
     available_kl_estimators,
     full_kl,
     kl_estimate,
+    kl_loss,
     register_kl_estimator,
 )
 from alignkit.ops.lagrange import (
     LagrangeMultiplier,
     estimate_cost,
     estimate_cost_from_data,
+    lagrangian_combine,
 )
 from alignkit.ops.logprobs import (
     entropy_from_logits,
@@ -40,9 +48,13 @@ from alignkit.ops.logprobs import (
 )
 from alignkit.ops.losses import (
     AGG_MODES,
+    POLICY_LOSSES,
     aggregate_loss,
+    aggregation_units,
+    get_policy_loss,
     policy_gradient_loss,
     ppo_policy_loss,
+    register_policy_loss,
     value_loss,
 )
 from alignkit.ops.preference import (
@@ -51,38 +63,53 @@ from alignkit.ops.preference import (
     cost_model_loss,
     dpo_loss,
     length_normalized_nll,
+    multitask_reward_loss,
+    orient_pairs,
     plackett_luce_loss,
     register_dpo_loss,
+    register_reward_loss,
     reward_model_loss,
 )
 from alignkit.ops.sampling import (
     SymmetryResult,
     disjoint_supports,
+    effective_sample_size,
     exact_progress,
     geometric_mixture_logprobs,
     kl_symmetry_alpha,
     progress_terms,
     snr_alpha,
+    truncated_importance_weights,
 )
 from alignkit.ops.stats import (
+    Moments,
     RunningMeanStd,
     explained_variance,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
+    pairwise_accuracy,
 )
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "DPO_LOSSES",
+    "KL_ESTIMATORS",
+    "POLICY_LOSSES",
     "REWARD_LOSSES",
     "AdaptiveKLController",
+    "AdvantageEstimator",
     "FixedKLController",
     "LagrangeMultiplier",
+    "Moments",
+    "Registry",
     "RunningMeanStd",
     "SymmetryResult",
+    "UnknownNameError",
     "aggregate_loss",
+    "aggregation_units",
     "apply_kl_penalty",
     "available_advantage_estimators",
     "available_kl_estimators",
@@ -90,6 +117,7 @@ __all__ = [
     "discounted_returns",
     "disjoint_supports",
     "dpo_loss",
+    "effective_sample_size",
     "entropy_from_logits",
     "estimate_cost",
     "estimate_cost_from_data",
@@ -99,14 +127,20 @@ __all__ = [
     "gae",
     "geometric_mixture_logprobs",
     "get_advantage_estimator",
+    "get_policy_loss",
     "grpo_advantages",
     "kl_estimate",
+    "kl_loss",
     "kl_symmetry_alpha",
+    "lagrangian_combine",
     "length_normalized_nll",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "multitask_reward_loss",
+    "orient_pairs",
+    "pairwise_accuracy",
     "plackett_luce_loss",
     "policy_gradient_loss",
     "ppo_policy_loss",
@@ -115,6 +149,8 @@ __all__ = [
     "register_advantage_estimator",
     "register_dpo_loss",
     "register_kl_estimator",
+    "register_policy_loss",
+    "register_reward_loss",
     "reinforce_pp_advantages",
     "reinforce_returns",
     "reward_model_loss",
@@ -123,5 +159,6 @@ __all__ = [
     "sequence_logprobs",
     "sequence_logprobs_at",
     "snr_alpha",
+    "truncated_importance_weights",
     "value_loss",
 ]

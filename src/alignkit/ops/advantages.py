@@ -11,21 +11,32 @@ Sequence-level estimators (GRPO, RLOO) take one score per sequence and an intege
 sequence (sequences sampled from the same prompt share an id); they are vectorised with
 ``torch.unique`` + ``index_add_`` over group ids, never a Python loop over groups or samples.
 
-Every estimator is also registered by name behind one adapter signature (see
+Every estimator is also registered by name with the inputs it needs (see
 ``register_advantage_estimator``) so a trainer picks one from its config without branching.
+
+Batch statistics (REINFORCE's and REINFORCE++'s normalisation) are over the batch the function
+sees. Under several processes pass ``moments=`` (``ops.stats.Moments`` of the returns,
+all-reduced by the trainer) so that every process normalises with the global statistics.
 """
 
 from __future__ import annotations
 
-import difflib
+import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from alignkit.ops.stats import masked_mean, masked_var, masked_whiten
+from alignkit.ops._dtype import at_least_float32
+from alignkit.ops._registry import Registry
+from alignkit.ops.stats import Moments, masked_mean, masked_var, masked_whiten
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "BASE_INPUTS",
+    "AdvantageEstimator",
     "available_advantage_estimators",
     "discounted_returns",
     "gae",
@@ -40,11 +51,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # Token-level scans
-
-
-def _at_least_float32(tensor: Tensor) -> Tensor:
-    """Half-precision inputs are computed in float32; float64 stays float64."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def _check_token_shapes(mask: Tensor, **tensors: Tensor) -> None:
@@ -95,14 +101,21 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
         ``[B, T]`` float32, 0 where ``mask`` is 0.
     """
     _check_token_shapes(mask, rewards=rewards)
-    return _reverse_discounted_sum(_at_least_float32(rewards), mask.bool(), gamma)
+    return _reverse_discounted_sum(at_least_float32(rewards), mask.bool(), gamma)
 
 
 @torch.no_grad()
-def reinforce_returns(rewards: Tensor, mask: Tensor, gamma: float, eps: float = 1e-8) -> Tensor:
+def reinforce_returns(
+    rewards: Tensor,
+    mask: Tensor,
+    gamma: float,
+    eps: float = 1e-8,
+    moments: Moments | None = None,
+) -> Tensor:
     """REINFORCE (Williams, 1992) with normalised returns: ``(G_t - mean(G)) / (std(G) + eps)``.
 
-    Mean and unbiased std are taken over all response tokens of the batch. Seed 002 (section
+    Mean and unbiased std are taken over all response tokens of the batch, or from ``moments``
+    (``Moments.of(discounted_returns(...), mask)`` all-reduced over processes) when given. Seed 002 (section
     4.1.2) normalises within each trajectory; with one terminal reward and gamma = 1 that makes
     every return of a trajectory equal and every advantage 0, and for gamma < 1 it erases the
     reward's sign and scale, so alignkit normalises over the batch.
@@ -111,12 +124,29 @@ def reinforce_returns(rewards: Tensor, mask: Tensor, gamma: float, eps: float = 
     Returns:
         ``[B, T]`` float32, 0 where ``mask`` is 0.
     """
-    return _normalise_returns(discounted_returns(rewards, mask, gamma), mask.bool(), eps)
+    returns = discounted_returns(rewards, mask, gamma)
+    return _normalise_returns(returns, mask.bool(), eps, moments)
 
 
-def _normalise_returns(returns: Tensor, valid: Tensor, eps: float = 1e-8) -> Tensor:
-    std = masked_var(returns, valid, unbiased=True).sqrt()
-    return torch.where(valid, (returns - masked_mean(returns, valid)) / (std + eps), 0.0)
+def _mean_and_var(returns: Tensor, valid: Tensor, moments: Moments | None) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased variance of the returns: of this batch, or the given (global) ones."""
+    if moments is None:
+        return masked_mean(returns, valid), masked_var(returns, valid, unbiased=True)
+    return moments.mean.to(returns), moments.var(unbiased=True).to(returns)
+
+
+def _normalise_returns(
+    returns: Tensor, valid: Tensor, eps: float = 1e-8, moments: Moments | None = None
+) -> Tensor:
+    mean, var = _mean_and_var(returns, valid, moments)
+    return torch.where(valid, (returns - mean) / (var.sqrt() + eps), 0.0)
+
+
+def _whiten_returns(returns: Tensor, valid: Tensor, moments: Moments | None) -> Tensor:
+    if moments is None:
+        return masked_whiten(returns, valid)
+    mean, var = _mean_and_var(returns, valid, moments)
+    return torch.where(valid, (returns - mean) * torch.rsqrt(var + 1e-8), 0.0)
 
 
 @torch.no_grad()
@@ -141,24 +171,29 @@ def gae(
     """
     _check_token_shapes(mask, token_rewards=token_rewards, values=values)
     valid = mask.bool()
-    values = torch.where(valid, _at_least_float32(values.detach()), 0.0)
-    deltas = _at_least_float32(token_rewards) + gamma * _next_valid_values(values, valid) - values
+    values = torch.where(valid, at_least_float32(values.detach()), 0.0)
+    deltas = at_least_float32(token_rewards) + gamma * _next_valid_values(values, valid) - values
     advantages = _reverse_discounted_sum(deltas, valid, gamma * lam)
     return advantages, torch.where(valid, advantages + values, 0.0)
 
 
 @torch.no_grad()
-def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+def reinforce_pp_advantages(
+    token_rewards: Tensor, mask: Tensor, gamma: float, moments: Moments | None = None
+) -> Tensor:
     """REINFORCE++ (Hu, arXiv:2501.03262): discounted returns whitened over the whole batch.
 
     ``A_t = (G_t - mean(G)) / sqrt(var(G) + 1e-8)``, with the mean and unbiased variance over all
     response tokens of the batch (global normalisation, not per prompt). The token rewards should
-    already carry the per-token KL penalty (``apply_kl_penalty``), as in the paper.
+    already carry the per-token KL penalty (``apply_kl_penalty``), as in the paper. With several
+    processes, the batch is the global one: pass ``moments`` = ``Moments.of(returns, mask)`` of
+    ``discounted_returns(token_rewards, mask, gamma)``, all-reduced (a sum) over processes.
 
     Returns:
         ``[B, T]`` float32, 0 where ``mask`` is 0.
     """
-    return masked_whiten(discounted_returns(token_rewards, mask, gamma), mask.bool())
+    returns = discounted_returns(token_rewards, mask, gamma)
+    return _whiten_returns(returns, mask.bool(), moments)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +209,7 @@ def _group_centred_scores(
     ids = torch.as_tensor(group_index, device=scores.device)
     if ids.shape != scores.shape:
         raise ValueError(f"group_index {tuple(ids.shape)} must match scores {tuple(scores.shape)}")
-    scores = _at_least_float32(scores.detach())
+    scores = at_least_float32(scores.detach())
     _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
     n_groups = counts.numel()
     sizes = counts.to(scores.dtype)[inverse]
@@ -238,21 +273,63 @@ def rloo_advantages(scores: Tensor, group_index: Tensor | Sequence[int]) -> Tens
 # --------------------------------------------------------------------------------------------
 # Registry
 
-AdvantageEstimator = Callable[..., tuple[Tensor, Tensor]]
-"""``fn(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0)``
-returning ``(advantages, returns)``, both ``[B, T]`` float32 and 0 where ``mask`` is 0."""
-
-_ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+#: Inputs every estimator receives; ``needs`` lists the ones beyond these.
+BASE_INPUTS = ("token_rewards", "mask")
 
 
-def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Register an estimator under ``name`` (decorator). It must accept the keyword arguments of
-    ``AdvantageEstimator`` (ignoring those it does not use) and return ``(advantages, returns)``."""
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """A registered estimator: its function and the inputs it needs besides ``BASE_INPUTS``.
 
-    def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
-        if name in _ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        _ADVANTAGE_ESTIMATORS[name] = fn
+    Call it with keyword inputs (``token_rewards``, ``mask``, ``values``, ``group_index``,
+    ``gamma``, ``lam``, ``moments``, or any other name an estimator declares). The inputs
+    listed in ``needs`` (and the base inputs) must be given and not None, or a ``ValueError``
+    names what is missing. The function receives only the inputs its signature accepts
+    (everything when it takes ``**kwargs``), so a trainer can pass all it has. Inputs given
+    as None are left out, so the function's defaults apply. Returns ``(advantages, returns)``,
+    both ``[B, T]`` float32 (float64 for float64 inputs) and 0 where ``mask`` is 0.
+    """
+
+    name: str
+    fn: Callable[..., tuple[Tensor, Tensor]]
+    needs: tuple[str, ...] = ()
+    accepts: frozenset[str] | None = field(init=False)
+    """The keyword inputs ``fn`` takes; None when it takes ``**kwargs`` (then it gets all)."""
+
+    def __post_init__(self) -> None:
+        parameters = inspect.signature(self.fn).parameters.values()
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        accepts = None if takes_any else frozenset(p.name for p in parameters)
+        object.__setattr__(self, "accepts", accepts)
+
+    def __call__(
+        self, token_rewards: Tensor | None = None, mask: Tensor | None = None, **inputs: Any
+    ) -> tuple[Tensor, Tensor]:
+        given = {"token_rewards": token_rewards, "mask": mask, **inputs}
+        given = {key: value for key, value in given.items() if value is not None}
+        missing = [key for key in (*BASE_INPUTS, *self.needs) if key not in given]
+        if missing:
+            raise ValueError(
+                f"advantage estimator {self.name!r} needs {', '.join(missing)}; given: "
+                f"{', '.join(given) or 'nothing'}"
+            )
+        if self.accepts is not None:
+            given = {key: value for key, value in given.items() if key in self.accepts}
+        return self.fn(**given)
+
+
+ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
+
+
+def register_advantage_estimator(
+    name: str, *, needs: tuple[str, ...] = (), aliases: tuple[str, ...] = ()
+) -> Callable[[Callable[..., tuple[Tensor, Tensor]]], Callable[..., tuple[Tensor, Tensor]]]:
+    """Register ``fn(*, token_rewards, mask, <its inputs>...) -> (advantages, returns)``
+    (decorator) as the estimator ``name``, needing the inputs ``needs`` besides
+    ``token_rewards`` and ``mask`` (see ``AdvantageEstimator``). Returns ``fn`` unchanged."""
+
+    def decorator(fn: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
+        ADVANTAGE_ESTIMATORS.add(name, AdvantageEstimator(name, fn, tuple(needs)), aliases=aliases)
         return fn
 
     return decorator
@@ -260,28 +337,19 @@ def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], Ad
 
 def available_advantage_estimators() -> tuple[str, ...]:
     """Names accepted by ``get_advantage_estimator``."""
-    return tuple(_ADVANTAGE_ESTIMATORS)
+    return ADVANTAGE_ESTIMATORS.names()
 
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
-    """The estimator registered as ``name``; ``ValueError`` naming the valid ones otherwise."""
-    if name in _ADVANTAGE_ESTIMATORS:
-        return _ADVANTAGE_ESTIMATORS[name]
-    message = f"unknown advantage estimator {name!r}; valid: {', '.join(_ADVANTAGE_ESTIMATORS)}"
-    nearest = difflib.get_close_matches(str(name), list(_ADVANTAGE_ESTIMATORS), n=1)
-    if nearest:
-        message += f". Did you mean {nearest[0]!r}?"
-    raise ValueError(message)
+    """The estimator registered as ``name``; ``UnknownNameError`` (a ``ValueError``) naming the
+    valid ones, and the nearest, otherwise."""
+    return ADVANTAGE_ESTIMATORS.get(name)
 
 
-def _require(value: Tensor | Sequence[int] | None, what: str, estimator: str) -> None:
-    if value is None:
-        raise ValueError(f"advantage estimator {estimator!r} needs {what}")
-
-
-@register_advantage_estimator("gae")
-def _gae_estimator(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0):
-    _require(values, "values (a critic)", "gae")
+@register_advantage_estimator("gae", needs=("values",))
+def _gae_estimator(
+    *, token_rewards: Tensor, mask: Tensor, values: Tensor, gamma: float = 1.0, lam: float = 1.0
+) -> tuple[Tensor, Tensor]:
     return gae(token_rewards, values, mask, gamma, lam)
 
 
@@ -293,39 +361,44 @@ def _broadcast_outcome(advantages_per_sequence: Tensor, mask: Tensor) -> tuple[T
 
 def _sequence_scores(token_rewards: Tensor, mask: Tensor) -> Tensor:
     _check_token_shapes(mask, token_rewards=token_rewards)
-    return torch.where(mask.bool(), _at_least_float32(token_rewards), 0.0).sum(dim=1)
+    return torch.where(mask.bool(), at_least_float32(token_rewards), 0.0).sum(dim=1)
 
 
-@register_advantage_estimator("grpo")
-def _grpo_estimator(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0):
-    _require(group_index, "group_index", "grpo")
+@register_advantage_estimator("grpo", needs=("group_index",))
+def _grpo_estimator(
+    *, token_rewards: Tensor, mask: Tensor, group_index: Tensor
+) -> tuple[Tensor, Tensor]:
     scores = _sequence_scores(token_rewards, mask)
     return _broadcast_outcome(grpo_advantages(scores, group_index, norm_by_std=True), mask)
 
 
-@register_advantage_estimator("dr_grpo")
-def _dr_grpo_estimator(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0):
-    _require(group_index, "group_index", "dr_grpo")
+@register_advantage_estimator("dr_grpo", needs=("group_index",))
+def _dr_grpo_estimator(
+    *, token_rewards: Tensor, mask: Tensor, group_index: Tensor
+) -> tuple[Tensor, Tensor]:
     scores = _sequence_scores(token_rewards, mask)
     return _broadcast_outcome(grpo_advantages(scores, group_index, norm_by_std=False), mask)
 
 
-@register_advantage_estimator("rloo")
-def _rloo_estimator(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0):
-    _require(group_index, "group_index", "rloo")
+@register_advantage_estimator("rloo", needs=("group_index",))
+def _rloo_estimator(
+    *, token_rewards: Tensor, mask: Tensor, group_index: Tensor
+) -> tuple[Tensor, Tensor]:
     scores = _sequence_scores(token_rewards, mask)
     return _broadcast_outcome(rloo_advantages(scores, group_index), mask)
 
 
 @register_advantage_estimator("reinforce")
-def _reinforce_estimator(token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0):
+def _reinforce_estimator(
+    *, token_rewards: Tensor, mask: Tensor, gamma: float = 1.0, moments: Moments | None = None
+) -> tuple[Tensor, Tensor]:
     returns = discounted_returns(token_rewards, mask, gamma)
-    return _normalise_returns(returns, mask.bool()), returns
+    return _normalise_returns(returns, mask.bool(), moments=moments), returns
 
 
 @register_advantage_estimator("reinforce_pp")
 def _reinforce_pp_estimator(
-    token_rewards, mask, *, values=None, group_index=None, gamma=1.0, lam=1.0
-):
+    *, token_rewards: Tensor, mask: Tensor, gamma: float = 1.0, moments: Moments | None = None
+) -> tuple[Tensor, Tensor]:
     returns = discounted_returns(token_rewards, mask, gamma)
-    return masked_whiten(returns, mask.bool()), returns
+    return _whiten_returns(returns, mask.bool(), moments), returns

@@ -1,4 +1,5 @@
-"""KL divergence between the policy and the reference: estimators, exact KL, controllers, penalty.
+"""KL divergence between the policy and the reference: estimators, KL as a loss, exact KL,
+controllers, penalty.
 
 Direction and sign are always the same: everything here is about KL(pi || ref), the divergence of
 the policy pi from the reference, with tokens sampled from pi (the rollouts). Per token,
@@ -18,22 +19,30 @@ Estimators (Schulman, "Approximating KL Divergence", 2020; verl's ``kl_penalty``
   verl (the lower bound never binds because k3 >= 0); the upper one binds for tokens with
   ref/pi > ~13.6 and then biases the estimate downwards, the price verl pays for bounded rewards.
 
-A KL penalty placed in the reward (``apply_kl_penalty``) changes the token rewards *before* the
-advantage estimator (GAE etc.) runs; it does not rescale advantages.
+Value versus gradient. These are estimators of the *value* (``kl_estimate``). A KL penalty
+placed in the reward (``apply_kl_penalty``) changes the token rewards *before* the advantage
+estimator (GAE etc.) runs; it does not rescale advantages, and its gradient reaches the policy
+through the policy-gradient loss. A KL term placed in the *loss* is differentiated directly, and
+then the estimators' expected gradients differ (k1: 0, k2: grad KL(pi||ref), k3: grad
+KL(ref||pi)): use ``kl_loss``, whose docstring states each one (and offers ``k1+``/``k3+``).
+``full_kl`` is the exact KL from two sets of logits, differentiable, blockwise in memory.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from alignkit.errors import CheckpointError
+from alignkit.ops._dtype import compute_dtype, map_row_blocks, rows_per_chunk
+from alignkit.ops._registry import Registry, UnknownNameError
 
 __all__ = [
+    "KL_ESTIMATORS",
     "AdaptiveKLController",
     "FixedKLController",
     "apply_kl_penalty",
@@ -41,22 +50,22 @@ __all__ = [
     "full_kl",
     "get_kl_estimator",
     "kl_estimate",
+    "kl_loss",
     "register_kl_estimator",
 ]
 
 KLEstimator = Callable[[Tensor], Tensor]
 """Maps the per-token ``log_ratio = logp - ref_logp`` to a per-token KL estimate."""
 
-_ESTIMATORS: dict[str, KLEstimator] = {}
-_ALIASES: dict[str, str] = {}
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator")
 
 # k3's clamp, as in verl's low_var_kl. The log-ratio is clamped first only so that exp() cannot
 # overflow to inf (inf - inf = nan); any |log_ratio| > 20 already gives k3 > 10.
 _K3_MAX = 10.0
 _LOG_RATIO_LIMIT = 20.0
 
-# Rows of [N, V] logits processed at once by full_kl: bounds each float32 temporary to ~64 MB.
-_FULL_KL_CHUNK_ELEMENTS = 1 << 24
+# kl_loss's straight-through variants: "<estimator>+" has that estimator's value, k2's gradient.
+_STRAIGHT_THROUGH = "+"
 
 
 def register_kl_estimator(
@@ -65,49 +74,30 @@ def register_kl_estimator(
     """Register a per-token KL estimator under ``name`` (and ``aliases``); used as a decorator.
 
     The function receives ``log_ratio = logp - ref_logp`` (float32, or float64) of tokens sampled
-    from the policy and returns an estimate of KL(pi || ref) per token, same shape.
+    from the policy and returns an estimate of KL(pi || ref) per token, same shape. It is then
+    available to ``kl_estimate``, ``apply_kl_penalty`` and ``kl_loss`` (also as ``name + "+"``).
     """
-
-    def decorator(fn: KLEstimator) -> KLEstimator:
-        for key in (name, *aliases):
-            if key in _ESTIMATORS or key in _ALIASES:
-                raise ValueError(f"KL estimator name {key!r} is already registered")
-        _ESTIMATORS[name] = fn
-        for alias in aliases:
-            _ALIASES[alias] = name
-        return fn
-
-    return decorator
+    if name.endswith(_STRAIGHT_THROUGH) or any(a.endswith(_STRAIGHT_THROUGH) for a in aliases):
+        raise ValueError(f"KL estimator names may not end with {_STRAIGHT_THROUGH!r}: {name!r}")
+    return KL_ESTIMATORS.register(name, aliases=aliases)
 
 
 def available_kl_estimators() -> dict[str, tuple[str, ...]]:
     """Canonical estimator names mapped to their aliases, e.g. ``{"k1": ("kl",), ...}``."""
-    return {
-        name: tuple(alias for alias, target in _ALIASES.items() if target == name)
-        for name in _ESTIMATORS
-    }
+    return {name: KL_ESTIMATORS.aliases(name) for name in KL_ESTIMATORS}
 
 
 def get_kl_estimator(kind: str) -> KLEstimator:
     """The estimator registered as ``kind`` (a canonical name or an alias).
 
-    Raises ``ValueError`` naming the valid kinds (and the nearest one) for an unknown ``kind``.
+    Raises ``UnknownNameError`` (a ``ValueError``) naming the valid kinds and the nearest one.
     """
-    canonical = _ALIASES.get(kind, kind)
-    if canonical in _ESTIMATORS:
-        return _ESTIMATORS[canonical]
-    valid = ", ".join(
-        name + (f" (alias {', '.join(aliases)})" if aliases else "")
-        for name, aliases in available_kl_estimators().items()
-    )
-    message = f"unknown KL estimator {kind!r}; valid kinds: {valid}"
-    if kind == "full":
-        message += ". The exact KL needs logits, not log-probs: use full_kl(logits, ref_logits)"
-    else:
-        nearest = difflib.get_close_matches(str(kind), [*_ESTIMATORS, *_ALIASES], n=1)
-        if nearest:
-            message += f". Did you mean {nearest[0]!r}?"
-    raise ValueError(message)
+    if kind == "full" and kind not in KL_ESTIMATORS:
+        raise UnknownNameError(
+            f"unknown KL estimator 'full'; valid: {KL_ESTIMATORS.describe()}. The exact KL "
+            "needs logits, not log-probs: use full_kl(logits, ref_logits)"
+        )
+    return KL_ESTIMATORS.get(kind)
 
 
 @register_kl_estimator("k1", aliases=("kl",))
@@ -134,7 +124,10 @@ def _k3(log_ratio: Tensor) -> Tensor:
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
-    """Per-token estimate of KL(pi || ref) from tokens sampled from the policy pi.
+    """Per-token estimate of the *value* KL(pi || ref) from tokens sampled from the policy pi.
+
+    For a KL term placed in the reward (``apply_kl_penalty``) or for logging. To put a KL
+    term in the loss use ``kl_loss``: the gradient of these estimates is another matter.
 
     Args:
         logp: ``[...]`` log pi(y_t) of the sampled tokens under the policy.
@@ -144,59 +137,162 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
             ``register_kl_estimator``.
 
     Returns:
-        ``[...]`` float32 estimates (float64 for float64 inputs), not masked (multiply by the response mask, or use
-        ``apply_kl_penalty``).
+        ``[...]`` float32 estimates (float64 for float64 inputs), not masked (multiply by the
+        response mask, or use ``apply_kl_penalty``).
     """
     estimator = get_kl_estimator(kind)
-    dtype = _compute_dtype(logp)
+    dtype = compute_dtype(logp)
     return estimator(logp.to(dtype) - ref_logp.to(dtype))
 
 
-def _compute_dtype(tensor: Tensor) -> torch.dtype:
-    """float32 for half-precision inputs; float64 stays float64 (for gradcheck and references)."""
-    return torch.promote_types(tensor.dtype, torch.float32)
+def kl_loss(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Per-token KL penalty *as a loss*: values to average (``aggregate_loss``) and minimise.
+
+    Tokens y are sampled from the policy pi; the gradient flows through ``logp`` only
+    (``ref_logp`` is detached). With ``d = logp - ref_logp`` and ``grad`` the gradient with
+    respect to the policy's parameters, the expectation over y ~ pi of each estimator's value
+    and gradient is (Schulman 2020 for the values; "A Comedy of Estimators", arXiv 2512.21852,
+    and TRL #4967 / verl ``kl_penalty`` for the gradients):
+
+    - ``k1`` = ``d``: value unbiased for KL(pi||ref); expected gradient 0 (it does nothing as
+      a loss).
+    - ``k2`` = ``d**2 / 2``: value biased; expected gradient = grad KL(pi||ref).
+    - ``k3`` = ``exp(-d) + d - 1``: value unbiased for KL(pi||ref); expected gradient =
+      grad KL(ref||pi), the *forward* KL (the GRPO paper's choice).
+    - ``k1+``, ``k3+``: straight-through, the value of k1 / k3 and the gradient of k2, so
+      expected gradient = grad KL(pi||ref) (verl's ``"k1+"``, ``"k3+"``).
+
+    Why: E_pi[f'(d) grad log pi] is the expected gradient. k1: f' = 1 and E_pi[grad log pi] = 0.
+    k2: f' = d, and E_pi[d grad log pi] = grad KL(pi||ref) (the score-function form of the
+    reverse KL). k3: f' = 1 - ref/pi, and E_pi[(1 - ref/pi) grad log pi] = -sum ref grad log pi
+    = grad KL(ref||pi). So only ``k2`` and the straight-through ``+`` variants (verl's ``"k1+"``, ``"k3+"``)
+    minimise the reverse KL(pi||ref) that the reward-side penalty targets, while logging an
+    unbiased value. ``k3`` keeps ``kl_estimate``'s clamp at 10 (its gradient is 0 beyond it).
+
+    Any estimator registered with ``register_kl_estimator`` is accepted by name (and ``name+``
+    for its straight-through form); the aliases of ``kl_estimate`` work too (``"low_var_kl+"``).
+    These are on-policy identities: with samples from an older policy, weight the tokens by
+    ``pi/pi_old`` (``ops.sampling.truncated_importance_weights``).
+
+    Args:
+        logp: ``[...]`` log pi(y_t) of the sampled tokens, with grad.
+        ref_logp: ``[...]`` log ref(y_t) of the same tokens (no gradient flows into it).
+        estimator: ``"k1"``, ``"k2"``, ``"k3"``, ``"k1+"``, ``"k3+"``, ...
+
+    Returns:
+        ``[...]`` per-token losses in float32 (float64 for float64 inputs), not masked.
+    """
+    straight_through = estimator.endswith(_STRAIGHT_THROUGH)
+    base = estimator[: -len(_STRAIGHT_THROUGH)] if straight_through else estimator
+    try:
+        fn = get_kl_estimator(base)
+    except UnknownNameError as err:
+        raise UnknownNameError(f"kl_loss estimator {estimator!r}: {err}") from None
+    dtype = compute_dtype(logp)
+    log_ratio = logp.to(dtype) - ref_logp.detach().to(dtype)
+    value = fn(log_ratio)
+    if not straight_through:
+        return value
+    k2 = 0.5 * log_ratio.square()
+    return value.detach() + (k2 - k2.detach())
 
 
-def full_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
+def full_kl(logits: Tensor, ref_logits: Tensor, chunk_size: int | None = None) -> Tensor:
     """Exact KL(pi || ref) = sum_v pi(v) (log pi(v) - log ref(v)) over the vocabulary, per position.
 
     Args:
-        logits: ``[..., V]`` policy logits (any float dtype; computed in float32, float64 kept).
+        logits: ``[..., V]`` policy logits (any float dtype; computed in at least float32).
         ref_logits: ``[..., V]`` reference logits, same shape.
+        chunk_size: rows per block; by default about ``2**24 / V`` rows.
 
     Returns:
-        ``[...]`` float32 (float64 for float64 inputs) KL, >= 0. Tokens the policy gives probability 0 (logit ``-inf``)
-        contribute 0; a token the policy can emit but the reference cannot gives ``inf``.
-        Rows are processed in chunks so that float32 temporaries stay bounded for large V.
-        Differentiable (usable as a KL loss).
+        ``[...]`` float32 (float64 if an input is float64) KL, >= 0. Tokens the policy gives
+        probability 0 (logit ``-inf``) contribute 0; a token the policy can emit but the
+        reference cannot gives ``inf``.
+
+    Differentiable in both inputs (usable as a KL loss): with ``p = softmax(logits)``,
+    ``q = softmax(ref_logits)``, ``dKL/dlogits_v = p_v (log p_v - log q_v - KL)`` and
+    ``dKL/dref_logits_v = q_v - p_v``. Forward and backward work on blocks of rows: no float32
+    ``[N, V]`` tensor is kept for the backward pass, which recomputes each block's softmaxes
+    from the saved logits (as ``selective_log_softmax`` does).
     """
     if logits.shape != ref_logits.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ"
         )
     vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    ref_flat = ref_logits.reshape(-1, vocab)
-    rows_per_chunk = max(1, _FULL_KL_CHUNK_ELEMENTS // max(vocab, 1))
-    pieces = [
-        _full_kl_rows(
-            flat[start : start + rows_per_chunk], ref_flat[start : start + rows_per_chunk]
-        )
-        for start in range(0, flat.shape[0], rows_per_chunk)
-    ]
-    result = torch.cat(pieces) if pieces else flat.new_zeros(0, dtype=_compute_dtype(flat))
+    flat, ref_flat = logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab)
+    result = _FullKL.apply(flat, ref_flat, rows_per_chunk(vocab, chunk_size))
     return result.reshape(logits.shape[:-1])
 
 
-def _full_kl_rows(logits: Tensor, ref_logits: Tensor) -> Tensor:
-    dtype = _compute_dtype(logits)
-    logp = torch.log_softmax(logits.to(dtype), dim=-1)
+def _log_softmax_pair(logits: Tensor, ref_logits: Tensor, dtype: torch.dtype):
+    """``p = softmax(logits)``, ``log q`` and ``log p - log q`` (0 where p == 0) of a block.
+
+    In-place where possible: each float32 ``[rows, V]`` temporary costs a block of memory.
+    """
+    difference = torch.log_softmax(logits.to(dtype), dim=-1)
     ref_logp = torch.log_softmax(ref_logits.to(dtype), dim=-1)
-    p = logp.exp()
-    # Where p == 0 the term is 0 by convention; select before multiplying so that neither the
+    p = difference.exp()
+    # Where p == 0 the term is 0 by convention: zero the difference there, so that neither the
     # value nor the gradient sees 0 * (-inf).
-    difference = torch.where(p > 0, logp - ref_logp, torch.zeros_like(logp))
-    return (p * difference).sum(dim=-1)
+    difference.sub_(ref_logp).masked_fill_(p == 0, 0.0)
+    return p, ref_logp, difference
+
+
+def _full_kl_block(logits: Tensor, ref_logits: Tensor, dtype: torch.dtype) -> tuple[Tensor]:
+    p, _, difference = _log_softmax_pair(logits, ref_logits, dtype)
+    return (p.mul_(difference).sum(dim=-1),)
+
+
+def _full_kl_grads(logits, ref_logits, kl, upstream, dtype, with_ref: bool) -> tuple[Tensor, ...]:
+    # dKL/dz_v = p_v (log p_v - log q_v - KL); dKL/dr_v = q_v - p_v.
+    p, ref_logp, difference = _log_softmax_pair(logits, ref_logits, dtype)
+    upstream = upstream[:, None]
+    ref_grad = ref_logp.exp_().sub_(p).mul_(upstream) if with_ref else None
+    grad = difference.sub_(kl[:, None]).mul_(p).mul_(upstream)
+    return (grad,) if ref_grad is None else (grad, ref_grad)
+
+
+class _FullKL(torch.autograd.Function):
+    """Row-wise exact KL of two ``[N, V]`` logit tensors, blockwise in forward and backward."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, logits: Tensor, ref_logits: Tensor, chunk_rows: int) -> Tensor:
+        dtype = compute_dtype(logits, ref_logits)
+        kl = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        map_row_blocks(
+            lambda start, end: _full_kl_block(logits[start:end], ref_logits[start:end], dtype),
+            (kl,),
+            logits.shape[0],
+            chunk_rows,
+        )
+        ctx.save_for_backward(logits, ref_logits, kl)
+        ctx.chunk_rows = chunk_rows
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        logits, ref_logits, kl = ctx.saved_tensors
+        grad_out = grad_out.to(kl.dtype)
+        with_ref = ctx.needs_input_grad[1]
+        grads = (torch.empty_like(logits), *([torch.empty_like(ref_logits)] if with_ref else []))
+        map_row_blocks(
+            lambda start, end: _full_kl_grads(
+                logits[start:end],
+                ref_logits[start:end],
+                kl[start:end],
+                grad_out[start:end],
+                kl.dtype,
+                with_ref,
+            ),
+            grads,
+            logits.shape[0],
+            ctx.chunk_rows,
+        )
+        grad = grads[0] if ctx.needs_input_grad[0] else None
+        return grad, (grads[1] if with_ref else None), None
 
 
 def apply_kl_penalty(

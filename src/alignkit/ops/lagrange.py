@@ -1,4 +1,5 @@
-"""Safe-DPO Lagrange multiplier: the cost estimate J_C and the multiplier's update (seed 000).
+"""Lagrangian safety: the combination of objective and constraint, the cost estimate J_C and
+the multiplier's update (seed 000).
 
 Safe-DPO trains ``(loss_H + λ·loss_S)`` and adapts λ from an estimate of the policy's harm
 cost J_C: λ grows while the policy prefers the less safe response of a pair (J_C > 0) and
@@ -27,6 +28,15 @@ import torch
 from torch import Tensor
 
 from alignkit.errors import CheckpointError
+from alignkit.ops._dtype import at_least_float32
+
+__all__ = [
+    "LagrangeMultiplier",
+    "LagrangeRule",
+    "estimate_cost",
+    "estimate_cost_from_data",
+    "lagrangian_combine",
+]
 
 LagrangeRule = Literal["log", "linear"]
 _RULES = ("log", "linear")
@@ -34,15 +44,45 @@ _RULES = ("log", "linear")
 _EXP_OVERFLOW = 709.0
 
 
+def lagrangian_combine(
+    primary: Tensor, constraint: Tensor, lam: float | Tensor, normalize: bool = True
+) -> Tensor:
+    """``(primary + lam * constraint) / (1 + lam)``, or ``primary + lam * constraint``.
+
+    The Lagrangian of "optimise ``primary`` subject to ``constraint``" with multiplier
+    ``lam >= 0``; dividing by ``1 + lam`` (``normalize=True``, Safe RLHF, Dai et al. 2023,
+    arXiv:2310.12773, §3.3) keeps its scale, and so the learning rate's meaning, independent of
+    ``lam``: a convex combination with weights ``1/(1+lam)`` and ``lam/(1+lam)``.
+
+    Sign convention: both arguments point the same way, the way ``primary`` is optimised.
+
+    - Losses (minimised), Safe-DPO: ``lagrangian_combine(loss_H, loss_S, lam)``; a larger
+      ``lam`` weighs the safety loss more.
+    - Advantages (maximised), Safe-PPO: a cost is to be *lowered*, so pass its negation,
+      ``lagrangian_combine(A_reward, -A_cost, lam)`` = ``(A_r - lam A_c) / (1 + lam)``.
+
+    Args:
+        primary, constraint: tensors of one shape (per-example losses, per-token advantages,
+            or 0-d means).
+        lam: the multiplier, a float or a tensor broadcastable to them, >= 0 (not checked for
+            tensors, to avoid a device sync).
+        normalize: divide by ``1 + lam``.
+    """
+    if primary.shape != constraint.shape:
+        raise ValueError(
+            f"primary {tuple(primary.shape)} and constraint {tuple(constraint.shape)} differ"
+        )
+    if not isinstance(lam, Tensor) and not (math.isfinite(lam) and lam >= 0.0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    combined = primary + lam * constraint
+    return combined / (1.0 + lam) if normalize else combined
+
+
 def _pair_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return values.mean()
     weights = mask.to(values.dtype)
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
-
-
-def _as_float(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def estimate_cost(
@@ -71,8 +111,8 @@ def estimate_cost(
     Returns a 0-d tensor (float32, or float64 for float64 inputs); no gradient flows through
     ``sign``.
     """
-    log_ratio = _as_float(logp_chosen - logp_rejected)
-    delta = _as_float(delta_safety)
+    log_ratio = at_least_float32(logp_chosen - logp_rejected)
+    delta = at_least_float32(delta_safety)
     per_pair = -torch.sign(log_ratio) * torch.sign(delta) * delta.abs()
     return _pair_mean(per_pair, mask)
 
@@ -83,7 +123,7 @@ def estimate_cost_from_data(delta_safety: Tensor, mask: Tensor | None = None) ->
     It ignores the policy entirely: with ΔS > 0 on most pairs it is almost always negative,
     which is why, with the linear rule, λ collapsed to zero. Kept only for comparison.
     """
-    return -_pair_mean(_as_float(delta_safety), mask)
+    return -_pair_mean(at_least_float32(delta_safety), mask)
 
 
 class LagrangeMultiplier:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from alignkit.ops._dtype import compute_dtype, map_row_blocks, rows_per_chunk
+
 __all__ = [
     "entropy_from_logits",
     "predicts_scored_mask",
@@ -24,28 +26,11 @@ __all__ = [
     "sequence_logprobs_at",
 ]
 
-# Elements (rows x vocab) processed per block when no chunk size is given: 2**24 float32
-# values are 64 MiB per temporary, small next to a model's activations, large enough that the
-# per-block overhead is negligible (about 110 rows per block for a 152k vocabulary).
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _rows_per_chunk(vocab_size: int, chunk_size: int | None) -> int:
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-        return chunk_size
-    return max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
-
 
 def _row_block(logits: torch.Tensor, rows: torch.Tensor | None, start: int, end: int):
     """Rows ``start:end`` of the selected rows (all rows when ``rows`` is None), upcast."""
     block = logits[start:end] if rows is None else logits.index_select(0, rows[start:end])
-    return block.to(_compute_dtype(logits.dtype))
+    return block.to(compute_dtype(logits))
 
 
 def _write_rows(target: torch.Tensor, rows: torch.Tensor | None, start: int, end: int, values):
@@ -53,11 +38,6 @@ def _write_rows(target: torch.Tensor, rows: torch.Tensor | None, start: int, end
         target[start:end] = values
     else:
         target.index_copy_(0, rows[start:end], values.to(target.dtype))
-
-
-# The loops below pass each block straight into a per-block function and write its result
-# straight out, so a block's float32 temporaries are freed before the next block is built
-# (holding them in a loop variable would keep two blocks alive at once).
 
 
 def _log_softmax_at(block: torch.Tensor, index: torch.Tensor):
@@ -83,14 +63,16 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         rows: torch.Tensor | None,  # [M] row numbers into logits, or None for all N rows
         chunk_rows: int,
     ) -> torch.Tensor:
-        n_selected = index.shape[0]
-        out = torch.empty(n_selected, dtype=_compute_dtype(logits.dtype), device=logits.device)
+        out = torch.empty(index.shape[0], dtype=compute_dtype(logits), device=logits.device)
         log_normaliser = torch.empty_like(out)
-        for start in range(0, n_selected, chunk_rows):
-            end = min(start + chunk_rows, n_selected)
-            out[start:end], log_normaliser[start:end] = _log_softmax_at(
+        map_row_blocks(
+            lambda start, end: _log_softmax_at(
                 _row_block(logits, rows, start, end), index[start:end]
-            )
+            ),
+            (out, log_normaliser),
+            index.shape[0],
+            chunk_rows,
+        )
         ctx.save_for_backward(logits, index, log_normaliser, rows)
         ctx.chunk_rows = chunk_rows
         return out
@@ -148,7 +130,7 @@ def selective_log_softmax(
             f"dimension {tuple(logits.shape[:-1])}"
         )
     flat = _flatten_rows(logits)
-    chunk_rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    chunk_rows = rows_per_chunk(flat.shape[-1], chunk_size)
     out = _SelectiveLogSoftmax.apply(flat, index.reshape(-1).long(), None, chunk_rows)
     return out.view(index.shape)
 
@@ -195,7 +177,7 @@ def sequence_logprobs(
     # and gather that next token, leaving the logits untouched (slicing them would copy).
     rows = predicts_scored_mask(response_mask).reshape(-1).nonzero().squeeze(-1)
     flat = _flatten_rows(logits)
-    chunk_rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    chunk_rows = rows_per_chunk(flat.shape[-1], chunk_size)
     next_ids = input_ids.reshape(-1).index_select(0, rows + 1).long()
     selected = _SelectiveLogSoftmax.apply(flat, next_ids, rows, chunk_rows)
     return _place_at_scored(selected, rows, input_ids.shape)
@@ -234,7 +216,7 @@ def sequence_logprobs_at(
             f"expected [{rows.shape[0]}, V] logits (one row per scored token), got "
             f"{tuple(selected_logits.shape)}"
         )
-    chunk_rows = _rows_per_chunk(selected_logits.shape[-1], chunk_size)
+    chunk_rows = rows_per_chunk(selected_logits.shape[-1], chunk_size)
     next_ids = input_ids.reshape(-1).index_select(0, rows + 1).long()
     selected = _SelectiveLogSoftmax.apply(selected_logits, next_ids, None, chunk_rows)
     return _place_at_scored(selected, rows, input_ids.shape)
@@ -270,14 +252,14 @@ class _EntropyFromLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, logits: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-        n_rows = logits.shape[0]
-        entropy = torch.empty(n_rows, dtype=_compute_dtype(logits.dtype), device=logits.device)
+        entropy = torch.empty(logits.shape[0], dtype=compute_dtype(logits), device=logits.device)
         log_normaliser = torch.empty_like(entropy)
-        for start in range(0, n_rows, chunk_rows):
-            end = min(start + chunk_rows, n_rows)
-            entropy[start:end], log_normaliser[start:end] = _entropy(
-                _row_block(logits, None, start, end)
-            )
+        map_row_blocks(
+            lambda start, end: _entropy(_row_block(logits, None, start, end)),
+            (entropy, log_normaliser),
+            logits.shape[0],
+            chunk_rows,
+        )
         ctx.save_for_backward(logits, log_normaliser, entropy)
         ctx.chunk_rows = chunk_rows
         return entropy
@@ -288,14 +270,19 @@ class _EntropyFromLogits(torch.autograd.Function):
         logits, log_normaliser, entropy = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
         grad_out = grad_out.to(entropy.dtype)
-        for start in range(0, logits.shape[0], ctx.chunk_rows):
-            end = min(start + ctx.chunk_rows, logits.shape[0])
-            grad_logits[start:end] = _entropy_grad(
-                _row_block(logits, None, start, end),
-                log_normaliser[start:end],
-                entropy[start:end],
-                grad_out[start:end],
-            )
+        map_row_blocks(
+            lambda start, end: (
+                _entropy_grad(
+                    _row_block(logits, None, start, end),
+                    log_normaliser[start:end],
+                    entropy[start:end],
+                    grad_out[start:end],
+                ),
+            ),
+            (grad_logits,),
+            logits.shape[0],
+            ctx.chunk_rows,
+        )
         return grad_logits, None
 
 
@@ -315,5 +302,5 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = None) -> 
         ``[...]`` entropies in float32 (float64 for float64 logits).
     """
     flat = _flatten_rows(logits)
-    chunk_rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    chunk_rows = rows_per_chunk(flat.shape[-1], chunk_size)
     return _EntropyFromLogits.apply(flat, chunk_rows).view(logits.shape[:-1])

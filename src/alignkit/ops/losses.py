@@ -10,11 +10,14 @@ to import a loss from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from alignkit.ops._dtype import at_least_float32
+from alignkit.ops._registry import Registry
 from alignkit.ops.preference import (
     DPO_LOSSES,
     REWARD_LOSSES,
@@ -28,15 +31,20 @@ from alignkit.ops.preference import (
 __all__ = [
     "AGG_MODES",
     "DPO_LOSSES",
+    "POLICY_LOSSES",
     "REWARD_LOSSES",
     "AggMode",
+    "PolicyLoss",
     "aggregate_loss",
+    "aggregation_units",
     "cost_model_loss",
     "dpo_loss",
+    "get_policy_loss",
     "plackett_luce_loss",
     "policy_gradient_loss",
     "ppo_policy_loss",
     "register_dpo_loss",
+    "register_policy_loss",
     "reward_model_loss",
     "value_loss",
 ]
@@ -49,10 +57,48 @@ AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-toke
 _MAX_LOG_RATIO = 20.0
 
 
-def _upcast(x: Tensor) -> Tensor:
-    if x.dtype in (torch.bfloat16, torch.float16) or not x.is_floating_point():
-        return x.float()
-    return x
+_upcast = at_least_float32
+
+PolicyLoss = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+"""``fn(logp, old_logp, advantages, mask, *, weights=None, agg="token-mean", normaliser=None,
+**settings) -> (loss, stats)``: a 0-d loss and detached 0-d statistics to log."""
+
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+
+
+def register_policy_loss(
+    name: str, *, aliases: tuple[str, ...] = ()
+) -> Callable[[PolicyLoss], PolicyLoss]:
+    """Register a policy loss (decorator), selected by name from a trainer's config.
+
+    It must take ``(logp, old_logp, advantages, mask)`` positionally, then the keywords
+    ``weights`` (per-token importance weights ``[B, T]`` or None, multiplied into the per-token
+    loss before aggregation), ``agg`` and ``normaliser`` (passed on to ``aggregate_loss``), and
+    its own settings as keywords; it returns ``(loss, stats)`` (see ``ppo_policy_loss``).
+    """
+    return POLICY_LOSSES.register(name, aliases=aliases)
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    """The policy loss registered as ``name``; ``UnknownNameError`` with a hint otherwise."""
+    return POLICY_LOSSES.get(name)
+
+
+def _aggregate(
+    loss_mat: Tensor, mask: Tensor, agg: str, normaliser: Tensor | float | None
+) -> Tensor:
+    """``aggregate_loss``, passing the step's ``normaliser`` on only when one is given."""
+    if normaliser is None:
+        return aggregate_loss(loss_mat, mask, agg)
+    return aggregate_loss(loss_mat, mask, agg, normaliser=normaliser)
+
+
+def _weighted(per_token: Tensor, weights: Tensor | None) -> Tensor:
+    """Per-token loss times detached per-token weights (truncated IS weights, rejection masks)."""
+    if weights is None:
+        return per_token
+    _check_same_shape("the per-token loss", per_token, weights=weights)
+    return per_token * _upcast(weights.detach())
 
 
 def _check_same_shape(reference_name: str, reference: Tensor, **others: Tensor) -> None:
@@ -78,15 +124,31 @@ def _per_token(advantages: Tensor, logp: Tensor) -> Tensor:
     )
 
 
-def aggregate_loss(loss_mat: Tensor, mask: Tensor, agg: AggMode | str = "token-mean") -> Tensor:
+def aggregate_loss(
+    loss_mat: Tensor,
+    mask: Tensor,
+    agg: AggMode | str = "token-mean",
+    normaliser: Tensor | float | None = None,
+) -> Tensor:
     """Reduce a per-token loss ``[B, T]`` to a scalar over the valid (``mask != 0``) tokens.
 
-    - ``"token-mean"``: sum over all valid tokens / number of valid tokens (every token weighs
-      the same, so long responses weigh more; verl's and DAPO's default).
-    - ``"seq-mean-token-sum"``: per-sequence sum, then mean over sequences (Dr. GRPO-style,
-      no length normalisation).
-    - ``"seq-mean-token-mean"``: per-sequence mean, then mean over sequences (the original
-      GRPO and seed 003's length-normalised ``log_prob.mean()``).
+    With ``m`` the mask, ``n_b = sum_t m[b,t]`` and ``S = {b : n_b > 0}``:
+
+    - ``"token-mean"``: ``sum_{b,t} m*loss / D`` (every token weighs the same, so long
+      responses weigh more; verl's and DAPO's default);
+    - ``"seq-mean-token-sum"``: ``sum_{b in S} sum_t m*loss / D`` (Dr. GRPO-style, no length
+      normalisation);
+    - ``"seq-mean-token-mean"``: ``sum_{b in S} (sum_t m*loss / n_b) / D`` (the original GRPO
+      and seed 003's length-normalised ``log_prob.mean()``).
+
+    ``D`` is `normaliser` when given, else the local count (``sum m`` for token-mean, ``|S|``
+    for the sequence means: :func:`aggregation_units`). Pass the optimizer step's *global*
+    count (all micro-batches of the accumulation window on all processes) as `normaliser`:
+    each micro-batch then returns its share of the step loss and the shares add up to the
+    mean over the whole step, independent of the split (the fix of the Hugging Face
+    gradient-accumulation bug that TRL passes as ``num_items_in_batch``; verl's ``agg_loss``
+    with the global token count and ``dp_size`` in ``verl/trainer/ppo/core_algos.py``).
+    Without it, averaging per-micro-batch means weighs the tokens of short micro-batches more.
 
     Sequences without a single valid token are left out of the sequence means (as verl does);
     an all-zero mask gives 0 (still attached to the graph), never NaN. Values at masked
@@ -97,6 +159,7 @@ def aggregate_loss(loss_mat: Tensor, mask: Tensor, agg: AggMode | str = "token-m
         loss_mat: per-token loss, shape ``[B, T]``.
         mask: shape ``[B, T]``, bool or numeric; nonzero marks a valid token.
         agg: one of ``AGG_MODES``.
+        normaliser: ``D`` above (> 0), e.g. the step's global :func:`aggregation_units`.
 
     Returns:
         0-d tensor.
@@ -108,19 +171,43 @@ def aggregate_loss(loss_mat: Tensor, mask: Tensor, agg: AggMode | str = "token-m
     valid = mask.bool()
     masked = torch.where(valid, loss_mat, loss_mat.new_zeros(()))
     if agg == "token-mean":
-        return masked.sum() / valid.sum().clamp_min(1)
-    token_counts = valid.sum(dim=-1)
-    seq_losses = masked.sum(dim=-1)
-    if agg == "seq-mean-token-mean":
-        seq_losses = seq_losses / token_counts.clamp_min(1)
-    # Empty sequences contribute 0 to the sum; leave them out of the count too.
-    return seq_losses.sum() / (token_counts > 0).sum().clamp_min(1)
+        total = masked.sum()
+    else:
+        seq_losses = masked.sum(dim=-1)
+        if agg == "seq-mean-token-mean":
+            seq_losses = seq_losses / valid.sum(dim=-1).clamp_min(1)
+        total = seq_losses.sum()  # empty sequences contribute 0
+    if normaliser is None:
+        return total / aggregation_units(valid, agg).clamp_min(1)
+    if not isinstance(normaliser, Tensor) and normaliser <= 0:  # a tensor is not synced
+        raise ValueError(f"normaliser must be > 0, got {normaliser}")
+    return total / normaliser
+
+
+def aggregation_units(mask: Tensor, agg: AggMode | str = "token-mean") -> Tensor:
+    """What ``aggregate_loss(..., agg)`` averages over, counted in `mask`: valid tokens for
+    ``"token-mean"``, sequences with at least one valid token for the sequence means.
+
+    Sum it over the micro-batches and processes of an optimizer step to get the `normaliser`.
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown agg {agg!r}; valid: {', '.join(AGG_MODES)}")
+    valid = mask.bool()
+    if agg == "token-mean":
+        return valid.sum()
+    return valid.any(dim=-1).sum()
 
 
 def policy_gradient_loss(
-    logp: Tensor, advantages: Tensor, mask: Tensor, agg: AggMode | str = "token-mean"
+    logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    agg: AggMode | str = "token-mean",
+    *,
+    weights: Tensor | None = None,
+    normaliser: Tensor | float | None = None,
 ) -> Tensor:
-    """REINFORCE loss ``-A * log pi(a_t | s_t)``, aggregated over valid tokens (seed 003).
+    """REINFORCE loss ``-w * A * log pi(a_t | s_t)``, aggregated over valid tokens (seed 003).
 
     Williams 1992 (https://doi.org/10.1007/BF00992696): minimising it ascends
     ``E[A * grad log pi]``, raising the log-probability of tokens with positive advantage.
@@ -133,13 +220,41 @@ def policy_gradient_loss(
             without grad).
         mask: ``[B, T]``, nonzero on response tokens.
         agg: see ``aggregate_loss``.
+        weights: optional per-token weights ``w`` ``[B, T]`` (detached; 1 when None), e.g.
+            ``ops.sampling.truncated_importance_weights`` for samples from another policy.
+        normaliser: the optimizer step's token (or sequence) count, see ``aggregate_loss``.
 
     Returns:
         0-d loss tensor (float32 for low-precision inputs).
     """
     logp = _upcast(logp)
     _check_same_shape("logp", logp, mask=mask)
-    return aggregate_loss(-_per_token(advantages, logp) * logp, mask, agg)
+    per_token = _weighted(-_per_token(advantages, logp) * logp, weights)
+    return _aggregate(per_token, mask, agg, normaliser)
+
+
+@register_policy_loss("policy_gradient", aliases=("pg",))
+def _policy_gradient(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    weights: Tensor | None = None,
+    agg: AggMode | str = "token-mean",
+    normaliser: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    # Plain policy gradient (``policy_gradient_loss``) behind the registry's signature. It has
+    # no ratio: for on-policy samples only (one update per rollout), or with ``weights``.
+    # ``old_logp`` only feeds the logged approx_kl. (verl calls PPO's clipped loss "vanilla",
+    # so that name is not used here.)
+    loss = policy_gradient_loss(logp, advantages, mask, agg, weights=weights, normaliser=normaliser)
+    stats: dict[str, Tensor] = {}
+    if old_logp is not None:
+        with torch.no_grad():
+            _check_same_shape("logp", logp, old_logp=old_logp)
+            stats["approx_kl"] = aggregate_loss(_upcast(old_logp) - _upcast(logp), mask)
+    return loss, stats
 
 
 def ppo_policy_loss(
@@ -151,8 +266,11 @@ def ppo_policy_loss(
     clip_ratio_high: float | None = None,
     dual_clip: float | None = None,
     agg: AggMode | str = "token-mean",
+    *,
+    weights: Tensor | None = None,
+    normaliser: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss, with optional asymmetric and dual clipping.
+    """PPO clipped surrogate loss, with optional asymmetric and dual clipping; ``"ppo_clip"``.
 
     Schulman et al. 2017 (https://arxiv.org/abs/1707.06347): take the pessimistic (larger) of
     the unclipped and clipped losses, so the policy gains nothing by moving the probability
@@ -164,6 +282,8 @@ def ppo_policy_loss(
     ``clip_ratio_high`` (DAPO's "clip-higher", https://arxiv.org/abs/2503.14476) defaults to
     ``clip_ratio``. Dual clip (Ye et al. 2020, https://arxiv.org/abs/1912.09729): where A < 0
     an unbounded ratio would give an unbounded loss, so there ``pg = min(pg, -A * dual_clip)``.
+    With ``weights`` the per-token loss is ``w * pg`` before aggregation (verl's and TRL's
+    place for truncated importance weights of rollout-vs-trainer mismatch).
 
     Args:
         logp: log-probs of the sampled tokens under the current policy, ``[B, T]``.
@@ -174,6 +294,9 @@ def ppo_policy_loss(
         clip_ratio_high: upper clip ``eps_high`` > 0; ``None`` means ``clip_ratio``.
         dual_clip: constant ``c > 1`` of dual-clip PPO; ``None`` disables it.
         agg: see ``aggregate_loss``.
+        weights: optional per-token weights ``[B, T]`` (detached), e.g.
+            ``ops.sampling.truncated_importance_weights(old_logp, behaviour_logp, cap)``.
+        normaliser: the optimizer step's token (or sequence) count, see ``aggregate_loss``.
 
     Returns:
         ``(loss, stats)``: 0-d loss, and detached 0-d tensors (call ``.item()`` once, when
@@ -210,7 +333,10 @@ def ppo_policy_loss(
         with torch.no_grad():
             stats["dual_clipfrac"] = aggregate_loss(capped.to(logp.dtype), mask)
         pg = torch.where(advantages < 0, torch.minimum(pg, dual_bound), pg)
-    return aggregate_loss(pg, mask, agg), stats
+    return _aggregate(_weighted(pg, weights), mask, agg, normaliser), stats
+
+
+register_policy_loss("ppo_clip")(ppo_policy_loss)
 
 
 def value_loss(

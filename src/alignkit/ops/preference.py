@@ -1,20 +1,25 @@
-"""Preference losses: the DPO family, pairwise reward-model losses, and Plackett-Luce rankings.
+"""Preference losses: the DPO family, pairwise reward-model losses (and the multi-task reward
+loss), Plackett-Luce rankings, and the orientation of pairs.
 
 All return *per-example* losses, so the caller chooses the weighting and the mean (and can
 log per-example values). Low-precision inputs (bf16/fp16) are upcast to float32 first; float64
 stays float64. Import them from ``alignkit.ops.losses``, which re-exports this module.
 
 Losses are selected by name from a registry (``DPO_LOSSES``, ``REWARD_LOSSES``): a new kind is
-one decorated function here, and no trainer changes.
+one decorated function (here or in user code), and no trainer or config changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from alignkit.errors import ConfigError
+from alignkit.ops._dtype import at_least_float32
+from alignkit.ops._registry import Registry
 
 __all__ = [
     "DPO_LOSSES",
@@ -22,37 +27,42 @@ __all__ = [
     "cost_model_loss",
     "dpo_loss",
     "length_normalized_nll",
+    "multitask_reward_loss",
+    "orient_pairs",
     "plackett_luce_loss",
     "register_dpo_loss",
+    "register_reward_loss",
     "reward_model_loss",
 ]
 
 # (h, beta, label_smoothing) -> per-example loss, where h is the log-ratio difference
 # (pi_c - ref_c) - (pi_r - ref_r).
 DPOLossFn = Callable[[Tensor, float, float], Tensor]
-DPO_LOSSES: dict[str, DPOLossFn] = {}
+DPO_LOSSES: Registry[DPOLossFn] = Registry("DPO loss")
 
 # (r_chosen - r_rejected, margin or None) -> per-example loss; each kind owns its margin default.
 RewardLossFn = Callable[[Tensor, "Tensor | float | None"], Tensor]
-REWARD_LOSSES: dict[str, RewardLossFn] = {}
+REWARD_LOSSES: Registry[RewardLossFn] = Registry("reward loss")
+
+_upcast = at_least_float32
 
 
-def _upcast(x: Tensor) -> Tensor:
-    if x.dtype in (torch.bfloat16, torch.float16) or not x.is_floating_point():
-        return x.float()
-    return x
+def register_dpo_loss(
+    name: str, *, aliases: tuple[str, ...] = ()
+) -> Callable[[DPOLossFn], DPOLossFn]:
+    """Register ``fn(h, beta, label_smoothing) -> losses`` as ``dpo_loss(kind=name)`` (and the
+    DPO trainer's ``dpo.kind: name``). ``fn`` should raise ``ValueError`` for a
+    ``label_smoothing`` it has no place for: the trainer asks it once when checking its config."""
+    return DPO_LOSSES.register(name, aliases=aliases)
 
 
-def register_dpo_loss(name: str) -> Callable[[DPOLossFn], DPOLossFn]:
-    """Register ``fn(h, beta, label_smoothing) -> losses`` as ``dpo_loss(kind=name)``."""
-
-    def decorator(fn: DPOLossFn) -> DPOLossFn:
-        if name in DPO_LOSSES:
-            raise ValueError(f"DPO loss {name!r} is already registered")
-        DPO_LOSSES[name] = fn
-        return fn
-
-    return decorator
+def register_reward_loss(
+    name: str, *, aliases: tuple[str, ...] = ()
+) -> Callable[[RewardLossFn], RewardLossFn]:
+    """Register ``fn(d, margin) -> losses`` (``d = r_chosen - r_rejected``, ``margin`` a tensor,
+    float or None, each kind choosing its own default) as ``reward_model_loss(kind=name)`` and
+    the reward-model trainer's ``loss: name``."""
+    return REWARD_LOSSES.register(name, aliases=aliases)
 
 
 def _require_no_label_smoothing(kind: str, label_smoothing: float) -> None:
@@ -141,8 +151,7 @@ def dpo_loss(
         ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; the rewards are the
         detached implicit rewards ``beta * (pi - ref)`` of each response.
     """
-    if kind not in DPO_LOSSES:
-        raise ValueError(f"unknown DPO loss kind {kind!r}; valid: {', '.join(sorted(DPO_LOSSES))}")
+    loss_fn = DPO_LOSSES.get(kind)
     if beta <= 0.0:
         raise ValueError(f"beta must be > 0, got {beta}")
     shape = policy_chosen_logps.shape
@@ -155,7 +164,7 @@ def dpo_loss(
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
     chosen_logratios = _upcast(policy_chosen_logps) - _upcast(ref_chosen_logps)
     rejected_logratios = _upcast(policy_rejected_logps) - _upcast(ref_rejected_logps)
-    losses = DPO_LOSSES[kind](chosen_logratios - rejected_logratios, beta, label_smoothing)
+    losses = loss_fn(chosen_logratios - rejected_logratios, beta, label_smoothing)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
@@ -180,29 +189,21 @@ def length_normalized_nll(summed_logps: Tensor, token_counts: Tensor) -> Tensor:
     return -_upcast(summed_logps) / counts.clamp(min=1.0)
 
 
-def _register_reward_loss(name: str) -> Callable[[RewardLossFn], RewardLossFn]:
-    def decorator(fn: RewardLossFn) -> RewardLossFn:
-        REWARD_LOSSES[name] = fn
-        return fn
-
-    return decorator
-
-
-@_register_reward_loss("bt")
+@register_reward_loss("bt")
 def _reward_bt(diff: Tensor, margin: Tensor | float | None) -> Tensor:
     # Bradley-Terry; the margin is subtracted inside as in Llama 2
     # (https://arxiv.org/abs/2307.09288, eq. 2): pairs rated far apart must be separated more.
     return -F.logsigmoid(diff if margin is None else diff - margin)
 
 
-@_register_reward_loss("margin_weighted")
+@register_reward_loss("margin_weighted")
 def _reward_margin_weighted(diff: Tensor, margin: Tensor | float | None) -> Tensor:
     # Seed 002 §4.2.4: the margin *scales* the logit (a per-pair temperature). A different
     # loss from Llama 2's subtraction (NOTES); the margin should be >= 0.
     return -F.logsigmoid(diff if margin is None else diff * margin)
 
 
-@_register_reward_loss("hinge")
+@register_reward_loss("hinge")
 def _reward_hinge(diff: Tensor, margin: Tensor | float | None) -> Tensor:
     # Seed 002 §4.3.4 ``ranking_loss`` defaults to margin 0, where every correctly ordered pair
     # has zero loss and the reward scale is left free; we default to the usual hinge margin 1.
@@ -236,10 +237,7 @@ def reward_model_loss(
     Returns:
         Per-example losses, shape of ``chosen``.
     """
-    if kind not in REWARD_LOSSES:
-        raise ValueError(
-            f"unknown reward loss kind {kind!r}; valid: {', '.join(sorted(REWARD_LOSSES))}"
-        )
+    loss_fn = REWARD_LOSSES.get(kind)
     if rejected.shape != chosen.shape:
         raise ValueError(
             f"rejected has shape {tuple(rejected.shape)}, expected {tuple(chosen.shape)} "
@@ -252,7 +250,7 @@ def reward_model_loss(
                 f"{tuple(chosen.shape)}"
             )
         margin = _upcast(margin)
-    return REWARD_LOSSES[kind](_upcast(chosen) - _upcast(rejected), margin)
+    return loss_fn(_upcast(chosen) - _upcast(rejected), margin)
 
 
 def cost_model_loss(
@@ -300,6 +298,95 @@ def cost_model_loss(
     sign_rejected = 2.0 * _upcast(rejected_unsafe) - 1.0
     sign = -F.logsigmoid(sign_chosen * c_chosen) - F.logsigmoid(sign_rejected * c_rejected)
     return pairwise, sign
+
+
+def _labelled_mean(losses: Tensor, targets: Tensor) -> Tensor:
+    # NaN targets mark unlabelled examples (e.g. pairs without safety labels): left out.
+    labelled = ~torch.isnan(targets)
+    if not labelled.any():
+        return losses.sum() * 0.0  # keeps the graph, contributes nothing
+    return losses[labelled].mean()
+
+
+def multitask_reward_loss(
+    chosen: Tensor,
+    rejected: Tensor,
+    *,
+    kind: str = "bt",
+    margin: Tensor | float | None = None,
+    chosen_aux: Mapping[str, Tensor] | None = None,
+    rejected_aux: Mapping[str, Tensor] | None = None,
+    helpfulness: tuple[Tensor, Tensor] | None = None,
+    is_safe: tuple[Tensor, Tensor] | None = None,
+    task_weights: Mapping[str, float] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Pairwise loss plus the auxiliary-head losses (seed 002 §4.3.4's ``MultiTaskRewardLoss``).
+
+    ``total = w_pref * preference + w_help * helpfulness + w_safe * safety``, where
+
+    - ``preference = mean(reward_model_loss(r_chosen, r_rejected, margin, kind))``;
+    - ``helpfulness = MSE(aux["helpfulness"], target)`` over chosen and rejected responses;
+    - ``safety = BCE-with-logits(aux["safety"], is_safe)`` over chosen and rejected responses
+      (the head's logit is that the response is safe).
+
+    An auxiliary term is included when its targets are given; NaN targets mark unlabelled
+    responses and are left out. ``task_weights`` keys: ``preference``, ``helpfulness``,
+    ``safety`` (default 1 each; another key is a ``ConfigError``). Per-pair importance weights
+    are the caller's ``(reward_model_loss(...) * w).mean()``.
+
+    Args:
+        chosen, rejected: rewards of the preferred and the other responses, ``[B]`` each.
+        chosen_aux, rejected_aux: auxiliary head outputs by head name, ``[B]`` each.
+        helpfulness: ``(chosen_scores, rejected_scores)``, float ``[B]`` each.
+        is_safe: ``(chosen_labels, rejected_labels)``, 1 = safe, 0 = unsafe, float ``[B]`` each.
+
+    Returns:
+        ``(total, parts)`` with ``parts`` holding each included term, detached.
+    """
+    weights = {"preference": 1.0, "helpfulness": 1.0, "safety": 1.0}
+    for key, value in (task_weights or {}).items():
+        if key not in weights:
+            raise ConfigError(f"unknown task weight '{key}'; valid: {', '.join(weights)}")
+        weights[key] = float(value)
+    chosen_aux, rejected_aux = chosen_aux or {}, rejected_aux or {}
+
+    parts = {"preference": reward_model_loss(chosen, rejected, margin=margin, kind=kind).mean()}
+    for name, targets in (("helpfulness", helpfulness), ("safety", is_safe)):
+        if targets is None:
+            continue
+        if name not in chosen_aux or name not in rejected_aux:
+            raise ValueError(f"{name} targets given but the model has no '{name}' head")
+        predicted = _upcast(torch.cat([chosen_aux[name], rejected_aux[name]]))
+        target = torch.cat([targets[0], targets[1]]).to(predicted)
+        filled = torch.nan_to_num(target, nan=0.0)
+        if name == "helpfulness":
+            losses = F.mse_loss(predicted, filled, reduction="none")
+        else:
+            losses = F.binary_cross_entropy_with_logits(predicted, filled, reduction="none")
+        parts[name] = _labelled_mean(losses, target)
+    total = sum(weights[name] * value for name, value in parts.items())
+    return total, {name: value.detach() for name, value in parts.items()}
+
+
+def orient_pairs(chosen: Tensor, rejected: Tensor, flip: Tensor) -> tuple[Tensor, Tensor]:
+    """Re-order pairs by another criterion: ``(winner, loser)`` with the two swapped where
+    ``flip`` is True.
+
+    ``winner = where(flip, rejected, chosen)``, ``loser = where(flip, chosen, rejected)``.
+    Safe-DPO (seed 000) orders each pair a second time by safety: ``flip = ~(delta_S > 0)``
+    makes the safer response the winner of its safety term; apply the same ``flip`` to the
+    policy log-probs, the reference log-probs and the lengths so that they stay aligned.
+
+    Args:
+        chosen, rejected: per-pair values ``[B]`` (any same shape).
+        flip: bool ``[B]`` (broadcastable to ``chosen``).
+    """
+    if chosen.shape != rejected.shape:
+        raise ValueError(
+            f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ"
+        )
+    flip = flip.bool()
+    return torch.where(flip, rejected, chosen), torch.where(flip, chosen, rejected)
 
 
 def plackett_luce_loss(scores: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -1,4 +1,9 @@
-"""The geometric sampling distribution between a policy and a target (seed 001, with NOTES).
+"""Sampling-distribution maths: importance weights for off-policy tokens, and the geometric
+sampling distribution between a policy and a target (seed 001, with NOTES).
+
+Importance weights (:func:`truncated_importance_weights`, :func:`effective_sample_size`) correct
+for tokens sampled by a behaviour policy mu (a vLLM engine, an older policy, a teacher mixture)
+while the loss is written for pi.
 
 The family is ``q_α ∝ π_θ^α · π_t^(1-α)`` for α in [0, 1]: α = 1 is the policy (on-policy),
 α = 0 the target. Everything works on one distribution per row: ``[..., V]`` logits or
@@ -36,14 +41,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from alignkit.ops._dtype import compute_dtype
+
 __all__ = [
     "SymmetryResult",
     "disjoint_supports",
+    "effective_sample_size",
     "exact_progress",
     "geometric_mixture_logprobs",
     "kl_symmetry_alpha",
     "progress_terms",
     "snr_alpha",
+    "truncated_importance_weights",
 ]
 
 _INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
@@ -65,10 +74,62 @@ class SymmetryResult(NamedTuple):
     fallback rows."""
 
 
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
+# exp(20) ~ 4.9e8: never binds below any sensible cap, and keeps exp() finite.
+_MAX_LOG_WEIGHT = 20.0
+
+
+@torch.no_grad()
+def truncated_importance_weights(logp: Tensor, behaviour_logp: Tensor, max_weight: float) -> Tensor:
+    """Per-token truncated importance weights ``w_t = min(pi(y_t) / mu(y_t), C)``, detached.
+
+    ``w = min(exp(logp - behaviour_logp), max_weight)``: tokens y_t were sampled from the
+    behaviour policy mu, the loss is for pi; multiplying each token's loss by w corrects the
+    expectation (exactly when the cap never binds). Truncation is one-sided, as in verl's TIS
+    (``rollout_corr_helper``, default cap 2; Yao et al. 2025, "Your Efficient RL Framework
+    Secretly Brings You Off-Policy RL Training"), following truncated importance sampling
+    (Ionides 2008) and the decoupled behaviour/proximal policies of Hilton et al. 2022
+    (arXiv:2110.00641): large weights are capped (bounded variance, some bias), small weights are
+    kept (OpenRLHF's ``[0.5, 5]`` clamp would also *raise* them). For the PPO case, pass
+    ``logp = old_logp`` (the trainer's recomputed pi_old) and ``behaviour_logp`` = the
+    sampler's log-probs: the weights then multiply the per-token PPO loss (``weights=``).
+
+    Args:
+        logp: ``[...]`` log pi(y_t) (gradient is not propagated: the result is detached).
+        behaviour_logp: ``[...]`` log mu(y_t) of the same tokens, recorded at sampling time.
+        max_weight: the cap C >= 1 (C < 1 would down-weight even on-policy tokens).
+
+    Returns:
+        ``[...]`` weights in [0, C], float32 (float64 for float64 inputs), not masked. The
+        log-ratio is clamped to +-20 before ``exp`` so that padding cannot overflow.
+    """
+    if not (math.isfinite(max_weight) and max_weight >= 1.0):
+        raise ValueError(f"max_weight must be a finite number >= 1, got {max_weight}")
+    if logp.shape != behaviour_logp.shape:
+        raise ValueError(
+            f"logp {tuple(logp.shape)} and behaviour_logp {tuple(behaviour_logp.shape)} differ"
+        )
+    dtype = compute_dtype(logp, behaviour_logp)
+    log_weight = (logp.to(dtype) - behaviour_logp.to(dtype)).clamp(
+        -_MAX_LOG_WEIGHT, _MAX_LOG_WEIGHT
+    )
+    return log_weight.exp().clamp_max(max_weight)
+
+
+@torch.no_grad()
+def effective_sample_size(weights: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Kish's effective sample size ``(sum w)^2 / sum w^2`` of importance weights (0-d).
+
+    Equals the number of weights when they are all equal, and 1 when one weight dominates;
+    divide by the count for a fraction in (0, 1]. Over the entries where ``mask`` is nonzero
+    (all when None); 0 when no weight is nonzero. Kish 1965, "Survey Sampling".
+    """
+    w = weights.to(compute_dtype(weights))
+    if mask is not None:
+        if mask.shape != weights.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} and weights {tuple(weights.shape)} differ")
+        w = torch.where(mask != 0, w, 0.0)
+    squares = w.square().sum()
+    return torch.where(squares > 0, w.sum().square() / torch.where(squares > 0, squares, 1), 0.0)
 
 
 class _Pair(NamedTuple):
@@ -87,7 +148,7 @@ def _prepare(logits_policy: Tensor, logits_target: Tensor) -> _Pair:
             f"policy and target logits differ in shape: {tuple(logits_policy.shape)} vs "
             f"{tuple(logits_target.shape)}"
         )
-    dtype = _compute_dtype(logits_policy, logits_target)
+    dtype = compute_dtype(logits_policy, logits_target)
     logp_policy = torch.log_softmax(logits_policy.to(dtype), dim=-1)
     logp_target = torch.log_softmax(logits_target.to(dtype), dim=-1)
     support = torch.isfinite(logp_policy) & torch.isfinite(logp_target)
@@ -263,7 +324,7 @@ def _weighted_reward(
 
 
 def _as_dtype(*tensors: Tensor | None) -> list[Tensor | None]:
-    dtype = _compute_dtype(*tensors)
+    dtype = compute_dtype(*tensors)
     return [None if t is None else t.to(dtype) for t in tensors]
 
 

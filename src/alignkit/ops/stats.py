@@ -1,4 +1,5 @@
-"""Masked statistics over token tensors, and a running mean/variance for normalising rewards.
+"""Masked statistics over token tensors, mergeable moments, a running mean/variance for
+normalising rewards, and the one pairwise accuracy.
 
 ``mask`` has the shape of ``x`` (or broadcasts to it); nonzero entries are counted, with their
 value as a weight (a 0/1 or bool mask is the usual case). Values at masked positions are never
@@ -9,18 +10,22 @@ NaN, so a batch without response tokens cannot poison a metric or a loss.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from alignkit.errors import CheckpointError
+from alignkit.ops._dtype import compute_dtype
 
 __all__ = [
+    "Moments",
     "RunningMeanStd",
     "explained_variance",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "pairwise_accuracy",
 ]
 
 
@@ -74,6 +79,87 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask != 0, whitened, 0.0)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Sum, sum of squares and count of a set of values, in float64: statistics that merge.
+
+    Two processes' (or micro-batches') moments add up to the moments of the union, so a trainer
+    all-reduces ``tensor()`` (a sum) and rebuilds the process-global statistics with
+    ``from_tensor``; mean and variance then follow exactly, whatever the split. Used for
+    REINFORCE++'s batch whitening (``reinforce_pp_advantages(..., moments=)``) and
+    ``RunningMeanStd.update_moments``. Float64 keeps ``sum_sq / n - mean^2`` accurate for
+    rewards and returns (|mean| / std up to ~1e5).
+    """
+
+    sum: torch.Tensor
+    sum_sq: torch.Tensor
+    count: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor, mask: torch.Tensor | None = None) -> Moments:
+        """Moments of the elements of ``x`` where ``mask`` is nonzero (all when None)."""
+        values = x.detach().to(torch.float64)
+        selected = torch.ones_like(values) if mask is None else (mask != 0).to(values)
+        values = torch.where(selected != 0, values, 0.0)
+        return cls(values.sum(), values.square().sum(), selected.sum())
+
+    def merge(self, other: Moments) -> Moments:
+        """The moments of both sets together."""
+        return Moments(self.sum + other.sum, self.sum_sq + other.sum_sq, self.count + other.count)
+
+    def tensor(self) -> torch.Tensor:
+        """``[3]`` float64 ``(sum, sum_sq, count)``: all-reduce this with a sum."""
+        return torch.stack([self.sum, self.sum_sq, self.count])
+
+    @classmethod
+    def from_tensor(cls, stacked: torch.Tensor) -> Moments:
+        """Inverse of ``tensor()``."""
+        total, total_sq, count = stacked.to(torch.float64).unbind(0)
+        return cls(total, total_sq, count)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``sum / count``; 0 for an empty set."""
+        return torch.where(self.count > 0, self.sum / self.count.clamp_min(1), 0.0)
+
+    def var(self, unbiased: bool = True) -> torch.Tensor:
+        """Variance, with Bessel's ``n / (n - 1)`` when ``unbiased`` (as ``masked_var``):
+        0 for an empty set, and for a single value when ``unbiased``."""
+        n = self.count
+        squares = (self.sum_sq - self.sum * self.mean).clamp_min(0.0)  # sum (x - mean)^2
+        denominator = n - 1 if unbiased else n
+        return torch.where(denominator > 0, squares / denominator.clamp_min(1), 0.0)
+
+    def std(self, unbiased: bool = True) -> torch.Tensor:
+        return self.var(unbiased).sqrt()
+
+
+def pairwise_accuracy(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ties: float = 0.5,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Share of pairs whose chosen score is higher: ``mean(1[c > r] + ties * 1[c == r])``.
+
+    The one accuracy of pairs in alignkit (DPO's implicit rewards, reward and cost models).
+    A tie counts as half by default: at DPO's step 0 the policy *is* the reference and every
+    margin is exactly 0, so the honest accuracy is chance (0.5), not 0 as a strict ``>`` says.
+    ``mask`` (``[B]``, optional) selects the pairs that count; 0 when none does. Detached,
+    float32 (float64 for float64 scores).
+    """
+    if chosen.shape != rejected.shape:
+        raise ValueError(
+            f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ"
+        )
+    chosen, rejected = chosen.detach(), rejected.detach()
+    dtype = compute_dtype(chosen, rejected)
+    scores = (chosen > rejected).to(dtype) + ties * (chosen == rejected).to(dtype)
+    if mask is None:
+        return scores.mean() if scores.numel() else scores.new_zeros(())
+    return masked_mean(scores, (mask != 0).to(dtype))
 
 
 def explained_variance(
@@ -157,6 +243,23 @@ class RunningMeanStd:
         batch_var = masked_sum(centered * centered, weights.expand_as(samples), dim=0) / batch_count
         self._merge(*(t.to(self._mean.device) for t in (batch_mean, batch_var, batch_count)))
 
+    def update_moments(self, moments: Moments) -> None:
+        """Add a batch given by its (e.g. all-reduced, process-global) ``Moments``.
+
+        The same merge as ``update``; the batch's variance is the population variance.
+        """
+        if tuple(moments.sum.shape) != self.shape:
+            raise ValueError(f"moments of shape {tuple(moments.sum.shape)}, expected {self.shape}")
+        if float(moments.count) == 0:
+            return
+        device = self._mean.device
+        self._merge(
+            *(
+                t.to(device=device, dtype=torch.float64)
+                for t in (moments.mean, moments.var(unbiased=False), moments.count)
+            )
+        )
+
     def _merge(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, batch_count: torch.Tensor):
         total = self._count + batch_count
         delta = batch_mean - self._mean
@@ -168,7 +271,7 @@ class RunningMeanStd:
 
     def normalize(self, x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         """``(x - mean) / (std + eps)`` in float32 (float64 for float64 ``x``)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = compute_dtype(x)
         mean = self._mean.to(device=x.device, dtype=dtype)
         std = self.std.to(device=x.device, dtype=dtype)
         return (x.to(dtype) - mean) / (std + eps)

@@ -1,8 +1,8 @@
-"""Batched generation with the transformers backend (KV cache, left padding).
+"""One response per prompt, for evaluation: a thin wrapper over ``TransformersEngine``.
 
 Prompts are rendered and tokenised exactly as for training (`alignkit.data.tokenize`), sorted
-by length so each batch carries little padding, generated in batches with the model's KV cache,
-and returned in the caller's order.
+by length so each batch carries little padding, generated in batches by the engine (KV cache,
+left padding, finished rows dropped), and returned in the caller's order.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from alignkit.data.collate import PromptCollator
 from alignkit.data.tokenize import tokenize_prompts
+from alignkit.rollout.engine import Prompt as EnginePrompt
+from alignkit.rollout.engine import SamplingConfig, TransformersEngine
 
 Prompt = str | Sequence[Mapping[str, str]]
 
@@ -40,7 +41,6 @@ class GenerationSettings:
             raise ValueError("prompts_per_batch must be >= 1")
 
 
-@torch.no_grad()
 def generate_responses(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -51,53 +51,31 @@ def generate_responses(
     """Generate one response per prompt; returns the decoded new text, in the prompts' order.
 
     Special tokens are stripped from the output and generation stops at the tokenizer's eos.
-    ``generator_seed`` seeds sampling (ignored for greedy decoding).
+    ``generator_seed`` seeds the sampling generator (0 when None; ignored for greedy decoding;
+    the global RNG is neither read nor reseeded). A thin wrapper over ``TransformersEngine``.
     """
     settings = settings or GenerationSettings()
     if not prompts:
         return []
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs a pad token for batched generation")
-    examples = tokenize_prompts(
-        [{"prompt": p} for p in prompts], tokenizer, max_length=settings.max_prompt_length
+    records = [{"prompt": p} for p in prompts]
+    examples = tokenize_prompts(records, tokenizer, max_length=settings.max_prompt_length)
+    items = [EnginePrompt(text="", input_ids=list(e["input_ids"]), fields={}) for e in examples]
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    sampling = SamplingConfig(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
     )
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    collate = PromptCollator(pad_token_id=tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sampling = settings.temperature > 0
-    extra = (
-        {
-            "do_sample": True,
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-            "top_k": settings.top_k,
-        }
-        if sampling
-        else {"do_sample": False}
-    )
-    if sampling and generator_seed is not None:
-        torch.manual_seed(generator_seed)
+    # Its own generator: reproducible (seed 0 when none is given), the global RNG untouched.
+    generator = torch.Generator().manual_seed(0 if generator_seed is None else generator_seed)
+    engine = TransformersEngine(model, tokenizer)
     texts: list[str] = [""] * len(prompts)
-    try:
-        for start in range(0, len(order), settings.prompts_per_batch):
-            chunk = order[start : start + settings.prompts_per_batch]
-            batch = collate([examples[i] for i in chunk])
-            input_ids = batch["input_ids"].to(device)
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=settings.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-                **extra,
-            )
-            new_tokens = output[:, input_ids.shape[1] :]
-            decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for i, text in zip(chunk, decoded, strict=True):
-                texts[i] = text.strip()
-    finally:
-        model.train(was_training)
+    for start in range(0, len(order), settings.prompts_per_batch):
+        chunk = order[start : start + settings.prompts_per_batch]
+        experience = engine.generate([items[i] for i in chunk], sampling, generator=generator)
+        for i, text in zip(chunk, experience.completions, strict=True):
+            texts[i] = text.strip()
     return texts

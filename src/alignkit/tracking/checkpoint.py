@@ -4,8 +4,9 @@ A checkpoint is written into a temporary directory inside `checkpoints/` and ren
 `step-N` only when complete (`trainer_state.pt` is written last), so a crash at any moment
 leaves either the previous checkpoints or the new one, never a half one. Models are saved
 with Hugging Face `save_pretrained` (safetensors) when they have it, else as a safetensors
-state dict; `trainer_state.pt` holds what resuming needs: optimizer, scheduler, RNG states,
-controllers, data position, step.
+state dict; `trainer_state.pt` holds what resuming needs: optimizer and scheduler states by
+name, RNG states, controllers, data position, step (its layout is the trainer's:
+`alignkit.trainers.run.RunLoop`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from alignkit.config import umask_mode
 from alignkit.errors import CheckpointError
-from alignkit.models.loading import write_base_record
+from alignkit.tracking.io import umask_mode
 from alignkit.tracking.run_dir import RunDir, as_run_dir
 
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -140,6 +140,19 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
+_SAVE_HOOKS: list[Callable[[nn.Module, Path], None]] = []
+
+
+def register_save_hook(hook: Callable[[nn.Module, Path], None]) -> None:
+    """Call ``hook(model, directory)`` after every `save_pretrained` of a checkpointed model.
+
+    Lets the models layer add its own files (a LoRA adapter's base record) without tracking
+    importing it.
+    """
+    if hook not in _SAVE_HOOKS:
+        _SAVE_HOOKS.append(hook)
+
+
 def save_model_weights(
     model: nn.Module, directory: Path, *, state_dict: Mapping[str, torch.Tensor] | None = None
 ) -> None:
@@ -149,7 +162,8 @@ def save_model_weights(
         kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
         with _quiet_transformers_progress():
             model.save_pretrained(directory, **kwargs)
-        write_base_record(model, directory)  # a LoRA adapter: where its base is
+        for hook in _SAVE_HOOKS:  # e.g. a LoRA adapter records where its base is
+            hook(model, directory)
     elif state_dict is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, directory / "model.safetensors")

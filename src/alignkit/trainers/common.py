@@ -1,11 +1,11 @@
-"""Pieces every method trainer shares: model and data settings, loading, response log-probs."""
+"""Pieces every method trainer shares: model and data settings, loading, per-example tables.
+
+Model-forward helpers (token log-probs) live in `alignkit.models.forward`.
+"""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,9 +16,6 @@ from alignkit.data import load_records
 from alignkit.data.loaders import RecordSet
 from alignkit.errors import ConfigError
 from alignkit.models import LoraSettings, load_policy
-from alignkit.models.lora import unwrap_model
-from alignkit.ops.logprobs import predicts_scored_mask, sequence_logprobs, sequence_logprobs_at
-from alignkit.ops.stats import masked_sum
 
 logger = logging.getLogger("alignkit.trainers")
 
@@ -140,63 +137,6 @@ def number_examples(examples: Any) -> Any:
     for i, example in enumerate(examples):
         example["index"] = i
     return examples
-
-
-def token_logprobs(
-    model: nn.Module,
-    batch: dict[str, Tensor],
-    scored: Tensor,
-    position_ids: Tensor | None = None,
-) -> Tensor:
-    """``[B, T]`` log-probs of the tokens where ``scored`` is set (0 elsewhere), one forward.
-
-    Where the model supports it, its LM head runs only on the positions that predict a scored
-    token (``logits_to_keep`` with a boolean mask), so prompt and padding positions never
-    produce ``V``-wide logits; otherwise all logits are computed and the scored rows gathered.
-    Either way the shift is the one in `ops.logprobs`.
-    """
-    inputs: dict[str, Any] = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": batch["attention_mask"],
-    }
-    if position_ids is not None:
-        inputs["position_ids"] = position_ids
-    if selects_logit_rows(model):
-        logits = model(**inputs, logits_to_keep=predicts_scored_mask(scored)).logits
-        return sequence_logprobs_at(logits, batch["input_ids"], scored)
-    logits = model(**inputs).logits
-    return sequence_logprobs(logits, batch["input_ids"], scored)
-
-
-def selects_logit_rows(model: nn.Module) -> bool:
-    """Whether ``model`` takes a boolean ``[B, T]`` ``logits_to_keep`` and returns ``[N, V]``.
-
-    True for transformers' own causal LMs that slice with ``slice_logits_to_keep`` (which
-    gained the boolean form in 5.x); remote-code and other models take the full-logits path.
-    """
-    return _selects_logit_rows(type(_innermost_model(model)))
-
-
-@functools.cache
-def _selects_logit_rows(model_class: type) -> bool:
-    module = sys.modules.get(model_class.__module__)
-    if module is None or not model_class.__module__.startswith("transformers.models."):
-        return False
-    if not hasattr(module, "slice_logits_to_keep"):
-        return False
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def _innermost_model(model: nn.Module) -> nn.Module:
-    model = unwrap_model(model)
-    get_base_model = getattr(model, "get_base_model", None)  # peft wrappers
-    return get_base_model() if callable(get_base_model) else model
-
-
-def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Summed log-probs of each row's response tokens, ``[rows]``, from one forward pass."""
-    token_logps = token_logprobs(model, batch, batch["response_mask"])
-    return masked_sum(token_logps, batch["response_mask"], dim=-1)
 
 
 def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ second model stays in memory during training.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +25,10 @@ from alignkit.config import TrainConfig
 from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.errors import ConfigError
 from alignkit.models import disabled_adapter, has_adapter, load_policy
+from alignkit.models.forward import response_logps
 from alignkit.models.loading import weights_digest
 from alignkit.ops.preference import DPO_LOSSES, dpo_loss, length_normalized_nll
+from alignkit.ops.stats import pairwise_accuracy
 from alignkit.tracking.run_dir import RunDir
 from alignkit.trainers.common import (
     DataConfig,
@@ -36,7 +38,6 @@ from alignkit.trainers.common import (
     load_split,
     number_examples,
     require_train_file,
-    response_logps,
     split_pairs,
 )
 from alignkit.trainers.loop import Metrics, Trainer
@@ -50,7 +51,10 @@ class DPOLossConfig:
 
     kind: str = field(
         default="sigmoid",
-        metadata={"help": "sigmoid (DPO), ipo, hinge (SLiC) or robust (Chowdhury et al.)."},
+        metadata={
+            "help": "sigmoid (DPO), ipo, hinge (SLiC), robust (Chowdhury et al.), or any loss "
+            "registered with alignkit.ops.preference.register_dpo_loss."
+        },
     )
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the log-ratios."})
     label_smoothing: float = field(
@@ -82,10 +86,7 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.dpo.kind not in DPO_LOSSES:
-            raise ConfigError(
-                f"dpo.kind={self.dpo.kind!r} is not a DPO loss; valid: {', '.join(DPO_LOSSES)}"
-            )
+        DPO_LOSSES.check(self.dpo.kind, "dpo.kind")
         if self.dpo.beta <= 0:
             raise ConfigError("dpo.beta must be > 0")
         if self.dpo.nll_weight < 0:
@@ -210,6 +211,10 @@ class DPOTrainer(Trainer):
             metrics["nll_loss"] = nll.mean()
         return losses.mean(), metrics
 
+    def loss_units(self, batch: Mapping[str, Any]) -> int:
+        """Pairs: the loss is a per-pair mean over the optimizer step."""
+        return batch["input_ids"].shape[0] // 2  # chosen rows, then rejected rows
+
     def add_winner_nll(
         self, losses: Tensor, winner_logps: Tensor, winner_lengths: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -237,16 +242,13 @@ def preference_metrics(
 ) -> dict[str, Tensor]:
     """TRL's metric names: implicit rewards, their margin and accuracy, policy log-probs.
 
-    Accuracy counts a tie as half: at step 0 the policy *is* the reference, every margin is
-    exactly 0, and the honest accuracy is chance (0.5), not 0 as a strict ``>`` would say.
+    Accuracy is ``pairwise_accuracy``: a tie counts as half (at step 0 every margin is 0).
     """
-    wins = (chosen_rewards > rejected_rewards).float()
-    ties = (chosen_rewards == rejected_rewards).float()
     return {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (wins + 0.5 * ties).mean(),
+        "rewards/accuracies": pairwise_accuracy(chosen_rewards, rejected_rewards),
         "logps/chosen": chosen.detach().mean(),
         "logps/rejected": rejected.detach().mean(),
     }

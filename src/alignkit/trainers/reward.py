@@ -33,9 +33,15 @@ from alignkit.config import TrainConfig
 from alignkit.data import PreferenceCollator, read_rows, tokenize_preferences
 from alignkit.data.loaders import DEFAULT_MAX_PROBLEMS, RecordSet
 from alignkit.errors import CheckpointError, ConfigError, DataError, RowProblem
-from alignkit.models import RewardModel, RewardOutput, load_reward_model, multitask_reward_loss
+from alignkit.models import RewardModel, load_reward_model
 from alignkit.models.reward import HEAD_WEIGHTS
-from alignkit.ops.preference import cost_model_loss
+from alignkit.ops.preference import (
+    REWARD_LOSSES,
+    cost_model_loss,
+    multitask_reward_loss,
+    orient_pairs,
+)
+from alignkit.ops.stats import pairwise_accuracy
 from alignkit.trainers.common import (
     DataConfig,
     ModelConfig,
@@ -125,11 +131,13 @@ class RewardConfig(TrainConfig):
     reward_model: RewardHeadConfig = field(
         default_factory=RewardHeadConfig, metadata=_help("Head, pooling and auxiliary heads.")
     )
-    loss: Literal["bt", "margin_weighted", "hinge"] = field(
+    loss: str = field(
         default="bt",
         metadata=_help(
             "kind=reward: bt -log s(d - m), margin_weighted -log s(d * m), hinge relu(m - d), "
-            "d = r_chosen - r_rejected. kind=cost uses its own loss (must stay bt)."
+            "d = r_chosen - r_rejected, or any loss registered with "
+            "alignkit.ops.preference.register_reward_loss. kind=cost uses its own loss "
+            "(must stay bt)."
         ),
     )
     use_margin: bool = field(
@@ -150,6 +158,7 @@ class RewardConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        REWARD_LOSSES.check(self.loss, "loss")
         if self.model.lora is not None:
             raise ConfigError(
                 "model.lora: reward and cost models train all weights; LoRA is not supported "
@@ -204,6 +213,10 @@ class RewardTrainer(Trainer):
     def compute_loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         return self.loss_and_metrics(self.pair_values(model, batch))
 
+    def loss_units(self, batch: Mapping[str, Any]) -> int:
+        """Pairs: the loss is a per-pair mean over the optimizer step."""
+        return batch["input_ids"].shape[0] // 2  # chosen rows, then rejected rows
+
     def pair_values(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Scores of both responses of each pair and the targets the loss reads, each ``[B]``.
 
@@ -226,11 +239,8 @@ class RewardTrainer(Trainer):
         return self._reward_loss(pairs)
 
     def _reward_loss(self, pairs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        chosen, rejected = (
-            RewardOutput(
-                rewards=pairs[side],
-                aux={name: pairs[f"{side}_aux_{name}"] for name in self.aux_heads},
-            )
+        chosen_aux, rejected_aux = (
+            {name: pairs[f"{side}_aux_{name}"] for name in self.aux_heads}
             for side in ("chosen", "rejected")
         )
         targets = {
@@ -238,9 +248,11 @@ class RewardTrainer(Trainer):
             for name in self.aux_heads
         }
         loss, parts = multitask_reward_loss(
-            chosen,
-            rejected,
+            pairs["chosen"],
+            pairs["rejected"],
             kind=self.config.loss,
+            chosen_aux=chosen_aux,
+            rejected_aux=rejected_aux,
             margin=pairs["margin"] if self.use_margin else None,
             helpfulness=targets.get("helpfulness"),
             is_safe=targets.get("safety"),
@@ -248,7 +260,7 @@ class RewardTrainer(Trainer):
         )
         r_chosen, r_rejected = pairs["chosen"].detach().float(), pairs["rejected"].detach().float()
         metrics = {
-            "accuracy": (r_chosen > r_rejected).float().mean(),
+            "accuracy": pairwise_accuracy(r_chosen, r_rejected),
             "rewards/chosen": r_chosen.mean(),
             "rewards/rejected": r_rejected.mean(),
             "rewards/margins": (r_chosen - r_rejected).mean(),
@@ -272,11 +284,10 @@ class RewardTrainer(Trainer):
         )
         c_chosen, c_rejected = c_chosen.detach().float(), c_rejected.detach().float()
         # The less safe response of a pair must cost more; pairs of equal safety have no order.
-        ordered = delta_safety != 0
-        correct = torch.where(delta_safety > 0, c_rejected > c_chosen, c_chosen > c_rejected)
         # A batch without an ordered pair (possible with flattened data, where two answers to
         # a benign prompt tie) counts as 0: a NaN would poison the whole logging window.
-        accuracy = (correct & ordered).float().sum() / ordered.float().sum().clamp(min=1.0)
+        less_safe, safer = orient_pairs(c_rejected, c_chosen, flip=delta_safety <= 0)
+        accuracy = pairwise_accuracy(less_safe, safer, mask=delta_safety != 0)
         costs = torch.cat([c_chosen, c_rejected])
         unsafe = torch.cat([chosen_unsafe, rejected_unsafe]) > 0.5
         metrics = {

@@ -35,7 +35,13 @@ from torch import Tensor, nn
 from alignkit.errors import ConfigError
 from alignkit.models import load_reward_model
 from alignkit.models.reward import check_saved_kind
-from alignkit.ops.lagrange import LagrangeMultiplier, estimate_cost, estimate_cost_from_data
+from alignkit.ops.lagrange import (
+    LagrangeMultiplier,
+    estimate_cost,
+    estimate_cost_from_data,
+    lagrangian_combine,
+)
+from alignkit.ops.preference import orient_pairs
 from alignkit.ops.stats import masked_mean
 from alignkit.trainers.common import gather_per_example, split_pairs
 from alignkit.trainers.dpo import (
@@ -172,13 +178,10 @@ class SafeDPOTrainer(DPOTrainer):
         )
         delta_s = (batch["chosen_safety"] - batch["rejected_safety"]).float()
         # The safety pair: the safer response wins; pairs with delta_S = 0 carry no order.
-        chosen_safer = delta_s > 0
-        safer = torch.where(chosen_safer, chosen, rejected)
+        flip = ~(delta_s > 0)
+        safer, less_safe = orient_pairs(chosen, rejected, flip)
         losses_s, _, _ = self.preference_loss(
-            safer,
-            torch.where(chosen_safer, rejected, chosen),
-            torch.where(chosen_safer, ref_chosen, ref_rejected),
-            torch.where(chosen_safer, ref_rejected, ref_chosen),
+            safer, less_safe, *orient_pairs(ref_chosen, ref_rejected, flip)
         )
         with_nll = self.config.dpo.nll_weight > 0
         if with_nll:
@@ -186,15 +189,11 @@ class SafeDPOTrainer(DPOTrainer):
             # loss_H, the safer one for loss_S.
             chosen_lengths, rejected_lengths = response_lengths(batch)
             losses_h, nll_h = self.add_winner_nll(losses_h, chosen, chosen_lengths)
-            losses_s, nll_s = self.add_winner_nll(
-                losses_s, safer, torch.where(chosen_safer, chosen_lengths, rejected_lengths)
-            )
+            safer_lengths, _ = orient_pairs(chosen_lengths, rejected_lengths, flip)
+            losses_s, nll_s = self.add_winner_nll(losses_s, safer, safer_lengths)
         loss_h = losses_h.mean()
         loss_s = masked_mean(losses_s, delta_s != 0)
-        lam = self.multiplier.value
-        loss = loss_h + lam * loss_s
-        if self.config.normalize:
-            loss = loss / (1.0 + lam)
+        loss = lagrangian_combine(loss_h, loss_s, self.multiplier.value, self.config.normalize)
         metrics = {
             "loss_H": loss_h.detach(),
             "loss_S": loss_s.detach(),

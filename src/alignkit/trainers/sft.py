@@ -2,7 +2,8 @@
 
 Labels are prompt + completion with the prompt part set to -100 (seed 002 §4.2.2, corrected in
 seeds/NOTES.md: the seed builds labels of the prompt's length only). The loss is the mean
-negative log-likelihood over all completion tokens of the batch ("token-mean").
+negative log-likelihood over all completion tokens of the optimizer step ("token-mean"), whatever
+its split into micro-batches and processes (see alignkit.trainers.optimize).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from alignkit.config import TrainConfig
 from alignkit.data import SFTCollator, tokenize_sft
 from alignkit.data.packing import PackedSFTCollator, pack_examples
 from alignkit.data.tokenize import IGNORE_INDEX
+from alignkit.models.forward import token_logprobs
 from alignkit.ops.stats import masked_mean
 from alignkit.trainers.common import (
     DataConfig,
@@ -23,7 +25,6 @@ from alignkit.trainers.common import (
     load_model_and_tokenizer,
     load_split,
     require_train_file,
-    token_logprobs,
 )
 from alignkit.trainers.loop import Metrics, Trainer
 
@@ -44,16 +45,23 @@ class SFTConfig(TrainConfig):
 
 
 class SFTTrainer(Trainer):
-    """Prompt-masked cross-entropy; logs ``loss`` (mean NLL per completion token)."""
+    """Prompt-masked cross-entropy; logs ``loss``, the mean NLL per completion token of the
+    optimizer step (all its micro-batches and processes: ``loss_units``)."""
 
     progress_metrics = ("loss",)
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         completion = batch["labels"] != IGNORE_INDEX
         # Packed rows restart positions per example.
-        token_logps = token_logprobs(model, batch, completion, batch.get("position_ids"))
+        token_logps = token_logprobs(
+            model, batch, completion, position_ids=batch.get("position_ids")
+        )
         loss = -masked_mean(token_logps, completion)
         return loss, {}
+
+    def loss_units(self, batch: dict[str, Tensor]) -> Tensor:
+        """Completion tokens: the step's loss is the mean NLL over all of them."""
+        return (batch["labels"] != IGNORE_INDEX).sum()
 
     def count_tokens(self, batch: Any) -> Tensor:
         if "num_tokens" in batch:  # packed: the attention mask is [B, 1, T, T]

@@ -18,6 +18,12 @@ from alignkit.data.synthetic.judges import (
     safety_cost,
     score_responses,
 )
+from alignkit.data.synthetic.verifiable import (
+    VERIFIABLE_TASKS,
+    VerifiableTask,
+    verifiable_rows,
+    write_verifiable_tasks,
+)
 
 __all__ = [
     "BENIGN_MODES",
@@ -25,13 +31,17 @@ __all__ = [
     "SPLITS",
     "TASKS",
     "TEMPLATES",
+    "VERIFIABLE_TASKS",
     "SyntheticTask",
     "Task",
+    "VerifiableTask",
     "corpus",
     "find_task",
     "helpfulness_score",
     "is_harmful",
     "safety_cost",
     "score_responses",
+    "verifiable_rows",
     "write_task",
+    "write_verifiable_tasks",
 ]

@@ -1,0 +1,115 @@
+"""`annotate export`: one training row per labelled task, in alignkit's preference format
+(``alignkit train dpo`` reads it as it is) or, with ``safety=True``, the flattened
+safety-preference format Safe-DPO reads. Quality weighting and the tie policy: quality.py.
+
+Safety scores (higher is safer; its sign is the weighted-majority safe label, as formats.py reads
+``*_is_safe = safety >= 0``)::
+
+    safety(x) = (+1 if P_w(x safe) >= 0.5 else -1) + 0.5 * (P_w(x safer) - P_w(other safer))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from alignkit.annotate.db import Database
+from alignkit.annotate.quality import QualityConfig, TaskResult, aggregate, collect
+from alignkit.annotate.schema import Prompt, Response
+from alignkit.config import atomic_write_text
+
+__all__ = ["ExportReport", "export_rows", "write_export"]
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    rows: int
+    ties_dropped: int
+    below_agreement: int
+    too_few_labels: int
+    no_safety_answers: int
+
+
+def _safety(result: TaskResult, side: str) -> float:
+    other = "b" if side == "a" else "a"
+    safe = result.weighted_share(f"{side}_safe", True)
+    safer = result.weighted_share("safer", side) - result.weighted_share("safer", other)
+    return (1.0 if safe >= 0.5 else -1.0) + 0.5 * safer
+
+
+def export_rows(
+    db: Database,
+    *,
+    safety: bool = False,
+    min_labels: int = 1,
+    min_agreement: float = 0.0,
+    tie_margin: float = 0.0,
+    quality: QualityConfig | None = None,
+) -> tuple[list[dict[str, Any]], ExportReport]:
+    """The export rows (tasks in id order) and what was left out and why."""
+    data = collect(db, quality)
+    with db.read() as session:
+        prompts = {p.id: json.loads(p.prompt_json) for p in session.scalars(select(Prompt))}
+        responses = {r.id: r for r in session.scalars(select(Response))}
+    rows: list[dict[str, Any]] = []
+    ties = low = few = unsafe_missing = 0
+    for task_id in sorted(data.tasks):
+        result = data.tasks[task_id]
+        if len(result.labels) < min_labels:
+            few += 1
+            continue
+        if result.weighted_agreement < min_agreement:
+            low += 1
+            continue
+        winner = aggregate(result, tie_margin)
+        if winner is None:
+            ties += 1
+            continue
+        task = result.task
+        a, b = responses[task.response_a_id], responses[task.response_b_id]
+        chosen, rejected = (a, b) if winner == "a" else (b, a)
+        row: dict[str, Any] = {
+            "prompt": prompts[task.prompt_id],
+            "chosen": chosen.text,
+            "rejected": rejected.text,
+            "margin": round(abs(result.score), 6),
+        }
+        if safety:
+            if not task.ask_safety or any(x.a_safe is None for x in result.labels):
+                unsafe_missing += 1
+                continue
+            loser = "b" if winner == "a" else "a"
+            row.pop("margin")
+            row["chosen_safety"] = round(_safety(result, winner), 6)
+            row["rejected_safety"] = round(_safety(result, loser), 6)
+        row["provenance"] = {
+            "task_id": task.id,
+            "annotators": len(result.labels),
+            "agreement": round(result.agreement, 6),
+            "weighted_agreement": round(result.weighted_agreement, 6),
+            "mean_quality": round(sum(result.quality) / len(result.quality), 6),
+            "chosen_source": {
+                "model": chosen.model,
+                "settings": json.loads(chosen.settings_json),
+                "seed": chosen.seed,
+            },
+            "rejected_source": {
+                "model": rejected.model,
+                "settings": json.loads(rejected.settings_json),
+                "seed": rejected.seed,
+            },
+            "tie_policy": f"dropped when |s| <= {tie_margin}",
+        }
+        rows.append(row)
+    return rows, ExportReport(len(rows), ties, low, few, unsafe_missing)
+
+
+def write_export(db: Database, out: str | Path, **options: Any) -> ExportReport:
+    """Write the export as JSONL, atomically (readers see the old file or the whole new one)."""
+    rows, report = export_rows(db, **options)
+    atomic_write_text(Path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return report

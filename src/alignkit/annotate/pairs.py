@@ -1,0 +1,209 @@
+"""`annotate create-tasks`: which prompts to label (strategy proportions, seed 002 §4.2) and which
+pairs of their responses to compare (exhaustive for three or fewer, else smart sampling)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+
+from alignkit.annotate.db import Database, utcnow
+from alignkit.annotate.schema import Prompt, Response, Task
+from alignkit.errors import AlignkitError
+
+__all__ = [
+    "DEFAULT_MIX",
+    "STRATEGIES",
+    "TaskReport",
+    "create_tasks",
+    "parse_mix",
+    "sample_pairs",
+    "select_prompts",
+]
+
+STRATEGIES = ("high_value", "underrepresented", "adversarial", "random")
+DEFAULT_MIX = {
+    "high_value": 0.4,
+    "underrepresented": 0.3,
+    "adversarial": 0.2,
+    "random": 0.1,
+}  # seed 002
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """``"high_value=0.4,underrepresented=0.3,adversarial=0.2,random=0.1"`` -> shares summing to 1."""
+    mix: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in STRATEGIES:
+            raise AlignkitError(
+                f"--mix: unknown strategy {name!r}; expected {', '.join(STRATEGIES)}"
+            )
+        try:
+            mix[name] = float(value)
+        except ValueError:
+            raise AlignkitError(f"--mix: {part!r} is not strategy=share") from None
+        if mix[name] < 0:
+            raise AlignkitError(f"--mix: share of {name} must be >= 0")
+    total = sum(mix.values())
+    if total <= 0:
+        raise AlignkitError("--mix: the shares must add up to more than 0")
+    return {k: v / total for k, v in mix.items()}
+
+
+def select_prompts(
+    prompts: Sequence[Prompt],
+    tasks_per_category: Mapping[str, int],
+    count: int,
+    mix: Mapping[str, float],
+    rng: random.Random,
+) -> list[tuple[Prompt, str]]:
+    """Pick ``count`` prompts, each tagged with the strategy that picked it.
+
+    Quotas are ``floor(share * count)`` in the order of ``STRATEGIES`` with the remainder going to
+    ``random``; a strategy with too few candidates hands its unused quota to ``random``.
+    ``high_value`` takes prompts flagged high_value, ``adversarial`` those flagged adversarial,
+    ``underrepresented`` goes round-robin over categories from the one with the fewest tasks.
+    """
+    left = list(prompts)
+    rng.shuffle(left)
+    count = min(count, len(left))
+    quotas = {s: int(mix.get(s, 0.0) * count + 1e-9) for s in STRATEGIES}  # 1e-9: 0.29 * 100
+    quotas["random"] += count - sum(quotas.values())
+    picked: list[tuple[Prompt, str]] = []
+
+    def take(candidates: list[Prompt], n: int, strategy: str) -> int:
+        chosen = candidates[:n]
+        ids = {p.id for p in chosen}
+        left[:] = [p for p in left if p.id not in ids]
+        picked.extend((p, strategy) for p in chosen)
+        return n - len(chosen)
+
+    spare = take([p for p in left if p.high_value], quotas["high_value"], "high_value")
+    spare += take([p for p in left if p.adversarial], quotas["adversarial"], "adversarial")
+    counts = Counter(tasks_per_category)
+    by_category: dict[str, list[Prompt]] = {}
+    for p in left:
+        by_category.setdefault(p.category, []).append(p)
+    round_robin = []
+    for _ in range(quotas["underrepresented"]):
+        open_categories = [c for c in by_category if by_category[c]]
+        if not open_categories:
+            break
+        category = min(open_categories, key=lambda c: (counts[c], c))
+        round_robin.append(by_category[category].pop())
+        counts[category] += 1
+    spare += take(round_robin, quotas["underrepresented"], "underrepresented")
+    take(left[:], quotas["random"] + spare, "random")
+    return picked
+
+
+def _source(r: Response) -> tuple[str, str]:
+    return (r.model, r.settings_json)
+
+
+def sample_pairs(
+    responses: Sequence[Response], max_pairs: int, rng: random.Random
+) -> list[tuple[Response, Response]]:
+    """All pairs for three responses or fewer; otherwise at most ``max_pairs`` pairs that cover every
+    response, pairs of different sources (model or settings) first, then the rest at random."""
+    if len(responses) <= 3:
+        return list(itertools.combinations(responses, 2))
+    need = (len(responses) + 1) // 2
+    if max_pairs < need:
+        raise AlignkitError(
+            f"--max-pairs-per-prompt {max_pairs} cannot cover {len(responses)} responses (needs >= {need})"
+        )
+    all_pairs = list(itertools.combinations(responses, 2))
+    rng.shuffle(all_pairs)
+    all_pairs.sort(key=lambda pair: _source(pair[0]) == _source(pair[1]))  # stable: different first
+    chosen: list[tuple[Response, Response]] = []
+    covered: set[int] = set()
+    for pair in all_pairs:  # cover: take a pair only when it covers two new responses
+        if pair[0].id not in covered and pair[1].id not in covered:
+            chosen.append(pair)
+            covered |= {pair[0].id, pair[1].id}
+    for r in responses:  # an odd one out: pair it with its first partner in the order above
+        if r.id not in covered:
+            chosen.append(next(p for p in all_pairs if r in p))
+            covered.add(r.id)
+    for pair in all_pairs:
+        if len(chosen) >= max_pairs:
+            break
+        if pair not in chosen:
+            chosen.append(pair)
+    return (
+        chosen[:max_pairs] if len(chosen) > max_pairs and len(covered) == len(responses) else chosen
+    )
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    prompts: int
+    tasks: int
+    by_strategy: dict[str, int]
+
+
+def create_tasks(
+    db: Database,
+    *,
+    num_prompts: int | None = None,
+    annotators_per_task: int = 3,
+    max_pairs_per_prompt: int = 6,
+    mix: Mapping[str, float] | None = None,
+    ask_safety: bool = False,
+    seed: int = 0,
+) -> TaskReport:
+    """Make pair tasks for prompts that have >= 2 model responses and no tasks yet."""
+    if annotators_per_task < 1:
+        raise AlignkitError("--annotators-per-task must be >= 1")
+    if max_pairs_per_prompt < 1:
+        raise AlignkitError("--max-pairs-per-prompt must be >= 1")
+    rng = random.Random(seed)
+    with db.write() as session:
+        has_tasks = select(Task.prompt_id).where(Task.is_gold.is_(False))
+        responses: dict[int, list[Response]] = {}
+        for r in session.scalars(
+            select(Response).where(Response.kind == "model").order_by(Response.id)
+        ):
+            responses.setdefault(r.prompt_id, []).append(r)
+        candidates = [
+            p
+            for p in session.scalars(
+                select(Prompt).where(Prompt.id.not_in(has_tasks)).order_by(Prompt.id)
+            )
+            if len(responses.get(p.id, ())) >= 2
+        ]
+        per_category = dict(
+            session.execute(
+                select(Prompt.category, func.count(Task.id))
+                .join(Task, Task.prompt_id == Prompt.id)
+                .where(Task.is_gold.is_(False))
+                .group_by(Prompt.category)
+            ).all()
+        )
+        count = len(candidates) if num_prompts is None else num_prompts
+        picked = select_prompts(candidates, per_category, count, mix or DEFAULT_MIX, rng)
+        made: Counter[str] = Counter()
+        for prompt, strategy in picked:
+            for a, b in sample_pairs(responses[prompt.id], max_pairs_per_prompt, rng):
+                session.add(
+                    Task(
+                        prompt_id=prompt.id,
+                        response_a_id=a.id,
+                        response_b_id=b.id,
+                        target=annotators_per_task,
+                        assigned=0,
+                        submitted=0,
+                        is_gold=False,
+                        strategy=strategy,
+                        ask_safety=ask_safety,
+                        created_at=utcnow(),
+                    )
+                )
+                made[strategy] += 1
+    return TaskReport(prompts=len(picked), tasks=sum(made.values()), by_strategy=dict(made))

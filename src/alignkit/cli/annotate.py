@@ -1,0 +1,269 @@
+"""`alignkit annotate ...`: run a preference-labelling round (server, admin commands, export)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from alignkit.annotate.db import Database
+
+DB_HELP = "Database: a SQLite file path or URL (default), or postgresql://user@host/db for teams."
+
+
+def _db(url: str) -> Database:
+    from alignkit.annotate.db import open_database
+
+    return open_database(url)
+
+
+def _read(path: Path) -> tuple[list, list[int]]:
+    from alignkit.data.loaders import read_rows
+    from alignkit.errors import DataError, RowProblem
+
+    raw = read_rows(path)
+    bad = [RowProblem(str(path), r.row, "<row>", r.error) for r in raw if r.error is not None]
+    if bad:
+        raise DataError(bad[:20], total=len(bad))
+    return [r.value for r in raw], [r.row for r in raw]
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(
+        help="Preference labelling: serve a web page to annotators, export pairs.",
+        no_args_is_help=True,
+    )
+    app.add_typer(group, name="annotate")
+    out = Console(soft_wrap=True)
+
+    @group.command("serve")
+    def serve(
+        db: str = typer.Option("annotate.db", "--db", help=DB_HELP),
+        host: str = typer.Option(
+            "127.0.0.1", help="Interface to bind; 0.0.0.0 exposes it to the network."
+        ),
+        port: int = typer.Option(8321, help="TCP port."),
+        lease_minutes: float = typer.Option(
+            30.0, help="A served task returns to the pool after this long."
+        ),
+        gold_rate: float = typer.Option(0.1, help="Share of claims that serve a gold pair (0..1)."),
+        min_agreement: float = typer.Option(
+            0.7, help="Majority share under which a task gets one more annotator."
+        ),
+        max_annotators: int = typer.Option(
+            5, help="Cap of annotators per task (adaptive overlap)."
+        ),
+        rate: float = typer.Option(10.0, help="Requests per second allowed per token (burst: 6x)."),
+    ) -> None:
+        """Serve the labelling page and API (uvicorn). Annotators sign in with their token."""
+        import uvicorn
+
+        from alignkit.annotate.assign import AssignConfig
+        from alignkit.annotate.server import ServerConfig, create_app
+        from alignkit.errors import AlignkitError
+
+        if (
+            not 0 <= gold_rate <= 1
+            or not 0 <= min_agreement <= 1
+            or max_annotators < 1
+            or rate <= 0
+        ):
+            raise AlignkitError(
+                "serve: --gold-rate and --min-agreement must be in [0, 1], --max-annotators >= 1, --rate > 0"
+            )
+        config = ServerConfig(
+            assign=AssignConfig(lease_minutes * 60, gold_rate, min_agreement, max_annotators),
+            rate_per_second=rate,
+            rate_burst=6 * rate,
+        )
+        database = _db(db)
+        out.print(
+            f"alignkit annotate: http://{host}:{port}/  (database {db}, schema ready)",
+            highlight=False,
+        )
+        uvicorn.run(create_app(database, config), host=host, port=port, log_level="warning")
+
+    @group.command("import-prompts")
+    def import_prompts(
+        file: Path = typer.Argument(
+            ...,
+            help="Prompt-format file (JSONL/JSON/CSV/Parquet); category, adversarial, high_value kept.",
+        ),
+        db: str = typer.Option("annotate.db", "--db", help=DB_HELP),
+    ) -> None:
+        """Add prompts (duplicates skipped)."""
+        from alignkit.annotate.ingest import import_prompts as run
+
+        rows, numbers = _read(file)
+        added, known = run(_db(db), rows, source=str(file), row_numbers=numbers)
+        out.print(f"[green]added[/] {added} prompts ({known} already present)")
+
+    @group.command("generate")
+    def generate(
+        model: list[str] = typer.Option(
+            ...,
+            "--model",
+            help="A checkpoint: run directory, LoRA adapter dir, local model or 'tiny'. Repeat.",
+        ),
+        temperature: list[float] = typer.Option(
+            [0.7, 1.0], "--temperature", help="Sampling temperature (0 = greedy). Repeat."
+        ),
+        samples: int = typer.Option(2, help="Samples per prompt, model and temperature."),
+        max_new_tokens: int = typer.Option(128, help="Longest response in tokens."),
+        seed: int = typer.Option(0, help="Base seed (recorded per response)."),
+        db: str = typer.Option("annotate.db", "--db", help=DB_HELP),
+    ) -> None:
+        """Generate responses to every prompt from your own checkpoints; duplicates dropped."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from alignkit.annotate.generate import generate as run
+
+        with Progress(
+            TextColumn("generate"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(),
+        ) as bar:
+            job = bar.add_task("generate", total=None)
+            report = run(
+                _db(db),
+                model,
+                temperature,
+                samples,
+                max_new_tokens,
+                seed=seed,
+                progress=lambda done, total: bar.update(job, completed=done, total=total),
+            )
+        out.print(
+            f"[green]added[/] {report.added} responses ({report.duplicates} duplicates dropped)"
+        )
+
+    @group.command("create-tasks")
+    def create_tasks(
+        num_prompts: int = typer.Option(
+            None, help="How many prompts to select (default: all without tasks)."
+        ),
+        annotators_per_task: int = typer.Option(3, help="Distinct annotators per pair."),
+        max_pairs_per_prompt: int = typer.Option(
+            6, help="Cap of pairs per prompt when it has > 3 responses."
+        ),
+        mix: str = typer.Option(
+            "high_value=0.4,underrepresented=0.3,adversarial=0.2,random=0.1",
+            help="Prompt-selection strategy shares.",
+        ),
+        ask_safety: bool = typer.Option(
+            False, "--ask-safety", help="Also ask 'which is safer / is each safe'."
+        ),
+        seed: int = typer.Option(0, help="Seed of prompt and pair sampling."),
+        db: str = typer.Option("annotate.db", "--db", help=DB_HELP),
+    ) -> None:
+        """Make pair tasks: all pairs for <= 3 responses, else smart sampling."""
+        from alignkit.annotate.pairs import create_tasks as run
+        from alignkit.annotate.pairs import parse_mix
+
+        report = run(
+            _db(db),
+            num_prompts=num_prompts,
+            annotators_per_task=annotators_per_task,
+            max_pairs_per_prompt=max_pairs_per_prompt,
+            mix=parse_mix(mix),
+            ask_safety=ask_safety,
+            seed=seed,
+        )
+        out.print(
+            f"[green]created[/] {report.tasks} tasks for {report.prompts} prompts {report.by_strategy}",
+            highlight=False,
+        )
+
+    @group.command("add-annotator")
+    def add_annotator(
+        name: str = typer.Argument(..., help="Annotator name."),
+        role: str = typer.Option("annotator", help="admin or annotator."),
+        db: str = typer.Option("annotate.db", "--db", help=DB_HELP),
+    ) -> None:
+        """Create an annotator and print its token once (only a hash is stored)."""
+        from alignkit.annotate.ingest import add_annotator as run
+
+        token = run(_db(db), name, role)
+        out.print(f"token for {name} ({role}), shown once:\n{token}", highlight=False)
+
+    @group.command("revoke")
+    def revoke(
+        name: str = typer.Argument(...), db: str = typer.Option("annotate.db", "--db", help=DB_HELP)
+    ) -> None:
+        """Revoke an annotator's token."""
+        from alignkit.annotate.ingest import revoke_annotator
+
+        revoke_annotator(_db(db), name)
+        out.print(f"[green]revoked[/] {name}", highlight=False)
+
+    @group.command("gold")
+    def gold(
+        file: Path = typer.Option(
+            None, "--import", help="Gold pairs with known answers (preference format)."
+        ),
+        auto: int = typer.Option(
+            0, help="Make this many gold pairs from responses and corrupted copies."
+        ),
+        kinds: str = typer.Option("truncated,shuffled,unsafe", help="Corruptions for --auto."),
+        seed: int = typer.Option(0),
+        db: str = typer.Option("annotate.db", "--db", help=DB_HELP),
+    ) -> None:
+        """Add gold pairs (served at the server's --gold-rate, never shown as gold)."""
+        from alignkit.annotate.ingest import import_gold, make_gold
+
+        database = _db(db)
+        if file is not None:
+            rows, numbers = _read(file)
+            made = import_gold(database, rows, source=str(file), seed=seed, row_numbers=numbers)
+            out.print(f"[green]imported[/] {made} gold pairs")
+        if auto:
+            made = make_gold(
+                database, auto, [k.strip() for k in kinds.split(",") if k.strip()], seed=seed
+            )
+            out.print(f"[green]made[/] {made} gold pairs")
+
+    @group.command("stats")
+    def stats(db: str = typer.Option("annotate.db", "--db", help=DB_HELP)) -> None:
+        """Throughput, agreement, gold accuracy, position and length bias, time per task (JSON)."""
+        from alignkit.annotate.quality import stats as run
+        from alignkit.annotate.server import _finite
+
+        out.print_json(json.dumps(_finite(run(_db(db)))))
+
+    @group.command("export")
+    def export(
+        path: Path = typer.Argument(..., help="Output JSONL (written atomically)."),
+        safety: bool = typer.Option(
+            False, "--safety", help="Safety-preference format (tasks that asked both questions)."
+        ),
+        min_labels: int = typer.Option(1, help="Leave out tasks with fewer labels."),
+        min_agreement: float = typer.Option(
+            0.0, help="Leave out tasks under this quality-weighted agreement."
+        ),
+        tie_margin: float = typer.Option(
+            0.0, help="Tie policy: drop tasks with |s| <= this (s in [-1, 1])."
+        ),
+        db: str = typer.Option("annotate.db", "--db", help=DB_HELP),
+    ) -> None:
+        """Write the labelled pairs for `alignkit train dpo` (or Safe-DPO with --safety)."""
+        from alignkit.annotate.export import write_export
+
+        report = write_export(
+            _db(db),
+            path,
+            safety=safety,
+            min_labels=min_labels,
+            min_agreement=min_agreement,
+            tie_margin=tie_margin,
+        )
+        out.print(
+            f"[green]wrote[/] {report.rows} rows to {path}; left out: {report.ties_dropped} ties, "
+            f"{report.below_agreement} under agreement, {report.too_few_labels} with too few labels"
+            + (f", {report.no_safety_answers} without safety answers" if safety else ""),
+            highlight=False,
+        )

@@ -1,0 +1,220 @@
+"""One causal-LM forward pass to per-token log-probs: the policy-side counterpart of `ops.logprobs`.
+
+Every trainer and the rollout scorer read token log-probs through :func:`token_logprobs`, so the
+three choices that change the numbers are made once:
+
+- **sampling temperature**: logits are divided by ``T`` before the log-softmax, so the log-probs
+  are those of the distribution the tokens were sampled from (PPO/GRPO ratios compare against
+  the engine's behaviour log-probs, which were recorded under ``T``);
+- **positions from the attention mask**: left-padded rows (rollouts) get the positions of the
+  same unpadded sequence, which absolute-position models need and RoPE models otherwise only
+  approximate;
+- **the LM head on scored positions only**: ``logits_to_keep`` with a boolean mask, detected on
+  the model inside any DDP/FSDP/DeepSpeed/compile/peft wrapper.
+
+Per-token tensors are ``[B, T]`` and aligned with ``input_ids``: column ``t`` concerns token
+``input_ids[:, t]``, predicted by the logits at ``t - 1`` (the shift lives in `ops.logprobs`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from typing import Any, Literal, overload
+
+from torch import Tensor, nn
+
+from alignkit.models.lora import unwrap_model
+from alignkit.ops.logprobs import (
+    entropy_from_logits,
+    predicts_scored_mask,
+    sequence_logprobs,
+    sequence_logprobs_at,
+)
+from alignkit.ops.stats import masked_sum
+
+__all__ = [
+    "innermost_model",
+    "position_ids_from_mask",
+    "response_logps",
+    "selects_logit_rows",
+    "takes_position_ids",
+    "token_logprobs",
+]
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """``[B, T]`` long positions counted from each row's first real token.
+
+    ``position_ids = clamp(cumsum(attention_mask) - 1, min=0)``: a left-padded row gets the
+    positions ``0, 1, 2, ...`` of its unpadded sequence from its first real token on, and 0 on
+    the padding before it; a right-padded row gets ``0 .. n-1`` and then repeats ``n - 1`` on the
+    padding after it (which no real token attends to). Rows without padding get ``arange(T)``,
+    what a model uses when given no positions. Packed rows (several sequences per row) are not
+    described by a mask: pass their restarting positions explicitly.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+@overload
+def token_logprobs(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    scored: Tensor,
+    *,
+    temperature: float = ...,
+    position_ids: Tensor | None = ...,
+    with_entropy: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def token_logprobs(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    scored: Tensor,
+    *,
+    temperature: float = ...,
+    position_ids: Tensor | None = ...,
+    with_entropy: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def token_logprobs(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    scored: Tensor,
+    *,
+    temperature: float = ...,
+    position_ids: Tensor | None = ...,
+    with_entropy: bool,
+) -> Tensor | tuple[Tensor, Tensor]: ...
+
+
+def token_logprobs(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    scored: Tensor,
+    *,
+    temperature: float = 1.0,
+    position_ids: Tensor | None = None,
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``[B, T]`` log-probs of the tokens where ``scored`` is set (0 elsewhere), one forward.
+
+    ``out[b, t] = log softmax(logits[b, t - 1] / temperature)[input_ids[b, t]]`` where
+    ``scored[b, t]``. The division comes before the log-softmax: with ``temperature != 1`` these
+    are the log-probs of the distribution the tokens were *sampled* from, which is what PPO's
+    ratio ``exp(logp - old_logp)`` and the behaviour log-probs of a rollout must use (TRL's
+    ``grpo_trainer`` and verl's ``dp_actor`` divide the logits the same way). Training with
+    ``temperature=1`` scores the model's own distribution.
+
+    Args:
+        model: a causal LM returning ``.logits`` (possibly wrapped by DDP, FSDP, DeepSpeed,
+            ``torch.compile`` or peft).
+        batch: ``input_ids`` and ``attention_mask``, both ``[B, T]``; padding may be on either side.
+        scored: ``[B, T]`` 1 (or True) on the tokens to score, e.g. the response mask.
+        temperature: the sampling temperature the logits are divided by; must be positive.
+        position_ids: ``[B, T]`` explicit positions (packed rows restart them per sequence); by
+            default :func:`position_ids_from_mask` of the attention mask, for models that take
+            positions (ALiBi models such as BLOOM and MPT take none: their biases are relative).
+        with_entropy: also return the entropy (nats) of the temperature-scaled predictive
+            distribution that each scored token was drawn from, ``[B, T]``, 0 elsewhere.
+
+    Returns:
+        The log-probs (float32 for half-precision models), or ``(logprobs, entropy)`` when
+        ``with_entropy``. Both are differentiable with respect to the model's parameters.
+
+    Where the model supports it (:func:`selects_logit_rows`), its LM head runs only on the
+    positions that predict a scored token, so prompt and padding positions never produce
+    ``V``-wide logits; otherwise all logits are computed and the scored rows read from them.
+    Neither path holds a float32 ``[B, T, V]`` log-softmax (see `ops.logprobs`).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    if position_ids is None and takes_position_ids(model):
+        position_ids = position_ids_from_mask(attention_mask)
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    predicts = predicts_scored_mask(scored)
+    if selects_logit_rows(model):
+        # [N, V]: one row per scored token, in row-major order of `predicts`.
+        logits = model(**inputs, logits_to_keep=predicts).logits
+        logits = logits if temperature == 1.0 else logits / temperature
+        logprobs = sequence_logprobs_at(logits, input_ids, scored)
+        if not with_entropy:
+            return logprobs
+        return logprobs, _entropy_at_scored(logits, predicts)
+    logits = model(**inputs).logits  # [B, T, V]
+    logits = logits if temperature == 1.0 else logits / temperature
+    logprobs = sequence_logprobs(logits, input_ids, scored)
+    if not with_entropy:
+        return logprobs
+    rows = predicts.reshape(-1).nonzero().squeeze(-1)
+    selected = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
+    return logprobs, _entropy_at_scored(selected, predicts)
+
+
+def _entropy_at_scored(selected_logits: Tensor, predicts: Tensor) -> Tensor:
+    """Entropies of the ``[N, V]`` logit rows selected by ``predicts``, placed at the token each
+    row predicts (column ``t + 1``), in a ``[B, T]`` tensor that is 0 elsewhere."""
+    entropy = entropy_from_logits(selected_logits)  # chunked; no float32 [N, V] kept for backward
+    rows = predicts.reshape(-1).nonzero().squeeze(-1)
+    out = entropy.new_zeros(predicts.numel()).index_put((rows + 1,), entropy)
+    return out.view(predicts.shape)
+
+
+def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Summed log-probs of each row's response tokens, ``[rows]``, from one forward pass."""
+    scored = batch["response_mask"]
+    return masked_sum(token_logprobs(model, batch, scored), scored, dim=-1)
+
+
+def innermost_model(model: nn.Module) -> nn.Module:
+    """The module whose ``forward`` computes the logits, inside every wrapper around it.
+
+    Peels the parallel and compile wrappers (:func:`~alignkit.models.lora.unwrap_model`: DDP,
+    DataParallel, FSDP, DeepSpeed, ``torch.compile``) and then peft's ``PeftModel`` /
+    ``LoraModel`` (``get_base_model``), whose forwards pass their keyword arguments through.
+    """
+    model = unwrap_model(model)
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def takes_position_ids(model: nn.Module) -> bool:
+    """Whether the forward of :func:`innermost_model` names a ``position_ids`` parameter."""
+    return _takes_position_ids(type(innermost_model(model)))
+
+
+@functools.cache
+def _takes_position_ids(model_class: type) -> bool:
+    return "position_ids" in inspect.signature(model_class.forward).parameters
+
+
+def selects_logit_rows(model: nn.Module) -> bool:
+    """Whether ``model`` takes a boolean ``[B, T]`` ``logits_to_keep`` and returns ``[N, V]``.
+
+    Decided on the class of :func:`innermost_model`, so it holds under DDP, FSDP, DeepSpeed and
+    peft wrappers alike: True when that class's ``forward`` is a transformers causal LM's own
+    (``transformers.models.*``, slicing with ``slice_logits_to_keep``, which gained the boolean
+    form in 5.x). The ``forward`` is looked up through the MRO, so FSDP2's generated subclass
+    (``FSDPLlamaForCausalLM``) qualifies, while a remote-code or user subclass that overrides
+    ``forward`` takes the full-logits path.
+    """
+    return _selects_logit_rows(type(innermost_model(model)))
+
+
+@functools.cache
+def _selects_logit_rows(model_class: type) -> bool:
+    owner = next((c for c in model_class.__mro__ if "forward" in vars(c)), None)
+    if owner is None or not owner.__module__.startswith("transformers.models."):
+        return False
+    module = sys.modules.get(owner.__module__)
+    if module is None or not hasattr(module, "slice_logits_to_keep"):
+        return False
+    return "logits_to_keep" in inspect.signature(owner.forward).parameters

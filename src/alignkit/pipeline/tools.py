@@ -1,0 +1,81 @@
+"""Tool stages of a pipeline: one registered function each, ``fn(args, stage_dir) -> metrics``.
+
+A tool reads its ``args`` (references already resolved), may write files under ``stage_dir``,
+and returns flat ``{name: number}`` metrics that the pipeline summary shows and later stages can
+reference as ``${stages.<stage>.metrics.<name>}``. Adding a tool is writing one function.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from alignkit.config import atomic_write_text
+from alignkit.errors import ConfigError
+
+__all__ = ["TOOLS", "register_tool"]
+
+ToolFn = Callable[[dict[str, Any], Path], dict[str, float]]
+TOOLS: dict[str, ToolFn] = {}
+#: The number each tool's summary row shows (higher is better unless named in LOWER_IS_BETTER).
+TOOL_KEY_METRIC: dict[str, str] = {}
+
+
+def register_tool(name: str, key_metric: str) -> Callable[[ToolFn], ToolFn]:
+    def decorator(fn: ToolFn) -> ToolFn:
+        if name in TOOLS:
+            raise ValueError(f"tool {name!r} is already registered")
+        TOOLS[name] = fn
+        TOOL_KEY_METRIC[name] = key_metric
+        return fn
+
+    return decorator
+
+
+def _take(args: dict[str, Any], tool: str, allowed: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(args) - set(allowed)
+    if unknown:
+        raise ConfigError(f"tool {tool}: unknown arg(s) {', '.join(sorted(unknown))}; "
+                          f"args: {', '.join(allowed)}")
+    missing = [k for k, v in allowed.items() if v is ... and k not in args]
+    if missing:
+        raise ConfigError(f"tool {tool}: missing arg(s) {', '.join(missing)}")
+    return {**allowed, **args}
+
+
+@register_tool("data-synthetic", key_metric="files")
+def write_synthetic_data(args: dict[str, Any], stage_dir: Path) -> dict[str, float]:
+    """Write the bundled task (``alignkit data synthetic``) into ``out`` (default: data)."""
+    from alignkit.data.synthetic import write_task
+
+    a = _take(args, "data-synthetic", {"out": "data", "seed": 0})
+    return {"files": float(len(write_task(Path(a["out"]), seed=int(a["seed"]))))}
+
+
+@register_tool("eval-task", key_metric="helpfulness")
+def evaluate_on_synthetic_task(args: dict[str, Any], stage_dir: Path) -> dict[str, float]:
+    """Judge greedy answers of ``model`` to held-out prompts of the bundled task: helpfulness,
+    cost and unsafe rate (the quickstart's table); the answers go to ``stage_dir``."""
+    from alignkit.data.synthetic import SyntheticTask
+    from alignkit.eval import evaluate_synthetic_task
+    from alignkit.models import load_policy
+    from alignkit.rollout import GenerationSettings
+
+    a = _take(args, "eval-task",
+              {"model": ..., "seed": 0, "max_prompts": None, "max_new_tokens": 40})
+    prompts = SyntheticTask(seed=int(a["seed"])).prompts("heldout")
+    if a["max_prompts"] is not None and int(a["max_prompts"]) < len(prompts):
+        keep = sorted(random.Random(0).sample(range(len(prompts)), int(a["max_prompts"])))
+        prompts = [prompts[i] for i in keep]
+    model, tokenizer = load_policy(str(a["model"]))
+    result = evaluate_synthetic_task(
+        model, tokenizer, prompts, GenerationSettings(max_new_tokens=int(a["max_new_tokens"]))
+    )
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"prompt": p, "response": r})
+             for p, r in zip(result.prompts, result.responses, strict=True)]
+    atomic_write_text(stage_dir / "generations.jsonl", "\n".join(lines) + "\n")
+    return dict(result.metrics)

@@ -1,0 +1,342 @@
+"""Reward sources: user functions (TRL's signature), trained reward/cost models, weighted sums.
+
+A reward function is called once per batch with keywords::
+
+    fn(prompts: list[str], completions: list[str], **row_fields) -> list[float | None]
+
+``row_fields`` are the prompt file's other columns, one list per column (``answer=[...]``), as
+in TRL. ``None`` means "not applicable" and becomes NaN (left out of group statistics). The
+output is checked on every call: it must have one entry per completion, each a real number
+(``int``, ``float``, a numpy or 0-d torch number) or None; ``bool`` is rejected (a comparison
+returned by mistake is a common bug: return ``float(ok)``), as are strings, NaN and infinities
+(say "not applicable" with None). Any failure, or an exception inside the function, raises
+``RewardFunctionError`` naming the function and showing one offending prompt and completion.
+
+In YAML: ``rewards: [{function: "pkg.mod:fn" | "path/file.py:fn" | "<registered name>",
+weight: 1.0}, {model: runs/rm, weight: 0.5}]``. A model entry is a reward or cost model saved by
+``alignkit train rm`` / ``train cost`` (its run directory, whose newest checkpoint is used, or
+the model directory itself); a cost model's score is its cost (higher = less safe), so give it
+a negative weight to penalise cost.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from alignkit.errors import AlignkitError, ConfigError
+
+__all__ = [
+    "FunctionReward",
+    "ModelReward",
+    "RewardFunctionError",
+    "RewardSource",
+    "WeightedReward",
+    "build_reward_source",
+    "register_reward",
+    "registered_rewards",
+    "resolve_reward_function",
+]
+
+RewardFn = Callable[..., Sequence[Any]]
+_REGISTRY: dict[str, RewardFn] = {}
+_SHOWN_CHARS = 160
+
+
+class RewardFunctionError(AlignkitError):
+    """A reward function raised, or returned something that is not one number (or None) per
+    completion. Exit code 2; the message names the function and shows one sample."""
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """Scores completions: ``[N] float32`` on CPU, NaN = not applicable."""
+
+    name: str
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]
+    ) -> Tensor: ...
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Register a built-in reward function under ``name`` (usable as ``function: name``)."""
+
+    def decorate(fn: RewardFn) -> RewardFn:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"reward function '{name}' is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def registered_rewards() -> dict[str, RewardFn]:
+    """Built-in reward functions by name (the bundled tasks' verifiers and judges)."""
+    import alignkit.rollout.tasks  # noqa: F401  (registers the built-ins)
+
+    return dict(_REGISTRY)
+
+
+def _shorten(text: Any) -> str:
+    text = str(text)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+
+
+def _sample(prompts: Sequence[str], completions: Sequence[str], i: int) -> str:
+    return f"\n  prompt: {_shorten(prompts[i])!r}\n  completion: {_shorten(completions[i])!r}"
+
+
+def _load_from_file(path: Path, attr: str, spec: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"reward function '{spec}': file {path} not found")
+    module_spec = importlib.util.spec_from_file_location(f"alignkit_user_reward_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"reward function '{spec}': cannot import {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # a user's file: report, do not trace back
+        raise ConfigError(f"reward function '{spec}': importing {path} failed: {err!r}") from None
+    return getattr(module, attr, None)
+
+
+def resolve_reward_function(spec: str) -> RewardFn:
+    """The callable named by ``module:function``, ``path/file.py:function`` or a built-in name."""
+    registry = registered_rewards()
+    if spec in registry:
+        return registry[spec]
+    if ":" not in spec:
+        near = difflib.get_close_matches(spec, list(registry), n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ConfigError(
+            f"unknown reward function '{spec}': {hint}use 'module:function', "
+            f"'path/to/file.py:function' or a built-in ({', '.join(sorted(registry))})"
+        )
+    target, attr = spec.rsplit(":", 1)
+    if target.endswith(".py") or "/" in target:
+        fn = _load_from_file(Path(target).expanduser(), attr, spec)
+    else:
+        try:
+            fn = getattr(importlib.import_module(target), attr, None)
+        except ImportError as err:
+            raise ConfigError(f"reward function '{spec}': cannot import {target}: {err}") from None
+    if not callable(fn):
+        raise ConfigError(f"reward function '{spec}': {target} has no function '{attr}'")
+    return fn
+
+
+def _as_number(value: Any) -> float | str | None:
+    """The float of one returned value, None for None, or a description of what is wrong."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool:
+            return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+        value = value.item()
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return f"a bool ({value}); return a number, e.g. float({value})"
+    if not isinstance(value, numbers.Real):
+        return f"{type(value).__name__} {_shorten(repr(value))}, not a number"
+    number = float(value)
+    if not math.isfinite(number):
+        return f"{number}; use None for 'not applicable'"
+    return number
+
+
+def check_reward_output(
+    name: str, output: Any, prompts: Sequence[str], completions: Sequence[str]
+) -> Tensor:
+    """``[N] float32`` from a reward function's output, or ``RewardFunctionError``."""
+    n = len(completions)
+    if isinstance(output, Tensor):
+        output = output.detach().cpu().reshape(-1).tolist() if output.dim() <= 1 else output
+    elif hasattr(output, "tolist") and not isinstance(output, (list, tuple)):
+        output = output.tolist()  # numpy arrays
+    if not isinstance(output, (list, tuple)):
+        raise RewardFunctionError(
+            f"reward function '{name}' returned {type(output).__name__}, not a list of {n} "
+            f"numbers (one per completion); first sample:{_sample(prompts, completions, 0)}"
+        )
+    if len(output) != n:
+        raise RewardFunctionError(
+            f"reward function '{name}' returned {len(output)} values for {n} completions; "
+            f"first sample:{_sample(prompts, completions, 0)}"
+        )
+    values: list[float] = []
+    for i, value in enumerate(output):
+        number = _as_number(value)
+        if isinstance(number, str):
+            raise RewardFunctionError(
+                f"reward function '{name}' returned {number} for sample {i}:"
+                f"{_sample(prompts, completions, i)}"
+            )
+        values.append(math.nan if number is None else number)
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    keys = dict.fromkeys(key for row in rows for key in row)
+    return {key: [row.get(key) for row in rows] for key in keys}
+
+
+class FunctionReward:
+    """A reward function called with TRL's signature; its output checked on every call."""
+
+    def __init__(self, fn: RewardFn, name: str | None = None) -> None:
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", repr(fn))
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]
+    ) -> Tensor:
+        try:
+            output = self.fn(prompts=prompts, completions=completions, **_columns(rows))
+        except Exception as err:  # the user's code: one line, no traceback
+            raise RewardFunctionError(
+                f"reward function '{self.name}' raised {type(err).__name__}: {_shorten(err)}; "
+                f"called on {len(completions)} completions, the first:"
+                f"{_sample(prompts, completions, 0)}"
+            ) from None
+        return check_reward_output(self.name, output, prompts, completions)
+
+
+def _model_directory(path: Path) -> Path:
+    from alignkit.models.reward import CONFIG_FILE
+    from alignkit.tracking.checkpoint import latest_checkpoint
+
+    if (path / CONFIG_FILE).is_file():
+        return path
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is not None:
+        found = sorted(p.parent for p in checkpoint.glob(f"*/{CONFIG_FILE}"))
+        if found:
+            return found[0]
+    raise ConfigError(
+        f"reward model '{path}': neither a reward/cost model directory (with {CONFIG_FILE}) nor "
+        "a run directory of `alignkit train rm` / `train cost` with a checkpoint"
+    )
+
+
+class ModelReward:
+    """A trained reward or cost model scoring ``prompt + completion`` (tokenised as in training:
+    prompt ids, completion ids, EOS), in batches of ``batch_size`` sequences."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        batch_size: int = 64,
+        max_length: int | None = None,
+    ) -> None:
+        from alignkit.models.reward import load_reward_model
+
+        directory = _model_directory(Path(path).expanduser())
+        self.model, self.tokenizer = load_reward_model(directory)
+        self.model.to(device or "cpu")
+        self.kind = self.model.reward_config.kind
+        self.name = f"{self.kind}_model:{path}"
+        self.batch_size = batch_size
+        self.max_length = max_length or getattr(self.tokenizer, "model_max_length", None)
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]
+    ) -> Tensor:
+        from alignkit.data.collate import SFTCollator
+        from alignkit.data.tokenize import tokenize_sft
+
+        records = [
+            {"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)
+        ]
+        examples = tokenize_sft(records, self.tokenizer, max_length=self.max_length)
+        collate = SFTCollator(pad_token_id=self.tokenizer.pad_token_id)
+        device = next(self.model.parameters()).device
+        scores = []
+        with torch.inference_mode():
+            for start in range(0, len(examples), self.batch_size):
+                batch = collate(examples[start : start + self.batch_size])
+                out = self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                scores.append(out.rewards.float().cpu())
+        return torch.cat(scores)
+
+
+class WeightedReward:
+    """``sum_i weight_i * source_i``; NaN in any source makes the row NaN (not applicable).
+
+    ``last_components`` holds each source's unweighted scores from the latest call (for
+    per-source metrics).
+    """
+
+    def __init__(self, sources: Sequence[tuple[RewardSource, float]]) -> None:
+        if not sources:
+            raise ConfigError("rewards: give at least one {function: ...} or {model: ...}")
+        self.sources = list(sources)
+        self.name = " + ".join(f"{w:g}*{s.name}" for s, w in self.sources)
+        self.last_components: dict[str, Tensor] = {}
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]
+    ) -> Tensor:
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        self.last_components = {}
+        for source, weight in self.sources:
+            scores = source(prompts, completions, rows)
+            self.last_components[source.name] = scores
+            total = total + weight * scores
+        return total
+
+
+_SPEC_KEYS = ("function", "model", "weight")
+
+
+def build_reward_source(
+    specs: Sequence[Mapping[str, Any]],
+    *,
+    tokenizer: Any = None,
+    device: torch.device | str | None = None,
+) -> WeightedReward:
+    """The weighted sum of the sources in ``specs`` (see the module docstring).
+
+    ``tokenizer`` is accepted for interface stability (model sources use their own tokenizer,
+    since a reward model may have been trained from a different base than the policy).
+    """
+    del tokenizer
+    sources: list[tuple[RewardSource, float]] = []
+    for i, spec in enumerate(specs):
+        where = f"rewards[{i}]"
+        if not isinstance(spec, Mapping):
+            raise ConfigError(
+                f"{where}: expected {{function: ...}} or {{model: ...}}, got {spec!r}"
+            )
+        unknown = [k for k in spec if k not in _SPEC_KEYS]
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key '{unknown[0]}' (keys: {', '.join(_SPEC_KEYS)})"
+            )
+        if ("function" in spec) == ("model" in spec):
+            raise ConfigError(f"{where}: give exactly one of 'function' or 'model'")
+        weight = spec.get("weight", 1.0)
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, numbers.Real)
+            or not math.isfinite(weight)
+        ):
+            raise ConfigError(f"{where}: weight must be a finite number, got {weight!r}")
+        if "function" in spec:
+            source: RewardSource = FunctionReward(
+                resolve_reward_function(str(spec["function"])), name=str(spec["function"])
+            )
+        else:
+            source = ModelReward(spec["model"], device=device)
+        sources.append((source, float(weight)))
+    return WeightedReward(sources)
