@@ -134,14 +134,14 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "reinforce adapter without normalising",
         "ops/advantages.py",
-        "return _normalise_returns(returns, mask.bool()), returns",
+        "return _normalise_returns(returns, mask.bool(), moments=moments), returns",
         "return returns, returns",
         ("tests/ops/test_advantages.py", "tests/ops/test_advantage_adapters.py"),
     ),
     Mutation(
         "reinforce_pp adapter without whitening",
         "ops/advantages.py",
-        "return masked_whiten(returns, mask.bool()), returns",
+        "return _whiten_returns(returns, mask.bool(), moments), returns",
         "return returns, returns",
         ("tests/ops/test_advantages.py", "tests/ops/test_advantage_adapters.py"),
     ),
@@ -187,8 +187,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "Safe-DPO normalize always on",
         "trainers/safe_dpo.py",
-        "if self.config.normalize:",
-        "if True:",
+        "loss_s, self.multiplier.value, self.config.normalize)",
+        "loss_s, self.multiplier.value, True)",
         ("tests/trainers/test_safe_dpo_options.py",),
     ),
     Mutation(
