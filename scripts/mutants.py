@@ -206,6 +206,20 @@ MUTATIONS: list[Mutation] = [
         ("tests/trainers/test_sft_packing.py",),
     ),
     Mutation(
+        "resume: an allowed lr change is not applied",
+        "trainers/run.py",
+        'rescale_learning_rate(self.optimizer_steps, change["from"], change["to"])',
+        "pass",
+        ("tests/trainers/test_resume_changes.py",),
+    ),
+    Mutation(
+        "resume: config.yaml stores resume_from",
+        "trainers/resume.py",
+        "return dataclasses.replace(cfg, resume_from=None, overwrite=False, allow_change=[])",
+        "return cfg",
+        ("tests/trainers/test_resume_changes.py",),
+    ),
+    Mutation(
         "cost model kind not checked",
         "models/reward.py",
         "        if saved == kind:\n",

@@ -51,6 +51,8 @@ T = TypeVar("T")
 
 #: Top-level key of a written config that records library versions; ignored when loading.
 VERSIONS_KEY = "_versions"
+#: In a run's config.yaml: the settings changed on a resume, each with the step it took effect.
+CHANGES_KEY = "_changes"
 
 
 def _help(text: str) -> dict[str, str]:
@@ -225,6 +227,14 @@ class RunConfig:
         default=False,
         metadata=_help("Start afresh in an existing run directory, deleting its old results."),
     )
+    allow_change: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "On resume: settings that may differ from the run's, e.g. [optim.lr] (CLI: "
+            "--allow-change optim.lr). Each applies from the resumed step and is recorded in "
+            "config.yaml under _changes; any other difference is refused."
+        ),
+    )
     seed: int = field(default=0, metadata=_help("Seed of Python, NumPy, torch and data order."))
     precision: Literal["fp32", "bf16"] = field(
         default="fp32", metadata=_help("fp32, or bf16 autocast (weights stay in their dtype).")
@@ -343,6 +353,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     if path is not None:
         raw = _read_yaml(Path(path))
         raw.pop(VERSIONS_KEY, None)
+        raw.pop(CHANGES_KEY, None)
     for text in overrides:
         dotted, value = _parse_override(cls, text)
         origin.overrides[dotted] = text
@@ -672,10 +683,15 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def save_resolved_config(cfg: Any, path: str | Path) -> Path:
-    """Write `cfg` as YAML (loadable by :func:`load_config`) with a `_versions` record."""
+def save_resolved_config(
+    cfg: Any, path: str | Path, changes: list[dict[str, Any]] | None = None
+) -> Path:
+    """Write `cfg` as YAML (loadable by :func:`load_config`) with a `_versions` record, and
+    the `_changes` made on resumes when there are any."""
     path = Path(path)
     data = config_to_dict(cfg)
+    if changes:
+        data[CHANGES_KEY] = changes
     data[VERSIONS_KEY] = library_versions()
     text = (
         f"# Resolved {type(cfg).__name__}; `{VERSIONS_KEY}` records who wrote it.\n"

@@ -71,6 +71,13 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] | None = typer.Argument(
             None, help="Dotted key=value overrides, e.g. optim.lr=1e-4 data.max_length=256."
         ),
+        allow_change: list[str] | None = typer.Option(
+            None,
+            "--allow-change",
+            help="With --resume: a setting that may differ from the run's (repeatable), "
+            "e.g. --allow-change optim.lr; applied from the resumed step, recorded in "
+            "config.yaml.",
+        ),
         resume: Path | None = typer.Option(
             None,
             "--resume",
@@ -90,6 +97,8 @@ def register(app: typer.Typer) -> None:
                         f"--resume {resume}: no config.yaml there; name the config with -c"
                     )
                 config = saved
+        if allow_change:
+            extra.append(f"allow_change=[{','.join(allow_change)}]")
         cfg = load_config(config_class, config, extra)
         summary = entry_point(cfg)
         from accelerate import PartialState

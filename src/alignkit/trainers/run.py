@@ -58,6 +58,7 @@ from alignkit.tracking import (
 )
 from alignkit.tracking.checkpoint import TRAINER_STATE_FILE
 from alignkit.trainers.optimize import OptimizerStep
+from alignkit.trainers.resume import describing_the_run, rescale_learning_rate, resume_changes
 from alignkit.trainers.runtime import (
     EpochShuffleSampler,
     LoopState,
@@ -264,11 +265,12 @@ class RunLoop(ABC):
         if checkpoint is not None:
             resume_step = checkpoint_step(checkpoint)
             self.run_dir = RunDir(checkpoint.parent.parent)  # <run>/checkpoints/step-N
-        self._shared(lambda: self._prepare_run_dir(resume_step))
+        changes = self._shared(lambda: self._prepare_run_dir(resume_step))
         self._prepare_training()
         self.on_train_begin()
         if checkpoint is not None:
             self._restore(checkpoint)
+            self._apply_changes(changes or [])
             self._say(f"resumed from {checkpoint} (step {self.state.step})")
         self.sinks, self.progress = [], None
         if self.accelerator.is_main_process:
@@ -451,9 +453,11 @@ class RunLoop(ABC):
             self._say(f"{path} has no complete checkpoint yet: starting from step 0")
         return found
 
-    def _prepare_run_dir(self, resume_step: int | None) -> None:
+    def _prepare_run_dir(self, resume_step: int | None) -> list[dict[str, Any]]:
+        """Check, clear or extend the run directory and write config.yaml; the settings this
+        resume changes (see ``trainers.resume``)."""
         if not self.accelerator.is_main_process:
-            return
+            return []
         run_dir, cfg = self.run_dir, self.config
         if cfg.resume_from is None and run_dir.has_results():
             if not cfg.overwrite:
@@ -469,8 +473,30 @@ class RunLoop(ABC):
                 if checkpoint_step(path) > (resume_step or 0):
                     shutil.rmtree(path)
                     self._say(f"removed {path}: it comes after the checkpoint resumed from")
+        earlier: list[dict[str, Any]] = []
+        changes: list[dict[str, Any]] = []
+        if (
+            cfg.resume_from is not None
+            and resume_step is not None
+            and run_dir.config_path.is_file()
+        ):
+            earlier, changes = resume_changes(
+                run_dir.config_path, config_to_dict(cfg), cfg.allow_change, resume_step
+            )
         run_dir.create()
-        save_resolved_config(cfg, run_dir.config_path)
+        save_resolved_config(describing_the_run(cfg), run_dir.config_path, earlier + changes)
+        return changes
+
+    def _apply_changes(self, changes: list[dict[str, Any]]) -> None:
+        """Make allowed resume changes hold fully from the resumed step (the restored optimizer
+        would otherwise keep the old learning rate), and say so."""
+        for change in changes:
+            if change["key"] == "optim.lr":
+                rescale_learning_rate(self.optimizer_steps, change["from"], change["to"])
+            self._say(
+                f"changed on resume from step {change['step']}: {change['key']} "
+                f"{change['from']} -> {change['to']}"
+            )
 
     def _restore(self, checkpoint: Path) -> None:
         saved = _upgrade_state(load_trainer_state(checkpoint), checkpoint, self.optimizer_steps)
