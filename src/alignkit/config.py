@@ -121,8 +121,12 @@ class EarlyStoppingConfig:
     metric: str | None = field(
         default=None, metadata=_help("Evaluation metric to watch, e.g. eval/loss; null: off.")
     )
-    mode: Literal["min", "max"] = field(
-        default="min", metadata=_help("Whether a lower (min) or higher (max) value is better.")
+    mode: Literal["auto", "min", "max"] = field(
+        default="auto",
+        metadata=_help(
+            "Whether a lower (min) or higher (max) value is better; auto: max for accuracy-, "
+            "reward-, margin- and win-rate-like names, min otherwise (losses, costs)."
+        ),
     )
     patience: int = field(
         default=3, metadata=_help("Evaluations without improvement before training stops.")
@@ -134,6 +138,15 @@ class EarlyStoppingConfig:
     def __post_init__(self) -> None:
         _require(self.patience >= 1, "patience must be >= 1")
         _require(self.min_delta >= 0, "min_delta must be >= 0")
+
+    @property
+    def direction(self) -> Literal["min", "max"]:
+        """`mode`, with auto resolved from the metric's name."""
+        if self.mode != "auto":
+            return self.mode
+        name = (self.metric or "").lower()
+        higher = ("accurac", "acc", "reward", "margin", "win_rate", "f1", "helpful")
+        return "max" if any(word in name for word in higher) and "loss" not in name else "min"
 
 
 @dataclass
