@@ -97,3 +97,13 @@ def test_the_cli_allow_change_option(first_run, tmp_path, capsys):
         main([*args, "--allow-change", "optim.lr"])
     assert done.value.code in (0, None)
     assert read_metrics(cfg.run_dir / "metrics.jsonl")[-1]["lr"] == 5e-4
+
+
+def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(first_run, run_settings, tmp_path):
+    data, cfg = first_run
+    older = cfg.run_dir / "checkpoints" / "step-1"
+    resume(run_settings, tmp_path, data, older, "max_steps=2")
+    moved = sorted((cfg.run_dir / "abandoned").glob("*/step-2"))
+    assert len(moved) == 1 and (moved[0] / "trainer_state.pt").is_file()
+    assert moved[0].parent.name.startswith("before-resume-at-step-1-")
+    assert (cfg.run_dir / "checkpoints" / "step-2" / "trainer_state.pt").is_file()  # re-made

@@ -52,6 +52,11 @@ class RunDir:
         return self.root / "summary.json"
 
     @property
+    def abandoned_dir(self) -> Path:
+        """Checkpoints moved aside when a resume from an older one abandoned them."""
+        return self.root / "abandoned"
+
+    @property
     def plots_dir(self) -> Path:
         return self.root / "plots"
 
@@ -77,7 +82,12 @@ class RunDir:
         derived = (self.metrics_path, self.summary_path, self.config_path)
         for path in (*derived, self.root / self.REFERENCE_CACHE):
             path.unlink(missing_ok=True)
-        for folder in (self.checkpoints_dir, self.plots_dir, self.tensorboard_dir):
+        for folder in (
+            self.checkpoints_dir,
+            self.plots_dir,
+            self.tensorboard_dir,
+            self.abandoned_dir,
+        ):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -469,10 +469,17 @@ class RunLoop(ABC):
         if cfg.resume_from is not None:
             # Resuming from an older checkpoint abandons the later ones, as it does the later
             # metrics: left in place, the newest would be taken for this run's on a resume.
+            # They are moved aside, not deleted: the user may still want them.
+            aside = (
+                run_dir.abandoned_dir / f"before-resume-at-step-{resume_step or 0}-{time.time_ns()}"
+            )
             for path in list_checkpoints(run_dir):
                 if checkpoint_step(path) > (resume_step or 0):
-                    shutil.rmtree(path)
-                    self._say(f"removed {path}: it comes after the checkpoint resumed from")
+                    aside.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(path), str(aside / path.name))
+                    self._say(
+                        f"moved {path} to {aside}: it comes after the checkpoint resumed from"
+                    )
         earlier: list[dict[str, Any]] = []
         changes: list[dict[str, Any]] = []
         if (
