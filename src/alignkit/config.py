@@ -758,3 +758,48 @@ def save_resolved_config(
     )
     atomic_write_text(path, text)
     return path
+
+
+def describe_config(cfg: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """``(dotted key, type, value, help)`` of every field of `cfg` (an instance, e.g. the
+    defaults), nested configs expanded, in declaration order."""
+    rows: list[tuple[str, str, Any, str]] = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        key, value = prefix + config_key(f), getattr(cfg, f.name)
+        helptext = f.metadata.get("help", "")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            rows.append((key, "a mapping", None, helptext))
+            rows.extend(describe_config(value, key + "."))
+        else:
+            rows.append((key, _type_name(hints[f.name]), _plain(value), helptext))
+    return rows
+
+
+def config_yaml(cfg: Any) -> str:
+    """`cfg` as a commented YAML file (every field, its help as a comment), loadable by
+    :func:`load_config`: ``alignkit config <method>`` prints the defaults this way."""
+    lines = [f"# {type(cfg).__name__}: every setting with its default; edit and pass with -c."]
+    for key, _, value, helptext in describe_config(cfg):
+        depth = key.count(".")
+        name = key.rsplit(".", 1)[-1]
+        comment = f"  # {helptext}" if helptext else ""
+        shown = "" if value is None and _is_section(cfg, key) else f" {_yaml_scalar(value)}"
+        lines.append(f"{'  ' * depth}{name}:{shown}{comment}")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    """One value in YAML flow style (``1.0e-05``, ``[0.9, 0.999]``, ``null``) on one line."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+def _is_section(cfg: Any, key: str) -> bool:
+    value = cfg
+    for part in key.split("."):
+        field_by_key = _fields_by_key(type(value))[part]
+        value = getattr(value, field_by_key.name)
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)

@@ -62,11 +62,25 @@ def _register_commands() -> None:
     annotate.register(app)
 
 
+def _method_help(args: list[str]) -> None:
+    if len(args) >= 2 and args[0] == "train" and ("--help" in args or "-h" in args):
+        from alignkit.cli.train import method_fields_help
+        from alignkit.trainers.registry import METHODS
+
+        if args[1] in METHODS:
+            typer.echo("\n" + method_fields_help(args[1]))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     _register_commands()
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, prog_name="alignkit")
+        try:
+            app(args=args, prog_name="alignkit")
+        except SystemExit as done:
+            _method_help(args)  # typer printed `train`'s help; add the method's config keys
+            raise done
     except AlignkitError as err:
         Console(stderr=True).print(
             f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True

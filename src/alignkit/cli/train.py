@@ -5,17 +5,38 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from alignkit.config import load_config
+from alignkit.config import config_yaml, describe_config, load_config
 from alignkit.errors import CheckpointError
 from alignkit.trainers.registry import METHODS, get_method
 
 _METHOD_HELP = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+
+
+def method_defaults(method: str) -> Any:
+    """The default config of `alignkit train METHOD` (its own defaults applied)."""
+    chosen = get_method(method)
+    config_class, _ = chosen.load()
+    return load_config(config_class, None, list(chosen.defaults))
+
+
+def method_fields_help(method: str) -> str:
+    """Every config key of METHOD with its type, default and help: `train METHOD --help`."""
+    lines = [f"Config keys of `alignkit train {method}` (key=value overrides; YAML with -c):", ""]
+    for key, kind, value, helptext in describe_config(method_defaults(method)):
+        if kind == "a mapping":
+            lines.append(f"{key}: {helptext}")
+            continue
+        lines.append(f"  {key} = {value!r}  ({kind})  {helptext}")
+    lines.append("")
+    lines.append(f"`alignkit config {method}` prints them as a YAML file to start from.")
+    return "\n".join(lines)
 
 
 def _resolved_config_of(run: Path) -> Path | None:
@@ -109,6 +130,13 @@ def register(app: typer.Typer) -> None:
             )
             keys = ("step", "metrics", "eval")
             typer.echo(json.dumps({k: summary[k] for k in keys if k in summary}))
+
+    @app.command("config")
+    def config_command(
+        method: str = typer.Argument(..., help=f"One of: {', '.join(METHODS)}."),
+    ) -> None:
+        """Print a complete config for METHOD with every default and its help, as YAML."""
+        typer.echo(config_yaml(method_defaults(method)), nl=False)
 
     models = typer.Typer(help="Fetch and list models usable offline.", no_args_is_help=True)
     app.add_typer(models, name="models")
