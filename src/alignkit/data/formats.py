@@ -4,8 +4,9 @@ Formats (field names follow TRL; see DESIGN.md "Data formats"):
 
 =====================  ======================================================================
 ``prompt``             ``{"prompt": str | messages}``
-``sft``                ``{"prompt", "completion"}`` or ``{"messages": [...]}`` (the last message
+``sft``                ``{"prompt", "completion"}``, ``{"messages": [...]}`` (the last message
                        must be the assistant's: it is the completion, the rest is the prompt)
+                       or ``{"text"}`` (plain language modelling: an empty prompt)
 ``preference``         ``{"prompt", "chosen", "rejected", "margin"?}``
 ``safety_preference``  PKU-SafeRLHF ``{"prompt", "response_0", "response_1",
                        "better_response_id", "safer_response_id", "is_response_0_safe",
@@ -189,6 +190,9 @@ def _prompt_row(row: _Row) -> dict[str, Any]:
 
 
 def _sft_row(row: _Row) -> dict[str, Any]:
+    if "text" in row.raw and "prompt" not in row.raw and "messages" not in row.raw:
+        # TRL's language-modelling rows: no prompt, every token is trained on.
+        return {"prompt": "", "completion": row.answer("text")}
     if "messages" not in row.raw:
         return {"prompt": row.prompt(), "completion": row.answer("completion")}
     value = row.raw["messages"]
