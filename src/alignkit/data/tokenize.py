@@ -126,16 +126,25 @@ def _batch_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list
     return [list(by_text[t]) for t in texts]
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Any]) -> list[list[int]]:
+def _prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Any],
+    max_prompt_length: int | None = None,
+) -> list[list[int]]:
+    """Prompt ids; with `max_prompt_length`, only each prompt's last tokens (TRL keeps the end
+    of a prompt: the question nearest the answer)."""
     prefix = _special_prefix(tokenizer)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     ids = _batch_ids(tokenizer, [render_prompt(tokenizer, p) for p in prompts])
     # A chat template writes its own special tokens; plain text (a string prompt or the
     # fallback rendering of messages) gets what the tokenizer puts in front of a text.
-    return [
+    full = [
         x if has_template and not isinstance(p, str) else prefix + x
         for p, x in zip(prompts, ids, strict=True)
     ]
+    if max_prompt_length is None:
+        return full
+    return [x[-max_prompt_length:] for x in full]
 
 
 def _answer_ids(tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]) -> list[list[int]]:
@@ -194,6 +203,7 @@ def tokenize_sft(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None = None,
     policy: str = "truncate",
+    max_prompt_length: int | None = None,
 ) -> TokenizedData:
     """SFT examples ``{"input_ids", "labels"}``: prompt + completion + EOS, prompt labels -100.
 
@@ -202,7 +212,7 @@ def tokenize_sft(
     """
     _check_policy(max_length, policy)
     rows, source = _provenance(records)
-    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records])
+    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records], max_prompt_length)
     answers = _answer_ids(tokenizer, [r["completion"] for r in records])
     examples: list[dict[str, Any] | None] = []
     over, lengths = [], []
@@ -248,6 +258,7 @@ def tokenize_preferences(
     max_length: int | None = None,
     policy: str = "truncate",
     extra_fields: Sequence[str] | None = None,
+    max_prompt_length: int | None = None,
 ) -> TokenizedData:
     """Pair examples ``{"prompt_ids", "chosen_ids", "rejected_ids", <extras>}``.
 
@@ -258,7 +269,7 @@ def tokenize_preferences(
     _check_policy(max_length, policy)
     rows, source = _provenance(records)
     extras = _extra_fields(records, extra_fields)
-    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records])
+    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records], max_prompt_length)
     chosen = _answer_ids(tokenizer, [r["chosen"] for r in records])
     rejected = _answer_ids(tokenizer, [r["rejected"] for r in records])
     examples: list[dict[str, Any] | None] = []

@@ -64,6 +64,13 @@ class DataConfig:
         default="truncate",
         metadata=_help("Rows over max_length: truncate (keep the prompt's end), drop, or error."),
     )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata=_help(
+            "Keep only each prompt's last N tokens (TRL's max_prompt_length), before "
+            "max_length applies; null: no limit."
+        ),
+    )
     train_split: str | None = field(
         default=None,
         metadata=_help("Split of a saved DatasetDict directory to train on (e.g. train)."),
@@ -83,7 +90,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_train_examples", "max_eval_examples"):
+        for name in ("max_train_examples", "max_eval_examples", "max_prompt_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value}")

@@ -279,7 +279,12 @@ def _write_cache(path: Path, fingerprint: str, tables: dict[str, Tensor]) -> Non
 def tokenize_pairs(records: Any, tokenizer: Any, data: DataConfig, extra_fields: Any = None) -> Any:
     """Tokenised, numbered pairs (the number keys cached per-example values)."""
     pairs = tokenize_preferences(
-        records, tokenizer, data.max_length, data.length_policy, extra_fields=extra_fields
+        records,
+        tokenizer,
+        data.max_length,
+        data.length_policy,
+        extra_fields=extra_fields,
+        max_prompt_length=data.max_prompt_length,
     )
     return number_examples(pairs)
 

@@ -452,7 +452,14 @@ def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
     model.train()
 
     def tokenize(records: RecordSet) -> Any:
-        return tokenize_preferences(records, tokenizer, cfg.data.max_length, cfg.data.length_policy)
+        data = cfg.data
+        return tokenize_preferences(
+            records,
+            tokenizer,
+            data.max_length,
+            data.length_policy,
+            max_prompt_length=data.max_prompt_length,
+        )
 
     return RewardTrainer(
         cfg,

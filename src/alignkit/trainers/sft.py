@@ -77,7 +77,10 @@ def build_sft_trainer(cfg: SFTConfig) -> SFTTrainer:
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
 
     def tokenize(records: Any) -> Any:
-        return tokenize_sft(records, tokenizer, cfg.data.max_length, cfg.data.length_policy)
+        data = cfg.data
+        return tokenize_sft(
+            records, tokenizer, data.max_length, data.length_policy, data.max_prompt_length
+        )
 
     train = tokenize(train_records)
     evaluation = tokenize(eval_records) if eval_records else None
