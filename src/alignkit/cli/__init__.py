@@ -49,10 +49,12 @@ def _register_commands() -> None:
         pipeline,
         quickstart,
         recommend,
+        score,
         train,
     )
 
     train.register(app)
+    score.register(app)
     quickstart.register(app)
     data.register(app)
     generate.register(app)
