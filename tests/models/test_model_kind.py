@@ -28,6 +28,9 @@ def saved(tmp_path: Path, kind: str) -> Path:
 def test_a_saved_cost_model_passes_and_records_its_kind(tmp_path):
     path = saved(tmp_path, "cost")
     assert json.loads((path / CONFIG_FILE).read_text())["kind"] == "cost"
+    readme = (path / "README.md").read_text()
+    assert "alignkit cost model (cost > 0 means unsafe)" in readme
+    assert "alignkit.load_reward_model" in readme and "random head" in readme
     assert check_saved_kind(path, "cost", "safety.cost_model") == path
 
 

@@ -193,9 +193,28 @@ class RewardModel(nn.Module):
             "alignkit_version": __version__,
         }
         (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (out / "README.md").write_text(_saved_readme(self.reward_config), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         return out
+
+
+def _saved_readme(config: RewardModelConfig) -> str:
+    """How to load this directory (written next to the weights)."""
+    sign = "cost > 0 means unsafe" if config.kind == "cost" else "higher is better"
+    return f"""# alignkit {config.kind} model ({sign})
+
+Backbone in Hugging Face format (`config.json`, `model.safetensors`), {config.pooling} pooling
+and a {config.head} head in `{HEAD_WEIGHTS}`, settings in `{CONFIG_FILE}`.
+
+    import alignkit
+    model, tokenizer = alignkit.load_reward_model("<this directory>")
+    scores = alignkit.RewardScorer("<this directory>")(prompts, completions, [])
+
+or `alignkit score <this directory> rows.jsonl`. With transformers alone, load the backbone with
+`AutoModel.from_pretrained` and apply the head weights of `{HEAD_WEIGHTS}` to the pooled
+hidden state yourself: `AutoModelForSequenceClassification` would add a new, random head.
+"""
 
 
 def _saved_config(directory: Path) -> RewardModelConfig:
