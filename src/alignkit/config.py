@@ -726,6 +726,9 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return value  # YAML writes .inf / .nan and reads them back
+    if type(value).__module__.startswith("datasets."):
+        # An in-memory `datasets.Dataset` given as a data file from Python: recorded, not saved.
+        return f"<in-memory {type(value).__name__} of {len(value)} rows>"
     return value
 
 

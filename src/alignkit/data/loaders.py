@@ -263,7 +263,7 @@ def _margin_consistency(records: list[dict], rows: list[int], source: str) -> li
 
 
 def load_records(
-    path: str | Path,
+    path: str | Path | Any,
     fmt: str,
     *,
     split: str | None = None,
@@ -273,7 +273,8 @@ def load_records(
 
     Args:
         path: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects or ``{"data": [...]}``),
-            ``.csv``/``.tsv`` (with a header), ``.parquet``, or a `datasets` directory.
+            ``.csv``/``.tsv`` (with a header), ``.parquet``, a `datasets` directory, or an
+            in-memory `datasets.Dataset`/`DatasetDict` (from Python, as ``data.train_file``).
         fmt: one of ``prompt``, ``sft``, ``preference``, ``safety_preference``, ``rating``.
         split: the split of a saved ``DatasetDict`` (needed when it has several).
         max_problems: how many problems the error lists (all are counted).
@@ -281,11 +282,27 @@ def load_records(
     Raises:
         DataError: listing every bad row (up to ``max_problems``) and the total.
     """
+    if type(path).__module__.startswith("datasets."):
+        return _from_dataset(path, fmt, split, max_problems)
     path = Path(path)
     kind = file_kind(path)
     # CSV cells are text: numbers and booleans are parsed from it, prompts are plain strings.
     text_cells = kind in ("csv", "tsv")
     return _validate(_read(path, kind, split), fmt, str(path), text_cells, max_problems)
+
+
+def _from_dataset(dataset: Any, fmt: str, split: str | None, max_problems: int) -> RecordSet:
+    """Validate an in-memory `datasets.Dataset` (or one split of a `DatasetDict`)."""
+    import datasets
+
+    source = f"<{type(dataset).__name__}>"
+    if isinstance(dataset, datasets.DatasetDict):
+        names = list(dataset)
+        split = names[0] if split is None and len(names) == 1 else split
+        if split not in dataset:
+            raise _file_error(source, f"set data.train_split to one of: {', '.join(names)}")
+        dataset, source = dataset[split], f"<DatasetDict[{split!r}]>"
+    return validate_records(dataset.to_list(), fmt, source=source, max_problems=max_problems)
 
 
 def validate_records(
