@@ -52,6 +52,7 @@ def _register_commands() -> None:
         score,
         train,
     )
+    from alignkit.cli import eval as eval_commands
 
     train.register(app)
     score.register(app)
@@ -59,6 +60,7 @@ def _register_commands() -> None:
     data.register(app)
     generate.register(app)
     ops_check.register(app)
+    eval_commands.register(app)
     recommend.register(app)
     pipeline.register(app)
     annotate.register(app)

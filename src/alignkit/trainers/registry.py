@@ -58,6 +58,12 @@ METHODS: dict[str, Method] = {
         "train_safe_dpo",
         summary="DPO with a safety constraint and a log-space Lagrange multiplier",
     ),
+    "rm-ensemble": Method(
+        "alignkit.trainers.ensemble",
+        "EnsembleConfig",
+        "train_rm_ensemble",
+        summary="K reward (or cost) models on resampled data, best checkpoint each, one run",
+    ),
 }
 
 
