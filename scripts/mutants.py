@@ -145,6 +145,13 @@ MUTATIONS: list[Mutation] = [
         "return returns, returns",
         ("tests/ops/test_advantages.py", "tests/ops/test_advantage_adapters.py"),
     ),
+    Mutation(
+        "length policy keeps the prompt's start",
+        "data/tokenize.py",
+        "return ids[len(ids) - keep :]",
+        "return ids[:keep]",
+        ("tests/data/test_tokenize.py",),
+    ),
     # ----------------------------------------------------------------------------- reference cache
     Mutation(
         "cache key without the weights",
