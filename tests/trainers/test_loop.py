@@ -349,7 +349,12 @@ def test_early_stopping_stops_after_patience_evaluations(tmp_path):
     # Evaluations at steps 2, 4 (best), 6, 8: two without improvement -> stop at 8.
     assert summary["stop_reason"] == "early_stopping"
     assert summary["step"] == 8
-    assert summary["best"] == {"metric": "eval/score", "value": 0.8, "step": 4}
+    assert summary["best"] == {
+        "metric": "eval/score",
+        "value": 0.8,
+        "step": 4,
+        "checkpoint": str(tmp_path / "stop" / "checkpoints" / "step-4"),
+    }
     assert latest_checkpoint(tmp_path / "stop").name == "step-8"
     records = read_metrics(tmp_path / "stop" / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6, 8]

@@ -16,7 +16,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ def save_checkpoint(
     *,
     state_dicts: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     keep_last: int | None = None,
+    keep: Sequence[int] = (),
 ) -> Path:
     """Write `checkpoints/step-{step}` atomically and prune to the newest `keep_last`.
 
@@ -103,15 +104,18 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last is not None:
-        prune_checkpoints(run_dir, keep_last)
+        prune_checkpoints(run_dir, keep_last, keep)
     return final
 
 
-def prune_checkpoints(run_dir: RunDir | str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints; returns what was deleted."""
+def prune_checkpoints(
+    run_dir: RunDir | str | Path, keep_last: int, keep: Sequence[int] = ()
+) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints and those of the steps in
+    `keep` (e.g. early stopping's best); returns what was deleted."""
     if keep_last < 1:
         raise ValueError("keep_last must be >= 1")
-    doomed = list_checkpoints(run_dir)[:-keep_last]
+    doomed = [p for p in list_checkpoints(run_dir)[:-keep_last] if checkpoint_step(p) not in keep]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

@@ -356,7 +356,9 @@ class RunLoop(ABC):
             for sink in self.sinks:
                 sink.log(state.step, record)
         every = cfg.checkpoint.every
-        if final or (every and state.step % every == 0):
+        # Early stopping's best evaluation gets a checkpoint, kept whatever keep_last says.
+        new_best = bool(eval_metrics) and state.best_step == state.step
+        if final or (every and state.step % every == 0) or new_best:
             self.save_checkpoint()
         return final
 
@@ -417,6 +419,7 @@ class RunLoop(ABC):
                 self._trainer_state(rng_per_process),
                 state_dicts=state_dicts,
                 keep_last=self.config.checkpoint.keep_last,
+                keep=() if self.state.best_step is None else (self.state.best_step,),
             )
         acc.wait_for_everyone()
         return path
@@ -542,7 +545,6 @@ class RunLoop(ABC):
 
     def _finish(self, seconds: float) -> dict[str, Any]:
         cfg, state = self.config, self.state
-        rule = cfg.eval.early_stopping
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir.root),
             "step": state.step,
@@ -552,11 +554,7 @@ class RunLoop(ABC):
             "skipped_steps": self.skipped_steps,
             "metrics": state.last_record,
             "eval": state.last_eval,
-            "best": (
-                {"metric": rule.metric, "value": state.best_metric, "step": state.best_step}
-                if rule.metric
-                else None
-            ),
+            "best": self._best_summary(),
             "last_checkpoint": str(self.run_dir.checkpoint_dir(state.step)),
             "train_seconds": round(seconds, 3),
             "versions": library_versions(),
@@ -567,6 +565,22 @@ class RunLoop(ABC):
                 plot_metrics(self.run_dir.metrics_path, self.run_dir.plots_dir)
         self.accelerator.wait_for_everyone()
         return summary
+
+    def _best_summary(self) -> dict[str, Any] | None:
+        """Early stopping's best evaluation and the checkpoint that holds it (said once)."""
+        rule, state = self.config.eval.early_stopping, self.state
+        if not rule.metric or state.best_step is None:
+            return None
+        checkpoint = self.run_dir.checkpoint_dir(state.best_step)
+        self._say(
+            f"best {rule.metric} {state.best_metric:.6g} at step {state.best_step}: {checkpoint}"
+        )
+        return {
+            "metric": rule.metric,
+            "value": state.best_metric,
+            "step": state.best_step,
+            "checkpoint": str(checkpoint),
+        }
 
     # ----------------------------------------------------------------- plumbing
 
