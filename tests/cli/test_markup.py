@@ -37,9 +37,12 @@ def sft(tmp_path: Path, data: Path, *overrides: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_a_list_of_train_files_is_named_in_the_error(tmp_path, capsys):
-    assert run(*sft(tmp_path, Path("x"), "data.train_file=[a.jsonl,b.jsonl]")) == 2
-    assert "error: [a.jsonl,b.jsonl]: no such file" in capsys.readouterr().err
+def test_bracketed_file_names_are_named_in_the_error(tmp_path, capsys):
+    assert run(*sft(tmp_path, Path("x"), "data.train_file=runs[exp]/a.jsonl")) == 2
+    assert "error: runs[exp]/a.jsonl: no such file" in capsys.readouterr().err
+    # A list of train files (mixed by data.train_weights): the missing one is named.
+    assert run(*sft(tmp_path, Path("x"), "data.train_file=['[x]a.jsonl', b.jsonl]")) == 2
+    assert "error: [x]a.jsonl: no such file" in capsys.readouterr().err
 
 
 def test_the_install_hint_keeps_its_extra(tmp_path, sft_rows, capsys, monkeypatch):

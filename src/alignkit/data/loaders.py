@@ -97,6 +97,29 @@ class RecordSet(Sequence[dict[str, Any]]):
         )
 
 
+def mix_record_sets(sets: Sequence[RecordSet], weights: Sequence[float], seed: int) -> RecordSet:
+    """Several files' records as one set, file i contributing ``weights[i] * len(file i)`` rows:
+    its whole rows ``floor(w)`` times, plus a seeded sample for the fraction (weight 2: every
+    row twice; 0.5: a random half). Row numbers stay those of each row's own file."""
+    if len(sets) != len(weights):
+        raise ValueError(f"{len(sets)} data files but {len(weights)} weights")
+    records: list[dict[str, Any]] = []
+    rows: list[int] = []
+    for i, (part, weight) in enumerate(zip(sets, weights, strict=True)):
+        if weight < 0:
+            raise ValueError(f"data weights must be >= 0, got {weight}")
+        whole = int(weight)
+        chunks = [part] * whole
+        fraction = round((weight - whole) * len(part))
+        if fraction:
+            chunks.append(part.sample(fraction, seed + i))
+        for chunk in chunks:
+            records.extend(chunk.records)
+            rows.extend(chunk.rows)
+    source = " + ".join(part.source for part in sets)
+    return RecordSet(records, rows, source, sets[0].format if sets else "")
+
+
 def _file_error(path: Path | str, message: str) -> DataError:
     return DataError([RowProblem(str(path), FILE_ROW, "<file>", message)])
 

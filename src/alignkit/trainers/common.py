@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.data import load_records
-from alignkit.data.loaders import RecordSet
+from alignkit.data.loaders import RecordSet, mix_record_sets
 from alignkit.errors import ConfigError
 from alignkit.models import LoraSettings, load_policy
 
@@ -57,7 +57,19 @@ class ModelConfig:
 class DataConfig:
     """Where the data is and how long a row may be."""
 
-    train_file: str = field(default="", metadata=_help("Training data file or directory."))
+    train_file: str | list[str] = field(
+        default="",
+        metadata=_help(
+            "Training data file or directory, or a list of them mixed by train_weights."
+        ),
+    )
+    train_weights: list[float] | None = field(
+        default=None,
+        metadata=_help(
+            "With several train files: how much of each to use (2: every row twice, 0.5: a "
+            "seeded half); null: all of each once."
+        ),
+    )
     eval_file: str | None = field(default=None, metadata=_help("Held-out data for evaluation."))
     max_length: int = field(default=512, metadata=_help("Tokens per row (prompt + answer)."))
     length_policy: Literal["truncate", "drop", "error"] = field(
@@ -129,7 +141,16 @@ def load_split(
     if not path:
         return None
     which = data.train_split if split == "train" else data.eval_split
-    records = load_records(path, fmt, split=which, max_problems=data.max_problems)
+    if isinstance(path, list):
+        parts = [load_records(p, fmt, split=which, max_problems=data.max_problems) for p in path]
+        weights = data.train_weights or [1.0] * len(parts)
+        if len(weights) != len(parts):
+            raise ConfigError(
+                f"data.train_weights has {len(weights)} weights for {len(parts)} train files"
+            )
+        records = mix_record_sets(parts, weights, seed)
+    else:
+        records = load_records(path, fmt, split=which, max_problems=data.max_problems)
     limit = data.max_train_examples if split == "train" else data.max_eval_examples
     if limit is not None and limit < len(records):
         logger.info(
