@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from alignkit.config import config_yaml, describe_config, load_config
-from alignkit.errors import CheckpointError
+from alignkit.errors import CheckpointError, ConfigError
 from alignkit.trainers.registry import METHODS, get_method
 
 _METHOD_HELP = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
@@ -77,6 +77,30 @@ def _check_resume(run: Path, method: str) -> Path | None:
     return saved
 
 
+def _check_file_against_method(method: str, defaults: tuple[str, ...], config: Path) -> None:
+    """A method's defaults (``advantage.estimator=grpo`` for `train grpo`) override the file;
+    a file that sets one of those keys to something else would be silently overridden, so
+    that is an error (the command line may still override them explicitly)."""
+    try:
+        raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return  # load_config reports an unreadable file with its own message
+    for default in defaults:
+        dotted, _, text = default.partition("=")
+        node: object = raw
+        for part in dotted.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        wanted = yaml.safe_load(text)
+        if node is not _MISSING and node != wanted:
+            raise ConfigError(
+                f"config error in {config}: {dotted} is {node!r}, but `alignkit train {method}` "
+                f"means {dotted}={text}; run the method that matches, or remove the key"
+            )
+
+
+_MISSING = object()
+
+
 def register(app: typer.Typer) -> None:
     @app.command(
         "train",
@@ -118,6 +142,8 @@ def register(app: typer.Typer) -> None:
                         f"--resume {resume}: no config.yaml there; name the config with -c"
                     )
                 config = saved
+        if config is not None and resume is None:
+            _check_file_against_method(method, chosen.defaults, config)
         if allow_change:
             extra.append(f"allow_change=[{','.join(allow_change)}]")
         cfg = load_config(config_class, config, extra)
