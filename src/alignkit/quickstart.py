@@ -349,13 +349,15 @@ def _print_report(console: Console, results: list[StageResult], out: Path) -> No
         if r.lambda_trajectory is not None:
             start, high, low, end = r.lambda_trajectory
             console.print(
-                f"{r.name} lambda: start {start:.3f}, max {high:.3f}, min {low:.3f}, end {end:.3f}"
+                f"{r.name} lambda: start {start:.3f}, max {high:.3f}, min {low:.3f}, end {end:.3f}",
+                markup=False,
             )
     for r in results:
         if r.run_dir is not None:
             plots = sorted((r.run_dir / "plots").glob("*.png"))
-            console.print(f"{r.name}: {r.run_dir}  plots: {', '.join(p.name for p in plots)}")
-    console.print(f"summary: {out / 'quickstart.json'}")
+            names = ", ".join(p.name for p in plots)
+            console.print(f"{r.name}: {r.run_dir}  plots: {names}", markup=False)
+    console.print(f"summary: {out / 'quickstart.json'}", markup=False)
 
 
 def _as_json(r: StageResult) -> dict[str, Any]:

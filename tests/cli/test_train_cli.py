@@ -147,7 +147,7 @@ def test_train_dpo_with_overrides_runs_end_to_end_and_resumes(data, tmp_path, ca
     assert (resumed.dpo.kind, resumed.dpo.beta, resumed.max_steps) == ("hinge", 0.2, 7)
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 8))
     assert train(["dpo", "--resume", str(tmp_path / "no-such-run")]) == 2
-    assert "no config.yaml there" in capsys.readouterr().err
+    assert "no such run directory" in capsys.readouterr().err
 
 
 def test_a_bad_data_row_exits_2_naming_file_row_and_field(data, tmp_path, capsys):

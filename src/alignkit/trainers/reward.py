@@ -46,7 +46,6 @@ from alignkit.trainers.common import (
     DataConfig,
     ModelConfig,
     load_split,
-    log_length_report,
     require_train_file,
     split_pairs,
 )
@@ -389,7 +388,12 @@ def attach_helpfulness(records: RecordSet, max_problems: int = DEFAULT_MAX_PROBL
                 continue
             record[name] = number
     if problems:
-        raise DataError(problems[:max_problems], total=len(problems), note="helpfulness targets")
+        raise DataError(
+            problems[:max_problems],
+            total=len(problems),
+            note="helpfulness targets",
+            rows=len({p.row for p in problems}),
+        )
 
 
 def prepare_records(cfg: RewardConfig, records: RecordSet) -> None:
@@ -435,9 +439,14 @@ def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
     model.train()
 
     def tokenize(records: RecordSet) -> Any:
-        data = tokenize_preferences(records, tokenizer, cfg.data.max_length, cfg.data.length_policy)
-        log_length_report(data, records.source)
-        return data
+        data = cfg.data
+        return tokenize_preferences(
+            records,
+            tokenizer,
+            data.max_length,
+            data.length_policy,
+            max_prompt_length=data.max_prompt_length,
+        )
 
     return RewardTrainer(
         cfg,
