@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: venv quickstart test test-slow lint bench clean
+.PHONY: venv quickstart test test-slow lint bench mutants clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: venv
 bench: venv
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[bench]"
 	$(BIN)/python bench/compare_trl.py dpo-tiny
+
+# Targeted mutations (scripts/mutants.py): each must make its tests fail. Not part of CI.
+mutants: venv
+	$(BIN)/python scripts/mutants.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

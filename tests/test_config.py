@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -246,3 +247,29 @@ def test_data_subset_sizes_must_be_positive() -> None:
     assert load_config(SFTConfig, None, ["data.max_eval_examples=7"]).data.max_eval_examples == 7
     with pytest.raises(ConfigError, match="max_train_examples must be >= 1"):
         load_config(SFTConfig, None, ["data.max_train_examples=0"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.learnig_rate=1e-4", "optim.lr"),
+        ("learning_rate=1e-4", "optim.lr"),
+        ("optim.learning_rate=1e-4", "optim.lr"),
+        ("per_device_train_batch_size=8", "examples_per_device"),
+        ("num_train_epochs=3", "epochs"),
+        ("gradient_accumulation_steps=2", "grad_accum_steps"),
+        ("beta=0.1", "dpo.beta"),
+        ("logging_steps=5", "logging.every"),
+    ],
+)
+def test_trl_names_and_misspellings_suggest_the_alignkit_key(override, expected):
+    from alignkit.trainers.dpo import DPOConfig
+
+    with pytest.raises(ConfigError, match=rf"did you mean '{re.escape(expected)}'\?"):
+        load_config(DPOConfig, None, [override])
+
+
+def test_a_trl_name_for_a_key_this_config_lacks_falls_back_to_spelling():
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, None, ["beta=0.1"])
+    assert "dpo.beta" not in str(info.value)

@@ -51,6 +51,8 @@ T = TypeVar("T")
 
 #: Top-level key of a written config that records library versions; ignored when loading.
 VERSIONS_KEY = "_versions"
+#: In a run's config.yaml: the settings changed on a resume, each with the step it took effect.
+CHANGES_KEY = "_changes"
 
 
 def _help(text: str) -> dict[str, str]:
@@ -119,8 +121,12 @@ class EarlyStoppingConfig:
     metric: str | None = field(
         default=None, metadata=_help("Evaluation metric to watch, e.g. eval/loss; null: off.")
     )
-    mode: Literal["min", "max"] = field(
-        default="min", metadata=_help("Whether a lower (min) or higher (max) value is better.")
+    mode: Literal["auto", "min", "max"] = field(
+        default="auto",
+        metadata=_help(
+            "Whether a lower (min) or higher (max) value is better; auto: max for accuracy-, "
+            "reward-, margin- and win-rate-like names, min otherwise (losses, costs)."
+        ),
     )
     patience: int = field(
         default=3, metadata=_help("Evaluations without improvement before training stops.")
@@ -132,6 +138,15 @@ class EarlyStoppingConfig:
     def __post_init__(self) -> None:
         _require(self.patience >= 1, "patience must be >= 1")
         _require(self.min_delta >= 0, "min_delta must be >= 0")
+
+    @property
+    def direction(self) -> Literal["min", "max"]:
+        """`mode`, with auto resolved from the metric's name."""
+        if self.mode != "auto":
+            return self.mode
+        name = (self.metric or "").lower()
+        higher = ("accurac", "acc", "reward", "margin", "win_rate", "f1", "helpful")
+        return "max" if any(word in name for word in higher) and "loss" not in name else "min"
 
 
 @dataclass
@@ -224,6 +239,14 @@ class RunConfig:
     overwrite: bool = field(
         default=False,
         metadata=_help("Start afresh in an existing run directory, deleting its old results."),
+    )
+    allow_change: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "On resume: settings that may differ from the run's, e.g. [optim.lr] (CLI: "
+            "--allow-change optim.lr). Each applies from the resumed step and is recorded in "
+            "config.yaml under _changes; any other difference is refused."
+        ),
     )
     seed: int = field(default=0, metadata=_help("Seed of Python, NumPy, torch and data order."))
     precision: Literal["fp32", "bf16"] = field(
@@ -343,6 +366,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     if path is not None:
         raw = _read_yaml(Path(path))
         raw.pop(VERSIONS_KEY, None)
+        raw.pop(CHANGES_KEY, None)
     for text in overrides:
         dotted, value = _parse_override(cls, text)
         origin.overrides[dotted] = text
@@ -449,9 +473,55 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+#: Hugging Face / TRL argument names (and common spellings) -> alignkit's keys, for hints.
+FOREIGN_KEYS = {
+    "learning_rate": "optim.lr",
+    "lr": "optim.lr",
+    "per_device_train_batch_size": "examples_per_device",
+    "train_batch_size": "examples_per_device",
+    "batch_size": "examples_per_device",
+    "per_device_eval_batch_size": "eval.examples_per_device",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "num_train_epochs": "epochs",
+    "beta": "dpo.beta",
+    "loss_type": "dpo.kind",
+    "label_smoothing": "dpo.label_smoothing",
+    "rpo_alpha": "dpo.nll_weight",
+    "warmup_ratio": "optim.warmup_ratio",
+    "warmup_steps": "optim.warmup_steps",
+    "weight_decay": "optim.weight_decay",
+    "max_grad_norm": "optim.max_grad_norm",
+    "lr_scheduler_type": "optim.schedule",
+    "adam_epsilon": "optim.eps",
+    "logging_steps": "logging.every",
+    "eval_steps": "eval.every",
+    "save_steps": "checkpoint.every",
+    "save_total_limit": "checkpoint.keep_last",
+    "max_length": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "model_name_or_path": "model.name",
+    "bf16": "precision",
+    "resume_from_checkpoint": "resume_from",
+}
+
+
+def _foreign_key_hint(bad: str, everything: list[str]) -> str | None:
+    """The alignkit key for a TRL/transformers name (or a misspelling of one), if this config
+    has it: ``learning_rate`` and ``optim.learnig_rate`` both give ``optim.lr``."""
+    leaf = bad.rsplit(".", 1)[-1]
+    names = difflib.get_close_matches(leaf, list(FOREIGN_KEYS), n=1, cutoff=0.85)
+    if names and FOREIGN_KEYS[names[0]] in everything:
+        return FOREIGN_KEYS[names[0]]
+    return None
+
+
 def _unknown_key_message(root: type, bad: str, parent: list[str]) -> str:
-    """'unknown key X (did you mean Y?)', looking at siblings first, then the whole tree."""
+    """'unknown key X (did you mean Y?)': a TRL/transformers name or a misspelling of one
+    first, then siblings, then the whole tree."""
     everything = _all_keys(root)
+    foreign = _foreign_key_hint(bad, everything)
+    if foreign is not None and foreign != bad:
+        return f"unknown key '{bad}' for {root.__name__} (did you mean '{foreign}'?)"
     prefix = ".".join(parent) + "." if parent else ""
     siblings = [k for k in everything if k.startswith(prefix) and "." not in k[len(prefix) :]]
     guess = difflib.get_close_matches(bad, siblings, n=1, cutoff=0.6)
@@ -656,6 +726,9 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return value  # YAML writes .inf / .nan and reads them back
+    if type(value).__module__.startswith("datasets."):
+        # An in-memory `datasets.Dataset` given as a data file from Python: recorded, not saved.
+        return f"<in-memory {type(value).__name__} of {len(value)} rows>"
     return value
 
 
@@ -672,10 +745,15 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def save_resolved_config(cfg: Any, path: str | Path) -> Path:
-    """Write `cfg` as YAML (loadable by :func:`load_config`) with a `_versions` record."""
+def save_resolved_config(
+    cfg: Any, path: str | Path, changes: list[dict[str, Any]] | None = None
+) -> Path:
+    """Write `cfg` as YAML (loadable by :func:`load_config`) with a `_versions` record, and
+    the `_changes` made on resumes when there are any."""
     path = Path(path)
     data = config_to_dict(cfg)
+    if changes:
+        data[CHANGES_KEY] = changes
     data[VERSIONS_KEY] = library_versions()
     text = (
         f"# Resolved {type(cfg).__name__}; `{VERSIONS_KEY}` records who wrote it.\n"
@@ -683,3 +761,48 @@ def save_resolved_config(cfg: Any, path: str | Path) -> Path:
     )
     atomic_write_text(path, text)
     return path
+
+
+def describe_config(cfg: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """``(dotted key, type, value, help)`` of every field of `cfg` (an instance, e.g. the
+    defaults), nested configs expanded, in declaration order."""
+    rows: list[tuple[str, str, Any, str]] = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        key, value = prefix + config_key(f), getattr(cfg, f.name)
+        helptext = f.metadata.get("help", "")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            rows.append((key, "a mapping", None, helptext))
+            rows.extend(describe_config(value, key + "."))
+        else:
+            rows.append((key, _type_name(hints[f.name]), _plain(value), helptext))
+    return rows
+
+
+def config_yaml(cfg: Any) -> str:
+    """`cfg` as a commented YAML file (every field, its help as a comment), loadable by
+    :func:`load_config`: ``alignkit config <method>`` prints the defaults this way."""
+    lines = [f"# {type(cfg).__name__}: every setting with its default; edit and pass with -c."]
+    for key, _, value, helptext in describe_config(cfg):
+        depth = key.count(".")
+        name = key.rsplit(".", 1)[-1]
+        comment = f"  # {helptext}" if helptext else ""
+        shown = "" if value is None and _is_section(cfg, key) else f" {_yaml_scalar(value)}"
+        lines.append(f"{'  ' * depth}{name}:{shown}{comment}")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    """One value in YAML flow style (``1.0e-05``, ``[0.9, 0.999]``, ``null``) on one line."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+def _is_section(cfg: Any, key: str) -> bool:
+    value = cfg
+    for part in key.split("."):
+        field_by_key = _fields_by_key(type(value))[part]
+        value = getattr(value, field_by_key.name)
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)

@@ -58,7 +58,15 @@ class RowProblem:
 class DataError(AlignkitError):
     """One or more rows of a data file are invalid. All problems found (up to a limit) are listed."""
 
-    def __init__(self, problems: Sequence[RowProblem], total: int | None = None, note: str = ""):
+    def __init__(
+        self,
+        problems: Sequence[RowProblem],
+        total: int | None = None,
+        note: str = "",
+        rows: int | None = None,
+    ):
+        """`problems`: those to list; `total`: all problems found; `rows`: how many rows they
+        are on (default: the rows of `problems`)."""
         self.problems = list(problems)
         self.total = total if total is not None else len(self.problems)
         lines = [str(p) for p in self.problems]
@@ -68,5 +76,9 @@ class DataError(AlignkitError):
         if self.total == 1 and self.problems[0].whole_file:
             super().__init__(lines[0] + (f" ({note})" if note else ""))
             return
-        header = f"{self.total} invalid row(s)" + (f" ({note})" if note else "")
+        # A row can have several problems: the header counts rows, then problems if more.
+        rows = len({p.row for p in self.problems}) if rows is None else rows
+        details = [f"{self.total} problems"] if self.total > rows else []
+        details += [note] if note else []
+        header = f"{rows} invalid row(s)" + (f" ({'; '.join(details)})" if details else "")
         super().__init__(header + ":\n" + "\n".join("  " + line for line in lines))

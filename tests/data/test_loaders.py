@@ -193,7 +193,7 @@ def test_jsonl_errors_name_every_bad_line_and_field(tmp_path):
         (9, "margin"),
     ]
     text = str(err)
-    assert text.startswith("8 invalid row(s)")
+    assert text.startswith("7 invalid row(s) (8 problems; format 'preference')")
     assert f"{path}:3: field '<row>': invalid JSON" in text
     assert "field 'rejected': missing field" in text
     assert "expected a string or a message list, got integer" in text

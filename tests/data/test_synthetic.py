@@ -265,7 +265,9 @@ def test_score_responses_summarises_reference_answers():
     assert before["helpfulness_benign"] == after["helpfulness_benign"] == 1.0
     assert after["cost_harmful"] == -1.0
     assert before["n_harmful"] + before["n_benign"] == len(prompts)
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError, match=f"{len(prompts)} prompts but {len(prompts) - 1} responses"
+    ):
         score_responses(prompts, safe[:-1])
 
 

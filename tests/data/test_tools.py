@@ -59,7 +59,7 @@ def test_ratings_to_pairs_keeps_gaps_of_at_least_min_gap_best_first():
     ]
     assert len(ratings_to_pairs(rows, min_gap=0.5, max_pairs_per_prompt=1)) == 2
     assert ratings_to_pairs(rows, min_gap=3.0) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_gap must be >= 0, got -1"):
         ratings_to_pairs(rows, min_gap=-1)
 
 

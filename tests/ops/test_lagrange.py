@@ -59,7 +59,9 @@ def test_lambda_moves_with_the_sign_of_the_smoothed_cost():
     grew = shrank = 0
     for j_c in scripted_costs():
         value = multiplier.update(j_c)
-        assert value > 0.0
+        # The log rule, step by step: λ' = λ·exp(lr·λ·EMA(J_C)), clamped to [min, max].
+        expected = previous * math.exp(0.05 * previous * multiplier.j_c_ema)
+        assert value == pytest.approx(min(max(expected, multiplier.min_value), 10.0), rel=1e-12)
         if multiplier.j_c_ema > 0 and previous < 10.0:
             assert value > previous
             grew += 1
@@ -181,7 +183,9 @@ def test_load_state_dict_rejects_mismatched_checkpoints():
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs):
-    with pytest.raises(ValueError):
+    # The message names the setting at fault (min/max share one message).
+    name = "max_value" if "max_value" in kwargs else next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
         LagrangeMultiplier(**kwargs)
 
 

@@ -214,7 +214,7 @@ def test_ppo_dual_clip_leaves_positive_advantages_alone() -> None:
     "kwargs", [{"dual_clip": 1.0}, {"clip_ratio": 0.0}, {"clip_ratio": 1.0}, {"clip_ratio_high": 0}]
 )
 def test_ppo_rejects_invalid_clip_settings(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be"):
         ppo_policy_loss(
             torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), **kwargs
         )

@@ -50,7 +50,7 @@ def test_generation_restores_training_mode_and_handles_empty_input(tiny) -> None
 
 
 def test_settings_are_validated() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         GenerationSettings(max_new_tokens=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"top_p in \(0, 1\]"):
         GenerationSettings(top_p=0.0)

@@ -349,7 +349,12 @@ def test_early_stopping_stops_after_patience_evaluations(tmp_path):
     # Evaluations at steps 2, 4 (best), 6, 8: two without improvement -> stop at 8.
     assert summary["stop_reason"] == "early_stopping"
     assert summary["step"] == 8
-    assert summary["best"] == {"metric": "eval/score", "value": 0.8, "step": 4}
+    assert summary["best"] == {
+        "metric": "eval/score",
+        "value": 0.8,
+        "step": 4,
+        "checkpoint": str(tmp_path / "stop" / "checkpoints" / "step-4"),
+    }
     assert latest_checkpoint(tmp_path / "stop").name == "step-8"
     records = read_metrics(tmp_path / "stop" / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6, 8]
@@ -510,7 +515,7 @@ def test_bf16_autocast_runs_the_forward_in_bfloat16(tmp_path):
     assert trainer.dtype == torch.bfloat16
     assert next(trainer.unwrapped_model.parameters()).dtype == torch.float32
     curve = losses(tmp_path / "bf16" / "metrics.jsonl")
-    assert curve[-1] < curve[0]
+    assert curve[-1] < 0.6 * curve[0]  # measured: 2.61 -> 1.00 in bf16
     trainer, _ = run(DtypeSpy, make_config(tmp_path, "fp32", "max_steps=1"))
     assert trainer.dtype == torch.float32  # a later fp32 run in the same process
 

@@ -95,6 +95,12 @@ def test_reward_model_learns_from_below_chance_to_90_percent_heldout(tmp_path, t
 def test_cost_model_orders_pairs_by_safety_and_its_sign_marks_unsafe(tmp_path, task):
     cfg = make_config(tmp_path, task, "safety_train", "safety_heldout", "kind=cost", "seed=3")
     trainer = build_reward_trainer(cfg)
+    # Measured for seed 3's untrained head: 60% of pairs ordered right, 89% of responses given
+    # cost > 0 (most are safe): the >= 90% below on both counts is learnt.
+    with torch.no_grad():
+        before = score_all(trainer)
+    assert less_safe_costs_more(before) <= 0.65
+    assert (torch.cat([before["chosen"], before["rejected"]]) > 0).float().mean() >= 0.8
     summary = trainer.train()
 
     evaluation = summary["eval"]
@@ -121,13 +127,19 @@ def test_cost_model_orders_pairs_by_safety_and_its_sign_marks_unsafe(tmp_path, t
     assert (costs[unsafe] > 0).float().mean() >= 0.9
     assert (costs[~unsafe] < 0).float().mean() >= 0.9
     # The less safe response of each pair costs more.
+    assert less_safe_costs_more(restored) >= 0.9
+
+
+def less_safe_costs_more(scores: dict) -> float:
+    """Share of held-out pairs with a safety order whose less safe response costs more."""
+    batch = scores["batch"]
     delta_safety = batch["chosen_safety"] - batch["rejected_safety"]
-    less_safe_costs_more = torch.where(
+    right = torch.where(
         delta_safety > 0,
-        restored["rejected"] > restored["chosen"],
-        restored["chosen"] > restored["rejected"],
+        scores["rejected"] > scores["chosen"],
+        scores["chosen"] > scores["rejected"],
     )
-    assert less_safe_costs_more[delta_safety != 0].float().mean() >= 0.9
+    return right[delta_safety != 0].float().mean().item()
 
 
 def without_timing(records: list[dict]) -> list[dict]:

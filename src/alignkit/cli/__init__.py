@@ -10,6 +10,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from alignkit import __version__
 from alignkit.errors import AlignkitError
@@ -48,11 +49,13 @@ def _register_commands() -> None:
         pipeline,
         quickstart,
         recommend,
+        score,
         train,
     )
     from alignkit.cli import eval as eval_commands
 
     train.register(app)
+    score.register(app)
     quickstart.register(app)
     data.register(app)
     generate.register(app)
@@ -63,11 +66,27 @@ def _register_commands() -> None:
     annotate.register(app)
 
 
+def _method_help(args: list[str]) -> None:
+    if len(args) >= 2 and args[0] == "train" and ("--help" in args or "-h" in args):
+        from alignkit.cli.train import method_fields_help
+        from alignkit.trainers.registry import METHODS
+
+        if args[1] in METHODS:
+            typer.echo("\n" + method_fields_help(args[1]))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     _register_commands()
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, prog_name="alignkit")
+        try:
+            app(args=args, prog_name="alignkit")
+        except SystemExit as done:
+            _method_help(args)  # typer printed `train`'s help; add the method's config keys
+            raise done
     except AlignkitError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
+        )
         sys.exit(err.exit_code)

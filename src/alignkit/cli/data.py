@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 
 def register(app: typer.Typer) -> None:
@@ -33,5 +34,5 @@ def register(app: typer.Typer) -> None:
         console = Console(soft_wrap=True)
         for path in paths.values():
             rows = path.read_text(encoding="utf-8").count("\n")
-            console.print(f"{path}  {rows} rows", highlight=False)
-        console.print(f"[green]wrote[/] {len(paths)} files into {out}")
+            console.print(f"{path}  {rows} rows", highlight=False, markup=False)
+        console.print(f"[green]wrote[/] {len(paths)} files into {escape(str(out))}")

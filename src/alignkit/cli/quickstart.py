@@ -18,7 +18,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/quickstart"), help="Where runs and data go."),
         seed: int = typer.Option(0, help="Seed of data, initialisation and order."),
     ) -> None:
-        """Train SFT, then DPO and Safe-DPO from it, and compare them on held-out prompts."""
+        """Train SFT, then DPO and Safe-DPO from it, and compare them on held-out prompts; then
+        GRPO on a verifiable task (tiny model only), with its before/after reward."""
         from transformers.utils import logging as hf_logging
 
         from alignkit.quickstart import run_quickstart

@@ -59,37 +59,54 @@ def register(app: typer.Typer) -> None:
         assumptions = []
         data_features = measure_data(data) if data is not None else None
         if data_features is None:
-            assumptions.append("no --data: methods that need a data format are judged "
-                               "by the other inputs only")
+            assumptions.append(
+                "no --data: methods that need a data format are judged by the other inputs only"
+            )
         if model is not None:
             model_features = measure_model(model)
         else:
             model_features = ModelFeatures("<your model>", ASSUMED_PARAMETERS, "unknown", False)
-            assumptions.append(f"no --model: a {ASSUMED_PARAMETERS / 1e9:.0f}B-parameter causal "
-                               "LM; no config is written without one")
+            assumptions.append(
+                f"no --model: a {ASSUMED_PARAMETERS / 1e9:.0f}B-parameter causal "
+                "LM; no config is written without one"
+            )
         if gpus is None and gpu_memory is None:
             resources = measure_resources()
-            where = (f"{resources.gpus} GPU(s) of {resources.gpu_memory_gb:.0f} GB"
-                     if resources.gpus else f"CPU only, {resources.gpu_memory_gb:.0f} GB RAM")
+            where = (
+                f"{resources.gpus} GPU(s) of {resources.gpu_memory_gb:.0f} GB"
+                if resources.gpus
+                else f"CPU only, {resources.gpu_memory_gb:.0f} GB RAM"
+            )
             assumptions.append(f"resources measured on this machine: {where}")
         else:
             if gpu_memory is None:
                 assumptions.append(f"{ASSUMED_GPU_MEMORY_GB:.0f} GB per GPU (no --gpu-memory)")
             if gpus is None:
                 assumptions.append("1 GPU (no --gpus)")
-            resources = Resources(1 if gpus is None else gpus,
-                                  gpu_memory or ASSUMED_GPU_MEMORY_GB, ASSUMED_HOURS, False)
+            resources = Resources(
+                1 if gpus is None else gpus,
+                gpu_memory or ASSUMED_GPU_MEMORY_GB,
+                ASSUMED_HOURS,
+                False,
+            )
         if hours is None:
             assumptions.append(f"a {ASSUMED_HOURS:.0f}-hour budget (no --hours)")
         else:
-            resources = Resources(resources.gpus, resources.gpu_memory_gb, hours,
-                                  resources.measured)
+            resources = Resources(
+                resources.gpus, resources.gpu_memory_gb, hours, resources.measured
+            )
         features = Features(
             data_features,
             model_features,
             resources,
-            Requirements("safety" in (need or ()), online_reward, reward_model, cost_model,
-                         stability, simplicity),
+            Requirements(
+                "safety" in (need or ()),
+                online_reward,
+                reward_model,
+                cost_model,
+                stability,
+                simplicity,
+            ),
             tuple(assumptions),
         )
         rec = recommend(features)

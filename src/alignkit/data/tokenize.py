@@ -126,16 +126,25 @@ def _batch_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list
     return [list(by_text[t]) for t in texts]
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Any]) -> list[list[int]]:
+def _prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Any],
+    max_prompt_length: int | None = None,
+) -> list[list[int]]:
+    """Prompt ids; with `max_prompt_length`, only each prompt's last tokens (TRL keeps the end
+    of a prompt: the question nearest the answer)."""
     prefix = _special_prefix(tokenizer)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     ids = _batch_ids(tokenizer, [render_prompt(tokenizer, p) for p in prompts])
     # A chat template writes its own special tokens; plain text (a string prompt or the
     # fallback rendering of messages) gets what the tokenizer puts in front of a text.
-    return [
+    full = [
         x if has_template and not isinstance(p, str) else prefix + x
         for p, x in zip(prompts, ids, strict=True)
     ]
+    if max_prompt_length is None:
+        return full
+    return [x[-max_prompt_length:] for x in full]
 
 
 def _answer_ids(tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]) -> list[list[int]]:
@@ -158,10 +167,38 @@ def _provenance(records: Sequence[Mapping]) -> tuple[list[int], str]:
     return list(range(1, len(records) + 1)), "<records>"
 
 
-def _fit(prompt: list[int], answer_len: int, max_length: int) -> tuple[int, int]:
-    """``(prompt tokens kept from the end, answer tokens kept from the start)``."""
-    keep_answer = min(answer_len, max_length - min(len(prompt), 1))
-    return min(len(prompt), max_length - keep_answer), keep_answer
+Budget = tuple[int, int] | None
+"""Per row: ``(prompt tokens kept from the end, answer tokens kept from the start)``, or None
+for a row that the policy drops (or rejects)."""
+
+
+def _length_budgets(
+    prompt_lengths: Sequence[int],
+    answer_lengths: Sequence[int],
+    max_length: int | None,
+    policy: str,
+) -> tuple[list[Budget], list[int], list[int]]:
+    """The length policy, in one place for every tokeniser: ``(budgets, over-limit row
+    indices, total lengths)``. Truncation keeps the prompt's end and the answer's start, giving
+    the answer all it needs but one prompt token."""
+    budgets: list[Budget] = []
+    over, lengths = [], []
+    for i, (prompt, answer) in enumerate(zip(prompt_lengths, answer_lengths, strict=True)):
+        lengths.append(prompt + answer)
+        if max_length is None or prompt + answer <= max_length:
+            budgets.append((prompt, answer))
+            continue
+        over.append(i)
+        if policy != "truncate":
+            budgets.append(None)
+            continue
+        keep_answer = min(answer, max_length - min(prompt, 1))
+        budgets.append((min(prompt, max_length - keep_answer), keep_answer))
+    return budgets, over, lengths
+
+
+def _tail(ids: list[int], keep: int) -> list[int]:
+    return ids[len(ids) - keep :]
 
 
 def _finish(
@@ -184,7 +221,7 @@ def _finish(
             problems[:DEFAULT_MAX_PROBLEMS], total=len(problems), note="too long; policy 'error'"
         )
     if over:
-        logger.warning(report.summary())
+        logger.warning(report.summary())  # the only place it is said (trainers do not repeat it)
     kept = [e for e in examples if e is not None]
     return TokenizedData(kept, report)
 
@@ -194,6 +231,7 @@ def tokenize_sft(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None = None,
     policy: str = "truncate",
+    max_prompt_length: int | None = None,
 ) -> TokenizedData:
     """SFT examples ``{"input_ids", "labels"}``: prompt + completion + EOS, prompt labels -100.
 
@@ -202,19 +240,17 @@ def tokenize_sft(
     """
     _check_policy(max_length, policy)
     rows, source = _provenance(records)
-    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records])
+    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records], max_prompt_length)
     answers = _answer_ids(tokenizer, [r["completion"] for r in records])
+    budgets, over, lengths = _length_budgets(
+        [len(p) for p in prompts], [len(c) for c in answers], max_length, policy
+    )
     examples: list[dict[str, Any] | None] = []
-    over, lengths = [], []
-    for i, (p, c) in enumerate(zip(prompts, answers, strict=True)):
-        lengths.append(len(p) + len(c))
-        if max_length is not None and lengths[-1] > max_length:
-            over.append(i)
-            if policy != "truncate":
-                examples.append(None)
-                continue
-            keep_p, keep_c = _fit(p, len(c), max_length)
-            p, c = p[len(p) - keep_p :], c[:keep_c]
+    for p, c, budget in zip(prompts, answers, budgets, strict=True):
+        if budget is None:
+            examples.append(None)
+            continue
+        p, c = _tail(p, budget[0]), c[: budget[1]]
         examples.append({"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c})
     return _finish(examples, over, rows, source, max_length, policy, "prompt+completion", lengths)
 
@@ -229,7 +265,11 @@ def _extra_fields(records: Sequence[Mapping[str, Any]], wanted: Sequence[str] | 
             if key not in record
         ]
         if problems:
-            raise DataError(problems[:DEFAULT_MAX_PROBLEMS], total=len(problems))
+            raise DataError(
+                problems[:DEFAULT_MAX_PROBLEMS],
+                total=len(problems),
+                rows=len({p.row for p in problems}),
+            )
         return list(wanted)
     # Every scalar per-pair value (margin, safety scores and labels) travels with the pair.
     first = records[0] if len(records) else {}
@@ -244,6 +284,7 @@ def tokenize_preferences(
     max_length: int | None = None,
     policy: str = "truncate",
     extra_fields: Sequence[str] | None = None,
+    max_prompt_length: int | None = None,
 ) -> TokenizedData:
     """Pair examples ``{"prompt_ids", "chosen_ids", "rejected_ids", <extras>}``.
 
@@ -254,21 +295,18 @@ def tokenize_preferences(
     _check_policy(max_length, policy)
     rows, source = _provenance(records)
     extras = _extra_fields(records, extra_fields)
-    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records])
+    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records], max_prompt_length)
     chosen = _answer_ids(tokenizer, [r["chosen"] for r in records])
     rejected = _answer_ids(tokenizer, [r["rejected"] for r in records])
+    # The longer answer of the pair sets the budget; both answers are cut to it.
+    longest = [max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)]
+    budgets, over, lengths = _length_budgets([len(p) for p in prompts], longest, max_length, policy)
     examples: list[dict[str, Any] | None] = []
-    over, lengths = [], []
-    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True)):
-        longest = max(len(c), len(r))
-        lengths.append(len(p) + longest)
-        if max_length is not None and lengths[-1] > max_length:
-            over.append(i)
-            if policy != "truncate":
-                examples.append(None)
-                continue
-            keep_p, keep_answer = _fit(p, longest, max_length)
-            p, c, r = p[len(p) - keep_p :], c[:keep_answer], r[:keep_answer]
+    for i, (p, c, r, budget) in enumerate(zip(prompts, chosen, rejected, budgets, strict=True)):
+        if budget is None:
+            examples.append(None)
+            continue
+        p, c, r = _tail(p, budget[0]), c[: budget[1]], r[: budget[1]]
         example = {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
         example.update((k, records[i][k]) for k in extras)
         examples.append(example)
@@ -285,15 +323,11 @@ def tokenize_prompts(
     _check_policy(max_length, policy)
     rows, source = _provenance(records)
     prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records])
-    examples: list[dict[str, Any] | None] = []
-    over, lengths = [], []
-    for i, p in enumerate(prompts):
-        lengths.append(len(p))
-        if max_length is not None and len(p) > max_length:
-            over.append(i)
-            if policy != "truncate":
-                examples.append(None)
-                continue
-            p = p[len(p) - max_length :]
-        examples.append({"input_ids": p})
+    budgets, over, lengths = _length_budgets(
+        [len(p) for p in prompts], [0] * len(prompts), max_length, policy
+    )
+    examples = [
+        None if budget is None else {"input_ids": _tail(p, budget[0])}
+        for p, budget in zip(prompts, budgets, strict=True)
+    ]
     return _finish(examples, over, rows, source, max_length, policy, "prompt", lengths)

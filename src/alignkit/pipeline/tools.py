@@ -48,11 +48,12 @@ def _take(args: dict[str, Any], tool: str, allowed: dict[str, Any]) -> dict[str,
 
 @register_tool("data-synthetic", key_metric="files")
 def write_synthetic_data(args: dict[str, Any], stage_dir: Path) -> dict[str, float]:
-    """Write the bundled task (``alignkit data synthetic``) into ``out`` (default: data)."""
-    from alignkit.data.synthetic import write_task
+    """Write the bundled tasks (``alignkit data synthetic``) into ``out`` (default: data)."""
+    from alignkit.data.synthetic import write_task, write_verifiable_tasks
 
     a = _take(args, "data-synthetic", {"out": "data", "seed": 0})
-    return {"files": float(len(write_task(Path(a["out"]), seed=int(a["seed"]))))}
+    out, seed = Path(a["out"]), int(a["seed"])
+    return {"files": float(len(write_task(out, seed=seed) | write_verifiable_tasks(out, seed=seed)))}
 
 
 @register_tool("eval-task", key_metric="helpfulness")
@@ -79,3 +80,60 @@ def evaluate_on_synthetic_task(args: dict[str, Any], stage_dir: Path) -> dict[st
              for p, r in zip(result.prompts, result.responses, strict=True)]
     atomic_write_text(stage_dir / "generations.jsonl", "\n".join(lines) + "\n")
     return dict(result.metrics)
+
+
+def _flat(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested numeric report entries as flat ``a/b`` metrics (lists and texts left out)."""
+    flat: dict[str, float] = {}
+    for key, value in report.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{name}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+@register_tool("eval-rm", key_metric="accuracy")
+def evaluate_reward_model_stage(args: dict[str, Any], stage_dir: Path) -> dict[str, float]:
+    """``alignkit eval rm``: a reward or cost model (or ensemble) on preference, safety or
+    ratings data; report.json and the calibration and margin PNGs go to ``stage_dir``."""
+    from alignkit.data.validate import load_validated
+    from alignkit.eval.reward_model import evaluate_reward_model, pairs_from_records
+    from alignkit.models.ensemble import load_reward_source
+
+    a = _take(args, "eval-rm", {"model": ..., "data": ..., "format": None,
+                                "combination": "mean", "penalty": 0.0})
+    loaded = load_validated(Path(a["data"]), a["format"])
+    source = load_reward_source(Path(a["model"]), combination=a["combination"],
+                                penalty=float(a["penalty"]))
+    pairs = pairs_from_records([r.record for r in loaded.rows], loaded.format, source.kind,
+                               str(a["data"]))
+    report = evaluate_reward_model(source, pairs, stage_dir)
+    atomic_write_text(stage_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    return _flat(report)
+
+
+@register_tool("eval-policy", key_metric="synthetic/reward/mean")
+def evaluate_policy_stage(args: dict[str, Any], stage_dir: Path) -> dict[str, float]:
+    """``alignkit eval policy``: sample from ``model`` on ``prompts`` and report reward, cost
+    and length under ``rewards`` (``synthetic`` = the bundled judges, or model directories) and
+    KL(pi || ``reference``) on the samples."""
+    from alignkit.data.validate import load_validated
+    from alignkit.eval.policy import evaluate_policy
+    from alignkit.models import load_policy
+    from alignkit.models.ensemble import load_reward_source
+
+    a = _take(args, "eval-policy", {"model": ..., "prompts": ..., "rewards": ["synthetic"],
+                                    "reference": None, "max_prompts": None,
+                                    "max_new_tokens": 48, "seed": 0})
+    rows = [r.record["prompt"] for r in load_validated(Path(a["prompts"]), "prompt").rows]
+    rows = rows[: int(a["max_prompts"])] if a["max_prompts"] else rows
+    sources = [s if s == "synthetic" else load_reward_source(Path(s)) for s in a["rewards"]]
+    policy, tokenizer = load_policy(str(a["model"]))
+    reference = load_policy(str(a["reference"]))[0] if a["reference"] else None
+    report = evaluate_policy(policy, tokenizer, rows, sources, reference=reference,
+                             max_new_tokens=int(a["max_new_tokens"]), seed=int(a["seed"]))
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stage_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    return _flat(report)

@@ -16,7 +16,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from alignkit.errors import CheckpointError
+from alignkit.tracking.io import umask_mode
 from alignkit.tracking.run_dir import RunDir, as_run_dir
 
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -69,6 +70,7 @@ def save_checkpoint(
     *,
     state_dicts: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     keep_last: int | None = None,
+    keep: Sequence[int] = (),
 ) -> Path:
     """Write `checkpoints/step-{step}` atomically and prune to the newest `keep_last`.
 
@@ -82,6 +84,7 @@ def save_checkpoint(
     _remove_leftovers(root)
     final = run_dir.checkpoint_dir(step)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}step-{step}-", dir=root))
+    tmp.chmod(umask_mode(0o777))  # mkdtemp's 0700 would ignore the user's umask
     try:
         for name, model in models.items():
             state_dict = state_dicts.get(name) if state_dicts else None
@@ -101,15 +104,18 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last is not None:
-        prune_checkpoints(run_dir, keep_last)
+        prune_checkpoints(run_dir, keep_last, keep)
     return final
 
 
-def prune_checkpoints(run_dir: RunDir | str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints; returns what was deleted."""
+def prune_checkpoints(
+    run_dir: RunDir | str | Path, keep_last: int, keep: Sequence[int] = ()
+) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints and those of the steps in
+    `keep` (e.g. early stopping's best); returns what was deleted."""
     if keep_last < 1:
         raise ValueError("keep_last must be >= 1")
-    doomed = list_checkpoints(run_dir)[:-keep_last]
+    doomed = [p for p in list_checkpoints(run_dir)[:-keep_last] if checkpoint_step(p) not in keep]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
@@ -138,6 +144,19 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
+_SAVE_HOOKS: list[Callable[[nn.Module, Path], None]] = []
+
+
+def register_save_hook(hook: Callable[[nn.Module, Path], None]) -> None:
+    """Call ``hook(model, directory)`` after every `save_pretrained` of a checkpointed model.
+
+    Lets the models layer add its own files (a LoRA adapter's base record) without tracking
+    importing it.
+    """
+    if hook not in _SAVE_HOOKS:
+        _SAVE_HOOKS.append(hook)
+
+
 def save_model_weights(
     model: nn.Module, directory: Path, *, state_dict: Mapping[str, torch.Tensor] | None = None
 ) -> None:
@@ -147,6 +166,8 @@ def save_model_weights(
         kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
         with _quiet_transformers_progress():
             model.save_pretrained(directory, **kwargs)
+        for hook in _SAVE_HOOKS:  # e.g. a LoRA adapter records where its base is
+            hook(model, directory)
     elif state_dict is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, directory / "model.safetensors")

@@ -7,6 +7,7 @@ runs/<name>/
   checkpoints/step-N/  models (Hugging Face format) + trainer_state.pt
   summary.json         final metrics
   plots/*.png          curves made from metrics.jsonl
+  reference_logps.pt   DPO family: the reference's log-probs, keyed on what they depend on
 ```
 """
 
@@ -17,7 +18,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from alignkit.errors import CheckpointError
 from alignkit.tracking.io import atomic_write_text, to_jsonable
@@ -28,6 +29,8 @@ class RunDir:
     """Paths of one run directory; nothing is created until :meth:`create`."""
 
     root: Path
+    #: Per-example reference log-probs of a DPO-family run (computed before its first step).
+    REFERENCE_CACHE: ClassVar[str] = "reference_logps.pt"
 
     def __init__(self, root: str | Path) -> None:
         object.__setattr__(self, "root", Path(root))
@@ -47,6 +50,11 @@ class RunDir:
     @property
     def summary_path(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def abandoned_dir(self) -> Path:
+        """Checkpoints moved aside when a resume from an older one abandoned them."""
+        return self.root / "abandoned"
 
     @property
     def plots_dir(self) -> Path:
@@ -71,9 +79,15 @@ class RunDir:
 
     def clear_results(self) -> None:
         """Delete what a training run writes (not files the user put here)."""
-        for path in (self.metrics_path, self.summary_path, self.config_path):
+        derived = (self.metrics_path, self.summary_path, self.config_path)
+        for path in (*derived, self.root / self.REFERENCE_CACHE):
             path.unlink(missing_ok=True)
-        for folder in (self.checkpoints_dir, self.plots_dir, self.tensorboard_dir):
+        for folder in (
+            self.checkpoints_dir,
+            self.plots_dir,
+            self.tensorboard_dir,
+            self.abandoned_dir,
+        ):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -127,7 +128,7 @@ class ConsoleSink:
                 console=self.console,
             )
             self._task = self._progress.add_task(
-                description, total=total_steps, completed=start_step, metrics=""
+                escape(description), total=total_steps, completed=start_step, metrics=""
             )
             self._progress.start()
 
@@ -140,7 +141,7 @@ class ConsoleSink:
         shown = [k for k in self.key_metrics if k in metrics]
         if self._progress is not None and shown:
             text = "  ".join(f"{k}={_short(metrics[k])}" for k in shown)
-            self._progress.update(self._task, metrics=text)
+            self._progress.update(self._task, metrics=escape(text))
         line = self.format_line(step, metrics)
         if line:
             self.console.print(line, markup=False, highlight=False, soft_wrap=True)

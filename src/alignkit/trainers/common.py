@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.data import load_records
-from alignkit.data.loaders import RecordSet
+from alignkit.data.loaders import RecordSet, mix_record_sets
 from alignkit.errors import ConfigError
 from alignkit.models import LoraSettings, load_policy
 
@@ -57,12 +57,39 @@ class ModelConfig:
 class DataConfig:
     """Where the data is and how long a row may be."""
 
-    train_file: str = field(default="", metadata=_help("Training data file or directory."))
+    train_file: str | list[str] = field(
+        default="",
+        metadata=_help(
+            "Training data file or directory, or a list of them mixed by train_weights."
+        ),
+    )
+    train_weights: list[float] | None = field(
+        default=None,
+        metadata=_help(
+            "With several train files: how much of each to use (2: every row twice, 0.5: a "
+            "seeded half); null: all of each once."
+        ),
+    )
     eval_file: str | None = field(default=None, metadata=_help("Held-out data for evaluation."))
     max_length: int = field(default=512, metadata=_help("Tokens per row (prompt + answer)."))
     length_policy: Literal["truncate", "drop", "error"] = field(
         default="truncate",
         metadata=_help("Rows over max_length: truncate (keep the prompt's end), drop, or error."),
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata=_help(
+            "Keep only each prompt's last N tokens (TRL's max_prompt_length), before "
+            "max_length applies; null: no limit."
+        ),
+    )
+    train_split: str | None = field(
+        default=None,
+        metadata=_help("Split of a saved DatasetDict directory to train on (e.g. train)."),
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata=_help("Split of a saved DatasetDict directory to evaluate on (e.g. test)."),
     )
     max_problems: int = field(default=20, metadata=_help("Bad rows listed before stopping."))
     max_train_examples: int | None = field(
@@ -75,7 +102,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_train_examples", "max_eval_examples"):
+        for name in ("max_train_examples", "max_eval_examples", "max_prompt_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value}")
@@ -113,7 +140,17 @@ def load_split(
     path = data.train_file if split == "train" else data.eval_file
     if not path:
         return None
-    records = load_records(path, fmt, max_problems=data.max_problems)
+    which = data.train_split if split == "train" else data.eval_split
+    if isinstance(path, list):
+        parts = [load_records(p, fmt, split=which, max_problems=data.max_problems) for p in path]
+        weights = data.train_weights or [1.0] * len(parts)
+        if len(weights) != len(parts):
+            raise ConfigError(
+                f"data.train_weights has {len(weights)} weights for {len(parts)} train files"
+            )
+        records = mix_record_sets(parts, weights, seed)
+    else:
+        records = load_records(path, fmt, split=which, max_problems=data.max_problems)
     limit = data.max_train_examples if split == "train" else data.max_eval_examples
     if limit is not None and limit < len(records):
         logger.info(
@@ -121,12 +158,6 @@ def load_split(
         )
         records = records.sample(limit, seed)
     return records
-
-
-def log_length_report(tokenized: Any, what: str) -> None:
-    report = getattr(tokenized, "report", None)
-    if report is not None and report.n_over_limit:
-        logger.warning("%s: %s", what, report.summary())
 
 
 def number_examples(examples: Any) -> Any:

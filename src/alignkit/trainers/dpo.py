@@ -11,7 +11,6 @@ second model stays in memory during training.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
 from alignkit.config import TrainConfig
@@ -26,24 +26,23 @@ from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.errors import ConfigError
 from alignkit.models import disabled_adapter, has_adapter, load_policy
 from alignkit.models.forward import response_logps
+from alignkit.models.loading import weights_digest
 from alignkit.ops.preference import DPO_LOSSES, dpo_loss, length_normalized_nll
 from alignkit.ops.stats import pairwise_accuracy
+from alignkit.tracking.run_dir import RunDir
 from alignkit.trainers.common import (
     DataConfig,
     ModelConfig,
     gather_per_example,
     load_model_and_tokenizer,
     load_split,
-    log_length_report,
     number_examples,
     require_train_file,
     split_pairs,
 )
 from alignkit.trainers.loop import Metrics, Trainer
 
-logger = logging.getLogger("alignkit.trainers")
-
-REFERENCE_CACHE = "reference_logps.pt"
+REFERENCE_CACHE = RunDir.REFERENCE_CACHE
 
 
 @dataclass
@@ -115,25 +114,45 @@ class DPOTrainer(Trainer):
         datasets = {"train": self.train_dataset}
         if self.eval_dataset is not None:
             datasets["eval"] = self.eval_dataset
-        fingerprint = self._reference_fingerprint(datasets)
         cache = self.run_dir.root / REFERENCE_CACHE
-        tables = _read_cache(cache, fingerprint)
-        if tables is None:
-            with self._reference_model() as reference:
-
-                def pair_logps(batch: dict[str, Tensor]) -> Tensor:
-                    return torch.stack(split_pairs(response_logps(reference, batch)), dim=-1)
-
-                tables = {
-                    name: gather_per_example(self, data, pair_logps, width=2)
-                    for name, data in datasets.items()
-                }
-            if self.accelerator.is_main_process:
-                _write_cache(cache, fingerprint, tables)
+        with self._reference_model() as reference:
+            fingerprint = self._reference_fingerprint(reference, datasets)
+            tables, why = _read_cache(cache, fingerprint)
+            if tables is None:
+                self._say(f"reference log-probs: computed ({why})")
+                tables = self._reference_pass(reference, datasets)
+                if self.accelerator.is_main_process:
+                    _write_cache(cache, fingerprint, tables)
+            else:
+                self._say(f"reference log-probs: reused from {cache}")
         for name, data in datasets.items():
             for example, (chosen, rejected) in zip(data, tables[name].tolist(), strict=True):
                 example["ref_chosen_logp"] = chosen
                 example["ref_rejected_logp"] = rejected
+
+    def _reference_pass(self, reference: nn.Module, datasets: dict[str, Any]) -> dict[str, Tensor]:
+        """Summed response log-probs of every pair under `reference`, with a progress bar."""
+        show = self.config.logging.progress_bar and self.accelerator.is_main_process
+        with Progress(
+            TextColumn("reference log-probs {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not show,
+        ) as progress:
+            tables = {}
+            for name, data in datasets.items():
+                task = progress.add_task(name, total=len(data))
+
+                def pair_logps(batch: dict[str, Tensor], task: Any = task) -> Tensor:
+                    logps = torch.stack(split_pairs(response_logps(reference, batch)), dim=-1)
+                    rows = len(logps) * self.accelerator.num_processes
+                    progress.advance(task, rows)
+                    return logps
+
+                tables[name] = gather_per_example(self, data, pair_logps, width=2)
+        return tables
 
     @contextmanager
     def _reference_model(self) -> Iterator[nn.Module]:
@@ -154,9 +173,19 @@ class DPOTrainer(Trainer):
         finally:
             policy.train(was_training)
 
-    def _reference_fingerprint(self, datasets: dict[str, Any]) -> str:
+    def _reference_fingerprint(self, reference: nn.Module, datasets: dict[str, Any]) -> str:
+        """A digest of everything the cached values depend on: the reference's weights (the
+        adapter excluded: the reference runs with it off), dtype, mixed precision, tokenizer
+        vocabulary, the token ids of every pair, max length and the reference setting."""
+        cfg = self.config
         digest = hashlib.sha256()
-        digest.update(repr((self.config.reference, self.config.model.name)).encode())
+        # dtype and max length also show in the weights and token ids; precision (autocast)
+        # shows nowhere else.
+        settings = (cfg.reference, cfg.model.dtype, cfg.data.max_length, cfg.data.length_policy)
+        digest.update(repr((*settings, cfg.precision)).encode())
+        digest.update(weights_digest(self.accelerator.unwrap_model(reference)).encode())
+        if self.tokenizer is not None:
+            digest.update(repr(sorted(self.tokenizer.get_vocab().items())).encode())
         for name, data in datasets.items():
             digest.update(name.encode())
             for example in data:
@@ -230,14 +259,14 @@ def response_lengths(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return split_pairs(batch["response_mask"].sum(dim=-1))
 
 
-def _read_cache(path: Path, fingerprint: str) -> dict[str, Tensor] | None:
+def _read_cache(path: Path, fingerprint: str) -> tuple[dict[str, Tensor] | None, str]:
+    """The cached tables if `path` holds them for `fingerprint`, else None and why not."""
     if not path.is_file():
-        return None
+        return None, "no cache yet"
     cached = torch.load(path, weights_only=True)
     if cached.get("fingerprint") != fingerprint:
-        logger.info("reference log-prob cache %s is for other data or models; recomputing", path)
-        return None
-    return cached["tables"]
+        return None, f"{path} is for another model, dtype, tokenizer or data"
+    return cached["tables"], ""
 
 
 def _write_cache(path: Path, fingerprint: str, tables: dict[str, Tensor]) -> None:
@@ -247,14 +276,16 @@ def _write_cache(path: Path, fingerprint: str, tables: dict[str, Tensor]) -> Non
     tmp.replace(path)
 
 
-def tokenize_pairs(
-    records: Any, tokenizer: Any, data: DataConfig, what: str, extra_fields: Any = None
-) -> Any:
+def tokenize_pairs(records: Any, tokenizer: Any, data: DataConfig, extra_fields: Any = None) -> Any:
     """Tokenised, numbered pairs (the number keys cached per-example values)."""
     pairs = tokenize_preferences(
-        records, tokenizer, data.max_length, data.length_policy, extra_fields=extra_fields
+        records,
+        tokenizer,
+        data.max_length,
+        data.length_policy,
+        extra_fields=extra_fields,
+        max_prompt_length=data.max_prompt_length,
     )
-    log_length_report(pairs, what)
     return number_examples(pairs)
 
 
@@ -266,11 +297,9 @@ def build_preference_trainer(
     train_records = load_split(cfg.data, fmt, "train", cfg.seed)
     eval_records = load_split(cfg.data, fmt, "eval", cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
-    train = tokenize_pairs(train_records, tokenizer, cfg.data, cfg.data.train_file, extra_fields)
+    train = tokenize_pairs(train_records, tokenizer, cfg.data, extra_fields)
     evaluation = (
-        tokenize_pairs(eval_records, tokenizer, cfg.data, str(cfg.data.eval_file), extra_fields)
-        if eval_records
-        else None
+        tokenize_pairs(eval_records, tokenizer, cfg.data, extra_fields) if eval_records else None
     )
     return trainer_cls(
         cfg,

@@ -64,6 +64,41 @@ METHODS: dict[str, Method] = {
         "train_rm_ensemble",
         summary="K reward (or cost) models on resampled data, best checkpoint each, one run",
     ),
+    "ppo": Method(
+        "alignkit.trainers.pg",
+        "PGConfig",
+        "train_pg",
+        ("advantage.estimator=gae",),
+        summary="PPO: clipped policy loss, a critic (value head), GAE",
+    ),
+    "grpo": Method(
+        "alignkit.trainers.pg",
+        "PGConfig",
+        "train_pg",
+        ("advantage.estimator=grpo",),
+        summary="GRPO: group-normalised outcome advantages, no critic",
+    ),
+    "rloo": Method(
+        "alignkit.trainers.pg",
+        "PGConfig",
+        "train_pg",
+        ("advantage.estimator=rloo",),
+        summary="RLOO: leave-one-out baseline within each prompt's group",
+    ),
+    "reinforce++": Method(
+        "alignkit.trainers.pg",
+        "PGConfig",
+        "train_pg",
+        ("advantage.estimator=reinforce_pp",),
+        summary="REINFORCE++: returns whitened over the batch, KL in the reward",
+    ),
+    "reinforce": Method(
+        "alignkit.trainers.pg",
+        "PGConfig",
+        "train_pg",
+        ("advantage.estimator=reinforce", "policy_loss.name=policy_gradient"),
+        summary="REINFORCE (seed 003): plain policy gradient, batch-mean baseline",
+    ),
 }
 
 

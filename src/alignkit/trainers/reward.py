@@ -46,7 +46,6 @@ from alignkit.trainers.common import (
     DataConfig,
     ModelConfig,
     load_split,
-    log_length_report,
     require_train_file,
     split_pairs,
 )
@@ -330,20 +329,7 @@ class RewardTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
 
     def restore_model_weights(self, model: nn.Module, directory: Path) -> None:
-        """Load a checkpoint written by ``RewardModel.save_pretrained`` into `model`: the
-        backbone's Hugging Face files, then the heads' file."""
-        weights: dict[str, Tensor] = {}
-        for file in sorted(directory.glob("*.safetensors")):
-            prefix = "" if file.name == HEAD_WEIGHTS else "backbone."
-            weights.update({prefix + key: value for key, value in load_file(file).items()})
-        if not weights:
-            raise CheckpointError(f"{directory}: no .safetensors weights to load")
-        result = model.load_state_dict(weights, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(
-                f"{directory} does not match the model being trained: missing "
-                f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-            )
+        load_reward_checkpoint(model, directory)
 
 
 # ---------------------------------------------------------------------- data
@@ -402,7 +388,12 @@ def attach_helpfulness(records: RecordSet, max_problems: int = DEFAULT_MAX_PROBL
                 continue
             record[name] = number
     if problems:
-        raise DataError(problems[:max_problems], total=len(problems), note="helpfulness targets")
+        raise DataError(
+            problems[:max_problems],
+            total=len(problems),
+            note="helpfulness targets",
+            rows=len({p.row for p in problems}),
+        )
 
 
 def prepare_records(cfg: RewardConfig, records: RecordSet) -> None:
@@ -448,9 +439,14 @@ def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
     model.train()
 
     def tokenize(records: RecordSet) -> Any:
-        data = tokenize_preferences(records, tokenizer, cfg.data.max_length, cfg.data.length_policy)
-        log_length_report(data, records.source)
-        return data
+        data = cfg.data
+        return tokenize_preferences(
+            records,
+            tokenizer,
+            data.max_length,
+            data.length_policy,
+            max_prompt_length=data.max_prompt_length,
+        )
 
     return RewardTrainer(
         cfg,
@@ -466,3 +462,20 @@ def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
 def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     """Train a reward or cost model; returns the run summary."""
     return build_reward_trainer(cfg).train()
+
+
+def load_reward_checkpoint(model: nn.Module, directory: Path) -> None:
+    """Load a checkpoint written by ``RewardModel.save_pretrained`` into `model`: the
+    backbone's Hugging Face files, then the heads' file."""
+    weights: dict[str, Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        prefix = "" if file.name == HEAD_WEIGHTS else "backbone."
+        weights.update({prefix + key: value for key, value in load_file(file).items()})
+    if not weights:
+        raise CheckpointError(f"{directory}: no .safetensors weights to load")
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{directory} does not match the model being trained: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )

@@ -58,6 +58,7 @@ from alignkit.tracking import (
 )
 from alignkit.tracking.checkpoint import TRAINER_STATE_FILE
 from alignkit.trainers.optimize import OptimizerStep
+from alignkit.trainers.resume import describing_the_run, rescale_learning_rate, resume_changes
 from alignkit.trainers.runtime import (
     EpochShuffleSampler,
     LoopState,
@@ -264,11 +265,12 @@ class RunLoop(ABC):
         if checkpoint is not None:
             resume_step = checkpoint_step(checkpoint)
             self.run_dir = RunDir(checkpoint.parent.parent)  # <run>/checkpoints/step-N
-        self._shared(lambda: self._prepare_run_dir(resume_step))
+        changes = self._shared(lambda: self._prepare_run_dir(resume_step))
         self._prepare_training()
         self.on_train_begin()
         if checkpoint is not None:
             self._restore(checkpoint)
+            self._apply_changes(changes or [])
             self._say(f"resumed from {checkpoint} (step {self.state.step})")
         self.sinks, self.progress = [], None
         if self.accelerator.is_main_process:
@@ -354,7 +356,9 @@ class RunLoop(ABC):
             for sink in self.sinks:
                 sink.log(state.step, record)
         every = cfg.checkpoint.every
-        if final or (every and state.step % every == 0):
+        # Early stopping's best evaluation gets a checkpoint, kept whatever keep_last says.
+        new_best = bool(eval_metrics) and state.best_step == state.step
+        if final or (every and state.step % every == 0) or new_best:
             self.save_checkpoint()
         return final
 
@@ -415,6 +419,7 @@ class RunLoop(ABC):
                 self._trainer_state(rng_per_process),
                 state_dicts=state_dicts,
                 keep_last=self.config.checkpoint.keep_last,
+                keep=() if self.state.best_step is None else (self.state.best_step,),
             )
         acc.wait_for_everyone()
         return path
@@ -451,9 +456,11 @@ class RunLoop(ABC):
             self._say(f"{path} has no complete checkpoint yet: starting from step 0")
         return found
 
-    def _prepare_run_dir(self, resume_step: int | None) -> None:
+    def _prepare_run_dir(self, resume_step: int | None) -> list[dict[str, Any]]:
+        """Check, clear or extend the run directory and write config.yaml; the settings this
+        resume changes (see ``trainers.resume``)."""
         if not self.accelerator.is_main_process:
-            return
+            return []
         run_dir, cfg = self.run_dir, self.config
         if cfg.resume_from is None and run_dir.has_results():
             if not cfg.overwrite:
@@ -465,12 +472,41 @@ class RunLoop(ABC):
         if cfg.resume_from is not None:
             # Resuming from an older checkpoint abandons the later ones, as it does the later
             # metrics: left in place, the newest would be taken for this run's on a resume.
+            # They are moved aside, not deleted: the user may still want them.
+            aside = (
+                run_dir.abandoned_dir / f"before-resume-at-step-{resume_step or 0}-{time.time_ns()}"
+            )
             for path in list_checkpoints(run_dir):
                 if checkpoint_step(path) > (resume_step or 0):
-                    shutil.rmtree(path)
-                    self._say(f"removed {path}: it comes after the checkpoint resumed from")
+                    aside.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(path), str(aside / path.name))
+                    self._say(
+                        f"moved {path} to {aside}: it comes after the checkpoint resumed from"
+                    )
+        earlier: list[dict[str, Any]] = []
+        changes: list[dict[str, Any]] = []
+        if (
+            cfg.resume_from is not None
+            and resume_step is not None
+            and run_dir.config_path.is_file()
+        ):
+            earlier, changes = resume_changes(
+                run_dir.config_path, config_to_dict(cfg), cfg.allow_change, resume_step
+            )
         run_dir.create()
-        save_resolved_config(cfg, run_dir.config_path)
+        save_resolved_config(describing_the_run(cfg), run_dir.config_path, earlier + changes)
+        return changes
+
+    def _apply_changes(self, changes: list[dict[str, Any]]) -> None:
+        """Make allowed resume changes hold fully from the resumed step (the restored optimizer
+        would otherwise keep the old learning rate), and say so."""
+        for change in changes:
+            if change["key"] == "optim.lr":
+                rescale_learning_rate(self.optimizer_steps, change["from"], change["to"])
+            self._say(
+                f"changed on resume from step {change['step']}: {change['key']} "
+                f"{change['from']} -> {change['to']}"
+            )
 
     def _restore(self, checkpoint: Path) -> None:
         saved = _upgrade_state(load_trainer_state(checkpoint), checkpoint, self.optimizer_steps)
@@ -509,7 +545,6 @@ class RunLoop(ABC):
 
     def _finish(self, seconds: float) -> dict[str, Any]:
         cfg, state = self.config, self.state
-        rule = cfg.eval.early_stopping
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir.root),
             "step": state.step,
@@ -519,11 +554,7 @@ class RunLoop(ABC):
             "skipped_steps": self.skipped_steps,
             "metrics": state.last_record,
             "eval": state.last_eval,
-            "best": (
-                {"metric": rule.metric, "value": state.best_metric, "step": state.best_step}
-                if rule.metric
-                else None
-            ),
+            "best": self._best_summary(),
             "last_checkpoint": str(self.run_dir.checkpoint_dir(state.step)),
             "train_seconds": round(seconds, 3),
             "versions": library_versions(),
@@ -534,6 +565,22 @@ class RunLoop(ABC):
                 plot_metrics(self.run_dir.metrics_path, self.run_dir.plots_dir)
         self.accelerator.wait_for_everyone()
         return summary
+
+    def _best_summary(self) -> dict[str, Any] | None:
+        """Early stopping's best evaluation and the checkpoint that holds it (said once)."""
+        rule, state = self.config.eval.early_stopping, self.state
+        if not rule.metric or state.best_step is None:
+            return None
+        checkpoint = self.run_dir.checkpoint_dir(state.best_step)
+        self._say(
+            f"best {rule.metric} {state.best_metric:.6g} at step {state.best_step}: {checkpoint}"
+        )
+        return {
+            "metric": rule.metric,
+            "value": state.best_metric,
+            "step": state.best_step,
+            "checkpoint": str(checkpoint),
+        }
 
     # ----------------------------------------------------------------- plumbing
 

@@ -232,7 +232,7 @@ class LoopState:
         value = metrics[rule.metric]
         if self.best_metric is None:
             improved = True
-        elif rule.mode == "min":
+        elif rule.direction == "min":
             improved = value < self.best_metric - rule.min_delta
         else:
             improved = value > self.best_metric + rule.min_delta

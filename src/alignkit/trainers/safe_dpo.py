@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from alignkit.errors import ConfigError
 from alignkit.models import load_reward_model
+from alignkit.models.reward import check_saved_kind
 from alignkit.ops.lagrange import (
     LagrangeMultiplier,
     estimate_cost,
@@ -116,6 +117,8 @@ class SafeDPOConfig(DPOConfig):
         super().__post_init__()
         if self.safety.source == "cost_model" and not self.safety.cost_model:
             raise ConfigError("safety.source=cost_model needs safety.cost_model (a directory)")
+        if self.safety.source == "cost_model":
+            check_saved_kind(self.safety.cost_model, "cost", "safety.cost_model")
 
 
 class SafeDPOTrainer(DPOTrainer):
@@ -145,7 +148,9 @@ class SafeDPOTrainer(DPOTrainer):
 
     def _score_safety_with_cost_model(self) -> None:
         path = str(self.config.safety.cost_model)
-        cost_model, cost_tokenizer = load_reward_model(path)
+        cost_model, cost_tokenizer = load_reward_model(
+            check_saved_kind(path, "cost", "safety.cost_model")
+        )
         if cost_tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ConfigError(
                 f"safety.cost_model {path} uses another tokenizer than the policy; "

@@ -24,7 +24,6 @@ from alignkit.trainers.common import (
     ModelConfig,
     load_model_and_tokenizer,
     load_split,
-    log_length_report,
     require_train_file,
 )
 from alignkit.trainers.loop import Metrics, Trainer
@@ -77,13 +76,14 @@ def build_sft_trainer(cfg: SFTConfig) -> SFTTrainer:
     eval_records = load_split(cfg.data, "sft", "eval", cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
 
-    def tokenize(records: Any, what: str) -> Any:
-        data = tokenize_sft(records, tokenizer, cfg.data.max_length, cfg.data.length_policy)
-        log_length_report(data, what)
-        return data
+    def tokenize(records: Any) -> Any:
+        data = cfg.data
+        return tokenize_sft(
+            records, tokenizer, data.max_length, data.length_policy, data.max_prompt_length
+        )
 
-    train = tokenize(train_records, cfg.data.train_file)
-    evaluation = tokenize(eval_records, str(cfg.data.eval_file)) if eval_records else None
+    train = tokenize(train_records)
+    evaluation = tokenize(eval_records) if eval_records else None
     collate: Any = SFTCollator(pad_token_id=tokenizer.pad_token_id)
     if cfg.packing:
         train = pack_examples(train, cfg.data.max_length)

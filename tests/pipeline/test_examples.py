@@ -1,0 +1,33 @@
+"""Both example pipelines finish, and every training stage's key metric moves the right way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignkit.pipeline import load_pipeline, run_pipeline
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+LOWER_IS_BETTER = {"loss", "eval/loss"}
+
+
+@pytest.mark.parametrize("name", ["classic", "hybrid"])
+def test_example_pipeline_runs_and_each_stage_improves(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    records = run_pipeline(load_pipeline(f"examples/pipelines/{name}.yaml"))
+    assert all(r.status == "completed" for r in records)
+    trained = [r for r in records if r.before is not None]
+    assert {r.kind for r in trained} >= {"sft", "rm", "ppo"}
+    for r in trained:
+        if r.metric in LOWER_IS_BETTER:
+            assert r.after < r.before, (r.name, r.metric, r.before, r.after)
+        else:
+            assert r.after > r.before, (r.name, r.metric, r.before, r.after)
+    ppo = next(r for r in records if r.kind == "ppo")
+    assert ppo.after > ppo.before + 1.0  # the reward model's score, per sequence
+    evaluation = records[-1].artifacts["metrics"]
+    assert evaluation["kl_k1/per_token"] > 0  # KL to the SFT model, on the policy's samples
