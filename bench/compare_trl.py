@@ -1,6 +1,9 @@
 """Training speed and memory of alignkit against TRL on the same job.
 
     python bench/compare_trl.py dpo-tiny [--repeats 3] [--threads 1,2] [--out PATH]
+    python bench/compare_trl.py grpo-tiny [--repeats 3] [--steps 20] [--out PATH]
+
+``grpo-tiny`` is described in bench/grpo_tiny.py; the rest of this docstring is ``dpo-tiny``.
 
 ``dpo-tiny``: DPO (sigmoid, beta 0.1) on the ``tiny`` preset, 512 pairs of the bundled synthetic
 task, 8 pairs per step, max length 128, fp32, one epoch (64 optimizer steps), the same seed,
@@ -40,7 +43,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_dpo_worker.py"
 SETTINGS = ("alignkit", "trl", "trl-precompute")
 TRL_SETTINGS = ("trl", "trl-precompute")
-BENCHMARKS = ("dpo-tiny",)
+BENCHMARKS = ("dpo-tiny", "grpo-tiny")
 LOG2 = math.log(2.0)
 
 
@@ -309,6 +312,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="same for both (linear decay)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of timing")
+    parser.add_argument("--steps", type=int, default=20, help="grpo-tiny: optimizer steps")
+    parser.add_argument("--prompts-per-step", type=int, default=2, help="grpo-tiny")
+    parser.add_argument("--generations", type=int, default=8, help="grpo-tiny: per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="grpo-tiny")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/<name>.json")
     args = parser.parse_args(argv)
     args.thread_counts = [int(t) for t in str(args.threads).split(",") if t.strip()]
@@ -329,6 +336,11 @@ def require_packages() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_packages()
+    if args.benchmark == "grpo-tiny":
+        sys.path.insert(0, str(BENCH_DIR))
+        import grpo_tiny
+
+        return grpo_tiny.main(args)
     load_start = list(os.getloadavg())
     by_threads: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="alignkit-bench-") as tmp:

@@ -18,6 +18,9 @@ FEW_STEPS = StageSettings(
               "data.max_eval_examples=8", "optim.lr=1e-3"),
     max_length=128,
     judged_prompts=6,
+    sort_warmup=("max_steps=3", "examples_per_device=8", "optim.lr=5e-3"),
+    grpo=("train.iterations=2", "rollout.prompts_per_iteration=4", "rollout.samples_per_prompt=2",
+          "rollout.max_new_tokens=6", "train.sequences_per_device=8", "data.max_eval_prompts=4"),
 )  # fmt: skip
 
 
@@ -34,7 +37,13 @@ def test_quickstart_runs_three_stages_and_writes_its_report(tmp_path, monkeypatc
     assert start == 1.0 and low <= end <= high
 
     saved = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
-    assert [s["stage"] for s in saved] == ["untrained", "SFT", "DPO", "Safe-DPO"]
+    assert [s["stage"] for s in saved] == [
+        "untrained", "SFT", "DPO", "Safe-DPO", "SFT warm-up", "GRPO"
+    ]  # fmt: skip
+    for row in saved[-2:]:
+        assert 0.0 <= row["reward"] <= 1.0 and 0.0 <= row["accuracy"] <= 1.0
+    assert (tmp_path / "qs" / "grpo" / "summary.json").is_file()
     assert saved[2]["preference_accuracy"] == results[2].preference_accuracy
     report = output.getvalue()
     assert "Safe-DPO lambda: start 1.000" in report and "quickstart.json" in report
+    assert "digit sorting" in report

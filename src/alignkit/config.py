@@ -18,9 +18,7 @@ import difflib
 import importlib.metadata
 import keyword
 import math
-import os
 import platform
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,6 +29,23 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from alignkit.errors import ConfigError
+from alignkit.tracking.io import atomic_write_text, umask_mode
+
+__all__ = [
+    "CheckpointConfig",
+    "EarlyStoppingConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "atomic_write_text",
+    "config_to_dict",
+    "library_versions",
+    "load_config",
+    "save_resolved_config",
+    "umask_mode",
+]
 
 T = TypeVar("T")
 
@@ -76,6 +91,13 @@ class OptimConfig:
     max_grad_norm: float | None = field(
         default=1.0, metadata=_help("Clip the global gradient norm to this value; null: no clip.")
     )
+    max_consecutive_skipped_steps: int = field(
+        default=10,
+        metadata=_help(
+            "A step whose gradient norm is inf/NaN is skipped; stop the run after more than "
+            "this many skipped steps in a row."
+        ),
+    )
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr must be > 0")
@@ -85,6 +107,9 @@ class OptimConfig:
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio must lie in [0, 1)")
         _require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        _require(
+            self.max_consecutive_skipped_steps >= 0, "max_consecutive_skipped_steps must be >= 0"
+        )
 
 
 @dataclass
@@ -180,8 +205,13 @@ class CheckpointConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Settings of the shared training loop; every offline trainer's config inherits them."""
+class RunConfig:
+    """Settings of every run, whatever its schedule: where it writes, seed, precision,
+    optimizer, evaluation, logging and checkpoints (:class:`alignkit.trainers.run.RunLoop`).
+
+    A schedule's config adds its own batch words: :class:`TrainConfig` the offline ones
+    (epochs, examples per device, accumulation); an online config prompts and sequences.
+    """
 
     run_name: str = field(default="run", metadata=_help("Run directory name under output_dir."))
     output_dir: str = field(default="runs", metadata=_help("Parent folder of run directories."))
@@ -196,16 +226,6 @@ class TrainConfig:
         metadata=_help("Start afresh in an existing run directory, deleting its old results."),
     )
     seed: int = field(default=0, metadata=_help("Seed of Python, NumPy, torch and data order."))
-    epochs: int = field(default=1, metadata=_help("Passes over the training data."))
-    max_steps: int | None = field(
-        default=None, metadata=_help("Stop after this many optimizer steps; overrides epochs.")
-    )
-    examples_per_device: int = field(
-        default=8, metadata=_help("Training examples (rows) per device per forward pass.")
-    )
-    grad_accum_steps: int = field(
-        default=1, metadata=_help("Forward passes whose gradients make one optimizer step.")
-    )
     precision: Literal["fp32", "bf16"] = field(
         default="fp32", metadata=_help("fp32, or bf16 autocast (weights stay in their dtype).")
     )
@@ -223,10 +243,6 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "epochs must be >= 1")
-        _require(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
-        _require(self.examples_per_device >= 1, "examples_per_device must be >= 1")
-        _require(self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1")
         _require(self.dataloader_workers >= 0, "dataloader_workers must be >= 0")
         _require(bool(self.run_name.strip()), "run_name must not be empty")
 
@@ -236,6 +252,30 @@ class TrainConfig:
         if self.resume_from:
             return Path(self.resume_from)
         return Path(self.output_dir) / self.run_name
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Settings of the offline loop (epochs over a dataset); every offline trainer's config
+    inherits them."""
+
+    epochs: int = field(default=1, metadata=_help("Passes over the training data."))
+    max_steps: int | None = field(
+        default=None, metadata=_help("Stop after this many optimizer steps; overrides epochs.")
+    )
+    examples_per_device: int = field(
+        default=8, metadata=_help("Training examples (rows) per device per forward pass.")
+    )
+    grad_accum_steps: int = field(
+        default=1, metadata=_help("Forward passes whose gradients make one optimizer step.")
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.epochs >= 1, "epochs must be >= 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        _require(self.examples_per_device >= 1, "examples_per_device must be >= 1")
+        _require(self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -643,16 +683,3 @@ def save_resolved_config(cfg: Any, path: str | Path) -> Path:
     )
     atomic_write_text(path, text)
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file so readers see the old or the new content, never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

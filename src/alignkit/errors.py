@@ -28,6 +28,10 @@ class CheckpointError(AlignkitError):
     """A run directory or checkpoint is missing, incomplete or incompatible."""
 
 
+class TrainingDivergedError(AlignkitError):
+    """Training cannot go on: too many optimizer steps in a row had a non-finite gradient."""
+
+
 FILE_ROW = 0  # the row number of a problem with the whole file
 
 

@@ -42,7 +42,14 @@ EXAMPLE_METHODS = {
     "sft_reverse.yaml": "sft",
     "sft_sort.yaml": "sft",
     "sft_add.yaml": "sft",
+    "grpo.yaml": "grpo",
+    "ppo.yaml": "ppo",
+    "rloo.yaml": "rloo",
+    "reinforce_pp.yaml": "reinforce++",
+    "reinforce.yaml": "reinforce",
 }
+#: Examples of the online trainers: their length is counted in iterations.
+ONLINE_EXAMPLES = {"grpo.yaml", "ppo.yaml", "rloo.yaml", "reinforce_pp.yaml", "reinforce.yaml"}
 QUIET = ("logging.progress_bar=false", "logging.plots=false")
 
 
@@ -88,7 +95,8 @@ def test_every_example_runs_as_written_on_small_data(example, data, tmp_path, mo
     workdir.mkdir()
     (workdir / "data").symlink_to(data / "small")
     monkeypatch.chdir(workdir)
-    overrides = ["max_steps=2", "eval.every=null", *QUIET]
+    length = "train.iterations=2" if example in ONLINE_EXAMPLES else "max_steps=2"
+    overrides = [length, "eval.every=null", *QUIET]
     settings = yaml.safe_load((EXAMPLES / example).read_text())
     if settings["model"]["name"] != "tiny":
         overrides.append("model.name=tiny")
@@ -198,10 +206,10 @@ def test_an_unknown_config_key_exits_2_with_the_nearest_spelling(tmp_path, capsy
 
 
 def test_an_unknown_method_exits_2_listing_the_valid_ones(capsys):
-    assert train(["ppo", "-c", str(EXAMPLES / "dpo.yaml")]) == 2
+    assert train(["trpo", "-c", str(EXAMPLES / "dpo.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "unknown training method 'ppo'" in err
-    assert "sft, rm, cost, dpo, safe-dpo" in err
+    assert "unknown training method 'trpo'" in err
+    assert "sft, rm, cost, dpo, safe-dpo, ppo, grpo, rloo, reinforce++, reinforce" in err
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from alignkit.ops.losses import (
     AGG_MODES,
     POLICY_LOSSES,
     aggregate_loss,
+    aggregation_units,
     get_policy_loss,
     policy_gradient_loss,
     ppo_policy_loss,
@@ -53,6 +54,50 @@ def test_aggregate_ignores_nan_and_inf_in_padding(agg: str) -> None:
     assert aggregate_loss(poisoned, RAGGED, agg).item() == pytest.approx(
         aggregate_loss(LOSS_MAT, RAGGED, agg).item()
     )
+
+
+@pytest.mark.parametrize(
+    ("agg", "units"), [("token-mean", 3), ("seq-mean-token-sum", 2), ("seq-mean-token-mean", 2)]
+)
+def test_aggregation_units_count_tokens_or_non_empty_sequences(agg: str, units: int) -> None:
+    assert aggregation_units(RAGGED, agg).item() == units
+    expected = aggregate_loss(LOSS_MAT, RAGGED, agg)
+    assert aggregate_loss(LOSS_MAT, RAGGED, agg, normaliser=units).item() == expected.item()
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_micro_batch_shares_with_the_step_normaliser_add_up_to_the_step_loss(agg: str) -> None:
+    # Ragged rows split unevenly: 1 + 3 + 4 rows. With the step's global count as the
+    # normaliser, the micro-batch losses sum to the whole batch's loss (and so do gradients).
+    generator = torch.Generator().manual_seed(0)
+    loss_mat = torch.randn(8, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([1, 6, 0, 2, 5, 3, 6, 1])
+    mask = torch.arange(6) < lengths[:, None]
+    whole = aggregate_loss(loss_mat, mask, agg)
+    (whole_grad,) = torch.autograd.grad(whole, loss_mat)
+    parts = [slice(0, 1), slice(1, 4), slice(4, 8)]
+    normaliser = sum(aggregation_units(mask[p], agg) for p in parts)
+    shares = [aggregate_loss(loss_mat[p], mask[p], agg, normaliser=normaliser) for p in parts]
+    (split_grad,) = torch.autograd.grad(sum(shares), loss_mat)
+    assert sum(shares).item() == pytest.approx(whole.item(), rel=1e-12)
+    torch.testing.assert_close(split_grad, whole_grad, rtol=1e-12, atol=1e-15)
+    # Brute force: the documented formula, row by row.
+    rows = [loss_mat[b, : lengths[b]] for b in range(8)]
+    if agg == "token-mean":
+        brute = sum(r.sum() for r in rows) / lengths.sum()
+    elif agg == "seq-mean-token-sum":
+        brute = sum(r.sum() for r in rows if len(r)) / 7
+    else:
+        brute = sum(r.mean() for r in rows if len(r)) / 7
+    assert whole.item() == pytest.approx(brute.item(), rel=1e-12)
+    # Averaging the micro-batches' own means is a different objective on ragged rows.
+    local_means = [aggregate_loss(loss_mat[p], mask[p], agg) for p in parts]
+    assert abs(sum(local_means).item() / 3 - whole.item()) > 1e-3
+
+
+def test_aggregate_rejects_a_non_positive_normaliser() -> None:
+    with pytest.raises(ValueError, match="normaliser must be > 0, got 0"):
+        aggregate_loss(LOSS_MAT, RAGGED, normaliser=0)
 
 
 def test_aggregate_rejects_unknown_mode_listing_valid_ones() -> None:

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import typer
+import yaml
 from rich.console import Console
 
 from alignkit.config import load_config
-from alignkit.errors import CheckpointError
+from alignkit.errors import CheckpointError, ConfigError
 from alignkit.trainers.registry import METHODS, get_method
 
 _METHOD_HELP = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
@@ -21,6 +22,30 @@ def _resolved_config_of(run: Path) -> Path:
         if (directory / "config.yaml").is_file():
             return directory / "config.yaml"
     raise CheckpointError(f"--resume {run}: no config.yaml there; name the config with -c")
+
+
+def _check_file_against_method(method: str, defaults: tuple[str, ...], config: Path) -> None:
+    """A method's defaults (``advantage.estimator=grpo`` for `train grpo`) override the file;
+    a file that sets one of those keys to something else would be silently overridden, so
+    that is an error (the command line may still override them explicitly)."""
+    try:
+        raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return  # load_config reports an unreadable file with its own message
+    for default in defaults:
+        dotted, _, text = default.partition("=")
+        node: object = raw
+        for part in dotted.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        wanted = yaml.safe_load(text)
+        if node is not _MISSING and node != wanted:
+            raise ConfigError(
+                f"config error in {config}: {dotted} is {node!r}, but `alignkit train {method}` "
+                f"means {dotted}={text}; run the method that matches, or remove the key"
+            )
+
+
+_MISSING = object()
 
 
 def register(app: typer.Typer) -> None:
@@ -52,6 +77,8 @@ def register(app: typer.Typer) -> None:
             extra.append(f"resume_from={resume}")
             if config is None:
                 config = _resolved_config_of(resume)
+        if config is not None and resume is None:
+            _check_file_against_method(method, chosen.defaults, config)
         cfg = load_config(config_class, config, extra)
         summary = entry_point(cfg)
         from accelerate import PartialState

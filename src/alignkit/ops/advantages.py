@@ -402,3 +402,13 @@ def _reinforce_pp_estimator(
 ) -> tuple[Tensor, Tensor]:
     returns = discounted_returns(token_rewards, mask, gamma)
     return _whiten_returns(returns, mask.bool(), moments), returns
+
+
+@register_advantage_estimator("returns")
+def _returns_estimator(
+    *, token_rewards: Tensor, mask: Tensor, gamma: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    # REINFORCE without a baseline (Williams 1992; seed 003's -log_prob * reward): A_t = G_t.
+    # Unbiased but high-variance; "reinforce" subtracts the batch mean (and scales by the std).
+    returns = discounted_returns(token_rewards, mask, gamma)
+    return returns, returns

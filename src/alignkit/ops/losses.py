@@ -36,6 +36,7 @@ __all__ = [
     "AggMode",
     "PolicyLoss",
     "aggregate_loss",
+    "aggregation_units",
     "cost_model_loss",
     "dpo_loss",
     "get_policy_loss",
@@ -123,15 +124,31 @@ def _per_token(advantages: Tensor, logp: Tensor) -> Tensor:
     )
 
 
-def aggregate_loss(loss_mat: Tensor, mask: Tensor, agg: AggMode | str = "token-mean") -> Tensor:
+def aggregate_loss(
+    loss_mat: Tensor,
+    mask: Tensor,
+    agg: AggMode | str = "token-mean",
+    normaliser: Tensor | float | None = None,
+) -> Tensor:
     """Reduce a per-token loss ``[B, T]`` to a scalar over the valid (``mask != 0``) tokens.
 
-    - ``"token-mean"``: sum over all valid tokens / number of valid tokens (every token weighs
-      the same, so long responses weigh more; verl's and DAPO's default).
-    - ``"seq-mean-token-sum"``: per-sequence sum, then mean over sequences (Dr. GRPO-style,
-      no length normalisation).
-    - ``"seq-mean-token-mean"``: per-sequence mean, then mean over sequences (the original
-      GRPO and seed 003's length-normalised ``log_prob.mean()``).
+    With ``m`` the mask, ``n_b = sum_t m[b,t]`` and ``S = {b : n_b > 0}``:
+
+    - ``"token-mean"``: ``sum_{b,t} m*loss / D`` (every token weighs the same, so long
+      responses weigh more; verl's and DAPO's default);
+    - ``"seq-mean-token-sum"``: ``sum_{b in S} sum_t m*loss / D`` (Dr. GRPO-style, no length
+      normalisation);
+    - ``"seq-mean-token-mean"``: ``sum_{b in S} (sum_t m*loss / n_b) / D`` (the original GRPO
+      and seed 003's length-normalised ``log_prob.mean()``).
+
+    ``D`` is `normaliser` when given, else the local count (``sum m`` for token-mean, ``|S|``
+    for the sequence means: :func:`aggregation_units`). Pass the optimizer step's *global*
+    count (all micro-batches of the accumulation window on all processes) as `normaliser`:
+    each micro-batch then returns its share of the step loss and the shares add up to the
+    mean over the whole step, independent of the split (the fix of the Hugging Face
+    gradient-accumulation bug that TRL passes as ``num_items_in_batch``; verl's ``agg_loss``
+    with the global token count and ``dp_size`` in ``verl/trainer/ppo/core_algos.py``).
+    Without it, averaging per-micro-batch means weighs the tokens of short micro-batches more.
 
     Sequences without a single valid token are left out of the sequence means (as verl does);
     an all-zero mask gives 0 (still attached to the graph), never NaN. Values at masked
@@ -142,6 +159,7 @@ def aggregate_loss(loss_mat: Tensor, mask: Tensor, agg: AggMode | str = "token-m
         loss_mat: per-token loss, shape ``[B, T]``.
         mask: shape ``[B, T]``, bool or numeric; nonzero marks a valid token.
         agg: one of ``AGG_MODES``.
+        normaliser: ``D`` above (> 0), e.g. the step's global :func:`aggregation_units`.
 
     Returns:
         0-d tensor.
@@ -153,13 +171,31 @@ def aggregate_loss(loss_mat: Tensor, mask: Tensor, agg: AggMode | str = "token-m
     valid = mask.bool()
     masked = torch.where(valid, loss_mat, loss_mat.new_zeros(()))
     if agg == "token-mean":
-        return masked.sum() / valid.sum().clamp_min(1)
-    token_counts = valid.sum(dim=-1)
-    seq_losses = masked.sum(dim=-1)
-    if agg == "seq-mean-token-mean":
-        seq_losses = seq_losses / token_counts.clamp_min(1)
-    # Empty sequences contribute 0 to the sum; leave them out of the count too.
-    return seq_losses.sum() / (token_counts > 0).sum().clamp_min(1)
+        total = masked.sum()
+    else:
+        seq_losses = masked.sum(dim=-1)
+        if agg == "seq-mean-token-mean":
+            seq_losses = seq_losses / valid.sum(dim=-1).clamp_min(1)
+        total = seq_losses.sum()  # empty sequences contribute 0
+    if normaliser is None:
+        return total / aggregation_units(valid, agg).clamp_min(1)
+    if not isinstance(normaliser, Tensor) and normaliser <= 0:  # a tensor is not synced
+        raise ValueError(f"normaliser must be > 0, got {normaliser}")
+    return total / normaliser
+
+
+def aggregation_units(mask: Tensor, agg: AggMode | str = "token-mean") -> Tensor:
+    """What ``aggregate_loss(..., agg)`` averages over, counted in `mask`: valid tokens for
+    ``"token-mean"``, sequences with at least one valid token for the sequence means.
+
+    Sum it over the micro-batches and processes of an optimizer step to get the `normaliser`.
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown agg {agg!r}; valid: {', '.join(AGG_MODES)}")
+    valid = mask.bool()
+    if agg == "token-mean":
+        return valid.sum()
+    return valid.any(dim=-1).sum()
 
 
 def policy_gradient_loss(

@@ -4,8 +4,9 @@ A checkpoint is written into a temporary directory inside `checkpoints/` and ren
 `step-N` only when complete (`trainer_state.pt` is written last), so a crash at any moment
 leaves either the previous checkpoints or the new one, never a half one. Models are saved
 with Hugging Face `save_pretrained` (safetensors) when they have it, else as a safetensors
-state dict; `trainer_state.pt` holds what resuming needs: optimizer, scheduler, RNG states,
-controllers, data position, step.
+state dict; `trainer_state.pt` holds what resuming needs: optimizer and scheduler states by
+name, RNG states, controllers, data position, step (its layout is the trainer's:
+`alignkit.trainers.run.RunLoop`).
 """
 
 from __future__ import annotations

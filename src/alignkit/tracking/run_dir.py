@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import atomic_write_text
 from alignkit.errors import CheckpointError
+from alignkit.tracking.io import atomic_write_text, to_jsonable
 
 
 @dataclass(frozen=True)
@@ -79,21 +79,6 @@ class RunDir:
 
 def as_run_dir(run_dir: RunDir | str | Path) -> RunDir:
     return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-
-
-def to_jsonable(value: Any) -> Any:
-    """Tensors and NumPy scalars as Python numbers, recursively, so `json` can write them."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
 
 
 def write_summary(run_dir: RunDir | str | Path, summary: Mapping[str, Any]) -> Path:

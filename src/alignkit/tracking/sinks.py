@@ -24,9 +24,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from alignkit.config import atomic_write_text
 from alignkit.errors import CheckpointError, ConfigError
-from alignkit.tracking.run_dir import RunDir, to_jsonable
+from alignkit.tracking.io import atomic_write_text, to_jsonable
+from alignkit.tracking.run_dir import RunDir
 
 
 class MetricSink(Protocol):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +181,10 @@ class DPOTrainer(Trainer):
             losses, nll = self.add_winner_nll(losses, chosen, chosen_lengths)
             metrics["nll_loss"] = nll.mean()
         return losses.mean(), metrics
+
+    def loss_units(self, batch: Mapping[str, Any]) -> int:
+        """Pairs: the loss is a per-pair mean over the optimizer step."""
+        return batch["input_ids"].shape[0] // 2  # chosen rows, then rejected rows
 
     def add_winner_nll(
         self, losses: Tensor, winner_logps: Tensor, winner_lengths: Tensor

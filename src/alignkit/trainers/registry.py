@@ -58,6 +58,41 @@ METHODS: dict[str, Method] = {
         "train_safe_dpo",
         summary="DPO with a safety constraint and a log-space Lagrange multiplier",
     ),
+    "ppo": Method(
+        "alignkit.trainers.pg",
+        "PGConfig",
+        "train_pg",
+        ("advantage.estimator=gae",),
+        summary="PPO: clipped policy loss, a critic (value head), GAE",
+    ),
+    "grpo": Method(
+        "alignkit.trainers.pg",
+        "PGConfig",
+        "train_pg",
+        ("advantage.estimator=grpo",),
+        summary="GRPO: group-normalised outcome advantages, no critic",
+    ),
+    "rloo": Method(
+        "alignkit.trainers.pg",
+        "PGConfig",
+        "train_pg",
+        ("advantage.estimator=rloo",),
+        summary="RLOO: leave-one-out baseline within each prompt's group",
+    ),
+    "reinforce++": Method(
+        "alignkit.trainers.pg",
+        "PGConfig",
+        "train_pg",
+        ("advantage.estimator=reinforce_pp",),
+        summary="REINFORCE++: returns whitened over the batch, KL in the reward",
+    ),
+    "reinforce": Method(
+        "alignkit.trainers.pg",
+        "PGConfig",
+        "train_pg",
+        ("advantage.estimator=reinforce", "policy_loss.name=policy_gradient"),
+        summary="REINFORCE (seed 003): plain policy gradient, batch-mean baseline",
+    ),
 }
 
 

@@ -214,6 +214,10 @@ class RewardTrainer(Trainer):
     def compute_loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         return self.loss_and_metrics(self.pair_values(model, batch))
 
+    def loss_units(self, batch: Mapping[str, Any]) -> int:
+        """Pairs: the loss is a per-pair mean over the optimizer step."""
+        return batch["input_ids"].shape[0] // 2  # chosen rows, then rejected rows
+
     def pair_values(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Scores of both responses of each pair and the targets the loss reads, each ``[B]``.
 
@@ -326,20 +330,7 @@ class RewardTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
 
     def restore_model_weights(self, model: nn.Module, directory: Path) -> None:
-        """Load a checkpoint written by ``RewardModel.save_pretrained`` into `model`: the
-        backbone's Hugging Face files, then the heads' file."""
-        weights: dict[str, Tensor] = {}
-        for file in sorted(directory.glob("*.safetensors")):
-            prefix = "" if file.name == HEAD_WEIGHTS else "backbone."
-            weights.update({prefix + key: value for key, value in load_file(file).items()})
-        if not weights:
-            raise CheckpointError(f"{directory}: no .safetensors weights to load")
-        result = model.load_state_dict(weights, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(
-                f"{directory} does not match the model being trained: missing "
-                f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-            )
+        load_reward_checkpoint(model, directory)
 
 
 # ---------------------------------------------------------------------- data
@@ -462,3 +453,20 @@ def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
 def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     """Train a reward or cost model; returns the run summary."""
     return build_reward_trainer(cfg).train()
+
+
+def load_reward_checkpoint(model: nn.Module, directory: Path) -> None:
+    """Load a checkpoint written by ``RewardModel.save_pretrained`` into `model`: the
+    backbone's Hugging Face files, then the heads' file."""
+    weights: dict[str, Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        prefix = "" if file.name == HEAD_WEIGHTS else "backbone."
+        weights.update({prefix + key: value for key, value in load_file(file).items()})
+    if not weights:
+        raise CheckpointError(f"{directory}: no .safetensors weights to load")
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{directory} does not match the model being trained: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )

@@ -1,6 +1,7 @@
 """What the training loop runs on: the accelerator, data order, metric averaging, its state.
 
-Kept apart from :mod:`alignkit.trainers.loop` so the loop reads as the loop.
+Kept apart from :mod:`alignkit.trainers.run` and :mod:`alignkit.trainers.loop` so they read
+as the lifecycle and the schedule.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from alignkit.config import EarlyStoppingConfig, TrainConfig
+from alignkit.config import EarlyStoppingConfig, RunConfig
 from alignkit.errors import ConfigError
 
 
@@ -27,8 +28,9 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    """The Accelerator for `config`: gradient accumulation and fp32/bf16 autocast."""
+def make_accelerator(config: RunConfig, gradient_accumulation_steps: int = 1) -> Accelerator:
+    """The Accelerator for `config`: fp32/bf16 autocast, and the accumulation steps its
+    ``backward`` divides by (and DeepSpeed accumulates over)."""
     mixed_precision = "bf16" if config.precision == "bf16" else "no"
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
@@ -41,7 +43,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # process-wide singleton, so a notebook that trains fp32 then bf16 must reset it.
         AcceleratorState._reset_state()
     return Accelerator(
-        gradient_accumulation_steps=config.grad_accum_steps,
+        gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
@@ -96,10 +98,15 @@ def as_scalar(value: Tensor | float, device: torch.device) -> Tensor:
 
 
 class MetricMeans:
-    """Sums of scalar metrics over calls, kept on the device (no sync per micro-batch)."""
+    """Sums of scalar metrics over calls, kept on the device (no sync per micro-batch).
+
+    Metrics given to :meth:`add` are averaged over calls, then over processes; those given to
+    :meth:`add_totals` (shares of a step's loss) are summed over calls and processes.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
+        self.totals: dict[str, Tensor] = {}
         self.calls = 0
         self.names: frozenset[str] | None = None
 
@@ -117,16 +124,31 @@ class MetricMeans:
             self.sums[name] = self.sums[name] + scalar if name in self.sums else scalar
         self.calls += 1
 
+    def add_totals(self, values: Mapping[str, Tensor | float], device: torch.device) -> None:
+        for name, value in values.items():
+            scalar = as_scalar(value, device)
+            self.totals[name] = self.totals[name] + scalar if name in self.totals else scalar
+
+    @property
+    def all_names(self) -> list[str]:
+        return sorted(self.sums) + sorted(self.totals)
+
     def mean_across_processes(self, accelerator: Accelerator) -> dict[str, Tensor]:
-        """Mean over calls here, then over processes; resets the sums."""
-        if not self.calls:
+        """Means over calls here then over processes, and totals; resets (one all-reduce)."""
+        if not self.calls and not self.totals:
             return {}
         names = sorted(self.sums)
-        means = torch.stack([self.sums[n] for n in names]) / self.calls
+        total_names = sorted(self.totals)
+        values = [self.sums[n] / self.calls for n in names]
+        values += [self.totals[n] for n in total_names]
+        stacked = torch.stack(values)
         if accelerator.num_processes > 1:
-            means = accelerator.reduce(means, reduction="mean")
-        self.sums, self.calls = {}, 0
-        return dict(zip(names, means.unbind(), strict=True))
+            stacked = accelerator.reduce(stacked, reduction="sum")
+            stacked = torch.cat(
+                [stacked[: len(names)] / accelerator.num_processes, stacked[len(names) :]]
+            )
+        self.sums, self.totals, self.calls = {}, {}, 0
+        return dict(zip(names + total_names, stacked.unbind(), strict=True))
 
 
 class Throughput:

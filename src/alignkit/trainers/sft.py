@@ -2,7 +2,8 @@
 
 Labels are prompt + completion with the prompt part set to -100 (seed 002 §4.2.2, corrected in
 seeds/NOTES.md: the seed builds labels of the prompt's length only). The loss is the mean
-negative log-likelihood over all completion tokens of the batch ("token-mean").
+negative log-likelihood over all completion tokens of the optimizer step ("token-mean"), whatever
+its split into micro-batches and processes (see alignkit.trainers.optimize).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class SFTConfig(TrainConfig):
 
 
 class SFTTrainer(Trainer):
-    """Prompt-masked cross-entropy; logs ``loss`` (mean NLL per completion token)."""
+    """Prompt-masked cross-entropy; logs ``loss``, the mean NLL per completion token of the
+    optimizer step (all its micro-batches and processes: ``loss_units``)."""
 
     progress_metrics = ("loss",)
 
@@ -57,6 +59,10 @@ class SFTTrainer(Trainer):
         )
         loss = -masked_mean(token_logps, completion)
         return loss, {}
+
+    def loss_units(self, batch: dict[str, Tensor]) -> Tensor:
+        """Completion tokens: the step's loss is the mean NLL over all of them."""
+        return (batch["labels"] != IGNORE_INDEX).sum()
 
     def count_tokens(self, batch: Any) -> Tensor:
         if "num_tokens" in batch:  # packed: the attention mask is [B, 1, T, T]

@@ -1,0 +1,180 @@
+"""One GRPO training run (alignkit or TRL) in its own process; see bench/compare_trl.py grpo-tiny.
+
+Both frameworks run the same job: the saved tiny model, the same prompts, G completions per
+prompt, the same max new tokens and sampling (T = 1, no top-k/top-p), one optimizer step per
+generation batch (so neither computes separate old log-probs), PPO clip 0.2 with token-mean
+aggregation over the step (TRL's ``dapo``), group-normalised advantages, no KL (TRL's
+``beta=0``: no reference model), AdamW at a constant learning rate, grad clip 1.0, fp32,
+dropout off, no gradient checkpointing. The reward is :func:`digit_share`. Step times are
+wall-clock times of whole steps (generation, scoring and update), measured per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def digit_share(prompts: list[str], completions: list[str], **_: object) -> list[float]:
+    """Share of a completion's characters that are digits (the benchmark's reward)."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    for name in ("framework", "model-dir", "prompts", "work-dir", "result"):
+        p.add_argument(f"--{name}", required=True)
+    for name, default in (
+        ("threads", 1),
+        ("seed", 0),
+        ("steps", 20),
+        ("prompts-per-step", 2),
+        ("generations", 8),
+        ("max-new-tokens", 16),
+        ("warmup-steps", 3),
+    ):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--lr", type=float, default=1e-3)
+    return p.parse_args()
+
+
+def run_alignkit(args: argparse.Namespace) -> dict:
+    from alignkit.config import load_config
+    from alignkit.tracking import read_metrics
+    from alignkit.trainers.pg import build_pg_trainer
+    from alignkit.trainers.rl_config import PGConfig
+
+    sequences = args.prompts_per_step * args.generations
+    cfg = load_config(
+        PGConfig,
+        None,
+        [
+            f"output_dir={args.work_dir}",
+            "run_name=alignkit",
+            f"seed={args.seed}",
+            f"model.name={args.model_dir}",
+            f"data.train_file={args.prompts}",
+            f"rewards=[{{function: {Path(__file__).resolve()}:digit_share}}]",
+            f"rollout.prompts_per_iteration={args.prompts_per_step}",
+            f"rollout.samples_per_prompt={args.generations}",
+            f"rollout.max_new_tokens={args.max_new_tokens}",
+            f"train.iterations={args.steps}",
+            f"train.sequences_per_device={sequences}",
+            f"train.samples_every={args.steps + 1}",
+            "advantage.estimator=grpo",
+            "policy_loss.agg=token-mean",
+            f"optim.lr={args.lr}",
+            "optim.schedule=constant",
+            "optim.max_grad_norm=1.0",
+            "logging.every=1",
+            "logging.progress_bar=false",
+            "logging.plots=false",
+        ],
+    )
+    trainer = build_pg_trainer(cfg)
+    started = time.perf_counter()
+    trainer.train()
+    train_call = time.perf_counter() - started
+    records = [r for r in read_metrics(trainer.run_dir.metrics_path) if "reward/mean" in r]
+    return {
+        "step_s": [r["timing/iteration"] for r in records],
+        "generation_s": [r["timing/rollout"] for r in records],
+        "scoring_s": [r["timing/reward"] for r in records],
+        "update_s": [r["timing/update"] for r in records],
+        "completion_tokens": [r["response_length/mean"] * sequences for r in records],
+        "rewards": [r["reward/mean"] for r in records],
+        "train_call_s": train_call,
+    }
+
+
+def run_trl(args: argparse.Namespace) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    rows = [json.loads(line) for line in Path(args.prompts).read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    sequences = args.prompts_per_step * args.generations
+    config = GRPOConfig(
+        output_dir=args.work_dir,
+        per_device_train_batch_size=sequences,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,
+        num_generations=args.generations,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=0.2,
+        scale_rewards="group",
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        max_steps=args.steps,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=args.seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+    )
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            times.append(time.perf_counter() - self.started)
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[digit_share],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
+    started = time.perf_counter()
+    trainer.train()
+    train_call = time.perf_counter() - started
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    return {
+        "step_s": times,
+        "completion_tokens": [h["completions/mean_length"] * sequences for h in logs],
+        "rewards": [h["reward"] for h in logs],
+        "train_call_s": train_call,
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = run_alignkit(args) if args.framework == "alignkit" else run_trl(args)
+    result["framework"] = args.framework
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["cpu_s"] = time.process_time()
+    Path(args.result).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

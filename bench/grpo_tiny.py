@@ -1,0 +1,157 @@
+"""``python bench/compare_trl.py grpo-tiny``: alignkit's GRPO against TRL 1.16's GRPOTrainer.
+
+The fair set-up of research/online-rl.md section 4 (see bench/_grpo_worker.py for the job): the
+tiny preset saved once (random weights: it never emits EOS, so every completion has exactly
+``max_new_tokens`` tokens in both and no EOS suppression is needed; the per-token rates are
+reported too), the same prompts, prompts x G completions per step, one optimizer step per
+generation batch, fp32, dropout off, no gradient checkpointing, one torch thread, each run in a
+fresh process with only one framework imported, settings alternating with the order rotated
+every repeat. The first ``warmup_steps`` steps are left out of the timing. alignkit's split
+(generation / scoring / update) comes from its ``timing/*`` metrics; TRL's step time is measured
+by a ``TrainerCallback`` around each whole step (generation included), its split is not
+reported. Writes ``bench/results/grpo-tiny.json`` with ``step_time_ratio`` (alignkit s/step over
+TRL s/step) and ``peak_rss_ratio``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+WORKER = BENCH_DIR / "_grpo_worker.py"
+FRAMEWORKS = ("alignkit", "trl")
+
+
+def write_inputs(root: Path, seed: int, n_prompts: int) -> dict[str, Any]:
+    from transformers.utils import logging as hf_logging
+
+    from alignkit.data.synthetic.verifiable import verifiable_rows
+    from alignkit.models import load_policy
+
+    hf_logging.disable_progress_bar()
+    model, tokenizer = load_policy("tiny", dtype="float32", seed=seed)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = verifiable_rows("sort", seed)["prompts"][:n_prompts]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    return {"model_dir": root / "model", "prompts": prompts}
+
+
+def run_one(framework: str, inputs: dict[str, Any], args: Any, scratch: Path) -> dict[str, Any]:
+    from compare_trl import worker_env  # the DPO benchmark's environment, same rules
+
+    work = Path(tempfile.mkdtemp(prefix=f"{framework}-", dir=scratch))
+    command = [
+        sys.executable,
+        str(WORKER),
+        f"--framework={framework}",
+        f"--model-dir={inputs['model_dir']}",
+        f"--prompts={inputs['prompts']}",
+        f"--work-dir={work}",
+        f"--result={work / 'result.json'}",
+        f"--threads={args.thread_counts[0]}",
+        f"--seed={args.seed}",
+        f"--steps={args.steps}",
+        f"--prompts-per-step={args.prompts_per_step}",
+        f"--generations={args.generations}",
+        f"--max-new-tokens={args.max_new_tokens}",
+        f"--lr={args.lr}",
+    ]
+    env = worker_env(args.thread_counts[0], scratch)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{framework} worker failed:\n{done.stderr[-4000:]}")
+    result = json.loads((work / "result.json").read_text())
+    skip = args.warmup_steps
+    steps = result["step_s"][skip:]
+    tokens = result["completion_tokens"][skip:]
+    sequences = args.prompts_per_step * args.generations
+    result["s_per_step"] = statistics.median(steps)
+    result["completions_per_s"] = sequences * len(steps) / sum(steps)
+    result["generated_tokens_per_s"] = sum(tokens) / sum(steps)
+    for part in ("generation_s", "scoring_s", "update_s"):
+        if part in result:
+            result[f"{part}_median"] = statistics.median(result[part][skip:])
+    return result
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main(args: Any) -> int:
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="alignkit-grpo-bench-") as tmp:
+        scratch = Path(tmp)
+        inputs = write_inputs(scratch, args.seed, n_prompts=args.steps * args.prompts_per_step)
+        for repeat in range(args.repeats):
+            order = FRAMEWORKS if repeat % 2 == 0 else FRAMEWORKS[::-1]
+            for framework in order:
+                run = run_one(framework, inputs, args, scratch)
+                run["repeat"] = repeat
+                runs.append(run)
+                print(
+                    f"repeat={repeat} {framework:<9} {run['s_per_step']:.3f} s/step  "
+                    f"{run['completions_per_s']:6.1f} completions/s  "
+                    f"{run['generated_tokens_per_s']:7.0f} gen tok/s  "
+                    f"peak RSS {run['peak_rss_mib']:4.0f} MiB",
+                    flush=True,
+                )
+    keys = ("s_per_step", "completions_per_s", "generated_tokens_per_s", "peak_rss_mib")
+    medians = {
+        fw: {k: spread([r[k] for r in runs if r["framework"] == fw]) for k in keys}
+        for fw in FRAMEWORKS
+    }
+    split = {
+        k: spread([r[f"{k}_median"] for r in runs if r["framework"] == "alignkit"])
+        for k in ("generation_s", "scoring_s", "update_s")
+    }
+    ours, theirs = medians["alignkit"], medians["trl"]
+    report = {
+        "benchmark": "grpo-tiny",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "setup": {
+            "model": f"tiny preset, random weights (seed {args.seed}), fp32",
+            "prompts_per_step": args.prompts_per_step,
+            "completions_per_prompt": args.generations,
+            "max_new_tokens": args.max_new_tokens,
+            "steps": args.steps,
+            "timed": f"steps {args.warmup_steps + 1}..{args.steps}, whole steps",
+            "loss": "PPO clip 0.2, token-mean over the step (TRL dapo), group advantages, beta 0",
+            "optimizer": f"AdamW lr {args.lr} constant, grad clip 1.0",
+            "threads": args.thread_counts[0],
+            "repeats": args.repeats,
+            "reward": "bench/_grpo_worker.py:digit_share",
+        },
+        "medians": medians,
+        "alignkit_split_s": split,
+        "step_time_ratio": ours["s_per_step"]["median"] / theirs["s_per_step"]["median"],
+        "peak_rss_ratio": ours["peak_rss_mib"]["median"] / theirs["peak_rss_mib"]["median"],
+        "runs": [{k: v for k, v in r.items() if not isinstance(v, list)} for r in runs],
+    }
+    print("\nmedian [min-max] over runs")
+    for fw, m in medians.items():
+        cells = "  ".join(
+            f"{k}={m[k]['median']:.3f} [{m[k]['min']:.3f}-{m[k]['max']:.3f}]" for k in keys
+        )
+        print(f"{fw:<9} {cells}")
+    print(
+        "alignkit split (s/step): " + ", ".join(f"{k} {v['median']:.3f}" for k, v in split.items())
+    )
+    print(
+        f"step_time_ratio {report['step_time_ratio']:.2f} (target <= 0.5), "
+        f"peak_rss_ratio {report['peak_rss_ratio']:.2f}"
+    )
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return 0

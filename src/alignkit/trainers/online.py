@@ -1,0 +1,362 @@
+"""The online schedule: iterations of rollout then update, on the shared run lifecycle.
+
+One iteration (DESIGN, "Online RL")::
+
+    prompts   = the next prompts_per_iteration of a seeded shuffle of the prompt file
+    exp       = make_experience(prompts)       # rollout, rewards, reference, values, advantages
+    for epoch in range(epochs_per_iteration):
+        for minibatch in exp.minibatches(sequences_per_minibatch):
+            optimize(minibatch)                # ONE optimizer step, micro-batched under it
+    after_iteration(stats)                     # controllers (adaptive KL, ...)
+
+The step counter counts iterations; logging, evaluation and checkpoints happen between them, so
+no experience is ever saved. Every random draw of an iteration (the prompt order, the engine's
+sampling generator, the mini-batch shuffle) comes from a generator seeded by ``(seed, iteration,
+process)``, so a run resumed at an iteration boundary makes exactly the draws of the
+uninterrupted run; the global RNG (dropout is off) is checkpointed by the run lifecycle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from abc import abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from rich.table import Table
+from torch import Tensor, nn
+
+from alignkit.config import atomic_write_text
+from alignkit.rollout import Experience, Prompt, SamplingConfig, TransformersEngine
+from alignkit.rollout.engine import GenerationEngine
+from alignkit.rollout.rewards import RewardSource
+from alignkit.trainers.optim import build_lr_scheduler, build_optimizer
+from alignkit.trainers.rl_config import OnlineConfig, check_batch_settings
+from alignkit.trainers.run import RunLoop
+from alignkit.trainers.runtime import MetricMeans
+
+__all__ = ["OnlineTrainer", "disable_dropout", "iteration_generator"]
+
+# Warn when a guard's condition has held this many iterations in a row.
+_GUARD_PATIENCE = 3
+_GUARD_THRESHOLD = 0.95
+
+
+def iteration_generator(
+    seed: int, iteration: int, stream: int, process: int = 0
+) -> torch.Generator:
+    """A CPU generator seeded by ``(seed, iteration, stream, process)`` only."""
+    state = np.random.SeedSequence([seed, iteration, stream, process]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability of ``model`` to 0 (``nn.Dropout`` modules and the float
+    ``*dropout`` attributes attention layers read); returns how many were nonzero.
+
+    RL needs it: with dropout on, the PPO ratio is not 1 on the first epoch and the KL is noisy
+    (TRL PR #3234). Zeroed rather than relying on eval mode, which the run loop leaves after
+    each evaluation.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p:
+            module.p, changed = 0.0, changed + 1
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and value:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
+_STREAM_PROMPTS, _STREAM_ROLLOUT, _STREAM_MINIBATCH = 0, 1, 2
+
+
+class OnlineTrainer(RunLoop):
+    """Iterations of rollout then update; a subclass writes the algorithm:
+
+    - ``make_experience(prompts, group_offset, generator) -> Experience``;
+    - ``optimize(minibatch) -> metrics``: one optimizer step (per trained model) on it;
+    - ``experience_metrics(exp) -> metrics`` and ``after_iteration(metrics) -> values``.
+    """
+
+    primary_model_name: ClassVar[str] = "model"
+    progress_metrics: ClassVar[tuple[str, ...]] = ("reward/mean", "response_length/mean")
+
+    def __init__(
+        self,
+        config: OnlineConfig,
+        model: nn.Module,
+        tokenizer: Any,
+        prompts: Sequence[Prompt],
+        reward: RewardSource,
+        *,
+        engine: GenerationEngine | None = None,
+        eval_prompts: Sequence[Prompt] | None = None,
+    ) -> None:
+        super().__init__(config, model, tokenizer=tokenizer)
+        self.config: OnlineConfig = config
+        if not prompts:
+            raise ValueError("the prompt file has no prompts")
+        self.prompts = list(prompts)
+        self.eval_prompts = list(eval_prompts or [])
+        self.reward = reward
+        self.own_engine = engine is None
+        self.engine: GenerationEngine = engine or TransformersEngine(model, tokenizer)
+        r = config.rollout
+        self.sampling = SamplingConfig(
+            max_new_tokens=r.max_new_tokens,
+            samples_per_prompt=r.samples_per_prompt,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
+            suppress_eos=r.suppress_eos,
+        )
+        self.timings: dict[str, float] = {}
+        self.initial_eval: dict[str, float] = {}
+        self._guard_streaks: dict[str, int] = {}
+        disable_dropout(model)
+
+    # ----------------------------------------------------------------- the algorithm
+
+    @abstractmethod
+    def make_experience(
+        self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
+    ) -> Experience:
+        """Sample, score and prepare one iteration's sequences (this process' share)."""
+
+    @abstractmethod
+    def optimize(self, minibatch: Experience) -> Mapping[str, Tensor]:
+        """One optimizer step on ``minibatch`` (micro-batched); its metrics (0-dim tensors)."""
+
+    def experience_metrics(self, exp: Experience) -> dict[str, Tensor]:
+        """Metrics of the rollout itself (0-dim tensors, this process' rows)."""
+        return {}
+
+    def after_iteration(self, metrics: Mapping[str, Tensor]) -> dict[str, float]:
+        """Update controllers from the iteration's metrics (identical on every process);
+        return their values to log."""
+        return {}
+
+    # ----------------------------------------------------------------- schedule quantities
+
+    @property
+    def minibatches_per_iteration(self) -> int:
+        cfg = self.config
+        return cfg.rollout.sequences_per_iteration // cfg.sequences_per_minibatch
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        return self.config.train.epochs_per_iteration * self.minibatches_per_iteration
+
+    @property
+    def local_sequences_per_minibatch(self) -> int:
+        return self.config.sequences_per_minibatch // self.accelerator.num_processes
+
+    def build_optimizer_for(self, name: str, model: nn.Module, optim: Any) -> Any:
+        """Prepare `model` with a fresh AdamW and its schedule over the whole run; register
+        them under `name` (checkpointed) and return the OptimizerStep."""
+        optimizer = build_optimizer(model, optim)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        total = self.config.train.iterations * self.optimizer_steps_per_iteration
+        scheduler = build_lr_scheduler(optimizer, optim, total)
+        return model, self.add_optimizer(name, model, optimizer, scheduler)
+
+    # ----------------------------------------------------------------- RunLoop's hooks
+
+    def _prepare_training(self) -> None:
+        cfg = self.config
+        check_batch_settings(cfg, self.accelerator.num_processes)
+        self.model, self.policy_step = self.build_optimizer_for("model", self.model, cfg.optim)
+        self.engine.sync_weights(self.model)
+        self.total_steps = cfg.train.iterations
+        self._print_batch_table()
+
+    def _data_order_settings(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "num_processes": self.accelerator.num_processes,
+            "seed": cfg.seed,
+            "prompts": len(self.prompts),
+            "prompts_per_iteration": cfg.rollout.prompts_per_iteration,
+            "samples_per_prompt": cfg.rollout.samples_per_prompt,
+            "sequences_per_minibatch": cfg.sequences_per_minibatch,
+            "sequences_per_device": cfg.train.sequences_per_device,
+            "epochs_per_iteration": cfg.train.epochs_per_iteration,
+        }
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"initial_eval": dict(self.initial_eval)}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.initial_eval = dict(state.get("initial_eval", {}))
+
+    def _summary_fields(self) -> dict[str, Any]:
+        return {"initial_eval": dict(self.initial_eval)}
+
+    def _run(self) -> None:
+        state, acc = self.state, self.accelerator
+        self.model.train()
+        if state.step == 0 and self._has_evaluation():
+            # The starting point, so that a run shows its own before/after (logged at step 0).
+            self.initial_eval = self._run_evaluation()
+            for sink in self.sinks:
+                sink.log(0, dict(self.initial_eval))
+        while state.step < self.total_steps and state.stop_reason is None:
+            iteration = state.step
+            self.timings = {}
+            prompts, offset = self.iteration_prompts(iteration)
+            started = time.perf_counter()
+            rollout_rng = iteration_generator(
+                self.config.seed, iteration, _STREAM_ROLLOUT, acc.process_index
+            )
+            exp = self.make_experience(prompts, offset, rollout_rng)
+            stats = self.experience_metrics(exp)
+            with self.timed("update"):
+                updates = self.update(exp, iteration)
+            means = MetricMeans()
+            means.add(stats, acc.device)
+            metrics = {**means.mean_across_processes(acc), **updates}
+            values = self.after_iteration(metrics)
+            self._guards(metrics)
+            if self.throughput is not None:
+                self.throughput.add(exp.attention_mask.sum())
+            if (iteration + 1) % self.config.train.samples_every == 0 or iteration == 0:
+                self.write_samples(exp, iteration + 1)
+            self.timings["iteration"] = time.perf_counter() - started
+            values = {
+                "lr": self.policy_step.scheduler.get_last_lr()[0],
+                **values,
+                **{f"timing/{name}": seconds for name, seconds in self.timings.items()},
+            }
+            if self.end_step(metrics, values):
+                break
+        if state.stop_reason is None:
+            state.stop_reason = "iterations"
+
+    def update(self, exp: Experience, iteration: int) -> dict[str, Tensor]:
+        """``epochs_per_iteration`` passes of mini-batches, one optimizer step each."""
+        generator = iteration_generator(
+            self.config.seed, iteration, _STREAM_MINIBATCH, self.accelerator.process_index
+        )
+        means = MetricMeans()
+        for _ in range(self.config.train.epochs_per_iteration):
+            for minibatch in exp.minibatches(self.local_sequences_per_minibatch, generator):
+                means.add(self.optimize(minibatch), self.accelerator.device)
+        return means.mean_across_processes(self.accelerator)
+
+    # ----------------------------------------------------------------- prompts
+
+    def iteration_prompts(self, iteration: int) -> tuple[list[Prompt], int]:
+        """This process' prompts of `iteration` and the global index of the first.
+
+        Position k = iteration * prompts_per_iteration + j walks through epochs of the prompt
+        file, each a permutation seeded by (seed, epoch): resumable from the iteration alone.
+        """
+        per_iteration = self.config.rollout.prompts_per_iteration
+        size = len(self.prompts)
+        start = iteration * per_iteration
+        share = per_iteration // self.accelerator.num_processes
+        first = start + self.accelerator.process_index * share
+        chosen = []
+        orders: dict[int, list[int]] = {}
+        for k in range(first, first + share):
+            epoch = k // size
+            if epoch not in orders:
+                generator = iteration_generator(self.config.seed, epoch, _STREAM_PROMPTS)
+                orders[epoch] = torch.randperm(size, generator=generator).tolist()
+            chosen.append(self.prompts[orders[epoch][k % size]])
+        return chosen, first
+
+    # ----------------------------------------------------------------- helpers
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timing/<stage>`` of this iteration."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started
+
+    def write_samples(self, exp: Experience, iteration: int) -> None:
+        """``samples/iteration-N.jsonl``: every sequence's prompt, completion and reward."""
+        if not self.accelerator.is_main_process:
+            return
+        scores = exp.scores.float().cpu().tolist()
+        lines = [
+            json.dumps(
+                {
+                    "iteration": iteration,
+                    "group": int(g),
+                    "prompt": p,
+                    "completion": c,
+                    "reward": None if math.isnan(s) else s,
+                    "truncated": bool(t),
+                },
+                ensure_ascii=False,
+            )
+            for p, c, s, g, t in zip(
+                exp.prompts,
+                exp.completions,
+                scores,
+                exp.group_index.tolist(),
+                exp.truncated.tolist(),
+                strict=True,
+            )
+        ]
+        path = self.run_dir.root / "samples" / f"iteration-{iteration:06d}.jsonl"
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+    def _guards(self, metrics: Mapping[str, Tensor]) -> None:
+        """Warn loudly when learning has silently stopped (research/online-rl.md section 2)."""
+        checks = {
+            "response_length/clipped_ratio": (
+                "of the completions hit max_new_tokens: rewards of cut-off answers are usually "
+                "0, so nothing is learnt; raise rollout.max_new_tokens"
+            ),
+            "reward/zero_std_frac": (
+                "of the groups have the same reward for every sample: their advantages are 0; "
+                "make the task easier (SFT warm-up), raise samples_per_prompt, or check the "
+                "reward function"
+            ),
+        }
+        for name, advice in checks.items():
+            if name not in metrics:
+                continue
+            value = float(metrics[name])
+            streak = self._guard_streaks.get(name, 0) + 1 if value >= _GUARD_THRESHOLD else 0
+            self._guard_streaks[name] = streak
+            if streak == _GUARD_PATIENCE:
+                self._say(
+                    f"WARNING iteration {self.state.step + 1}: {value:.0%} {advice} "
+                    f"({name} >= {_GUARD_THRESHOLD} for {streak} iterations)"
+                )
+
+    def _print_batch_table(self) -> None:
+        if not self.accelerator.is_main_process or not self.config.logging.progress_bar:
+            return
+        cfg = self.config
+        table = Table(title="online batch quantities", show_header=False)
+        rows = [
+            ("prompts per iteration", cfg.rollout.prompts_per_iteration),
+            ("samples per prompt", cfg.rollout.samples_per_prompt),
+            ("sequences per iteration", cfg.rollout.sequences_per_iteration),
+            ("sequences per optimizer step", cfg.sequences_per_minibatch),
+            ("sequences per forward (per process)", cfg.train.sequences_per_device),
+            (
+                "micro-batches per optimizer step (per process)",
+                self.local_sequences_per_minibatch // cfg.train.sequences_per_device,
+            ),
+            ("optimizer steps per iteration", self.optimizer_steps_per_iteration),
+            ("processes", self.accelerator.num_processes),
+            ("iterations", cfg.train.iterations),
+        ]
+        for label, value in rows:
+            table.add_row(label, str(value))
+        self.console.print(table)

@@ -1,0 +1,184 @@
+"""One optimizer step of one model: accumulate, normalise, clip, skip if non-finite, step.
+
+:class:`OptimizerStep` is what every schedule (the offline :class:`~alignkit.trainers.Trainer`,
+the online trainers) calls once per optimizer step with the micro-batches of that step.
+
+Loss normalisation (DESIGN, "over the whole optimizer step"). A step's loss is
+
+    L = (sum of the per-unit losses of every micro-batch on every process) / N
+
+where a unit is what the trainer averages over (a completion token for SFT, a sequence or a
+pair for the sequence-level losses) and N is the number of units of the whole step: all
+micro-batches of the accumulation window on all processes. N is all-reduced *before* the first
+backward, then each micro-batch's ``loss_fn(batch, N)`` returns its share ``sum_i / N``, so the
+gradient is that of L however the step is split into micro-batches and processes (TRL's
+``num_items_in_batch``, verl's ``agg_loss(..., global_batch_size, dp_size)``). The two factors
+the runtime divides by are undone here, in one place: DDP/FSDP *average* gradients over the P
+processes and ``accelerate``'s ``backward`` divides by ``gradient_accumulation_steps`` G, so the
+share is multiplied by ``P * G`` before the backward.
+
+A step whose gradient norm is not finite (inf/NaN) is skipped: no parameter changes and the
+optimizer state (Adam's moments and step count) is untouched; the gradients are dropped. It is
+counted (``skipped_steps``) and reported; more than ``max_consecutive_skipped_steps`` skipped
+steps in a row raise :class:`~alignkit.errors.TrainingDivergedError`. The learning-rate schedule
+still advances, so the learning rate stays a function of the step number. Under DeepSpeed the
+engine steps inside ``backward`` and applies its own overflow check instead.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from alignkit.errors import TrainingDivergedError
+
+Batch = TypeVar("Batch")
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did."""
+
+    loss: Tensor  #: this process' part of the step loss (sum of the micro-batch shares), detached
+    units: Tensor  #: N, the step's global unit count (float32, on the device)
+    grad_norm: Tensor | None  #: before clipping; None when the backend does not report it
+    lr: float  #: learning rate used by this step (the first parameter group's)
+    skipped: bool  #: the gradient norm was not finite and the update was skipped
+
+
+class OptimizerStep:
+    """Optimizer steps of one ``(model, optimizer, scheduler)``, all prepared by accelerate.
+
+    Args:
+        accelerator: the run's accelerator.
+        model, optimizer, scheduler: as returned by ``accelerator.prepare`` (the scheduler is
+            stepped by hand once per optimizer step, not prepared).
+        max_grad_norm: clip the global gradient norm to this; None: measure only.
+        max_consecutive_skipped_steps: raise after more non-finite steps than this in a row.
+        name: the name this pair is checkpointed under (used in messages).
+        say: prints a console line (on the main process); skipped steps are reported there.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        max_grad_norm: float | None,
+        max_consecutive_skipped_steps: int = 10,
+        name: str = "model",
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.max_grad_norm = max_grad_norm
+        self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
+        self.name = name
+        self.say = say or (lambda _message: None)
+        self.skipped_steps = 0
+        self.consecutive_skipped = 0
+
+    def global_units(self, counts: Sequence[Tensor | int | float]) -> Tensor:
+        """N: the units of this process' micro-batches summed over all processes (>= 1)."""
+        acc = self.accelerator
+        local = torch.zeros((), dtype=torch.float32, device=acc.device)
+        for count in counts:
+            local = local + torch.as_tensor(count, dtype=torch.float32, device=acc.device)
+        total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+        # An all-empty step (no unit anywhere) has a zero loss; 1 keeps it finite.
+        return total.clamp_min(1.0)
+
+    def run(
+        self,
+        micro_batches: Sequence[Batch],
+        loss_fn: Callable[[Batch, Tensor], Tensor],
+        count_fn: Callable[[Batch], Tensor | int | float],
+        *,
+        step: int,
+    ) -> StepOutcome:
+        """Make optimizer step number `step` (1-based, for messages) from `micro_batches`.
+
+        ``count_fn(batch)`` is the number of loss units in a micro-batch; ``loss_fn(batch, N)``
+        returns the micro-batch's share of the step loss, ``(sum of its unit losses) / N``
+        (e.g. ``ops.losses.aggregate_loss(..., normaliser=N)``). It runs under autocast.
+        Every process must pass the same number of micro-batches.
+        """
+        if not micro_batches:
+            raise ValueError("an optimizer step needs at least one micro-batch")
+        acc, model = self.accelerator, self.model
+        units = self.global_units([count_fn(batch) for batch in micro_batches])
+        # Undo DDP's mean over processes and accelerate's division by the accumulation steps.
+        scale = acc.num_processes * acc.gradient_accumulation_steps
+        step_loss = torch.zeros((), dtype=torch.float32, device=acc.device)
+        last = len(micro_batches) - 1
+        try:
+            for index, batch in enumerate(micro_batches):
+                syncing = index == last
+                # Tells accelerate's wrappers (DeepSpeed, the optimizer) whether this backward
+                # ends the accumulation; DDP/FSDP skip the gradient all-reduce until then.
+                acc.sync_gradients = syncing
+                with nullcontext() if syncing else acc.no_sync(model):
+                    with acc.autocast():
+                        share = loss_fn(batch, units)
+                    acc.backward(share * scale)
+                step_loss = step_loss + share.detach().float()
+        finally:
+            acc.sync_gradients = True  # accelerate's state is process-wide
+        max_norm = self.max_grad_norm or math.inf
+        grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        skipped = grad_norm is not None and not bool(torch.isfinite(grad_norm).all())
+        if skipped:
+            self._skip(step, grad_norm)
+        else:
+            self.consecutive_skipped = 0
+            self.optimizer.step()
+        with warnings.catch_warnings():
+            # A skipped first step calls the scheduler before any optimizer.step(): intended.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(step_loss, units, grad_norm, lr, skipped)
+
+    def _skip(self, step: int, grad_norm: Tensor) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skipped += 1
+        in_a_row = self.consecutive_skipped
+        self.say(
+            f"step {step}: gradient norm of {self.name} is {float(grad_norm)}; optimizer step "
+            f"skipped ({in_a_row} in a row, {self.skipped_steps} in all)"
+        )
+        if in_a_row > self.max_consecutive_skipped_steps:
+            raise TrainingDivergedError(
+                f"step {step}: {in_a_row} optimizer steps of {self.name} in a row had a "
+                f"non-finite gradient norm (more than optim.max_consecutive_skipped_steps="
+                f"{self.max_consecutive_skipped_steps}); lower optim.lr, set "
+                "optim.max_grad_norm, use precision=fp32, or look for inf/NaN in the data"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer and scheduler state plus the skip counters."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skipped": self.consecutive_skipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skipped = int(state.get("consecutive_skipped", 0))

@@ -1,0 +1,501 @@
+"""Typed configs of the online-RL trainers (PPO, GRPO, RLOO, REINFORCE++, REINFORCE).
+
+Every batch word names its unit (DESIGN, "Online RL"): an *iteration* samples
+``rollout.prompts_per_iteration`` prompts x ``rollout.samples_per_prompt`` completions, then
+makes ``train.epochs_per_iteration`` passes over them in mini-batches of
+``train.sequences_per_minibatch`` sequences (one optimizer step each), each split into
+micro-batches of ``train.sequences_per_device`` sequences per process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from alignkit.config import TrainConfig
+from alignkit.errors import ConfigError
+from alignkit.trainers.common import ModelConfig
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n``, ascending (valid values offered in error messages)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class PromptDataConfig:
+    """The prompt file the rollouts sample from."""
+
+    train_file: str = field(
+        default="",
+        metadata=_help(
+            "JSONL/JSON/CSV/Parquet rows with a 'prompt' (text or messages); the other columns "
+            "(e.g. 'answer') are passed to reward functions as keyword arguments."
+        ),
+    )
+    eval_file: str | None = field(
+        default=None,
+        metadata=_help("Held-out prompt rows: greedy completions scored at each evaluation."),
+    )
+    max_prompt_length: int = field(
+        default=256, metadata=_help("Prompt tokens kept (the prompt's end is kept).")
+    )
+    max_eval_prompts: int | None = field(
+        default=64, metadata=_help("Evaluate on the first N held-out prompts; null: all.")
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.max_prompt_length >= 1, "max_prompt_length must be >= 1")
+        _require(
+            self.max_eval_prompts is None or self.max_eval_prompts >= 1,
+            "max_eval_prompts must be >= 1 or null",
+        )
+
+
+@dataclass
+class RolloutConfig:
+    """How completions are sampled each iteration."""
+
+    prompts_per_iteration: int = field(
+        default=8, metadata=_help("Prompts sampled per iteration (all processes together).")
+    )
+    samples_per_prompt: int = field(
+        default=8,
+        metadata=_help("Completions per prompt (the group of GRPO/RLOO; >= 2 for those)."),
+    )
+    max_new_tokens: int = field(
+        default=16,
+        metadata=_help(
+            "Completion length cap in tokens; also Dr. GRPO's constant L "
+            "(policy_loss.agg=seq-mean-token-sum-norm)."
+        ),
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata=_help(
+            "Sampling temperature; the training forward divides the logits by it too, so the "
+            "PPO ratio compares the same distribution."
+        ),
+    )
+    top_k: int = field(
+        default=0,
+        metadata=_help(
+            "Sample among the k most likely tokens; 0: off. A truncated sampler differs from "
+            "the trained distribution: importance weights are then applied."
+        ),
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata=_help("Nucleus sampling mass; 1: off (same importance-weight remark as top_k)."),
+    )
+    suppress_eos: bool = field(
+        default=False,
+        metadata=_help(
+            "Forbid EOS so every completion runs to max_new_tokens (benchmarks only: the "
+            "sampled distribution then differs from the policy's, so importance weights apply)."
+        ),
+    )
+    max_importance_weight: float = field(
+        default=2.0,
+        metadata=_help(
+            "Cap C of the truncated importance weights min(pi/mu, C) used when the sampling "
+            "distribution mu differs from the policy's (top_k/top_p, other engines)."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.prompts_per_iteration >= 1, "prompts_per_iteration must be >= 1")
+        _require(self.samples_per_prompt >= 1, "samples_per_prompt must be >= 1")
+        _require(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        _require(self.temperature > 0, "temperature must be > 0 (greedy rollouts cannot learn)")
+        _require(self.top_k >= 0, "top_k must be >= 0 (0 = off)")
+        _require(0 < self.top_p <= 1, "top_p must lie in (0, 1]")
+        _require(self.max_importance_weight >= 1, "max_importance_weight must be >= 1")
+
+    @property
+    def sequences_per_iteration(self) -> int:
+        return self.prompts_per_iteration * self.samples_per_prompt
+
+
+@dataclass
+class RewardSourceConfig:
+    """One reward source; several are summed with their weights."""
+
+    function: str | None = field(
+        default=None,
+        metadata=_help(
+            "'module:function', 'path/to/file.py:function' or a built-in name (reverse_match, "
+            "sort_match, add_match, exact_match, ...); fn(prompts, completions, **row_fields) "
+            "-> list[float | None]."
+        ),
+    )
+    model: str | None = field(
+        default=None,
+        metadata=_help("A reward or cost model: a run directory of `alignkit train rm/cost`."),
+    )
+    weight: float = field(default=1.0, metadata=_help("Weight of this source in the sum."))
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.function is None) != (self.model is None),
+            "each rewards entry needs exactly one of 'function' or 'model'",
+        )
+
+    def spec(self) -> dict[str, Any]:
+        key = "function" if self.function is not None else "model"
+        return {key: self.function or self.model, "weight": self.weight}
+
+
+@dataclass
+class AdvantageConfig:
+    """Which advantage estimator (alignkit.ops.advantages registry) and its settings."""
+
+    estimator: str = field(
+        default="grpo",
+        metadata=_help(
+            "A registered estimator: gae (needs a critic), grpo, dr_grpo, rloo, reinforce, "
+            "reinforce_pp, or one added with register_advantage_estimator."
+        ),
+    )
+    gamma: float = field(default=1.0, metadata=_help("Discount per token (gae, reinforce*)."))
+    lam: float = field(default=0.95, metadata=_help("GAE lambda."))
+    std_scaling: bool = field(
+        default=True,
+        metadata=_help(
+            "grpo only: divide by the group's std. false = Dr. GRPO (the same as "
+            "estimator=dr_grpo), which removes the question-difficulty bias."
+        ),
+    )
+    whiten: bool = field(
+        default=False,
+        metadata=_help("Whiten the advantages over the iteration's response tokens (PPO)."),
+    )
+
+    def __post_init__(self) -> None:
+        from alignkit.ops.advantages import available_advantage_estimators
+
+        valid = available_advantage_estimators()
+        _require(
+            self.estimator in valid,
+            f"advantage.estimator={self.estimator!r} is not registered; valid: {', '.join(valid)}",
+        )
+        _require(0 <= self.gamma <= 1, "gamma must lie in [0, 1]")
+        _require(0 <= self.lam <= 1, "lam must lie in [0, 1]")
+        _require(
+            self.std_scaling or self.estimator == "grpo",
+            "advantage.std_scaling=false only applies to estimator=grpo",
+        )
+
+    @property
+    def resolved_estimator(self) -> str:
+        return "dr_grpo" if self.estimator == "grpo" and not self.std_scaling else self.estimator
+
+
+@dataclass
+class KLConfig:
+    """A KL(pi || ref) penalty: where it goes, which estimator, its coefficient and controller.
+
+    Gradients (tokens sampled from pi; see ops.kl.kl_loss): k1 in the *reward* and k2, k1+ or
+    k3+ in the *loss* give the reverse-KL gradient grad KL(pi||ref). k3 in the loss (the GRPO
+    paper's choice) gives grad KL(ref||pi), the *forward* KL. k1 in the loss has zero expected
+    gradient and is refused.
+    """
+
+    coef: float = field(
+        default=0.0, metadata=_help("Coefficient beta (initial value when adaptive); 0: no KL.")
+    )
+    placement: Literal["reward", "loss"] = field(
+        default="reward",
+        metadata=_help(
+            "reward: r_t -= beta * KL_t before the advantages; loss: + beta * KL in the loss."
+        ),
+    )
+    estimator: str | None = field(
+        default=None,
+        metadata=_help(
+            "k1, k2, k3, k1+, k3+ (straight-through: value of k1/k3, gradient of k2). null: k1 "
+            "in the reward, k3+ in the loss (both the reverse-KL gradient). k3 in the loss is "
+            "the forward KL's gradient (GRPO paper)."
+        ),
+    )
+    controller: Literal["fixed", "adaptive"] = field(
+        default="fixed",
+        metadata=_help("fixed coefficient, or adaptive: moved so that kl/mean tracks target."),
+    )
+    rule: Literal["proportional", "multiplicative"] = field(
+        default="proportional",
+        metadata=_help(
+            "Adaptive rule: proportional (Ziegler et al. 2019, with horizon) or multiplicative "
+            "(x1.5 above 1.5*target, x0.5 below 0.5*target; seed 002)."
+        ),
+    )
+    target: float = field(default=0.1, metadata=_help("Adaptive: target KL per token (nats)."))
+    horizon: float = field(
+        default=10000.0, metadata=_help("Adaptive proportional: horizon in sequences.")
+    )
+
+    def __post_init__(self) -> None:
+        from alignkit.ops.kl import available_kl_estimators
+
+        _require(self.coef >= 0, "kl.coef must be >= 0")
+        _require(self.target > 0, "kl.target must be > 0")
+        _require(self.horizon > 0, "kl.horizon must be > 0")
+        _require(
+            self.controller == "fixed" or self.coef > 0,
+            "kl.controller=adaptive needs an initial kl.coef > 0",
+        )
+        names = [*available_kl_estimators()]
+        valid = names if self.placement == "reward" else [*names, *(n + "+" for n in names)]
+        _require(
+            self.estimator is None or self.estimator in valid,
+            f"kl.estimator={self.estimator!r} with placement={self.placement}; valid: "
+            f"{', '.join(valid)}",
+        )
+        _require(
+            not (self.placement == "loss" and self.estimator == "k1"),
+            "kl.estimator=k1 in the loss has zero expected gradient (E[grad log pi] = 0); use "
+            "k2, k1+ or k3+ (reverse KL), or k3 (forward KL)",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+    @property
+    def resolved_estimator(self) -> str:
+        if self.estimator is not None:
+            return self.estimator
+        return "k1" if self.placement == "reward" else "k3+"
+
+
+@dataclass
+class PolicyLossConfig:
+    """The policy loss (alignkit.ops.losses registry) and how it is averaged."""
+
+    name: str = field(
+        default="ppo_clip",
+        metadata=_help("A registered policy loss: ppo_clip, policy_gradient (no ratio clip)."),
+    )
+    clip_ratio: float = field(default=0.2, metadata=_help("PPO clip eps (lower side)."))
+    clip_ratio_high: float | None = field(
+        default=None, metadata=_help("Upper clip (DAPO clip-higher); null: clip_ratio.")
+    )
+    dual_clip: float | None = field(
+        default=None, metadata=_help("Dual-clip constant c > 1 for negative advantages; null: off.")
+    )
+    agg: Literal[
+        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = field(
+        default="token-mean",
+        metadata=_help(
+            "token-mean: sum over the optimizer step's tokens / their count (DAPO's; exact "
+            "under micro-batching). seq-mean-token-mean: the original GRPO, length-biased "
+            "(favours short right and long wrong answers). seq-mean-token-sum: per-sequence "
+            "sums averaged. seq-mean-token-sum-norm: Dr. GRPO, sums / L with L = "
+            "rollout.max_new_tokens, a constant."
+        ),
+    )
+    entropy_coef: float = field(
+        default=0.0,
+        metadata=_help("Entropy bonus: minus coef x token-mean entropy in the loss; 0: off."),
+    )
+
+    def __post_init__(self) -> None:
+        from alignkit.ops.losses import POLICY_LOSSES
+
+        valid = POLICY_LOSSES.names()
+        _require(
+            self.name in valid,
+            f"policy_loss.name={self.name!r} is not registered; valid: {', '.join(valid)}",
+        )
+        _require(0 < self.clip_ratio < 1, "clip_ratio must lie in (0, 1)")
+        _require(
+            self.clip_ratio_high is None or self.clip_ratio_high > 0, "clip_ratio_high must be > 0"
+        )
+        _require(self.dual_clip is None or self.dual_clip > 1, "dual_clip must be > 1")
+        _require(self.entropy_coef >= 0, "entropy_coef must be >= 0")
+
+
+@dataclass
+class CriticConfig:
+    """PPO's critic: a value head on a copy of the policy's backbone, or a separate model."""
+
+    model: str = field(
+        default="policy",
+        metadata=_help(
+            "policy: a copy of the policy's backbone with a fresh value head; or a model name/"
+            "path (a reward model directory starts from its trained head)."
+        ),
+    )
+    lr: float = field(default=1e-4, metadata=_help("The critic's own AdamW learning rate."))
+    value_clip: float | None = field(
+        default=0.2, metadata=_help("Clip V around its rollout value (PPO); null: off.")
+    )
+    coef: float = field(
+        default=0.5,
+        metadata=_help(
+            "Weight of the value loss (vf_coef). The critic has its own optimizer, so it only "
+            "matters through gradient clipping and the logged loss."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "critic.lr must be > 0")
+        _require(self.value_clip is None or self.value_clip > 0, "value_clip must be > 0")
+        _require(self.coef > 0, "critic.coef must be > 0")
+
+
+@dataclass
+class TrainSchedule:
+    """Iterations, and how each iteration's sequences make optimizer steps."""
+
+    iterations: int = field(default=100, metadata=_help("Rollout-then-update iterations."))
+    epochs_per_iteration: int = field(
+        default=1, metadata=_help("Passes over an iteration's sequences (PPO epochs).")
+    )
+    sequences_per_minibatch: int | None = field(
+        default=None,
+        metadata=_help(
+            "Sequences per optimizer step (all processes); null: all of the iteration's."
+        ),
+    )
+    sequences_per_device: int = field(
+        default=8, metadata=_help("Sequences per forward pass per process (micro-batch).")
+    )
+    samples_every: int = field(
+        default=10,
+        metadata=_help(
+            "Append a table of sampled (prompt, completion, reward) every N iterations."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.iterations >= 1, "iterations must be >= 1")
+        _require(self.epochs_per_iteration >= 1, "epochs_per_iteration must be >= 1")
+        _require(
+            self.sequences_per_minibatch is None or self.sequences_per_minibatch >= 1,
+            "sequences_per_minibatch must be >= 1",
+        )
+        _require(self.sequences_per_device >= 1, "sequences_per_device must be >= 1")
+        _require(self.samples_every >= 1, "samples_every must be >= 1")
+
+
+_OFFLINE_FIELDS = {
+    "epochs": "train.iterations",
+    "max_steps": "train.iterations",
+    "examples_per_device": "train.sequences_per_device",
+    "grad_accum_steps": "train.sequences_per_minibatch",
+}
+
+
+@dataclass
+class OnlineConfig(TrainConfig):
+    """Settings shared by every online trainer: model, prompts, rollout, rewards, schedule."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_help("The policy."))
+    reference: str | None = field(
+        default=None,
+        metadata=_help(
+            "Reference model for the KL term; null: the initial policy (with LoRA: the policy "
+            "with its adapter disabled). Loaded only when kl.coef > 0."
+        ),
+    )
+    data: PromptDataConfig = field(default_factory=PromptDataConfig, metadata=_help("Prompts."))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata=_help("Sampling."))
+    rewards: list[RewardSourceConfig] = field(
+        default_factory=list,
+        metadata=_help("Reward sources, summed with their weights: [{function: ...}, ...]."),
+    )
+    train: TrainSchedule = field(default_factory=TrainSchedule, metadata=_help("Schedule."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        for name, instead in _OFFLINE_FIELDS.items():
+            _require(
+                getattr(self, name) == defaults[name],
+                f"{name} is an offline setting; online trainers use {instead}",
+            )
+        check_batch_settings(self, num_processes=1)
+
+    @property
+    def sequences_per_minibatch(self) -> int:
+        return self.train.sequences_per_minibatch or self.rollout.sequences_per_iteration
+
+
+def check_batch_settings(cfg: OnlineConfig, num_processes: int) -> None:
+    """Divisibility of the batch words, with the valid values in the error."""
+    per_iteration = cfg.rollout.sequences_per_iteration
+    per_minibatch = cfg.sequences_per_minibatch
+    if per_iteration % per_minibatch:
+        raise ConfigError(
+            f"train.sequences_per_minibatch={per_minibatch} does not divide the "
+            f"{per_iteration} sequences of an iteration (rollout.prompts_per_iteration="
+            f"{cfg.rollout.prompts_per_iteration} x samples_per_prompt="
+            f"{cfg.rollout.samples_per_prompt}); valid: {divisors(per_iteration)}"
+        )
+    if per_minibatch % num_processes:
+        raise ConfigError(
+            f"train.sequences_per_minibatch={per_minibatch} cannot be shared by {num_processes} "
+            f"processes; valid: multiples of {num_processes} dividing {per_iteration}"
+        )
+    local = per_minibatch // num_processes
+    if local % cfg.train.sequences_per_device:
+        raise ConfigError(
+            f"train.sequences_per_device={cfg.train.sequences_per_device} does not divide the "
+            f"{local} sequences each process gets per optimizer step "
+            f"(sequences_per_minibatch={per_minibatch} / {num_processes} processes); valid: "
+            f"{divisors(local)}"
+        )
+    if cfg.rollout.prompts_per_iteration % num_processes:
+        raise ConfigError(
+            f"rollout.prompts_per_iteration={cfg.rollout.prompts_per_iteration} must be a "
+            f"multiple of the {num_processes} processes (each samples whole groups)"
+        )
+
+
+@dataclass
+class PGConfig(OnlineConfig):
+    """One policy-gradient trainer; ppo/grpo/rloo/reinforce++/reinforce are presets of it."""
+
+    advantage: AdvantageConfig = field(
+        default_factory=AdvantageConfig, metadata=_help("Advantage estimator.")
+    )
+    kl: KLConfig = field(default_factory=KLConfig, metadata=_help("KL penalty."))
+    policy_loss: PolicyLossConfig = field(
+        default_factory=PolicyLossConfig, metadata=_help("Policy loss.")
+    )
+    critic: CriticConfig | None = field(
+        default=None,
+        metadata=_help(
+            "Critic for estimators that need values (gae); null: none, or the default critic "
+            "(a value head on a copy of the policy) when the estimator needs one."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from alignkit.ops.advantages import get_advantage_estimator
+
+        needs = get_advantage_estimator(self.advantage.resolved_estimator).needs
+        if "values" in needs and self.critic is None:
+            self.critic = CriticConfig()  # the estimator needs one: the default critic
+        if self.critic is not None and "values" not in needs:
+            raise ConfigError(
+                f"critic is set but advantage.estimator={self.advantage.estimator} does not use "
+                "values; use estimator=gae or critic=null"
+            )
+        if "group_index" in needs and self.rollout.samples_per_prompt < 2:
+            raise ConfigError(
+                f"advantage.estimator={self.advantage.estimator} compares samples of a prompt: "
+                "rollout.samples_per_prompt must be >= 2"
+            )

@@ -1,0 +1,590 @@
+"""The run lifecycle every schedule shares: run directory, resume, sinks, evaluation, checkpoints.
+
+:class:`RunLoop` knows nothing about *what* a step is. A schedule subclasses it (the offline
+:class:`~alignkit.trainers.loop.Trainer`: epochs over a dataset; the online trainers: iterations
+of rollout then update) and implements three methods:
+
+  - ``_prepare_training()``: build loaders, prepare models with ``self.accelerator``, call
+    :meth:`RunLoop.add_optimizer` for every trained model and set ``self.total_steps``;
+  - ``_run()``: the schedule; after each step (an optimizer step offline, an iteration online)
+    it calls :meth:`RunLoop.end_step` with the step's metrics, and stops when that returns True;
+    before returning it sets ``self.state.stop_reason`` if nothing else did;
+  - ``_data_order_settings()``: what fixes the data each step sees; a resume must keep it.
+
+``train()`` is the template: check the setup, find the checkpoint to resume, prepare the run
+directory, ``_prepare_training()``, ``on_train_begin()``, restore, open the sinks, ``_run()``,
+then write the summary and plots.
+
+A checkpoint ``checkpoints/step-N/`` holds one directory per model of :meth:`checkpoint_models`
+(the primary model, :attr:`primary_model_name`, is the one the run produces and later commands
+load; models registered with :meth:`register_model` sit next to it) and ``trainer_state.pt``:
+optimizer and scheduler states by name, skip counters, controllers, loop state, the subclass'
+:meth:`_extra_state` and every process' RNG state.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from rich.console import Console
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, SequentialSampler
+
+from alignkit.config import RunConfig, config_to_dict, library_versions, save_resolved_config
+from alignkit.errors import AlignkitError, CheckpointError, ConfigError
+from alignkit.tracking import (
+    ConsoleSink,
+    MetricSink,
+    RunDir,
+    capture_rng_state,
+    check_sinks_available,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    load_trainer_state,
+    open_sinks,
+    plot_metrics,
+    restore_rng_state,
+    save_checkpoint,
+    write_summary,
+)
+from alignkit.tracking.checkpoint import TRAINER_STATE_FILE
+from alignkit.trainers.optimize import OptimizerStep
+from alignkit.trainers.runtime import (
+    EpochShuffleSampler,
+    LoopState,
+    Throughput,
+    make_accelerator,
+    seed_everything,
+)
+
+Metrics = Mapping[str, "Tensor | float"]
+
+#: trainer_state.pt layout. 1: one "optimizer"/"scheduler" state. 2: both are maps by name,
+#: plus "optimizer_steps" (skip counters) and "extra". Format 1 checkpoints still load.
+_STATE_FORMAT = 2
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything whose state is checkpointed: controllers, running statistics."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RunLoop(ABC):
+    """Run lifecycle shared by the offline and the online schedules (see the module doc)."""
+
+    #: Line printed at each logging step (see LoggingConfig.console_format); None: none.
+    console_format: ClassVar[str | None] = None
+    #: Metrics shown next to the progress bar.
+    progress_metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    #: The model the run produces, saved as `step-N/<name>/` in Hugging Face format with the
+    #: tokenizer; it is ``self.model`` (the offline trainers: "model"; the policy online).
+    primary_model_name: ClassVar[str] = "model"
+
+    def __init__(
+        self,
+        config: RunConfig,
+        model: nn.Module,
+        *,
+        tokenizer: Any | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.accelerator = make_accelerator(config, self._gradient_accumulation_steps(config))
+        seed_everything(config.seed)
+        self.model = model  # wrapped for the device setup once _prepare_training prepares it
+        self.tokenizer = tokenizer
+        self.collate_fn = collate_fn
+        self.run_dir = RunDir(config.run_dir)
+        self.console = Console()
+        self.total_steps = 0
+        self.state = LoopState()
+        self.optimizer_steps: dict[str, OptimizerStep] = {}
+        self.sinks: list[MetricSink] = []
+        self.progress: ConsoleSink | None = None
+        self.throughput: Throughput | None = None
+        self._controllers: dict[str, Stateful] = {}
+        self._extra_models: dict[str, nn.Module] = {}
+
+    # ----------------------------------------------------------------- what a schedule writes
+
+    @abstractmethod
+    def _prepare_training(self) -> None:
+        """Prepare models, optimizers (:meth:`add_optimizer`) and data; set total_steps."""
+
+    @abstractmethod
+    def _run(self) -> None:
+        """The schedule: steps, each ended by :meth:`end_step`, until it returns True."""
+
+    @abstractmethod
+    def _data_order_settings(self) -> dict[str, Any]:
+        """What fixes which data a step sees; a resume with other values is refused."""
+
+    # ----------------------------------------------------------------- optional hooks
+
+    def _gradient_accumulation_steps(self, config: RunConfig) -> int:
+        """What accelerate's ``backward`` divides by (:class:`OptimizerStep` undoes it, so
+        any value gives the same gradient) and DeepSpeed's accumulation; default 1."""
+        return 1
+
+    def on_train_begin(self) -> None:
+        """Called once models, optimizers and loaders are prepared, before any step."""
+        return None  # an optional hook: nothing to do unless a trainer needs it
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluation metrics (``eval/<name>``); called in eval mode with the RNG isolated."""
+        return {}
+
+    def _has_evaluation(self) -> bool:
+        return type(self).evaluate is not RunLoop.evaluate
+
+    def _record_fields(self) -> dict[str, float]:
+        """Fields written first in every metrics record (the offline loop: ``epoch``)."""
+        return {}
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Schedule state to checkpoint besides LoopState (tensors and plain values only)."""
+        return {}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`_extra_state` returned."""
+        return None  # nothing saved by default, nothing to restore
+
+    def checkpoint_models(self) -> dict[str, nn.Module]:
+        """Models saved in each checkpoint as `step-N/<name>/`: the primary model first,
+        then those given to :meth:`register_model` (all unwrapped)."""
+        return {self.primary_model_name: self.unwrapped_model, **self._extra_models}
+
+    def restore_model_weights(self, model: nn.Module, directory: Path) -> None:
+        """Load a checkpointed model's weights in place (override for custom formats)."""
+        load_model_weights(model, directory)
+
+    # ----------------------------------------------------------------- helpers for subclasses
+
+    def register_controller(self, name: str, controller: Stateful) -> None:
+        """Checkpoint `controller`'s state_dict under `name` and restore it on resume."""
+        if not isinstance(controller, Stateful):
+            raise TypeError(f"controller {name!r} needs state_dict() and load_state_dict()")
+        if name in self._controllers:
+            raise ValueError(f"a controller named {name!r} is already registered")
+        self._controllers[name] = controller
+
+    def register_model(self, name: str, model: nn.Module) -> None:
+        """Save `model` (e.g. a critic) in every checkpoint as `step-N/<name>/` and restore
+        its weights on resume. Pass the unwrapped model."""
+        if name == self.primary_model_name or name in self._extra_models:
+            raise ValueError(f"a model named {name!r} is already registered")
+        self._extra_models[name] = model
+
+    def add_optimizer(
+        self,
+        name: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> OptimizerStep:
+        """Register a prepared ``(model, optimizer, scheduler)``: its states are checkpointed
+        under `name` and restored on resume. Returns the :class:`OptimizerStep` to call once
+        per optimizer step."""
+        if name in self.optimizer_steps:
+            raise ValueError(f"an optimizer named {name!r} is already registered")
+        step = OptimizerStep(
+            self.accelerator,
+            model,
+            optimizer,
+            scheduler,
+            max_grad_norm=self.config.optim.max_grad_norm,
+            max_consecutive_skipped_steps=self.config.optim.max_consecutive_skipped_steps,
+            name=name,
+            say=self._say,
+        )
+        self.optimizer_steps[name] = step
+        return step
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite gradient norm, all optimizers together."""
+        return sum(step.skipped_steps for step in self.optimizer_steps.values())
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+        """Put a model that is not trained (reference, reward) on the device, in eval mode."""
+        model.requires_grad_(False).eval()
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def ordered_loader(self, dataset: Any, examples_per_device: int | None = None) -> Any:
+        """Batches of `dataset` in order, sharded over processes, on the device."""
+        size = examples_per_device or self.config.eval.examples_per_device
+        return self.accelerator.prepare_data_loader(self._loader(dataset, size, shuffle=False))
+
+    def _loader(self, dataset: Any, examples_per_device: int, *, shuffle: bool) -> DataLoader:
+        """A loader of `dataset` in `collate_fn` batches: a seeded shuffle per epoch
+        (:class:`EpochShuffleSampler`, ``set_epoch``) or the dataset's order."""
+        sampler = (
+            EpochShuffleSampler(len(dataset), self.config.seed)
+            if shuffle
+            else SequentialSampler(dataset)
+        )
+        on_gpu = self.accelerator.device.type == "cuda"
+        return DataLoader(
+            dataset,
+            batch_size=examples_per_device,
+            sampler=sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.config.dataloader_workers,
+            pin_memory=on_gpu,
+            # Its own generator: creating an iterator must not draw from the global RNG,
+            # or a resumed run's dropout masks would differ from the uninterrupted run's.
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    # ----------------------------------------------------------------- the template
+
+    def train(self) -> dict[str, Any]:
+        """Run the schedule (resuming if asked) and return the summary."""
+        cfg = self.config
+        self._check_setup()
+        checkpoint = self._shared(self._find_resume_checkpoint)
+        resume_step = None
+        if checkpoint is not None:
+            resume_step = checkpoint_step(checkpoint)
+            self.run_dir = RunDir(checkpoint.parent.parent)  # <run>/checkpoints/step-N
+        self._shared(lambda: self._prepare_run_dir(resume_step))
+        self._prepare_training()
+        self.on_train_begin()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            self._say(f"resumed from {checkpoint} (step {self.state.step})")
+        self.sinks, self.progress = [], None
+        if self.accelerator.is_main_process:
+            self.sinks = open_sinks(
+                self.run_dir,
+                ["jsonl", *cfg.logging.report_to],
+                resume_step=resume_step if cfg.resume_from else None,
+                run_name=cfg.run_name,
+                config=config_to_dict(cfg),
+                wandb_project=cfg.logging.wandb_project,
+            )
+            line_format = cfg.logging.console_format
+            self.progress = ConsoleSink(
+                self.total_steps,
+                start_step=self.state.step,
+                progress_bar=cfg.logging.progress_bar,
+                line_format=self.console_format if line_format is None else line_format,
+                key_metrics=self.progress_metrics,
+                description=cfg.run_name,
+                console=self.console,
+            )
+            self.sinks.append(self.progress)
+        self.throughput = Throughput(self.accelerator)
+        started = time.perf_counter()
+        try:
+            self._run()
+        finally:
+            for sink in self.sinks:
+                sink.close()
+        return self._finish(time.perf_counter() - started)
+
+    def _check_setup(self) -> None:
+        """Mistakes that can be seen before anything is written or loaded."""
+        cfg = self.config
+        metric = cfg.eval.early_stopping.metric
+        if metric and not self._has_evaluation():
+            raise ConfigError(
+                f"eval.early_stopping.metric={metric!r} needs evaluation: give an eval dataset"
+            )
+        check_sinks_available(cfg.logging.report_to)
+
+    # ----------------------------------------------------------------- end of a step
+
+    def end_step(
+        self, metrics: Mapping[str, Tensor], values: Mapping[str, float] | None = None
+    ) -> bool:
+        """Count one step and evaluate, log, checkpoint as due; True when the run must stop.
+
+        `metrics` are 0-dim tensors, already averaged over the step's micro-batches and over
+        processes (identical on every process); they are averaged again over the logging
+        window. `values` (learning rate, controller values) are logged as they are now.
+        ``skipped_steps`` is added once a step was skipped. Call it on every process.
+        """
+        state = self.state
+        if self.throughput is not None:
+            self.throughput.pause()
+        state.step += 1
+        latest = {k: float(v) for k, v in (values or {}).items()}
+        if self.skipped_steps:
+            latest["skipped_steps"] = float(self.skipped_steps)
+        state.add_step(metrics, latest)
+        if self.progress is not None:
+            self.progress.advance(state.step)
+        final = self._evaluate_log_save()
+        if self.throughput is not None:
+            self.throughput.resume()
+        return final
+
+    def _evaluate_log_save(self) -> bool:
+        cfg, state = self.config, self.state
+        eval_metrics = self._evaluate_if_due()
+        final = state.step >= self.total_steps or state.stop_reason is not None
+        record: dict[str, float] = {}
+        if final or state.step % cfg.logging.every == 0:
+            record = state.flush_window()
+            tokens_per_s = self.throughput.flush() if self.throughput is not None else None
+            if tokens_per_s is not None:
+                record["tokens_per_s"] = tokens_per_s
+            state.last_record = dict(record)
+        record.update(eval_metrics)
+        if record:
+            record = {**self._record_fields(), **record}
+            for sink in self.sinks:
+                sink.log(state.step, record)
+        every = cfg.checkpoint.every
+        if final or (every and state.step % every == 0):
+            self.save_checkpoint()
+        return final
+
+    # ----------------------------------------------------------------- evaluation
+
+    def _evaluate_if_due(self) -> dict[str, float]:
+        cfg, state = self.config, self.state
+        if not self._has_evaluation():
+            return {}
+        due = cfg.eval.every is not None and state.step % cfg.eval.every == 0
+        if not due and state.step < self.total_steps:
+            return {}
+        metrics = self._run_evaluation()
+        rule = cfg.eval.early_stopping
+        if state.observe_evaluation(rule, metrics):
+            state.stop_reason = "early_stopping"
+            self._say(
+                f"early stopping at step {state.step}: {rule.metric} has not improved for "
+                f"{rule.patience} evaluations (best {state.best_metric:.6g} at step "
+                f"{state.best_step})"
+            )
+        return metrics
+
+    def _run_evaluation(self) -> dict[str, float]:
+        # Evaluation must not shift the training RNG: the training curve then does not
+        # depend on how often one evaluates.
+        rng = capture_rng_state()
+        self.model.eval()
+        try:
+            metrics = {k: float(v) for k, v in self.evaluate().items()}
+        finally:
+            self.model.train()
+            restore_rng_state(rng)
+        if self.accelerator.num_processes > 1:  # every process must take the same decisions
+            shared = [metrics]
+            broadcast_object_list(shared, from_process=0)
+            metrics = shared[0]
+        return metrics
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Save models and the full trainer state to `checkpoints/step-N` (all processes)."""
+        acc = self.accelerator
+        rng = capture_rng_state()
+        rng_per_process = gather_object([rng]) if acc.num_processes > 1 else [rng]
+        models = self.checkpoint_models()
+        state_dicts = None
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            state_dicts = {name: acc.get_state_dict(model) for name, model in models.items()}
+        path = self.run_dir.checkpoint_dir(self.state.step)
+        if acc.is_main_process:
+            path = save_checkpoint(
+                self.run_dir,
+                self.state.step,
+                models,
+                self.tokenizer,
+                self._trainer_state(rng_per_process),
+                state_dicts=state_dicts,
+                keep_last=self.config.checkpoint.keep_last,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    def _trainer_state(self, rng_per_process: list[dict[str, Any]]) -> dict[str, Any]:
+        state = self.state
+        steps = {name: step.state_dict() for name, step in self.optimizer_steps.items()}
+        return {
+            "format": _STATE_FORMAT,
+            "step": state.step,
+            "epoch": state.epoch,
+            "total_steps": self.total_steps,
+            "data": self._data_order_settings(),
+            "optimizer": {name: s.pop("optimizer") for name, s in steps.items()},
+            "scheduler": {name: s.pop("scheduler") for name, s in steps.items()},
+            "optimizer_steps": steps,  # what is left: the skip counters
+            "controllers": {name: c.state_dict() for name, c in self._controllers.items()},
+            "loop": state.state_dict(),
+            "extra": self._extra_state(),
+            "rng": rng_per_process,
+        }
+
+    def _find_resume_checkpoint(self) -> Path | None:
+        resume_from = self.config.resume_from
+        if not resume_from:
+            return None
+        path = Path(resume_from)
+        if checkpoint_step(path) is not None and (path / TRAINER_STATE_FILE).is_file():
+            return path  # a checkpoint directory was named
+        if not path.is_dir():
+            raise CheckpointError(f"resume_from={path}: no such run directory")
+        found = latest_checkpoint(path)
+        if found is None:
+            self._say(f"{path} has no complete checkpoint yet: starting from step 0")
+        return found
+
+    def _prepare_run_dir(self, resume_step: int | None) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        run_dir, cfg = self.run_dir, self.config
+        if cfg.resume_from is None and run_dir.has_results():
+            if not cfg.overwrite:
+                raise ConfigError(
+                    f"run directory {run_dir.root} already holds a run: continue it with "
+                    f"resume_from={run_dir.root}, set overwrite=true, or choose another run_name"
+                )
+            run_dir.clear_results()
+        if cfg.resume_from is not None:
+            # Resuming from an older checkpoint abandons the later ones, as it does the later
+            # metrics: left in place, the newest would be taken for this run's on a resume.
+            for path in list_checkpoints(run_dir):
+                if checkpoint_step(path) > (resume_step or 0):
+                    shutil.rmtree(path)
+                    self._say(f"removed {path}: it comes after the checkpoint resumed from")
+        run_dir.create()
+        save_resolved_config(cfg, run_dir.config_path)
+
+    def _restore(self, checkpoint: Path) -> None:
+        saved = _upgrade_state(load_trainer_state(checkpoint), checkpoint, self.optimizer_steps)
+        acc = self.accelerator
+        changed = [
+            f"{key} {saved['data'].get(key)} -> {value}"
+            for key, value in self._data_order_settings().items()
+            if saved["data"].get(key) != value
+        ]
+        if changed:
+            raise CheckpointError(
+                f"{checkpoint} cannot continue with this setup, the data order would differ "
+                f"({'; '.join(changed)}); resume with the original settings"
+            )
+        _require_same_names(checkpoint, "optimizers", self.optimizer_steps, saved["optimizer"])
+        _require_same_names(checkpoint, "controllers", self._controllers, saved["controllers"])
+        for name, model in self.checkpoint_models().items():
+            self.restore_model_weights(model, checkpoint / name)
+        for name, step in self.optimizer_steps.items():
+            counters = saved["optimizer_steps"].get(name, {})
+            step.load_state_dict(
+                {"optimizer": saved["optimizer"][name], "scheduler": saved["scheduler"][name]}
+                | counters
+            )
+        for name, controller in self._controllers.items():
+            controller.load_state_dict(saved["controllers"][name])
+        self.state.load_state_dict(saved["loop"], acc.device)
+        self._load_extra_state(saved["extra"])
+        restore_rng_state(saved["rng"][acc.process_index])
+
+    # ----------------------------------------------------------------- end of training
+
+    def _summary_fields(self) -> dict[str, Any]:
+        """Schedule-specific summary entries (the offline loop: ``epoch``)."""
+        return self._record_fields()
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        cfg, state = self.config, self.state
+        rule = cfg.eval.early_stopping
+        summary: dict[str, Any] = {
+            "run_dir": str(self.run_dir.root),
+            "step": state.step,
+            "total_steps": self.total_steps,
+            **self._summary_fields(),
+            "stop_reason": state.stop_reason,
+            "skipped_steps": self.skipped_steps,
+            "metrics": state.last_record,
+            "eval": state.last_eval,
+            "best": (
+                {"metric": rule.metric, "value": state.best_metric, "step": state.best_step}
+                if rule.metric
+                else None
+            ),
+            "last_checkpoint": str(self.run_dir.checkpoint_dir(state.step)),
+            "train_seconds": round(seconds, 3),
+            "versions": library_versions(),
+        }
+        if self.accelerator.is_main_process:
+            write_summary(self.run_dir, summary)
+            if cfg.logging.plots:
+                plot_metrics(self.run_dir.metrics_path, self.run_dir.plots_dir)
+        self.accelerator.wait_for_everyone()
+        return summary
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _say(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    def _shared(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the main process and give every process its result or its error."""
+        if self.accelerator.num_processes == 1:
+            return fn()
+        outcome: list[Any] = [None, None]
+        if self.accelerator.is_main_process:
+            try:
+                outcome = [fn(), None]
+            except AlignkitError as exc:
+                outcome = [None, exc]
+        broadcast_object_list(outcome, from_process=0)
+        if outcome[1] is not None:
+            raise outcome[1]
+        return outcome[0]
+
+
+def _upgrade_state(
+    saved: dict[str, Any], checkpoint: Path, optimizers: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A format-1 state (one optimizer) in the format-2 layout; newer formats are refused."""
+    version = saved.get("format")
+    if version == _STATE_FORMAT:
+        return saved
+    if version == 1 and len(optimizers) == 1:
+        (name,) = optimizers
+        return saved | {
+            "optimizer": {name: saved["optimizer"]},
+            "scheduler": {name: saved["scheduler"]},
+            "optimizer_steps": {},
+            "extra": {},
+        }
+    raise CheckpointError(
+        f"{checkpoint}: trainer state format {version} cannot be read by this alignkit "
+        f"(it reads format {_STATE_FORMAT}, and format 1 for single-optimizer trainers)"
+    )
+
+
+def _require_same_names(
+    checkpoint: Path, what: str, current: Mapping[str, Any], saved: Mapping[str, Any]
+) -> None:
+    missing = sorted(set(current) - set(saved))
+    extra = sorted(set(saved) - set(current))
+    if missing or extra:
+        raise CheckpointError(
+            f"{checkpoint}: {what} differ (not in checkpoint: {missing}; "
+            f"not registered now: {extra})"
+        )
