@@ -27,7 +27,8 @@ sampled, ESS as a fraction of the response tokens) and ``sampling/fallback_share
 whose two supports were disjoint, so the policy was used).
 
 Both models decode with their own KV cache in one batch; the prompt's prefill is shared by its
-samples; finished rows leave both caches. The teacher must use the same tokenizer.
+samples; finished rows leave both caches. The teacher must use the same tokenizer. Greedy
+decoding (temperature 0, e.g. evaluation) is the policy's alone.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from alignkit.ops.sampling import (
 from alignkit.rollout.engine import (
     Prompt,
     SamplingConfig,
+    TransformersEngine,
     _draw,
     sampling_distribution,
     unwrap_for_generation,
@@ -217,7 +219,10 @@ class TeacherGuidedEngine:
         if not prompts:
             raise ValueError("generate needs at least one prompt")
         if sampling.temperature == 0:
-            raise ConfigError("teacher-guided sampling needs temperature > 0 (greedy has no q)")
+            # Greedy decoding (evaluation) is the policy's own: there is no q to sample from.
+            return TransformersEngine(self.model, self.tokenizer).generate(
+                prompts, sampling, generator=generator, group_offset=group_offset
+            )
         modes = self.model.training, self.teacher.training
         self.model.eval()
         self.teacher.eval()
