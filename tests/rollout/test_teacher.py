@@ -314,3 +314,21 @@ def test_greedy_decoding_is_the_policys_own(models):
         _prompts(), greedy, generator=torch.Generator().manual_seed(0)
     )
     assert torch.equal(guided.input_ids, plain.input_ids)
+
+
+def test_parse_alpha_rules_numbers_and_linear_schedules():
+    from alignkit.rollout.teacher import LinearAlpha, parse_alpha
+
+    assert parse_alpha("kl_symmetry") == "kl_symmetry"
+    assert parse_alpha("0.25") == 0.25 and parse_alpha(1) == 1.0
+    schedule = parse_alpha("linear:0.2:1:4")
+    assert isinstance(schedule, LinearAlpha) and repr(schedule) == "linear:0.2:1:4"
+    assert [schedule(i) for i in (0, 2, 4, 9)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    with pytest.raises(ConfigError, match="is not linear:START:END:ITERATIONS"):
+        parse_alpha("linear:0.2:1")
+    with pytest.raises(ConfigError, match="START and END in"):
+        parse_alpha("linear:0.2:1.5:3")
+    with pytest.raises(ConfigError, match="unknown rule 'kl'"):
+        parse_alpha("kl")
+    with pytest.raises(ConfigError, match="expected a rule or a number"):
+        parse_alpha(True)

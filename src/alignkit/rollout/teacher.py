@@ -63,13 +63,67 @@ from alignkit.rollout.experience import Experience
 
 __all__ = [
     "ALPHA_RULES",
+    "LinearAlpha",
     "TeacherGuidedEngine",
     "TeacherLogRatioReward",
     "check_same_vocabulary",
+    "parse_alpha",
 ]
 
 ALPHA_RULES = ("kl_symmetry", "snr", "min_variance")
 AlphaSpec = str | float | Callable[[int], float]
+
+
+class LinearAlpha:
+    """α moving linearly from ``start`` to ``end`` over ``iterations`` iterations, then ``end``."""
+
+    def __init__(self, start: float, end: float, iterations: int) -> None:
+        if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0 and iterations >= 1):
+            raise ConfigError(
+                f"rollout.alpha: linear:START:END:ITERATIONS needs START and END in [0, 1] and "
+                f"ITERATIONS >= 1, got {start}:{end}:{iterations}"
+            )
+        self.start, self.end, self.iterations = start, end, iterations
+
+    def __call__(self, iteration: int) -> float:
+        share = min(1.0, max(0, iteration) / self.iterations)
+        return self.start + (self.end - self.start) * share
+
+    def __repr__(self) -> str:
+        return f"linear:{self.start:g}:{self.end:g}:{self.iterations}"
+
+
+def parse_alpha(spec: str | float) -> AlphaSpec:
+    """A config's ``rollout.alpha``: ``kl_symmetry`` | ``snr`` | ``min_variance`` | a number in
+    [0, 1] | ``linear:START:END:ITERATIONS`` (a schedule over training iterations)."""
+    if isinstance(spec, bool):
+        raise ConfigError(f"rollout.alpha: expected a rule or a number, got {spec!r}")
+    if isinstance(spec, int | float):
+        value = float(spec)
+    elif spec in ALPHA_RULES:
+        return spec
+    elif spec.startswith("linear:"):
+        parts = spec.split(":")[1:]
+        try:
+            start, end, iterations = float(parts[0]), float(parts[1]), int(parts[2])
+        except (ValueError, IndexError):
+            raise ConfigError(
+                f"rollout.alpha: {spec!r} is not linear:START:END:ITERATIONS"
+            ) from None
+        if len(parts) != 3:
+            raise ConfigError(f"rollout.alpha: {spec!r} is not linear:START:END:ITERATIONS")
+        return LinearAlpha(start, end, iterations)
+    else:
+        try:
+            value = float(spec)
+        except ValueError:
+            raise ConfigError(
+                f"rollout.alpha: unknown rule {spec!r}; use one of {', '.join(ALPHA_RULES)}, "
+                "a number in [0, 1] or linear:START:END:ITERATIONS"
+            ) from None
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"rollout.alpha: a fixed alpha must lie in [0, 1], got {value:g}")
+    return value
 
 
 def _output_width(model: nn.Module) -> int | None:
@@ -129,8 +183,9 @@ class TeacherGuidedEngine:
         model: the policy (unwrapped for generation).
         teacher: any causal LM with the same tokenizer; frozen, run in eval mode.
         tokenizer: the policy's tokenizer (pad and EOS ids).
-        alpha: ``"kl_symmetry"`` | ``"snr"`` | ``"min_variance"`` | a float in [0, 1] | a
-            callable ``iteration -> α``.
+        alpha: ``"kl_symmetry"`` | ``"snr"`` | ``"min_variance"`` | a float in [0, 1] |
+            ``"linear:START:END:ITERATIONS"`` | a callable ``iteration -> α``
+            (:func:`parse_alpha`; schedules read the iteration set by :meth:`set_iteration`).
         teacher_tokenizer: checked against ``tokenizer`` when given.
         floor: the policy's share in the ``"min_variance"`` proposal (weights <= 1/floor).
     """
@@ -150,13 +205,8 @@ class TeacherGuidedEngine:
     ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token for batched generation")
-        if isinstance(alpha, str) and alpha not in ALPHA_RULES:
-            raise ConfigError(
-                f"rollout.alpha: unknown rule {alpha!r}; use one of {', '.join(ALPHA_RULES)}, "
-                "a number in [0, 1] or a schedule"
-            )
-        if isinstance(alpha, int | float) and not 0.0 <= float(alpha) <= 1.0:
-            raise ConfigError(f"rollout.alpha: a fixed alpha must lie in [0, 1], got {alpha}")
+        if not callable(alpha):
+            alpha = parse_alpha(alpha)
         if not 0.0 < floor <= 1.0:
             raise ConfigError(f"rollout.floor must lie in (0, 1], got {floor}")
         self.tokenizer = tokenizer
