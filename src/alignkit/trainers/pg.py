@@ -198,6 +198,8 @@ class PolicyGradientTrainer(OnlineTrainer):
     ) -> Experience:
         cfg = self.config
         device = self.accelerator.device
+        if hasattr(self.engine, "set_iteration"):  # an alpha schedule reads the iteration
+            self.engine.set_iteration(self.state.step)
         with self.timed("rollout"):
             exp = self.engine.generate(
                 prompts, self.sampling, generator=generator, group_offset=group_offset

@@ -125,7 +125,8 @@ class RolloutConfig:
         metadata=_help(
             "With a teacher: kl_symmetry (per-position alpha with KL(q||pi) = KL(q||teacher)), "
             "snr (usually 1: on-policy), min_variance (the variance-optimal proposal for the "
-            "teacher log-ratio), or a fixed number in [0, 1] (q ~ pi^alpha teacher^(1-alpha))."
+            "teacher log-ratio), a fixed number in [0, 1] (q ~ pi^alpha teacher^(1-alpha)), or "
+            "linear:START:END:ITERATIONS (a schedule over iterations)."
         ),
     )
     teacher_floor: float = field(
@@ -134,16 +135,9 @@ class RolloutConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, str) and self.alpha not in ("kl_symmetry", "snr", "min_variance"):
-            try:
-                self.alpha = float(self.alpha)
-            except ValueError:
-                raise ConfigError(
-                    f"alpha must be kl_symmetry, snr, min_variance or a number in [0, 1], got "
-                    f"{self.alpha!r}"
-                ) from None
-        if not isinstance(self.alpha, str):
-            _require(0.0 <= float(self.alpha) <= 1.0, "alpha must lie in [0, 1]")
+        from alignkit.rollout.teacher import parse_alpha
+
+        parse_alpha(self.alpha)  # ConfigError naming the valid forms
         _require(0 < self.teacher_floor <= 1, "teacher_floor must lie in (0, 1]")
         _require(self.prompts_per_iteration >= 1, "prompts_per_iteration must be >= 1")
         _require(self.samples_per_prompt >= 1, "samples_per_prompt must be >= 1")
