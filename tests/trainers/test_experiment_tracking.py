@@ -152,6 +152,9 @@ def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.usefixtures("wandb_offline")
 def test_wandb_offline_run_directory_holds_the_runs_metrics(task_files, run_settings, tmp_path):
     run = _tiny_sft_run(task_files, run_settings, tmp_path / "runs", "wandb")
+    # The service process writes the log asynchronously; stopping it flushes what is queued
+    # (on a loaded machine `finish()` can return before the history records are on disk).
+    wandb.teardown()
     run_id = (run / "wandb" / "alignkit-run-id").read_text().strip()
     logs = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(logs) == 1, sorted(p.name for p in (run / "wandb").iterdir())

@@ -50,12 +50,14 @@ def _register_commands() -> None:
         recommend,
         train,
     )
+    from alignkit.cli import eval as eval_commands
 
     train.register(app)
     quickstart.register(app)
     data.register(app)
     generate.register(app)
     ops_check.register(app)
+    eval_commands.register(app)
     recommend.register(app)
     pipeline.register(app)
     annotate.register(app)

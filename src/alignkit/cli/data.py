@@ -10,8 +10,14 @@ from rich.console import Console
 
 
 def register(app: typer.Typer) -> None:
-    data = typer.Typer(help="Data tools: write the bundled synthetic task.", no_args_is_help=True)
+    data = typer.Typer(
+        help="Data tools: the synthetic task, validate, convert, check, augment, split, select.",
+        no_args_is_help=True,
+    )
     app.add_typer(data, name="data")
+    from alignkit.cli import data_tools
+
+    data_tools.register(data)
 
     @data.command("synthetic")
     def synthetic(

@@ -36,8 +36,8 @@ STATE_FILE = "pipeline.yaml"
 #: The metric a training stage's summary row shows: the first of these its run logged.
 KEY_METRICS: dict[str, tuple[str, ...]] = {
     "sft": ("eval/loss", "loss"),
-    "rm": ("eval/accuracy", "accuracy"),
-    "cost": ("eval/accuracy", "accuracy"),
+    "rm": ("loss",),  # its eval accuracy is often 1.0 from the first evaluation on
+    "cost": ("loss",),
     "dpo": ("eval/rewards/margins", "rewards/margins"),
     "safe-dpo": ("eval/rewards/margins", "rewards/margins"),
 }

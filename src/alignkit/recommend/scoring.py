@@ -149,6 +149,14 @@ def suggest_hyperparameters(spec: MethodSpec, f: Features, lora: bool) -> dict[s
     if spec.name in ("ppo", "safe-ppo"):
         hp["rollout.samples_per_prompt"] = 1
         hp["rollout.prompts_per_iteration"] = 16 if f.model.parameters < 10e6 else 64
+    if spec.online:
+        sources = []
+        if f.requirements.online_reward:
+            sources.append({"function": f.requirements.online_reward, "weight": 1.0})
+        if f.requirements.reward_model:
+            sources.append({"model": f.requirements.reward_model, "weight": 1.0})
+        if sources:
+            hp["rewards"] = sources
     if lora:
         hp["model.lora"] = {"r": 16, "alpha": 32}
     return hp
@@ -159,8 +167,7 @@ def _config_overrides(spec: MethodSpec, f: Features, hp: dict[str, Any]) -> list
 
     overrides = [*spec.overrides, f"model.name={f.model.name}", f"run_name={spec.name}"]
     if f.data is not None:
-        key = "data.prompt_file" if spec.online and f.data.format == "prompt" else "data.train_file"
-        overrides.append(f"{key}={f.data.path}")
+        overrides.append(f"data.train_file={f.data.path}")
     for key, value in hp.items():
         text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
         overrides.append(f"{key}={text}")

@@ -16,7 +16,9 @@ In YAML: ``rewards: [{function: "pkg.mod:fn" | "path/file.py:fn" | "<registered 
 weight: 1.0}, {model: runs/rm, weight: 0.5}]``. A model entry is a reward or cost model saved by
 ``alignkit train rm`` / ``train cost`` (its run directory, whose newest checkpoint is used, or
 the model directory itself); a cost model's score is its cost (higher = less safe), so give it
-a negative weight to penalise cost.
+a negative weight to penalise cost. An ``alignkit train rm-ensemble`` run directory loads as one
+source (``alignkit.models.ensemble``), with optional ``combination`` (mean, weighted, median,
+trimmed_mean, stacking) and ``penalty`` k: the combined reward minus k times the members' std.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor
 
 from alignkit.errors import AlignkitError, ConfigError
+from alignkit.models.ensemble import ENSEMBLE_FILE, load_reward_source
 
 __all__ = [
     "FunctionReward",
@@ -296,7 +299,7 @@ class WeightedReward:
         return total
 
 
-_SPEC_KEYS = ("function", "model", "teacher_log_ratio", "weight")
+_SPEC_KEYS = ("function", "model", "teacher_log_ratio", "weight", "combination", "penalty")
 _SOURCE_KEYS = ("function", "model", "teacher_log_ratio")
 
 
@@ -340,6 +343,14 @@ def build_reward_source(
         if "function" in spec:
             source: RewardSource = FunctionReward(
                 resolve_reward_function(str(spec["function"])), name=str(spec["function"])
+            )
+        elif "model" in spec and (Path(str(spec["model"])).expanduser() / ENSEMBLE_FILE).is_file():
+            # an `alignkit train rm-ensemble` run: combined reward minus penalty * std
+            source = load_reward_source(
+                spec["model"],
+                combination=str(spec.get("combination", "mean")),
+                penalty=float(spec.get("penalty", 0.0)),
+                device=device,
             )
         elif "model" in spec:
             source = ModelReward(spec["model"], device=device)

@@ -93,6 +93,12 @@ METHODS: dict[str, Method] = {
         ("advantage.estimator=reinforce", "policy_loss.name=policy_gradient"),
         summary="REINFORCE (seed 003): plain policy gradient, batch-mean baseline",
     ),
+    "rm-ensemble": Method(
+        "alignkit.trainers.ensemble",
+        "EnsembleConfig",
+        "train_rm_ensemble",
+        summary="K reward (or cost) models on resampled data, best checkpoint each, one run",
+    ),
 }
 
 
