@@ -200,6 +200,8 @@ class PolicyGradientTrainer(OnlineTrainer):
     ) -> Experience:
         cfg = self.config
         device = self.accelerator.device
+        if hasattr(self.engine, "set_iteration"):  # an alpha schedule reads the iteration
+            self.engine.set_iteration(self.state.step)
         with self.timed("rollout"):
             exp = self.engine.generate(
                 prompts, self.sampling, generator=generator, group_offset=group_offset
@@ -280,6 +282,10 @@ class PolicyGradientTrainer(OnlineTrainer):
         if exp.values is not None:
             metrics["critic/vf_explained_var"] = explained_variance(exp.values, exp.returns, mask)
             metrics["critic/values_mean"] = masked_mean(exp.values, mask)
+        # The engine's own statistics (a teacher-guided engine's alpha and fallback share);
+        # the trainer's importance-weight statistics below take precedence.
+        for name, value in getattr(self.engine, "last_stats", {}).items():
+            metrics[name] = torch.tensor(float(value), device=scores.device)
         if exp.is_weights is not None:
             metrics["sampling/is_weight_max"] = torch.where(mask, exp.is_weights, 0.0).max()
             ess = effective_sample_size(exp.is_weights, mask.float())
@@ -348,6 +354,8 @@ class PolicyGradientTrainer(OnlineTrainer):
                 # Weighted by pi/pi_old (detached): the KL gradient identities hold for samples
                 # of pi, and after the first update the samples are pi_old's (TRL #3025).
                 ratio = torch.exp((logp - batch.old_logprobs).clamp(-20, 20)).detach()
+                if batch.is_weights is not None:  # samples of mu, not pi_old: pi_old/mu too
+                    ratio = ratio * batch.is_weights
                 kl_tokens = kl_loss_values(
                     logp, batch.reference_logprobs, cfg.kl.resolved_estimator
                 )
@@ -487,13 +495,33 @@ def build_pg_trainer(cfg: PGConfig) -> PolicyGradientTrainer:
         else None
     )
     reward = build_reward_source([s.spec() for s in cfg.rewards], tokenizer=tokenizer)
+    engine = None
+    if cfg.rollout.teacher:
+        from alignkit.rollout.teacher import TeacherGuidedEngine
+
+        teacher, teacher_tokenizer = load_policy(cfg.rollout.teacher, dtype=cfg.model.dtype)
+        engine = TeacherGuidedEngine(
+            model,
+            teacher,
+            tokenizer,
+            alpha=cfg.rollout.alpha,
+            teacher_tokenizer=teacher_tokenizer,
+            floor=cfg.rollout.teacher_floor,
+        )
     critic = None
     if cfg.critic is not None:
         name = cfg.model.name if cfg.critic.model == "policy" else cfg.critic.model
         critic, _ = load_reward_model(name, dtype=cfg.model.dtype, seed=cfg.seed)
         critic.train()
     return PolicyGradientTrainer(
-        cfg, model, tokenizer, prompts, reward, eval_prompts=eval_prompts, critic=critic
+        cfg,
+        model,
+        tokenizer,
+        prompts,
+        reward,
+        engine=engine,
+        eval_prompts=eval_prompts,
+        critic=critic,
     )
 
 

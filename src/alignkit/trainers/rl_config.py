@@ -112,7 +112,33 @@ class RolloutConfig:
         ),
     )
 
+    teacher: str | None = field(
+        default=None,
+        metadata=_help(
+            "A causal LM with the policy's tokenizer: sample each token from a policy/teacher "
+            "proposal (seed 001) instead of the policy; importance weights then apply "
+            "(docs/teacher-guided-sampling.md). null: on-policy sampling."
+        ),
+    )
+    alpha: str | float = field(
+        default="kl_symmetry",
+        metadata=_help(
+            "With a teacher: kl_symmetry (per-position alpha with KL(q||pi) = KL(q||teacher)), "
+            "snr (usually 1: on-policy), min_variance (the variance-optimal proposal for the "
+            "teacher log-ratio), a fixed number in [0, 1] (q ~ pi^alpha teacher^(1-alpha)), or "
+            "linear:START:END:ITERATIONS (a schedule over iterations)."
+        ),
+    )
+    teacher_floor: float = field(
+        default=0.1,
+        metadata=_help("alpha=min_variance: the policy's share of the proposal (weights <= 1/it)."),
+    )
+
     def __post_init__(self) -> None:
+        from alignkit.rollout.teacher import parse_alpha
+
+        parse_alpha(self.alpha)  # ConfigError naming the valid forms
+        _require(0 < self.teacher_floor <= 1, "teacher_floor must lie in (0, 1]")
         _require(self.prompts_per_iteration >= 1, "prompts_per_iteration must be >= 1")
         _require(self.samples_per_prompt >= 1, "samples_per_prompt must be >= 1")
         _require(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
