@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from alignkit.cli import main
-from alignkit.data.synthetic import write_task
+from alignkit.data.synthetic import write_task, write_verifiable_tasks
 from alignkit.recommend import (
     RECOMMENDATION_SCHEMA,
     Features,
@@ -29,6 +29,7 @@ from alignkit.recommend.scoring import suggest_hyperparameters
 def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("task")
     write_task(out / "data", seed=0)
+    write_verifiable_tasks(out / "data", seed=0)
     return out / "data"
 
 
@@ -253,3 +254,22 @@ def test_the_docs_show_the_rule_table_of_the_code() -> None:
 
     doc = Path(__file__).parents[2] / "docs" / "recommender.md"
     assert rules_markdown() in doc.read_text(encoding="utf-8")
+
+
+def test_a_verifiable_task_gets_a_grpo_config_that_runs(
+    task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "grpo.yaml"
+    code, out = _run(["recommend", "--data", str(task_dir / "sort_prompts.jsonl"),
+                      "--online-reward", "sort_match", "--model", "tiny", "--gpus", "0",
+                      "--gpu-memory", "16", "--json", "--out", str(config)], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["recommendation"] == "grpo"
+    assert report["hyperparameters"]["rewards"] == [{"function": "sort_match", "weight": 1.0}]
+    code, out = _run(["train", "grpo", "-c", str(config), "train.iterations=2",
+                      "logging.progress_bar=false", "logging.plots=false"], capsys)
+    assert code == 0
+    assert json.loads(out.strip().splitlines()[-1])["step"] == 2
