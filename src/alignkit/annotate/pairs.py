@@ -262,8 +262,8 @@ def create_tasks(
 ) -> TaskReport:
     """Make pair tasks for prompts that have >= 2 model responses and no tasks yet.
 
-    Tasks are served in creation order (``assign._candidate``: fewest annotators missing, then
-    task id), so with a ``scorer`` (an ensemble, ``--by uncertainty``) this call's tasks are
+    Tasks are served in creation order (``assign._candidate``: tasks already partly assigned
+    first, then by task id), so with a ``scorer`` (an ensemble, ``--by uncertainty``) this call's tasks are
     inserted most uncertain first by ``alignkit.data.select.select_uncertain`` (``measure``: std,
     variance_ratio or entropy); otherwise in the order prompts were picked. Scoring runs outside
     the write transaction, so annotators keep claiming meanwhile.
