@@ -4,25 +4,38 @@ pairs of their responses to compare (exhaustive for three or fewer, else smart s
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from alignkit.annotate.db import Database, utcnow
 from alignkit.annotate.schema import Prompt, Response, Task
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, ConfigError
+
+if TYPE_CHECKING:  # torch-backed: imported only when a task order needs them
+    from alignkit.data.select import MemberScorer
+    from alignkit.models.ensemble import RewardEnsemble
+
+UNCERTAINTIES = ("std", "variance_ratio", "entropy")  # alignkit.ops.evaluation, checked in tests
 
 __all__ = [
     "DEFAULT_MIX",
+    "ORDERS",
     "STRATEGIES",
     "TaskReport",
     "create_tasks",
+    "load_uncertainty_scorer",
     "parse_mix",
     "sample_pairs",
     "select_prompts",
+    "uncertainty_scorer",
 ]
 
 STRATEGIES = ("high_value", "underrepresented", "adversarial", "random")
@@ -148,6 +161,93 @@ class TaskReport:
     by_strategy: dict[str, int]
 
 
+ORDERS = ("strategy", "uncertainty")
+
+
+def uncertainty_scorer(
+    by: str, ensemble: str | Path | None, measure: str, device: str | None = None
+) -> RewardEnsemble | None:
+    """The scorer ``create_tasks`` orders by: None for ``--by strategy``, else the ensemble."""
+    if by not in ORDERS:
+        raise ConfigError(f"--by must be one of {', '.join(ORDERS)}, got {by!r}")
+    if measure not in UNCERTAINTIES:
+        raise ConfigError(f"--measure must be one of {', '.join(UNCERTAINTIES)}, got {measure!r}")
+    if by == "strategy":
+        if ensemble is not None:
+            raise ConfigError("--ensemble is only used with --by uncertainty")
+        return None
+    if ensemble is None:
+        raise ConfigError("--by uncertainty needs --ensemble RUN (an rm-ensemble run directory)")
+    return load_uncertainty_scorer(ensemble, device)
+
+
+def load_uncertainty_scorer(path: str | Path, device: str | None = None) -> RewardEnsemble:
+    """An ensemble run (>= 2 members) whose every tokenizer can score, for ``--by uncertainty``."""
+    from alignkit.models.ensemble import load_reward_source
+
+    scorer = load_reward_source(path, device=device)
+    if len(scorer) < 2:
+        raise ConfigError(f"--ensemble {path}: uncertainty needs an ensemble of >= 2 members")
+    for tokenizer, members in scorer.groups:
+        missing = [
+            n for n in ("pad_token_id", "eos_token_id") if getattr(tokenizer, n, None) is None
+        ]
+        if missing:
+            names = ", ".join(scorer.names[k] for k in members)
+            raise ConfigError(
+                f"--ensemble {path}: the tokenizer of {names} has no {' or '.join(missing)}; "
+                "it cannot score responses"
+            )
+    return scorer
+
+
+@dataclass(frozen=True)
+class _Planned:
+    prompt_id: int
+    strategy: str
+    a: Response
+    b: Response
+
+
+def _plan(
+    session: Session,
+    num_prompts: int | None,
+    max_pairs: int,
+    mix: Mapping[str, float],
+    rng: random.Random,
+) -> tuple[list[_Planned], dict[int, Any]]:
+    """The pairs to make, in serving order, and the prompts they belong to (decoded)."""
+    has_tasks = select(Task.prompt_id).where(Task.is_gold.is_(False))
+    responses: dict[int, list[Response]] = {}
+    for r in session.scalars(
+        select(Response).where(Response.kind == "model").order_by(Response.id)
+    ):
+        responses.setdefault(r.prompt_id, []).append(r)
+    candidates = [
+        p
+        for p in session.scalars(
+            select(Prompt).where(Prompt.id.not_in(has_tasks)).order_by(Prompt.id)
+        )
+        if len(responses.get(p.id, ())) >= 2
+    ]
+    per_category = dict(
+        session.execute(
+            select(Prompt.category, func.count(Task.id))
+            .join(Task, Task.prompt_id == Prompt.id)
+            .where(Task.is_gold.is_(False))
+            .group_by(Prompt.category)
+        ).all()
+    )
+    count = len(candidates) if num_prompts is None else num_prompts
+    planned = [
+        _Planned(prompt.id, strategy, a, b)
+        for prompt, strategy in select_prompts(candidates, per_category, count, mix, rng)
+        for a, b in sample_pairs(responses[prompt.id], max_pairs, rng)
+    ]
+    prompts = {p.id: json.loads(p.prompt_json) for p in candidates}
+    return planned, prompts
+
+
 def create_tasks(
     db: Database,
     *,
@@ -157,53 +257,58 @@ def create_tasks(
     mix: Mapping[str, float] | None = None,
     ask_safety: bool = False,
     seed: int = 0,
+    scorer: MemberScorer | None = None,
+    measure: str = "std",
 ) -> TaskReport:
-    """Make pair tasks for prompts that have >= 2 model responses and no tasks yet."""
+    """Make pair tasks for prompts that have >= 2 model responses and no tasks yet.
+
+    Tasks are served in creation order (``assign._candidate``: tasks already partly assigned
+    first, then by task id), so with a ``scorer`` (an ensemble, ``--by uncertainty``) this call's tasks are
+    inserted most uncertain first by ``alignkit.data.select.select_uncertain`` (``measure``: std,
+    variance_ratio or entropy); otherwise in the order prompts were picked. Scoring runs outside
+    the write transaction, so annotators keep claiming meanwhile.
+    """
     if annotators_per_task < 1:
         raise AlignkitError("--annotators-per-task must be >= 1")
     if max_pairs_per_prompt < 1:
         raise AlignkitError("--max-pairs-per-prompt must be >= 1")
+    if measure not in UNCERTAINTIES:
+        raise ConfigError(f"--measure must be one of {', '.join(UNCERTAINTIES)}, got {measure!r}")
     rng = random.Random(seed)
-    with db.write() as session:
-        has_tasks = select(Task.prompt_id).where(Task.is_gold.is_(False))
-        responses: dict[int, list[Response]] = {}
-        for r in session.scalars(
-            select(Response).where(Response.kind == "model").order_by(Response.id)
-        ):
-            responses.setdefault(r.prompt_id, []).append(r)
-        candidates = [
-            p
-            for p in session.scalars(
-                select(Prompt).where(Prompt.id.not_in(has_tasks)).order_by(Prompt.id)
-            )
-            if len(responses.get(p.id, ())) >= 2
-        ]
-        per_category = dict(
-            session.execute(
-                select(Prompt.category, func.count(Task.id))
-                .join(Task, Task.prompt_id == Prompt.id)
-                .where(Task.is_gold.is_(False))
-                .group_by(Prompt.category)
-            ).all()
+    with db.read() as session:
+        planned, prompts = _plan(
+            session, num_prompts, max_pairs_per_prompt, mix or DEFAULT_MIX, rng
         )
-        count = len(candidates) if num_prompts is None else num_prompts
-        picked = select_prompts(candidates, per_category, count, mix or DEFAULT_MIX, rng)
-        made: Counter[str] = Counter()
-        for prompt, strategy in picked:
-            for a, b in sample_pairs(responses[prompt.id], max_pairs_per_prompt, rng):
-                session.add(
-                    Task(
-                        prompt_id=prompt.id,
-                        response_a_id=a.id,
-                        response_b_id=b.id,
-                        target=annotators_per_task,
-                        assigned=0,
-                        submitted=0,
-                        is_gold=False,
-                        strategy=strategy,
-                        ask_safety=ask_safety,
-                        created_at=utcnow(),
-                    )
+    if scorer is not None and planned:
+        from alignkit.data.select import select_uncertain
+
+        pairs = [
+            ({"index": i}, {"prompt": prompts[t.prompt_id], "a": t.a.text, "b": t.b.text})
+            for i, t in enumerate(planned)
+        ]
+        ranked = select_uncertain(scorer, pairs, len(pairs), measure)
+        planned = [planned[row["index"]] for row in ranked]
+    made: Counter[str] = Counter()
+    with db.write() as session:
+        # A create-tasks that ran while this one scored may have taken some of the prompts.
+        taken = set(session.scalars(select(Task.prompt_id).where(Task.is_gold.is_(False))))
+        for t in planned:
+            if t.prompt_id in taken:
+                continue
+            session.add(
+                Task(
+                    prompt_id=t.prompt_id,
+                    response_a_id=t.a.id,
+                    response_b_id=t.b.id,
+                    target=annotators_per_task,
+                    assigned=0,
+                    submitted=0,
+                    is_gold=False,
+                    strategy=t.strategy,
+                    ask_safety=ask_safety,
+                    created_at=utcnow(),
                 )
-                made[strategy] += 1
-    return TaskReport(prompts=len(picked), tasks=sum(made.values()), by_strategy=dict(made))
+            )
+            made[t.strategy] += 1
+    prompts_made = len({t.prompt_id for t in planned if t.prompt_id not in taken})
+    return TaskReport(prompts=prompts_made, tasks=sum(made.values()), by_strategy=dict(made))

@@ -38,7 +38,14 @@ from alignkit.annotate.assign import (
 )
 from alignkit.annotate.db import Database
 from alignkit.annotate.export import export_rows
-from alignkit.annotate.pairs import DEFAULT_MIX, STRATEGIES, create_tasks
+from alignkit.annotate.pairs import (
+    DEFAULT_MIX,
+    ORDERS,
+    STRATEGIES,
+    UNCERTAINTIES,
+    create_tasks,
+    uncertainty_scorer,
+)
 from alignkit.annotate.quality import QualityConfig, stats
 from alignkit.annotate.schema import Annotator
 from alignkit.errors import AlignkitError
@@ -160,6 +167,9 @@ class TasksBody(BaseModel):
     mix: dict[Literal[STRATEGIES], float] = Field(default_factory=lambda: dict(DEFAULT_MIX))  # type: ignore[valid-type]
     ask_safety: bool = False
     seed: int = 0
+    by: Literal[ORDERS] = "strategy"  # type: ignore[valid-type]
+    ensemble: str | None = Field(default=None, max_length=4096)  # a run directory on the server
+    measure: Literal[UNCERTAINTIES] = "std"  # type: ignore[valid-type]
 
 
 class GoldBody(BaseModel):
@@ -333,7 +343,9 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/api/admin/tasks")
     def admin_tasks(body: TasksBody, _: Admin) -> dict[str, Any]:
-        report = create_tasks(db, **body.model_dump())
+        options = body.model_dump()
+        scorer = uncertainty_scorer(options.pop("by"), options.pop("ensemble"), options["measure"])
+        report = create_tasks(db, scorer=scorer, **options)
         return {"prompts": report.prompts, "tasks": report.tasks, "by_strategy": report.by_strategy}
 
     @app.post("/api/admin/annotators")

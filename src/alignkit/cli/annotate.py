@@ -159,21 +159,52 @@ def register(app: typer.Typer) -> None:
             False, "--ask-safety", help="Also ask 'which is safer / is each safe'."
         ),
         seed: int = typer.Option(0, help="Seed of prompt and pair sampling."),
+        by: str = typer.Option(
+            "strategy",
+            "--by",
+            help="Serving order: strategy (as prompts were picked) or uncertainty (the pairs "
+            "--ensemble is least sure of first).",
+        ),
+        ensemble: str = typer.Option(
+            None, help="An rm-ensemble run directory (>= 2 members), for --by uncertainty."
+        ),
+        measure: str = typer.Option(
+            "std", help="std (members' margin spread), variance_ratio (vote split) or entropy."
+        ),
+        device: str = typer.Option(None, help="Where the members run (default cpu)."),
         db: str = typer.Option("annotate.db", "--db", help=DB_HELP),
     ) -> None:
         """Make pair tasks: all pairs for <= 3 responses, else smart sampling."""
-        from alignkit.annotate.pairs import create_tasks as run
-        from alignkit.annotate.pairs import parse_mix
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        report = run(
-            _db(db),
-            num_prompts=num_prompts,
-            annotators_per_task=annotators_per_task,
-            max_pairs_per_prompt=max_pairs_per_prompt,
-            mix=parse_mix(mix),
-            ask_safety=ask_safety,
-            seed=seed,
-        )
+        from alignkit.annotate.pairs import create_tasks as run
+        from alignkit.annotate.pairs import parse_mix, uncertainty_scorer
+
+        scorer = uncertainty_scorer(by, ensemble, measure, device)
+        with Progress(
+            TextColumn("scoring"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(),
+            transient=True,
+            disable=scorer is None,
+        ) as bar:
+            if scorer is not None:  # each response is scored twice: as a and as b of its pairs
+                job = bar.add_task("scoring", total=None)
+                scorer.on_progress = lambda done, total: bar.update(
+                    job, completed=done, total=total
+                )
+            report = run(
+                _db(db),
+                num_prompts=num_prompts,
+                annotators_per_task=annotators_per_task,
+                max_pairs_per_prompt=max_pairs_per_prompt,
+                mix=parse_mix(mix),
+                ask_safety=ask_safety,
+                seed=seed,
+                scorer=scorer,
+                measure=measure,
+            )
         out.print(
             f"[green]created[/] {report.tasks} tasks for {report.prompts} prompts {report.by_strategy}",
             highlight=False,
