@@ -11,7 +11,6 @@ from typing import Literal
 import pytest
 import yaml
 
-from alignkit import config as config_module
 from alignkit.config import (
     VERSIONS_KEY,
     OptimConfig,
@@ -20,6 +19,7 @@ from alignkit.config import (
     load_config,
     save_resolved_config,
 )
+from alignkit.config import schema as config_module
 from alignkit.errors import ConfigError
 
 

@@ -1,0 +1,270 @@
+"""The config dataclasses every run shares: optimiser, evaluation, logging, checkpoints, and
+the run and offline-schedule settings (`RunConfig`, `TrainConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from alignkit.errors import ConfigError
+
+T = TypeVar("T")
+
+#: Top-level key of a written config that records library versions; ignored when loading.
+VERSIONS_KEY = "_versions"
+#: In a run's config.yaml: the settings changed on a resume, each with the step it took effect.
+CHANGES_KEY = "_changes"
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+# --------------------------------------------------------------------------------------
+# Shared sub-configs of every offline trainer
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, its learning-rate schedule and gradient clipping."""
+
+    lr: float = field(default=1e-5, metadata=_help("Peak learning rate of AdamW."))
+    betas: tuple[float, float] = field(
+        default=(0.9, 0.999), metadata=_help("AdamW (beta1, beta2).")
+    )
+    eps: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
+    weight_decay: float = field(
+        default=0.0,
+        metadata=_help(
+            "Decoupled weight decay; applied to matrices only, never to biases or norms."
+        ),
+    )
+    schedule: Literal["constant", "linear", "cosine"] = field(
+        default="linear",
+        metadata=_help("Learning-rate decay after warm-up: constant, linear to 0, or cosine to 0."),
+    )
+    warmup_ratio: float = field(
+        default=0.0,
+        metadata=_help("Fraction of the optimizer steps spent warming up linearly from 0."),
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata=_help("Warm-up length in optimizer steps; overrides warmup_ratio.")
+    )
+    max_grad_norm: float | None = field(
+        default=1.0, metadata=_help("Clip the global gradient norm to this value; null: no clip.")
+    )
+    max_consecutive_skipped_steps: int = field(
+        default=10,
+        metadata=_help(
+            "A step whose gradient norm is inf/NaN is skipped; stop the run after more than "
+            "this many skipped steps in a row."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr must be > 0")
+        _require(all(0 <= b < 1 for b in self.betas), "betas must lie in [0, 1)")
+        _require(self.eps > 0, "eps must be > 0")
+        _require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio must lie in [0, 1)")
+        _require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        _require(
+            self.max_consecutive_skipped_steps >= 0, "max_consecutive_skipped_steps must be >= 0"
+        )
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when an evaluation metric has not improved for `patience` evaluations."""
+
+    metric: str | None = field(
+        default=None, metadata=_help("Evaluation metric to watch, e.g. eval/loss; null: off.")
+    )
+    mode: Literal["auto", "min", "max"] = field(
+        default="auto",
+        metadata=_help(
+            "Whether a lower (min) or higher (max) value is better; auto: max for accuracy-, "
+            "reward-, margin- and win-rate-like names, min otherwise (losses, costs)."
+        ),
+    )
+    patience: int = field(
+        default=3, metadata=_help("Evaluations without improvement before training stops.")
+    )
+    min_delta: float = field(
+        default=0.0, metadata=_help("Smallest change that counts as an improvement.")
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.patience >= 1, "patience must be >= 1")
+        _require(self.min_delta >= 0, "min_delta must be >= 0")
+
+    @property
+    def direction(self) -> Literal["min", "max"]:
+        """`mode`, with auto resolved from the metric's name."""
+        if self.mode != "auto":
+            return self.mode
+        name = (self.metric or "").lower()
+        higher = ("accurac", "acc", "reward", "margin", "win_rate", "f1", "helpful")
+        return "max" if any(word in name for word in higher) and "loss" not in name else "min"
+
+
+@dataclass
+class EvalConfig:
+    """When and how to evaluate."""
+
+    every: int | None = field(
+        default=None,
+        metadata=_help("Evaluate every N optimizer steps (and at the end); null: at the end only."),
+    )
+    examples_per_device: int = field(
+        default=8, metadata=_help("Evaluation examples per device per forward pass.")
+    )
+    early_stopping: EarlyStoppingConfig = field(
+        default_factory=EarlyStoppingConfig, metadata=_help("Early stopping on an eval metric.")
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.every is None or self.every >= 1, "every must be >= 1")
+        _require(self.examples_per_device >= 1, "examples_per_device must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go and how often."""
+
+    every: int = field(default=10, metadata=_help("Log metrics every N optimizer steps."))
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = field(
+        default_factory=lambda: ["jsonl"],
+        metadata=_help(
+            "Metric sinks; metrics.jsonl is always written. tensorboard and wandb need their "
+            "packages installed. A single name is accepted as a one-item list."
+        ),
+    )
+    progress_bar: bool = field(
+        default=True, metadata=_help("Show a progress bar with ETA and key metrics.")
+    )
+    console_format: str | None = field(
+        default=None,
+        metadata=_help(
+            "Line printed at each logging step, a str.format template over metric names plus "
+            "step, total_steps, epoch (fractional) and epoch_number (1-based), e.g. "
+            "'Epoch {epoch_number} step {step} loss={loss:.4f}'. null: the trainer's default; "
+            "'': none."
+        ),
+    )
+    wandb_project: str = field(default="alignkit", metadata=_help("W&B project name."))
+    plots: bool = field(
+        default=True, metadata=_help("Write PNG curves into plots/ at the end of training.")
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "every must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints in <run>/checkpoints/step-N/."""
+
+    every: int | None = field(
+        default=None,
+        metadata=_help("Save every N optimizer steps (and at the end); null: at the end only."),
+    )
+    keep_last: int | None = field(
+        default=2, metadata=_help("Keep the newest K checkpoints; null: keep all.")
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.every is None or self.every >= 1, "every must be >= 1")
+        _require(self.keep_last is None or self.keep_last >= 1, "keep_last must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """Settings of every run, whatever its schedule: where it writes, seed, precision,
+    optimizer, evaluation, logging and checkpoints (:class:`alignkit.trainers.run.RunLoop`).
+
+    A schedule's config adds its own batch words: :class:`TrainConfig` the offline ones
+    (epochs, examples per device, accumulation); an online config prompts and sequences.
+    """
+
+    run_name: str = field(default="run", metadata=_help("Run directory name under output_dir."))
+    output_dir: str = field(default="runs", metadata=_help("Parent folder of run directories."))
+    resume_from: str | None = field(
+        default=None,
+        metadata=_help(
+            "Run directory to continue from its newest complete checkpoint (writes there)."
+        ),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=_help("Start afresh in an existing run directory, deleting its old results."),
+    )
+    allow_change: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "On resume: settings that may differ from the run's, e.g. [optim.lr] (CLI: "
+            "--allow-change optim.lr). Each applies from the resumed step and is recorded in "
+            "config.yaml under _changes; any other difference is refused."
+        ),
+    )
+    seed: int = field(default=0, metadata=_help("Seed of Python, NumPy, torch and data order."))
+    precision: Literal["fp32", "bf16"] = field(
+        default="fp32", metadata=_help("fp32, or bf16 autocast (weights stay in their dtype).")
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("Recompute activations in backward to save memory.")
+    )
+    dataloader_workers: int = field(
+        default=0, metadata=_help("Worker processes that collate batches; 0: in the main one.")
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata=_help("Optimizer."))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("Evaluation."))
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_help("Logging."))
+    checkpoint: CheckpointConfig = field(
+        default_factory=CheckpointConfig, metadata=_help("Checkpoints.")
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.dataloader_workers >= 0, "dataloader_workers must be >= 0")
+        _require(bool(self.run_name.strip()), "run_name must not be empty")
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run writes: `resume_from` when resuming, else output_dir/run_name."""
+        if self.resume_from:
+            return Path(self.resume_from)
+        return Path(self.output_dir) / self.run_name
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Settings of the offline loop (epochs over a dataset); every offline trainer's config
+    inherits them."""
+
+    epochs: int = field(default=1, metadata=_help("Passes over the training data."))
+    max_steps: int | None = field(
+        default=None, metadata=_help("Stop after this many optimizer steps; overrides epochs.")
+    )
+    examples_per_device: int = field(
+        default=8, metadata=_help("Training examples (rows) per device per forward pass.")
+    )
+    grad_accum_steps: int = field(
+        default=1, metadata=_help("Forward passes whose gradients make one optimizer step.")
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.epochs >= 1, "epochs must be >= 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        _require(self.examples_per_device >= 1, "examples_per_device must be >= 1")
+        _require(self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
