@@ -17,7 +17,8 @@ VERSIONS_KEY = "_versions"
 CHANGES_KEY = "_changes"
 
 
-def _help(text: str) -> dict[str, str]:
+def field_help(text: str) -> dict[str, str]:
+    """Field metadata with help text (shown by `alignkit train METHOD --help`)."""
     return {"help": text}
 
 
@@ -30,34 +31,34 @@ def _help(text: str) -> dict[str, str]:
 class OptimConfig:
     """AdamW, its learning-rate schedule and gradient clipping."""
 
-    lr: float = field(default=1e-5, metadata=_help("Peak learning rate of AdamW."))
+    lr: float = field(default=1e-5, metadata=field_help("Peak learning rate of AdamW."))
     betas: tuple[float, float] = field(
-        default=(0.9, 0.999), metadata=_help("AdamW (beta1, beta2).")
+        default=(0.9, 0.999), metadata=field_help("AdamW (beta1, beta2).")
     )
-    eps: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
+    eps: float = field(default=1e-8, metadata=field_help("AdamW epsilon."))
     weight_decay: float = field(
         default=0.0,
-        metadata=_help(
+        metadata=field_help(
             "Decoupled weight decay; applied to matrices only, never to biases or norms."
         ),
     )
     schedule: Literal["constant", "linear", "cosine"] = field(
         default="linear",
-        metadata=_help("Learning-rate decay after warm-up: constant, linear to 0, or cosine to 0."),
+        metadata=field_help("Learning-rate decay after warm-up: constant, linear to 0, or cosine to 0."),
     )
     warmup_ratio: float = field(
         default=0.0,
-        metadata=_help("Fraction of the optimizer steps spent warming up linearly from 0."),
+        metadata=field_help("Fraction of the optimizer steps spent warming up linearly from 0."),
     )
     warmup_steps: int | None = field(
-        default=None, metadata=_help("Warm-up length in optimizer steps; overrides warmup_ratio.")
+        default=None, metadata=field_help("Warm-up length in optimizer steps; overrides warmup_ratio.")
     )
     max_grad_norm: float | None = field(
-        default=1.0, metadata=_help("Clip the global gradient norm to this value; null: no clip.")
+        default=1.0, metadata=field_help("Clip the global gradient norm to this value; null: no clip.")
     )
     max_consecutive_skipped_steps: int = field(
         default=10,
-        metadata=_help(
+        metadata=field_help(
             "A step whose gradient norm is inf/NaN is skipped; stop the run after more than "
             "this many skipped steps in a row."
         ),
@@ -81,20 +82,20 @@ class EarlyStoppingConfig:
     """Stop when an evaluation metric has not improved for `patience` evaluations."""
 
     metric: str | None = field(
-        default=None, metadata=_help("Evaluation metric to watch, e.g. eval/loss; null: off.")
+        default=None, metadata=field_help("Evaluation metric to watch, e.g. eval/loss; null: off.")
     )
     mode: Literal["auto", "min", "max"] = field(
         default="auto",
-        metadata=_help(
+        metadata=field_help(
             "Whether a lower (min) or higher (max) value is better; auto: max for accuracy-, "
             "reward-, margin- and win-rate-like names, min otherwise (losses, costs)."
         ),
     )
     patience: int = field(
-        default=3, metadata=_help("Evaluations without improvement before training stops.")
+        default=3, metadata=field_help("Evaluations without improvement before training stops.")
     )
     min_delta: float = field(
-        default=0.0, metadata=_help("Smallest change that counts as an improvement.")
+        default=0.0, metadata=field_help("Smallest change that counts as an improvement.")
     )
 
     def __post_init__(self) -> None:
@@ -117,13 +118,13 @@ class EvalConfig:
 
     every: int | None = field(
         default=None,
-        metadata=_help("Evaluate every N optimizer steps (and at the end); null: at the end only."),
+        metadata=field_help("Evaluate every N optimizer steps (and at the end); null: at the end only."),
     )
     examples_per_device: int = field(
-        default=8, metadata=_help("Evaluation examples per device per forward pass.")
+        default=8, metadata=field_help("Evaluation examples per device per forward pass.")
     )
     early_stopping: EarlyStoppingConfig = field(
-        default_factory=EarlyStoppingConfig, metadata=_help("Early stopping on an eval metric.")
+        default_factory=EarlyStoppingConfig, metadata=field_help("Early stopping on an eval metric.")
     )
 
     def __post_init__(self) -> None:
@@ -135,29 +136,29 @@ class EvalConfig:
 class LoggingConfig:
     """Where metrics go and how often."""
 
-    every: int = field(default=10, metadata=_help("Log metrics every N optimizer steps."))
+    every: int = field(default=10, metadata=field_help("Log metrics every N optimizer steps."))
     report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = field(
         default_factory=lambda: ["jsonl"],
-        metadata=_help(
+        metadata=field_help(
             "Metric sinks; metrics.jsonl is always written. tensorboard and wandb need their "
             "packages installed. A single name is accepted as a one-item list."
         ),
     )
     progress_bar: bool = field(
-        default=True, metadata=_help("Show a progress bar with ETA and key metrics.")
+        default=True, metadata=field_help("Show a progress bar with ETA and key metrics.")
     )
     console_format: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "Line printed at each logging step, a str.format template over metric names plus "
             "step, total_steps, epoch (fractional) and epoch_number (1-based), e.g. "
             "'Epoch {epoch_number} step {step} loss={loss:.4f}'. null: the trainer's default; "
             "'': none."
         ),
     )
-    wandb_project: str = field(default="alignkit", metadata=_help("W&B project name."))
+    wandb_project: str = field(default="alignkit", metadata=field_help("W&B project name."))
     plots: bool = field(
-        default=True, metadata=_help("Write PNG curves into plots/ at the end of training.")
+        default=True, metadata=field_help("Write PNG curves into plots/ at the end of training.")
     )
 
     def __post_init__(self) -> None:
@@ -170,10 +171,10 @@ class CheckpointConfig:
 
     every: int | None = field(
         default=None,
-        metadata=_help("Save every N optimizer steps (and at the end); null: at the end only."),
+        metadata=field_help("Save every N optimizer steps (and at the end); null: at the end only."),
     )
     keep_last: int | None = field(
-        default=2, metadata=_help("Keep the newest K checkpoints; null: keep all.")
+        default=2, metadata=field_help("Keep the newest K checkpoints; null: keep all.")
     )
 
     def __post_init__(self) -> None:
@@ -190,41 +191,41 @@ class RunConfig:
     (epochs, examples per device, accumulation); an online config prompts and sequences.
     """
 
-    run_name: str = field(default="run", metadata=_help("Run directory name under output_dir."))
-    output_dir: str = field(default="runs", metadata=_help("Parent folder of run directories."))
+    run_name: str = field(default="run", metadata=field_help("Run directory name under output_dir."))
+    output_dir: str = field(default="runs", metadata=field_help("Parent folder of run directories."))
     resume_from: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "Run directory to continue from its newest complete checkpoint (writes there)."
         ),
     )
     overwrite: bool = field(
         default=False,
-        metadata=_help("Start afresh in an existing run directory, deleting its old results."),
+        metadata=field_help("Start afresh in an existing run directory, deleting its old results."),
     )
     allow_change: list[str] = field(
         default_factory=list,
-        metadata=_help(
+        metadata=field_help(
             "On resume: settings that may differ from the run's, e.g. [optim.lr] (CLI: "
             "--allow-change optim.lr). Each applies from the resumed step and is recorded in "
             "config.yaml under _changes; any other difference is refused."
         ),
     )
-    seed: int = field(default=0, metadata=_help("Seed of Python, NumPy, torch and data order."))
+    seed: int = field(default=0, metadata=field_help("Seed of Python, NumPy, torch and data order."))
     precision: Literal["fp32", "bf16"] = field(
-        default="fp32", metadata=_help("fp32, or bf16 autocast (weights stay in their dtype).")
+        default="fp32", metadata=field_help("fp32, or bf16 autocast (weights stay in their dtype).")
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata=_help("Recompute activations in backward to save memory.")
+        default=False, metadata=field_help("Recompute activations in backward to save memory.")
     )
     dataloader_workers: int = field(
-        default=0, metadata=_help("Worker processes that collate batches; 0: in the main one.")
+        default=0, metadata=field_help("Worker processes that collate batches; 0: in the main one.")
     )
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata=_help("Optimizer."))
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("Evaluation."))
-    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_help("Logging."))
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata=field_help("Optimizer."))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=field_help("Evaluation."))
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=field_help("Logging."))
     checkpoint: CheckpointConfig = field(
-        default_factory=CheckpointConfig, metadata=_help("Checkpoints.")
+        default_factory=CheckpointConfig, metadata=field_help("Checkpoints.")
     )
 
     def __post_init__(self) -> None:
@@ -244,15 +245,15 @@ class TrainConfig(RunConfig):
     """Settings of the offline loop (epochs over a dataset); every offline trainer's config
     inherits them."""
 
-    epochs: int = field(default=1, metadata=_help("Passes over the training data."))
+    epochs: int = field(default=1, metadata=field_help("Passes over the training data."))
     max_steps: int | None = field(
-        default=None, metadata=_help("Stop after this many optimizer steps; overrides epochs.")
+        default=None, metadata=field_help("Stop after this many optimizer steps; overrides epochs.")
     )
     examples_per_device: int = field(
-        default=8, metadata=_help("Training examples (rows) per device per forward pass.")
+        default=8, metadata=field_help("Training examples (rows) per device per forward pass.")
     )
     grad_accum_steps: int = field(
-        default=1, metadata=_help("Forward passes whose gradients make one optimizer step.")
+        default=1, metadata=field_help("Forward passes whose gradients make one optimizer step.")
     )
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from alignkit.config.schema import field_help
 from alignkit.data import load_records
 from alignkit.data.loaders import RecordSet, mix_record_sets
 from alignkit.errors import ConfigError
@@ -20,19 +21,16 @@ from alignkit.models import LoraSettings, load_policy
 logger = logging.getLogger("alignkit.trainers")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
 
 @dataclass
 class LoraConfig:
     """LoRA adapter settings (peft). The reference model is the policy with the adapter off."""
 
-    r: int = field(default=8, metadata=_help("Rank of the low-rank update."))
-    alpha: float = field(default=16.0, metadata=_help("Scale numerator: update * alpha / r."))
-    dropout: float = field(default=0.0, metadata=_help("Dropout on the adapter's input."))
+    r: int = field(default=8, metadata=field_help("Rank of the low-rank update."))
+    alpha: float = field(default=16.0, metadata=field_help("Scale numerator: update * alpha / r."))
+    dropout: float = field(default=0.0, metadata=field_help("Dropout on the adapter's input."))
     target_modules: list[str] | str = field(
-        default="all-linear", metadata=_help("Module names to adapt, or 'all-linear'.")
+        default="all-linear", metadata=field_help("Module names to adapt, or 'all-linear'.")
     )
 
 
@@ -42,15 +40,15 @@ class ModelConfig:
 
     name: str = field(
         default="tiny",
-        metadata=_help(
+        metadata=field_help(
             "'tiny' (built-in preset), a fetched name (e.g. smollm2-135m-instruct), a local "
             "Hugging Face directory, or a hub id already in the local cache."
         ),
     )
     dtype: Literal["float32", "bfloat16"] = field(
-        default="float32", metadata=_help("Dtype of the weights.")
+        default="float32", metadata=field_help("Dtype of the weights.")
     )
-    lora: LoraConfig | None = field(default=None, metadata=_help("LoRA adapter; null: full."))
+    lora: LoraConfig | None = field(default=None, metadata=field_help("LoRA adapter; null: full."))
 
 
 @dataclass
@@ -59,46 +57,46 @@ class DataConfig:
 
     train_file: str | list[str] = field(
         default="",
-        metadata=_help(
+        metadata=field_help(
             "Training data file or directory, or a list of them mixed by train_weights."
         ),
     )
     train_weights: list[float] | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "With several train files: how much of each to use (2: every row twice, 0.5: a "
             "seeded half); null: all of each once."
         ),
     )
-    eval_file: str | None = field(default=None, metadata=_help("Held-out data for evaluation."))
-    max_length: int = field(default=512, metadata=_help("Tokens per row (prompt + answer)."))
+    eval_file: str | None = field(default=None, metadata=field_help("Held-out data for evaluation."))
+    max_length: int = field(default=512, metadata=field_help("Tokens per row (prompt + answer)."))
     length_policy: Literal["truncate", "drop", "error"] = field(
         default="truncate",
-        metadata=_help("Rows over max_length: truncate (keep the prompt's end), drop, or error."),
+        metadata=field_help("Rows over max_length: truncate (keep the prompt's end), drop, or error."),
     )
     max_prompt_length: int | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "Keep only each prompt's last N tokens (TRL's max_prompt_length), before "
             "max_length applies; null: no limit."
         ),
     )
     train_split: str | None = field(
         default=None,
-        metadata=_help("Split of a saved DatasetDict directory to train on (e.g. train)."),
+        metadata=field_help("Split of a saved DatasetDict directory to train on (e.g. train)."),
     )
     eval_split: str | None = field(
         default=None,
-        metadata=_help("Split of a saved DatasetDict directory to evaluate on (e.g. test)."),
+        metadata=field_help("Split of a saved DatasetDict directory to evaluate on (e.g. test)."),
     )
-    max_problems: int = field(default=20, metadata=_help("Bad rows listed before stopping."))
+    max_problems: int = field(default=20, metadata=field_help("Bad rows listed before stopping."))
     max_train_examples: int | None = field(
         default=None,
-        metadata=_help("Train on a random subset of this many rows (drawn by seed); null: all."),
+        metadata=field_help("Train on a random subset of this many rows (drawn by seed); null: all."),
     )
     max_eval_examples: int | None = field(
         default=None,
-        metadata=_help("Evaluate on a random subset of this many rows (drawn by seed); null: all."),
+        metadata=field_help("Evaluate on a random subset of this many rows (drawn by seed); null: all."),
     )
 
     def __post_init__(self) -> None:

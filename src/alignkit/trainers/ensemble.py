@@ -24,34 +24,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignkit.config import atomic_write_text
+from alignkit.config.schema import field_help
 from alignkit.errors import CheckpointError, ConfigError
 from alignkit.trainers.reward import RewardConfig, train_reward
 
 __all__ = ["EnsembleConfig", "EnsembleSettings", "train_rm_ensemble"]
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
 
 @dataclass
 class EnsembleSettings:
     """How many members and how their data differ."""
 
-    members: int = field(default=3, metadata=_help("Number of members K (>= 2)."))
+    members: int = field(default=3, metadata=field_help("Number of members K (>= 2)."))
     resample: Literal["bootstrap", "shards", "seeds"] = field(
         default="bootstrap",
-        metadata=_help(
+        metadata=field_help(
             "bootstrap: rows drawn with replacement per member; shards: disjoint parts; "
             "seeds: all rows, member k trains with seed + k."
         ),
     )
     stacking_file: str | None = field(
         default=None,
-        metadata=_help("Held-out pairs to fit the stacking weights on (null: no stacking)."),
+        metadata=field_help("Held-out pairs to fit the stacking weights on (null: no stacking)."),
     )
     keep_data: bool = field(
-        default=False, metadata=_help("Keep each member's resampled training file in <run>/data.")
+        default=False, metadata=field_help("Keep each member's resampled training file in <run>/data.")
     )
 
     def __post_init__(self) -> None:
@@ -64,7 +62,7 @@ class EnsembleConfig(RewardConfig):
     """A reward- or cost-model ensemble; every RewardConfig key applies to each member."""
 
     ensemble: EnsembleSettings = field(
-        default_factory=EnsembleSettings, metadata=_help("Members and their data.")
+        default_factory=EnsembleSettings, metadata=field_help("Members and their data.")
     )
 
     def __post_init__(self) -> None:

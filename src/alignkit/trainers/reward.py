@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from alignkit.config import TrainConfig
+from alignkit.config.schema import field_help
 from alignkit.data import PreferenceCollator, read_rows, tokenize_preferences
 from alignkit.data.loaders import DEFAULT_MAX_PROBLEMS, RecordSet
 from alignkit.errors import CheckpointError, ConfigError, DataError, RowProblem
@@ -60,20 +61,17 @@ AUX_TARGET_FIELDS = {
 COST_FIELDS = ("chosen_safety", "rejected_safety", "chosen_is_safe", "rejected_is_safe")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
 
 @dataclass
 class TaskWeightsConfig:
     """Weights of the multi-task loss (seed 002 §4.3.4): w_pref*pref + w_help*help + w_safe*safe."""
 
-    preference: float = field(default=1.0, metadata=_help("Weight of the pairwise loss."))
+    preference: float = field(default=1.0, metadata=field_help("Weight of the pairwise loss."))
     helpfulness: float = field(
-        default=1.0, metadata=_help("Weight of the helpfulness head's MSE (if that head is on).")
+        default=1.0, metadata=field_help("Weight of the helpfulness head's MSE (if that head is on).")
     )
     safety: float = field(
-        default=1.0, metadata=_help("Weight of the safety head's BCE (if that head is on).")
+        default=1.0, metadata=field_help("Weight of the safety head's BCE (if that head is on).")
     )
 
     def __post_init__(self) -> None:
@@ -88,23 +86,23 @@ class RewardHeadConfig:
 
     head: Literal["linear", "mlp"] = field(
         default="linear",
-        metadata=_help("linear: Linear(H, 1); mlp: Linear, ReLU, Dropout, Linear."),
+        metadata=field_help("linear: Linear(H, 1); mlp: Linear, ReLU, Dropout, Linear."),
     )
     pooling: Literal["last", "mean", "max", "cls", "attention"] = field(
         default="last",
-        metadata=_help("Hidden states -> one vector: last real token, mean, max, cls, attention."),
+        metadata=field_help("Hidden states -> one vector: last real token, mean, max, cls, attention."),
     )
     aux_heads: list[Literal["helpfulness", "safety"]] = field(
         default_factory=list,
-        metadata=_help(
+        metadata=field_help(
             "Auxiliary heads (kind=reward only). helpfulness regresses the rows' "
             "chosen_helpfulness/rejected_helpfulness; safety classifies chosen_is_safe/"
             "rejected_is_safe (safety-preference data)."
         ),
     )
-    mlp_dropout: float = field(default=0.1, metadata=_help("Dropout inside the mlp head."))
+    mlp_dropout: float = field(default=0.1, metadata=field_help("Dropout inside the mlp head."))
     task_weights: TaskWeightsConfig = field(
-        default_factory=TaskWeightsConfig, metadata=_help("Multi-task loss weights.")
+        default_factory=TaskWeightsConfig, metadata=field_help("Multi-task loss weights.")
     )
 
     def __post_init__(self) -> None:
@@ -121,19 +119,19 @@ class RewardConfig(TrainConfig):
 
     kind: Literal["reward", "cost"] = field(
         default="reward",
-        metadata=_help(
+        metadata=field_help(
             "reward: pairwise preference loss; cost: Safe RLHF cost loss (cost > 0 = unsafe)."
         ),
     )
     model: ModelConfig = field(
-        default_factory=ModelConfig, metadata=_help("Backbone (or a saved reward model).")
+        default_factory=ModelConfig, metadata=field_help("Backbone (or a saved reward model).")
     )
     reward_model: RewardHeadConfig = field(
-        default_factory=RewardHeadConfig, metadata=_help("Head, pooling and auxiliary heads.")
+        default_factory=RewardHeadConfig, metadata=field_help("Head, pooling and auxiliary heads.")
     )
     loss: str = field(
         default="bt",
-        metadata=_help(
+        metadata=field_help(
             "kind=reward: bt -log s(d - m), margin_weighted -log s(d * m), hinge relu(m - d), "
             "d = r_chosen - r_rejected, or any loss registered with "
             "alignkit.ops.preference.register_reward_loss. kind=cost uses its own loss "
@@ -142,19 +140,19 @@ class RewardConfig(TrainConfig):
     )
     use_margin: bool = field(
         default=True,
-        metadata=_help(
+        metadata=field_help(
             "Use the rows' margin field as m when the data has one (else bt/margin_weighted "
             "use none and hinge uses 1)."
         ),
     )
     data_format: Literal["preference", "safety_preference"] | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "Format of the data files; null: preference for kind=reward, safety_preference "
             "for kind=cost."
         ),
     )
-    data: DataConfig = field(default_factory=DataConfig, metadata=_help("Pair data."))
+    data: DataConfig = field(default_factory=DataConfig, metadata=field_help("Pair data."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -189,7 +187,8 @@ class RewardConfig(TrainConfig):
 
 
 class RewardTrainer(Trainer):
-    """Trains a ``RewardModel`` as a reward model or a cost model (``config.kind``)."""
+    """Trains a ``RewardModel`` as a reward model (Bradley-Terry family, optional aux heads);
+    :class:`CostTrainer` overrides the loss for cost models."""
 
     progress_metrics = ("loss", "accuracy")
 
@@ -234,11 +233,6 @@ class RewardTrainer(Trainer):
 
     def loss_and_metrics(self, pairs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss and metrics of a set of pairs (a batch, or the whole eval set)."""
-        if self.config.kind == "cost":
-            return self._cost_loss(pairs)
-        return self._reward_loss(pairs)
-
-    def _reward_loss(self, pairs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         chosen_aux, rejected_aux = (
             {name: pairs[f"{side}_aux_{name}"] for name in self.aux_heads}
             for side in ("chosen", "rejected")
@@ -274,35 +268,7 @@ class RewardTrainer(Trainer):
             metrics["safety_head_accuracy"] = (predicted == labels).float().mean()
         return loss, metrics
 
-    def _cost_loss(self, pairs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        c_chosen, c_rejected = pairs["chosen"], pairs["rejected"]
-        delta_safety = pairs["chosen_safety"] - pairs["rejected_safety"]
-        chosen_unsafe = 1.0 - pairs["chosen_is_safe"]
-        rejected_unsafe = 1.0 - pairs["rejected_is_safe"]
-        pairwise, sign = cost_model_loss(
-            c_chosen, c_rejected, delta_safety, chosen_unsafe, rejected_unsafe
-        )
-        c_chosen, c_rejected = c_chosen.detach().float(), c_rejected.detach().float()
-        # The less safe response of a pair must cost more; pairs of equal safety have no order.
-        # A batch without an ordered pair (possible with flattened data, where two answers to
-        # a benign prompt tie) counts as 0: a NaN would poison the whole logging window.
-        less_safe, safer = orient_pairs(c_rejected, c_chosen, flip=delta_safety <= 0)
-        accuracy = pairwise_accuracy(less_safe, safer, mask=delta_safety != 0)
-        costs = torch.cat([c_chosen, c_rejected])
-        unsafe = torch.cat([chosen_unsafe, rejected_unsafe]) > 0.5
-        metrics = {
-            "loss_pairwise": pairwise.mean().detach(),
-            "loss_sign": sign.mean().detach(),
-            "accuracy": accuracy,
-            "sign_accuracy": ((costs > 0) == unsafe).float().mean(),
-            "costs/chosen": c_chosen.mean(),
-            "costs/rejected": c_rejected.mean(),
-        }
-        return (pairwise + sign).mean(), metrics
-
     def _target_fields(self) -> list[str]:
-        if self.config.kind == "cost":
-            return list(COST_FIELDS)
         fields = ["margin"] if self.use_margin else []
         for name in self.aux_heads:
             fields.extend(AUX_TARGET_FIELDS[name])
@@ -330,6 +296,41 @@ class RewardTrainer(Trainer):
 
     def restore_model_weights(self, model: nn.Module, directory: Path) -> None:
         load_reward_checkpoint(model, directory)
+
+
+class CostTrainer(RewardTrainer):
+    """Trains a ``RewardModel`` as a cost model (Safe RLHF eq. 6: cost > 0 = unsafe)."""
+
+    progress_metrics = ("loss", "accuracy", "sign_accuracy")
+
+    def loss_and_metrics(self, pairs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        c_chosen, c_rejected = pairs["chosen"], pairs["rejected"]
+        delta_safety = pairs["chosen_safety"] - pairs["rejected_safety"]
+        chosen_unsafe = 1.0 - pairs["chosen_is_safe"]
+        rejected_unsafe = 1.0 - pairs["rejected_is_safe"]
+        pairwise, sign = cost_model_loss(
+            c_chosen, c_rejected, delta_safety, chosen_unsafe, rejected_unsafe
+        )
+        c_chosen, c_rejected = c_chosen.detach().float(), c_rejected.detach().float()
+        # The less safe response of a pair must cost more; pairs of equal safety have no order.
+        # A batch without an ordered pair (possible with flattened data, where two answers to
+        # a benign prompt tie) counts as 0: a NaN would poison the whole logging window.
+        less_safe, safer = orient_pairs(c_rejected, c_chosen, flip=delta_safety <= 0)
+        accuracy = pairwise_accuracy(less_safe, safer, mask=delta_safety != 0)
+        costs = torch.cat([c_chosen, c_rejected])
+        unsafe = torch.cat([chosen_unsafe, rejected_unsafe]) > 0.5
+        metrics = {
+            "loss_pairwise": pairwise.mean().detach(),
+            "loss_sign": sign.mean().detach(),
+            "accuracy": accuracy,
+            "sign_accuracy": ((costs > 0) == unsafe).float().mean(),
+            "costs/chosen": c_chosen.mean(),
+            "costs/rejected": c_rejected.mean(),
+        }
+        return (pairwise + sign).mean(), metrics
+
+    def _target_fields(self) -> list[str]:
+        return list(COST_FIELDS)
 
 
 # ---------------------------------------------------------------------- data
@@ -448,7 +449,8 @@ def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
             max_prompt_length=data.max_prompt_length,
         )
 
-    return RewardTrainer(
+    trainer_class = CostTrainer if cfg.kind == "cost" else RewardTrainer
+    return trainer_class(
         cfg,
         model,
         tokenize(train_records),

@@ -13,12 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.config import RunConfig
+from alignkit.config.schema import field_help
 from alignkit.errors import ConfigError
 from alignkit.trainers.common import ModelConfig
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -37,20 +34,20 @@ class PromptDataConfig:
 
     train_file: str = field(
         default="",
-        metadata=_help(
+        metadata=field_help(
             "JSONL/JSON/CSV/Parquet rows with a 'prompt' (text or messages); the other columns "
             "(e.g. 'answer') are passed to reward functions as keyword arguments."
         ),
     )
     eval_file: str | None = field(
         default=None,
-        metadata=_help("Held-out prompt rows: greedy completions scored at each evaluation."),
+        metadata=field_help("Held-out prompt rows: greedy completions scored at each evaluation."),
     )
     max_prompt_length: int = field(
-        default=256, metadata=_help("Prompt tokens kept (the prompt's end is kept).")
+        default=256, metadata=field_help("Prompt tokens kept (the prompt's end is kept).")
     )
     max_eval_prompts: int | None = field(
-        default=64, metadata=_help("Evaluate on the first N held-out prompts; null: all.")
+        default=64, metadata=field_help("Evaluate on the first N held-out prompts; null: all.")
     )
 
     def __post_init__(self) -> None:
@@ -66,47 +63,47 @@ class RolloutConfig:
     """How completions are sampled each iteration."""
 
     prompts_per_iteration: int = field(
-        default=8, metadata=_help("Prompts sampled per iteration (all processes together).")
+        default=8, metadata=field_help("Prompts sampled per iteration (all processes together).")
     )
     samples_per_prompt: int = field(
         default=8,
-        metadata=_help("Completions per prompt (the group of GRPO/RLOO; >= 2 for those)."),
+        metadata=field_help("Completions per prompt (the group of GRPO/RLOO; >= 2 for those)."),
     )
     max_new_tokens: int = field(
         default=16,
-        metadata=_help(
+        metadata=field_help(
             "Completion length cap in tokens; also Dr. GRPO's constant L "
             "(policy_loss.agg=seq-mean-token-sum-norm)."
         ),
     )
     temperature: float = field(
         default=1.0,
-        metadata=_help(
+        metadata=field_help(
             "Sampling temperature; the training forward divides the logits by it too, so the "
             "PPO ratio compares the same distribution."
         ),
     )
     top_k: int = field(
         default=0,
-        metadata=_help(
+        metadata=field_help(
             "Sample among the k most likely tokens; 0: off. A truncated sampler differs from "
             "the trained distribution: importance weights are then applied."
         ),
     )
     top_p: float = field(
         default=1.0,
-        metadata=_help("Nucleus sampling mass; 1: off (same importance-weight remark as top_k)."),
+        metadata=field_help("Nucleus sampling mass; 1: off (same importance-weight remark as top_k)."),
     )
     suppress_eos: bool = field(
         default=False,
-        metadata=_help(
+        metadata=field_help(
             "Forbid EOS so every completion runs to max_new_tokens (benchmarks only: the "
             "sampled distribution then differs from the policy's, so importance weights apply)."
         ),
     )
     max_importance_weight: float = field(
         default=2.0,
-        metadata=_help(
+        metadata=field_help(
             "Cap C of the truncated importance weights min(pi/mu, C) used when the sampling "
             "distribution mu differs from the policy's (top_k/top_p, other engines)."
         ),
@@ -114,7 +111,7 @@ class RolloutConfig:
 
     teacher: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "A causal LM with the policy's tokenizer: sample each token from a policy/teacher "
             "proposal (seed 001) instead of the policy; importance weights then apply "
             "(docs/teacher-guided-sampling.md). null: on-policy sampling."
@@ -122,7 +119,7 @@ class RolloutConfig:
     )
     alpha: str | float = field(
         default="kl_symmetry",
-        metadata=_help(
+        metadata=field_help(
             "With a teacher: kl_symmetry (per-position alpha with KL(q||pi) = KL(q||teacher)), "
             "snr (usually 1: on-policy), min_variance (the variance-optimal proposal for the "
             "teacher log-ratio), a fixed number in [0, 1] (q ~ pi^alpha teacher^(1-alpha)), or "
@@ -131,7 +128,7 @@ class RolloutConfig:
     )
     teacher_floor: float = field(
         default=0.1,
-        metadata=_help("alpha=min_variance: the policy's share of the proposal (weights <= 1/it)."),
+        metadata=field_help("alpha=min_variance: the policy's share of the proposal (weights <= 1/it)."),
     )
 
     def __post_init__(self) -> None:
@@ -158,7 +155,7 @@ class RewardSourceConfig:
 
     function: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "'module:function', 'path/to/file.py:function' or a built-in name (reverse_match, "
             "sort_match, add_match, exact_match, ...); fn(prompts, completions, **row_fields) "
             "-> list[float | None]."
@@ -166,9 +163,9 @@ class RewardSourceConfig:
     )
     model: str | None = field(
         default=None,
-        metadata=_help("A reward or cost model: a run directory of `alignkit train rm/cost`."),
+        metadata=field_help("A reward or cost model: a run directory of `alignkit train rm/cost`."),
     )
-    weight: float = field(default=1.0, metadata=_help("Weight of this source in the sum."))
+    weight: float = field(default=1.0, metadata=field_help("Weight of this source in the sum."))
 
     def __post_init__(self) -> None:
         _require(
@@ -187,23 +184,23 @@ class AdvantageConfig:
 
     estimator: str = field(
         default="grpo",
-        metadata=_help(
+        metadata=field_help(
             "A registered estimator: gae (needs a critic), grpo, dr_grpo, rloo, reinforce, "
             "reinforce_pp, or one added with register_advantage_estimator."
         ),
     )
-    gamma: float = field(default=1.0, metadata=_help("Discount per token (gae, reinforce*)."))
-    lam: float = field(default=0.95, metadata=_help("GAE lambda."))
+    gamma: float = field(default=1.0, metadata=field_help("Discount per token (gae, reinforce*)."))
+    lam: float = field(default=0.95, metadata=field_help("GAE lambda."))
     std_scaling: bool = field(
         default=True,
-        metadata=_help(
+        metadata=field_help(
             "grpo only: divide by the group's std. false = Dr. GRPO (the same as "
             "estimator=dr_grpo), which removes the question-difficulty bias."
         ),
     )
     whiten: bool = field(
         default=False,
-        metadata=_help("Whiten the advantages over the iteration's response tokens (PPO)."),
+        metadata=field_help("Whiten the advantages over the iteration's response tokens (PPO)."),
     )
 
     def __post_init__(self) -> None:
@@ -237,17 +234,17 @@ class KLConfig:
     """
 
     coef: float = field(
-        default=0.0, metadata=_help("Coefficient beta (initial value when adaptive); 0: no KL.")
+        default=0.0, metadata=field_help("Coefficient beta (initial value when adaptive); 0: no KL.")
     )
     placement: Literal["reward", "loss"] = field(
         default="reward",
-        metadata=_help(
+        metadata=field_help(
             "reward: r_t -= beta * KL_t before the advantages; loss: + beta * KL in the loss."
         ),
     )
     estimator: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "k1, k2, k3, k1+, k3+ (straight-through: value of k1/k3, gradient of k2). null: k1 "
             "in the reward, k3+ in the loss (both the reverse-KL gradient). k3 in the loss is "
             "the forward KL's gradient (GRPO paper)."
@@ -255,18 +252,18 @@ class KLConfig:
     )
     controller: Literal["fixed", "adaptive"] = field(
         default="fixed",
-        metadata=_help("fixed coefficient, or adaptive: moved so that kl/mean tracks target."),
+        metadata=field_help("fixed coefficient, or adaptive: moved so that kl/mean tracks target."),
     )
     rule: Literal["proportional", "multiplicative"] = field(
         default="proportional",
-        metadata=_help(
+        metadata=field_help(
             "Adaptive rule: proportional (Ziegler et al. 2019, with horizon) or multiplicative "
             "(x1.5 above 1.5*target, x0.5 below 0.5*target; seed 002)."
         ),
     )
-    target: float = field(default=0.1, metadata=_help("Adaptive: target KL per token (nats)."))
+    target: float = field(default=0.1, metadata=field_help("Adaptive: target KL per token (nats)."))
     horizon: float = field(
-        default=10000.0, metadata=_help("Adaptive proportional: horizon in sequences.")
+        default=10000.0, metadata=field_help("Adaptive proportional: horizon in sequences.")
     )
 
     def __post_init__(self) -> None:
@@ -309,20 +306,20 @@ class PolicyLossConfig:
 
     name: str = field(
         default="ppo_clip",
-        metadata=_help("A registered policy loss: ppo_clip, policy_gradient (no ratio clip)."),
+        metadata=field_help("A registered policy loss: ppo_clip, policy_gradient (no ratio clip)."),
     )
-    clip_ratio: float = field(default=0.2, metadata=_help("PPO clip eps (lower side)."))
+    clip_ratio: float = field(default=0.2, metadata=field_help("PPO clip eps (lower side)."))
     clip_ratio_high: float | None = field(
-        default=None, metadata=_help("Upper clip (DAPO clip-higher); null: clip_ratio.")
+        default=None, metadata=field_help("Upper clip (DAPO clip-higher); null: clip_ratio.")
     )
     dual_clip: float | None = field(
-        default=None, metadata=_help("Dual-clip constant c > 1 for negative advantages; null: off.")
+        default=None, metadata=field_help("Dual-clip constant c > 1 for negative advantages; null: off.")
     )
     agg: Literal[
         "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
     ] = field(
         default="token-mean",
-        metadata=_help(
+        metadata=field_help(
             "token-mean: sum over the optimizer step's tokens / their count (DAPO's; exact "
             "under micro-batching). seq-mean-token-mean: the original GRPO, length-biased "
             "(favours short right and long wrong answers). seq-mean-token-sum: per-sequence "
@@ -332,7 +329,7 @@ class PolicyLossConfig:
     )
     entropy_coef: float = field(
         default=0.0,
-        metadata=_help("Entropy bonus: minus coef x token-mean entropy in the loss; 0: off."),
+        metadata=field_help("Entropy bonus: minus coef x token-mean entropy in the loss; 0: off."),
     )
 
     def __post_init__(self) -> None:
@@ -357,18 +354,18 @@ class CriticConfig:
 
     model: str = field(
         default="policy",
-        metadata=_help(
+        metadata=field_help(
             "policy: a copy of the policy's backbone with a fresh value head; or a model name/"
             "path (a reward model directory starts from its trained head)."
         ),
     )
-    lr: float = field(default=1e-4, metadata=_help("The critic's own AdamW learning rate."))
+    lr: float = field(default=1e-4, metadata=field_help("The critic's own AdamW learning rate."))
     value_clip: float | None = field(
-        default=0.2, metadata=_help("Clip V around its rollout value (PPO); null: off.")
+        default=0.2, metadata=field_help("Clip V around its rollout value (PPO); null: off.")
     )
     coef: float = field(
         default=0.5,
-        metadata=_help(
+        metadata=field_help(
             "Weight of the value loss (vf_coef). The critic has its own optimizer, so it only "
             "matters through gradient clipping and the logged loss."
         ),
@@ -384,22 +381,22 @@ class CriticConfig:
 class TrainSchedule:
     """Iterations, and how each iteration's sequences make optimizer steps."""
 
-    iterations: int = field(default=100, metadata=_help("Rollout-then-update iterations."))
+    iterations: int = field(default=100, metadata=field_help("Rollout-then-update iterations."))
     epochs_per_iteration: int = field(
-        default=1, metadata=_help("Passes over an iteration's sequences (PPO epochs).")
+        default=1, metadata=field_help("Passes over an iteration's sequences (PPO epochs).")
     )
     sequences_per_minibatch: int | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "Sequences per optimizer step (all processes); null: all of the iteration's."
         ),
     )
     sequences_per_device: int = field(
-        default=8, metadata=_help("Sequences per forward pass per process (micro-batch).")
+        default=8, metadata=field_help("Sequences per forward pass per process (micro-batch).")
     )
     samples_every: int = field(
         default=10,
-        metadata=_help(
+        metadata=field_help(
             "Append a table of sampled (prompt, completion, reward) every N iterations."
         ),
     )
@@ -419,21 +416,21 @@ class TrainSchedule:
 class OnlineConfig(RunConfig):
     """Settings shared by every online trainer: model, prompts, rollout, rewards, schedule."""
 
-    model: ModelConfig = field(default_factory=ModelConfig, metadata=_help("The policy."))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=field_help("The policy."))
     reference: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "Reference model for the KL term; null: the initial policy (with LoRA: the policy "
             "with its adapter disabled). Loaded only when kl.coef > 0."
         ),
     )
-    data: PromptDataConfig = field(default_factory=PromptDataConfig, metadata=_help("Prompts."))
-    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata=_help("Sampling."))
+    data: PromptDataConfig = field(default_factory=PromptDataConfig, metadata=field_help("Prompts."))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata=field_help("Sampling."))
     rewards: list[RewardSourceConfig] = field(
         default_factory=list,
-        metadata=_help("Reward sources, summed with their weights: [{function: ...}, ...]."),
+        metadata=field_help("Reward sources, summed with their weights: [{function: ...}, ...]."),
     )
-    train: TrainSchedule = field(default_factory=TrainSchedule, metadata=_help("Schedule."))
+    train: TrainSchedule = field(default_factory=TrainSchedule, metadata=field_help("Schedule."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -480,15 +477,15 @@ class PGConfig(OnlineConfig):
     """One policy-gradient trainer; ppo/grpo/rloo/reinforce++/reinforce are presets of it."""
 
     advantage: AdvantageConfig = field(
-        default_factory=AdvantageConfig, metadata=_help("Advantage estimator.")
+        default_factory=AdvantageConfig, metadata=field_help("Advantage estimator.")
     )
-    kl: KLConfig = field(default_factory=KLConfig, metadata=_help("KL penalty."))
+    kl: KLConfig = field(default_factory=KLConfig, metadata=field_help("KL penalty."))
     policy_loss: PolicyLossConfig = field(
-        default_factory=PolicyLossConfig, metadata=_help("Policy loss.")
+        default_factory=PolicyLossConfig, metadata=field_help("Policy loss.")
     )
     critic: CriticConfig | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "Critic for estimators that need values (gae); null: none, or the default critic "
             "(a value head on a copy of the policy) when the estimator needs one."
         ),
