@@ -71,6 +71,13 @@ METHODS: dict[str, Method] = {
         ("advantage.estimator=gae",),
         summary="PPO: clipped policy loss, a critic (value head), GAE",
     ),
+    "safe-ppo": Method(
+        "alignkit.trainers.safe_ppo",
+        "SafePPOConfig",
+        "train_safe_ppo",
+        ("advantage.estimator=gae",),
+        summary="Safe-PPO (PPO-Lagrangian): reward and cost critics, lambda on mean cost",
+    ),
     "grpo": Method(
         "alignkit.trainers.pg",
         "PGConfig",
