@@ -71,13 +71,6 @@ METHODS: dict[str, Method] = {
         ("advantage.estimator=gae",),
         summary="PPO: clipped policy loss, a critic (value head), GAE",
     ),
-    "safe-ppo": Method(
-        "alignkit.trainers.safe_ppo",
-        "SafePPOConfig",
-        "train_safe_ppo",
-        ("advantage.estimator=gae",),
-        summary="Safe-PPO (PPO-Lagrangian): reward and cost critics, lambda on mean cost",
-    ),
     "grpo": Method(
         "alignkit.trainers.pg",
         "PGConfig",
@@ -105,6 +98,13 @@ METHODS: dict[str, Method] = {
         "train_pg",
         ("advantage.estimator=reinforce", "policy_loss.name=policy_gradient"),
         summary="REINFORCE (seed 003): plain policy gradient, batch-mean baseline",
+    ),
+    "safe-ppo": Method(
+        "alignkit.trainers.safe_ppo",
+        "SafePPOConfig",
+        "train_safe_ppo",
+        ("advantage.estimator=gae",),
+        summary="Safe-PPO (PPO-Lagrangian): reward and cost critics, lambda on mean cost",
     ),
 }
 
