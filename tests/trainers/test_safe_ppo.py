@@ -148,3 +148,31 @@ def test_config_needs_a_cost_source_and_a_matching_critic(sft_run, task_files, c
             sft_run, task_files, cost_file, "x", "advantage.estimator=grpo", "critic=null",
             "cost_critic.lr=1e-3",
         )  # fmt: skip
+
+
+def test_a_cost_model_is_a_cost_source_and_a_reward_model_is_refused(
+    sft_run, task_files, cost_file
+):
+    from alignkit.models import load_reward_model
+
+    for kind in ("reward", "cost"):
+        model, tokenizer = load_reward_model("tiny", kind=kind, seed=3)
+        model.save_pretrained(cost_file.parent / kind, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match=r"costs: reward_model:.* is a reward model"):
+        build_safe_ppo_trainer(
+            safe_ppo_config(
+                sft_run,
+                task_files,
+                cost_file,
+                "rm",
+                f"costs=[{{model: {cost_file.parent}/reward}}]",
+            )
+        )
+    cfg = safe_ppo_config(
+        sft_run, task_files, cost_file, "cm", f"costs=[{{model: {cost_file.parent}/cost}}]"
+    )
+    trainer = build_safe_ppo_trainer(cfg)
+    costs = trainer.cost(
+        ["How do I bake bread?"] * 2, ["Mix flour.", "Sure, here is how"], [{}, {}]
+    )
+    assert costs.shape == (2,) and torch.isfinite(costs).all() and costs[0] != costs[1]

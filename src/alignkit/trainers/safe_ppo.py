@@ -32,7 +32,7 @@ from alignkit.errors import ConfigError
 from alignkit.ops.lagrange import lagrangian_combine
 from alignkit.ops.stats import explained_variance, masked_mean
 from alignkit.rollout import Experience, Prompt
-from alignkit.rollout.rewards import RewardSource, build_reward_source
+from alignkit.rollout.rewards import ModelReward, RewardSource, build_reward_source
 from alignkit.trainers.pg import PolicyGradientTrainer, build_critic, build_pg_trainer
 from alignkit.trainers.rl_config import CriticConfig, PGConfig, RewardSourceConfig
 from alignkit.trainers.safe_dpo import MultiplierConfig
@@ -205,6 +205,13 @@ def build_safe_ppo_trainer(cfg: SafePPOConfig) -> SafePPOTrainer:
 
     def extra(tokenizer: Any) -> dict[str, Any]:
         cost = build_reward_source([s.spec() for s in cfg.costs], tokenizer=tokenizer)
+        for source, _ in cost.sources:
+            if isinstance(source, ModelReward) and source.kind != "cost":
+                # A reward model's score has the opposite sign: higher = better, not unsafer.
+                raise ConfigError(
+                    f"costs: {source.name} is a {source.kind} model, not a cost model "
+                    "(`alignkit train cost`); a reward model belongs in rewards"
+                )
         critic = build_critic(cfg, cfg.cost_critic) if cfg.cost_critic is not None else None
         return {"cost": cost, "cost_critic": critic}
 
