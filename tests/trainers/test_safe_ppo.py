@@ -142,7 +142,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(sft_run, task_file
 
 def test_config_needs_a_cost_source_and_a_matching_critic(sft_run, task_files, cost_file):
     with pytest.raises(ConfigError, match="costs: give at least one source"):
-        safe_ppo_config(sft_run, task_files, cost_file, "x", "costs=[]")
+        build_safe_ppo_trainer(safe_ppo_config(sft_run, task_files, cost_file, "x", "costs=[]"))
     with pytest.raises(ConfigError, match=r"cost_critic is set but advantage\.estimator=grpo"):
         safe_ppo_config(
             sft_run, task_files, cost_file, "x", "advantage.estimator=grpo", "critic=null",

@@ -63,7 +63,11 @@ class SafePPOConfig(PGConfig):
         },
     )
     cost_limit: float = field(
-        default=0.0, metadata={"help": "The constraint: mean episode cost <= cost_limit."}
+        default=0.0,
+        metadata={
+            "help": "The constraint: mean episode cost <= cost_limit. (The logged "
+            "cost/violation_rate is the share of episodes with cost > 0, i.e. unsafe.)"
+        },
     )
     lambda_: MultiplierConfig = field(
         default_factory=MultiplierConfig,
@@ -79,10 +83,6 @@ class SafePPOConfig(PGConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.costs:
-            raise ConfigError(
-                "costs: give at least one source, e.g. [{function: assistant_safety_cost}]"
-            )
         if self.critic is not None and self.cost_critic is None:
             self.cost_critic = CriticConfig()
         if self.critic is None and self.cost_critic is not None:
@@ -202,6 +202,10 @@ class SafePPOTrainer(PolicyGradientTrainer):
 
 def build_safe_ppo_trainer(cfg: SafePPOConfig) -> SafePPOTrainer:
     """Load everything PPO does, plus the cost sources and the cost critic."""
+    if not cfg.costs:
+        raise ConfigError(
+            "costs: give at least one source, e.g. [{function: assistant_safety_cost}]"
+        )
 
     def extra(tokenizer: Any) -> dict[str, Any]:
         cost = build_reward_source([s.spec() for s in cfg.costs], tokenizer=tokenizer)
