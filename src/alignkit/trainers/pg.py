@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from alignkit.trainers.online import OnlineTrainer, disable_dropout
 from alignkit.trainers.reward import load_reward_checkpoint
 from alignkit.trainers.rl_config import CriticConfig, PGConfig
 
-__all__ = ["PolicyGradientTrainer", "build_pg_trainer", "train_pg"]
+__all__ = ["PolicyGradientTrainer", "build_critic", "build_pg_trainer", "train_pg"]
 
 
 def _batch(exp: Experience) -> dict[str, Tensor]:
@@ -233,10 +233,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         its statistics and get advantage 0."""
         cfg = self.config
         mask = exp.response_mask
-        applicable = torch.isfinite(exp.scores)
-        last = (exp.prompt_width + exp.response_lengths - 1).clamp(min=0)
-        token_scores = torch.zeros_like(exp.old_logprobs)
-        token_scores[torch.arange(len(exp)), last] = torch.nan_to_num(exp.scores, nan=0.0)
+        token_scores = self.token_scores(exp, exp.scores)
         token_rewards = token_scores
         if cfg.kl.enabled and cfg.kl.placement == "reward":
             token_rewards, _ = apply_kl_penalty(
@@ -247,11 +244,29 @@ class PolicyGradientTrainer(OnlineTrainer):
                 self.kl_controller.value,
                 cfg.kl.resolved_estimator,
             )
-        rows = applicable.nonzero().squeeze(1)
+        advantages, returns = self.estimate(exp, token_rewards, exp.values, exp.scores)
+        exp.token_rewards, exp.advantages, exp.returns = token_rewards, advantages, returns
+
+    @staticmethod
+    def token_scores(exp: Experience, scores: Tensor) -> Tensor:
+        """``[N, T]``: each sequence score on its last response token (NaN scores as 0)."""
+        last = (exp.prompt_width + exp.response_lengths - 1).clamp(min=0)
+        token_scores = torch.zeros_like(exp.old_logprobs)
+        token_scores[torch.arange(len(exp)), last] = torch.nan_to_num(scores, nan=0.0)
+        return token_scores
+
+    def estimate(
+        self, exp: Experience, token_rewards: Tensor, values: Tensor | None, scores: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Advantages and returns of the configured estimator (whitened when set); rows whose
+        score is NaN are left out of its statistics and get 0."""
+        cfg = self.config
+        mask = exp.response_mask
+        rows = torch.isfinite(scores).nonzero().squeeze(1)
         inputs: dict[str, Any] = {
             "token_rewards": token_rewards[rows],
             "mask": mask[rows],
-            "values": exp.values[rows] if exp.values is not None else None,
+            "values": values[rows] if values is not None else None,
             "group_index": exp.group_index[rows],
             "gamma": cfg.advantage.gamma,
             "lam": cfg.advantage.lam,
@@ -263,7 +278,7 @@ class PolicyGradientTrainer(OnlineTrainer):
             if cfg.advantage.whiten:
                 a = masked_whiten(a, mask[rows])
             advantages[rows], returns[rows] = a.float(), r.float()
-        exp.token_rewards, exp.advantages, exp.returns = token_rewards, advantages, returns
+        return advantages, returns
 
     def experience_metrics(self, exp: Experience) -> dict[str, Tensor]:
         mask = exp.response_mask
@@ -390,31 +405,42 @@ class PolicyGradientTrainer(OnlineTrainer):
             return "seq-mean-token-sum", units * self.config.rollout.max_new_tokens
         return agg, units
 
-    def _optimize_critic(self, micro: list[Experience]) -> dict[str, Tensor]:
-        cfg: CriticConfig = self.config.critic
+    def _optimize_critic(
+        self,
+        micro: list[Experience],
+        critic: nn.Module | None = None,
+        critic_step: Any = None,
+        cfg: CriticConfig | None = None,
+        prefix: str = "critic",
+    ) -> dict[str, Tensor]:
+        """One optimizer step of a critic (the reward critic unless given) towards the
+        micro-batches' ``returns``, clipped around their ``values``; metrics under `prefix`."""
+        critic = self.critic if critic is None else critic
+        critic_step = self.critic_step if critic_step is None else critic_step
+        cfg = self.config.critic if cfg is None else cfg
         processes = self.accelerator.num_processes
         local_tokens = sum(m.response_mask.sum() for m in micro).clamp_min(1)
         sums: dict[str, Tensor] = {}
 
         def loss_fn(batch: Experience, units: Tensor) -> Tensor:
             mask = batch.response_mask
-            values = self._values(self.critic, batch)
+            values = self._values(critic, batch)
             loss, stats = value_loss(
                 values, batch.values, batch.returns, mask, clip=cfg.value_clip, agg="token-mean"
             )
             # token-mean of this micro-batch x its share of the step's tokens = sum / N.
             share = mask.sum() / units
             logged = (loss * share).detach() * processes
-            sums["critic/vf_loss"] = sums.get("critic/vf_loss", 0.0) + logged
+            sums[f"{prefix}/vf_loss"] = sums.get(f"{prefix}/vf_loss", 0.0) + logged
             clipfrac = stats["vf_clipfrac"] * mask.sum() / local_tokens
-            sums["critic/vf_clipfrac"] = sums.get("critic/vf_clipfrac", 0.0) + clipfrac
+            sums[f"{prefix}/vf_clipfrac"] = sums.get(f"{prefix}/vf_clipfrac", 0.0) + clipfrac
             return cfg.coef * loss * share
 
-        outcome = self.critic_step.run(
+        outcome = critic_step.run(
             micro, loss_fn, lambda b: b.response_mask.sum(), step=self.state.step + 1
         )
         if outcome.grad_norm is not None:
-            sums["critic/grad_norm"] = outcome.grad_norm.detach().float()
+            sums[f"{prefix}/grad_norm"] = outcome.grad_norm.detach().float()
         return sums
 
     # ----------------------------------------------------------------- evaluation
@@ -475,8 +501,22 @@ def load_prompts(
     return prompts_from_records(rows, tokenizer, max_length=max_length)
 
 
-def build_pg_trainer(cfg: PGConfig) -> PolicyGradientTrainer:
-    """Load the policy, prompts, reward sources and critic; return the trainer."""
+def build_critic(cfg: PGConfig, critic: CriticConfig) -> nn.Module:
+    """A critic as `critic` says: a value head on the policy's backbone, or a model's."""
+    name = cfg.model.name if critic.model == "policy" else critic.model
+    model, _ = load_reward_model(name, dtype=cfg.model.dtype, seed=cfg.seed)
+    model.train()
+    return model
+
+
+def build_pg_trainer(
+    cfg: PGConfig,
+    trainer_class: type[PolicyGradientTrainer] = PolicyGradientTrainer,
+    extra: Callable[[Any], dict[str, Any]] | None = None,
+) -> PolicyGradientTrainer:
+    """Load the policy, prompts, reward sources and critic; return the trainer.
+
+    ``extra(tokenizer)`` gives a subclass' own constructor arguments (Safe-PPO's costs)."""
     from alignkit.errors import ConfigError
 
     if not cfg.data.train_file:
@@ -508,12 +548,8 @@ def build_pg_trainer(cfg: PGConfig) -> PolicyGradientTrainer:
             teacher_tokenizer=teacher_tokenizer,
             floor=cfg.rollout.teacher_floor,
         )
-    critic = None
-    if cfg.critic is not None:
-        name = cfg.model.name if cfg.critic.model == "policy" else cfg.critic.model
-        critic, _ = load_reward_model(name, dtype=cfg.model.dtype, seed=cfg.seed)
-        critic.train()
-    return PolicyGradientTrainer(
+    critic = build_critic(cfg, cfg.critic) if cfg.critic is not None else None
+    return trainer_class(
         cfg,
         model,
         tokenizer,
@@ -522,6 +558,7 @@ def build_pg_trainer(cfg: PGConfig) -> PolicyGradientTrainer:
         engine=engine,
         eval_prompts=eval_prompts,
         critic=critic,
+        **(extra(tokenizer) if extra is not None else {}),
     )
 
 

@@ -99,6 +99,13 @@ METHODS: dict[str, Method] = {
         ("advantage.estimator=reinforce", "policy_loss.name=policy_gradient"),
         summary="REINFORCE (seed 003): plain policy gradient, batch-mean baseline",
     ),
+    "safe-ppo": Method(
+        "alignkit.trainers.safe_ppo",
+        "SafePPOConfig",
+        "train_safe_ppo",
+        ("advantage.estimator=gae",),
+        summary="Safe-PPO (PPO-Lagrangian): reward and cost critics, lambda on mean cost",
+    ),
 }
 
 

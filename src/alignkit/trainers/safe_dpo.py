@@ -61,8 +61,8 @@ SAFE_DPO_LINE = (
 
 
 @dataclass
-class LambdaConfig:
-    """The Lagrange multiplier (seed 000)."""
+class MultiplierConfig:
+    """A Lagrange multiplier's update (seed 000; `ops.LagrangeMultiplier`)."""
 
     init: float = field(default=1.0, metadata={"help": "Initial lambda."})
     lr: float = field(default=0.01, metadata={"help": "Step size alpha of the update."})
@@ -73,6 +73,22 @@ class LambdaConfig:
         default="log",
         metadata={"help": "log: ln l += lr*l*J_C_ema (seed 000); linear: l += lr*J_C (old)."},
     )
+
+    def build(self) -> LagrangeMultiplier:
+        return LagrangeMultiplier(
+            init=self.init,
+            lr=self.lr,
+            ema=self.ema,
+            min_value=self.min_value,
+            max_value=self.max_value,
+            rule=self.rule,
+        )
+
+
+@dataclass
+class LambdaConfig(MultiplierConfig):
+    """Safe-DPO's multiplier: the update, and how J_C is estimated from the pairs."""
+
     cost_estimator: Literal["policy", "data"] = field(
         default="policy",
         metadata={
@@ -130,15 +146,7 @@ class SafeDPOTrainer(DPOTrainer):
     def __init__(self, config: SafeDPOConfig, model: nn.Module, train: Any, **kw: Any) -> None:
         super().__init__(config, model, train, **kw)
         self.config: SafeDPOConfig = config
-        settings = config.lambda_
-        self.multiplier = LagrangeMultiplier(
-            init=settings.init,
-            lr=settings.lr,
-            ema=settings.ema,
-            min_value=settings.min_value,
-            max_value=settings.max_value,
-            rule=settings.rule,
-        )
+        self.multiplier = config.lambda_.build()
         self.register_controller("lambda", self.multiplier)
 
     def on_train_begin(self) -> None:

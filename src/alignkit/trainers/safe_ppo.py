@@ -1,0 +1,229 @@
+"""Safe-PPO: PPO-Lagrangian (Safe RLHF, Dai et al. 2023, arXiv:2310.12773), a subclass of the
+policy-gradient trainer.
+
+Per iteration, on top of PPO's reward side (``trainers/pg.py``)::
+
+    costs          = cost sources(prompts, completions)        # > 0 unsafe (Safe RLHF's sign)
+    cost values    = cost critic(exp)                          # same kind as the reward critic
+    A_c, R_c       = estimator(cost on the last response token, cost values)   # GAE
+    A              = (A_r - lambda * A_c) / (1 + lambda)       # ops.lagrangian_combine(A_r, -A_c)
+
+the policy is updated on ``A``, the cost critic towards ``R_c`` (its own optimizer), and after the
+update lambda moves once by ``ops.LagrangeMultiplier`` fed ``J_C = mean episode cost - cost_limit``
+(the constraint is ``mean cost <= cost_limit``). The KL penalty (``kl.placement: reward``) stays
+on the reward side only, so it is scaled by ``1 / (1 + lambda)`` with the reward advantage.
+
+Logged: ``lambda`` (the value this iteration's advantages used), ``J_C`` (the EMA the update
+reads), ``cost/mean``, ``cost/violation_rate`` (share of episodes with cost > 0, i.e. judged
+unsafe), ``reward/mean`` and the cost critic's ``critic_cost/*``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.errors import ConfigError
+from alignkit.ops.lagrange import lagrangian_combine
+from alignkit.ops.stats import explained_variance, masked_mean
+from alignkit.rollout import Experience, Prompt
+from alignkit.rollout.rewards import ModelReward, RewardSource, build_reward_source
+from alignkit.trainers.pg import PolicyGradientTrainer, build_critic, build_pg_trainer
+from alignkit.trainers.rl_config import CriticConfig, PGConfig, RewardSourceConfig
+from alignkit.trainers.safe_dpo import MultiplierConfig
+
+__all__ = ["SafePPOConfig", "SafePPOTrainer", "train_safe_ppo"]
+
+
+@dataclass
+class SafeExperience(Experience):
+    """An Experience with the cost side: ``[N]`` cost scores and ``[N, T]`` cost values,
+    returns and advantages (carried through mini-batch selection like the reward side)."""
+
+    cost_scores: Tensor | None = None
+    cost_values: Tensor | None = None
+    cost_returns: Tensor | None = None
+    cost_advantages: Tensor | None = None
+
+
+@dataclass
+class SafePPOConfig(PGConfig):
+    """PPO with a cost constraint ``mean episode cost <= cost_limit`` and a multiplier."""
+
+    costs: list[RewardSourceConfig] = field(
+        default_factory=list,
+        metadata={
+            "help": "Cost sources (> 0 unsafe), summed with their weights, same syntax as "
+            "rewards: [{function: assistant_safety_cost}] or [{model: runs/cost}]."
+        },
+    )
+    cost_limit: float = field(
+        default=0.0,
+        metadata={
+            "help": "The constraint: mean episode cost <= cost_limit. (The logged "
+            "cost/violation_rate is the share of episodes with cost > 0, i.e. unsafe.)"
+        },
+    )
+    lambda_: MultiplierConfig = field(
+        default_factory=MultiplierConfig,
+        metadata={"help": "Lagrange multiplier, fed J_C = mean cost - cost_limit (YAML: lambda)."},
+    )
+    cost_critic: CriticConfig | None = field(
+        default=None,
+        metadata={
+            "help": "The cost critic (same kind as `critic`); null: the default critic when "
+            "the estimator needs values."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.critic is not None and self.cost_critic is None:
+            self.cost_critic = CriticConfig()
+        if self.critic is None and self.cost_critic is not None:
+            raise ConfigError(
+                f"cost_critic is set but advantage.estimator={self.advantage.estimator} does "
+                "not use values; use estimator=gae or cost_critic=null"
+            )
+
+
+class SafePPOTrainer(PolicyGradientTrainer):
+    """See the module docstring."""
+
+    progress_metrics = ("reward/mean", "cost/mean", "lambda")
+
+    def __init__(
+        self,
+        config: SafePPOConfig,
+        model: nn.Module,
+        tokenizer: Any,
+        prompts: Sequence[Prompt],
+        reward: RewardSource,
+        *,
+        cost: RewardSource,
+        cost_critic: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config, model, tokenizer, prompts, reward, **kwargs)
+        self.config: SafePPOConfig = config
+        if (cost_critic is None) != (self.critic is None):
+            raise ValueError("Safe-PPO needs a cost critic exactly when it has a reward critic")
+        self.cost = cost
+        self.cost_critic = cost_critic
+        self.multiplier = config.lambda_.build()
+        self.register_controller("lambda", self.multiplier)
+
+    def _prepare_training(self) -> None:
+        super()._prepare_training()
+        if self.cost_critic is not None:
+            settings = self.config.cost_critic
+            assert settings is not None
+            self.register_model("cost_critic", self.cost_critic)
+            self.cost_critic, self.cost_critic_step = self.build_optimizer_for(
+                "cost_critic",
+                self.cost_critic,
+                dataclasses.replace(self.config.optim, lr=settings.lr),
+            )
+
+    def make_experience(
+        self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
+    ) -> Experience:
+        """PPO's experience (reward advantages), then the cost side, then the combination
+        ``A = (A_r - lambda A_c) / (1 + lambda)``."""
+        base = super().make_experience(prompts, group_offset, generator)
+        exp = SafeExperience(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+        with self.timed("cost"):
+            exp.cost_scores = self.cost(exp.prompts, exp.completions, exp.row_fields).to(
+                exp.scores.device
+            )
+        if self.cost_critic is not None:
+            with self.timed("cost_values"):
+                exp.cost_values = self.critic_values(self.cost_critic, exp)
+        with self.timed("advantage"):
+            token_costs = self.token_scores(exp, exp.cost_scores)
+            exp.cost_advantages, exp.cost_returns = self.estimate(
+                exp, token_costs, exp.cost_values, exp.cost_scores
+            )
+            assert exp.advantages is not None
+            exp.advantages = lagrangian_combine(
+                exp.advantages, -exp.cost_advantages, self.multiplier.value
+            )
+        return exp
+
+    def experience_metrics(self, exp: Experience) -> dict[str, Tensor]:
+        assert isinstance(exp, SafeExperience) and exp.cost_scores is not None
+        metrics = super().experience_metrics(exp)
+        costs = exp.cost_scores
+        scored = torch.isfinite(costs)
+        zero = costs.new_zeros(())
+        metrics["cost/mean"] = costs[scored].mean() if scored.any() else zero
+        unsafe = (costs[scored] > 0).float()
+        metrics["cost/violation_rate"] = unsafe.mean() if scored.any() else zero
+        if exp.cost_values is not None:
+            mask = exp.response_mask
+            metrics["critic_cost/vf_explained_var"] = explained_variance(
+                exp.cost_values, exp.cost_returns, mask
+            )
+            metrics["critic_cost/values_mean"] = masked_mean(exp.cost_values, mask)
+        return metrics
+
+    def optimize(self, minibatch: Experience) -> dict[str, Tensor]:
+        metrics = super().optimize(minibatch)
+        if self.cost_critic is not None:
+            assert isinstance(minibatch, SafeExperience)
+            micro = [
+                dataclasses.replace(m, values=m.cost_values, returns=m.cost_returns)
+                for m in minibatch.split(self.config.train.sequences_per_device)
+            ]
+            metrics.update(
+                self._optimize_critic(
+                    micro,
+                    self.cost_critic,
+                    self.cost_critic_step,
+                    self.config.cost_critic,
+                    prefix="critic_cost",
+                )
+            )
+        return metrics
+
+    def after_iteration(self, metrics: Mapping[str, Tensor]) -> dict[str, float]:
+        values = super().after_iteration(metrics)
+        used = self.multiplier.value
+        self.multiplier.update(float(metrics["cost/mean"]) - self.config.cost_limit)
+        values["lambda"] = used
+        values["J_C"] = float(self.multiplier.j_c_ema)
+        return values
+
+
+def build_safe_ppo_trainer(cfg: SafePPOConfig) -> SafePPOTrainer:
+    """Load everything PPO does, plus the cost sources and the cost critic."""
+    if not cfg.costs:
+        raise ConfigError(
+            "costs: give at least one source, e.g. [{function: assistant_safety_cost}]"
+        )
+
+    def extra(tokenizer: Any) -> dict[str, Any]:
+        cost = build_reward_source([s.spec() for s in cfg.costs], tokenizer=tokenizer)
+        for source, _ in cost.sources:
+            if isinstance(source, ModelReward) and source.kind != "cost":
+                # A reward model's score has the opposite sign: higher = better, not unsafer.
+                raise ConfigError(
+                    f"costs: {source.name} is a {source.kind} model, not a cost model "
+                    "(`alignkit train cost`); a reward model belongs in rewards"
+                )
+        critic = build_critic(cfg, cfg.cost_critic) if cfg.cost_critic is not None else None
+        return {"cost": cost, "cost_critic": critic}
+
+    trainer = build_pg_trainer(cfg, SafePPOTrainer, extra)
+    assert isinstance(trainer, SafePPOTrainer)
+    return trainer
+
+
+def train_safe_ppo(cfg: SafePPOConfig) -> dict[str, Any]:
+    """Run Safe-PPO (PPO-Lagrangian); returns the run summary."""
+    return build_safe_ppo_trainer(cfg).train()
