@@ -157,6 +157,8 @@ def suggest_hyperparameters(spec: MethodSpec, f: Features, lora: bool) -> dict[s
             sources.append({"model": f.requirements.reward_model, "weight": 1.0})
         if sources:
             hp["rewards"] = sources
+    if spec.name == "safe-ppo" and f.requirements.cost_model:
+        hp["costs"] = [{"model": f.requirements.cost_model, "weight": 1.0}]
     if lora:
         hp["model.lora"] = {"r": 16, "alpha": 32}
     return hp
