@@ -366,3 +366,15 @@ def test_a_registered_reward_loss_is_selected_by_name():
         REWARD_LOSSES.unregister("test-squared")
     with pytest.raises(ValueError, match="Did you mean 'hinge'"):
         reward_model_loss(torch.zeros(1), torch.zeros(1), kind="hinje")
+
+
+def test_length_normalized_logps_divide_by_the_token_count_and_leave_empty_responses_at_zero():
+    from alignkit.ops.preference import length_normalized_logps
+
+    summed = torch.tensor([-6.0, -1.5, 0.0])
+    counts = torch.tensor([3, 2, 0])
+    torch.testing.assert_close(
+        length_normalized_logps(summed, counts), torch.tensor([-2.0, -0.75, 0.0])
+    )
+    with pytest.raises(ValueError, match="token_counts has shape"):
+        length_normalized_logps(summed, counts[:2])

@@ -29,6 +29,7 @@ from alignkit.trainers.dpo import (
     build_dpo_trainer,
     build_preference_trainer,
 )
+from alignkit.trainers.safe_dpo import SafeDPOConfig
 
 DPO_METRICS = {
     "loss",
@@ -341,3 +342,49 @@ def test_ipo_step_one_loss_is_the_squared_target_one_over_two_beta(
     build_dpo_trainer(config).train()
     first = read_metrics(config.run_dir / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(1 / (2 * beta) ** 2, rel=1e-5)
+
+
+class ShiftedReference(DPOTrainer):
+    """The reference's chosen log-probs lowered by 3 nats, so that at step 1 the summed
+    log-ratio difference is exactly h = 3 on every pair (the policy is still the reference)."""
+
+    def on_train_begin(self) -> None:
+        super().on_train_begin()
+        for example in self.train_dataset:
+            example["ref_chosen_logp"] -= 3.0
+
+
+@pytest.mark.parametrize("length_normalize", [True, False])
+def test_length_normalized_ipo_step_one_loss_uses_per_token_log_ratios(
+    length_normalize, sft_run, head_of, run_settings, tmp_path
+):
+    # With length_normalize, h = 3 / |chosen| (a per-token log-ratio, as TRL's IPO); without
+    # it, h = 3. IPO's step-1 loss is the batch mean of (h - 1/(2 beta))^2.
+    beta = 0.5
+    config = dpo_config(
+        run_settings,
+        tmp_path,
+        f"ipo-normalized-{length_normalize}",
+        sft_run.model_dir,
+        f"data.train_file={head_of('preference_train', 8)}",
+        "dpo.kind=ipo",
+        f"dpo.beta={beta}",
+        f"dpo.length_normalize={str(length_normalize).lower()}",
+        "max_steps=1",
+        "logging.every=1",
+    )
+    trainer = build_preference_trainer(ShiftedReference, config, "preference", extra_fields=[])
+    lengths = [len(example["chosen_ids"]) for example in trainer.train_dataset]
+    trainer.train()
+    first = read_metrics(config.run_dir / "metrics.jsonl")[0]
+    summed = (3.0 - 1 / (2 * beta)) ** 2
+    per_token = sum((3.0 / n - 1 / (2 * beta)) ** 2 for n in lengths) / len(lengths)
+    assert min(lengths) > 3  # per-token h < 1, so the two forms are far apart
+    expected, other = (per_token, summed) if length_normalize else (summed, per_token)
+    assert first["loss"] == pytest.approx(expected, rel=1e-4)
+    assert abs(first["loss"] - other) > 0.5
+
+
+def test_length_normalize_is_refused_by_safe_dpo():
+    with pytest.raises(ConfigError, match="length_normalize is not supported by Safe-DPO"):
+        load_config(SafeDPOConfig, None, ["dpo.length_normalize=true"])

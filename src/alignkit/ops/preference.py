@@ -26,6 +26,7 @@ __all__ = [
     "REWARD_LOSSES",
     "cost_model_loss",
     "dpo_loss",
+    "length_normalized_logps",
     "length_normalized_nll",
     "multitask_reward_loss",
     "orient_pairs",
@@ -168,6 +169,28 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def length_normalized_logps(summed_logps: Tensor, token_counts: Tensor) -> Tensor:
+    """Mean per-token log-prob of each response, per example: ``log pi(y|x) / |y|``.
+
+    What TRL's IPO (and the IPO paper, Azar et al. 2023, https://arxiv.org/abs/2310.12036,
+    which defines its log-ratio on averaged log-probs) and SimPO (Meng et al. 2024,
+    https://arxiv.org/abs/2405.14734, eq. 4) put in place of the summed log-prob. Applied to
+    the policy's and the reference's log-probs alike, the log-ratio becomes a per-token one:
+    ``(log pi - log ref) / |y|``. A response with no tokens is divided by 1 (it stays 0).
+
+    Args:
+        summed_logps: summed log-probs of each response, ``[B]``.
+        token_counts: number of response tokens of each, ``[B]`` (integer or float).
+    """
+    if summed_logps.shape != token_counts.shape:
+        raise ValueError(
+            f"token_counts has shape {tuple(token_counts.shape)}, "
+            f"expected {tuple(summed_logps.shape)}"
+        )
+    counts = token_counts.to(_upcast(summed_logps).dtype)
+    return _upcast(summed_logps) / counts.clamp(min=1.0)
+
+
 def length_normalized_nll(summed_logps: Tensor, token_counts: Tensor) -> Tensor:
     """Per-token negative log-likelihood of each response, per example: ``-log pi(y|x) / |y|``.
 
@@ -180,13 +203,7 @@ def length_normalized_nll(summed_logps: Tensor, token_counts: Tensor) -> Tensor:
         summed_logps: summed log-probs of each response, ``[B]``.
         token_counts: number of response tokens of each, ``[B]`` (integer or float).
     """
-    if summed_logps.shape != token_counts.shape:
-        raise ValueError(
-            f"token_counts has shape {tuple(token_counts.shape)}, "
-            f"expected {tuple(summed_logps.shape)}"
-        )
-    counts = token_counts.to(_upcast(summed_logps).dtype)
-    return -_upcast(summed_logps) / counts.clamp(min=1.0)
+    return -length_normalized_logps(summed_logps, token_counts)
 
 
 @register_reward_loss("bt")

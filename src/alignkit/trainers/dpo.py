@@ -27,7 +27,12 @@ from alignkit.errors import ConfigError
 from alignkit.models import disabled_adapter, has_adapter, load_policy
 from alignkit.models.forward import response_logps
 from alignkit.models.loading import weights_digest
-from alignkit.ops.preference import DPO_LOSSES, dpo_loss, length_normalized_nll
+from alignkit.ops.preference import (
+    DPO_LOSSES,
+    dpo_loss,
+    length_normalized_logps,
+    length_normalized_nll,
+)
 from alignkit.ops.stats import pairwise_accuracy
 from alignkit.tracking.run_dir import RunDir
 from alignkit.trainers.common import (
@@ -59,6 +64,15 @@ class DPOLossConfig:
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the log-ratios."})
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Label noise epsilon for sigmoid (cDPO) and robust."}
+    )
+    length_normalize: bool = field(
+        default=False,
+        metadata={
+            "help": "Divide the policy's and the reference's summed log-probs of each response "
+            "by its token count before the loss. Off by default: summed log-ratios keep beta's "
+            "meaning the same across kinds. On reproduces TRL's IPO, which divides each "
+            "sequence's log-ratio by its completion length."
+        },
     )
     nll_weight: float = field(
         default=0.0,
@@ -201,12 +215,20 @@ class DPOTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         chosen, rejected = self.policy_logps(model, batch)
-        losses, chosen_rewards, rejected_rewards = self.preference_loss(
-            chosen, rejected, batch["ref_chosen_logp"], batch["ref_rejected_logp"]
-        )
+        ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+        chosen_lengths, rejected_lengths = response_lengths(batch)
+        if self.config.dpo.length_normalize:
+            loss_inputs = (
+                length_normalized_logps(chosen, chosen_lengths),
+                length_normalized_logps(rejected, rejected_lengths),
+                length_normalized_logps(ref_chosen, chosen_lengths),
+                length_normalized_logps(ref_rejected, rejected_lengths),
+            )
+        else:
+            loss_inputs = (chosen, rejected, ref_chosen, ref_rejected)
+        losses, chosen_rewards, rejected_rewards = self.preference_loss(*loss_inputs)
         metrics = preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards)
         if self.config.dpo.nll_weight > 0:
-            chosen_lengths, _ = response_lengths(batch)
             losses, nll = self.add_winner_nll(losses, chosen, chosen_lengths)
             metrics["nll_loss"] = nll.mean()
         return losses.mean(), metrics

@@ -115,6 +115,8 @@ class SafeDPOConfig(DPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dpo.length_normalize:
+            raise ConfigError("dpo.length_normalize is not supported by Safe-DPO; set it to false")
         if self.safety.source == "cost_model" and not self.safety.cost_model:
             raise ConfigError("safety.source=cost_model needs safety.cost_model (a directory)")
         if self.safety.source == "cost_model":
