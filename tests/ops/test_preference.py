@@ -15,10 +15,12 @@ from alignkit.ops.preference import (
     DPO_LOSSES,
     REWARD_LOSSES,
     dpo_loss,
+    is_reference_free,
     length_normalized_nll,
     multitask_reward_loss,
     orient_pairs,
     plackett_luce_loss,
+    reference_free_dpo_loss,
     register_dpo_loss,
     register_reward_loss,
     reward_model_loss,
@@ -242,9 +244,15 @@ def test_bf16_inputs_give_float32_results_close_to_float32() -> None:
     bf16 = [t.bfloat16() for t in inputs]
     rounded = [t.float() for t in bf16]
     for kind in DPO_LOSSES:
-        result = dpo_loss(*bf16, beta=0.1, kind=kind)
+        if is_reference_free(kind):
+            # Per-token mean log-probs: negative.
+            result = reference_free_dpo_loss(-bf16[0].abs(), -bf16[1].abs(), 0.1, kind)
+            expected = reference_free_dpo_loss(-rounded[0].abs(), -rounded[1].abs(), 0.1, kind)
+        else:
+            result = dpo_loss(*bf16, beta=0.1, kind=kind)
+            expected = dpo_loss(*rounded, beta=0.1, kind=kind)
         assert all(t.dtype == torch.float32 for t in result)
-        for got, want in zip(result, dpo_loss(*rounded, beta=0.1, kind=kind), strict=True):
+        for got, want in zip(result, expected, strict=True):
             torch.testing.assert_close(got, want)
     rm = reward_model_loss(bf16[0], bf16[1], margin=bf16[2].abs(), kind="bt")
     assert rm.dtype == torch.float32
@@ -366,3 +374,78 @@ def test_a_registered_reward_loss_is_selected_by_name():
         REWARD_LOSSES.unregister("test-squared")
     with pytest.raises(ValueError, match="Did you mean 'hinge'"):
         reward_model_loss(torch.zeros(1), torch.zeros(1), kind="hinje")
+
+
+def test_length_normalized_logps_divide_by_the_token_count_and_leave_empty_responses_at_zero():
+    from alignkit.ops.preference import length_normalized_logps
+
+    summed = torch.tensor([-6.0, -1.5, 0.0])
+    counts = torch.tensor([3, 2, 0])
+    torch.testing.assert_close(
+        length_normalized_logps(summed, counts), torch.tensor([-2.0, -0.75, 0.0])
+    )
+    with pytest.raises(ValueError, match="token_counts has shape"):
+        length_normalized_logps(summed, counts[:2])
+
+
+def test_simpo_loss_is_the_closed_form_with_its_margin():
+    from alignkit.ops.preference import simpo_loss
+
+    # beta (avg_c - avg_r) - gamma = 2 * (-1 - (-2)) - 0.5 = 1.5, and 2 * (-3 + 1) - 0.5 = -4.5.
+    chosen, rejected = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])
+    expected = torch.tensor([-_log_sigmoid(1.5), -_log_sigmoid(-4.5)])
+    torch.testing.assert_close(simpo_loss(chosen, rejected, beta=2.0, gamma=0.5), expected)
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        simpo_loss(chosen, rejected, gamma=-0.1)
+
+
+def test_orpo_loss_is_the_chosen_nll_minus_lambda_log_sigmoid_of_the_log_odds_ratio():
+    from alignkit.ops.preference import orpo_loss
+
+    chosen, rejected = torch.tensor([-0.5, -2.0]), torch.tensor([-1.5, -0.25])
+    lam = 0.1
+
+    def log_odds(avg: float) -> float:
+        p = math.exp(avg)
+        return math.log(p / (1 - p))
+
+    expected = [
+        -c - lam * _log_sigmoid(log_odds(c) - log_odds(r))
+        for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True)
+    ]
+    got = orpo_loss(chosen, rejected, lam=lam)
+    torch.testing.assert_close(got, torch.tensor(expected))
+    # Near p = 1 (avg -> 0) and p = 0 (avg -> -inf) the log odds stay finite, and their grads.
+    extreme = torch.tensor([-1e-6, -60.0], requires_grad=True)
+    loss = orpo_loss(extreme, extreme.flip(0), lam=1.0)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(extreme.grad).all()
+
+
+def test_reference_free_kinds_are_declared_at_registration_and_kept_apart_from_dpo_loss():
+    from alignkit.ops.preference import simpo_loss
+
+    assert is_reference_free("simpo") and is_reference_free("orpo")
+    assert not any(is_reference_free(kind) for kind in ("sigmoid", "ipo", "hinge", "robust"))
+    logps = torch.tensor([-1.0, -2.0])
+    with pytest.raises(ValueError, match="'simpo' is reference-free: use reference_free_dpo_loss"):
+        dpo_loss(logps, logps, logps, logps, kind="simpo")
+    with pytest.raises(ValueError, match="'sigmoid' needs reference log-probs"):
+        reference_free_dpo_loss(logps, logps, beta=1.0, kind="sigmoid")
+    with pytest.raises(ValueError, match="gamma is not defined for kind='orpo'"):
+        reference_free_dpo_loss(logps, logps, beta=1.0, kind="orpo", gamma=0.5)
+
+    losses_, chosen_rewards, _ = reference_free_dpo_loss(logps, logps.flip(0), 2.0, "simpo")
+    torch.testing.assert_close(losses_, simpo_loss(logps, logps.flip(0), 2.0, 0.5))
+    torch.testing.assert_close(chosen_rewards, 2.0 * logps)
+
+    @register_dpo_loss("test_free", reference_free=True)
+    def _free(chosen, rejected, beta, gamma):
+        return -(chosen - rejected) * beta
+
+    try:
+        assert is_reference_free("test_free")
+        out = reference_free_dpo_loss(logps, logps.flip(0), 3.0, "test_free")[0]
+        torch.testing.assert_close(out, torch.tensor([-3.0, 3.0]))
+    finally:
+        DPO_LOSSES.unregister("test_free")

@@ -29,6 +29,7 @@ from alignkit.trainers.dpo import (
     build_dpo_trainer,
     build_preference_trainer,
 )
+from alignkit.trainers.safe_dpo import SafeDPOConfig
 
 DPO_METRICS = {
     "loss",
@@ -341,3 +342,121 @@ def test_ipo_step_one_loss_is_the_squared_target_one_over_two_beta(
     build_dpo_trainer(config).train()
     first = read_metrics(config.run_dir / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(1 / (2 * beta) ** 2, rel=1e-5)
+
+
+class ShiftedReference(DPOTrainer):
+    """The reference's chosen log-probs lowered by 3 nats, so that at step 1 the summed
+    log-ratio difference is exactly h = 3 on every pair (the policy is still the reference)."""
+
+    def on_train_begin(self) -> None:
+        super().on_train_begin()
+        for example in self.train_dataset:
+            example["ref_chosen_logp"] -= 3.0
+
+
+@pytest.mark.parametrize("length_normalize", [True, False])
+def test_length_normalized_ipo_step_one_loss_uses_per_token_log_ratios(
+    length_normalize, sft_run, head_of, run_settings, tmp_path
+):
+    # With length_normalize, h = 3 / |chosen| (a per-token log-ratio, as TRL's IPO); without
+    # it, h = 3. IPO's step-1 loss is the batch mean of (h - 1/(2 beta))^2.
+    beta = 0.5
+    config = dpo_config(
+        run_settings,
+        tmp_path,
+        f"ipo-normalized-{length_normalize}",
+        sft_run.model_dir,
+        f"data.train_file={head_of('preference_train', 8)}",
+        "dpo.kind=ipo",
+        f"dpo.beta={beta}",
+        f"dpo.length_normalize={str(length_normalize).lower()}",
+        "max_steps=1",
+        "logging.every=1",
+    )
+    trainer = build_preference_trainer(ShiftedReference, config, "preference", extra_fields=[])
+    lengths = [len(example["chosen_ids"]) for example in trainer.train_dataset]
+    trainer.train()
+    first = read_metrics(config.run_dir / "metrics.jsonl")[0]
+    summed = (3.0 - 1 / (2 * beta)) ** 2
+    per_token = sum((3.0 / n - 1 / (2 * beta)) ** 2 for n in lengths) / len(lengths)
+    assert min(lengths) > 3  # per-token h < 1, so the two forms are far apart
+    expected, other = (per_token, summed) if length_normalize else (summed, per_token)
+    assert first["loss"] == pytest.approx(expected, rel=1e-4)
+    assert abs(first["loss"] - other) > 0.5
+
+
+def test_length_normalize_is_refused_by_safe_dpo():
+    with pytest.raises(ConfigError, match="length_normalize is not supported by Safe-DPO"):
+        load_config(SafeDPOConfig, None, ["dpo.length_normalize=true"])
+
+
+def _closed_form_reference_free_loss(kind: str, chosen, rejected, chosen_n, rejected_n, beta):
+    """SimPO / ORPO written out from the papers on per-token mean log-probs."""
+    avg_c, avg_r = chosen / chosen_n, rejected / rejected_n
+    if kind == "simpo":
+        return -torch.nn.functional.logsigmoid(beta * (avg_c - avg_r) - 0.5)
+    p_c, p_r = avg_c.exp(), avg_r.exp()
+    log_odds_ratio = torch.log(p_c / (1 - p_c)) - torch.log(p_r / (1 - p_r))
+    return -avg_c - beta * torch.nn.functional.logsigmoid(log_odds_ratio)
+
+
+@pytest.mark.parametrize(("kind", "beta"), [("simpo", 2.0), ("orpo", 0.1)])
+def test_reference_free_kinds_skip_the_reference_and_lower_their_loss(
+    kind, beta, sft_run, head_of, run_settings, tmp_path, reference_passes
+):
+    config = dpo_config(
+        run_settings,
+        tmp_path,
+        kind,
+        sft_run.model_dir,
+        f"data.train_file={head_of('preference_train', 8)}",
+        f"dpo.kind={kind}",
+        f"dpo.beta={beta}",
+        "max_steps=3",
+        "logging.every=1",
+    )
+    trainer = build_dpo_trainer(config)
+    examples = list(trainer.train_dataset)
+    batch = trainer.collate_fn(examples)
+    with torch.no_grad():
+        chosen, rejected = split_pairs(response_logps(trainer.model, batch))
+    chosen_n = torch.tensor([float(len(e["chosen_ids"])) for e in examples])
+    rejected_n = torch.tensor([float(len(e["rejected_ids"])) for e in examples])
+    expected = _closed_form_reference_free_loss(kind, chosen, rejected, chosen_n, rejected_n, beta)
+    trainer.train()
+
+    # No reference pass ran and nothing was cached; the examples carry no reference values.
+    assert reference_passes == []
+    assert not (config.run_dir / REFERENCE_CACHE).exists()
+    assert all("ref_chosen_logp" not in e for e in trainer.train_dataset)
+    records = read_metrics(config.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # Step 1 (one batch of all 8 pairs, the initial policy) is the paper's closed form, and
+    # three steps on the same pairs lower it.
+    assert records[0]["loss"] == pytest.approx(expected.mean().item(), rel=1e-4)
+    assert records[-1]["loss"] < records[0]["loss"]
+    # SimPO widens the margin of mean log-probs; ORPO, dominated by its NLL term at lambda 0.1
+    # (measured: loss 2.04 -> 1.46 while the margin went 0.60 -> 0.55), raises the chosen
+    # response's log-prob.
+    watched = "rewards/margins" if kind == "simpo" else "logps/chosen"
+    assert records[-1][watched] > records[0][watched]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["dpo.kind=simpo", "reference=some/model"], "uses no reference model"),
+        (["dpo.kind=orpo", "dpo.simpo_gamma=0.5"], "dpo.simpo_gamma: a margin gamma"),
+        (["dpo.kind=simpo", "dpo.simpo_gamma=-1"], "gamma must be >= 0"),
+        (["dpo.kind=simpo", "dpo.label_smoothing=0.1"], "label_smoothing is not defined"),
+        (["dpo.kind=sigmoid", "dpo.simpo_gamma=0.5"], "simpo_gamma is not defined"),
+    ],
+)
+def test_reference_free_settings_are_checked_with_the_config(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(DPOConfig, None, overrides)
+
+
+def test_safe_dpo_refuses_a_reference_free_kind():
+    with pytest.raises(ConfigError, match="simpo is reference-free"):
+        load_config(SafeDPOConfig, None, ["dpo.kind=simpo"])

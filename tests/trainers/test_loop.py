@@ -385,7 +385,7 @@ def test_early_stopping_on_a_metric_evaluation_does_not_report(tmp_path):
     config = make_config(
         tmp_path, "m", "max_steps=2", "eval.every=1", "eval.early_stopping.metric=eval/los"
     )
-    with pytest.raises(ConfigError, match=r"eval/los.*\['eval/score'\]"):
+    with pytest.raises(ConfigError, match=r"eval/los.*: eval/score\. Did you mean 'eval/score'"):
         run(Scores, config)
 
 
@@ -763,3 +763,24 @@ def test_fused_adamw_step_equals_the_plain_update():
             optimizer.step()
     torch.testing.assert_close(model.weight, plain.weight)
     torch.testing.assert_close(model.bias, plain.bias)
+
+
+def test_a_misspelled_early_stopping_metric_fails_at_the_first_evaluation(tmp_path):
+    class Scored(ScriptedEvalTrainer):
+        scores = (1.0, 0.9, 0.8)
+
+    config = make_config(
+        tmp_path,
+        "typo",
+        "max_steps=6",
+        "eval.every=2",
+        "eval.early_stopping.metric=eval/scroe",
+    )
+    trainer = Scored(config, Regressor(), regression_data())
+    message = (
+        r"eval.early_stopping.metric='eval/scroe' is not among the evaluation metrics "
+        r"\(first evaluation, step 2\): eval/score. Did you mean 'eval/score'\?"
+    )
+    with pytest.raises(ConfigError, match=message):
+        trainer.train()
+    assert trainer.evaluations == 1

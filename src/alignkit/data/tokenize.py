@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "ASSISTANT_TURNS",
     "IGNORE_INDEX",
     "LENGTH_POLICIES",
     "LengthReport",
@@ -50,6 +51,7 @@ __all__ = [
 
 IGNORE_INDEX = -100  # label of positions the loss skips (PyTorch cross-entropy's default)
 LENGTH_POLICIES = ("truncate", "drop", "error")
+ASSISTANT_TURNS = ("all", "last")  # which assistant turns of a conversation SFT trains on
 _TEXT_FIELDS = ("prompt", "chosen", "rejected", "completion", "response")
 
 logger = logging.getLogger("alignkit.data")
@@ -147,6 +149,47 @@ def _prompt_ids(
     return [x[-max_prompt_length:] for x in full]
 
 
+def _render_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping]) -> str:
+    """A whole conversation as text (no generation prompt after it), as ``render_prompt``."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+def _history_ids_and_labels(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping]
+) -> tuple[list[int], list[int]]:
+    """A prompt's ids with labels on its earlier assistant turns (each turn's text as the
+    template renders it, up to the end of that turn: content and end-of-turn marks)."""
+    text = render_prompt(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_prompt(tokenizer, messages[:i]) if i else ""
+        upto = _render_conversation(tokenizer, messages[: i + 1])
+        if not (text.startswith(upto) and upto.startswith(before)):
+            raise ModelError(
+                "the tokenizer's chat template does not render a conversation as the start of "
+                "its continuation, so earlier assistant turns cannot be located; set "
+                "data.assistant_turns=last"
+            )
+        spans.append((len(before), len(upto)))
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    ids = [] if has_template else _special_prefix(tokenizer)
+    labels = [IGNORE_INDEX] * len(ids)
+    start = 0
+    for span_start, span_end in spans:
+        for piece, trained in ((text[start:span_start], False), (text[span_start:span_end], True)):
+            piece_ids = _batch_ids(tokenizer, [piece])[0] if piece else []
+            ids += piece_ids
+            labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
+        start = span_end
+    rest = _batch_ids(tokenizer, [text[start:]])[0] if text[start:] else []
+    return ids + rest, labels + [IGNORE_INDEX] * len(rest)
+
+
 def _answer_ids(tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]) -> list[list[int]]:
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -232,26 +275,43 @@ def tokenize_sft(
     max_length: int | None = None,
     policy: str = "truncate",
     max_prompt_length: int | None = None,
+    assistant_turns: str = "all",
 ) -> TokenizedData:
     """SFT examples ``{"input_ids", "labels"}``: prompt + completion + EOS, prompt labels -100.
 
     Labels equal ``input_ids`` on the completion and are ``IGNORE_INDEX`` on the prompt (seed
     002 §4.2.2 with the correction in seeds/NOTES.md), so the loss is on the answer only.
+    In a multi-turn conversation (a message-list prompt with assistant messages) the earlier
+    assistant turns are trained on too with ``assistant_turns="all"`` (each as the chat
+    template renders it, its end-of-turn marks included); ``"last"`` trains the final one only.
     """
     _check_policy(max_length, policy)
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise ValueError(
+            f"assistant_turns must be one of {ASSISTANT_TURNS}, got {assistant_turns!r}"
+        )
     rows, source = _provenance(records)
-    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records], max_prompt_length)
+    prompts = _prompt_ids(tokenizer, [r["prompt"] for r in records])
+    prompt_labels = [[IGNORE_INDEX] * len(p) for p in prompts]
+    if assistant_turns == "all":
+        for i, record in enumerate(records):
+            prompt = record["prompt"]
+            if not isinstance(prompt, str) and any(m["role"] == "assistant" for m in prompt):
+                prompts[i], prompt_labels[i] = _history_ids_and_labels(tokenizer, prompt)
+    if max_prompt_length is not None:
+        prompts = [p[-max_prompt_length:] for p in prompts]
+        prompt_labels = [p[-max_prompt_length:] for p in prompt_labels]
     answers = _answer_ids(tokenizer, [r["completion"] for r in records])
     budgets, over, lengths = _length_budgets(
         [len(p) for p in prompts], [len(c) for c in answers], max_length, policy
     )
     examples: list[dict[str, Any] | None] = []
-    for p, c, budget in zip(prompts, answers, budgets, strict=True):
+    for p, p_labels, c, budget in zip(prompts, prompt_labels, answers, budgets, strict=True):
         if budget is None:
             examples.append(None)
             continue
-        p, c = _tail(p, budget[0]), c[: budget[1]]
-        examples.append({"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c})
+        p, p_labels, c = _tail(p, budget[0]), _tail(p_labels, budget[0]), c[: budget[1]]
+        examples.append({"input_ids": p + c, "labels": p_labels + c})
     return _finish(examples, over, rows, source, max_length, policy, "prompt+completion", lengths)
 
 

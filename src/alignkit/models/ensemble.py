@@ -157,7 +157,9 @@ class RewardEnsemble:
             max_length = self.max_length or getattr(tokenizer, "model_max_length", None)
             if max_length is not None and max_length > 1_000_000:
                 max_length = None  # transformers' "no limit" sentinel
-            examples = tokenize_sft(records, tokenizer, max_length=max_length)
+            examples = tokenize_sft(
+                records, tokenizer, max_length=max_length, assistant_turns="last"
+            )
             collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
             with torch.inference_mode():
                 for start in range(0, len(examples), self.batch_size):

@@ -12,6 +12,7 @@ one decorated function (here or in user code), and no trainer or config changes.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,19 +27,30 @@ __all__ = [
     "REWARD_LOSSES",
     "cost_model_loss",
     "dpo_loss",
+    "is_reference_free",
+    "length_normalized_logps",
     "length_normalized_nll",
     "multitask_reward_loss",
     "orient_pairs",
+    "orpo_loss",
     "plackett_luce_loss",
+    "reference_free_dpo_loss",
     "register_dpo_loss",
     "register_reward_loss",
     "reward_model_loss",
+    "simpo_loss",
 ]
 
 # (h, beta, label_smoothing) -> per-example loss, where h is the log-ratio difference
 # (pi_c - ref_c) - (pi_r - ref_r).
 DPOLossFn = Callable[[Tensor, float, float], Tensor]
-DPO_LOSSES: Registry[DPOLossFn] = Registry("DPO loss")
+# Reference-free kinds: (chosen, rejected, beta, gamma) -> per-example loss, where chosen and
+# rejected are the policy's per-token mean log-probs and gamma the kind's margin (None: its
+# default).
+ReferenceFreeLossFn = Callable[[Tensor, Tensor, float, "float | None"], Tensor]
+DPO_LOSSES: Registry[DPOLossFn | ReferenceFreeLossFn] = Registry("DPO loss")
+# Canonical names of the kinds registered with reference_free=True.
+_REFERENCE_FREE: set[str] = set()
 
 # (r_chosen - r_rejected, margin or None) -> per-example loss; each kind owns its margin default.
 RewardLossFn = Callable[[Tensor, "Tensor | float | None"], Tensor]
@@ -48,12 +60,34 @@ _upcast = at_least_float32
 
 
 def register_dpo_loss(
-    name: str, *, aliases: tuple[str, ...] = ()
-) -> Callable[[DPOLossFn], DPOLossFn]:
-    """Register ``fn(h, beta, label_smoothing) -> losses`` as ``dpo_loss(kind=name)`` (and the
-    DPO trainer's ``dpo.kind: name``). ``fn`` should raise ``ValueError`` for a
-    ``label_smoothing`` it has no place for: the trainer asks it once when checking its config."""
-    return DPO_LOSSES.register(name, aliases=aliases)
+    name: str, *, aliases: tuple[str, ...] = (), reference_free: bool = False
+) -> Callable[[Any], Any]:
+    """Register a loss of the DPO family as the DPO trainer's ``dpo.kind: name``.
+
+    - ``reference_free=False``: ``fn(h, beta, label_smoothing) -> losses``, used by
+      ``dpo_loss(kind=name)``. ``fn`` should raise ``ValueError`` for a ``label_smoothing`` it
+      has no place for: the trainer asks it once when checking its config.
+    - ``reference_free=True``: ``fn(chosen, rejected, beta, gamma) -> losses`` on the policy's
+      per-token mean log-probs, used by ``reference_free_dpo_loss(kind=name)``; ``gamma`` is
+      the kind's margin (None: its default), and ``fn`` should raise ``ValueError`` for one it
+      has no place for. The DPO trainer runs no reference pass for such a kind.
+    """
+    register = DPO_LOSSES.register(name, aliases=aliases)
+
+    def decorator(fn: Any) -> Any:
+        register(fn)
+        if reference_free:
+            _REFERENCE_FREE.add(name)
+        else:
+            _REFERENCE_FREE.discard(name)  # a name re-registered after an unregister
+        return fn
+
+    return decorator
+
+
+def is_reference_free(kind: str) -> bool:
+    """Whether the DPO loss ``kind`` (a name or alias) was registered ``reference_free``."""
+    return DPO_LOSSES.canonical(kind) in _REFERENCE_FREE
 
 
 def register_reward_loss(
@@ -152,6 +186,8 @@ def dpo_loss(
         detached implicit rewards ``beta * (pi - ref)`` of each response.
     """
     loss_fn = DPO_LOSSES.get(kind)
+    if is_reference_free(kind):
+        raise ValueError(f"DPO loss {kind!r} is reference-free: use reference_free_dpo_loss")
     if beta <= 0.0:
         raise ValueError(f"beta must be > 0, got {beta}")
     shape = policy_chosen_logps.shape
@@ -168,6 +204,127 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def simpo_loss(
+    chosen_logps: Tensor, rejected_logps: Tensor, beta: float = 2.0, gamma: float = 0.5
+) -> Tensor:
+    """SimPO (Meng et al. 2024, https://arxiv.org/abs/2405.14734, eq. 6), per example.
+
+    ``-log s(beta * (avg_c - avg_r) - gamma)``: a Bradley-Terry loss on the length-averaged
+    policy log-probs as the implicit reward (no reference model), with a target reward margin
+    ``gamma`` the chosen response must clear. The paper's defaults: beta 2 to 2.5,
+    ``gamma / beta`` about 0.5; ``gamma`` 0.5 is TRL's ``simpo_gamma`` default.
+
+    Args:
+        chosen_logps, rejected_logps: per-token mean log-probs of each response under the
+            policy (``length_normalized_logps``), ``[B]`` each.
+        beta: reward scale (> 0).
+        gamma: target reward margin (>= 0).
+    """
+    if chosen_logps.shape != rejected_logps.shape:
+        raise ValueError(
+            f"rejected_logps has shape {tuple(rejected_logps.shape)}, "
+            f"expected {tuple(chosen_logps.shape)}"
+        )
+    if gamma < 0.0:
+        raise ValueError(f"SimPO's gamma must be >= 0, got {gamma}")
+    margin = _upcast(chosen_logps) - _upcast(rejected_logps)
+    return -F.logsigmoid(beta * margin - gamma)
+
+
+def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, lam: float = 0.1) -> Tensor:
+    """ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691, eqs. 2-7), per example.
+
+    ``NLL(chosen) - lam * log s(log odds_c - log odds_r)``, where ``NLL = -avg_c`` is the
+    chosen response's per-token NLL, ``odds = p / (1 - p)`` and ``p = exp(avg)`` the
+    geometric-mean token probability, so ``log odds = avg - log(1 - exp(avg))`` (computed as
+    ``log1p(-exp(avg))``, finite for every ``avg < 0``). SFT and preference alignment in one
+    loss, no reference model. ``lam`` is TRL's ORPO ``beta`` (default 0.1).
+
+    Args:
+        chosen_logps, rejected_logps: per-token mean log-probs of each response under the
+            policy (``length_normalized_logps``), ``[B]`` each; strictly negative.
+        lam: weight of the odds-ratio term (> 0).
+    """
+    if chosen_logps.shape != rejected_logps.shape:
+        raise ValueError(
+            f"rejected_logps has shape {tuple(rejected_logps.shape)}, "
+            f"expected {tuple(chosen_logps.shape)}"
+        )
+    chosen, rejected = _upcast(chosen_logps), _upcast(rejected_logps)
+    log_odds_ratio = (chosen - torch.log1p(-torch.exp(chosen))) - (
+        rejected - torch.log1p(-torch.exp(rejected))
+    )
+    return -chosen - lam * F.logsigmoid(log_odds_ratio)
+
+
+@register_dpo_loss("simpo", reference_free=True)
+def _dpo_simpo(chosen: Tensor, rejected: Tensor, beta: float, gamma: float | None) -> Tensor:
+    return simpo_loss(chosen, rejected, beta, 0.5 if gamma is None else gamma)
+
+
+@register_dpo_loss("orpo", reference_free=True)
+def _dpo_orpo(chosen: Tensor, rejected: Tensor, beta: float, gamma: float | None) -> Tensor:
+    # beta is ORPO's lambda, as in TRL's ORPOConfig.
+    if gamma is not None:
+        raise ValueError("a margin gamma is not defined for kind='orpo'; only 'simpo' has one")
+    return orpo_loss(chosen, rejected, beta)
+
+
+def reference_free_dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    beta: float,
+    kind: str,
+    gamma: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A reference-free loss of the DPO family (``"simpo"``, ``"orpo"``, or one registered
+    with ``register_dpo_loss(name, reference_free=True)``), per example.
+
+    - ``"simpo"``: ``simpo_loss(chosen, rejected, beta, gamma)`` (gamma default 0.5).
+    - ``"orpo"``: ``orpo_loss(chosen, rejected, lam=beta)`` (no gamma).
+
+    Args:
+        chosen_logps, rejected_logps: per-token mean log-probs under the policy, ``[B]`` each.
+        beta: the kind's scale (> 0).
+        kind: a reference-free name in ``DPO_LOSSES``.
+        gamma: the kind's margin; None for its default.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; the rewards are the
+        detached implicit rewards ``beta * avg`` (TRL's SimPO/ORPO ``rewards/*``).
+    """
+    loss_fn = DPO_LOSSES.get(kind)
+    if not is_reference_free(kind):
+        raise ValueError(f"DPO loss {kind!r} needs reference log-probs: use dpo_loss")
+    if beta <= 0.0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    losses = loss_fn(chosen_logps, rejected_logps, beta, gamma)
+    chosen, rejected = _upcast(chosen_logps).detach(), _upcast(rejected_logps).detach()
+    return losses, beta * chosen, beta * rejected
+
+
+def length_normalized_logps(summed_logps: Tensor, token_counts: Tensor) -> Tensor:
+    """Mean per-token log-prob of each response, per example: ``log pi(y|x) / |y|``.
+
+    What TRL's IPO (and the IPO paper, Azar et al. 2023, https://arxiv.org/abs/2310.12036,
+    which defines its log-ratio on averaged log-probs) and SimPO (Meng et al. 2024,
+    https://arxiv.org/abs/2405.14734, eq. 4) put in place of the summed log-prob. Applied to
+    the policy's and the reference's log-probs alike, the log-ratio becomes a per-token one:
+    ``(log pi - log ref) / |y|``. A response with no tokens is divided by 1 (it stays 0).
+
+    Args:
+        summed_logps: summed log-probs of each response, ``[B]``.
+        token_counts: number of response tokens of each, ``[B]`` (integer or float).
+    """
+    if summed_logps.shape != token_counts.shape:
+        raise ValueError(
+            f"token_counts has shape {tuple(token_counts.shape)}, "
+            f"expected {tuple(summed_logps.shape)}"
+        )
+    counts = token_counts.to(_upcast(summed_logps).dtype)
+    return _upcast(summed_logps) / counts.clamp(min=1.0)
+
+
 def length_normalized_nll(summed_logps: Tensor, token_counts: Tensor) -> Tensor:
     """Per-token negative log-likelihood of each response, per example: ``-log pi(y|x) / |y|``.
 
@@ -180,13 +337,7 @@ def length_normalized_nll(summed_logps: Tensor, token_counts: Tensor) -> Tensor:
         summed_logps: summed log-probs of each response, ``[B]``.
         token_counts: number of response tokens of each, ``[B]`` (integer or float).
     """
-    if summed_logps.shape != token_counts.shape:
-        raise ValueError(
-            f"token_counts has shape {tuple(token_counts.shape)}, "
-            f"expected {tuple(summed_logps.shape)}"
-        )
-    counts = token_counts.to(_upcast(summed_logps).dtype)
-    return -_upcast(summed_logps) / counts.clamp(min=1.0)
+    return -length_normalized_logps(summed_logps, token_counts)
 
 
 @register_reward_loss("bt")

@@ -261,7 +261,10 @@ class ModelReward:
         records = [
             {"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)
         ]
-        examples = tokenize_sft(records, self.tokenizer, max_length=self.max_length)
+        # Only the scored response carries labels, not earlier assistant turns of its prompt.
+        examples = tokenize_sft(
+            records, self.tokenizer, max_length=self.max_length, assistant_turns="last"
+        )
         collate = SFTCollator(pad_token_id=self.tokenizer.pad_token_id)
         device = next(self.model.parameters()).device
         scores = []

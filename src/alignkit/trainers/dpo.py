@@ -1,4 +1,5 @@
-"""Direct preference optimisation and its family (DPO, IPO, hinge/SLiC, robust DPO).
+"""Direct preference optimisation and its family (DPO, IPO, hinge/SLiC, robust DPO, and the
+reference-free SimPO and ORPO, which skip the reference pass below).
 
 Per step: one forward pass of the policy over the 2B rows of B pairs (chosen rows, then
 rejected), summed response log-probs, and the loss from `ops.dpo_loss` against *cached*
@@ -27,7 +28,14 @@ from alignkit.errors import ConfigError
 from alignkit.models import disabled_adapter, has_adapter, load_policy
 from alignkit.models.forward import response_logps
 from alignkit.models.loading import weights_digest
-from alignkit.ops.preference import DPO_LOSSES, dpo_loss, length_normalized_nll
+from alignkit.ops.preference import (
+    DPO_LOSSES,
+    dpo_loss,
+    is_reference_free,
+    length_normalized_logps,
+    length_normalized_nll,
+    reference_free_dpo_loss,
+)
 from alignkit.ops.stats import pairwise_accuracy
 from alignkit.tracking.run_dir import RunDir
 from alignkit.trainers.common import (
@@ -52,13 +60,31 @@ class DPOLossConfig:
     kind: str = field(
         default="sigmoid",
         metadata={
-            "help": "sigmoid (DPO), ipo, hinge (SLiC), robust (Chowdhury et al.), or any loss "
-            "registered with alignkit.ops.preference.register_dpo_loss."
+            "help": "sigmoid (DPO), ipo, hinge (SLiC), robust (Chowdhury et al.); the "
+            "reference-free simpo (Meng et al.) and orpo (Hong et al.; beta is its lambda), "
+            "which run no reference pass; or any loss registered with "
+            "alignkit.ops.preference.register_dpo_loss."
         },
     )
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the log-ratios."})
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Label noise epsilon for sigmoid (cDPO) and robust."}
+    )
+    simpo_gamma: float | None = field(
+        default=None,
+        metadata={
+            "help": "SimPO's target reward margin gamma (null: 0.5, TRL's default); only a "
+            "kind with a margin accepts it."
+        },
+    )
+    length_normalize: bool = field(
+        default=False,
+        metadata={
+            "help": "Divide the policy's and the reference's summed log-probs of each response "
+            "by its token count before the loss. Off by default: summed log-ratios keep beta's "
+            "meaning the same across kinds. On reproduces TRL's IPO, which divides each "
+            "sequence's log-ratio by its completion length."
+        },
     )
     nll_weight: float = field(
         default=0.0,
@@ -91,12 +117,30 @@ class DPOConfig(TrainConfig):
             raise ConfigError("dpo.beta must be > 0")
         if self.dpo.nll_weight < 0:
             raise ConfigError("dpo.nll_weight must be >= 0")
+        if is_reference_free(self.dpo.kind):
+            self._check_reference_free()
+            return
+        if self.dpo.simpo_gamma is not None:
+            raise ConfigError(f"dpo.simpo_gamma is not defined for dpo.kind={self.dpo.kind}")
         # The loss itself knows which label_smoothing it accepts; asked now, a bad value is a
         # config error instead of a traceback after the reference pass.
         try:
             DPO_LOSSES[self.dpo.kind](torch.zeros(1), self.dpo.beta, self.dpo.label_smoothing)
         except ValueError as err:
             raise ConfigError(f"dpo.label_smoothing: {err}") from None
+
+    def _check_reference_free(self) -> None:
+        kind = self.dpo.kind
+        if self.reference:
+            raise ConfigError(f"reference is set but dpo.kind={kind} uses no reference model")
+        if self.dpo.label_smoothing != 0.0:
+            raise ConfigError(f"dpo.label_smoothing is not defined for dpo.kind={kind}")
+        # The loss knows which margin it accepts (a per-token mean log-prob is < 0).
+        try:
+            logps = torch.full((1,), -1.0)
+            DPO_LOSSES[kind](logps, logps, self.dpo.beta, self.dpo.simpo_gamma)
+        except ValueError as err:
+            raise ConfigError(f"dpo.simpo_gamma: {err}") from None
 
 
 class DPOTrainer(Trainer):
@@ -110,7 +154,14 @@ class DPOTrainer(Trainer):
 
     # --------------------------------------------------------------- reference, once
 
+    @property
+    def reference_free(self) -> bool:
+        """Whether the loss uses no reference model (then no reference pass runs)."""
+        return is_reference_free(self.config.dpo.kind)
+
     def on_train_begin(self) -> None:
+        if self.reference_free:
+            return
         datasets = {"train": self.train_dataset}
         if self.eval_dataset is not None:
             datasets["eval"] = self.eval_dataset
@@ -201,12 +252,27 @@ class DPOTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         chosen, rejected = self.policy_logps(model, batch)
-        losses, chosen_rewards, rejected_rewards = self.preference_loss(
-            chosen, rejected, batch["ref_chosen_logp"], batch["ref_rejected_logp"]
-        )
+        chosen_lengths, rejected_lengths = response_lengths(batch)
+        cfg = self.config.dpo
+        if self.reference_free:
+            losses, chosen_rewards, rejected_rewards = reference_free_dpo_loss(
+                length_normalized_logps(chosen, chosen_lengths),
+                length_normalized_logps(rejected, rejected_lengths),
+                beta=cfg.beta,
+                kind=cfg.kind,
+                gamma=cfg.simpo_gamma,
+            )
+        else:
+            loss_inputs = (chosen, rejected, batch["ref_chosen_logp"], batch["ref_rejected_logp"])
+            if cfg.length_normalize:
+                lengths = (chosen_lengths, rejected_lengths) * 2
+                loss_inputs = tuple(
+                    length_normalized_logps(logps, n)
+                    for logps, n in zip(loss_inputs, lengths, strict=True)
+                )
+            losses, chosen_rewards, rejected_rewards = self.preference_loss(*loss_inputs)
         metrics = preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards)
-        if self.config.dpo.nll_weight > 0:
-            chosen_lengths, _ = response_lengths(batch)
+        if cfg.nll_weight > 0:
             losses, nll = self.add_winner_nll(losses, chosen, chosen_lengths)
             metrics["nll_loss"] = nll.mean()
         return losses.mean(), metrics

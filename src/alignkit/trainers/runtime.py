@@ -6,6 +6,7 @@ as the lifecycle and the schedule.
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -225,10 +226,16 @@ class LoopState:
         if not rule.metric:
             return False
         if rule.metric not in metrics:
-            raise ConfigError(
+            # The trainers do not declare their evaluation's names ahead of it, so the first
+            # evaluation is where a misspelling shows.
+            message = (
                 f"eval.early_stopping.metric={rule.metric!r} is not among the evaluation "
-                f"metrics {sorted(metrics)}"
+                f"metrics (first evaluation, step {self.step}): {', '.join(sorted(metrics))}"
             )
+            nearest = difflib.get_close_matches(rule.metric, list(metrics), n=1)
+            if nearest:
+                message += f". Did you mean {nearest[0]!r}?"
+            raise ConfigError(message)
         value = metrics[rule.metric]
         if self.best_metric is None:
             improved = True

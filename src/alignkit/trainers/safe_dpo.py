@@ -41,7 +41,7 @@ from alignkit.ops.lagrange import (
     estimate_cost_from_data,
     lagrangian_combine,
 )
-from alignkit.ops.preference import orient_pairs
+from alignkit.ops.preference import is_reference_free, orient_pairs
 from alignkit.ops.stats import masked_mean
 from alignkit.trainers.common import gather_per_example, split_pairs
 from alignkit.trainers.dpo import (
@@ -131,6 +131,12 @@ class SafeDPOConfig(DPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if is_reference_free(self.dpo.kind):
+            raise ConfigError(
+                f"dpo.kind={self.dpo.kind} is reference-free; Safe-DPO needs a reference kind"
+            )
+        if self.dpo.length_normalize:
+            raise ConfigError("dpo.length_normalize is not supported by Safe-DPO; set it to false")
         if self.safety.source == "cost_model" and not self.safety.cost_model:
             raise ConfigError("safety.source=cost_model needs safety.cost_model (a directory)")
         if self.safety.source == "cost_model":

@@ -9,7 +9,7 @@ its split into micro-batches and processes (see alignkit.trainers.optimize).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -30,11 +30,25 @@ from alignkit.trainers.loop import Metrics, Trainer
 
 
 @dataclass
+class SFTDataConfig(DataConfig):
+    """SFT data: the shared data settings plus which assistant turns are trained on."""
+
+    assistant_turns: Literal["all", "last"] = field(
+        default="all",
+        metadata={
+            "help": 'In {"messages"} rows with several assistant turns: all trains every '
+            "assistant turn (each as the chat template renders it), last only the final one. "
+            "Every other token is masked either way."
+        },
+    )
+
+
+@dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on ``{"prompt","completion"}`` or ``{"messages"}`` rows."""
 
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "SFT data."})
+    data: SFTDataConfig = field(default_factory=SFTDataConfig, metadata={"help": "SFT data."})
     packing: bool = field(
         default=False,
         metadata={
@@ -79,7 +93,12 @@ def build_sft_trainer(cfg: SFTConfig) -> SFTTrainer:
     def tokenize(records: Any) -> Any:
         data = cfg.data
         return tokenize_sft(
-            records, tokenizer, data.max_length, data.length_policy, data.max_prompt_length
+            records,
+            tokenizer,
+            data.max_length,
+            data.length_policy,
+            data.max_prompt_length,
+            assistant_turns=data.assistant_turns,
         )
 
     train = tokenize(train_records)
