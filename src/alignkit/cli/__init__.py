@@ -17,7 +17,8 @@ from alignkit.errors import AlignkitError
 
 app = typer.Typer(
     name="alignkit",
-    help="Align language models with feedback: SFT, reward/cost models, DPO family, Safe-DPO.",
+    help="Align language models with feedback: SFT, reward/cost models, the DPO family, Safe-DPO, "
+    "online RL (PPO, GRPO, RLOO, REINFORCE++, Safe-PPO), data tools, evaluation, labelling.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

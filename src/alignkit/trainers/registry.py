@@ -50,7 +50,7 @@ METHODS: dict[str, Method] = {
         "alignkit.trainers.dpo",
         "DPOConfig",
         "train_dpo",
-        summary="DPO family: sigmoid, ipo, hinge, robust",
+        summary="DPO family: sigmoid, ipo, hinge, robust, and the reference-free simpo, orpo",
     ),
     "safe-dpo": Method(
         "alignkit.trainers.safe_dpo",
