@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from alignkit.data.collate import PromptCollator
+from alignkit.models.forward import position_ids_from_mask
 from alignkit.rollout.experience import Experience
 
 __all__ = [
@@ -202,12 +203,7 @@ class TransformersEngine:
         device = next(self.model.parameters()).device
         g, steps = sampling.samples_per_prompt, sampling.max_new_tokens
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        collate = PromptCollator(pad_token_id=pad)
-        batch = collate([{"input_ids": list(p.input_ids)} for p in prompts])
-        prompt_ids = batch["input_ids"].to(device)
-        prompt_mask = batch["attention_mask"].to(device)
-        width = prompt_ids.shape[1]
-        positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+        prompt_ids, prompt_mask, positions = pad_prompts(prompts, pad, device)
 
         cache = DynamicCache(config=getattr(self.model, "config", None))
         logits = self._forward(prompt_ids, prompt_mask, positions, cache)
@@ -250,37 +246,65 @@ class TransformersEngine:
             logits = self._forward(chosen[:, None], mask, next_position, cache)
             next_position = next_position + 1
 
-        longest = int(lengths.max())
-        tokens, token_logprobs = tokens[:, :longest], token_logprobs[:, :longest]
-        response_mask = torch.arange(longest, device=device)[None, :] < lengths[:, None]
-        last_token = tokens.gather(1, (lengths - 1)[:, None]).squeeze(1)
-        emitted_eos = (last_token == eos) if eos is not None else lengths < 0
-        full_prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
-        response_ids = tokens.masked_fill(~response_mask, pad)
-        completions = self.tokenizer.batch_decode(response_ids.tolist(), skip_special_tokens=True)
-        return Experience(
-            input_ids=torch.cat([prompt_ids.repeat_interleave(g, dim=0), response_ids], dim=1),
-            attention_mask=torch.cat([full_prompt_mask, response_mask.long()], dim=1),
-            response_mask=torch.cat(
-                [torch.zeros_like(full_prompt_mask, dtype=torch.bool), response_mask], dim=1
-            ),
-            prompt_width=width,
-            behaviour_logprobs=torch.cat(
-                [
-                    torch.zeros(n, width, device=device),
-                    token_logprobs.masked_fill(~response_mask, 0.0),
-                ],
-                dim=1,
-            ),
-            scores=torch.full((n,), float("nan"), device=device),
-            group_index=torch.arange(len(prompts), device=device).repeat_interleave(g)
-            + group_offset,
-            response_lengths=lengths,
-            truncated=(lengths == steps) & ~emitted_eos,
-            prompts=[p.text for p in prompts for _ in range(g)],
-            completions=completions,
-            row_fields=[dict(p.fields) for p in prompts for _ in range(g)],
+        return assemble_experience(
+            prompts, self.tokenizer, prompt_ids, prompt_mask, tokens, token_logprobs, lengths,
+            sampling, group_offset,
         )
+
+
+def pad_prompts(
+    prompts: Sequence[Prompt], pad: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-padded prompt ids ``[P, W]``, their mask and positions from the mask."""
+    batch = PromptCollator(pad_token_id=pad)([{"input_ids": list(p.input_ids)} for p in prompts])
+    prompt_mask = batch["attention_mask"].to(device)
+    return batch["input_ids"].to(device), prompt_mask, position_ids_from_mask(prompt_mask)
+
+
+def assemble_experience(
+    prompts: Sequence[Prompt],
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    tokens: Tensor,
+    behaviour: Tensor,
+    lengths: Tensor,
+    sampling: SamplingConfig,
+    group_offset: int,
+) -> Experience:
+    """An :class:`Experience` from a decode loop's ``[N, max_new_tokens]`` sampled tokens, their
+    behaviour log-probs and per-row lengths (rows grouped by prompt, ``samples_per_prompt``
+    each): prompt and response side by side, texts decoded once, EOS and truncation recorded."""
+    device, g = tokens.device, sampling.samples_per_prompt
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    n, width = tokens.shape[0], prompt_ids.shape[1]
+    longest = int(lengths.max())
+    tokens, behaviour = tokens[:, :longest], behaviour[:, :longest]
+    response_mask = torch.arange(longest, device=device)[None, :] < lengths[:, None]
+    last_token = tokens.gather(1, (lengths - 1)[:, None]).squeeze(1)
+    emitted_eos = (last_token == eos) if eos is not None else lengths < 0
+    full_prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
+    response_ids = tokens.masked_fill(~response_mask, pad)
+    return Experience(
+        input_ids=torch.cat([prompt_ids.repeat_interleave(g, dim=0), response_ids], dim=1),
+        attention_mask=torch.cat([full_prompt_mask, response_mask.long()], dim=1),
+        response_mask=torch.cat(
+            [torch.zeros_like(full_prompt_mask, dtype=torch.bool), response_mask], dim=1
+        ),
+        prompt_width=width,
+        behaviour_logprobs=torch.cat(
+            [torch.zeros(n, width, device=device), behaviour.masked_fill(~response_mask, 0.0)],
+            dim=1,
+        ),
+        scores=torch.full((n,), float("nan"), device=device),
+        group_index=torch.arange(len(prompts), device=device).repeat_interleave(g)
+        + group_offset,
+        response_lengths=lengths,
+        truncated=(lengths == sampling.max_new_tokens) & ~emitted_eos,
+        prompts=[p.text for p in prompts for _ in range(g)],
+        completions=tokenizer.batch_decode(response_ids.tolist(), skip_special_tokens=True),
+        row_fields=[dict(p.fields) for p in prompts for _ in range(g)],
+    )
 
 
 def prompts_from_records(

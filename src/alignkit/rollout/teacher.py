@@ -41,7 +41,6 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from alignkit.data.collate import PromptCollator
 from alignkit.errors import ConfigError
 from alignkit.ops.sampling import (
     disjoint_supports,
@@ -50,12 +49,15 @@ from alignkit.ops.sampling import (
     kl_symmetry_alpha,
     min_variance_proposal_logprobs,
     snr_alpha,
+    truncated_importance_weights,
 )
 from alignkit.rollout.engine import (
     Prompt,
     SamplingConfig,
     TransformersEngine,
     _draw,
+    assemble_experience,
+    pad_prompts,
     sampling_distribution,
     unwrap_for_generation,
 )
@@ -293,13 +295,7 @@ class TeacherGuidedEngine:
         device = next(self.model.parameters()).device
         g, steps = sampling.samples_per_prompt, sampling.max_new_tokens
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        batch = PromptCollator(pad_token_id=pad)(
-            [{"input_ids": list(p.input_ids)} for p in prompts]
-        )
-        prompt_ids = batch["input_ids"].to(device)
-        prompt_mask = batch["attention_mask"].to(device)
-        width = prompt_ids.shape[1]
-        positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+        prompt_ids, prompt_mask, positions = pad_prompts(prompts, pad, device)
 
         def forward(model: nn.Module, cache: Any, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
             where = next(model.parameters()).device
@@ -367,11 +363,11 @@ class TeacherGuidedEngine:
             ]
             next_position = next_position + 1
 
-        longest = int(lengths.max())
-        tokens, behaviour = tokens[:, :longest], behaviour[:, :longest]
-        policy_logprobs = policy_logprobs[:, :longest]
-        response_mask = torch.arange(longest, device=device)[None, :] < lengths[:, None]
-        weights = (policy_logprobs - behaviour).clamp(max=80.0).exp().masked_fill(~response_mask, 0)
+        response_mask = torch.arange(steps, device=device)[None, :] < lengths[:, None]
+        # pi_theta / q of every sampled token (log-ratio clamped at 20 as in the trainer's weights)
+        weights = truncated_importance_weights(
+            policy_logprobs, behaviour, max_weight=math.exp(20)
+        ).masked_fill(~response_mask, 0)
         count = int(response_mask.sum())
         self.last_stats = {
             "sampling/is_weight_max": float(weights.max()),
@@ -380,31 +376,9 @@ class TeacherGuidedEngine:
         }
         if self.alpha != "min_variance":
             self.last_stats["sampling/alpha_mean"] = alpha_sum / max(positions_seen, 1)
-
-        last_token = tokens.gather(1, (lengths - 1)[:, None]).squeeze(1)
-        emitted_eos = (last_token == eos) if eos is not None else lengths < 0
-        full_prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
-        response_ids = tokens.masked_fill(~response_mask, pad)
-        completions = self.tokenizer.batch_decode(response_ids.tolist(), skip_special_tokens=True)
-        return Experience(
-            input_ids=torch.cat([prompt_ids.repeat_interleave(g, dim=0), response_ids], dim=1),
-            attention_mask=torch.cat([full_prompt_mask, response_mask.long()], dim=1),
-            response_mask=torch.cat(
-                [torch.zeros_like(full_prompt_mask, dtype=torch.bool), response_mask], dim=1
-            ),
-            prompt_width=width,
-            behaviour_logprobs=torch.cat(
-                [torch.zeros(n, width, device=device), behaviour.masked_fill(~response_mask, 0.0)],
-                dim=1,
-            ),
-            scores=torch.full((n,), math.nan, device=device),
-            group_index=torch.arange(len(prompts), device=device).repeat_interleave(g)
-            + group_offset,
-            response_lengths=lengths,
-            truncated=(lengths == steps) & ~emitted_eos,
-            prompts=[p.text for p in prompts for _ in range(g)],
-            completions=completions,
-            row_fields=[dict(p.fields) for p in prompts for _ in range(g)],
+        return assemble_experience(
+            prompts, self.tokenizer, prompt_ids, prompt_mask, tokens, behaviour, lengths,
+            sampling, group_offset,
         )
 
 
