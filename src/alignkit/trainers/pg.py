@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,9 @@ from alignkit.trainers.reward import load_reward_checkpoint
 from alignkit.trainers.rl_config import CriticConfig, PGConfig
 
 __all__ = ["PolicyGradientTrainer", "build_critic", "build_pg_trainer", "train_pg"]
+
+#: pi/pi_old weighting the KL term: untruncated in effect (the log-ratio is clamped at +-20).
+RATIO_CAP = math.exp(20.0)
 
 
 def _batch(exp: Experience) -> dict[str, Tensor]:
@@ -368,7 +372,7 @@ class PolicyGradientTrainer(OnlineTrainer):
             if cfg.kl.enabled and cfg.kl.placement == "loss":
                 # Weighted by pi/pi_old (detached): the KL gradient identities hold for samples
                 # of pi, and after the first update the samples are pi_old's (TRL #3025).
-                ratio = torch.exp((logp - batch.old_logprobs).clamp(-20, 20)).detach()
+                ratio = truncated_importance_weights(logp, batch.old_logprobs, RATIO_CAP)
                 if batch.is_weights is not None:  # samples of mu, not pi_old: pi_old/mu too
                     ratio = ratio * batch.is_weights
                 kl_tokens = kl_loss_values(
