@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 
 from alignkit.errors import CheckpointError
 from alignkit.tracking.io import umask_mode
@@ -216,7 +219,14 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         weights.update(load_file(file))
-    result = model.load_state_dict(weights, strict=False)
+    if _is_sharded(model):
+        # FSDP's parameters are shards (DTensor): each process copies its slice of the
+        # full tensors in.
+        result = set_model_state_dict(
+            model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+    else:
+        result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
         raise CheckpointError(
             f"{directory}: weights not in the model: {_few(result.unexpected_keys)}"
@@ -226,11 +236,24 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
         raise CheckpointError(f"{directory}: weights missing: {_few(untied_missing)}")
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP (version 1 or 2) shards `model`'s parameters over processes."""
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
+        isinstance(p, DTensor) for p in model.parameters()
+    )
+
+
 def _untied(model: nn.Module, missing: list[str], loaded: Any) -> list[str]:
     """Missing keys that are not aliases (tied storage) of a loaded key."""
     state = model.state_dict(keep_vars=True)
-    loaded_storage = {state[k].data_ptr() for k in loaded if k in state}
-    return [k for k in missing if state[k].data_ptr() not in loaded_storage]
+    loaded_storage = {_storage(state[k]) for k in loaded if k in state}
+    return [k for k in missing if _storage(state[k]) not in loaded_storage]
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    """Where `tensor`'s data lives, to recognise ties. A DTensor's local shard may be empty
+    (no storage) on some processes: tied DTensors are one object, so it is its identity."""
+    return id(tensor) if isinstance(tensor, DTensor) else tensor.data_ptr()
 
 
 def _few(keys: list[str]) -> str:

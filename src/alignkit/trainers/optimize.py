@@ -23,6 +23,14 @@ counted (``skipped_steps``) and reported; more than ``max_consecutive_skipped_st
 steps in a row raise :class:`~alignkit.errors.TrainingDivergedError`. The learning-rate schedule
 still advances, so the learning rate stays a function of the step number. Under DeepSpeed the
 engine steps inside ``backward`` and applies its own overflow check instead.
+
+Under FSDP each process holds a shard of every parameter and of its Adam moments, so the
+optimizer's own ``state_dict`` (integer ids, this process' shards) describes 1/P of the state.
+:meth:`OptimizerStep.state_dict` then gathers the full state keyed by parameter name
+(``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` with
+``full_state_dict=True``): one file, as the model weights are one gathered Hugging Face
+checkpoint, and it resumes under any process count, with or without FSDP.
+:meth:`OptimizerStep.load_state_dict` takes either form.
 """
 
 from __future__ import annotations
@@ -36,9 +44,16 @@ from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
-from alignkit.errors import TrainingDivergedError
+from alignkit.errors import CheckpointError, TrainingDivergedError
 
 Batch = TypeVar("Batch")
 
@@ -138,6 +153,8 @@ class OptimizerStep:
             acc.sync_gradients = True  # accelerate's state is process-wide
         max_norm = self.max_grad_norm or math.inf
         grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):  # FSDP2: a partial norm on each shard
+            grad_norm = grad_norm.full_tensor()
         lr = float(self.optimizer.param_groups[0]["lr"])
         skipped = grad_norm is not None and not bool(torch.isfinite(grad_norm).all())
         if skipped:
@@ -151,6 +168,11 @@ class OptimizerStep:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(step_loss, units, grad_norm, lr, skipped)
+
+    @property
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer inside accelerate's wrapper (torch's state-dict functions want it)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def _skip(self, step: int, grad_norm: Tensor) -> None:
         self.skipped_steps += 1
@@ -168,17 +190,59 @@ class OptimizerStep:
                 "optim.max_grad_norm, use precision=fp32, or look for inf/NaN in the data"
             )
 
+    @property
+    def sharded(self) -> bool:
+        """Whether FSDP shards the parameters and the optimizer state over the processes."""
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer and scheduler state plus the skip counters."""
+        """Optimizer and scheduler state plus the skip counters.
+
+        Under FSDP the optimizer state is the full one keyed by parameter name, gathered on
+        the CPU of the main process (empty elsewhere): call it on every process.
+        """
+        if self.sharded:
+            optimizer = get_optimizer_state_dict(
+                self.model, self._torch_optimizer, options=_FULL_ON_MAIN_CPU
+            )
+        else:
+            optimizer = self.optimizer.state_dict()
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "skipped_steps": self.skipped_steps,
             "consecutive_skipped": self.consecutive_skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore :meth:`state_dict`'s output (every process passes the whole of it)."""
+        optimizer = state["optimizer"]
+        by_name = is_keyed_by_name(optimizer)
+        if self.sharded and not by_name:
+            raise CheckpointError(
+                f"the optimizer state of {self.name} was saved without FSDP (keyed by the "
+                "optimizer's parameter ids, not by parameter names): resume it without FSDP"
+            )
+        if by_name:
+            # Every process slices its own shards out of the full state.
+            set_optimizer_state_dict(
+                self.model,
+                self._torch_optimizer,
+                optimizer,
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skipped = int(state.get("consecutive_skipped", 0))
+
+
+_FULL_ON_MAIN_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def is_keyed_by_name(optimizer_state: dict[str, Any]) -> bool:
+    """Whether an optimizer state dict is keyed by parameter name (FSDP's full form) rather
+    than by the optimizer's integer ids (``torch.optim.Optimizer.state_dict``)."""
+    params = [p for group in optimizer_state.get("param_groups", []) for p in group["params"]]
+    return bool(params) and all(isinstance(p, str) for p in params)

@@ -409,6 +409,8 @@ class RunLoop(ABC):
         state_dicts = None
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             state_dicts = {name: acc.get_state_dict(model) for name, model in models.items()}
+        # On every process: under FSDP gathering the optimizer state is a collective.
+        steps = {name: step.state_dict() for name, step in self.optimizer_steps.items()}
         path = self.run_dir.checkpoint_dir(self.state.step)
         if acc.is_main_process:
             path = save_checkpoint(
@@ -416,7 +418,7 @@ class RunLoop(ABC):
                 self.state.step,
                 models,
                 self.tokenizer,
-                self._trainer_state(rng_per_process),
+                self._trainer_state(steps, rng_per_process),
                 state_dicts=state_dicts,
                 keep_last=self.config.checkpoint.keep_last,
                 keep=() if self.state.best_step is None else (self.state.best_step,),
@@ -424,9 +426,10 @@ class RunLoop(ABC):
         acc.wait_for_everyone()
         return path
 
-    def _trainer_state(self, rng_per_process: list[dict[str, Any]]) -> dict[str, Any]:
+    def _trainer_state(
+        self, steps: dict[str, dict[str, Any]], rng_per_process: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         state = self.state
-        steps = {name: step.state_dict() for name, step in self.optimizer_steps.items()}
         return {
             "format": _STATE_FORMAT,
             "step": state.step,

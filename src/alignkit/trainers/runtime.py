@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, parse_flag_from_env, set_seed
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
@@ -33,6 +33,7 @@ def make_accelerator(config: RunConfig, gradient_accumulation_steps: int = 1) ->
     """The Accelerator for `config`: fp32/bf16 autocast, and the accumulation steps its
     ``backward`` divides by (and DeepSpeed accumulates over)."""
     mixed_precision = "bf16" if config.precision == "bf16" else "no"
+    _refuse_fsdp_on_cpu()
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
         if PartialState().num_processes > 1:
@@ -48,6 +49,23 @@ def make_accelerator(config: RunConfig, gradient_accumulation_steps: int = 1) ->
         mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
+
+
+def _refuse_fsdp_on_cpu() -> None:
+    """FSDP asked for (``accelerate launch --use_fsdp``) where accelerate cannot give it.
+
+    accelerate 1.15 turns FSDP on only for GPUs and other accelerators: on CPU processes
+    FSDP version 2 silently trains with DDP instead, and version 1 fails in accelerate's
+    plugin with "There are currently no available devices found".
+    """
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return
+    if PartialState().distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU):
+        raise ConfigError(
+            "accelerate launch --use_fsdp on CPU processes: accelerate 1.15 shards with FSDP "
+            "only on GPUs or other accelerators, and would train with DDP here. Launch "
+            "without --use_fsdp (DDP over gloo), or on GPUs"
+        )
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

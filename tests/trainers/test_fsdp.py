@@ -1,0 +1,405 @@
+"""Training and checkpoints under FSDP.
+
+Pins down: two processes sharded by FSDP (version 2, over gloo) train a tiny Llama to the loss
+curve of DDP; a run killed after its step-4 checkpoint resumes to the uninterrupted run's
+metrics; the checkpoint holds the full optimizer state keyed by parameter name and a model
+that ``AutoModelForCausalLM.from_pretrained`` loads with the FSDP model's gathered weights and
+logits. The same save and load functions, in one process on a one-process FSDP mesh, round-trip
+exactly; and ``accelerate launch --use_fsdp`` on CPU processes, which accelerate 1.15 would
+quietly run as DDP, is refused.
+
+accelerate 1.15 enables FSDP only on GPUs and other accelerators, while torch's FSDP2
+(``fully_shard``) runs on CPU processes over gloo. The two-process test therefore launches
+``accelerate launch --use_fsdp --fsdp_version 2`` and, inside the script, switches accelerate's
+process-wide state from DDP (MULTI_CPU) to FSDP before the trainer is built
+(:data:`FORCE_FSDP_ON_CPU`): everything after that, accelerate's ``fully_shard`` preparation
+and alignkit's save and restore, is the code that runs on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
+
+from alignkit.config import OptimConfig, TrainConfig, load_config
+from alignkit.errors import CheckpointError, ConfigError
+from alignkit.tracking import latest_checkpoint, load_trainer_state, read_metrics
+from alignkit.tracking.checkpoint import load_model_weights, save_model_weights
+from alignkit.trainers import OptimizerStep
+from alignkit.trainers.optim import build_lr_scheduler, build_optimizer
+from alignkit.trainers.optimize import is_keyed_by_name
+from alignkit.trainers.runtime import make_accelerator
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+TINY_LLAMA = textwrap.dedent(
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tiny_llama():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+            tie_word_embeddings=True,
+        )
+        return LlamaForCausalLM(config)
+
+    def counting_sequences(n=48, length=12):
+        # Token t+1 = token t + 1 (mod 64), right-padded: easy to learn.
+        generator = torch.Generator().manual_seed(0)
+        rows = []
+        for _ in range(n):
+            start = int(torch.randint(0, 64, (1,), generator=generator))
+            real = int(torch.randint(6, length + 1, (1,), generator=generator))
+            ids = (start + torch.arange(length)) % 64
+            mask = (torch.arange(length) < real).long()
+            rows.append(
+                {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+            )
+        return rows
+
+    def probe_ids():
+        return (torch.arange(20).reshape(2, 10) * 3) % 64
+    """
+)
+
+#: Turns accelerate's DDP-on-CPU state into FSDP (what `--use_fsdp` gives on GPUs), with the
+#: FSDP plugin accelerate built from `accelerate launch`'s FSDP flags.
+FORCE_FSDP_ON_CPU = textwrap.dedent(
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    def force_fsdp_on_cpu():
+        state = Accelerator().state
+        assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
+        PartialState().distributed_type = DistributedType.FSDP  # copied into AcceleratorState
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* flags
+    """
+)
+
+TRAINING_SCRIPT = (
+    TINY_LLAMA
+    + FORCE_FSDP_ON_CPU
+    + textwrap.dedent(
+        """
+    import json, os, sys
+    from pathlib import Path
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+    from alignkit.config import TrainConfig, load_config
+    from alignkit.trainers import Trainer
+
+    class LMTrainer(Trainer):
+        def compute_loss(self, model, batch):
+            if self.state.step + 1 == int(os.environ.get("CRASH_AT_STEP", 0)):
+                raise SystemExit(3)
+            return model(**batch).loss, {}
+
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        force_fsdp_on_cpu()
+    config = load_config(TrainConfig, None, sys.argv[1:])
+    trainer = LMTrainer(config, tiny_llama(), counting_sequences())
+    trainer.train()
+    # What the trained model is, seen from the processes: its logits on a probe, its weights
+    # gathered by torch (not by alignkit's checkpoint code) and how it is sharded.
+    model = trainer.model
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe_ids()).logits
+    weights = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    first = next(model.parameters())
+    if trainer.accelerator.is_main_process:
+        out = Path(config.run_dir)
+        torch.save({"logits": logits, "weights": weights}, out / "final_model.pt")
+        (out / "setup.json").write_text(json.dumps({
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "model_class": type(model).__name__,
+            "param_class": type(first).__name__,
+            "local_elements": (first.to_local() if isinstance(first, DTensor) else first).numel(),
+            "elements": first.numel(),
+        }))
+    """
+    )
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path: Path, run_name: str, *overrides: str, fsdp: bool, crash_at_step: int = 0):
+    script = tmp_path / "train_fsdp.py"
+    script.write_text(TRAINING_SCRIPT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),  # no user accelerate config
+        "ACCELERATE_USE_CPU": "true",
+        "CRASH_AT_STEP": str(crash_at_step),
+    }
+    sharding = ["--multi_gpu"]
+    if fsdp:
+        sharding = [
+            "--use_fsdp",
+            "--fsdp_version",
+            "2",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+            "--fsdp_transformer_layer_cls_to_wrap",
+            "LlamaDecoderLayer",
+            "--fsdp_state_dict_type",
+            "FULL_STATE_DICT",
+        ]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *sharding,
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        f"output_dir={tmp_path}",
+        f"run_name={run_name}",
+        "examples_per_device=4",
+        "max_steps=9",  # 48 rows, 2 x 4 per step: 6 steps an epoch, so the run crosses one
+        "logging.every=1",
+        "checkpoint.every=4",
+        "optim.lr=3e-3",
+        "logging.progress_bar=false",
+        *overrides,
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_matches_ddp_resumes_exactly_and_saves_a_hugging_face_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    whole = _launch(tmp_path, "fsdp", fsdp=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    setup = read_json(tmp_path / "fsdp" / "setup.json")
+    assert setup["distributed_type"] == "DistributedType.FSDP"
+    assert setup["model_class"] == "FSDPLlamaForCausalLM"  # torch's fully_shard
+    assert setup["param_class"] == "DTensor"
+    assert setup["local_elements"] == setup["elements"] // 2  # each process holds half
+    records = read_metrics(tmp_path / "fsdp" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 10))
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3
+
+    # Sharding changes where the parameters live, not the update: DDP's curve up to float
+    # summation order (measured: equal to 7 digits).
+    ddp = _launch(tmp_path, "ddp", fsdp=False)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ddp_records = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    for name in ("loss", "grad_norm"):
+        assert [r[name] for r in records] == pytest.approx([r[name] for r in ddp_records], rel=1e-5)
+
+    # Killed in step 7: the newest checkpoint is step 4, in the middle of the first epoch.
+    cut = _launch(tmp_path, "cut", fsdp=True, crash_at_step=7)
+    assert cut.returncode != 0
+    checkpoint = latest_checkpoint(tmp_path / "cut")
+    assert checkpoint.name == "step-4"
+    optimizer = load_trainer_state(checkpoint)["optimizer"]["model"]
+    assert is_keyed_by_name(optimizer)
+    moments = optimizer["state"]["model.embed_tokens.weight"]
+    assert moments["exp_avg"].shape == moments["exp_avg_sq"].shape == (64, 32)  # full, not 32
+    assert float(moments["step"]) == 4.0
+    assert len(optimizer["state"]) == 20  # every parameter; lm_head is tied to the embedding
+
+    resumed = _launch(tmp_path, "cut", f"resume_from={tmp_path / 'cut'}", fsdp=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 10))
+    # Same processes, same reduction order: the resumed curve is the uninterrupted one.
+    for name in ("loss", "grad_norm", "lr"):
+        assert [r[name] for r in got] == pytest.approx([r[name] for r in records], rel=1e-6)
+
+    # The final checkpoint is an ordinary Hugging Face model: the gathered weights, exactly,
+    # and the FSDP model's logits.
+    final = tmp_path / "fsdp" / "checkpoints" / "step-9" / "model"
+    assert read_json(final / "config.json")["architectures"] == ["LlamaForCausalLM"]
+    reloaded = AutoModelForCausalLM.from_pretrained(final).eval()
+    trained = torch.load(tmp_path / "fsdp" / "final_model.pt", weights_only=True)
+    assert set(reloaded.state_dict()) == set(trained["weights"])
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, trained["weights"][name]), name
+    probe = (torch.arange(20).reshape(2, 10) * 3) % 64
+    with torch.no_grad():
+        logits = reloaded(input_ids=probe).logits
+    torch.testing.assert_close(logits, trained["logits"], rtol=1e-5, atol=1e-5)
+
+
+def read_json(path: Path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------
+# The save and load functions in one process (a one-process FSDP mesh over gloo)
+# --------------------------------------------------------------------------------------
+
+
+def _tiny_llama():
+    namespace: dict = {}
+    exec(TINY_LLAMA, namespace)  # the model the launched script trains
+    return namespace["tiny_llama"](), namespace["counting_sequences"]()
+
+
+def _trained_steps(model, optimizer, rows, steps: int = 2) -> None:
+    batch = {key: torch.stack([row[key] for row in rows[:4]]) for key in rows[0]}
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _through_a_file(state: dict, tmp_path: Path) -> dict:
+    """`state` as a resume reads it: no tensor shared with the optimizer it came from."""
+    torch.save(state, tmp_path / "state.pt")
+    return torch.load(tmp_path / "state.pt", weights_only=True)
+
+
+def _groups(optimizer_state: dict) -> list[dict]:
+    """Param groups with betas as a tuple (a loaded state may hold the config's list)."""
+    return [{**g, "betas": tuple(g["betas"])} for g in optimizer_state["param_groups"]]
+
+
+def _sharded_step(model, optimizer) -> OptimizerStep:
+    """An OptimizerStep that sees FSDP (only the accelerator's distributed type is read)."""
+    scheduler = build_lr_scheduler(optimizer, OptimConfig(lr=1e-2), total_steps=10)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    return OptimizerStep(accelerator, model, optimizer, scheduler, max_grad_norm=None)
+
+
+def test_fsdp_optimizer_and_weights_round_trip_in_one_process(one_process_group, tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    model, rows = _tiny_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+    _trained_steps(model, optimizer, rows)
+    saved = _through_a_file(_sharded_step(model, optimizer).state_dict(), tmp_path)
+    assert is_keyed_by_name(saved["optimizer"])
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    save_model_weights(model, tmp_path / "model", state_dict=weights)
+
+    fresh, _ = _tiny_llama()
+    torch.manual_seed(1)
+    for parameter in fresh.parameters():  # other weights than the saved ones
+        torch.nn.init.normal_(parameter)
+    for layer in fresh.model.layers:
+        fully_shard(layer)
+    fully_shard(fresh)
+    fresh_optimizer = build_optimizer(fresh, OptimConfig(lr=1e-2))
+    load_model_weights(fresh, tmp_path / "model")  # the tied lm_head is not in the file
+    restored = _sharded_step(fresh, fresh_optimizer)
+    restored.load_state_dict(saved)
+
+    again = get_model_state_dict(fresh, options=StateDictOptions(full_state_dict=True))
+    assert set(again) == set(weights)
+    for name, value in weights.items():
+        assert torch.equal(again[name], value), name
+    reloaded = restored.state_dict()["optimizer"]
+    assert _groups(reloaded) == _groups(saved["optimizer"])
+    for name, moments in saved["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(reloaded["state"][name][key], value), (name, key)
+    # And the restored pair trains on exactly as the original.
+    _trained_steps(model, optimizer, rows, steps=1)
+    _trained_steps(fresh, fresh_optimizer, rows, steps=1)
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a.full_tensor(), b.full_tensor()), name
+
+
+def test_an_fsdp_optimizer_state_resumes_without_fsdp(tmp_path):
+    """Keyed by parameter name, the full state loads into an unsharded model too."""
+    model, rows = _tiny_llama()
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+    _trained_steps(model, optimizer, rows)
+    by_name = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True)
+    )
+    by_name = _through_a_file(by_name, tmp_path)
+    fresh, _ = _tiny_llama()
+    fresh_optimizer = build_optimizer(fresh, OptimConfig(lr=1e-2))
+    cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "run_name=plain"])
+    step = OptimizerStep(
+        make_accelerator(cfg),
+        fresh,
+        fresh_optimizer,
+        build_lr_scheduler(fresh_optimizer, cfg.optim, total_steps=10),
+        max_grad_norm=None,
+    )
+    scheduler = build_lr_scheduler(optimizer, cfg.optim, total_steps=10).state_dict()
+    step.load_state_dict({"optimizer": by_name, "scheduler": scheduler})
+    want, have = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert _groups(want) == _groups(have)
+    assert set(have["state"]) == set(range(20))
+    for index, moments in want["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(have["state"][index][key], value), (index, key)
+
+
+def test_an_optimizer_state_saved_without_fsdp_is_refused_under_fsdp():
+    model, _ = _tiny_llama()
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+    step = _sharded_step(model, optimizer)
+    saved = {"optimizer": optimizer.state_dict(), "scheduler": step.scheduler.state_dict()}
+    assert not is_keyed_by_name(saved["optimizer"])
+    with pytest.raises(CheckpointError, match=r"was saved without FSDP .* resume it without FSDP"):
+        step.load_state_dict(saved)
+
+
+def test_fsdp_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "run_name=x"])
+    message = r"--use_fsdp on CPU processes: accelerate 1.15 shards with FSDP only on GPUs"
+    with pytest.raises(ConfigError, match=message):
+        make_accelerator(cfg)
