@@ -174,11 +174,15 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+PER_STEP = ("step_s", "step_cpu_s", "gc_s", "gc_cpu_s", "completion_tokens", "scores", "split_s")
+PER_STEP += ("kl_mean", "kl_sum_per_sequence", "explained_variance")
 KEYS = ("s_per_step", "cpu_s_per_step", "gc_cpu_s_per_step", "cpu_s_per_step_excl_gc")
 KEYS += ("completions_per_s", "generated_tokens_per_s", "peak_rss_mib")
 
 
 def main(args: Any) -> int:
+    from compare_trl import machine
+
     rollout = args.prompts_per_step * args.generations
     if rollout % MINIBATCHES:
         raise SystemExit(
@@ -252,11 +256,15 @@ def main(args: Any) -> int:
         / t["cpu_s_per_step_excl_gc"]["median"],
         "peak_rss_ratio": a["peak_rss_mib"]["median"] / t["peak_rss_mib"]["median"],
         "bench_wall_s": time.perf_counter() - started,
-        "runs": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in runs],
+        "machine": machine(args.thread_counts[:1]),
+        # Per-step lists are summarised above; each run keeps its scalars and load averages.
+        "runs": [{k: v for k, v in r.items() if k not in PER_STEP} for r in runs],
         "per_step_scores_first_run": {
             fw: next(r["scores"] for r in runs if r["framework"] == fw) for fw in FRAMEWORKS
         },
     }
+    # The parent process sees the environment's TRL; the TRL worker ran the side-installed one.
+    report["machine"]["versions"]["trl"] = report["trl_version"]
     print("\nmedian [min-max] over runs")
     for fw, m in medians.items():
         cells = "  ".join(
