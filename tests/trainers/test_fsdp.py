@@ -316,13 +316,18 @@ def _sharded_step(model, optimizer) -> OptimizerStep:
     return OptimizerStep(accelerator, model, optimizer, scheduler, max_grad_norm=None)
 
 
-def test_fsdp_optimizer_and_weights_round_trip_in_one_process(one_process_group, tmp_path):
+def _fully_shard(model):
     from torch.distributed.fsdp import fully_shard
 
-    model, rows = _tiny_llama()
-    for layer in model.model.layers:
+    for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
         fully_shard(layer)
     fully_shard(model)
+    return model
+
+
+def test_fsdp_optimizer_and_weights_round_trip_in_one_process(one_process_group, tmp_path):
+    model, rows = _tiny_llama()
+    _fully_shard(model)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
     _trained_steps(model, optimizer, rows)
     saved = _through_a_file(_sharded_step(model, optimizer).state_dict(), tmp_path)
@@ -334,9 +339,7 @@ def test_fsdp_optimizer_and_weights_round_trip_in_one_process(one_process_group,
     torch.manual_seed(1)
     for parameter in fresh.parameters():  # other weights than the saved ones
         torch.nn.init.normal_(parameter)
-    for layer in fresh.model.layers:
-        fully_shard(layer)
-    fully_shard(fresh)
+    _fully_shard(fresh)
     fresh_optimizer = build_optimizer(fresh, OptimConfig(lr=1e-2))
     load_model_weights(fresh, tmp_path / "model")  # the tied lm_head is not in the file
     restored = _sharded_step(fresh, fresh_optimizer)
@@ -356,6 +359,33 @@ def test_fsdp_optimizer_and_weights_round_trip_in_one_process(one_process_group,
     _trained_steps(fresh, fresh_optimizer, rows, steps=1)
     for (name, a), b in zip(model.named_parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a.full_tensor(), b.full_tensor()), name
+
+
+def test_a_reward_model_saved_under_fsdp_loads_plainly_and_back_into_shards(
+    one_process_group, tmp_path
+):
+    """A RewardModel is saved as backbone + heads files: from the gathered weights too."""
+    from alignkit.models import load_reward_model
+    from alignkit.trainers.reward import load_reward_checkpoint
+
+    model = _fully_shard(load_reward_model("tiny", aux_heads=["safety"], seed=0)[0])
+    assert isinstance(next(model.parameters()), torch.distributed.tensor.DTensor)
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    save_model_weights(model, tmp_path / "rm", state_dict=weights)
+
+    plain, _ = load_reward_model(tmp_path / "rm")
+    assert plain.reward_config.aux_heads == ("safety",)
+    assert set(plain.state_dict()) == set(weights)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+
+    other = _fully_shard(load_reward_model("tiny", aux_heads=["safety"], seed=1)[0])
+    before = get_model_state_dict(other, options=StateDictOptions(full_state_dict=True))
+    assert not torch.equal(before["head.weight"], weights["head.weight"])
+    load_reward_checkpoint(other, tmp_path / "rm")
+    after = get_model_state_dict(other, options=StateDictOptions(full_state_dict=True))
+    for name, value in weights.items():
+        assert torch.equal(after[name], value), name
 
 
 def test_an_fsdp_optimizer_state_resumes_without_fsdp(tmp_path):

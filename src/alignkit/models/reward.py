@@ -175,15 +175,32 @@ class RewardModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def save_pretrained(
-        self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
+        self,
+        out_dir: str | Path,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        state_dict: Mapping[str, Tensor] | None = None,
     ) -> Path:
-        """Write backbone (HF format), head weights, config and optionally the tokenizer."""
+        """Write backbone (HF format), head weights, config and optionally the tokenizer.
+
+        `state_dict`: the whole model's weights, named as by ``self.state_dict()``, when they
+        had to be gathered first (FSDP shards them); default: the model's own.
+        """
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out)
-        heads = {k: v.detach().contiguous() for k, v in self.head_state_dict().items()}
+        if state_dict is None:
+            self.backbone.save_pretrained(out)
+            head_weights = self.head_state_dict()
+        else:
+            backbone = {
+                key.removeprefix("backbone."): value
+                for key, value in state_dict.items()
+                if key.startswith("backbone.")
+            }
+            self.backbone.save_pretrained(out, state_dict=backbone)
+            head_weights = {k: v for k, v in state_dict.items() if not k.startswith("backbone.")}
+        heads = {k: v.detach().contiguous() for k, v in head_weights.items()}
         save_file(heads, str(out / HEAD_WEIGHTS), metadata={"format": "pt"})
         record = {
             "format_version": _FORMAT_VERSION,

@@ -219,14 +219,7 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         weights.update(load_file(file))
-    if _is_sharded(model):
-        # FSDP's parameters are shards (DTensor): each process copies its slice of the
-        # full tensors in.
-        result = set_model_state_dict(
-            model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
-        )
-    else:
-        result = model.load_state_dict(weights, strict=False)
+    result = load_full_state_dict(model, weights)
     if result.unexpected_keys:
         raise CheckpointError(
             f"{directory}: weights not in the model: {_few(result.unexpected_keys)}"
@@ -234,6 +227,16 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
     untied_missing = _untied(model, result.missing_keys, loaded=weights.keys())
     if untied_missing:
         raise CheckpointError(f"{directory}: weights missing: {_few(untied_missing)}")
+
+
+def load_full_state_dict(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Any:
+    """``model.load_state_dict(weights, strict=False)``, also when FSDP shards `model`: its
+    parameters are then shards (DTensor) and each process copies its slice of the full
+    tensors in. Returns the missing and unexpected keys."""
+    if _is_sharded(model):
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        return set_model_state_dict(model, dict(weights), options=options)
+    return model.load_state_dict(weights, strict=False)
 
 
 def _is_sharded(model: nn.Module) -> bool:

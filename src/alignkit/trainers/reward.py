@@ -43,6 +43,7 @@ from alignkit.ops.preference import (
     orient_pairs,
 )
 from alignkit.ops.stats import pairwise_accuracy
+from alignkit.tracking.checkpoint import load_full_state_dict
 from alignkit.trainers.common import (
     DataConfig,
     ModelConfig,
@@ -475,7 +476,7 @@ def load_reward_checkpoint(model: nn.Module, directory: Path) -> None:
         weights.update({prefix + key: value for key, value in load_file(file).items()})
     if not weights:
         raise CheckpointError(f"{directory}: no .safetensors weights to load")
-    result = model.load_state_dict(weights, strict=False)
+    result = load_full_state_dict(model, weights)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{directory} does not match the model being trained: missing "
