@@ -5,8 +5,9 @@ curve of DDP; a run killed after its step-4 checkpoint resumes to the uninterrup
 metrics; the checkpoint holds the full optimizer state keyed by parameter name and a model
 that ``AutoModelForCausalLM.from_pretrained`` loads with the FSDP model's gathered weights and
 logits. The same save and load functions, in one process on a one-process FSDP mesh, round-trip
-exactly; and ``accelerate launch --use_fsdp`` on CPU processes, which accelerate 1.15 would
-quietly run as DDP, is refused.
+a causal LM with its optimizer and a reward model exactly; the optimizer state saved under FSDP
+loads without it, the reverse is refused; and ``accelerate launch --use_fsdp`` on CPU processes,
+which accelerate 1.15 would quietly run as DDP, is refused.
 
 accelerate 1.15 enables FSDP only on GPUs and other accelerators, while torch's FSDP2
 (``fully_shard``) runs on CPU processes over gloo. The two-process test therefore launches
