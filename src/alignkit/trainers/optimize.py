@@ -29,8 +29,8 @@ optimizer's own ``state_dict`` (integer ids, this process' shards) describes 1/P
 :meth:`OptimizerStep.state_dict` then gathers the full state keyed by parameter name
 (``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` with
 ``full_state_dict=True``): one file, as the model weights are one gathered Hugging Face
-checkpoint, and it resumes under any process count, with or without FSDP.
-:meth:`OptimizerStep.load_state_dict` takes either form.
+checkpoint, that does not depend on how many processes shard it and loads with or without
+FSDP. :meth:`OptimizerStep.load_state_dict` takes either form.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def _refuse_fsdp_on_cpu() -> None:
     """
     if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
         return
-    if PartialState().distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU):
+    state = PartialState()
+    if state.device.type == "cpu" and state.distributed_type != DistributedType.FSDP:
         raise ConfigError(
             "accelerate launch --use_fsdp on CPU processes: accelerate 1.15 shards with FSDP "
             "only on GPUs or other accelerators, and would train with DDP here. Launch "
