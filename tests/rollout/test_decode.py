@@ -87,8 +87,7 @@ def test_lean_step_logits_equal_the_model_forward(arch) -> None:
         plain, plain_logits = start_decoding(model, ids, mask, positions, 3, 7, lean=False)
         assert isinstance(lean, StaticCacheDecoder)
         assert isinstance(plain, DynamicCacheDecoder)
-        assert torch.equal(lean_logits, plain_logits)  # the same prefill
-        worst = 0.0
+        worst = float((lean_logits - plain_logits).abs().max())  # the prefill
         for step in range(6):
             if step == 3:  # rows 1, 4 and 8 leave the batch
                 keep = torch.tensor([0, 2, 3, 5, 6, 7])

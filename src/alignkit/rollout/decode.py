@@ -1,19 +1,19 @@
-"""Decode steps for ``TransformersEngine``: after a shared prefill, one new token per live row.
+"""Decoders for ``TransformersEngine``: a shared prefill, then one new token per live row.
 
-Both decoders start from the same prefill, a transformers forward of the B unique left-padded
-prompts into a ``DynamicCache`` (last position's logits only), and offer the same two calls:
-``step(tokens) -> [R, V]`` logits of the next token of each live row, and ``select(keep)`` to
-drop the rows that finished.
+Both decoders prefill the B unique left-padded prompts once (last position's logits only,
+repeated to each prompt's rows) and then offer the same two calls: ``step(tokens) -> [R, V]``
+logits of the next token of each live row, and ``select(keep)`` to drop finished rows.
 
-- :class:`DynamicCacheDecoder` calls the model's own ``forward`` each step (any causal LM).
-- :class:`StaticCacheDecoder` is a lean step for Llama, Qwen2 and Mistral models: the cache is
-  preallocated once (``[L, R, H_kv, width + max_new_tokens - 1, D]``), the attention mask is a
-  preallocated boolean row mask, the rotary cos/sin are read from a table computed once per
-  call, and the layers are applied with the module weights directly. A transformers forward
-  of one token on a small model is mostly per-call overhead (mask building, cache
-  concatenation, output dataclasses, ~20 module calls per layer); this step runs the same
-  arithmetic, in the same order, without it. Its logits agree with the model's forward to
-  float rounding (tests compare both paths' tokens and log-probs).
+- :class:`DynamicCacheDecoder` calls the model's own ``forward`` with a transformers
+  ``DynamicCache`` (any causal LM).
+- :class:`StaticCacheDecoder` is a lean prefill and decode step for Llama, Qwen2 and Mistral
+  models: the cache is preallocated once (``[L, R, H_kv, W + max_new_tokens - 1, D]``), the
+  attention mask is a preallocated boolean row mask, the rotary cos/sin are read from a table
+  computed once per call, and the layers are applied with the module weights directly. A
+  transformers forward of one token on a small model is mostly per-call overhead (mask
+  building, cache concatenation, output dataclasses, ~20 module calls per layer); this runs the
+  same arithmetic in the same order without it. Its logits agree with the model's forward to
+  float rounding (tests compare both paths' logits, tokens and log-probs).
 
 :func:`lean_decode_support` decides which path a model can take: the exact transformers class
 (a subclass may override ``forward``), plain ``nn.Linear`` projections and the class's own
@@ -103,25 +103,23 @@ def start_decoding(
 
     The decoder is a :class:`StaticCacheDecoder` when ``lean`` and the model supports it
     (:func:`lean_decode_support`), else a :class:`DynamicCacheDecoder`."""
+    width = prompt_ids.shape[1]
+    if lean and lean_decode_support(model, width + max_new_tokens) is None:
+        lean_decoder = StaticCacheDecoder(
+            model, prompt_mask, positions, repeats, max(max_new_tokens - 1, 0)
+        )
+        return lean_decoder, lean_decoder.prefill(prompt_ids)
     cache = DynamicCache(config=getattr(model, "config", None))
     logits = forward_last(model, prompt_ids, prompt_mask, positions, cache)
     if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
         logits = logits.repeat_interleave(repeats, dim=0)
-    next_position = positions[:, -1] + 1
-    width = prompt_ids.shape[1]
-    if lean and lean_decode_support(model, width + max_new_tokens) is None:
-        decoder: Any = StaticCacheDecoder(
-            model, cache, prompt_mask, next_position, repeats, max(max_new_tokens - 1, 0)
-        )
-    else:
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
-        decoder = DynamicCacheDecoder(
-            model,
-            cache,
-            prompt_mask.repeat_interleave(repeats, dim=0),
-            next_position.repeat_interleave(repeats),
-        )
+    decoder = DynamicCacheDecoder(
+        model,
+        cache,
+        prompt_mask.repeat_interleave(repeats, dim=0),
+        (positions[:, -1] + 1).repeat_interleave(repeats),
+    )
     return decoder, logits
 
 
@@ -189,27 +187,24 @@ def _rms_norm(x: Tensor, norm: Any) -> Tensor:
 
 
 class StaticCacheDecoder:
-    """The lean decode step over a preallocated cache (see the module docstring).
+    """The lean prefill and decode step over a preallocated cache (see the module docstring).
 
-    Rows are ``B * repeats`` (each prompt's ``repeats`` rows adjacent); the prefill's keys and
-    values fill the first ``W`` cache slots of every row, generated tokens the next ones.
+    Rows are ``B * repeats`` (each prompt's ``repeats`` rows adjacent). :meth:`prefill` runs the
+    B prompts once and writes their keys and values into the first ``W`` cache slots of all
+    their rows; each :meth:`step` fills the next slot.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        cache: Any,
         prompt_mask: Tensor,
-        next_position: Tensor,
+        positions: Tensor,
         repeats: int,
         new_slots: int,
     ) -> None:
         config = model.config
-        self.embed, self.final_norm, self.lm_head = (
-            model.model.embed_tokens,
-            model.model.norm,
-            model.lm_head,
-        )
+        inner = model.model
+        self.embed, self.final_norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
         self.layers = [
             _Layer(
                 layer.input_layernorm,
@@ -222,48 +217,43 @@ class StaticCacheDecoder:
                 layer.mlp.up_proj,
                 layer.mlp.down_proj,
             )
-            for layer in model.model.layers[: config.num_hidden_layers]
+            for layer in inner.layers[: config.num_hidden_layers]
         ]
-        attention = model.model.layers[0].self_attn
+        attention = inner.layers[0].self_attn
         self.scaling = attention.scaling
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = attention.head_dim
+        self.repeats = repeats
+        self.prompt_mask, self.positions = prompt_mask.bool(), positions
 
-        prefill_keys = torch.stack([layer.keys for layer in cache.layers])  # [L, B, Hkv, W, D]
-        prefill_values = torch.stack([layer.values for layer in cache.layers])
-        n_layers, prompts, kv_heads, width, head_dim = prefill_keys.shape
+        prompts, width = prompt_mask.shape
         rows = prompts * repeats
-        shape = (n_layers, rows, kv_heads, width + new_slots, head_dim)
-        self.keys = prefill_keys.new_empty(shape)
-        self.values = prefill_values.new_empty(shape)
-        # Each prompt's cache is written into its `repeats` rows by broadcasting (no copies).
-        grouped = (n_layers, prompts, repeats, kv_heads, width + new_slots, head_dim)
-        self.keys.view(grouped)[..., :width, :] = prefill_keys[:, :, None]
-        self.values.view(grouped)[..., :width, :] = prefill_values[:, :, None]
-        self.length = width  # filled slots
+        weight = self.embed.weight
+        shape = (len(self.layers), rows, self.kv_heads, width + new_slots, self.head_dim)
+        self.keys = weight.new_empty(shape)
+        self.values = weight.new_empty(shape)
+        self.length = 0  # filled slots
 
         # Key mask [R, slots]: the prompt's padding is masked, generated tokens are not.
         # Without padding no mask is needed at all.
         self.mask: Tensor | None = None
-        if not bool(prompt_mask.all()):
+        if not bool(self.prompt_mask.all()):
             self.mask = torch.ones(
-                (rows, width + new_slots), dtype=torch.bool, device=prompt_mask.device
+                (rows, width + new_slots), dtype=torch.bool, device=weight.device
             )
-            self.mask[:, :width] = prompt_mask.bool().repeat_interleave(repeats, dim=0)
-        self.next_position = next_position.repeat_interleave(repeats)
+            self.mask[:, :width] = self.prompt_mask.repeat_interleave(repeats, dim=0)
+        self.next_position = (positions[:, -1] + 1).repeat_interleave(repeats)
 
-        # cos/sin of every position a generated token can take, computed once by the model's
-        # own rotary module; sin carries rotate_half's sign: rotate_half(x) * sin equals
+        # cos/sin of every position a token can take, computed once by the model's own rotary
+        # module; sin carries rotate_half's sign: rotate_half(x) * sin equals
         # roll(x, D/2) * signed_sin exactly (only signs move).
         last = int(self.next_position.max()) + new_slots + 1
-        table_positions = torch.arange(last, device=prompt_mask.device)[None]
-        probe = prefill_keys.new_zeros(())
-        cos, sin = model.model.rotary_emb(probe, table_positions)
+        table_positions = torch.arange(last, device=weight.device)[None]
+        cos, sin = inner.rotary_emb(weight.new_zeros(()), table_positions)
         self.cos = cos[0]
-        half = self.head_dim // 2
         sign = torch.ones(self.head_dim, dtype=sin.dtype, device=sin.device)
-        sign[:half] = -1
+        sign[: self.head_dim // 2] = -1
         self.signed_sin = sin[0] * sign
 
     def select(self, keep: Tensor) -> None:
@@ -278,14 +268,61 @@ class StaticCacheDecoder:
         # (x * cos) + (rotate_half(x) * sin), with rotate_half(x) = cat(-x2, x1).
         return (x * cos) + (x.roll(self.head_dim // 2, dims=-1) * signed_sin)
 
+    def _mlp(self, hidden: Tensor, layer: _Layer) -> Tensor:
+        x = _rms_norm(hidden, layer.post_norm)
+        return hidden + _linear(F.silu(_linear(x, layer.gate)) * _linear(x, layer.up), layer.down)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        return _linear(_rms_norm(hidden, self.final_norm), self.lm_head)
+
+    def prefill(self, prompt_ids: Tensor) -> Tensor:
+        """Run the ``[B, W]`` prompts, fill the first ``W`` slots of every row; return the
+        ``[B * repeats, V]`` next-token logits."""
+        prompts, width = prompt_ids.shape
+        if self.length:
+            raise RuntimeError("prefill runs once, before the first step")
+        # Causal and padding mask [B, 1, W, W]. A padding query may see itself only: it has no
+        # real key before it, and a fully masked row would give NaN keys/values in the next
+        # layer (they are masked for every real query, but 0 * NaN is NaN).
+        causal = torch.ones((width, width), dtype=torch.bool, device=prompt_ids.device).tril()
+        mask = causal & self.prompt_mask[:, None, :]
+        mask |= torch.eye(width, dtype=torch.bool, device=prompt_ids.device)
+        mask = mask[:, None]
+        cos = self.cos[self.positions][:, None]  # [B, 1, W, D]
+        signed_sin = self.signed_sin[self.positions][:, None]
+        groups = self.heads // self.kv_heads
+        # [L, B, repeats, Hkv, slots, D]: each prompt's keys go to its `repeats` rows at once.
+        grouped = (len(self.layers), prompts, self.repeats, *self.keys.shape[2:])
+        keys, values = self.keys.view(grouped), self.values.view(grouped)
+        hidden = F.embedding(prompt_ids, self.embed.weight)  # [B, W, hidden]
+        for i, layer in enumerate(self.layers):
+            x = _rms_norm(hidden, layer.input_norm)
+            q = _linear(x, layer.q).view(prompts, width, self.heads, -1).transpose(1, 2)
+            k = _linear(x, layer.k).view(prompts, width, self.kv_heads, -1).transpose(1, 2)
+            v = _linear(x, layer.v).view(prompts, width, self.kv_heads, -1).transpose(1, 2)
+            k = self._rotate(k, cos, signed_sin)
+            keys[i, :, :, :, :width] = k[:, None]
+            values[i, :, :, :, :width] = v[:, None]
+            if groups > 1:  # what transformers' repeat_kv does
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            attended = F.scaled_dot_product_attention(
+                self._rotate(q, cos, signed_sin), k, v, attn_mask=mask, scale=self.scaling
+            )
+            hidden = hidden + _linear(attended.transpose(1, 2).reshape(prompts, width, -1), layer.o)
+            hidden = self._mlp(hidden, layer)
+        self.length = width
+        return self._logits(hidden[:, -1]).repeat_interleave(self.repeats, dim=0)
+
     def step(self, tokens: Tensor) -> Tensor:
         """Append ``tokens`` ``[R]``; return the ``[R, V]`` logits of the next token."""
         rows, slot = tokens.shape[0], self.length
+        if not slot:
+            raise RuntimeError("step needs the prefill first")
         if slot >= self.keys.shape[3]:
             raise RuntimeError(f"the preallocated cache has {slot} slots, all filled")
         groups = self.heads // self.kv_heads
-        cos = self.cos.index_select(0, self.next_position)[:, None, :]  # [R, 1, D]
-        signed_sin = self.signed_sin.index_select(0, self.next_position)[:, None, :]
+        cos = self.cos.index_select(0, self.next_position).unsqueeze(1)  # [R, 1, D]
+        signed_sin = self.signed_sin.index_select(0, self.next_position).unsqueeze(1)
         mask = None if self.mask is None else self.mask[:, None, None, : slot + 1]
         hidden = F.embedding(tokens, self.embed.weight)  # [R, hidden]
         for i, layer in enumerate(self.layers):
@@ -305,10 +342,7 @@ class StaticCacheDecoder:
                 scale=self.scaling,
             )
             hidden = hidden + _linear(attended.reshape(rows, -1), layer.o)
-            x = _rms_norm(hidden, layer.post_norm)
-            hidden = hidden + _linear(
-                F.silu(_linear(x, layer.gate)) * _linear(x, layer.up), layer.down
-            )
+            hidden = self._mlp(hidden, layer)
         self.length = slot + 1
         self.next_position = self.next_position + 1
-        return _linear(_rms_norm(hidden, self.final_norm), self.lm_head)
+        return self._logits(hidden)
