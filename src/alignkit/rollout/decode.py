@@ -257,12 +257,18 @@ class StaticCacheDecoder:
         self.signed_sin = sin[0] * sign
 
     def select(self, keep: Tensor) -> None:
-        """Keep only the rows ``keep`` (indices into the current rows)."""
-        self.keys = self.keys.index_select(1, keep)
-        self.values = self.values.index_select(1, keep)
+        """Keep only the rows ``keep`` (indices into the current rows); only the filled slots
+        are copied."""
+        self.keys, self.values = (self._kept(cache, keep) for cache in (self.keys, self.values))
         self.next_position = self.next_position[keep]
         if self.mask is not None:
             self.mask = self.mask[keep]
+
+    def _kept(self, cache: Tensor, keep: Tensor) -> Tensor:
+        kept = cache.new_empty((cache.shape[0], keep.shape[0], *cache.shape[2:]))
+        filled = cache[:, :, :, : self.length]
+        kept[:, :, :, : self.length] = filled.index_select(1, keep)
+        return kept
 
     def _rotate(self, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
         # (x * cos) + (rotate_half(x) * sin), with rotate_half(x) = cat(-x2, x1).
