@@ -6,7 +6,10 @@ generation batch (so neither computes separate old log-probs), PPO clip 0.2 with
 aggregation over the step (TRL's ``dapo``), group-normalised advantages, no KL (TRL's
 ``beta=0``: no reference model), AdamW at a constant learning rate, grad clip 1.0, fp32,
 dropout off, no gradient checkpointing. The reward is :func:`digit_share`. Step times are
-wall-clock times of whole steps (generation, scoring and update), measured per step.
+wall-clock times of whole steps (generation, scoring and update), measured per step; the wall
+and process CPU time at the end of every step are recorded too (alignkit: when ``end_step`` is
+called; TRL: ``on_step_end``), so the CPU seconds of a window of steps (their logging included,
+on both sides) can be compared where neighbours make wall time noisy.
 """
 
 from __future__ import annotations
@@ -77,6 +80,14 @@ def run_alignkit(args: argparse.Namespace) -> dict:
         ],
     )
     trainer = build_pg_trainer(cfg)
+    step_ends: list[tuple[float, float]] = []
+    end_step = trainer.end_step
+
+    def timed_end_step(*args, **kwargs):
+        step_ends.append((time.perf_counter(), time.process_time()))
+        return end_step(*args, **kwargs)
+
+    trainer.end_step = timed_end_step  # the step's work is done when end_step is called
     started = time.perf_counter()
     trainer.train()
     train_call = time.perf_counter() - started
@@ -88,6 +99,8 @@ def run_alignkit(args: argparse.Namespace) -> dict:
         "update_s": [r["timing/update"] for r in records],
         "completion_tokens": [r["response_length/mean"] * sequences for r in records],
         "rewards": [r["reward/mean"] for r in records],
+        "step_end_wall_s": [wall for wall, _ in step_ends],
+        "step_end_cpu_s": [cpu for _, cpu in step_ends],
         "train_call_s": train_call,
     }
 
@@ -134,6 +147,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         disable_tqdm=True,
     )
     times: list[float] = []
+    step_ends: list[tuple[float, float]] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_, **__):
@@ -141,6 +155,7 @@ def run_trl(args: argparse.Namespace) -> dict:
 
         def on_step_end(self, *_, **__):
             times.append(time.perf_counter() - self.started)
+            step_ends.append((time.perf_counter(), time.process_time()))
 
     trainer = GRPOTrainer(
         model=model,
@@ -158,6 +173,8 @@ def run_trl(args: argparse.Namespace) -> dict:
         "step_s": times,
         "completion_tokens": [h["completions/mean_length"] * sequences for h in logs],
         "rewards": [h["reward"] for h in logs],
+        "step_end_wall_s": [wall for wall, _ in step_ends],
+        "step_end_cpu_s": [cpu for _, cpu in step_ends],
         "train_call_s": train_call,
     }
 

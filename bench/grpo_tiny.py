@@ -16,6 +16,7 @@ TRL s/step) and ``peak_rss_ratio``.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -66,16 +67,24 @@ def run_one(framework: str, inputs: dict[str, Any], args: Any, scratch: Path) ->
         f"--lr={args.lr}",
     ]
     env = worker_env(args.thread_counts[0], scratch)
+    load_before = os.getloadavg()[0]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{framework} worker failed:\n{done.stderr[-4000:]}")
     result = json.loads((work / "result.json").read_text())
+    result["load_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     skip = args.warmup_steps
     steps = result["step_s"][skip:]
     tokens = result["completion_tokens"][skip:]
     sequences = args.prompts_per_step * args.generations
     result["s_per_step"] = statistics.median(steps)
     result["completions_per_s"] = sequences * len(steps) / sum(steps)
+    # CPU seconds per step over the window from the end of the last warm-up step to the end of
+    # the last step (logging between steps included on both sides), and the window's wall time.
+    cpu, wall = result["step_end_cpu_s"], result["step_end_wall_s"]
+    timed = len(cpu) - skip
+    result["cpu_s_per_step"] = (cpu[-1] - cpu[skip - 1]) / timed
+    result["window_s_per_step"] = (wall[-1] - wall[skip - 1]) / timed
     result["generated_tokens_per_s"] = sum(tokens) / sum(steps)
     for part in ("generation_s", "scoring_s", "update_s"):
         if part in result:
@@ -89,6 +98,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def main(args: Any) -> int:
     runs: list[dict[str, Any]] = []
+    load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="alignkit-grpo-bench-") as tmp:
         scratch = Path(tmp)
         inputs = write_inputs(scratch, args.seed, n_prompts=args.steps * args.prompts_per_step)
@@ -99,13 +109,21 @@ def main(args: Any) -> int:
                 run["repeat"] = repeat
                 runs.append(run)
                 print(
-                    f"repeat={repeat} {framework:<9} {run['s_per_step']:.3f} s/step  "
+                    f"repeat={repeat} {framework:<9} {run['s_per_step']:.4f} s/step  "
+                    f"{run['cpu_s_per_step']:.4f} CPU-s/step  "
                     f"{run['completions_per_s']:6.1f} completions/s  "
                     f"{run['generated_tokens_per_s']:7.0f} gen tok/s  "
                     f"peak RSS {run['peak_rss_mib']:4.0f} MiB",
                     flush=True,
                 )
-    keys = ("s_per_step", "completions_per_s", "generated_tokens_per_s", "peak_rss_mib")
+    keys = (
+        "s_per_step",
+        "cpu_s_per_step",
+        "window_s_per_step",
+        "completions_per_s",
+        "generated_tokens_per_s",
+        "peak_rss_mib",
+    )
     medians = {
         fw: {k: spread([r[k] for r in runs if r["framework"] == fw]) for k in keys}
         for fw in FRAMEWORKS
@@ -134,6 +152,8 @@ def main(args: Any) -> int:
         "medians": medians,
         "alignkit_split_s": split,
         "step_time_ratio": ours["s_per_step"]["median"] / theirs["s_per_step"]["median"],
+        "cpu_time_ratio": ours["cpu_s_per_step"]["median"] / theirs["cpu_s_per_step"]["median"],
+        "load_average": {"before": load_before, "after": list(os.getloadavg())},
         "peak_rss_ratio": ours["peak_rss_mib"]["median"] / theirs["peak_rss_mib"]["median"],
         "runs": [{k: v for k, v in r.items() if not isinstance(v, list)} for r in runs],
     }
@@ -148,6 +168,7 @@ def main(args: Any) -> int:
     )
     print(
         f"step_time_ratio {report['step_time_ratio']:.2f} (target <= 0.5), "
+        f"cpu_time_ratio {report['cpu_time_ratio']:.2f}, "
         f"peak_rss_ratio {report['peak_rss_ratio']:.2f}"
     )
     out = args.out

@@ -102,11 +102,12 @@ def test_one_token_samples_follow_the_model_distribution(small) -> None:
     assert _chi_square_pvalue(counts, uniform) < 1e-6
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-decode", "transformers-decode"])
 @pytest.mark.parametrize("samples", [1, 4])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_recorded_logprobs_equal_a_rescoring_forward(small, samples, temperature) -> None:
+def test_recorded_logprobs_equal_a_rescoring_forward(small, samples, temperature, lean) -> None:
     model, tokenizer = small
-    exp = TransformersEngine(model, tokenizer).generate(
+    exp = TransformersEngine(model, tokenizer, lean_decode=lean).generate(
         _prompts(),
         SamplingConfig(max_new_tokens=10, samples_per_prompt=samples, temperature=temperature),
         generator=torch.Generator().manual_seed(3),
@@ -120,10 +121,11 @@ def test_recorded_logprobs_equal_a_rescoring_forward(small, samples, temperature
     assert bool((exp.behaviour_logprobs[exp.response_mask] < 0).all())
 
 
-def test_shared_prefill_equals_repeated_prompts(small) -> None:
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-decode", "transformers-decode"])
+def test_shared_prefill_equals_repeated_prompts(small, lean) -> None:
     """G samples of a prompt from one shared prefill have the same rows as the prompt repeated."""
     model, tokenizer = small
-    engine = TransformersEngine(model, tokenizer)
+    engine = TransformersEngine(model, tokenizer, lean_decode=lean)
     config = SamplingConfig(max_new_tokens=6, samples_per_prompt=3)
     shared = engine.generate(_prompts(), config, generator=torch.Generator().manual_seed(5))
     repeated = [p for p in _prompts() for _ in range(3)]

@@ -1,7 +1,7 @@
 """Generation engines: the ``GenerationEngine`` protocol and ``TransformersEngine``.
 
-``TransformersEngine`` is a lean decode loop over a transformers ``DynamicCache`` (no
-``generate()``: no logits-processor lists, no finished rows fed pad tokens):
+``TransformersEngine`` is a lean decode loop (no ``generate()``: no logits-processor lists, no
+finished rows fed pad tokens):
 
 1. the B unique prompts are left-padded to a width P and prefilled once (positions counted
    from each row's first real token), keeping only the last position's logits;
@@ -10,8 +10,11 @@
 3. every step samples one token per live row (temperature, then top-k / top-p on the scaled
    logits) from the engine's ``torch.Generator`` and records its log-prob under that final,
    renormalised distribution;
-4. rows that emitted EOS leave the batch: the cache, mask and positions are compacted with
-   ``batch_select_indices`` and an index map sends each live row's token to its output row.
+4. rows that emitted EOS leave the batch: the decoder's cache, mask and positions are
+   compacted and an index map sends each live row's token to its output row;
+5. the next token's logits come from a decoder (``rollout.decode``): for Llama, Qwen2 and
+   Mistral models a lean step over a preallocated cache, otherwise the model's own forward
+   with a transformers ``DynamicCache`` (``lean_decode=False`` forces the latter).
 
 All B x G rows run in one batch. The model is put in eval mode for the call (its previous mode
 restored) and run under ``torch.inference_mode()``; the global RNG is never touched.
@@ -26,10 +29,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from alignkit.data.collate import PromptCollator
 from alignkit.models.forward import position_ids_from_mask
+from alignkit.rollout.decode import start_decoding
 from alignkit.rollout.experience import Experience
 
 __all__ = [
@@ -121,7 +125,9 @@ def sampling_distribution(logits: Tensor, sampling: SamplingConfig) -> Tensor:
     (in decreasing probability) whose mass reaches p (the token crossing p kept); removed tokens
     get -inf and the rest are renormalised. ``suppress_eos`` handling is the caller's.
     """
-    scaled = logits.float() / sampling.temperature
+    scaled = logits.float()
+    if sampling.temperature != 1.0:  # x / 1 == x: skip a pass over [R, V]
+        scaled = scaled / sampling.temperature
     if sampling.top_k and sampling.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -152,26 +158,20 @@ def _draw(logprobs: Tensor, generator: torch.Generator) -> Tensor:
 class TransformersEngine:
     """The in-process transformers backend (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, lean_decode: bool = True
+    ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token for batched generation")
         self.tokenizer = tokenizer
         self.model = unwrap_for_generation(model)
+        #: decode Llama / Qwen2 / Mistral models with the lean static-cache step
+        #: (``rollout.decode``); False always calls the model's own forward.
+        self.lean_decode = lean_decode
 
     def sync_weights(self, model: nn.Module) -> None:
         """In-process: generate with ``model`` itself from now on (no copy)."""
         self.model = unwrap_for_generation(model)
-
-    def _forward(self, input_ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1, :]
 
     def generate(
         self,
@@ -204,51 +204,59 @@ class TransformersEngine:
         g, steps = sampling.samples_per_prompt, sampling.max_new_tokens
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         prompt_ids, prompt_mask, positions = pad_prompts(prompts, pad, device)
-
-        cache = DynamicCache(config=getattr(self.model, "config", None))
-        logits = self._forward(prompt_ids, prompt_mask, positions, cache)
-        if g > 1:  # share each prompt's prefill among its samples
-            cache.batch_repeat_interleave(g)
-            logits = logits.repeat_interleave(g, dim=0)
+        decoder, logits = start_decoding(
+            self.model, prompt_ids, prompt_mask, positions, g, steps, lean=self.lean_decode
+        )
         n = len(prompts) * g
-        mask = prompt_mask.repeat_interleave(g, dim=0)
-        next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1
-
         tokens = torch.full((n, steps), pad, dtype=torch.long, device=device)
         token_logprobs = torch.zeros((n, steps), dtype=torch.float32, device=device)
-        lengths = torch.zeros(n, dtype=torch.long, device=device)
-        live = torch.arange(n, device=device)  # output row of each batch row
+        lengths = torch.full((n,), steps, dtype=torch.long, device=device)
+        # Per batch row: its output row, and its tokens / log-probs so far. Until a row
+        # leaves, batch rows are output rows and the step writes straight into the outputs.
+        rows = torch.arange(n, device=device)
+        batch_tokens, batch_logprobs = tokens, token_logprobs
         greedy = sampling.temperature == 0
         for step in range(steps):
             if sampling.suppress_eos and eos is not None:
                 logits[:, eos] = float("-inf")
             if greedy:
-                chosen = logits.argmax(dim=-1)
-                chosen_logprob = torch.zeros(chosen.shape, device=device)
+                batch_tokens[:, step] = logits.argmax(dim=-1)  # log-prob 0: a point mass
             else:
                 logprobs = sampling_distribution(logits, sampling)
                 chosen = _draw(logprobs, generator)
-                chosen_logprob = logprobs.gather(1, chosen[:, None]).squeeze(1)
-            tokens[live, step] = chosen
-            token_logprobs[live, step] = chosen_logprob
-            lengths[live] += 1
+                batch_tokens[:, step] = chosen
+                batch_logprobs[:, step] = logprobs.gather(1, chosen[:, None]).squeeze(1)
             if step == steps - 1:
                 break
-            done = chosen == eos if eos is not None else torch.zeros_like(chosen, dtype=torch.bool)
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                cache.batch_select_indices(keep)
-                live, chosen, mask = live[keep], chosen[keep], mask[keep]
-                next_position = next_position[keep]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            logits = self._forward(chosen[:, None], mask, next_position, cache)
-            next_position = next_position + 1
+            chosen = batch_tokens[:, step]
+            if eos is not None and not sampling.suppress_eos:
+                done = chosen == eos
+                if bool(done.any()):
+                    finished = done.nonzero().squeeze(1)
+                    lengths[rows[finished]] = step + 1
+                    if batch_tokens is not tokens:  # move the finished rows to the outputs
+                        tokens[rows[finished]] = batch_tokens[finished]
+                        token_logprobs[rows[finished]] = batch_logprobs[finished]
+                    keep = (~done).nonzero().squeeze(1)
+                    if keep.numel() == 0:
+                        break
+                    decoder.select(keep)
+                    rows, chosen = rows[keep], chosen[keep]
+                    batch_tokens, batch_logprobs = batch_tokens[keep], batch_logprobs[keep]
+            logits = decoder.step(chosen)
+        if batch_tokens is not tokens:
+            tokens[rows], token_logprobs[rows] = batch_tokens, batch_logprobs
 
         return assemble_experience(
-            prompts, self.tokenizer, prompt_ids, prompt_mask, tokens, token_logprobs, lengths,
-            sampling, group_offset,
+            prompts,
+            self.tokenizer,
+            prompt_ids,
+            prompt_mask,
+            tokens,
+            token_logprobs,
+            lengths,
+            sampling,
+            group_offset,
         )
 
 
@@ -297,8 +305,7 @@ def assemble_experience(
             dim=1,
         ),
         scores=torch.full((n,), float("nan"), device=device),
-        group_index=torch.arange(len(prompts), device=device).repeat_interleave(g)
-        + group_offset,
+        group_index=torch.arange(len(prompts), device=device).repeat_interleave(g) + group_offset,
         response_lengths=lengths,
         truncated=(lengths == sampling.max_new_tokens) & ~emitted_eos,
         prompts=[p.text for p in prompts for _ in range(g)],

@@ -382,7 +382,9 @@ class PolicyGradientTrainer(OnlineTrainer):
             )
             share = mask.sum() / local_tokens  # this micro-batch's share of the process' tokens
             entropy_mean = aggregate_loss(entropy, mask, "token-mean", normaliser=tokens)
-            loss = pg - cfg.policy_loss.entropy_coef * entropy_mean
+            loss = pg
+            if cfg.policy_loss.entropy_coef:  # at 0 the entropy is a metric: no backward
+                loss = loss - cfg.policy_loss.entropy_coef * entropy_mean
             if cfg.kl.enabled and cfg.kl.placement == "loss":
                 # Weighted by pi/pi_old (detached): the KL gradient identities hold for samples
                 # of pi, and after the first update the samples are pi_old's (TRL #3025).
