@@ -9,10 +9,12 @@ number of iterations are overridden), so the example and the test cannot drift a
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from alignkit.config import load_config
 from alignkit.data.synthetic import safety_cost
@@ -20,7 +22,9 @@ from alignkit.errors import ConfigError
 from alignkit.eval import evaluate_synthetic_task
 from alignkit.rollout import GenerationSettings
 from alignkit.tracking import latest_checkpoint, read_metrics
+from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
 from alignkit.trainers.registry import get_method
+from alignkit.trainers.rl_config import PGConfig
 from alignkit.trainers.safe_ppo import SafePPOConfig, SafePPOTrainer, build_safe_ppo_trainer
 
 _CLOCK = ("timing/", "tokens_per_s")
@@ -65,7 +69,11 @@ def test_safe_ppo_holds_the_safety_judges_cost_below_the_limit_where_ppo_does_no
     sft_run, task_files, tmp_path
 ):
     # The example's setting for 30 iterations, then plain PPO (lambda = 0) with the same seed.
-    # Measured (seed 0, MEASURED): FILL.
+    # Measured (seed 0; the same numbers as the example run): Safe-PPO's cost/mean -0.07 at
+    # iteration 1, -0.55 over the last 5 (limit -0.4), violation rate 0.34 -> 0.06; lambda
+    # 1 -> 2.20 at iteration 20, then down by 2-5% per iteration to 1.69. Plain PPO: cost
+    # +0.02 over the last 5, violation rate 0.43, reward 0.84 (Safe-PPO 0.59). Greedy held-out
+    # cost -0.24 before, -0.55 after Safe-PPO (no unsafe answer), +0.03 after PPO.
     safe = train(safe_ppo_config(sft_run, task_files, tmp_path, "safe", "train.iterations=30"))
     plain = train(
         safe_ppo_config(sft_run, task_files, tmp_path, "ppo", "train.iterations=30", *PLAIN_PPO)
@@ -86,8 +94,8 @@ def test_safe_ppo_holds_the_safety_judges_cost_below_the_limit_where_ppo_does_no
     # ... then settles: once the constraint holds it only comes down, by less than 10% per
     # iteration over the last 5 iterations (no oscillation, no runaway), and stays above init.
     after = lambdas[peak:]
-    assert all(b <= a for a, b in zip(after, after[1:], strict=False))
-    assert all(abs(b - a) < 0.1 * a for a, b in zip(lambdas[-6:-1], lambdas[-5:], strict=True))
+    assert all(b <= a for a, b in pairwise(after))
+    assert all(abs(b - a) < 0.1 * a for a, b in pairwise(lambdas[-6:]))
     assert lambdas[-1] > init
     # Plain PPO on the same reward, same seed: lambda stays 0 and the cost ends clearly higher
     # (PPO pushes harmful prompts towards compliance, which the helpfulness judge prefers).
@@ -101,6 +109,48 @@ def test_safe_ppo_holds_the_safety_judges_cost_below_the_limit_where_ppo_does_no
     final_safe, final_plain = safe[-1], plain[-1]
     assert final_safe["eval/cost"] < final_plain["eval/cost"] - 0.2
     assert final_safe["eval/violation_rate"] < final_plain["eval/violation_rate"]
+
+
+def test_safe_ppo_with_lambda_held_at_zero_is_plain_ppo(sft_run, task_files, tmp_path):
+    # The baseline above is PPO itself: the `ppo` trainer on the example minus its cost keys
+    # logs the very same numbers as Safe-PPO with lambda = 0 (same seed, same samples).
+    small = (
+        "train.iterations=3",
+        "rollout.prompts_per_iteration=8",
+        "rollout.max_new_tokens=16",
+        "train.sequences_per_device=16",
+        "data.eval_file=null",
+    )
+    safe = train(safe_ppo_config(sft_run, task_files, tmp_path, "lambda0", *small, *PLAIN_PPO))
+    settings = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    for key in ("costs", "cost_limit", "lambda", "cost_critic"):
+        del settings[key]
+    ppo_yaml = tmp_path / "ppo.yaml"
+    ppo_yaml.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    method = get_method("ppo")
+    cfg = load_config(
+        PGConfig,
+        ppo_yaml,
+        [
+            *method.defaults,
+            f"output_dir={tmp_path}",
+            "run_name=ppo",
+            f"model.name={sft_run.model_dir}",
+            f"data.train_file={task_files['prompts_train']}",
+            "logging.every=1",
+            "logging.progress_bar=false",
+            "logging.plots=false",
+            *small,
+        ],
+    )
+    trainer = build_pg_trainer(cfg, PolicyGradientTrainer)
+    trainer.train()
+    plain = read_metrics(trainer.run_dir.metrics_path)
+    assert [r["step"] for r in plain] == [r["step"] for r in safe] == [1, 2, 3]
+    for want, have in zip(plain, safe, strict=True):
+        shared = [k for k in want if not k.startswith(_CLOCK)]
+        assert {"reward/mean", "actor/pg_loss", "critic/vf_loss", "kl/mean"} <= set(shared)
+        assert {k: have[k] for k in shared} == {k: want[k] for k in shared}
 
 
 def test_the_held_out_evaluation_judges_greedy_completions_with_both_sources(
@@ -163,7 +213,9 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(sft_run, task_file
     cut = tmp_path / "cut"
     assert latest_checkpoint(cut).name == "step-3"
     torch.manual_seed(99)  # the resumed process starts with another global RNG state
-    train(safe_ppo_config(sft_run, task_files, tmp_path, "ignored", *settings, f"resume_from={cut}"))
+    train(
+        safe_ppo_config(sft_run, task_files, tmp_path, "ignored", *settings, f"resume_from={cut}")
+    )
     got = read_metrics(cut / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in whole] == [1, 2, 3, 4, 5, 6]
     assert len({r["lambda"] for r in whole}) == 6  # lambda moves every iteration
@@ -184,9 +236,7 @@ def test_config_needs_a_cost_source_and_a_matching_critic(sft_run, task_files, t
         )  # fmt: skip
 
 
-def test_a_cost_model_is_a_cost_source_and_a_reward_model_is_refused(
-    sft_run, task_files, tmp_path
-):
+def test_a_cost_model_is_a_cost_source_and_a_reward_model_is_refused(sft_run, task_files, tmp_path):
     from alignkit.models import load_reward_model
 
     for kind in ("reward", "cost"):
@@ -198,7 +248,9 @@ def test_a_cost_model_is_a_cost_source_and_a_reward_model_is_refused(
                 sft_run, task_files, tmp_path, "rm", f"costs=[{{model: {tmp_path}/reward}}]"
             )
         )
-    cfg = safe_ppo_config(sft_run, task_files, tmp_path, "cm", f"costs=[{{model: {tmp_path}/cost}}]")
+    cfg = safe_ppo_config(
+        sft_run, task_files, tmp_path, "cm", f"costs=[{{model: {tmp_path}/cost}}]"
+    )
     trainer = build_safe_ppo_trainer(cfg)
     costs = trainer.cost(
         ["How do I bake bread?"] * 2, ["Mix flour.", "Sure, here is how"], [{}, {}]
