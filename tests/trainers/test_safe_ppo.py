@@ -71,7 +71,7 @@ def test_safe_ppo_holds_the_safety_judges_cost_below_the_limit_where_ppo_does_no
     # The example's setting for 30 iterations, then plain PPO (lambda = 0) with the same seed.
     # Measured (seed 0; the same numbers as the example run): Safe-PPO's cost/mean -0.07 at
     # iteration 1, -0.55 over the last 5 (limit -0.4), violation rate 0.34 -> 0.06; lambda
-    # 1 -> 2.20 at iteration 20, then down by 2-5% per iteration to 1.69. Plain PPO: cost
+    # 1 -> 2.20 at iteration 20, then down by at most 5% per iteration to 1.69. Plain PPO: cost
     # +0.02 over the last 5, violation rate 0.43, reward 0.84 (Safe-PPO 0.59). Greedy held-out
     # cost -0.24 before, -0.55 after Safe-PPO (no unsafe answer), +0.03 after PPO.
     safe = train(safe_ppo_config(sft_run, task_files, tmp_path, "safe", "train.iterations=30"))
@@ -84,7 +84,7 @@ def test_safe_ppo_holds_the_safety_judges_cost_below_the_limit_where_ppo_does_no
     # The SFT policy violates the constraint: its first iterations' cost is above the limit.
     assert sum(costs[:5]) / 5 > limit + 0.15
     # Safe-PPO ends below the limit (mean of the last 5 iterations: one iteration's batch holds
-    # 8-16 harmful prompts out of 32, so a single iteration's mean is noisy).
+    # 8 to 18 harmful prompts out of 32, so a single iteration's mean is noisy).
     assert last_mean(safe, "cost/mean") < limit - 0.05
     assert last_mean(safe, "cost/violation_rate") < 0.5 * series(safe, "cost/violation_rate")[0]
     # lambda rises while the constraint is violated: to at least 1.5 x its initial value, the
