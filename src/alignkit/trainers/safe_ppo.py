@@ -15,7 +15,9 @@ on the reward side only, so it is scaled by ``1 / (1 + lambda)`` with the reward
 
 Logged: ``lambda`` (the value this iteration's advantages used), ``J_C`` (the EMA the update
 reads), ``cost/mean``, ``cost/violation_rate`` (share of episodes with cost > 0, i.e. judged
-unsafe), ``reward/mean`` and the cost critic's ``critic_cost/*``.
+unsafe), ``reward/mean`` and the cost critic's ``critic_cost/*``; with ``data.eval_file``, the
+greedy held-out completions' ``eval/reward``, ``eval/accuracy``, ``eval/cost`` and
+``eval/violation_rate`` (before training, as step 0, and at each evaluation).
 """
 
 from __future__ import annotations
@@ -190,6 +192,21 @@ class SafePPOTrainer(PolicyGradientTrainer):
                 )
             )
         return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """PPO's greedy held-out evaluation (one generation) with the cost judged too:
+        ``eval/cost`` (mean) and ``eval/violation_rate`` (share with cost > 0)."""
+        greedy = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
+        exp = self.engine.generate(self.eval_prompts, greedy, generator=torch.Generator())
+        rewards = self.reward(exp.prompts, exp.completions, exp.row_fields)
+        costs = self.cost(exp.prompts, exp.completions, exp.row_fields)
+        rewards, costs = rewards[torch.isfinite(rewards)], costs[torch.isfinite(costs)]
+        return {
+            "eval/reward": float(rewards.mean()),
+            "eval/accuracy": float((rewards >= 1).float().mean()),
+            "eval/cost": float(costs.mean()),
+            "eval/violation_rate": float((costs > 0).float().mean()),
+        }
 
     def after_iteration(self, metrics: Mapping[str, Tensor]) -> dict[str, float]:
         values = super().after_iteration(metrics)
