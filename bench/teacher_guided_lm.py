@@ -6,19 +6,21 @@ rollouts come from ``TransformersEngine`` (on-policy) or ``TeacherGuidedEngine``
 (``rollout.teacher`` + ``rollout.alpha``), with the trainer's truncated importance weights.
 
 The task is the bundled ``add`` task ("add 3+8:" -> "11", one token per digit) restricted to
-one-digit operands: 100 prompts, 45 of them with a carry (a two-digit answer).
+one-digit operands: 100 prompts, 45 of them with a carry (a two-digit answer "1d").
 
-- The policy's warm-up (``POLICY_EPOCHS`` epochs of SFT, deliberately short) sees the 55 prompts
-  without a carry and only ``SEEN_CARRY`` of the 45 with one, so on the other 40 ("rare
-  answers") it puts ~1% on the right answer.
-- The RL prompts are those 40; the reward is ``exact_match`` (1 for the exact sum, else 0).
-- "Teacher knows": the tiny preset SFT'd longer (``TEACHER_EPOCHS``) on all 100 right answers.
+- The policy's warm-up (``POLICY_EPOCHS`` epochs of SFT) sees the 55 prompts without a carry
+  (``PLAIN_REPEATS`` times) and, for each of the 45 with one, all ten answers "10" ... "19"
+  once: it learns the form of a carry answer but not its digit, and puts ~9% on the right
+  answer of each carry prompt (a rare, not an unseen, answer).
+- The RL prompts are the 45 carry prompts; the reward is ``exact_match`` (1 for the exact sum).
+- "Teacher knows": the tiny preset SFT'd longer (``TEACHER_EPOCHS``) on all 100 right answers
+  (P(right answer) ~0.98 on the RL prompts).
 - "Teacher does not know": the same SFT, but every carry answer replaced by the sum without its
   carry ((a + b) mod 10): confident and wrong exactly where the policy must learn.
 
 Both tasks share the policy, the prompts and the reward, so on-policy runs (no teacher) are the
 same in both and are run once. The progress measure is exact, not sampled: the policy's mean
-probability of the right answer (its digits and EOS, teacher-forced) over the 40 RL prompts,
+probability of the right answer (its digits and EOS, teacher-forced) over the 45 RL prompts,
 computed after every iteration; "samples to threshold" counts sampled completions until it
 reaches ``--threshold``. Runs that never do are counted at the budget (so their mean is a lower
 bound) and reported as "reached k/n".
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,9 +54,9 @@ METHODS: dict[str, str | float | None] = {
     "min-variance": "min_variance",
 }
 TASKS = ("teacher knows", "teacher does not know")
-LEARNING_RATES = (3e-4, 1e-3, 3e-3)
-TUNE_SEEDS = (100, 101)
-EVAL_SEEDS = (0, 1, 2, 3, 4)
+LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)
+TUNE_SEEDS = (100, 101, 102)
+EVAL_SEEDS = (0, 1, 2, 3, 4, 5)
 PLAIN_REPEATS = 3
 POLICY_EPOCHS, TEACHER_EPOCHS = 12, 80
 PROMPTS_PER_ITERATION, GROUP, MAX_NEW_TOKENS = 8, 8, 3
@@ -332,31 +335,40 @@ def run_lm(iterations: int, threshold: float, work_dir: str | None = None) -> di
 
 
 def lm_table(result: dict[str, Any]) -> str:
+    """Markdown table of ``run_lm``'s result; ratios to on-policy are bounds where runs were
+    censored at the budget."""
     budget = result["budget_samples"]
     lines = [
-        "| task | proposal | tuned lr | samples to threshold (mean ± 95% CI) | reached | "
-        "vs on-policy |",
-        "|---|---|---|---|---|---|",
+        "| task | proposal | tuned lr | samples to threshold (mean ± 95% CI) | median | reached "
+        "| collapsed | vs on-policy (means) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for task, methods in result["results"].items():
         base = methods["on-policy"]
         for method, r in methods.items():
-            bound = "≥ " if r["reached"] < r["seeds"] else ""
+            censored_runs = r["reached"] < r["seeds"]
+            bound = "≥ " if censored_runs else ""
+            median = statistics.median(r["samples"])
+            # With half the runs or more censored the median involves the budget: a bound.
+            at_least = 2 * (r["seeds"] - r["reached"]) >= r["seeds"]
+            median_text = f"{'≥ ' if at_least else ''}{median:,.0f}"
+            # Ended below half its starting probability of the right answer.
+            collapsed = sum(run["curve"][-1] < run["curve"][0] / 2 for run in r["runs"])
             ratio = base["mean"] / r["mean"]
-            # A censored run makes its mean a lower bound, and the ratio a bound too.
-            if r["reached"] < r["seeds"] and base["reached"] == base["seeds"]:
-                ratio_text = f"≤ {ratio:.2f}x"
-            elif base["reached"] < base["seeds"] and r["reached"] == r["seeds"]:
-                ratio_text = f"≥ {ratio:.2f}x"
-            elif base["reached"] < base["seeds"] and r["reached"] < r["seeds"]:
+            base_censored = base["reached"] < base["seeds"]
+            if censored_runs and base_censored:
                 ratio_text = "(both censored)"
+            elif censored_runs or base_censored:
+                ratio_text = f"{'≤' if censored_runs else '≥'} {ratio:.2f}x"
             else:
                 ratio_text = f"{ratio:.2f}x"
             lines.append(
                 f"| {task} | {method} | {r['lr']:g} | {bound}{r['mean']:,.0f} ± "
-                f"{r['ci95_half_width']:,.0f} | {r['reached']}/{r['seeds']} | {ratio_text} |"
+                f"{r['ci95_half_width']:,.0f} | {median_text} | {r['reached']}/{r['seeds']} | "
+                f"{collapsed}/{r['seeds']} | {ratio_text} |"
             )
     lines.append(
-        f"\nBudget {budget:,} samples per run; runs not reaching the threshold count as {budget:,}."
+        f"\nBudget {budget:,} samples per run; runs not reaching the threshold count as "
+        f"{budget:,}. Collapsed: the run ended below half its starting P(right answer)."
     )
     return "\n".join(lines)
