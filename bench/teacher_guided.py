@@ -2,6 +2,7 @@
 
     PYTHONPATH=src .venv/bin/python bench/teacher_guided.py theory [--scale 1.0] [--seed 0]
     PYTHONPATH=src .venv/bin/python bench/teacher_guided.py rl [--max-weight 2] [--budget N]
+    PYTHONPATH=src .venv/bin/python bench/teacher_guided.py lm [--iterations 80] [--threshold 0.15]
 
 ``theory``: random policy/target pairs (one next-token distribution each) in several regimes
 and vocabulary sizes up to 50,257, all rows of a cell computed at once in float64. For each
@@ -16,8 +17,11 @@ proposal. Prints markdown tables and writes ``bench/results/teacher_guided_theor
 
 ``rl``: samples-to-threshold of on-policy, α_KL, α = 0.5 and min-variance proposals in a tabular
 importance-weighted REINFORCE simulation (``bench/teacher_guided_rl.py`` describes it); writes
-``bench/results/teacher_guided_rl_cap<C>.json``. Results and verdicts:
-docs/teacher-guided-sampling.md.
+``bench/results/teacher_guided_rl_cap<C>.json``.
+
+``lm``: samples-to-threshold of the same four proposals training the tiny preset with GRPO
+through ``TeacherGuidedEngine`` (``bench/teacher_guided_lm.py`` describes it); writes
+``bench/results/teacher_guided_lm.json``. Results and verdicts: docs/teacher-guided-sampling.md.
 """
 
 from __future__ import annotations
@@ -414,9 +418,21 @@ def main() -> None:
     rl.add_argument("--budget", type=int, default=200_000, help="sampled answers per run")
     rl.add_argument("--threshold", type=float, default=0.8, help="mean success probability")
     rl.add_argument("--max-weight", type=float, default=2.0, help="importance-weight cap C")
+    lm = sub.add_parser("lm", help="samples-to-threshold training the tiny LM with GRPO")
+    lm.add_argument("--iterations", type=int, default=80, help="GRPO iterations per run (budget)")
+    lm.add_argument("--threshold", type=float, default=0.15, help="mean P(right answer)")
     args = parser.parse_args()
     if args.command == "theory":
         run_theory(args.scale, args.seed)
+    elif args.command == "lm":
+        from teacher_guided_lm import lm_table, run_lm
+
+        result = run_lm(args.iterations, args.threshold)
+        table = lm_table(result)
+        print(f"\n{table}")
+        path = RESULTS.with_name("teacher_guided_lm.json")
+        atomic_write_text(path, json.dumps({**result, "table": table}, indent=1) + "\n")
+        print(f"\nwrote {path}")
     else:
         from teacher_guided_rl import rl_table, run_rl
 
