@@ -1,0 +1,293 @@
+"""Padding-free packed forwards: a padded batch's real tokens in one (or a few) rows.
+
+A padded ``[R, T]`` batch spends compute on pad positions (a quarter of a DPO step on real
+data). :func:`pack_rows` lays the batch's real tokens end to end in ``[P, L]`` rows, with
+
+- **positions restarting per sequence** (each token keeps the position it had in its own row),
+- **a block-diagonal causal mask** ``[P, 1, L, L]``: a token sees the earlier tokens of its own
+  sequence and nothing else,
+- **shared prefixes computed once**: when a row starts with the same tokens as an earlier row
+  (the prompt of a DPO pair's chosen and rejected rows, a GRPO group's prompt), its first
+  ``s = lcp - 1`` tokens are not repeated; its own tokens attend to the earlier row's copies of
+  them (a tree mask). The last common token is kept in the later row as well, so that every
+  token of a row is still predicted by the position just before it in the packed row.
+
+The model then sees exactly the attention pattern of the padded batch, so logits, log-probs,
+hidden states and gradients are those of the padded forward (tested to float32 round-off). The
+mask is passed to the model as a 4D mask (boolean for ``sdpa``, additive for ``eager``), which
+transformers uses as given; ``use_cache=False`` keeps the model from allocating a cache.
+
+:meth:`PackedLayout.unpack` maps any per-token output (``[P, L]`` log-probs, ``[P, L, H]``
+hidden states) back to the padded ``[R, T]`` layout, 0 at pads.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PackedLayout", "pack_rows", "packable_model", "packed_model_inputs"]
+
+# Compare at most this many [row, row, token] entries at once when finding shared prefixes.
+_LCP_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each token of a padded ``[R, T]`` batch lives in the packed ``[P, L]`` rows.
+
+    Attributes:
+        input_ids: ``[P, L]`` packed tokens (pads after the last sequence of a row are 0).
+        position_ids: ``[P, L]`` each token's position in its own sequence.
+        visible: ``[P, 1, L, L]`` bool, True where query ``q`` may attend to key ``k``.
+        where: ``[R, T]`` flat index (``p * L + l``) of the packed token whose key and hidden
+            state stand for token ``(r, t)``; -1 at pads.
+        scored_at: ``[R, T]`` flat index of the packed token whose log-prob (from the packed
+            position before it) is token ``(r, t)``'s; differs from ``where`` at the kept last
+            common token of a shared prefix; -1 at pads.
+        segment_start: ``[P, L]`` bool, True at each packed sequence's first token (its
+            log-prob is not predicted by the position before it).
+        padded_tokens: ``R * T``, the positions of the padded batch.
+        packed_tokens: real tokens in the packed rows (shared prefixes counted once).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    visible: Tensor
+    where: Tensor
+    scored_at: Tensor
+    segment_start: Tensor
+    padded_tokens: int
+    packed_tokens: int
+
+    def unpack(self, packed: Tensor, index: Tensor | None = None) -> Tensor:
+        """``[P, L, ...]`` per-token values to ``[R, T, ...]`` (0 at pads); differentiable.
+
+        ``index`` is :attr:`where` (hidden states, default) or :attr:`scored_at` (log-probs).
+        """
+        index = self.where if index is None else index
+        flat = packed.reshape(-1, *packed.shape[2:])
+        out = flat.index_select(0, index.clamp(min=0).reshape(-1))
+        out = out.view(*index.shape, *packed.shape[2:])
+        pad = (index < 0).view(*index.shape, *([1] * (packed.ndim - 2)))
+        return out.masked_fill(pad, 0)
+
+    def pack_scored(self, scored: Tensor) -> Tensor:
+        """``[R, T]`` scored mask to the ``[P, L]`` packed tokens whose log-probs are needed.
+
+        The first token of a sequence is never scored (nothing predicts it), as in
+        ``ops.predicts_scored_mask``.
+        """
+        take = (scored != 0) & (self.scored_at >= 0)
+        out = torch.zeros(self.input_ids.numel(), dtype=torch.bool, device=scored.device)
+        out[self.scored_at[take]] = True
+        return out.view(self.input_ids.shape) & ~self.segment_start
+
+
+def pack_rows(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    share_prefixes: bool = True,
+    max_tokens: int | None = None,
+) -> PackedLayout | None:
+    """Pack the real tokens of a padded batch; None when a row's tokens are not contiguous.
+
+    Args:
+        input_ids: ``[R, T]``.
+        attention_mask: ``[R, T]``, 1 on real tokens; each row's real tokens must be one
+            contiguous run (left, right or no padding), else there is nothing to pack safely.
+        share_prefixes: compute a prefix common with an earlier row once (a tree mask).
+        max_tokens: start a new packed row once this many tokens are in one (whole trees of
+            rows sharing a prefix stay together); None: one packed row. Attention costs the
+            square of a packed row's length, so very large batches want several rows.
+    """
+    real = attention_mask.bool()
+    rows, width = real.shape
+    device = real.device
+    arange = torch.arange(width, device=device)
+    lengths = real.sum(dim=1)
+    first = torch.where(real, arange, width).amin(dim=1)
+    last = torch.where(real, arange, -1).amax(dim=1)
+    if bool(((lengths > 0) & (last - first + 1 != lengths)).any()):
+        return None
+    # Left-aligned view: column p of a row is its p-th real token.
+    columns = (first.clamp(max=width - 1)[:, None] + arange).clamp(max=width - 1)
+    aligned = input_ids.gather(1, columns)
+    valid = arange < lengths[:, None]
+
+    source, shared = _shared_prefixes(aligned, valid, enabled=share_prefixes)
+    root = _roots(source, shared > 0)
+    # Packed order: trees together (by root), rows in index order within a tree.
+    index = torch.arange(rows, device=device)
+    order = torch.argsort(root * rows + index)
+    own_count = lengths - shared
+    counts = own_count[order]
+    start = torch.cumsum(counts, 0) - counts  # exclusive cumsum, in packed order
+    tree_start = torch.full((rows,), start.sum() + 1, device=device, dtype=start.dtype)
+    tree_start = tree_start.scatter_reduce(0, root[order], start, reduce="amin")
+    budget = max_tokens if max_tokens else int(counts.sum()) + 1
+    bin_of_row = torch.div(tree_start[root[order]], budget, rounding_mode="floor")
+    _, bin_of_row = torch.unique(bin_of_row, return_inverse=True)  # 0..P-1, no empty bins
+    packed_rows = int(bin_of_row.max()) + 1 if rows else 1
+    bin_start = torch.full((packed_rows,), int(counts.sum()), device=device, dtype=start.dtype)
+    bin_start = bin_start.scatter_reduce(0, bin_of_row, start, reduce="amin")
+    offset_in_bin = start - bin_start[bin_of_row]
+    bin_tokens = torch.zeros(packed_rows, device=device, dtype=start.dtype)
+    bin_tokens = bin_tokens.index_add(0, bin_of_row, counts)
+    packed_width = max(int(bin_tokens.max()) if rows else 1, 1)
+    # Flat packed index of each row's first own token (row order).
+    base = torch.empty(rows, device=device, dtype=torch.long)
+    base[order] = bin_of_row * packed_width + offset_in_bin
+
+    own_index = base[:, None] + arange - shared[:, None]
+    own_tokens = valid & (arange >= shared[:, None])
+    where = _resolve(own_index, own_tokens, valid & ~own_tokens, source)
+    # The kept last common token's log-prob is the earlier row's (predicted inside its tree).
+    scored_own = valid & ((arange > shared[:, None]) | (shared[:, None] == 0))
+    scored_at = _resolve(own_index, scored_own, valid & ~scored_own, source)
+
+    flat = packed_rows * packed_width
+    owner = torch.full((flat,), -1, device=device, dtype=torch.long)
+    own_position = torch.zeros(flat, device=device, dtype=torch.long)
+    own_flat = own_index[own_tokens]
+    owner[own_flat] = index[:, None].expand(rows, width)[own_tokens]
+    own_position[own_flat] = arange.expand(rows, width)[own_tokens]
+    packed_ids = torch.zeros(flat, device=device, dtype=input_ids.dtype)
+    packed_ids[own_flat] = aligned[own_tokens]
+    segment_start = torch.zeros(flat, device=device, dtype=torch.bool)
+    segment_start[base[lengths > 0]] = True
+
+    visible = _tree_mask(where, owner.view(packed_rows, packed_width), own_position, packed_width)
+    row_of = index[:, None].expand(rows, width)
+
+    def to_columns(values: Tensor) -> Tensor:
+        out = torch.full_like(values, -1)
+        out[row_of[valid], columns[valid]] = values[valid]
+        return out
+
+    return PackedLayout(
+        input_ids=packed_ids.view(packed_rows, packed_width),
+        position_ids=own_position.view(packed_rows, packed_width),
+        visible=visible,
+        where=to_columns(where),
+        scored_at=to_columns(scored_at),
+        segment_start=segment_start.view(packed_rows, packed_width),
+        padded_tokens=rows * width,
+        packed_tokens=int(counts.sum()),
+    )
+
+
+def _shared_prefixes(aligned: Tensor, valid: Tensor, *, enabled: bool) -> tuple[Tensor, Tensor]:
+    """Per row: the earlier row it shares a prefix with, and how many tokens it leaves to it.
+
+    The source is the earliest row ``j < i`` with the longest common prefix ``lcp`` of real
+    tokens; the row leaves ``lcp - 1`` tokens to it (keeping the last common token), if that
+    is at least 1. Rows that share nothing get themselves as source and 0.
+    """
+    rows, width = aligned.shape
+    index = torch.arange(rows, device=aligned.device)
+    if not enabled or rows < 2:
+        return index, torch.zeros(rows, dtype=torch.long, device=aligned.device)
+    block = max(1, _LCP_BLOCK_ELEMENTS // max(rows * width, 1))
+    best = torch.zeros(rows, dtype=torch.long, device=aligned.device)
+    source = index.clone()
+    for lo in range(0, rows, block):
+        hi = min(rows, lo + block)
+        same = (aligned[lo:hi, None] == aligned[None]) & valid[lo:hi, None] & valid[None]
+        lcp = same.long().cumprod(dim=-1).sum(dim=-1)  # [hi - lo, rows]
+        lcp = lcp.masked_fill(index[None] >= index[lo:hi, None], -1)  # earlier rows only
+        best[lo:hi], source[lo:hi] = lcp.max(dim=1)  # max returns the first maximal index
+    shared = (best - 1).clamp(min=0)
+    source = torch.where(shared > 0, source, index)
+    return source, shared
+
+
+def _roots(source: Tensor, shares: Tensor) -> Tensor:
+    """The row at the root of each row's chain of sources (pointer jumping)."""
+    root = torch.where(shares, source, torch.arange(len(source), device=source.device))
+    while True:
+        nxt = root[root]
+        if torch.equal(nxt, root):
+            return root
+        root = nxt
+
+
+def _resolve(own_index: Tensor, own: Tensor, inherited: Tensor, source: Tensor) -> Tensor:
+    """``own_index`` where ``own``; where ``inherited``, the source row's resolved entry at the
+    same position; -1 elsewhere. Sources come earlier, so depth-many passes settle it."""
+    out = torch.where(own, own_index, -1)
+    while True:
+        nxt = torch.where(inherited, out[source], out)
+        if torch.equal(nxt, out):
+            return out
+        out = nxt
+
+
+def _tree_mask(where: Tensor, owner: Tensor, position: Tensor, width: int) -> Tensor:
+    """``[P, 1, L, L]``: query ``q`` (token ``p`` of row ``r``) sees key ``k`` (at position
+    ``p'``) iff ``p' <= p`` and ``k`` stands for row ``r``'s token ``p'``: its own sequence
+    causally, including the prefix it shares. A pad query sees itself (no NaN softmax)."""
+    packed_rows = owner.shape[0]
+    row_width = where.shape[1]
+    position = position.view(packed_rows, width)
+    query_row = owner.clamp(min=0)
+    # where[r(q), p(k)] for every (q, k) of the same packed row: [P, L, L].
+    lookup = where.reshape(-1)[query_row[:, :, None] * row_width + position[:, None, :]]
+    keys = torch.arange(width, device=owner.device)
+    key_flat = torch.arange(packed_rows, device=owner.device)[:, None] * width + keys
+    visible = (lookup == key_flat[:, None, :]) & (position[:, None, :] <= position[:, :, None])
+    visible &= (owner >= 0)[:, :, None]
+    visible |= torch.eye(width, dtype=torch.bool, device=owner.device) & (owner < 0)[:, :, None]
+    return visible[:, None]
+
+
+# ----------------------------------------------------------------------------- model side
+
+
+def packable_model(model: nn.Module) -> bool:
+    """Whether ``model`` (its innermost module, inside DDP/FSDP/peft wrappers) runs a packed
+    batch exactly: a transformers decoder (``transformers.models.*`` forward, causal, not
+    encoder-decoder) that takes ``position_ids`` and uses eager or sdpa attention, which take
+    a 4D mask as given. Others (flash-attention, ALiBi models, custom code) are not packed."""
+    from alignkit.models.forward import innermost_model
+
+    inner = innermost_model(model)
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    return _packable_class(type(inner))
+
+
+@functools.cache
+def _packable_class(model_class: type) -> bool:
+    owner = next((c for c in model_class.__mro__ if "forward" in vars(c)), None)
+    if owner is None or not owner.__module__.startswith("transformers.models."):
+        return False
+    parameters = inspect.signature(owner.forward).parameters
+    return "position_ids" in parameters and "use_cache" in parameters
+
+
+def packed_model_inputs(model: nn.Module, layout: PackedLayout, dtype: torch.dtype) -> dict:
+    """Keyword arguments running ``model`` on ``layout``: ids, positions, the 4D mask in the
+    form the attention implementation adds or selects with, and no cache."""
+    from alignkit.models.forward import innermost_model
+
+    mask: Tensor = layout.visible
+    if innermost_model(model).config._attn_implementation == "eager":
+        # eager attention adds the mask to the scores.
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    return {
+        "input_ids": layout.input_ids,
+        "attention_mask": mask,
+        "position_ids": layout.position_ids,
+        "use_cache": False,
+    }
