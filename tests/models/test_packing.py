@@ -174,3 +174,26 @@ def test_models_that_cannot_take_a_packed_batch_run_padded(monkeypatch) -> None:
     with torch.no_grad():
         out = token_logprobs(model, batch, batch["response_mask"], packed=True)
     assert len(calls) == 1 and out.shape == batch["input_ids"].shape
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", "attention"])
+def test_packed_reward_model_scores_equal_the_padded_forward(pooling: str) -> None:
+    from alignkit.models import load_reward_model
+
+    model, _ = load_reward_model("tiny", pooling=pooling, aux_heads=("safety",), seed=0)
+    model.train()
+    batch = _pairs_batch()
+
+    def run(packed: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        out = model(batch["input_ids"], batch["attention_mask"], True, packed=packed)
+        (out.rewards.sum() + out.aux["safety"].sum() + out.token_values.sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        detached = [out.rewards.detach(), out.aux["safety"].detach(), out.token_values.detach()]
+        return detached + grads
+
+    padded, packed = run(False), run(True)
+    assert len(padded) == len(packed) > 3
+    for a, b in zip(padded, packed, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert padded[0].std() > 1e-4  # six different sequences, six different rewards

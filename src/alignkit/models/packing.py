@@ -253,7 +253,8 @@ def packable_model(model: nn.Module) -> bool:
     """Whether ``model`` (its innermost module, inside DDP/FSDP/peft wrappers) runs a packed
     batch exactly: a transformers decoder (``transformers.models.*`` forward, causal, not
     encoder-decoder) that takes ``position_ids`` and uses eager or sdpa attention, which take
-    a 4D mask as given. Others (flash-attention, ALiBi models, custom code) are not packed."""
+    a 4D mask as given. Others (flash-attention, ALiBi models, encoders, custom code) are not
+    packed."""
     from alignkit.models.forward import innermost_model
 
     inner = innermost_model(model)
@@ -262,7 +263,9 @@ def packable_model(model: nn.Module) -> bool:
         return False
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
-    return _packable_class(type(inner))
+    # A bidirectional encoder's rows must not get a causal mask.
+    causal = any(getattr(module, "is_causal", None) is True for module in inner.modules())
+    return causal and _packable_class(type(inner))
 
 
 @functools.cache
