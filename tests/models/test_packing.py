@@ -79,17 +79,18 @@ def test_a_row_with_a_hole_is_not_packed() -> None:
     assert pack_rows(ids, torch.tensor([[1, 1, 1], [1, 0, 1]])) is None
 
 
-def test_max_tokens_splits_between_trees_of_shared_prefixes() -> None:
+def test_costly_attention_splits_rows_between_trees_of_shared_prefixes() -> None:
     batch = _group_batch()
-    layout = pack_rows(batch["input_ids"], batch["attention_mask"], max_tokens=8)
-    assert layout is not None
-    # Group 1: 3 + 3 + 1 + 2 own tokens... each group stays in one packed row.
-    assert layout.input_ids.shape[0] == 2
-    rows_of_tokens = torch.div(
-        layout.where.clamp(min=0), layout.input_ids.shape[1], rounding_mode="floor"
-    )
-    assert set(rows_of_tokens[:3][batch["attention_mask"][:3].bool()].tolist()) == {0}
-    assert set(rows_of_tokens[3:][batch["attention_mask"][3:].bool()].tolist()) == {1}
+    # Trees: rows 0-2 (6 + 2 + 2 own tokens), rows 3-4 (8 + 3). One row of 21 costs
+    # 21 * (1 + 21 c), two rows of 11: 22 * (1 + 11 c); two win for c > 1 / 199.
+    one = pack_rows(batch["input_ids"], batch["attention_mask"], attention_cost=0.004)
+    two = pack_rows(batch["input_ids"], batch["attention_mask"], attention_cost=0.006)
+    assert one is not None and one.input_ids.shape == (1, 21)
+    assert two is not None and two.input_ids.shape == (2, 11)
+    packed_row = torch.div(two.where, 11, rounding_mode="floor")
+    real = batch["attention_mask"].bool()
+    first, second = set(packed_row[:3][real[:3]].tolist()), set(packed_row[3:][real[3:]].tolist())
+    assert len(first) == len(second) == 1 and first != second
 
 
 def _logps_entropy_grads(model: nn.Module, batch, packed: bool, temperature: float = 1.0):
@@ -197,3 +198,13 @@ def test_packed_reward_model_scores_equal_the_padded_forward(pooling: str) -> No
     for a, b in zip(padded, packed, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert padded[0].std() > 1e-4  # six different sequences, six different rewards
+
+
+def test_logprobs_are_the_same_when_the_trees_are_split_over_rows(monkeypatch) -> None:
+    model = load_policy("tiny", seed=0)[0].eval()
+    batch = _group_batch()
+    with torch.no_grad():
+        padded = token_logprobs(model, batch, batch["response_mask"])
+        monkeypatch.setattr(forward_module, "attention_cost", lambda model: 1.0)
+        split = token_logprobs(model, batch, batch["response_mask"], packed=True)
+    torch.testing.assert_close(split, padded, rtol=0, atol=1e-5)

@@ -26,7 +26,13 @@ from typing import Any, Literal, overload
 from torch import Tensor, nn
 
 from alignkit.models.lora import unwrap_model
-from alignkit.models.packing import PackedLayout, pack_rows, packable_model, packed_model_inputs
+from alignkit.models.packing import (
+    PackedLayout,
+    attention_cost,
+    pack_rows,
+    packable_model,
+    packed_model_inputs,
+)
 from alignkit.ops.logprobs import (
     entropy_from_logits,
     predicts_scored_mask,
@@ -146,7 +152,7 @@ def token_logprobs(
         raise ValueError(f"temperature must be positive, got {temperature!r}")
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     if packed and position_ids is None and packable_model(model):
-        layout = pack_rows(input_ids, attention_mask)
+        layout = pack_rows(input_ids, attention_mask, attention_cost=attention_cost(model))
         if layout is not None:
             return _packed_token_logprobs(model, layout, scored, temperature, with_entropy)
     if position_ids is None and takes_position_ids(model):

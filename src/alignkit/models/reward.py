@@ -48,7 +48,12 @@ from alignkit.models.loading import (
     resolve_model,
     tokenizer_for,
 )
-from alignkit.models.packing import pack_rows, packable_model, packed_model_inputs
+from alignkit.models.packing import (
+    attention_cost,
+    pack_rows,
+    packable_model,
+    packed_model_inputs,
+)
 from alignkit.models.pooling import POOLINGS, AttentionPooling, pool
 from alignkit.models.tiny import TINY_NAME, build_tiny_model
 
@@ -184,7 +189,9 @@ class RewardModel(nn.Module):
         the backbone or the batch cannot be packed."""
         if not packable_model(self.backbone):
             return None
-        layout = pack_rows(input_ids, attention_mask)
+        layout = pack_rows(
+            input_ids, attention_mask, attention_cost=attention_cost(self.backbone)
+        )
         if layout is None:
             return None
         dtype = next(self.backbone.parameters()).dtype
