@@ -40,6 +40,8 @@ __all__ = [
 
 # Compare at most this many [row, row, token] entries at once when finding shared prefixes.
 _LCP_BLOCK_ELEMENTS = 1 << 24
+# Link-cutting levels tried when spreading trees of shared prefixes over packed rows.
+_MAX_CUTS = 8
 
 
 @dataclass(frozen=True)
@@ -130,11 +132,17 @@ def pack_rows(
     valid = arange < lengths[:, None]
 
     source, shared = _shared_prefixes(aligned, valid, enabled=share_prefixes)
-    root = _roots(source, shared > 0)
     index = torch.arange(rows, device=device)
+    _, bin_of_tree, shared = min(
+        (
+            (*_layout_cost(lengths, source, kept, attention_cost), kept)
+            for kept in (_link_cuts(shared) if attention_cost > 0 else [shared])
+        ),
+        key=lambda option: option[0],
+    )
+    source = torch.where(shared > 0, source, index)
+    root = _roots(source, shared > 0)
     own_count = lengths - shared
-    tree_tokens = torch.zeros(rows, device=device, dtype=torch.long).index_add(0, root, own_count)
-    bin_of_tree = _assign_bins(tree_tokens, root, attention_cost)
     # Packed order: by packed row, trees together (by root), rows in index order in a tree.
     bin_of_row = bin_of_tree[root]
     order = torch.argsort((bin_of_row * rows + root) * rows + index)
@@ -214,10 +222,29 @@ def _shared_prefixes(aligned: Tensor, valid: Tensor, *, enabled: bool) -> tuple[
     return source, shared
 
 
-def _assign_bins(tree_tokens: Tensor, root: Tensor, attention_cost: float) -> Tensor:
+def _link_cuts(shared: Tensor) -> list[Tensor]:
+    """Sharing with every link kept, then without the links sharing the fewest tokens, then
+    fewer still: a short common prefix (a chat template's system prompt) would otherwise tie
+    the whole batch into one tree that cannot be spread over several packed rows."""
+    levels = torch.unique(shared[shared > 0]).tolist()
+    if len(levels) > _MAX_CUTS:  # a few quantiles are enough to find the weak links
+        levels = [levels[i * (len(levels) - 1) // (_MAX_CUTS - 1)] for i in range(_MAX_CUTS)]
+    return [shared] + [torch.where(shared <= level, 0, shared) for level in levels]
+
+
+def _layout_cost(
+    lengths: Tensor, source: Tensor, shared: Tensor, attention_cost: float
+) -> tuple[float, Tensor]:
+    """The cost and packed rows (:func:`_assign_bins`) of packing with these shared prefixes."""
+    root = _roots(source, shared > 0)
+    tokens = torch.zeros_like(lengths).index_add(0, root, lengths - shared)
+    return _assign_bins(tokens, root, attention_cost)
+
+
+def _assign_bins(tree_tokens: Tensor, root: Tensor, attention_cost: float) -> tuple[float, Tensor]:
     """Packed row of each tree (indexed by root row; other entries unused): for each row
     count ``P``, trees longest first each into the emptiest row (LPT), keeping the cheapest
-    ``P`` by ``P * L * (1 + attention_cost * L)``."""
+    ``P`` by ``P * L * (1 + attention_cost * L)``; and that cost."""
     roots = torch.unique(root).tolist()
     sizes = {r: int(tree_tokens[r]) for r in roots}
     longest_first = sorted(roots, key=lambda r: (-sizes[r], r))
@@ -234,10 +261,12 @@ def _assign_bins(tree_tokens: Tensor, root: Tensor, attention_cost: float) -> Te
             break  # more rows than it takes: only empty rows would follow
         if cost < best[0]:
             best = (cost, assignment)
+        else:
+            break  # past the minimum: more rows only add padding
     out = torch.zeros_like(tree_tokens)
     for r, b in best[1].items():
         out[r] = b
-    return out
+    return best[0], out
 
 
 def attention_cost(model: nn.Module) -> float:
