@@ -2,11 +2,12 @@
 
     python bench/compare_trl.py dpo-tiny [--repeats 3] [--threads 1,2] [--out PATH]
     python bench/compare_trl.py grpo-tiny [--repeats 3] [--steps 20] [--out PATH]
+    python bench/compare_trl.py ppo-tiny [--repeats 3] [--steps 20] [--out PATH]
     python bench/compare_trl.py dpo-small [--repeats 3] [--steps 15] [--out PATH]
 
-``grpo-tiny`` is described in bench/grpo_tiny.py, ``dpo-small`` (SmolLM2-135M-Instruct, 4 pairs
-per step, max length 256, against TRL with precomputed reference log-probs) in bench/dpo_small.py;
-the rest of this docstring is ``dpo-tiny``.
+``grpo-tiny`` is described in bench/grpo_tiny.py, ``ppo-tiny`` in bench/ppo_tiny.py, ``dpo-small``
+(SmolLM2-135M-Instruct, 4 pairs per step, max length 256, against TRL with precomputed reference
+log-probs) in bench/dpo_small.py; the rest of this docstring is ``dpo-tiny``.
 
 ``dpo-tiny``: DPO (sigmoid, beta 0.1) on the ``tiny`` preset, 512 pairs of the bundled synthetic
 task, 8 pairs per step, max length 128, fp32, one epoch (64 optimizer steps), the same seed,
@@ -46,7 +47,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_dpo_worker.py"
 SETTINGS = ("alignkit", "trl", "trl-precompute")
 TRL_SETTINGS = ("trl", "trl-precompute")
-BENCHMARKS = ("dpo-tiny", "grpo-tiny", "dpo-small")
+BENCHMARKS = ("dpo-tiny", "grpo-tiny", "ppo-tiny", "dpo-small")
 LOG2 = math.log(2.0)
 
 
@@ -322,7 +323,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of timing")
     parser.add_argument(
-        "--steps", type=int, default=None, help="grpo-tiny (20), dpo-small (15): optimizer steps"
+        "--steps",
+        type=int,
+        default=None,
+        help="grpo-tiny, ppo-tiny (20), dpo-small (15): optimizer steps",
     )
     parser.add_argument("--prompts-per-step", type=int, default=2, help="grpo-tiny")
     parser.add_argument("--generations", type=int, default=8, help="grpo-tiny: per prompt")
@@ -362,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         import grpo_tiny
 
         return grpo_tiny.main(args)
+    if args.benchmark == "ppo-tiny":
+        sys.path.insert(0, str(BENCH_DIR))
+        import ppo_tiny
+
+        return ppo_tiny.main(args)
     load_start = list(os.getloadavg())
     by_threads: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="alignkit-bench-") as tmp:
