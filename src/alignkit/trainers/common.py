@@ -52,10 +52,11 @@ class ModelConfig:
     packed: bool = field(
         default=True,
         metadata=field_help(
-            "Padding-free forward passes: a batch's real tokens in one row, with a "
-            "block-diagonal causal mask, and a prompt shared by several rows (a pair's, a "
-            "group's) computed once. Same log-probs and rewards as the padded forward; used "
-            "where the model allows it (a transformers decoder with sdpa or eager attention)."
+            "Padding-free forward passes in the DPO family (policy and reference pass) and "
+            "reward/cost model training: a batch's real tokens in a few rows with a "
+            "block-diagonal causal mask, a pair's prompt computed once. Same log-probs and "
+            "rewards as the padded forward to float round-off; used where the model allows it "
+            "(a transformers decoder with sdpa or eager attention)."
         ),
     )
 
