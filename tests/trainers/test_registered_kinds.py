@@ -64,7 +64,7 @@ def test_a_dpo_loss_registered_outside_trains_by_name(head_of, run_settings, tmp
     # round-off: the reference pass packs the pairs into other batches than training does.)
     training_calls = [h for h in seen if h.numel() == 8]
     assert training_calls[0].abs().max().item() < 1e-4
-    assert losses[0] == pytest.approx(1.0, abs=1e-6)
+    assert losses[0] == pytest.approx(1.0, abs=1e-4)
     # Step 2 saw the updated policy: h moved, and the logged loss is this function's value.
     second = training_calls[1]
     assert second.abs().max().item() > 1e-4
