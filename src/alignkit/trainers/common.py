@@ -49,6 +49,16 @@ class ModelConfig:
         default="float32", metadata=field_help("Dtype of the weights.")
     )
     lora: LoraConfig | None = field(default=None, metadata=field_help("LoRA adapter; null: full."))
+    packed: bool = field(
+        default=True,
+        metadata=field_help(
+            "Padding-free forward passes in the DPO family (policy and reference pass) and "
+            "reward/cost model training: a batch's real tokens in a few rows with a "
+            "block-diagonal causal mask, a pair's prompt computed once. Same log-probs and "
+            "rewards as the padded forward to float round-off; used where the model allows it "
+            "(a transformers decoder with sdpa or eager attention)."
+        ),
+    )
 
 
 @dataclass
