@@ -2,8 +2,10 @@
 
     python bench/compare_trl.py dpo-tiny [--repeats 3] [--threads 1,2] [--out PATH]
     python bench/compare_trl.py grpo-tiny [--repeats 3] [--steps 20] [--out PATH]
+    python bench/compare_trl.py {sft,rm}-{tiny,small} [--repeats 3] [--settings ..] [--out PATH]
 
-``grpo-tiny`` is described in bench/grpo_tiny.py; the rest of this docstring is ``dpo-tiny``.
+``sft-*`` and ``rm-*`` are described in bench/train_cases.py (model-FLOPs utilisation:
+bench/mfu.py); ``grpo-tiny`` in bench/grpo_tiny.py; the rest of this docstring is ``dpo-tiny``.
 
 ``dpo-tiny``: DPO (sigmoid, beta 0.1) on the ``tiny`` preset, 512 pairs of the bundled synthetic
 task, 8 pairs per step, max length 128, fp32, one epoch (64 optimizer steps), the same seed,
@@ -334,6 +336,13 @@ def require_packages() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    sys.path.insert(0, str(BENCH_DIR))
+    import train_cases
+
+    if argv and argv[0] in train_cases.CASES:  # SFT and reward models: their own options
+        require_packages()
+        return train_cases.main(argv)
     args = parse_args(argv)
     require_packages()
     if args.benchmark == "grpo-tiny":
