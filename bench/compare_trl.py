@@ -300,7 +300,10 @@ def print_table(summary: dict[str, Any], threads: int, out: Any = sys.stdout) ->
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="alignkit vs TRL training speed", formatter_class=argparse.RawTextHelpFormatter
+        description="alignkit vs TRL training speed",
+        epilog="sft-tiny, sft-small, rm-tiny, rm-small take their own options: "
+        "compare_trl.py sft-small --help",
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("benchmark", choices=BENCHMARKS)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each setting (>= 1)")
