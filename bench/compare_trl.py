@@ -2,10 +2,13 @@
 
     python bench/compare_trl.py dpo-tiny [--repeats 3] [--threads 1,2] [--out PATH]
     python bench/compare_trl.py grpo-tiny [--repeats 3] [--steps 20] [--out PATH]
+    python bench/compare_trl.py dpo-small [--repeats 3] [--steps 15] [--out PATH]
     python bench/compare_trl.py {sft,rm}-{tiny,small} [--repeats 3] [--settings ..] [--out PATH]
 
 ``sft-*`` and ``rm-*`` are described in bench/train_cases.py (model-FLOPs utilisation:
-bench/mfu.py); ``grpo-tiny`` in bench/grpo_tiny.py; the rest of this docstring is ``dpo-tiny``.
+bench/mfu.py); ``grpo-tiny`` in bench/grpo_tiny.py, ``dpo-small`` (SmolLM2-135M-Instruct, 4 pairs
+per step, max length 256, against TRL with precomputed reference log-probs) in bench/dpo_small.py;
+the rest of this docstring is ``dpo-tiny``.
 
 ``dpo-tiny``: DPO (sigmoid, beta 0.1) on the ``tiny`` preset, 512 pairs of the bundled synthetic
 task, 8 pairs per step, max length 128, fp32, one epoch (64 optimizer steps), the same seed,
@@ -45,7 +48,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_dpo_worker.py"
 SETTINGS = ("alignkit", "trl", "trl-precompute")
 TRL_SETTINGS = ("trl", "trl-precompute")
-BENCHMARKS = ("dpo-tiny", "grpo-tiny")
+BENCHMARKS = ("dpo-tiny", "grpo-tiny", "dpo-small")
 LOG2 = math.log(2.0)
 
 
@@ -181,7 +184,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if mine:
             medians[setting] = {key: spread([r[key] for r in mine]) for key in SUMMARISED}
             medians[setting]["runs"] = len(mine)
-    faster = max(TRL_SETTINGS, key=lambda s: medians[s]["samples_per_s"]["median"])
+    trl_settings = [s for s in TRL_SETTINGS if s in medians]
+    faster = max(trl_settings, key=lambda s: medians[s]["samples_per_s"]["median"])
     ours, theirs = medians["alignkit"], medians[faster]
     return {
         "medians": medians,
@@ -190,7 +194,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_per_s_ratio": ours["tokens_per_s"]["median"] / theirs["tokens_per_s"]["median"],
         # Pairs per second of the worker's own CPU time: less sensitive to busy neighbours.
         "samples_per_cpu_s_ratio": ours["samples_per_cpu_s"]["median"]
-        / max(medians[s]["samples_per_cpu_s"]["median"] for s in TRL_SETTINGS),
+        / max(medians[s]["samples_per_cpu_s"]["median"] for s in trl_settings),
         "peak_rss_ratio": ours["peak_rss_mib"]["median"] / theirs["peak_rss_mib"]["median"],
     }
 
@@ -311,13 +315,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", default="1", help="torch threads per worker; a comma list runs each"
     )
     parser.add_argument("--pairs", type=int, default=512)
-    parser.add_argument("--batch-pairs", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--batch-pairs", type=int, default=None, help="8 (dpo-small: 4)")
+    parser.add_argument("--max-length", type=int, default=None, help="128 (dpo-small: 256)")
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=1e-3, help="same for both (linear decay)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="same for both (linear decay); 1e-3 (dpo-small: 5e-6)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of timing")
-    parser.add_argument("--steps", type=int, default=20, help="grpo-tiny: optimizer steps")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="grpo-tiny (20), dpo-small (15): optimizer steps"
+    )
     parser.add_argument("--prompts-per-step", type=int, default=2, help="grpo-tiny")
     parser.add_argument("--generations", type=int, default=8, help="grpo-tiny: per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="grpo-tiny")
@@ -327,6 +338,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or not args.thread_counts or min(args.thread_counts) < 1:
         parser.error("--repeats and --threads must be >= 1")
     args.out = args.out or BENCH_DIR / "results" / f"{args.benchmark}.json"
+    if args.benchmark != "dpo-small":  # dpo-small sets its own (bench/dpo_small.py)
+        defaults = {"batch_pairs": 8, "max_length": 128, "lr": 1e-3, "steps": 20}
+        for key, value in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     return args
 
 
@@ -348,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         return train_cases.main(argv)
     args = parse_args(argv)
     require_packages()
+    if args.benchmark == "dpo-small":
+        sys.path.insert(0, str(BENCH_DIR))
+        import dpo_small
+
+        return dpo_small.main(args)
     if args.benchmark == "grpo-tiny":
         sys.path.insert(0, str(BENCH_DIR))
         import grpo_tiny

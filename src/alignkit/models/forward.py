@@ -26,6 +26,13 @@ from typing import Any, Literal, overload
 from torch import Tensor, nn
 
 from alignkit.models.lora import unwrap_model
+from alignkit.models.packing import (
+    PackedLayout,
+    attention_cost,
+    pack_rows,
+    packable_model,
+    packed_model_inputs,
+)
 from alignkit.ops.logprobs import (
     entropy_from_logits,
     predicts_scored_mask,
@@ -65,6 +72,7 @@ def token_logprobs(
     *,
     temperature: float = ...,
     position_ids: Tensor | None = ...,
+    packed: bool = ...,
     with_entropy: Literal[False] = ...,
 ) -> Tensor: ...
 
@@ -77,6 +85,7 @@ def token_logprobs(
     *,
     temperature: float = ...,
     position_ids: Tensor | None = ...,
+    packed: bool = ...,
     with_entropy: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
 
@@ -89,6 +98,7 @@ def token_logprobs(
     *,
     temperature: float = ...,
     position_ids: Tensor | None = ...,
+    packed: bool = ...,
     with_entropy: bool,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
@@ -100,6 +110,7 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     position_ids: Tensor | None = None,
+    packed: bool = False,
     with_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``[B, T]`` log-probs of the tokens where ``scored`` is set (0 elsewhere), one forward.
@@ -120,6 +131,11 @@ def token_logprobs(
         position_ids: ``[B, T]`` explicit positions (packed rows restart them per sequence); by
             default :func:`position_ids_from_mask` of the attention mask, for models that take
             positions (ALiBi models such as BLOOM and MPT take none: their biases are relative).
+        packed: run the batch padding-free (`models.packing`): the real tokens of all rows in
+            one row, a block-diagonal causal mask, positions restarting per sequence, and a
+            prefix shared with an earlier row (a pair's prompt) computed once. Same log-probs
+            to float round-off; used where :func:`~alignkit.models.packing.packable_model`
+            holds and no explicit ``position_ids`` are given, else the padded forward runs.
         with_entropy: also return the entropy (nats) of the temperature-scaled predictive
             distribution that each scored token was drawn from, ``[B, T]``, 0 elsewhere.
 
@@ -135,11 +151,27 @@ def token_logprobs(
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    if packed and position_ids is None and packable_model(model):
+        layout = pack_rows(input_ids, attention_mask, attention_cost=attention_cost(model))
+        if layout is not None:
+            return _packed_token_logprobs(model, layout, scored, temperature, with_entropy)
     if position_ids is None and takes_position_ids(model):
         position_ids = position_ids_from_mask(attention_mask)
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None:
         inputs["position_ids"] = position_ids
+    return _scored_logprobs(model, inputs, scored, temperature, with_entropy)
+
+
+def _scored_logprobs(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    scored: Tensor,
+    temperature: float,
+    with_entropy: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The forward of :func:`token_logprobs` on prepared model inputs (padded or packed)."""
+    input_ids = inputs["input_ids"]
     predicts = predicts_scored_mask(scored)
     if selects_logit_rows(model):
         # [N, V]: one row per scored token, in row-major order of `predicts`.
@@ -159,6 +191,25 @@ def token_logprobs(
     return logprobs, _entropy_at_scored(selected, predicts)
 
 
+def _packed_token_logprobs(
+    model: nn.Module,
+    layout: PackedLayout,
+    scored: Tensor,
+    temperature: float,
+    with_entropy: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`token_logprobs` through the packed layout, returned in the padded layout."""
+    dtype = next(model.parameters()).dtype
+    inputs = packed_model_inputs(model, layout, dtype)
+    out = _scored_logprobs(model, inputs, layout.pack_scored(scored), temperature, with_entropy)
+    keep = scored != 0
+    packed_outputs = out if isinstance(out, tuple) else (out,)
+    unpacked = tuple(
+        layout.unpack(x, layout.scored_at).masked_fill(~keep, 0.0) for x in packed_outputs
+    )
+    return unpacked if with_entropy else unpacked[0]
+
+
 def _entropy_at_scored(selected_logits: Tensor, predicts: Tensor) -> Tensor:
     """Entropies of the ``[N, V]`` logit rows selected by ``predicts``, placed at the token each
     row predicts (column ``t + 1``), in a ``[B, T]`` tensor that is 0 elsewhere."""
@@ -168,10 +219,11 @@ def _entropy_at_scored(selected_logits: Tensor, predicts: Tensor) -> Tensor:
     return out.view(predicts.shape)
 
 
-def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Summed log-probs of each row's response tokens, ``[rows]``, from one forward pass."""
+def response_logps(model: nn.Module, batch: dict[str, Tensor], *, packed: bool = False) -> Tensor:
+    """Summed log-probs of each row's response tokens, ``[rows]``, from one forward pass
+    (padding-free if ``packed``: see :func:`token_logprobs`)."""
     scored = batch["response_mask"]
-    return masked_sum(token_logprobs(model, batch, scored), scored, dim=-1)
+    return masked_sum(token_logprobs(model, batch, scored, packed=packed), scored, dim=-1)
 
 
 def innermost_model(model: nn.Module) -> nn.Module:

@@ -48,6 +48,12 @@ from alignkit.models.loading import (
     resolve_model,
     tokenizer_for,
 )
+from alignkit.models.packing import (
+    attention_cost,
+    pack_rows,
+    packable_model,
+    packed_model_inputs,
+)
 from alignkit.models.pooling import POOLINGS, AttentionPooling, pool
 from alignkit.models.tiny import TINY_NAME, build_tiny_model
 
@@ -152,14 +158,22 @@ class RewardModel(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         return_token_values: bool = False,
+        packed: bool = False,
     ) -> RewardOutput:
-        """Score each sequence of ``input_ids [B, T]``; ``attention_mask`` 1 = real token."""
+        """Score each sequence of ``input_ids [B, T]``; ``attention_mask`` 1 = real token.
+
+        ``packed``: run the backbone padding-free (`models.packing`: real tokens in one row, a
+        block-diagonal causal mask, a prompt shared by a pair's rows computed once) where the
+        backbone allows it; the hidden states, hence rewards, equal the padded forward's.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self._takes_position_ids:
-            inputs["position_ids"] = position_ids_from_mask(attention_mask)
-        hidden = self.backbone(**inputs).last_hidden_state
+        hidden = self._packed_hidden(input_ids, attention_mask) if packed else None
+        if hidden is None:
+            inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if self._takes_position_ids:
+                inputs["position_ids"] = position_ids_from_mask(attention_mask)
+            hidden = self.backbone(**inputs).last_hidden_state
         pooled = pool(hidden, attention_mask, self.reward_config.pooling, self.attention_pooling)
         output = RewardOutput(
             rewards=self.head(pooled).squeeze(-1),
@@ -169,6 +183,20 @@ class RewardModel(nn.Module):
             values = self.head(hidden).squeeze(-1)
             output.token_values = values.masked_fill(~attention_mask.bool(), 0.0)
         return output
+
+    def _packed_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+        """``[B, T, H]`` hidden states from a packed backbone pass (0 at pads), or None where
+        the backbone or the batch cannot be packed."""
+        if not packable_model(self.backbone):
+            return None
+        layout = pack_rows(
+            input_ids, attention_mask, attention_cost=attention_cost(self.backbone)
+        )
+        if layout is None:
+            return None
+        dtype = next(self.backbone.parameters()).dtype
+        inputs = packed_model_inputs(self.backbone, layout, dtype)
+        return layout.unpack(self.backbone(**inputs).last_hidden_state)
 
     def head_state_dict(self) -> dict[str, Tensor]:
         """Weights of everything but the backbone (heads and attention pooling)."""

@@ -49,6 +49,15 @@ class ModelConfig:
         default="float32", metadata=field_help("Dtype of the weights.")
     )
     lora: LoraConfig | None = field(default=None, metadata=field_help("LoRA adapter; null: full."))
+    packed: bool = field(
+        default=True,
+        metadata=field_help(
+            "Padding-free forward passes: a batch's real tokens in one row, with a "
+            "block-diagonal causal mask, and a prompt shared by several rows (a pair's, a "
+            "group's) computed once. Same log-probs and rewards as the padded forward; used "
+            "where the model allows it (a transformers decoder with sdpa or eager attention)."
+        ),
+    )
 
 
 @dataclass

@@ -197,7 +197,8 @@ class DPOTrainer(Trainer):
                 task = progress.add_task(name, total=len(data))
 
                 def pair_logps(batch: dict[str, Tensor], task: Any = task) -> Tensor:
-                    logps = torch.stack(split_pairs(response_logps(reference, batch)), dim=-1)
+                    logps = response_logps(reference, batch, packed=self.config.model.packed)
+                    logps = torch.stack(split_pairs(logps), dim=-1)
                     rows = len(logps) * self.accelerator.num_processes
                     progress.advance(task, rows)
                     return logps
@@ -248,7 +249,7 @@ class DPOTrainer(Trainer):
 
     def policy_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Summed response log-probs of the chosen and rejected rows, ``[B]`` each."""
-        return split_pairs(response_logps(model, batch))
+        return split_pairs(response_logps(model, batch, packed=self.config.model.packed))
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         chosen, rejected = self.policy_logps(model, batch)

@@ -179,7 +179,11 @@ class PolicyGradientTrainer(OnlineTrainer):
         """``[N, T]`` log-probs of the response tokens under `model` (at the sampling T)."""
         parts = [
             token_logprobs(
-                model, _batch(chunk), chunk.response_mask, temperature=self.sampling.temperature
+                model,
+                _batch(chunk),
+                chunk.response_mask,
+                temperature=self.sampling.temperature,
+                packed=self.config.model.packed,
             ).float()
             for chunk in exp.split(self.config.train.sequences_per_device)
         ]
@@ -353,6 +357,7 @@ class PolicyGradientTrainer(OnlineTrainer):
                 _batch(batch),
                 mask,
                 temperature=self.sampling.temperature,
+                packed=self.config.model.packed,
                 with_entropy=True,
             )
             agg, normaliser = self._aggregation(units)

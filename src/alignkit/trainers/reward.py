@@ -222,7 +222,11 @@ class RewardTrainer(Trainer):
         Keys: ``chosen``, ``rejected``, ``<side>_aux_<head>``, plus the batch's target fields
         (``margin``, safety scores and labels, helpfulness scores) as float tensors.
         """
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        output = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            packed=self.config.model.packed,
+        )
         values: dict[str, Tensor] = {}
         values["chosen"], values["rejected"] = split_pairs(output.rewards)
         for name, scores in output.aux.items():

@@ -1,0 +1,86 @@
+"""Per-phase time of one DPO training step on SmolLM2-135M-Instruct (the ``dpo-small`` set-up).
+
+    python bench/dpo_small_profile.py [--steps 3] [--modes padded,packed] [--pairs-per-step 4]
+
+For each mode, in this one process (one torch thread, fp32), runs ``--steps`` steps of the
+policy side of alignkit's DPO step on the bench's pairs in file order (batch ``i`` = pairs
+``4i .. 4i+3``), timing: ``forward`` (token log-probs of the chosen and rejected rows),
+``loss+backward``, ``optimizer`` (AdamW step with grad clipping) and ``zero_grad``. The first
+step of each mode is left out (allocator warm-up). Prints median seconds per phase and the
+real/padded/packed token counts. Needs ``alignkit models fetch smollm2-135m-instruct``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--modes", default="padded,packed")
+    parser.add_argument("--pairs-per-step", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(BENCH_DIR))
+    from dpo_small import small_pairs
+
+    from alignkit.data import PreferenceCollator, tokenize_preferences
+    from alignkit.models import load_policy
+    from alignkit.models.forward import response_logps
+    from alignkit.models.packing import pack_rows
+    from alignkit.ops.preference import dpo_loss
+
+    model, tokenizer = load_policy("smollm2-135m-instruct", dtype="float32")
+    model.train()
+    pairs, _ = small_pairs(args.pairs_per_step * (args.steps + 1))
+    data = tokenize_preferences(pairs, tokenizer, args.max_length, "truncate", extra_fields=[])
+    collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    n = args.pairs_per_step
+    batches = [collate([data[i * n + j] for j in range(n)]) for i in range(args.steps + 1)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    for mode in args.modes.split(","):
+        phases: dict[str, list[float]] = {}
+        for step, batch in enumerate(batches):
+            times = [time.process_time()]
+            logps = response_logps(model, batch, packed=mode == "packed")
+            times.append(time.process_time())
+            chosen, rejected = logps.chunk(2)
+            loss = dpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), beta=0.1)[0]
+            loss.mean().backward()
+            times.append(time.process_time())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            times.append(time.process_time())
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.process_time())
+            if step == 0:
+                continue
+            names = ("forward", "loss+backward", "optimizer", "zero_grad")
+            for name, t0, t1 in zip(names, times, times[1:], strict=False):
+                phases.setdefault(name, []).append(t1 - t0)
+        total = sum(statistics.median(v) for v in phases.values())
+        cells = "  ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items())
+        print(f"{mode:<8} s/step {total:.3f}  {cells}", flush=True)
+    batch = batches[1]
+    layout = pack_rows(batch["input_ids"], batch["attention_mask"])
+    print(
+        f"tokens of step 2: real {int(batch['attention_mask'].sum())}, padded "
+        f"{batch['input_ids'].numel()}, packed {layout.packed_tokens if layout else '-'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Padding-free packed forwards: a padded batch's real tokens in one (or a few) rows.
+
+A padded ``[R, T]`` batch spends compute on pad positions (a quarter of a DPO step on real
+data). :func:`pack_rows` lays the batch's real tokens end to end in ``[P, L]`` rows, with
+
+- **positions restarting per sequence** (each token keeps the position it had in its own row),
+- **a block-diagonal causal mask** ``[P, 1, L, L]``: a token sees the earlier tokens of its own
+  sequence and nothing else,
+- **shared prefixes computed once**: when a row starts with the same tokens as an earlier row
+  (the prompt of a DPO pair's chosen and rejected rows, a GRPO group's prompt), its first
+  ``s = lcp - 1`` tokens are not repeated; its own tokens attend to the earlier row's copies of
+  them (a tree mask). The last common token is kept in the later row as well, so that every
+  token of a row is still predicted by the position just before it in the packed row.
+
+The model then sees exactly the attention pattern of the padded batch, so logits, log-probs,
+hidden states and gradients are those of the padded forward (tested to float32 round-off). The
+mask is passed to the model as a 4D mask (boolean for ``sdpa``, additive for ``eager``), which
+transformers uses as given; ``use_cache=False`` keeps the model from allocating a cache.
+
+:meth:`PackedLayout.unpack` maps any per-token output (``[P, L]`` log-probs, ``[P, L, H]``
+hidden states) back to the padded ``[R, T]`` layout, 0 at pads.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PackedLayout",
+    "attention_cost",
+    "pack_rows",
+    "packable_model",
+    "packed_model_inputs",
+]
+
+# Compare at most this many [row, row, token] entries at once when finding shared prefixes.
+_LCP_BLOCK_ELEMENTS = 1 << 24
+# Link-cutting levels tried when spreading trees of shared prefixes over packed rows.
+_MAX_CUTS = 8
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each token of a padded ``[R, T]`` batch lives in the packed ``[P, L]`` rows.
+
+    Attributes:
+        input_ids: ``[P, L]`` packed tokens (pads after the last sequence of a row are 0).
+        position_ids: ``[P, L]`` each token's position in its own sequence.
+        visible: ``[P, 1, L, L]`` bool, True where query ``q`` may attend to key ``k``.
+        where: ``[R, T]`` flat index (``p * L + l``) of the packed token whose key and hidden
+            state stand for token ``(r, t)``; -1 at pads.
+        scored_at: ``[R, T]`` flat index of the packed token whose log-prob (from the packed
+            position before it) is token ``(r, t)``'s; differs from ``where`` at the kept last
+            common token of a shared prefix; -1 at pads.
+        segment_start: ``[P, L]`` bool, True at each packed sequence's first token (its
+            log-prob is not predicted by the position before it).
+        padded_tokens: ``R * T``, the positions of the padded batch.
+        packed_tokens: real tokens in the packed rows (shared prefixes counted once).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    visible: Tensor
+    where: Tensor
+    scored_at: Tensor
+    segment_start: Tensor
+    padded_tokens: int
+    packed_tokens: int
+
+    def unpack(self, packed: Tensor, index: Tensor | None = None) -> Tensor:
+        """``[P, L, ...]`` per-token values to ``[R, T, ...]`` (0 at pads); differentiable.
+
+        ``index`` is :attr:`where` (hidden states, default) or :attr:`scored_at` (log-probs).
+        """
+        index = self.where if index is None else index
+        flat = packed.reshape(-1, *packed.shape[2:])
+        out = flat.index_select(0, index.clamp(min=0).reshape(-1))
+        out = out.view(*index.shape, *packed.shape[2:])
+        pad = (index < 0).view(*index.shape, *([1] * (packed.ndim - 2)))
+        return out.masked_fill(pad, 0)
+
+    def pack_scored(self, scored: Tensor) -> Tensor:
+        """``[R, T]`` scored mask to the ``[P, L]`` packed tokens whose log-probs are needed.
+
+        The first token of a sequence is never scored (nothing predicts it), as in
+        ``ops.predicts_scored_mask``.
+        """
+        take = (scored != 0) & (self.scored_at >= 0)
+        out = torch.zeros(self.input_ids.numel(), dtype=torch.bool, device=scored.device)
+        out[self.scored_at[take]] = True
+        return out.view(self.input_ids.shape) & ~self.segment_start
+
+
+def pack_rows(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    share_prefixes: bool = True,
+    attention_cost: float = 0.0,
+) -> PackedLayout | None:
+    """Pack the real tokens of a padded batch; None when a row's tokens are not contiguous.
+
+    Args:
+        input_ids: ``[R, T]``.
+        attention_mask: ``[R, T]``, 1 on real tokens; each row's real tokens must be one
+            contiguous run (left, right or no padding), else there is nothing to pack safely.
+        share_prefixes: compute a prefix common with an earlier row once (a tree mask).
+        attention_cost: the cost of one (query, key) pair of attention relative to one token
+            through the rest of the model (:func:`attention_cost`). Attention with a mask
+            computes every pair of a packed row, so one long row trades padding for quadratic
+            attention; the trees of rows sharing a prefix are spread over the number of rows
+            ``P`` minimising ``P * L * (1 + attention_cost * L)`` (``L``: the longest row).
+            0: one packed row.
+    """
+    real = attention_mask.bool()
+    rows, width = real.shape
+    device = real.device
+    arange = torch.arange(width, device=device)
+    lengths = real.sum(dim=1)
+    first = torch.where(real, arange, width).amin(dim=1)
+    last = torch.where(real, arange, -1).amax(dim=1)
+    if bool(((lengths > 0) & (last - first + 1 != lengths)).any()):
+        return None
+    # Left-aligned view: column p of a row is its p-th real token.
+    columns = (first.clamp(max=width - 1)[:, None] + arange).clamp(max=width - 1)
+    aligned = input_ids.gather(1, columns)
+    valid = arange < lengths[:, None]
+
+    source, shared = _shared_prefixes(aligned, valid, enabled=share_prefixes)
+    index = torch.arange(rows, device=device)
+    _, bin_of_tree, shared = min(
+        (
+            (*_layout_cost(lengths, source, kept, attention_cost), kept)
+            for kept in (_link_cuts(shared) if attention_cost > 0 else [shared])
+        ),
+        key=lambda option: option[0],
+    )
+    source = torch.where(shared > 0, source, index)
+    root = _roots(source, shared > 0)
+    own_count = lengths - shared
+    # Packed order: by packed row, trees together (by root), rows in index order in a tree.
+    bin_of_row = bin_of_tree[root]
+    order = torch.argsort((bin_of_row * rows + root) * rows + index)
+    counts = own_count[order]
+    start = torch.cumsum(counts, 0) - counts  # exclusive cumsum, in packed order
+    packed_rows = int(bin_of_row.max()) + 1 if rows else 1
+    bin_start = torch.full((packed_rows,), int(counts.sum()), device=device, dtype=start.dtype)
+    bin_start = bin_start.scatter_reduce(0, bin_of_row[order], start, reduce="amin")
+    offset_in_bin = start - bin_start[bin_of_row[order]]
+    bin_tokens = torch.zeros(packed_rows, device=device, dtype=start.dtype)
+    bin_tokens = bin_tokens.index_add(0, bin_of_row, own_count)
+    packed_width = max(int(bin_tokens.max()) if rows else 1, 1)
+    # Flat packed index of each row's first own token (row order).
+    base = torch.empty(rows, device=device, dtype=torch.long)
+    base[order] = bin_of_row[order] * packed_width + offset_in_bin
+
+    own_index = base[:, None] + arange - shared[:, None]
+    own_tokens = valid & (arange >= shared[:, None])
+    where = _resolve(own_index, own_tokens, valid & ~own_tokens, source)
+    # The kept last common token's log-prob is the earlier row's (predicted inside its tree).
+    scored_own = valid & ((arange > shared[:, None]) | (shared[:, None] == 0))
+    scored_at = _resolve(own_index, scored_own, valid & ~scored_own, source)
+
+    flat = packed_rows * packed_width
+    owner = torch.full((flat,), -1, device=device, dtype=torch.long)
+    own_position = torch.zeros(flat, device=device, dtype=torch.long)
+    own_flat = own_index[own_tokens]
+    owner[own_flat] = index[:, None].expand(rows, width)[own_tokens]
+    own_position[own_flat] = arange.expand(rows, width)[own_tokens]
+    packed_ids = torch.zeros(flat, device=device, dtype=input_ids.dtype)
+    packed_ids[own_flat] = aligned[own_tokens]
+    segment_start = torch.zeros(flat, device=device, dtype=torch.bool)
+    segment_start[base[lengths > 0]] = True
+
+    visible = _tree_mask(where, owner.view(packed_rows, packed_width), own_position, packed_width)
+    row_of = index[:, None].expand(rows, width)
+
+    def to_columns(values: Tensor) -> Tensor:
+        out = torch.full_like(values, -1)
+        out[row_of[valid], columns[valid]] = values[valid]
+        return out
+
+    return PackedLayout(
+        input_ids=packed_ids.view(packed_rows, packed_width),
+        position_ids=own_position.view(packed_rows, packed_width),
+        visible=visible,
+        where=to_columns(where),
+        scored_at=to_columns(scored_at),
+        segment_start=segment_start.view(packed_rows, packed_width),
+        padded_tokens=rows * width,
+        packed_tokens=int(counts.sum()),
+    )
+
+
+def _shared_prefixes(aligned: Tensor, valid: Tensor, *, enabled: bool) -> tuple[Tensor, Tensor]:
+    """Per row: the earlier row it shares a prefix with, and how many tokens it leaves to it.
+
+    The source is the earliest row ``j < i`` with the longest common prefix ``lcp`` of real
+    tokens; the row leaves ``lcp - 1`` tokens to it (keeping the last common token), if that
+    is at least 1. Rows that share nothing get themselves as source and 0.
+    """
+    rows, width = aligned.shape
+    index = torch.arange(rows, device=aligned.device)
+    if not enabled or rows < 2:
+        return index, torch.zeros(rows, dtype=torch.long, device=aligned.device)
+    block = max(1, _LCP_BLOCK_ELEMENTS // max(rows * width, 1))
+    best = torch.zeros(rows, dtype=torch.long, device=aligned.device)
+    source = index.clone()
+    for lo in range(0, rows, block):
+        hi = min(rows, lo + block)
+        same = (aligned[lo:hi, None] == aligned[None]) & valid[lo:hi, None] & valid[None]
+        lcp = same.long().cumprod(dim=-1).sum(dim=-1)  # [hi - lo, rows]
+        lcp = lcp.masked_fill(index[None] >= index[lo:hi, None], -1)  # earlier rows only
+        best[lo:hi], source[lo:hi] = lcp.max(dim=1)  # max returns the first maximal index
+    shared = (best - 1).clamp(min=0)
+    source = torch.where(shared > 0, source, index)
+    return source, shared
+
+
+def _link_cuts(shared: Tensor) -> list[Tensor]:
+    """Sharing with every link kept, then without the links sharing the fewest tokens, then
+    fewer still: a short common prefix (a chat template's system prompt) would otherwise tie
+    the whole batch into one tree that cannot be spread over several packed rows."""
+    levels = torch.unique(shared[shared > 0]).tolist()
+    if len(levels) > _MAX_CUTS:  # a few quantiles are enough to find the weak links
+        levels = [levels[i * (len(levels) - 1) // (_MAX_CUTS - 1)] for i in range(_MAX_CUTS)]
+    return [shared] + [torch.where(shared <= level, 0, shared) for level in levels]
+
+
+def _layout_cost(
+    lengths: Tensor, source: Tensor, shared: Tensor, attention_cost: float
+) -> tuple[float, Tensor]:
+    """The cost and packed rows (:func:`_assign_bins`) of packing with these shared prefixes."""
+    root = _roots(source, shared > 0)
+    tokens = torch.zeros_like(lengths).index_add(0, root, lengths - shared)
+    return _assign_bins(tokens, root, attention_cost)
+
+
+def _assign_bins(tree_tokens: Tensor, root: Tensor, attention_cost: float) -> tuple[float, Tensor]:
+    """Packed row of each tree (indexed by root row; other entries unused): for each row
+    count ``P``, trees longest first each into the emptiest row (LPT), keeping the cheapest
+    ``P`` by ``P * L * (1 + attention_cost * L)``; and that cost."""
+    roots = torch.unique(root).tolist()
+    sizes = {r: int(tree_tokens[r]) for r in roots}
+    longest_first = sorted(roots, key=lambda r: (-sizes[r], r))
+    best: tuple[float, dict[int, int]] = (float("inf"), {r: 0 for r in roots})
+    for packed_rows in range(1, len(roots) + 1 if attention_cost > 0 else 2):
+        loads, assignment = [0] * packed_rows, {}
+        for r in longest_first:
+            target = min(range(packed_rows), key=lambda b: (loads[b], b))
+            loads[target] += sizes[r]
+            assignment[r] = target
+        width = max(loads)
+        cost = packed_rows * width * (1.0 + attention_cost * width)
+        if 0 in loads:
+            break  # more rows than it takes: only empty rows would follow
+        if cost < best[0]:
+            best = (cost, assignment)
+        else:
+            break  # past the minimum: more rows only add padding
+    out = torch.zeros_like(tree_tokens)
+    for r, b in best[1].items():
+        out[r] = b
+    return best[0], out
+
+
+def attention_cost(model: nn.Module) -> float:
+    """One (query, key) pair of masked attention relative to one token through the model's
+    matmuls: ``4 d`` FLOPs per pair and layer (scores and weighted values) over ``2 N / n``
+    per token and layer (``N`` non-embedding parameters, ``n`` layers), i.e. ``2 d n / N``
+    (3.3e-4 for SmolLM2-135M; measured on CPU: 4e-4)."""
+    from alignkit.models.forward import innermost_model
+
+    inner = innermost_model(model)
+    config = inner.config
+    hidden = getattr(config, "hidden_size", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    embeddings = {id(m.weight) for m in inner.modules() if isinstance(m, nn.Embedding)}
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is not None:  # runs on the scored rows only
+        embeddings.add(id(head.weight))
+    params = sum(p.numel() for p in inner.parameters() if id(p) not in embeddings)
+    if not hidden or not layers or params == 0:
+        return 0.0
+    return 2.0 * hidden * layers / params
+
+
+def _roots(source: Tensor, shares: Tensor) -> Tensor:
+    """The row at the root of each row's chain of sources (pointer jumping)."""
+    root = torch.where(shares, source, torch.arange(len(source), device=source.device))
+    while True:
+        nxt = root[root]
+        if torch.equal(nxt, root):
+            return root
+        root = nxt
+
+
+def _resolve(own_index: Tensor, own: Tensor, inherited: Tensor, source: Tensor) -> Tensor:
+    """``own_index`` where ``own``; where ``inherited``, the source row's resolved entry at the
+    same position; -1 elsewhere. Sources come earlier, so depth-many passes settle it."""
+    out = torch.where(own, own_index, -1)
+    while True:
+        nxt = torch.where(inherited, out[source], out)
+        if torch.equal(nxt, out):
+            return out
+        out = nxt
+
+
+def _tree_mask(where: Tensor, owner: Tensor, position: Tensor, width: int) -> Tensor:
+    """``[P, 1, L, L]``: query ``q`` (token ``p`` of row ``r``) sees key ``k`` (at position
+    ``p'``) iff ``p' <= p`` and ``k`` stands for row ``r``'s token ``p'``: its own sequence
+    causally, including the prefix it shares. A pad query sees itself (no NaN softmax)."""
+    packed_rows = owner.shape[0]
+    row_width = where.shape[1]
+    position = position.view(packed_rows, width)
+    query_row = owner.clamp(min=0)
+    # where[r(q), p(k)] for every (q, k) of the same packed row: [P, L, L].
+    lookup = where.reshape(-1)[query_row[:, :, None] * row_width + position[:, None, :]]
+    keys = torch.arange(width, device=owner.device)
+    key_flat = torch.arange(packed_rows, device=owner.device)[:, None] * width + keys
+    visible = (lookup == key_flat[:, None, :]) & (position[:, None, :] <= position[:, :, None])
+    visible &= (owner >= 0)[:, :, None]
+    visible |= torch.eye(width, dtype=torch.bool, device=owner.device) & (owner < 0)[:, :, None]
+    return visible[:, None]
+
+
+# ----------------------------------------------------------------------------- model side
+
+
+def packable_model(model: nn.Module) -> bool:
+    """Whether ``model`` (its innermost module, inside DDP/FSDP/peft wrappers) runs a packed
+    batch exactly: a transformers decoder (``transformers.models.*`` forward, causal, not
+    encoder-decoder) that takes ``position_ids`` and uses eager or sdpa attention, which take
+    a 4D mask as given. Others (flash-attention, ALiBi models, encoders, custom code) are not
+    packed."""
+    from alignkit.models.forward import innermost_model
+
+    inner = innermost_model(model)
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    # A bidirectional encoder's rows must not get a causal mask.
+    causal = any(getattr(module, "is_causal", None) is True for module in inner.modules())
+    return causal and _packable_class(type(inner))
+
+
+@functools.cache
+def _packable_class(model_class: type) -> bool:
+    owner = next((c for c in model_class.__mro__ if "forward" in vars(c)), None)
+    if owner is None or not owner.__module__.startswith("transformers.models."):
+        return False
+    parameters = inspect.signature(owner.forward).parameters
+    return "position_ids" in parameters and "use_cache" in parameters
+
+
+def packed_model_inputs(model: nn.Module, layout: PackedLayout, dtype: torch.dtype) -> dict:
+    """Keyword arguments running ``model`` on ``layout``: ids, positions, the 4D mask in the
+    form the attention implementation adds or selects with, and no cache."""
+    from alignkit.models.forward import innermost_model
+
+    mask: Tensor = layout.visible
+    if innermost_model(model).config._attn_implementation == "eager":
+        # eager attention adds the mask to the scores.
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    return {
+        "input_ids": layout.input_ids,
+        "attention_mask": mask,
+        "position_ids": layout.position_ids,
+        "use_cache": False,
+    }
