@@ -2,7 +2,8 @@
 
 - ``alignkit``: alignkit's ``RewardTrainer``: the backbone (``AutoModel``, no LM head) plus
   alignkit's ``Linear(d, 1)`` head on the last real token (``pooling: last``), Bradley-Terry
-  loss with the rows' margins (``-log sigmoid(r_c - r_r - m)``).
+  loss with the rows' margins (``-log sigmoid(r_c - r_r - m)``); its defaults run the batch
+  padding-free with each pair's prompt computed once (``model.packed``, on by default).
 - ``trl``: TRL's ``RewardTrainer`` on ``AutoModelForSequenceClassification(num_labels=1)``: the
   same backbone plus Transformers' ``score`` layer (``Linear(d, 1, bias=False)``, applied at every
   position, the last non-pad one read), the same loss with the same margins.

@@ -24,6 +24,7 @@ the faster alignkit setting over the faster TRL setting. Results: bench/results/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -280,6 +281,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--settings", default=None, help="comma list (default: all the case's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of timing")
+    parser.add_argument("--max-steps", type=int, default=None, help="default: the case's")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/<case>.json")
     args = parser.parse_args(argv)
     case = CASES[args.benchmark]
@@ -293,6 +295,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--settings: choose alignkit and TRL settings among {case.settings}")
     if args.repeats < 1 or args.threads < 1 or args.warmup_steps < 1:
         parser.error("--repeats, --threads and --warmup-steps must be >= 1")
+    if args.max_steps is not None:
+        if args.max_steps <= args.warmup_steps:
+            parser.error("--max-steps must exceed --warmup-steps")
+        case = dataclasses.replace(case, max_steps=args.max_steps)
+    args.case = case
     args.out = args.out or BENCH_DIR / "results" / f"{args.benchmark}.json"
     return args
 
@@ -304,7 +311,7 @@ def main(argv: list[str]) -> int:
     from mfu import machine_matmul_rate, model_shapes
 
     args = parse_args(argv)
-    case = CASES[args.benchmark]
+    case = args.case
     settings = args.setting_list
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
