@@ -2,13 +2,15 @@
 
     python bench/compare_trl.py dpo-tiny [--repeats 3] [--threads 1,2] [--out PATH]
     python bench/compare_trl.py grpo-tiny [--repeats 3] [--steps 20] [--out PATH]
+    python bench/compare_trl.py ppo-tiny [--repeats 3] [--steps 20] [--out PATH]
     python bench/compare_trl.py dpo-small [--repeats 3] [--steps 15] [--out PATH]
     python bench/compare_trl.py {sft,rm}-{tiny,small} [--repeats 3] [--settings ..] [--out PATH]
 
 ``sft-*`` and ``rm-*`` are described in bench/train_cases.py (model-FLOPs utilisation:
-bench/mfu.py); ``grpo-tiny`` in bench/grpo_tiny.py, ``dpo-small`` (SmolLM2-135M-Instruct, 4 pairs
-per step, max length 256, against TRL with precomputed reference log-probs) in bench/dpo_small.py;
-the rest of this docstring is ``dpo-tiny``.
+bench/mfu.py); ``grpo-tiny`` in bench/grpo_tiny.py, ``ppo-tiny`` in bench/ppo_tiny.py,
+``dpo-small`` (SmolLM2-135M-Instruct, 4 pairs per step, max length 256, against TRL with
+precomputed reference log-probs) in bench/dpo_small.py; the rest of this docstring is
+``dpo-tiny``.
 
 ``dpo-tiny``: DPO (sigmoid, beta 0.1) on the ``tiny`` preset, 512 pairs of the bundled synthetic
 task, 8 pairs per step, max length 128, fp32, one epoch (64 optimizer steps), the same seed,
@@ -48,7 +50,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_dpo_worker.py"
 SETTINGS = ("alignkit", "trl", "trl-precompute")
 TRL_SETTINGS = ("trl", "trl-precompute")
-BENCHMARKS = ("dpo-tiny", "grpo-tiny", "dpo-small")
+BENCHMARKS = ("dpo-tiny", "grpo-tiny", "ppo-tiny", "dpo-small")
 LOG2 = math.log(2.0)
 
 
@@ -374,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         import grpo_tiny
 
         return grpo_tiny.main(args)
+    if args.benchmark == "ppo-tiny":
+        sys.path.insert(0, str(BENCH_DIR))
+        import ppo_tiny
+
+        return ppo_tiny.main(args)
     load_start = list(os.getloadavg())
     by_threads: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="alignkit-bench-") as tmp:
