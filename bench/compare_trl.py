@@ -329,7 +329,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of timing")
     parser.add_argument(
-        "--steps", type=int, default=None, help="grpo-tiny (20), dpo-small (15): optimizer steps"
+        "--steps",
+        type=int,
+        default=None,
+        help="grpo-tiny, ppo-tiny (20), dpo-small (15): optimizer steps",
     )
     parser.add_argument("--prompts-per-step", type=int, default=2, help="grpo-tiny")
     parser.add_argument("--generations", type=int, default=8, help="grpo-tiny: per prompt")

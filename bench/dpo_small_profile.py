@@ -1,18 +1,23 @@
 """Per-phase time of one DPO training step on SmolLM2-135M-Instruct (the ``dpo-small`` set-up).
 
-    python bench/dpo_small_profile.py [--steps 3] [--modes padded,packed] [--pairs-per-step 4]
+    python bench/dpo_small_profile.py [--steps 3] [--modes padded,unshared,packed,tied]
 
-For each mode, in this one process (one torch thread, fp32), runs ``--steps`` steps of the
+Modes, measured in this order on one model in one process (one torch thread, fp32):
+``padded`` (the padded forward), ``unshared`` (packed, each row its own sequence), ``packed``
+(packed, a pair's prompt computed once), ``tied`` (packed, and the tied embedding's gradient
+accumulated in place: `models.tied`, installed from then on). For each, runs ``--steps`` of the
 policy side of alignkit's DPO step on the bench's pairs in file order (batch ``i`` = pairs
 ``4i .. 4i+3``), timing: ``forward`` (token log-probs of the chosen and rejected rows),
-``loss+backward``, ``optimizer`` (AdamW step with grad clipping) and ``zero_grad``. The first
-step of each mode is left out (allocator warm-up). Prints median seconds per phase and the
+``loss+backward``, ``optimizer`` (fused AdamW step with grad clipping) and ``zero_grad``. The first
+step of each mode is left out (allocator warm-up). Prints median CPU seconds
+(``process_time``, robust to busy neighbours) per phase and the
 real/padded/packed token counts. Needs ``alignkit models fetch smollm2-135m-instruct``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -25,7 +30,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--modes", default="padded,packed")
+    parser.add_argument("--modes", default="padded,unshared,packed,tied")
     parser.add_argument("--pairs-per-step", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     args = parser.parse_args(argv)
@@ -37,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_small import small_pairs
 
     from alignkit.data import PreferenceCollator, tokenize_preferences
+    from alignkit.models import forward as forward_module
     from alignkit.models import load_policy
     from alignkit.models.forward import response_logps
     from alignkit.models.packing import pack_rows
+    from alignkit.models.tied import accumulate_tied_embedding_grad
     from alignkit.ops.preference import dpo_loss
 
     model, tokenizer = load_policy("smollm2-135m-instruct", dtype="float32")
@@ -49,12 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     n = args.pairs_per_step
     batches = [collate([data[i * n + j] for j in range(n)]) for i in range(args.steps + 1)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as the trainer
     for mode in args.modes.split(","):
+        share = mode != "unshared"
+        forward_module.pack_rows = functools.partial(pack_rows, share_prefixes=share)
+        if mode == "tied":
+            accumulate_tied_embedding_grad(model)
         phases: dict[str, list[float]] = {}
         for step, batch in enumerate(batches):
             times = [time.process_time()]
-            logps = response_logps(model, batch, packed=mode == "packed")
+            logps = response_logps(model, batch, packed=mode != "padded")
             times.append(time.process_time())
             chosen, rejected = logps.chunk(2)
             loss = dpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), beta=0.1)[0]

@@ -103,7 +103,8 @@ def pack_rows(
     share_prefixes: bool = True,
     attention_cost: float = 0.0,
 ) -> PackedLayout | None:
-    """Pack the real tokens of a padded batch; None when a row's tokens are not contiguous.
+    """Pack the real tokens of a padded batch; None when a row's tokens are not contiguous
+    or packing would not save work (the cost below is not lower than the padded batch's).
 
     Args:
         input_ids: ``[R, T]``.
@@ -155,6 +156,9 @@ def pack_rows(
     bin_tokens = torch.zeros(packed_rows, device=device, dtype=start.dtype)
     bin_tokens = bin_tokens.index_add(0, bin_of_row, own_count)
     packed_width = max(int(bin_tokens.max()) if rows else 1, 1)
+    padded_cost = rows * width * (1.0 + attention_cost * width)
+    if packed_rows * packed_width * (1.0 + attention_cost * packed_width) >= padded_cost:
+        return None  # nothing to gain: no padding, no shared prefix, or attention eats it
     # Flat packed index of each row's first own token (row order).
     base = torch.empty(rows, device=device, dtype=torch.long)
     base[order] = bin_of_row[order] * packed_width + offset_in_bin

@@ -17,6 +17,8 @@ from alignkit.data import load_records
 from alignkit.data.loaders import RecordSet, mix_record_sets
 from alignkit.errors import ConfigError
 from alignkit.models import LoraSettings, load_policy
+from alignkit.models.forward import innermost_model
+from alignkit.models.tied import accumulate_tied_embedding_grad
 
 logger = logging.getLogger("alignkit.trainers")
 
@@ -121,7 +123,8 @@ def require_train_file(data: DataConfig) -> None:
 
 
 def load_model_and_tokenizer(model: ModelConfig, seed: int) -> tuple[nn.Module, Any]:
-    """The policy (with a LoRA adapter if asked) and its tokenizer, in training mode."""
+    """The policy (with a LoRA adapter if asked) and its tokenizer, in training mode, its tied
+    embedding's gradient accumulated in place (`models.tied`)."""
     lora = None
     if model.lora is not None:
         lora = LoraSettings(
@@ -135,6 +138,8 @@ def load_model_and_tokenizer(model: ModelConfig, seed: int) -> tuple[nn.Module, 
             ),
         )
     policy, tokenizer = load_policy(model.name, dtype=model.dtype, lora=lora, seed=seed)
+    # A tied embedding's two gradients go into one tensor instead of a fresh [V, H] sum.
+    accumulate_tied_embedding_grad(innermost_model(policy))
     policy.train()
     return policy, tokenizer
 

@@ -74,9 +74,12 @@ def test_layout_of_a_pair_shares_the_prompt_but_its_last_token() -> None:
     assert layout.pack_scored(batch["response_mask"]).tolist() == [[0, 0, 0, 1, 1, 0, 1]]
 
 
-def test_a_row_with_a_hole_is_not_packed() -> None:
+def test_a_row_with_a_hole_or_a_batch_without_waste_is_not_packed() -> None:
     ids = torch.tensor([[5, 6, 7], [5, 0, 7]])
     assert pack_rows(ids, torch.tensor([[1, 1, 1], [1, 0, 1]])) is None
+    full = torch.tensor([[5, 6, 7], [8, 9, 10]])  # no padding, nothing shared
+    assert pack_rows(full, torch.ones_like(full)) is None
+    assert pack_rows(full[:, :2], torch.tensor([[1, 1], [1, 0]])) is not None
 
 
 def test_costly_attention_splits_rows_between_trees_of_shared_prefixes() -> None:
