@@ -60,10 +60,11 @@ def test_a_dpo_loss_registered_outside_trains_by_name(head_of, run_settings, tmp
     assert summary["step"] == 2
     records = read_metrics(config.run_dir / "metrics.jsonl")
     losses = [record["loss"] for record in records]
-    # Step 1: the policy is its own reference, every h is exactly 0 and the loss exactly 1.
+    # Step 1: the policy is its own reference, every h is 0 and the loss 1. (0 to float
+    # round-off: the reference pass packs the pairs into other batches than training does.)
     training_calls = [h for h in seen if h.numel() == 8]
-    assert training_calls[0].abs().max().item() == 0.0
-    assert losses[0] == pytest.approx(1.0, abs=1e-6)
+    assert training_calls[0].abs().max().item() < 1e-4
+    assert losses[0] == pytest.approx(1.0, abs=1e-4)
     # Step 2 saw the updated policy: h moved, and the logged loss is this function's value.
     second = training_calls[1]
     assert second.abs().max().item() > 1e-4

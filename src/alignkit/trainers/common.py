@@ -17,8 +17,6 @@ from alignkit.data import load_records
 from alignkit.data.loaders import RecordSet, mix_record_sets
 from alignkit.errors import ConfigError
 from alignkit.models import LoraSettings, load_policy
-from alignkit.models.forward import innermost_model
-from alignkit.models.tied import accumulate_tied_embedding_grad
 
 logger = logging.getLogger("alignkit.trainers")
 
@@ -54,10 +52,11 @@ class ModelConfig:
     packed: bool = field(
         default=True,
         metadata=field_help(
-            "Padding-free forward passes: a batch's real tokens in one row, with a "
-            "block-diagonal causal mask, and a prompt shared by several rows (a pair's, a "
-            "group's) computed once. Same log-probs and rewards as the padded forward; used "
-            "where the model allows it (a transformers decoder with sdpa or eager attention)."
+            "Padding-free forward passes in the DPO family (policy and reference pass) and "
+            "reward/cost model training: a batch's real tokens in a few rows with a "
+            "block-diagonal causal mask, a pair's prompt computed once. Same log-probs and "
+            "rewards as the padded forward to float round-off; used where the model allows it "
+            "(a transformers decoder with sdpa or eager attention)."
         ),
     )
 
@@ -123,8 +122,7 @@ def require_train_file(data: DataConfig) -> None:
 
 
 def load_model_and_tokenizer(model: ModelConfig, seed: int) -> tuple[nn.Module, Any]:
-    """The policy (with a LoRA adapter if asked) and its tokenizer, in training mode, its tied
-    embedding's gradient accumulated in place (`models.tied`)."""
+    """The policy (with a LoRA adapter if asked) and its tokenizer, in training mode."""
     lora = None
     if model.lora is not None:
         lora = LoraSettings(
@@ -138,8 +136,6 @@ def load_model_and_tokenizer(model: ModelConfig, seed: int) -> tuple[nn.Module, 
             ),
         )
     policy, tokenizer = load_policy(model.name, dtype=model.dtype, lora=lora, seed=seed)
-    # A tied embedding's two gradients go into one tensor instead of a fresh [V, H] sum.
-    accumulate_tied_embedding_grad(innermost_model(policy))
     policy.train()
     return policy, tokenizer
 

@@ -26,8 +26,9 @@ from alignkit.config import TrainConfig
 from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.errors import ConfigError
 from alignkit.models import disabled_adapter, has_adapter, load_policy
-from alignkit.models.forward import response_logps
+from alignkit.models.forward import innermost_model, response_logps
 from alignkit.models.loading import weights_digest
+from alignkit.models.tied import accumulate_tied_embedding_grad
 from alignkit.ops.preference import (
     DPO_LOSSES,
     dpo_loss,
@@ -364,6 +365,8 @@ def build_preference_trainer(
     train_records = load_split(cfg.data, fmt, "train", cfg.seed)
     eval_records = load_split(cfg.data, fmt, "eval", cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
+    # A tied embedding's two gradients go into one tensor instead of a fresh [V, H] sum.
+    accumulate_tied_embedding_grad(innermost_model(model))
     train = tokenize_pairs(train_records, tokenizer, cfg.data, extra_fields)
     evaluation = (
         tokenize_pairs(eval_records, tokenizer, cfg.data, extra_fields) if eval_records else None

@@ -193,11 +193,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         """``[N, T]`` log-probs of the response tokens under `model` (at the sampling T)."""
         parts = [
             token_logprobs(
-                model,
-                _batch(chunk),
-                chunk.response_mask,
-                temperature=self.sampling.temperature,
-                packed=self.config.model.packed,
+                model, _batch(chunk), chunk.response_mask, temperature=self.sampling.temperature
             ).float()
             for chunk in exp.split(self.config.train.sequences_per_device)
         ]
@@ -371,7 +367,6 @@ class PolicyGradientTrainer(OnlineTrainer):
                 _batch(batch),
                 mask,
                 temperature=self.sampling.temperature,
-                packed=self.config.model.packed,
                 with_entropy=True,
             )
             agg, normaliser = self._aggregation(units)

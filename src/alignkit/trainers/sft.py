@@ -66,13 +66,9 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         completion = batch["labels"] != IGNORE_INDEX
-        # Packed rows restart positions per example; padded rows are packed in the forward.
+        # Packed rows restart positions per example.
         token_logps = token_logprobs(
-            model,
-            batch,
-            completion,
-            position_ids=batch.get("position_ids"),
-            packed=self.config.model.packed,
+            model, batch, completion, position_ids=batch.get("position_ids")
         )
         loss = -masked_mean(token_logps, completion)
         return loss, {}
