@@ -2,8 +2,7 @@
 
 Settings:
 
-- ``alignkit``: alignkit's ``SFTTrainer``, right-padded batches of ``--batch`` examples, which
-  its forward runs padding-free (``model.packed``, on by default).
+- ``alignkit``: alignkit's ``SFTTrainer``, right-padded batches of ``--batch`` examples.
 - ``alignkit-packing``: ``packing=True``: ``--rows`` rows of up to ``--max-length`` tokens per
   step, several examples per row (block-diagonal attention, positions restarting per example).
 - ``trl``: TRL's ``SFTTrainer``, right-padded batches of ``--batch`` examples.

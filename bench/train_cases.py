@@ -55,7 +55,7 @@ class Case:
 CASES = {
     "sft-tiny": Case("sft", "tiny", ("alignkit", "alignkit-packing", "trl", "trl-packing"),
                      1024, 128, 8, 23, 1e-3, 1),
-    "sft-small": Case("sft", SMALL_MODEL, ("alignkit", "trl-packing"),
+    "sft-small": Case("sft", SMALL_MODEL, ("alignkit-packing", "trl-packing"),
                       256, 256, 2, 15, 1e-5, 6),
     "rm-tiny": Case("rm", "tiny", ("alignkit", "trl"), 512, 128, 8, 23, 1e-3, 1),
     "rm-small": Case("rm", SMALL_MODEL, ("alignkit", "trl"), 128, 256, 2, 15, 1e-5, 6),
