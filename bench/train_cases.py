@@ -62,6 +62,13 @@ CASES = {
 }  # fmt: skip
 
 
+#: Every setting each worker can run (``--settings`` picks among them).
+WORKER_SETTINGS = {
+    "sft": ("alignkit", "alignkit-packing", "trl", "trl-packing"),
+    "rm": ("alignkit", "trl"),
+}
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -296,13 +303,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     case = CASES[args.benchmark]
     args.setting_list = tuple(args.settings.split(",")) if args.settings else case.settings
-    unknown = set(args.setting_list) - set(case.settings)
+    unknown = set(args.setting_list) - set(WORKER_SETTINGS[case.kind])
     if (
         unknown
         or not any(s.startswith("alignkit") for s in args.setting_list)
         or not any(s.startswith("trl") for s in args.setting_list)
     ):
-        parser.error(f"--settings: choose alignkit and TRL settings among {case.settings}")
+        parser.error(
+            f"--settings: choose alignkit and TRL settings among {WORKER_SETTINGS[case.kind]}"
+        )
     if args.repeats < 1 or args.threads < 1 or args.warmup_steps < 1:
         parser.error("--repeats, --threads and --warmup-steps must be >= 1")
     if args.max_steps is not None:
