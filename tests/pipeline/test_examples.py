@@ -23,7 +23,11 @@ def test_example_pipeline_runs_and_each_stage_improves(
     trained = [r for r in records if r.before is not None]
     assert {r.kind for r in trained} >= {"sft", "rm", "ppo"}
     for r in trained:
-        if r.metric in LOWER_IS_BETTER:
+        if r.name == "ipo" and r.metric == "eval/rewards/margins":
+            # IPO regresses the margin onto beta / (2 beta) = 0.5 (examples/ipo.yaml), from
+            # either side: improving is getting closer to it, not growing past it.
+            assert abs(r.after - 0.5) < abs(r.before - 0.5), (r.name, r.before, r.after)
+        elif r.metric in LOWER_IS_BETTER:
             assert r.after < r.before, (r.name, r.metric, r.before, r.after)
         else:
             assert r.after > r.before, (r.name, r.metric, r.before, r.after)
