@@ -4,10 +4,13 @@
     python bench/compare_trl.py grpo-tiny [--repeats 3] [--steps 20] [--out PATH]
     python bench/compare_trl.py ppo-tiny [--repeats 3] [--steps 20] [--out PATH]
     python bench/compare_trl.py dpo-small [--repeats 3] [--steps 15] [--out PATH]
+    python bench/compare_trl.py {sft,rm}-{tiny,small} [--repeats 3] [--settings ..] [--out PATH]
 
-``grpo-tiny`` is described in bench/grpo_tiny.py, ``ppo-tiny`` in bench/ppo_tiny.py, ``dpo-small``
-(SmolLM2-135M-Instruct, 4 pairs per step, max length 256, against TRL with precomputed reference
-log-probs) in bench/dpo_small.py; the rest of this docstring is ``dpo-tiny``.
+``sft-*`` and ``rm-*`` are described in bench/train_cases.py (model-FLOPs utilisation:
+bench/mfu.py); ``grpo-tiny`` in bench/grpo_tiny.py, ``ppo-tiny`` in bench/ppo_tiny.py,
+``dpo-small`` (SmolLM2-135M-Instruct, 4 pairs per step, max length 256, against TRL with
+precomputed reference log-probs) in bench/dpo_small.py; the rest of this docstring is
+``dpo-tiny``.
 
 ``dpo-tiny``: DPO (sigmoid, beta 0.1) on the ``tiny`` preset, 512 pairs of the bundled synthetic
 task, 8 pairs per step, max length 128, fp32, one epoch (64 optimizer steps), the same seed,
@@ -303,7 +306,10 @@ def print_table(summary: dict[str, Any], threads: int, out: Any = sys.stdout) ->
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="alignkit vs TRL training speed", formatter_class=argparse.RawTextHelpFormatter
+        description="alignkit vs TRL training speed",
+        epilog="sft-tiny, sft-small, rm-tiny, rm-small take their own options: "
+        "compare_trl.py sft-small --help",
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("benchmark", choices=BENCHMARKS)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each setting (>= 1)")
@@ -354,6 +360,13 @@ def require_packages() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    sys.path.insert(0, str(BENCH_DIR))
+    import train_cases
+
+    if argv and argv[0] in train_cases.CASES:  # SFT and reward models: their own options
+        require_packages()
+        return train_cases.main(argv)
     args = parse_args(argv)
     require_packages()
     if args.benchmark == "dpo-small":
