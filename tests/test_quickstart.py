@@ -47,3 +47,23 @@ def test_quickstart_runs_three_stages_and_writes_its_report(tmp_path, monkeypatc
     report = output.getvalue()
     assert "Safe-DPO lambda: start 1.000" in report and "quickstart.json" in report
     assert "digit sorting" in report
+
+
+def test_chat_prompt_files_keep_every_row_and_wrap_only_the_prompt(tmp_path):
+    from alignkit.data.synthetic import SyntheticTask
+
+    files = SyntheticTask(seed=0).write(tmp_path)
+    chat = quickstart._with_chat_prompts(files)
+
+    assert sorted(chat) == sorted(f"{k}_{s}" for k in ("sft", "preference", "safety")
+                                  for s in ("train", "heldout"))  # fmt: skip
+    for key, path in chat.items():
+        assert path.name == "chat_" + files[key].name
+        plain = [json.loads(line) for line in files[key].read_text().splitlines()]
+        wrapped = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(wrapped) == len(plain) > 0
+        for before, after in zip(plain, wrapped, strict=True):
+            assert after["prompt"] == [{"role": "user", "content": before["prompt"]}]
+            assert {k: v for k, v in after.items() if k != "prompt"} == {
+                k: v for k, v in before.items() if k != "prompt"
+            }

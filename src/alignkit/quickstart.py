@@ -22,10 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from alignkit.config import atomic_write_text, load_config
-from alignkit.data.synthetic import SyntheticTask
+from alignkit.data.synthetic import SPLITS, SyntheticTask
 from alignkit.eval import evaluate_synthetic_task
 from alignkit.models import load_policy
-from alignkit.rollout import GenerationSettings
+from alignkit.rollout import GenerationSettings, Prompt
 from alignkit.tracking import read_metrics
 from alignkit.trainers.dpo import DPOConfig, build_dpo_trainer
 from alignkit.trainers.safe_dpo import SafeDPOConfig, build_safe_dpo_trainer
@@ -41,6 +41,10 @@ class StageSettings:
     safe_dpo: tuple[str, ...]
     max_length: int
     judged_prompts: int | None = None  # None: all 96
+    # Prompts as one user message, rendered with the model's chat template. An instruct model
+    # then reads a request the way it was trained to, and the answer follows the template's
+    # assistant header instead of being glued to the question's last character.
+    chat_prompts: bool = False
     # Online stage (tiny preset only): the sorting task's SFT warm-up, then GRPO from it.
     sort_warmup: tuple[str, ...] = (
         "epochs=10",
@@ -128,10 +132,13 @@ def run_quickstart(
     preset = PRESETS["tiny" if model == "tiny" else "pretrained"]
     task = SyntheticTask(seed=seed)
     files = task.write(out / "data")
-    prompts = task.prompts("heldout")
+    prompts: list[Prompt] = list(task.prompts("heldout"))
     if preset.judged_prompts is not None and preset.judged_prompts < len(prompts):
         chosen = sorted(random.Random(seed).sample(range(len(prompts)), preset.judged_prompts))
         prompts = [prompts[i] for i in chosen]
+    if preset.chat_prompts:
+        files |= _with_chat_prompts(files)
+        prompts = [_user_message(p) for p in prompts]
     common = [
         f"output_dir={out}",
         f"seed={seed}",
@@ -300,14 +307,36 @@ def _print_online_report(console: Console, results: list[OnlineResult]) -> None:
     )
 
 
+def _user_message(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def _with_chat_prompts(files: dict[str, Path]) -> dict[str, Path]:
+    """Copies (``chat_<name>``) of the SFT and preference files whose prompt is a user message."""
+    chat: dict[str, Path] = {}
+    for kind in ("sft", "preference", "safety"):
+        for split in SPLITS:
+            path = files[f"{kind}_{split}"]
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            lines = [
+                json.dumps({**row, "prompt": _user_message(row["prompt"])}, ensure_ascii=False)
+                for row in rows
+            ]
+            target = path.with_name(f"chat_{path.name}")
+            atomic_write_text(target, "".join(line + "\n" for line in lines))
+            chat[f"{kind}_{split}"] = target
+    return chat
+
+
 def _judge(
-    name: str, run_dir: Path | None, model: Any, tokenizer: Any, prompts: Sequence[str]
+    name: str, run_dir: Path | None, model: Any, tokenizer: Any, prompts: Sequence[Prompt]
 ) -> StageResult:
     evaluation = evaluate_synthetic_task(
         model, tokenizer, prompts, GenerationSettings(max_new_tokens=40)
     )
-    examples = list(zip(evaluation.prompts, evaluation.responses, strict=True))[:4]
-    return StageResult(name, run_dir, evaluation.metrics, examples=examples)  # type: ignore[arg-type]
+    texts = [p if isinstance(p, str) else p[-1]["content"] for p in evaluation.prompts]
+    examples = list(zip(texts, evaluation.responses, strict=True))[:4]
+    return StageResult(name, run_dir, evaluation.metrics, examples=examples)
 
 
 def _lambda_trajectory(run_dir: Path, init: float) -> tuple[float, float, float, float]:
