@@ -67,16 +67,22 @@ class StageSettings:
     )
 
 
-# The tiny preset learns the task in seconds with a high learning rate. A real 135M model
-# needs the usual small learning rate, and is about 100x slower per token on a CPU: it gets one
-# SFT epoch and 24 preference steps on a random subset of the pairs (it reaches held-out DPO
-# accuracy 1.0 within 8 steps at lr 5e-6), so the whole run stays near ten minutes.
+# The tiny preset learns the task in seconds with a high learning rate. A real 135M model is
+# about 100x slower per token on a CPU: it gets one SFT epoch and 24 preference steps on a
+# random subset of the pairs, so the whole run stays near ten minutes. Its prompts go through
+# the chat template (`chat_prompts`): as raw text glued to the answer, SFT drives
+# P("Sure" | harmful prompt) to ~0.99, and no preference stage of this length moves the first
+# greedy token (measured at lr 5e-6 and 5e-5, and over a full epoch at 2e-5). With the template
+# it is ~0.8 after SFT, and lr 3e-5 lets Safe-DPO move it (lr 5e-6 only took 6 points off the
+# unsafe rate). Safe-DPO starts at lambda 4: at lambda 1 the normalised loss weighs helpfulness
+# (comply) and safety (refuse) nearly equally on the conflicting pairs, and 24 steps took only
+# 25 points off (1.00 -> 0.75); J_C < 0 from the first step, so lambda only falls from there.
 _PREFERENCE_PRETRAINED = (
     "epochs=1",
     "examples_per_device=8",
     "data.max_train_examples=192",
-    "data.max_eval_examples=96",
-    "optim.lr=5e-6",
+    "data.max_eval_examples=48",
+    "optim.lr=3e-5",
     "dpo.beta=0.1",
 )
 PRESETS: dict[str, StageSettings] = {
@@ -96,15 +102,16 @@ PRESETS: dict[str, StageSettings] = {
         sft=(
             "epochs=1",
             "examples_per_device=8",
-            "data.max_eval_examples=48",
+            "data.max_eval_examples=16",
             "optim.lr=3e-5",
             "optim.schedule=cosine",
             "optim.warmup_ratio=0.05",
         ),
         dpo=_PREFERENCE_PRETRAINED,
-        safe_dpo=_PREFERENCE_PRETRAINED,
+        safe_dpo=(*_PREFERENCE_PRETRAINED, "lambda.init=4.0"),
         max_length=160,
         judged_prompts=48,
+        chat_prompts=True,
     ),
 }
 
