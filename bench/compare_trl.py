@@ -2,8 +2,10 @@
 
     python bench/compare_trl.py dpo-tiny [--repeats 3] [--threads 1,2] [--out PATH]
     python bench/compare_trl.py grpo-tiny [--repeats 3] [--steps 20] [--out PATH]
+    python bench/compare_trl.py ppo-tiny [--repeats 3] [--steps 20] [--out PATH]
 
-``grpo-tiny`` is described in bench/grpo_tiny.py; the rest of this docstring is ``dpo-tiny``.
+``grpo-tiny`` is described in bench/grpo_tiny.py, ``ppo-tiny`` in bench/ppo_tiny.py; the rest
+of this docstring is ``dpo-tiny``.
 
 ``dpo-tiny``: DPO (sigmoid, beta 0.1) on the ``tiny`` preset, 512 pairs of the bundled synthetic
 task, 8 pairs per step, max length 128, fp32, one epoch (64 optimizer steps), the same seed,
@@ -43,7 +45,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_dpo_worker.py"
 SETTINGS = ("alignkit", "trl", "trl-precompute")
 TRL_SETTINGS = ("trl", "trl-precompute")
-BENCHMARKS = ("dpo-tiny", "grpo-tiny")
+BENCHMARKS = ("dpo-tiny", "grpo-tiny", "ppo-tiny")
 LOG2 = math.log(2.0)
 
 
@@ -341,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         import grpo_tiny
 
         return grpo_tiny.main(args)
+    if args.benchmark == "ppo-tiny":
+        sys.path.insert(0, str(BENCH_DIR))
+        import ppo_tiny
+
+        return ppo_tiny.main(args)
     load_start = list(os.getloadavg())
     by_threads: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="alignkit-bench-") as tmp:

@@ -336,3 +336,21 @@ def test_a_constant_reward_is_warned_about_loudly(sort_task, tmp_path, capsys):
     assert all(r["actor/pg_loss"] == 0.0 for r in records)  # every advantage is exactly 0
     out = capsys.readouterr().out
     assert "WARNING iteration 3: 100% of the groups have the same reward" in out
+
+
+def test_old_logprobs_reuse_the_behaviour_logprobs_in_fp32_and_are_rescored_under_bf16(
+    sort_task,
+):
+    # Two epochs of two mini-batches: pi_old is still the sampling policy, so in fp32 the
+    # recorded log-probs stand for it (they equal a re-scoring forward); bf16 re-scores.
+    settings = ("train.sequences_per_minibatch=32", "train.epochs_per_iteration=2")
+    trainer = build_pg_trainer(rl_config(sort_task, "grpo", "reuse32", *settings))
+    assert not trainer.exactly_on_policy and trainer.behaviour_is_old_policy
+    prompts, offset = trainer.iteration_prompts(0)
+    exp = trainer.make_experience(prompts, offset, torch.Generator().manual_seed(1))
+    assert exp.old_logprobs is exp.behaviour_logprobs
+    rescored = trainer.score_logprobs(trainer.model, exp)
+    torch.testing.assert_close(rescored, exp.behaviour_logprobs, rtol=0, atol=1e-5)
+
+    bf16 = build_pg_trainer(rl_config(sort_task, "grpo", "reuse16", *settings, "precision=bf16"))
+    assert not bf16.behaviour_is_old_policy

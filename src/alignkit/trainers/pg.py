@@ -164,6 +164,20 @@ class PolicyGradientTrainer(OnlineTrainer):
         )
 
     @property
+    def behaviour_is_old_policy(self) -> bool:
+        """The recorded behaviour log-probs can stand for pi_old in every mini-batch and epoch.
+
+        pi_old is the policy that sampled the iteration, whatever the number of updates after
+        it, so re-scoring only corrects the numerical gap between the decode path and the
+        training forward: ~1e-6 in fp32 (the engine's log-probs equal a re-scoring forward to
+        1e-5, tested), but up to ~1e-2 under bf16 autocast, where a re-score keeps the first
+        ratio at exactly 1 (verl recomputes for the same reason).
+        """
+        if not self.engine_samples_policy:
+            return False
+        return self.exactly_on_policy or self.config.precision == "fp32"
+
+    @property
     def engine_samples_policy(self) -> bool:
         """The engine draws from the distribution the trainer scores (logits / T, no top-k or
         top-p truncation); otherwise importance weights correct the mismatch."""
@@ -213,7 +227,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         with self.timed("reward"):
             exp.scores = self.reward(exp.prompts, exp.completions, exp.row_fields).to(device)
         with self.timed("old_logprobs"):
-            if self.exactly_on_policy:
+            if self.behaviour_is_old_policy:
                 exp.old_logprobs = exp.behaviour_logprobs
             else:
                 exp.old_logprobs = self.score_logprobs(self.model, exp)
