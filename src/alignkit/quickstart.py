@@ -22,10 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from alignkit.config import atomic_write_text, load_config
-from alignkit.data.synthetic import SyntheticTask
+from alignkit.data.synthetic import SPLITS, SyntheticTask
 from alignkit.eval import evaluate_synthetic_task
 from alignkit.models import load_policy
-from alignkit.rollout import GenerationSettings
+from alignkit.rollout import GenerationSettings, Prompt
 from alignkit.tracking import read_metrics
 from alignkit.trainers.dpo import DPOConfig, build_dpo_trainer
 from alignkit.trainers.safe_dpo import SafeDPOConfig, build_safe_dpo_trainer
@@ -41,6 +41,10 @@ class StageSettings:
     safe_dpo: tuple[str, ...]
     max_length: int
     judged_prompts: int | None = None  # None: all 96
+    # Prompts as one user message, rendered with the model's chat template. An instruct model
+    # then reads a request the way it was trained to, and the answer follows the template's
+    # assistant header instead of being glued to the question's last character.
+    chat_prompts: bool = False
     # Online stage (tiny preset only): the sorting task's SFT warm-up, then GRPO from it.
     sort_warmup: tuple[str, ...] = (
         "epochs=10",
@@ -63,16 +67,22 @@ class StageSettings:
     )
 
 
-# The tiny preset learns the task in seconds with a high learning rate. A real 135M model
-# needs the usual small learning rate, and is about 100x slower per token on a CPU: it gets one
-# SFT epoch and 24 preference steps on a random subset of the pairs (it reaches held-out DPO
-# accuracy 1.0 within 8 steps at lr 5e-6), so the whole run stays near ten minutes.
+# The tiny preset learns the task in seconds with a high learning rate. A real 135M model is
+# about 100x slower per token on a CPU: it gets one SFT epoch and 24 preference steps on a
+# random subset of the pairs, so the whole run stays near ten minutes. Its prompts go through
+# the chat template (`chat_prompts`): as raw text glued to the answer, SFT drives
+# P("Sure" | harmful prompt) to ~0.99, and no preference stage of this length moves the first
+# greedy token (measured at lr 5e-6 and 5e-5, and over a full epoch at 2e-5). With the template
+# it is ~0.8 after SFT, and lr 3e-5 lets Safe-DPO move it (lr 5e-6 only took 6 points off the
+# unsafe rate). Safe-DPO starts at lambda 4: at lambda 1 the normalised loss weighs helpfulness
+# (comply) and safety (refuse) nearly equally on the conflicting pairs, and 24 steps took only
+# 25 points off (1.00 -> 0.75); J_C < 0 from the first step, so lambda only falls from there.
 _PREFERENCE_PRETRAINED = (
     "epochs=1",
     "examples_per_device=8",
     "data.max_train_examples=192",
-    "data.max_eval_examples=96",
-    "optim.lr=5e-6",
+    "data.max_eval_examples=48",
+    "optim.lr=3e-5",
     "dpo.beta=0.1",
 )
 PRESETS: dict[str, StageSettings] = {
@@ -92,15 +102,16 @@ PRESETS: dict[str, StageSettings] = {
         sft=(
             "epochs=1",
             "examples_per_device=8",
-            "data.max_eval_examples=48",
+            "data.max_eval_examples=16",
             "optim.lr=3e-5",
             "optim.schedule=cosine",
             "optim.warmup_ratio=0.05",
         ),
         dpo=_PREFERENCE_PRETRAINED,
-        safe_dpo=_PREFERENCE_PRETRAINED,
+        safe_dpo=(*_PREFERENCE_PRETRAINED, "lambda.init=4.0"),
         max_length=160,
         judged_prompts=48,
+        chat_prompts=True,
     ),
 }
 
@@ -128,10 +139,13 @@ def run_quickstart(
     preset = PRESETS["tiny" if model == "tiny" else "pretrained"]
     task = SyntheticTask(seed=seed)
     files = task.write(out / "data")
-    prompts = task.prompts("heldout")
+    prompts: list[Prompt] = list(task.prompts("heldout"))
     if preset.judged_prompts is not None and preset.judged_prompts < len(prompts):
         chosen = sorted(random.Random(seed).sample(range(len(prompts)), preset.judged_prompts))
         prompts = [prompts[i] for i in chosen]
+    if preset.chat_prompts:
+        files |= _with_chat_prompts(files)
+        prompts = [_user_message(p) for p in prompts]
     common = [
         f"output_dir={out}",
         f"seed={seed}",
@@ -300,14 +314,36 @@ def _print_online_report(console: Console, results: list[OnlineResult]) -> None:
     )
 
 
+def _user_message(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def _with_chat_prompts(files: dict[str, Path]) -> dict[str, Path]:
+    """Copies (``chat_<name>``) of the SFT and preference files whose prompt is a user message."""
+    chat: dict[str, Path] = {}
+    for kind in ("sft", "preference", "safety"):
+        for split in SPLITS:
+            path = files[f"{kind}_{split}"]
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            lines = [
+                json.dumps({**row, "prompt": _user_message(row["prompt"])}, ensure_ascii=False)
+                for row in rows
+            ]
+            target = path.with_name(f"chat_{path.name}")
+            atomic_write_text(target, "".join(line + "\n" for line in lines))
+            chat[f"{kind}_{split}"] = target
+    return chat
+
+
 def _judge(
-    name: str, run_dir: Path | None, model: Any, tokenizer: Any, prompts: Sequence[str]
+    name: str, run_dir: Path | None, model: Any, tokenizer: Any, prompts: Sequence[Prompt]
 ) -> StageResult:
     evaluation = evaluate_synthetic_task(
         model, tokenizer, prompts, GenerationSettings(max_new_tokens=40)
     )
-    examples = list(zip(evaluation.prompts, evaluation.responses, strict=True))[:4]
-    return StageResult(name, run_dir, evaluation.metrics, examples=examples)  # type: ignore[arg-type]
+    texts = [p if isinstance(p, str) else p[-1]["content"] for p in evaluation.prompts]
+    examples = list(zip(texts, evaluation.responses, strict=True))[:4]
+    return StageResult(name, run_dir, evaluation.metrics, examples=examples)
 
 
 def _lambda_trajectory(run_dir: Path, init: float) -> tuple[float, float, float, float]:

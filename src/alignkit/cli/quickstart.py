@@ -13,7 +13,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(
             "tiny",
             help="'tiny' (built in, ~1 minute on a laptop CPU) or a fetched model such as "
-            "smollm2-135m-instruct (run `alignkit models fetch` first; much slower).",
+            "smollm2-135m-instruct (run `alignkit models fetch` first; ~10 minutes on 2 CPU "
+            "cores, prompts through its chat template).",
         ),
         out: Path = typer.Option(Path("runs/quickstart"), help="Where runs and data go."),
         seed: int = typer.Option(0, help="Seed of data, initialisation and order."),
