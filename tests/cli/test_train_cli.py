@@ -221,7 +221,9 @@ def test_an_unknown_method_exits_2_listing_the_valid_ones(capsys):
     assert train(["trpo", "-c", str(EXAMPLES / "dpo.yaml")]) == 2
     err = capsys.readouterr().err
     assert "unknown training method 'trpo'" in err
-    assert "sft, rm, cost, dpo, safe-dpo, rm-ensemble, ppo, grpo, rloo, reinforce++, reinforce" in err
+    assert (
+        "sft, rm, cost, dpo, safe-dpo, rm-ensemble, ppo, grpo, rloo, reinforce++, reinforce" in err
+    )
 
 
 # --------------------------------------------------------------------------------------

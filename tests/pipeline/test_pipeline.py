@@ -29,7 +29,9 @@ def _write(tmp_path: Path, body: str, name: str = "p.yaml") -> Path:
 
 
 def _offline(tmp_path: Path, sft_epochs: int = 1, checkpoint_every: str = "null") -> Path:
-    return _write(tmp_path, f"""
+    return _write(
+        tmp_path,
+        f"""
         name: offline
         output_dir: {tmp_path}/runs
         stages:
@@ -52,7 +54,8 @@ def _offline(tmp_path: Path, sft_epochs: int = 1, checkpoint_every: str = "null"
           - name: judge
             tool: eval-task
             args: {{model: "${{stages.dpo.model}}", max_prompts: 4, max_new_tokens: 8}}
-        """)
+        """,
+    )
 
 
 def test_stages_run_in_order_and_a_rerun_skips_them(tmp_path: Path) -> None:
@@ -87,7 +90,9 @@ def test_stages_run_in_order_and_a_rerun_skips_them(tmp_path: Path) -> None:
 def test_a_bad_reference_is_an_error_before_anything_runs(
     tmp_path: Path, reference: str, message: str
 ) -> None:
-    path = _write(tmp_path, f"""
+    path = _write(
+        tmp_path,
+        f"""
         name: bad
         output_dir: {tmp_path}/runs
         stages:
@@ -100,7 +105,8 @@ def test_a_bad_reference_is_an_error_before_anything_runs(
           - name: dpo
             method: dpo
             config: EXAMPLES/dpo.yaml
-        """)
+        """,
+    )
     with pytest.raises(PipelineError, match=message):
         load_pipeline(path)
     assert not (tmp_path / "runs").exists()
@@ -109,7 +115,9 @@ def test_a_bad_reference_is_an_error_before_anything_runs(
 def test_a_failed_stage_stops_the_pipeline_with_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = _write(tmp_path, f"""
+    path = _write(
+        tmp_path,
+        f"""
         name: failing
         output_dir: {tmp_path}/runs
         stages:
@@ -120,7 +128,8 @@ def test_a_failed_stage_stops_the_pipeline_with_exit_2(
           - name: judge
             tool: eval-task
             args: {{model: "${{stages.sft.model}}"}}
-        """)
+        """,
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(["pipeline", str(path)])
     assert exit_info.value.code == 2
@@ -135,7 +144,9 @@ def test_a_killed_stage_resumes_from_its_last_checkpoint(tmp_path: Path) -> None
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "alignkit", "pipeline", str(path)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     sft_dir = tmp_path / "runs" / "offline" / "sft"
     deadline = time.monotonic() + 120

@@ -92,8 +92,11 @@ def test_prompts_without_any_reward_source_block_every_method(
     ("data", "requirements", "expected"),
     [
         (_pairs(fmt="safety"), {}, "safe-dpo"),
-        (_pairs(fmt="preference"), {"reward_model": "runs/rm", "cost_model": "runs/cost"},
-         "safe-ppo"),
+        (
+            _pairs(fmt="preference"),
+            {"reward_model": "runs/rm", "cost_model": "runs/cost"},
+            "safe-ppo",
+        ),
     ],
 )
 def test_a_safety_requirement_picks_a_constrained_method(
@@ -113,11 +116,22 @@ def test_safety_without_a_safe_method_that_can_run_falls_back_with_a_penalty(
 
 
 def test_little_gpu_memory_rules_out_the_critic(every_method_available: None) -> None:
-    roomy = recommend(_features(_prompts(True), parameters=10**9, gpus=8, online_reward="f:g",
-                                reward_model="runs/rm"))
+    roomy = recommend(
+        _features(
+            _prompts(True), parameters=10**9, gpus=8, online_reward="f:g", reward_model="runs/rm"
+        )
+    )
     assert {s.method for s in roomy.scores if s.feasible} >= {"ppo", "grpo"}
-    small = recommend(_features(_prompts(True), parameters=10**9, gpus=1, gpu_memory_gb=8,
-                                online_reward="f:g", reward_model="runs/rm"))
+    small = recommend(
+        _features(
+            _prompts(True),
+            parameters=10**9,
+            gpus=1,
+            gpu_memory_gb=8,
+            online_reward="f:g",
+            reward_model="runs/rm",
+        )
+    )
     by_method = {s.method: s for s in small.scores}
     assert not by_method["ppo"].feasible
     assert "GB" in by_method["ppo"].blockers[0]
@@ -149,8 +163,10 @@ def test_noisy_small_pair_sets_prefer_ipo_and_suggest_label_smoothing_for_dpo(
 
 def test_stability_and_simplicity_push_away_from_ppo(every_method_available: None) -> None:
     base = {s.method: s.score for s in score_methods(_features(reward_model="runs/rm"))}
-    steady = {s.method: s.score for s in score_methods(
-        _features(reward_model="runs/rm", stability=True, simplicity=True))}
+    steady = {
+        s.method: s.score
+        for s in score_methods(_features(reward_model="runs/rm", stability=True, simplicity=True))
+    }
     assert steady["ppo"] == pytest.approx(base["ppo"] - 3.0)
     assert steady["ipo"] == pytest.approx(base["ipo"] + 2.5)
 
@@ -158,8 +174,11 @@ def test_stability_and_simplicity_push_away_from_ppo(every_method_available: Non
 def test_methods_not_in_this_version_are_blocked_not_recommended() -> None:
     from alignkit.trainers.registry import METHODS as TRAINERS
 
-    rec = recommend(_features(_prompts(True), online_reward="f:g", reward_model="runs/rm",
-                              cost_model="runs/cost"))
+    rec = recommend(
+        _features(
+            _prompts(True), online_reward="f:g", reward_model="runs/rm", cost_model="runs/cost"
+        )
+    )
     for score in rec.scores:
         if METHODS[score.method].cli not in TRAINERS:
             assert not score.feasible
@@ -197,9 +216,22 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 def test_json_validates_and_is_deterministic(
     task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["recommend", "--data", str(task_dir / "preference_train.jsonl"), "--model", "tiny",
-            "--gpus", "0", "--gpu-memory", "16", "--hours", "2", "--json",
-            "--out", str(tmp_path / "rec.yaml")]
+    args = [
+        "recommend",
+        "--data",
+        str(task_dir / "preference_train.jsonl"),
+        "--model",
+        "tiny",
+        "--gpus",
+        "0",
+        "--gpu-memory",
+        "16",
+        "--hours",
+        "2",
+        "--json",
+        "--out",
+        str(tmp_path / "rec.yaml"),
+    ]
     code, first = _run(args, capsys)
     assert code == 0
     report = json.loads(first)
@@ -230,20 +262,46 @@ def test_unknown_requirement_exits_2(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_the_written_config_runs(
-    task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    task_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "rec.yaml"
-    code, out = _run(["recommend", "--data", str(task_dir / "preference_train.jsonl"),
-                      "--model", "tiny", "--gpus", "0", "--gpu-memory", "16", "--json",
-                      "--out", str(config)], capsys)
+    code, out = _run(
+        [
+            "recommend",
+            "--data",
+            str(task_dir / "preference_train.jsonl"),
+            "--model",
+            "tiny",
+            "--gpus",
+            "0",
+            "--gpu-memory",
+            "16",
+            "--json",
+            "--out",
+            str(config),
+        ],
+        capsys,
+    )
     assert code == 0
     report = json.loads(out)
     assert report["command"] == f"alignkit train dpo -c {config}"
     method = report["command"].split()[2]
-    code, out = _run(["train", method, "-c", str(config), "max_steps=2",
-                      "logging.progress_bar=false", "logging.plots=false"], capsys)
+    code, out = _run(
+        [
+            "train",
+            method,
+            "-c",
+            str(config),
+            "max_steps=2",
+            "logging.progress_bar=false",
+            "logging.plots=false",
+        ],
+        capsys,
+    )
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["step"] == 2
@@ -257,19 +315,47 @@ def test_the_docs_show_the_rule_table_of_the_code() -> None:
 
 
 def test_a_verifiable_task_gets_a_grpo_config_that_runs(
-    task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    task_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "grpo.yaml"
-    code, out = _run(["recommend", "--data", str(task_dir / "sort_prompts.jsonl"),
-                      "--online-reward", "sort_match", "--model", "tiny", "--gpus", "0",
-                      "--gpu-memory", "16", "--json", "--out", str(config)], capsys)
+    code, out = _run(
+        [
+            "recommend",
+            "--data",
+            str(task_dir / "sort_prompts.jsonl"),
+            "--online-reward",
+            "sort_match",
+            "--model",
+            "tiny",
+            "--gpus",
+            "0",
+            "--gpu-memory",
+            "16",
+            "--json",
+            "--out",
+            str(config),
+        ],
+        capsys,
+    )
     assert code == 0
     report = json.loads(out)
     assert report["recommendation"] == "grpo"
     assert report["hyperparameters"]["rewards"] == [{"function": "sort_match", "weight": 1.0}]
-    code, out = _run(["train", "grpo", "-c", str(config), "train.iterations=2",
-                      "logging.progress_bar=false", "logging.plots=false"], capsys)
+    code, out = _run(
+        [
+            "train",
+            "grpo",
+            "-c",
+            str(config),
+            "train.iterations=2",
+            "logging.progress_bar=false",
+            "logging.plots=false",
+        ],
+        capsys,
+    )
     assert code == 0
     assert json.loads(out.strip().splitlines()[-1])["step"] == 2

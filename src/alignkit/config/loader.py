@@ -412,5 +412,3 @@ def _show(value: Any) -> str:
     text = repr(value)
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{type(value).__name__} {text}" if value is not None else "null"
-
-

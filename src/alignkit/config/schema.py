@@ -44,17 +44,21 @@ class OptimConfig:
     )
     schedule: Literal["constant", "linear", "cosine"] = field(
         default="linear",
-        metadata=field_help("Learning-rate decay after warm-up: constant, linear to 0, or cosine to 0."),
+        metadata=field_help(
+            "Learning-rate decay after warm-up: constant, linear to 0, or cosine to 0."
+        ),
     )
     warmup_ratio: float = field(
         default=0.0,
         metadata=field_help("Fraction of the optimizer steps spent warming up linearly from 0."),
     )
     warmup_steps: int | None = field(
-        default=None, metadata=field_help("Warm-up length in optimizer steps; overrides warmup_ratio.")
+        default=None,
+        metadata=field_help("Warm-up length in optimizer steps; overrides warmup_ratio."),
     )
     max_grad_norm: float | None = field(
-        default=1.0, metadata=field_help("Clip the global gradient norm to this value; null: no clip.")
+        default=1.0,
+        metadata=field_help("Clip the global gradient norm to this value; null: no clip."),
     )
     max_consecutive_skipped_steps: int = field(
         default=10,
@@ -118,13 +122,16 @@ class EvalConfig:
 
     every: int | None = field(
         default=None,
-        metadata=field_help("Evaluate every N optimizer steps (and at the end); null: at the end only."),
+        metadata=field_help(
+            "Evaluate every N optimizer steps (and at the end); null: at the end only."
+        ),
     )
     examples_per_device: int = field(
         default=8, metadata=field_help("Evaluation examples per device per forward pass.")
     )
     early_stopping: EarlyStoppingConfig = field(
-        default_factory=EarlyStoppingConfig, metadata=field_help("Early stopping on an eval metric.")
+        default_factory=EarlyStoppingConfig,
+        metadata=field_help("Early stopping on an eval metric."),
     )
 
     def __post_init__(self) -> None:
@@ -171,7 +178,9 @@ class CheckpointConfig:
 
     every: int | None = field(
         default=None,
-        metadata=field_help("Save every N optimizer steps (and at the end); null: at the end only."),
+        metadata=field_help(
+            "Save every N optimizer steps (and at the end); null: at the end only."
+        ),
     )
     keep_last: int | None = field(
         default=2, metadata=field_help("Keep the newest K checkpoints; null: keep all.")
@@ -191,8 +200,12 @@ class RunConfig:
     (epochs, examples per device, accumulation); an online config prompts and sequences.
     """
 
-    run_name: str = field(default="run", metadata=field_help("Run directory name under output_dir."))
-    output_dir: str = field(default="runs", metadata=field_help("Parent folder of run directories."))
+    run_name: str = field(
+        default="run", metadata=field_help("Run directory name under output_dir.")
+    )
+    output_dir: str = field(
+        default="runs", metadata=field_help("Parent folder of run directories.")
+    )
     resume_from: str | None = field(
         default=None,
         metadata=field_help(
@@ -211,7 +224,9 @@ class RunConfig:
             "config.yaml under _changes; any other difference is refused."
         ),
     )
-    seed: int = field(default=0, metadata=field_help("Seed of Python, NumPy, torch and data order."))
+    seed: int = field(
+        default=0, metadata=field_help("Seed of Python, NumPy, torch and data order.")
+    )
     precision: Literal["fp32", "bf16"] = field(
         default="fp32", metadata=field_help("fp32, or bf16 autocast (weights stay in their dtype).")
     )
@@ -267,5 +282,3 @@ class TrainConfig(RunConfig):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
-
-

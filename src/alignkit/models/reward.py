@@ -189,9 +189,7 @@ class RewardModel(nn.Module):
         the backbone or the batch cannot be packed."""
         if not packable_model(self.backbone):
             return None
-        layout = pack_rows(
-            input_ids, attention_mask, attention_cost=attention_cost(self.backbone)
-        )
+        layout = pack_rows(input_ids, attention_mask, attention_cost=attention_cost(self.backbone))
         if layout is None:
             return None
         dtype = next(self.backbone.parameters()).dtype

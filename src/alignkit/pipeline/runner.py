@@ -93,18 +93,25 @@ def _method_config(stage: Stage, spec: PipelineSpec, artifacts: dict, extra: lis
     if isinstance(config, dict):  # inline: kept beside the stage for the record
         path = spec.root / f"{stage.name}.input.yaml"
         atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
-    overrides = [*method.defaults, *resolve(list(stage.overrides), artifacts, where),
-                 f"output_dir={spec.root}", f"run_name={stage.name}", *extra]
+    overrides = [
+        *method.defaults,
+        *resolve(list(stage.overrides), artifacts, where),
+        f"output_dir={spec.root}",
+        f"run_name={stage.name}",
+        *extra,
+    ]
     return load_config(config_class, path, overrides)
 
 
 def _key_metric(stage: Stage, run_dir: Path) -> tuple[str | None, float | None, float | None]:
     from alignkit.trainers.registry import get_method
 
-    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() \
-        else []
-    online = "rollout" in {f for cls in [get_method(stage.method or "").load()[0]]
-                           for f in cls.__dataclass_fields__}
+    records = (
+        read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    )
+    online = "rollout" in {
+        f for cls in [get_method(stage.method or "").load()[0]] for f in cls.__dataclass_fields__
+    }
     for name in KEY_METRICS.get(stage.method or "", ONLINE_KEY_METRICS if online else ("loss",)):
         values = [r[name] for r in records if isinstance(r.get(name), int | float)]
         if values:
@@ -128,8 +135,9 @@ class _Run:
         # covers every earlier key, so a change upstream re-runs everything after it.
         return [r.key for r in self.records if r.status == "completed"]
 
-    def method(self, stage: Stage, record: StageRecord, previous: StageRecord | None,
-               fresh: bool) -> None:
+    def method(
+        self, stage: Stage, record: StageRecord, previous: StageRecord | None, fresh: bool
+    ) -> None:
         from alignkit.trainers.registry import get_method
 
         spec = self.spec
@@ -164,12 +172,17 @@ class _Run:
         }
         record.metric, record.before, record.after = _key_metric(stage, run_dir)
 
-    def tool(self, stage: Stage, record: StageRecord, previous: StageRecord | None,
-             fresh: bool) -> None:
+    def tool(
+        self, stage: Stage, record: StageRecord, previous: StageRecord | None, fresh: bool
+    ) -> None:
         args = resolve(stage.args, self.artifacts, f"{self.spec.source}: stage {stage.name!r}")
         key = _digest({"tool": stage.tool, "args": args, "upstream": self.upstream_keys()})
-        if not fresh and previous is not None and previous.key == key \
-                and previous.status == "completed":
+        if (
+            not fresh
+            and previous is not None
+            and previous.key == key
+            and previous.status == "completed"
+        ):
             record.__dict__.update({**asdict(previous), "outcome": "skipped"})
             return
         record.key, record.status, record.outcome = key, "running", "ran"
@@ -180,10 +193,12 @@ class _Run:
         record.metric = TOOL_KEY_METRIC[stage.tool or ""]
         record.after = metrics.get(record.metric)
 
-    def stage(self, i: int, stage: Stage, record: StageRecord, previous: StageRecord | None,
-              fresh: bool) -> None:
-        self.console.rule(f"[bold]{i + 1}/{len(self.spec.stages)} {escape(stage.name)} "
-                          f"({escape(stage.kind)})")
+    def stage(
+        self, i: int, stage: Stage, record: StageRecord, previous: StageRecord | None, fresh: bool
+    ) -> None:
+        self.console.rule(
+            f"[bold]{i + 1}/{len(self.spec.stages)} {escape(stage.name)} ({escape(stage.kind)})"
+        )
         started = time.perf_counter()
         try:
             run = self.method if stage.method is not None else self.tool
@@ -199,16 +214,18 @@ class _Run:
             raise
         if record.outcome == "skipped":
             record.seconds = 0.0
-            self.console.print(f"{stage.name}: completed before with the same config; skipped",
-                               markup=False)
+            self.console.print(
+                f"{stage.name}: completed before with the same config; skipped", markup=False
+            )
         else:
             record.seconds = round(time.perf_counter() - started, 3)
         record.status, record.error = "completed", None
         self.save()
 
 
-def run_pipeline(spec: PipelineSpec, from_stage: str | None = None,
-                 console: Console | None = None) -> list[StageRecord]:
+def run_pipeline(
+    spec: PipelineSpec, from_stage: str | None = None, console: Console | None = None
+) -> list[StageRecord]:
     """Run (or skip, or resume) every stage in order; returns their records.
 
     Raises:
@@ -223,14 +240,26 @@ def run_pipeline(spec: PipelineSpec, from_stage: str | None = None,
         before = previous.get(stage.name)
         if i < start:  # --from: the earlier stages stand as recorded
             if before is None or before.status != "completed":
-                raise PipelineError(f"--from {from_stage}: stage {stage.name!r} before it has "
-                                    "not completed; run the pipeline without --from first")
+                raise PipelineError(
+                    f"--from {from_stage}: stage {stage.name!r} before it has "
+                    "not completed; run the pipeline without --from first"
+                )
             record.__dict__.update({**asdict(before), "outcome": "skipped", "seconds": 0.0})
         else:
             run.stage(i, stage, record, before, fresh=from_stage is not None)
         run.artifacts[stage.name] = record.artifacts
-    table = [{"stage": r.name, "kind": r.kind, "outcome": r.outcome, "seconds": r.seconds,
-              "metric": r.metric, "before": r.before, "after": r.after} for r in run.records]
+    table = [
+        {
+            "stage": r.name,
+            "kind": r.kind,
+            "outcome": r.outcome,
+            "seconds": r.seconds,
+            "metric": r.metric,
+            "before": r.before,
+            "after": r.after,
+        }
+        for r in run.records
+    ]
     atomic_write_text(spec.root / "summary.json", json.dumps({"stages": table}, indent=2) + "\n")
     return run.records
 
@@ -241,8 +270,17 @@ def summary_table(records: list[StageRecord]) -> Table:
     for column in ("stage", "kind", "outcome", "time", "key metric", "before -> after"):
         table.add_column(column)
     for r in records:
-        change = "" if r.after is None else (
-            f"{r.after:.3f}" if r.before is None else f"{r.before:.3f} -> {r.after:.3f}")
-        table.add_row(escape(r.name), escape(r.kind), r.outcome, f"{r.seconds:.0f}s",
-                      escape(r.metric or ""), change)
+        change = (
+            ""
+            if r.after is None
+            else (f"{r.after:.3f}" if r.before is None else f"{r.before:.3f} -> {r.after:.3f}")
+        )
+        table.add_row(
+            escape(r.name),
+            escape(r.kind),
+            r.outcome,
+            f"{r.seconds:.0f}s",
+            escape(r.metric or ""),
+            change,
+        )
     return table

@@ -124,8 +124,9 @@ def _check(spec: PipelineSpec) -> None:
         if stage.name in seen:
             raise PipelineError(f"{where}: the name is used twice")
         if stage.method is not None and stage.method not in METHODS:
-            raise PipelineError(f"{where}: unknown method {stage.method!r}; "
-                                f"methods: {', '.join(METHODS)}")
+            raise PipelineError(
+                f"{where}: unknown method {stage.method!r}; methods: {', '.join(METHODS)}"
+            )
         if stage.tool is not None and stage.tool not in TOOLS:
             raise PipelineError(f"{where}: unknown tool {stage.tool!r}; tools: {', '.join(TOOLS)}")
         if isinstance(stage.config, str) and not Path(stage.config).is_file():

@@ -38,8 +38,9 @@ def register_tool(name: str, key_metric: str) -> Callable[[ToolFn], ToolFn]:
 def _take(args: dict[str, Any], tool: str, allowed: dict[str, Any]) -> dict[str, Any]:
     unknown = set(args) - set(allowed)
     if unknown:
-        raise ConfigError(f"tool {tool}: unknown arg(s) {', '.join(sorted(unknown))}; "
-                          f"args: {', '.join(allowed)}")
+        raise ConfigError(
+            f"tool {tool}: unknown arg(s) {', '.join(sorted(unknown))}; args: {', '.join(allowed)}"
+        )
     missing = [k for k, v in allowed.items() if v is ... and k not in args]
     if missing:
         raise ConfigError(f"tool {tool}: missing arg(s) {', '.join(missing)}")
@@ -53,7 +54,9 @@ def write_synthetic_data(args: dict[str, Any], stage_dir: Path) -> dict[str, flo
 
     a = _take(args, "data-synthetic", {"out": "data", "seed": 0})
     out, seed = Path(a["out"]), int(a["seed"])
-    return {"files": float(len(write_task(out, seed=seed) | write_verifiable_tasks(out, seed=seed)))}
+    return {
+        "files": float(len(write_task(out, seed=seed) | write_verifiable_tasks(out, seed=seed)))
+    }
 
 
 @register_tool("eval-task", key_metric="helpfulness")
@@ -65,8 +68,9 @@ def evaluate_on_synthetic_task(args: dict[str, Any], stage_dir: Path) -> dict[st
     from alignkit.models import load_policy
     from alignkit.rollout import GenerationSettings
 
-    a = _take(args, "eval-task",
-              {"model": ..., "seed": 0, "max_prompts": None, "max_new_tokens": 40})
+    a = _take(
+        args, "eval-task", {"model": ..., "seed": 0, "max_prompts": None, "max_new_tokens": 40}
+    )
     prompts = SyntheticTask(seed=int(a["seed"])).prompts("heldout")
     if a["max_prompts"] is not None and int(a["max_prompts"]) < len(prompts):
         keep = sorted(random.Random(0).sample(range(len(prompts)), int(a["max_prompts"])))
@@ -76,8 +80,10 @@ def evaluate_on_synthetic_task(args: dict[str, Any], stage_dir: Path) -> dict[st
         model, tokenizer, prompts, GenerationSettings(max_new_tokens=int(a["max_new_tokens"]))
     )
     stage_dir.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"prompt": p, "response": r})
-             for p, r in zip(result.prompts, result.responses, strict=True)]
+    lines = [
+        json.dumps({"prompt": p, "response": r})
+        for p, r in zip(result.prompts, result.responses, strict=True)
+    ]
     atomic_write_text(stage_dir / "generations.jsonl", "\n".join(lines) + "\n")
     return dict(result.metrics)
 
@@ -102,13 +108,18 @@ def evaluate_reward_model_stage(args: dict[str, Any], stage_dir: Path) -> dict[s
     from alignkit.eval.reward_model import evaluate_reward_model, pairs_from_records
     from alignkit.models.ensemble import load_reward_source
 
-    a = _take(args, "eval-rm", {"model": ..., "data": ..., "format": None,
-                                "combination": "mean", "penalty": 0.0})
+    a = _take(
+        args,
+        "eval-rm",
+        {"model": ..., "data": ..., "format": None, "combination": "mean", "penalty": 0.0},
+    )
     loaded = load_validated(Path(a["data"]), a["format"])
-    source = load_reward_source(Path(a["model"]), combination=a["combination"],
-                                penalty=float(a["penalty"]))
-    pairs = pairs_from_records([r.record for r in loaded.rows], loaded.format, source.kind,
-                               str(a["data"]))
+    source = load_reward_source(
+        Path(a["model"]), combination=a["combination"], penalty=float(a["penalty"])
+    )
+    pairs = pairs_from_records(
+        [r.record for r in loaded.rows], loaded.format, source.kind, str(a["data"])
+    )
     report = evaluate_reward_model(source, pairs, stage_dir)
     atomic_write_text(stage_dir / "report.json", json.dumps(report, indent=2) + "\n")
     return _flat(report)
@@ -124,16 +135,33 @@ def evaluate_policy_stage(args: dict[str, Any], stage_dir: Path) -> dict[str, fl
     from alignkit.models import load_policy
     from alignkit.models.ensemble import load_reward_source
 
-    a = _take(args, "eval-policy", {"model": ..., "prompts": ..., "rewards": ["synthetic"],
-                                    "reference": None, "max_prompts": None,
-                                    "max_new_tokens": 48, "seed": 0})
+    a = _take(
+        args,
+        "eval-policy",
+        {
+            "model": ...,
+            "prompts": ...,
+            "rewards": ["synthetic"],
+            "reference": None,
+            "max_prompts": None,
+            "max_new_tokens": 48,
+            "seed": 0,
+        },
+    )
     rows = [r.record["prompt"] for r in load_validated(Path(a["prompts"]), "prompt").rows]
     rows = rows[: int(a["max_prompts"])] if a["max_prompts"] else rows
     sources = [s if s == "synthetic" else load_reward_source(Path(s)) for s in a["rewards"]]
     policy, tokenizer = load_policy(str(a["model"]))
     reference = load_policy(str(a["reference"]))[0] if a["reference"] else None
-    report = evaluate_policy(policy, tokenizer, rows, sources, reference=reference,
-                             max_new_tokens=int(a["max_new_tokens"]), seed=int(a["seed"]))
+    report = evaluate_policy(
+        policy,
+        tokenizer,
+        rows,
+        sources,
+        reference=reference,
+        max_new_tokens=int(a["max_new_tokens"]),
+        seed=int(a["seed"]),
+    )
     stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stage_dir / "report.json", json.dumps(report, indent=2) + "\n")
     return _flat(report)

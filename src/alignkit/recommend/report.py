@@ -20,15 +20,27 @@ _NULLABLE_STR = {"type": ["string", "null"]}
 RECOMMENDATION_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "required": ["recommendation", "runner_up", "scores", "hyperparameters", "command",
-                 "config_path", "features", "assumptions", "notes"],
+    "required": [
+        "recommendation",
+        "runner_up",
+        "scores",
+        "hyperparameters",
+        "command",
+        "config_path",
+        "features",
+        "assumptions",
+        "notes",
+    ],
     "properties": {
         "recommendation": {"anyOf": [_METHOD, {"type": "null"}]},
         "runner_up": {
             "anyOf": [
                 {"type": "null"},
-                {"type": "object", "required": ["method", "when_to_prefer"],
-                 "properties": {"method": _METHOD, "when_to_prefer": {"type": "string"}}},
+                {
+                    "type": "object",
+                    "required": ["method", "when_to_prefer"],
+                    "properties": {"method": _METHOD, "when_to_prefer": {"type": "string"}},
+                },
             ]
         },
         "scores": {
@@ -45,10 +57,15 @@ RECOMMENDATION_SCHEMA: dict[str, Any] = {
                     "blockers": {"type": "array", "items": {"type": "string"}},
                     "reasons": {
                         "type": "array",
-                        "items": {"type": "object", "required": ["rule", "delta", "text"],
-                                  "properties": {"rule": {"type": "string"},
-                                                 "delta": {"type": "number"},
-                                                 "text": {"type": "string"}}},
+                        "items": {
+                            "type": "object",
+                            "required": ["rule", "delta", "text"],
+                            "properties": {
+                                "rule": {"type": "string"},
+                                "delta": {"type": "number"},
+                                "text": {"type": "string"},
+                            },
+                        },
                     },
                 },
             },
@@ -74,18 +91,26 @@ def print_recommendation(rec: Recommendation, console: Console | None = None) ->
     for s in rec.scores:
         why = [f"{r['delta']:+.1f} {r['text']}" for r in s.reasons]
         why += [f"blocked: {b}" for b in s.blockers]
-        table.add_row(s.method, f"{s.score:+.1f}", "yes" if s.feasible else "no",
-                      escape("\n".join(why) or "no rule applies"))
+        table.add_row(
+            s.method,
+            f"{s.score:+.1f}",
+            "yes" if s.feasible else "no",
+            escape("\n".join(why) or "no rule applies"),
+        )
     console.print(table)
     if rec.method is None:
         console.print("[red]no method can run on what was given[/]; see the blockers above")
         return
     console.print(f"[bold green]recommended:[/] {rec.method}")
     if rec.runner_up:
-        console.print(f"runner-up: {rec.runner_up}: prefer it with "
-                      f"{escape(METHODS[rec.runner_up].when_to_prefer)}")
-    console.print("starting settings: " + escape(", ".join(
-        f"{k}={v}" for k, v in rec.hyperparameters.items())))
+        console.print(
+            f"runner-up: {rec.runner_up}: prefer it with "
+            f"{escape(METHODS[rec.runner_up].when_to_prefer)}"
+        )
+    console.print(
+        "starting settings: "
+        + escape(", ".join(f"{k}={v}" for k, v in rec.hyperparameters.items()))
+    )
     for note in rec.notes:
         console.print(f"[yellow]note[/] {escape(note)}")
     if rec.command:
@@ -97,10 +122,13 @@ def rules_markdown() -> str:
     from alignkit.recommend.rules import RULES
 
     methods = list(METHODS)
-    lines = ["| rule | " + " | ".join(methods) + " | why | evidence |",
-             "|---|" + "---|" * len(methods) + "---|---|"]
+    lines = [
+        "| rule | " + " | ".join(methods) + " | why | evidence |",
+        "|---|" + "---|" * len(methods) + "---|---|",
+    ]
     for rule in RULES:
         cells = [f"{rule.effects[m]:+.1f}" if m in rule.effects else "" for m in methods]
-        lines.append(f"| `{rule.id}` | " + " | ".join(cells) + f" | {rule.reason} | "
-                     f"{rule.evidence} |")
+        lines.append(
+            f"| `{rule.id}` | " + " | ".join(cells) + f" | {rule.reason} | {rule.evidence} |"
+        )
     return "\n".join(lines)

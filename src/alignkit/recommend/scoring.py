@@ -109,8 +109,11 @@ def score_methods(f: Features) -> list[MethodScore]:
         blockers, lora = _blockers(spec, f)
         if lora:
             reasons.append(
-                {"rule": "lora-only", "delta": -1.5,
-                 "text": "full fine-tuning does not fit; a LoRA adapter does"}
+                {
+                    "rule": "lora-only",
+                    "delta": -1.5,
+                    "text": "full fine-tuning does not fit; a LoRA adapter does",
+                }
             )
         total = round(sum(r["delta"] for r in reasons), 6)
         scores.append(MethodScore(spec.name, total, not blockers, reasons, blockers, lora))
@@ -185,8 +188,12 @@ def write_config(rec: Recommendation, path: str | Path) -> Path:
     spec = METHODS[rec.method]
     config_class, _ = get_method(spec.cli).load()
     cfg = load_config(
-        config_class, None, [*get_method(spec.cli).defaults,
-                             *_config_overrides(spec, rec.features, rec.hyperparameters)]
+        config_class,
+        None,
+        [
+            *get_method(spec.cli).defaults,
+            *_config_overrides(spec, rec.features, rec.hyperparameters),
+        ],
     )
     return save_resolved_config(cfg, path)
 
@@ -197,17 +204,31 @@ def recommend(features: Features) -> Recommendation:
     feasible = [s for s in scores if s.feasible]
     notes = []
     if not feasible:
-        return Recommendation(None, None, scores, {}, features,
-                              notes=["no method can run on what was given: see each blocker"])
+        return Recommendation(
+            None,
+            None,
+            scores,
+            {},
+            features,
+            notes=["no method can run on what was given: see each blocker"],
+        )
     best = feasible[0]
     runner = feasible[1].method if len(feasible) > 1 else None
     spec = METHODS[best.method]
     if features.data is not None and features.data.format == "rating" and not spec.online:
-        notes.append("convert the ratings first: alignkit data convert IN pairs.jsonl "
-                     "--from rating --to preference, and train on pairs.jsonl")
-    if spec.online and features.data is not None and features.data.format in PAIRS and \
-            not reward_source(features):
-        notes.append("train a reward model on the pairs first (alignkit train rm) and name it "
-                     "as the reward source")
+        notes.append(
+            "convert the ratings first: alignkit data convert IN pairs.jsonl "
+            "--from rating --to preference, and train on pairs.jsonl"
+        )
+    if (
+        spec.online
+        and features.data is not None
+        and features.data.format in PAIRS
+        and not reward_source(features)
+    ):
+        notes.append(
+            "train a reward model on the pairs first (alignkit train rm) and name it "
+            "as the reward source"
+        )
     hp = suggest_hyperparameters(spec, features, best.lora)
     return Recommendation(best.method, runner, scores, hp, features, notes=notes)

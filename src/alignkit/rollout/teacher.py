@@ -377,8 +377,15 @@ class TeacherGuidedEngine:
         if self.alpha != "min_variance":
             self.last_stats["sampling/alpha_mean"] = alpha_sum / max(positions_seen, 1)
         return assemble_experience(
-            prompts, self.tokenizer, prompt_ids, prompt_mask, tokens, behaviour, lengths,
-            sampling, group_offset,
+            prompts,
+            self.tokenizer,
+            prompt_ids,
+            prompt_mask,
+            tokens,
+            behaviour,
+            lengths,
+            sampling,
+            group_offset,
         )
 
 

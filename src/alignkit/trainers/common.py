@@ -21,7 +21,6 @@ from alignkit.models import LoraSettings, load_policy
 logger = logging.getLogger("alignkit.trainers")
 
 
-
 @dataclass
 class LoraConfig:
     """LoRA adapter settings (peft). The reference model is the policy with the adapter off."""
@@ -78,11 +77,15 @@ class DataConfig:
             "seeded half); null: all of each once."
         ),
     )
-    eval_file: str | None = field(default=None, metadata=field_help("Held-out data for evaluation."))
+    eval_file: str | None = field(
+        default=None, metadata=field_help("Held-out data for evaluation.")
+    )
     max_length: int = field(default=512, metadata=field_help("Tokens per row (prompt + answer)."))
     length_policy: Literal["truncate", "drop", "error"] = field(
         default="truncate",
-        metadata=field_help("Rows over max_length: truncate (keep the prompt's end), drop, or error."),
+        metadata=field_help(
+            "Rows over max_length: truncate (keep the prompt's end), drop, or error."
+        ),
     )
     max_prompt_length: int | None = field(
         default=None,
@@ -102,11 +105,15 @@ class DataConfig:
     max_problems: int = field(default=20, metadata=field_help("Bad rows listed before stopping."))
     max_train_examples: int | None = field(
         default=None,
-        metadata=field_help("Train on a random subset of this many rows (drawn by seed); null: all."),
+        metadata=field_help(
+            "Train on a random subset of this many rows (drawn by seed); null: all."
+        ),
     )
     max_eval_examples: int | None = field(
         default=None,
-        metadata=field_help("Evaluate on a random subset of this many rows (drawn by seed); null: all."),
+        metadata=field_help(
+            "Evaluate on a random subset of this many rows (drawn by seed); null: all."
+        ),
     )
 
     def __post_init__(self) -> None:

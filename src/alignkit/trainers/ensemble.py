@@ -31,7 +31,6 @@ from alignkit.trainers.reward import RewardConfig, train_reward
 __all__ = ["EnsembleConfig", "EnsembleSettings", "train_rm_ensemble"]
 
 
-
 @dataclass
 class EnsembleSettings:
     """How many members and how their data differ."""
@@ -49,7 +48,8 @@ class EnsembleSettings:
         metadata=field_help("Held-out pairs to fit the stacking weights on (null: no stacking)."),
     )
     keep_data: bool = field(
-        default=False, metadata=field_help("Keep each member's resampled training file in <run>/data.")
+        default=False,
+        metadata=field_help("Keep each member's resampled training file in <run>/data."),
     )
 
     def __post_init__(self) -> None:

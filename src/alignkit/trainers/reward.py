@@ -62,14 +62,14 @@ AUX_TARGET_FIELDS = {
 COST_FIELDS = ("chosen_safety", "rejected_safety", "chosen_is_safe", "rejected_is_safe")
 
 
-
 @dataclass
 class TaskWeightsConfig:
     """Weights of the multi-task loss (seed 002 §4.3.4): w_pref*pref + w_help*help + w_safe*safe."""
 
     preference: float = field(default=1.0, metadata=field_help("Weight of the pairwise loss."))
     helpfulness: float = field(
-        default=1.0, metadata=field_help("Weight of the helpfulness head's MSE (if that head is on).")
+        default=1.0,
+        metadata=field_help("Weight of the helpfulness head's MSE (if that head is on)."),
     )
     safety: float = field(
         default=1.0, metadata=field_help("Weight of the safety head's BCE (if that head is on).")
@@ -91,7 +91,9 @@ class RewardHeadConfig:
     )
     pooling: Literal["last", "mean", "max", "cls", "attention"] = field(
         default="last",
-        metadata=field_help("Hidden states -> one vector: last real token, mean, max, cls, attention."),
+        metadata=field_help(
+            "Hidden states -> one vector: last real token, mean, max, cls, attention."
+        ),
     )
     aux_heads: list[Literal["helpfulness", "safety"]] = field(
         default_factory=list,

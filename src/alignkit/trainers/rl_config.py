@@ -92,7 +92,9 @@ class RolloutConfig:
     )
     top_p: float = field(
         default=1.0,
-        metadata=field_help("Nucleus sampling mass; 1: off (same importance-weight remark as top_k)."),
+        metadata=field_help(
+            "Nucleus sampling mass; 1: off (same importance-weight remark as top_k)."
+        ),
     )
     suppress_eos: bool = field(
         default=False,
@@ -128,7 +130,9 @@ class RolloutConfig:
     )
     teacher_floor: float = field(
         default=0.1,
-        metadata=field_help("alpha=min_variance: the policy's share of the proposal (weights <= 1/it)."),
+        metadata=field_help(
+            "alpha=min_variance: the policy's share of the proposal (weights <= 1/it)."
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -234,7 +238,8 @@ class KLConfig:
     """
 
     coef: float = field(
-        default=0.0, metadata=field_help("Coefficient beta (initial value when adaptive); 0: no KL.")
+        default=0.0,
+        metadata=field_help("Coefficient beta (initial value when adaptive); 0: no KL."),
     )
     placement: Literal["reward", "loss"] = field(
         default="reward",
@@ -313,7 +318,8 @@ class PolicyLossConfig:
         default=None, metadata=field_help("Upper clip (DAPO clip-higher); null: clip_ratio.")
     )
     dual_clip: float | None = field(
-        default=None, metadata=field_help("Dual-clip constant c > 1 for negative advantages; null: off.")
+        default=None,
+        metadata=field_help("Dual-clip constant c > 1 for negative advantages; null: off."),
     )
     agg: Literal[
         "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
@@ -424,7 +430,9 @@ class OnlineConfig(RunConfig):
             "with its adapter disabled). Loaded only when kl.coef > 0."
         ),
     )
-    data: PromptDataConfig = field(default_factory=PromptDataConfig, metadata=field_help("Prompts."))
+    data: PromptDataConfig = field(
+        default_factory=PromptDataConfig, metadata=field_help("Prompts.")
+    )
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata=field_help("Sampling."))
     rewards: list[RewardSourceConfig] = field(
         default_factory=list,
