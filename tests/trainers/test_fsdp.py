@@ -141,6 +141,9 @@ TRAINING_SCRIPT = (
             "local_elements": (first.to_local() if isinstance(first, DTensor) else first).numel(),
             "elements": first.numel(),
         }))
+    # As `alignkit train` does: leave the gloo group together, not at interpreter exit.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     """
     )
 )

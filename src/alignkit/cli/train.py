@@ -101,6 +101,16 @@ def _check_file_against_method(method: str, defaults: tuple[str, ...], config: P
 _MISSING = object()
 
 
+def _close_process_group() -> None:
+    """Leave the process group together: a gloo group torn down by interpreter exit aborts
+    now and then ("terminate called without an active exception", exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def register(app: typer.Typer) -> None:
     @app.command(
         "train",
@@ -156,6 +166,7 @@ def register(app: typer.Typer) -> None:
             )
             keys = ("step", "metrics", "eval")
             typer.echo(json.dumps({k: summary[k] for k in keys if k in summary}))
+        _close_process_group()
 
     @app.command("config")
     def config_command(
