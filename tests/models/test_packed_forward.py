@@ -10,8 +10,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from alignkit.data import PreferenceCollator
 from alignkit.models import forward as forward_module
 from alignkit.models import load_policy
+from alignkit.models import packing as packing_module
+from alignkit.models.block_attention import block_attention_available
 from alignkit.models.forward import response_logps, token_logprobs
-from alignkit.models.packing import pack_rows, packable_model
+from alignkit.models.packing import pack_rows, packable_model, packing_options
 
 
 def _pairs_batch() -> dict[str, torch.Tensor]:
@@ -112,6 +114,23 @@ def _logps_entropy_grads(model: nn.Module, batch, packed: bool, temperature: flo
     return [logps.detach(), entropy.detach(), *grads]
 
 
+def _tiny_gqa_llama() -> nn.Module:
+    """The tiny preset's shape with grouped-query attention (4 query heads, 2 key/value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
 def _tiny_gpt2() -> nn.Module:
     config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
@@ -123,10 +142,15 @@ def _tiny_gpt2() -> nn.Module:
     ("architecture", "attention", "make_batch", "temperature", "full_logits"),
     [
         ("llama", "sdpa", _pairs_batch, 1.0, False),
+        ("llama", "sdpa-mask", _pairs_batch, 1.0, False),
         ("llama", "eager", _pairs_batch, 0.7, False),
         ("llama", "sdpa", _group_batch, 1.3, False),
+        ("llama", "sdpa-mask", _group_batch, 1.3, False),
         ("llama", "sdpa", _pairs_batch, 1.0, True),
+        ("gqa-llama", "sdpa", _group_batch, 1.0, False),
+        ("gqa-llama", "sdpa-mask", _pairs_batch, 1.0, False),
         ("gpt2", "sdpa", _group_batch, 1.0, False),
+        ("gpt2", "sdpa-mask", _pairs_batch, 1.0, False),
     ],
 )
 def test_packed_logprobs_entropies_and_grads_equal_the_padded_forward(
@@ -137,8 +161,14 @@ def test_packed_logprobs_entropies_and_grads_equal_the_padded_forward(
     temperature: float,
     full_logits: bool,
 ) -> None:
-    model = load_policy("tiny", seed=0)[0] if architecture == "llama" else _tiny_gpt2()
-    model.config._attn_implementation = attention
+    """``sdpa``: block attention (one packed row, each tree's attention on its own); ``sdpa-mask``
+    and ``eager``: packed rows with a 4D mask."""
+    models = {"llama": lambda: load_policy("tiny", seed=0)[0], "gqa-llama": _tiny_gqa_llama}
+    model = models.get(architecture, _tiny_gpt2)()
+    model.config._attn_implementation = attention.removesuffix("-mask")
+    if attention == "sdpa-mask":
+        monkeypatch.setattr(packing_module, "block_attention_available", lambda model: False)
+    assert packing_options(model)["blocks"] == (attention == "sdpa")
     model.train()  # dropout is 0 in both; train mode is what a trainer runs
     if full_logits:
         monkeypatch.setattr(forward_module, "selects_logit_rows", lambda model: False)
@@ -152,6 +182,45 @@ def test_packed_logprobs_entropies_and_grads_equal_the_padded_forward(
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     scored = batch["response_mask"] != 0
     assert (packed[0][~scored] == 0).all() and (packed[0][scored] < 0).all()
+
+
+def test_block_layout_is_one_row_of_trees_each_with_its_own_mask() -> None:
+    batch = _group_batch()  # trees: rows 0-2 sharing a prompt (10 tokens), rows 3-4 (11)
+    blocks = pack_rows(batch["input_ids"], batch["attention_mask"], blocks=True)
+    masked = pack_rows(batch["input_ids"], batch["attention_mask"])
+    assert blocks is not None and masked is not None and blocks.visible is None
+    assert blocks.input_ids.shape == (1, 21) and torch.equal(blocks.input_ids, masked.input_ids)
+    assert [(b.start, b.end) for b in blocks.blocks] == [(0, 10), (10, 21)]
+    for block in blocks.blocks:  # each tree mask is the masked layout's diagonal block
+        expected = masked.visible[0, 0, block.start : block.end, block.start : block.end]
+        assert torch.equal(block.visible, expected)
+    alone = _pairs_batch()
+    alone["input_ids"][1, :2] = torch.tensor([1, 2])  # pair 1's rows no longer share a prefix
+    layout = pack_rows(alone["input_ids"], alone["attention_mask"], blocks=True)
+    assert layout is not None
+    singles = [b for b in layout.blocks if b.visible is None]  # a lone row: causal, no mask
+    assert len(singles) >= 1
+    for b in singles:
+        assert (
+            layout.segment_start[0, b.start]
+            and not layout.segment_start[0, b.start + 1 : b.end].any()
+        )
+
+
+def test_block_attention_needs_sdpa_and_no_checkpointing_and_windows_limit_packing() -> None:
+    model = load_policy("tiny", seed=0)[0]
+    assert block_attention_available(model)
+    model.activation_checkpointing_enable()
+    assert not block_attention_available(model)  # its recompute would run outside the switch
+    assert not packing_options(model)["blocks"]
+    model.activation_checkpointing_disable()
+    model.config._attn_implementation = "eager"
+    assert not block_attention_available(model)
+    model.config._attn_implementation = "sdpa"
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = 8
+    assert packable_model(model, longest=8) and not packable_model(model, longest=9)
+    assert not packable_model(model)  # the length is unknown: a window may cut it
 
 
 def test_packed_response_logps_equal_the_padded_ones_to_1e_5() -> None:
@@ -174,7 +243,7 @@ def test_models_that_cannot_take_a_packed_batch_run_padded(monkeypatch) -> None:
     batch = _pairs_batch()
     token_logprobs(model, batch, batch["response_mask"], packed=True)
     assert len(calls) == 1
-    monkeypatch.setattr(forward_module, "packable_model", lambda model: False)
+    monkeypatch.setattr(forward_module, "packable_model", lambda model, longest=None: False)
     with torch.no_grad():
         out = token_logprobs(model, batch, batch["response_mask"], packed=True)
     assert len(calls) == 1 and out.shape == batch["input_ids"].shape
@@ -208,6 +277,46 @@ def test_logprobs_are_the_same_when_the_trees_are_split_over_rows(monkeypatch) -
     batch = _group_batch()
     with torch.no_grad():
         padded = token_logprobs(model, batch, batch["response_mask"])
-        monkeypatch.setattr(forward_module, "attention_cost", lambda model: 1.0)
+        monkeypatch.setattr(packing_module, "block_attention_available", lambda model: False)
+        monkeypatch.setattr(packing_module, "attention_cost", lambda model: 1.0)
         split = token_logprobs(model, batch, batch["response_mask"], packed=True)
     torch.testing.assert_close(split, padded, rtol=0, atol=1e-5)
+
+
+def test_sft_packed_rows_run_as_one_row_of_blocks_with_the_4d_mask_logprobs() -> None:
+    from alignkit.data.packing import PackedSFTCollator
+    from alignkit.models.forward import segment_logprobs
+    from alignkit.models.packing import segments_layout
+
+    rows = [
+        {"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, 6, 7, -100, 9, 10],
+         "segment_lengths": [3, 3]},
+        {"input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14], "segment_lengths": [4]},
+    ]  # fmt: skip
+    batch = PackedSFTCollator(pad_token_id=0)(rows)
+    layout = segments_layout(batch["input_ids"], batch["position_ids"], batch["token_mask"].bool())
+    assert layout is not None and layout.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
+    assert [(b.start, b.end, b.visible) for b in layout.blocks] == [
+        (0, 3, None), (3, 6, None), (6, 10, None)
+    ]  # fmt: skip
+    assert layout.where[1].tolist() == [6, 7, 8, 9, -1, -1]
+    shifted = batch["position_ids"].clone()
+    shifted[0, 4] = 5  # positions that skip: not sequences this function can read
+    assert segments_layout(batch["input_ids"], shifted, batch["token_mask"].bool()) is None
+
+    model = load_policy("tiny", seed=0)[0].train()
+    scored = batch["labels"] != -100
+
+    def run(blocks: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        if blocks:
+            logps = segment_logprobs(model, batch, scored)
+        else:
+            logps = token_logprobs(model, batch, scored, position_ids=batch["position_ids"])
+        logps.sum().backward()
+        return [logps.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    masked, blocks = run(False), run(True)
+    for a, b in zip(masked, blocks, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert (blocks[0][scored] < 0).all() and (blocks[0][~scored] == 0).all()

@@ -54,8 +54,9 @@ class PackedSFTCollator:
     """Collate packed rows: right padding, block-diagonal causal mask, restarted positions.
 
     Returns ``input_ids``/``labels`` ``[B, T]``, ``attention_mask`` ``[B, 1, T, T]`` (bool,
-    True = may attend), ``position_ids`` ``[B, T]`` and ``num_tokens`` (real tokens, for
-    throughput). The first token of every example is masked out of ``labels``: it would
+    True = may attend), ``position_ids`` ``[B, T]``, ``token_mask`` ``[B, T]`` (1 on real
+    tokens: the padding-free forward, ``models.forward.segment_logprobs``, runs from it and the
+    positions instead of the 4D mask) and ``num_tokens`` (real tokens, for throughput). The first token of every example is masked out of ``labels``: it would
     otherwise be predicted from the previous example's last position.
 
     Example:
@@ -100,5 +101,6 @@ class PackedSFTCollator:
             "labels": labels,
             "attention_mask": attention[:, None],
             "position_ids": positions,
+            "token_mask": real.long(),
             "num_tokens": real.sum(),
         }

@@ -28,10 +28,12 @@ from torch import Tensor, nn
 from alignkit.models.lora import unwrap_model
 from alignkit.models.packing import (
     PackedLayout,
-    attention_cost,
     pack_rows,
     packable_model,
+    packed_attention,
     packed_model_inputs,
+    packing_options,
+    segments_layout,
 )
 from alignkit.ops.logprobs import (
     entropy_from_logits,
@@ -151,8 +153,8 @@ def token_logprobs(
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    if packed and position_ids is None and packable_model(model):
-        layout = pack_rows(input_ids, attention_mask, attention_cost=attention_cost(model))
+    if packed and position_ids is None and packable_model(model, input_ids.shape[1]):
+        layout = pack_rows(input_ids, attention_mask, **packing_options(model))
         if layout is not None:
             return _packed_token_logprobs(model, layout, scored, temperature, with_entropy)
     if position_ids is None and takes_position_ids(model):
@@ -201,7 +203,8 @@ def _packed_token_logprobs(
     """:func:`token_logprobs` through the packed layout, returned in the padded layout."""
     dtype = next(model.parameters()).dtype
     inputs = packed_model_inputs(model, layout, dtype)
-    out = _scored_logprobs(model, inputs, layout.pack_scored(scored), temperature, with_entropy)
+    with packed_attention(model, layout):
+        out = _scored_logprobs(model, inputs, layout.pack_scored(scored), temperature, with_entropy)
     keep = scored != 0
     packed_outputs = out if isinstance(out, tuple) else (out,)
     unpacked = tuple(
@@ -224,6 +227,25 @@ def response_logps(model: nn.Module, batch: dict[str, Tensor], *, packed: bool =
     (padding-free if ``packed``: see :func:`token_logprobs`)."""
     scored = batch["response_mask"]
     return masked_sum(token_logprobs(model, batch, scored, packed=packed), scored, dim=-1)
+
+
+def segment_logprobs(model: nn.Module, batch: dict[str, Tensor], scored: Tensor) -> Tensor:
+    """:func:`token_logprobs` of rows that hold several sequences each (``PackedSFTCollator``:
+    ``position_ids`` restarting per sequence, a 4D ``attention_mask`` and a ``token_mask``).
+
+    Where the model takes block attention (`models.block_attention`), the rows' real tokens
+    run as one padding-free row in which each sequence attends only to itself (attention
+    ``sum(n**2)`` instead of ``T**2`` per row, no padding); otherwise the rows run as they are,
+    with their 4D mask. Same log-probs either way, to float round-off.
+    """
+    input_ids, position_ids = batch["input_ids"], batch["position_ids"]
+    if packable_model(model, input_ids.shape[1]) and packing_options(model)["blocks"]:
+        layout = segments_layout(input_ids, position_ids, batch["token_mask"].bool())
+        if layout is not None:
+            out = _packed_token_logprobs(model, layout, scored, 1.0, False)
+            assert isinstance(out, Tensor)
+            return out
+    return token_logprobs(model, batch, scored, position_ids=position_ids)
 
 
 def innermost_model(model: nn.Module) -> nn.Module:

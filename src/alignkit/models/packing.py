@@ -19,6 +19,11 @@ transformers uses as given; ``use_cache=False`` keeps the model from allocating 
 
 :meth:`PackedLayout.unpack` maps any per-token output (``[P, L]`` log-probs, ``[P, L, H]``
 hidden states) back to the padded ``[R, T]`` layout, 0 at pads.
+
+With ``blocks=True`` (for sdpa models, :func:`packing_options`) everything goes into one row
+without padding and no ``[L, L]`` mask is built: each tree of rows is an
+:class:`~alignkit.models.block_attention.AttentionBlock` whose attention runs on its own
+(`models.block_attention`), so attention costs ``sum(n_b**2)`` instead of ``L**2``.
 """
 
 from __future__ import annotations
@@ -30,12 +35,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from alignkit.models.block_attention import (
+    AttentionBlock,
+    block_attention,
+    block_attention_available,
+)
+
 __all__ = [
     "PackedLayout",
     "attention_cost",
     "pack_rows",
     "packable_model",
+    "packed_attention",
     "packed_model_inputs",
+    "packing_options",
+    "segments_layout",
 ]
 
 # Compare at most this many [row, row, token] entries at once when finding shared prefixes.
@@ -51,7 +65,8 @@ class PackedLayout:
     Attributes:
         input_ids: ``[P, L]`` packed tokens (pads after the last sequence of a row are 0).
         position_ids: ``[P, L]`` each token's position in its own sequence.
-        visible: ``[P, 1, L, L]`` bool, True where query ``q`` may attend to key ``k``.
+        visible: ``[P, 1, L, L]`` bool, True where query ``q`` may attend to key ``k``; None
+            when ``blocks`` stand for it.
         where: ``[R, T]`` flat index (``p * L + l``) of the packed token whose key and hidden
             state stand for token ``(r, t)``; -1 at pads.
         scored_at: ``[R, T]`` flat index of the packed token whose log-prob (from the packed
@@ -61,16 +76,19 @@ class PackedLayout:
             log-prob is not predicted by the position before it).
         padded_tokens: ``R * T``, the positions of the padded batch.
         packed_tokens: real tokens in the packed rows (shared prefixes counted once).
+        blocks: with ``pack_rows(blocks=True)``: the one packed row's trees of rows, each
+            attending only within itself; else None.
     """
 
     input_ids: Tensor
     position_ids: Tensor
-    visible: Tensor
+    visible: Tensor | None
     where: Tensor
     scored_at: Tensor
     segment_start: Tensor
     padded_tokens: int
     packed_tokens: int
+    blocks: tuple[AttentionBlock, ...] | None = None
 
     def unpack(self, packed: Tensor, index: Tensor | None = None) -> Tensor:
         """``[P, L, ...]`` per-token values to ``[R, T, ...]`` (0 at pads); differentiable.
@@ -102,6 +120,7 @@ def pack_rows(
     *,
     share_prefixes: bool = True,
     attention_cost: float = 0.0,
+    blocks: bool = False,
 ) -> PackedLayout | None:
     """Pack the real tokens of a padded batch; None when a row's tokens are not contiguous
     or packing would not save work (the cost below is not lower than the padded batch's).
@@ -117,6 +136,10 @@ def pack_rows(
             attention; the trees of rows sharing a prefix are spread over the number of rows
             ``P`` minimising ``P * L * (1 + attention_cost * L)`` (``L``: the longest row).
             0: one packed row.
+        blocks: one packed row, and instead of its ``[L, L]`` mask the
+            :attr:`PackedLayout.blocks` of attention: each tree's attention on its own, so the
+            trees are cut where sharing a short prefix would cost more attention (a tree of
+            ``t`` tokens costs ``t * (1 + attention_cost * t)``) than it saves tokens.
     """
     real = attention_mask.bool()
     rows, width = real.shape
@@ -134,9 +157,9 @@ def pack_rows(
 
     source, shared = _shared_prefixes(aligned, valid, enabled=share_prefixes)
     index = torch.arange(rows, device=device)
-    _, bin_of_tree, shared = min(
+    packed_cost, bin_of_tree, shared = min(
         (
-            (*_layout_cost(lengths, source, kept, attention_cost), kept)
+            (*_layout_cost(lengths, source, kept, attention_cost, blocks), kept)
             for kept in (_link_cuts(shared) if attention_cost > 0 else [shared])
         ),
         key=lambda option: option[0],
@@ -157,7 +180,7 @@ def pack_rows(
     bin_tokens = bin_tokens.index_add(0, bin_of_row, own_count)
     packed_width = max(int(bin_tokens.max()) if rows else 1, 1)
     padded_cost = rows * width * (1.0 + attention_cost * width)
-    if packed_rows * packed_width * (1.0 + attention_cost * packed_width) >= padded_cost:
+    if packed_cost >= padded_cost:
         return None  # nothing to gain: no padding, no shared prefix, or attention eats it
     # Flat packed index of each row's first own token (row order).
     base = torch.empty(rows, device=device, dtype=torch.long)
@@ -181,7 +204,11 @@ def pack_rows(
     segment_start = torch.zeros(flat, device=device, dtype=torch.bool)
     segment_start[base[lengths > 0]] = True
 
-    visible = _tree_mask(where, owner.view(packed_rows, packed_width), own_position, packed_width)
+    if blocks:
+        visible, attention_blocks = None, _blocks(where, owner, own_position, root)
+    else:
+        owners = owner.view(packed_rows, packed_width)
+        visible, attention_blocks = _tree_mask(where, owners, own_position, packed_width), None
     row_of = index[:, None].expand(rows, width)
 
     def to_columns(values: Tensor) -> Tensor:
@@ -198,6 +225,45 @@ def pack_rows(
         segment_start=segment_start.view(packed_rows, packed_width),
         padded_tokens=rows * width,
         packed_tokens=int(counts.sum()),
+        blocks=attention_blocks,
+    )
+
+
+def segments_layout(input_ids: Tensor, position_ids: Tensor, real: Tensor) -> PackedLayout | None:
+    """The layout, with attention :attr:`~PackedLayout.blocks`, of rows that already hold
+    several sequences each (SFT's packed rows): every row's real tokens (``real``, ``[B, T]``
+    bool, left-aligned runs) end to end in one row, each sequence (a run of ``position_ids``
+    ``0, 1, 2, ...``) a causal block of its own. None where the positions do not restart at 0
+    and count up by one within a row's real tokens."""
+    rows, width = input_ids.shape
+    lengths = real.sum(dim=1)
+    arange = torch.arange(width, device=input_ids.device)
+    if not bool((real == (arange < lengths[:, None])).all()):
+        return None  # not right-padded: the flat order would not keep sequences whole
+    positions = position_ids[real]
+    if positions.numel() == 0:
+        return None
+    start = positions == 0
+    steps = positions[1:] == positions[:-1] + 1
+    row_starts = torch.cumsum(lengths, 0) - lengths
+    start_of_row = torch.zeros_like(start)
+    start_of_row[row_starts[lengths > 0]] = True
+    if not bool(start[start_of_row].all()) or not bool((start[1:] | steps).all()):
+        return None
+    flat = torch.cumsum(real.reshape(-1).long(), 0) - 1
+    where = torch.where(real, flat.view(rows, width), -1)
+    starts = start.nonzero()[:, 0].tolist()
+    ends = [*starts[1:], positions.numel()]
+    return PackedLayout(
+        input_ids=input_ids[real][None],
+        position_ids=positions[None],
+        visible=None,
+        where=where,
+        scored_at=where,
+        segment_start=start[None],
+        padded_tokens=rows * width,
+        packed_tokens=positions.numel(),
+        blocks=tuple(AttentionBlock(a, b, None) for a, b in zip(starts, ends, strict=True)),
     )
 
 
@@ -237,11 +303,16 @@ def _link_cuts(shared: Tensor) -> list[Tensor]:
 
 
 def _layout_cost(
-    lengths: Tensor, source: Tensor, shared: Tensor, attention_cost: float
+    lengths: Tensor, source: Tensor, shared: Tensor, attention_cost: float, blocks: bool
 ) -> tuple[float, Tensor]:
-    """The cost and packed rows (:func:`_assign_bins`) of packing with these shared prefixes."""
+    """The cost and packed rows of packing with these shared prefixes: with ``blocks``, one row
+    where each tree of ``t`` tokens costs ``t * (1 + attention_cost * t)``; else
+    :func:`_assign_bins`."""
     root = _roots(source, shared > 0)
     tokens = torch.zeros_like(lengths).index_add(0, root, lengths - shared)
+    if blocks:
+        trees = tokens[root.unique()].double()
+        return float((trees * (1.0 + attention_cost * trees)).sum()), torch.zeros_like(tokens)
     return _assign_bins(tokens, root, attention_cost)
 
 
@@ -315,6 +386,31 @@ def _resolve(own_index: Tensor, own: Tensor, inherited: Tensor, source: Tensor) 
         out = nxt
 
 
+def _blocks(
+    where: Tensor, owner: Tensor, position: Tensor, root: Tensor
+) -> tuple[AttentionBlock, ...]:
+    """The trees of one packed row (contiguous: packed order keeps a tree together), each with
+    its tree mask (the rule of :func:`_tree_mask`), or no mask for a tree of one row."""
+    row_width = where.shape[1]
+    tree = root[owner.clamp(min=0)]
+    boundaries = (tree[1:] != tree[:-1]).nonzero()[:, 0] + 1
+    starts = torch.cat([boundaries.new_zeros(1), boundaries])
+    ends = torch.cat([boundaries, boundaries.new_full((1,), len(tree))])
+    rows_in_tree = torch.bincount(root, minlength=len(root))
+    out = []
+    trees = zip(starts.tolist(), ends.tolist(), tree[starts].tolist(), strict=True)
+    for start, end, tree_root in trees:
+        if int(rows_in_tree[tree_root]) == 1:
+            out.append(AttentionBlock(start, end, None))
+            continue
+        rows, positions = owner[start:end], position[start:end]
+        lookup = where.reshape(-1)[rows[:, None] * row_width + positions[None, :]]
+        keys = torch.arange(start, end, device=owner.device)
+        visible = (lookup == keys[None, :]) & (positions[None, :] <= positions[:, None])
+        out.append(AttentionBlock(start, end, visible))
+    return tuple(out)
+
+
 def _tree_mask(where: Tensor, owner: Tensor, position: Tensor, width: int) -> Tensor:
     """``[P, 1, L, L]``: query ``q`` (token ``p`` of row ``r``) sees key ``k`` (at position
     ``p'``) iff ``p' <= p`` and ``k`` stands for row ``r``'s token ``p'``: its own sequence
@@ -336,12 +432,13 @@ def _tree_mask(where: Tensor, owner: Tensor, position: Tensor, width: int) -> Te
 # ----------------------------------------------------------------------------- model side
 
 
-def packable_model(model: nn.Module) -> bool:
+def packable_model(model: nn.Module, longest: int | None = None) -> bool:
     """Whether ``model`` (its innermost module, inside DDP/FSDP/peft wrappers) runs a packed
     batch exactly: a transformers decoder (``transformers.models.*`` forward, causal, not
     encoder-decoder) that takes ``position_ids`` and uses eager or sdpa attention, which take
-    a 4D mask as given. Others (flash-attention, ALiBi models, encoders, custom code) are not
-    packed."""
+    a 4D mask as given, with no sliding window shorter than ``longest`` (the longest sequence;
+    None: any window) since the packed masks are plain causal. Others (flash-attention, ALiBi
+    models, encoders, custom code) are not packed."""
     from alignkit.models.forward import innermost_model
 
     inner = innermost_model(model)
@@ -352,7 +449,30 @@ def packable_model(model: nn.Module) -> bool:
         return False
     # A bidirectional encoder's rows must not get a causal mask.
     causal = any(getattr(module, "is_causal", None) is True for module in inner.modules())
-    return causal and _packable_class(type(inner))
+    return causal and _packable_class(type(inner)) and not _window_below(inner, longest)
+
+
+def _window_below(inner: nn.Module, longest: int | None) -> bool:
+    """Whether an attention layer's sliding window may cut a sequence of ``longest`` tokens."""
+    windows = [m.sliding_window for m in inner.modules() if hasattr(m, "sliding_window")]
+    config = inner.config
+    if not windows and getattr(config, "use_sliding_window", True):
+        windows = [getattr(config, "sliding_window", None)]
+    active = [w for w in windows if isinstance(w, int)]
+    return bool(active) and (longest is None or longest > min(active))
+
+
+def packing_options(model: nn.Module) -> dict:
+    """Keyword arguments of :func:`pack_rows` for ``model``: block attention where
+    :func:`~alignkit.models.block_attention.block_attention_available`, else one masked
+    attention per packed row with its :func:`attention_cost`."""
+    return {"attention_cost": attention_cost(model), "blocks": block_attention_available(model)}
+
+
+def packed_attention(model: nn.Module, layout: PackedLayout):
+    """The context a forward of ``model`` on ``packed_model_inputs(model, layout)`` runs in:
+    block attention switched on for a layout with blocks, else nothing."""
+    return block_attention(model, active=layout.blocks is not None)
 
 
 @functools.cache
@@ -365,10 +485,19 @@ def _packable_class(model_class: type) -> bool:
 
 
 def packed_model_inputs(model: nn.Module, layout: PackedLayout, dtype: torch.dtype) -> dict:
-    """Keyword arguments running ``model`` on ``layout``: ids, positions, the 4D mask in the
-    form the attention implementation adds or selects with, and no cache."""
+    """Keyword arguments running ``model`` on ``layout``: ids, positions, no cache, and the 4D
+    mask in the form the attention implementation adds or selects with, or the attention
+    blocks (then the forward runs inside :func:`packed_attention`)."""
     from alignkit.models.forward import innermost_model
 
+    if layout.blocks is not None:
+        return {
+            "input_ids": layout.input_ids,
+            "position_ids": layout.position_ids,
+            "use_cache": False,
+            "alignkit_blocks": layout.blocks,
+        }
+    assert layout.visible is not None
     mask: Tensor = layout.visible
     if innermost_model(model).config._attn_implementation == "eager":
         # eager attention adds the mask to the scores.

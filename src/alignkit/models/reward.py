@@ -49,10 +49,11 @@ from alignkit.models.loading import (
     tokenizer_for,
 )
 from alignkit.models.packing import (
-    attention_cost,
     pack_rows,
     packable_model,
+    packed_attention,
     packed_model_inputs,
+    packing_options,
 )
 from alignkit.models.pooling import POOLINGS, AttentionPooling, pool
 from alignkit.models.tiny import TINY_NAME, build_tiny_model
@@ -187,14 +188,16 @@ class RewardModel(nn.Module):
     def _packed_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
         """``[B, T, H]`` hidden states from a packed backbone pass (0 at pads), or None where
         the backbone or the batch cannot be packed."""
-        if not packable_model(self.backbone):
+        if not packable_model(self.backbone, input_ids.shape[1]):
             return None
-        layout = pack_rows(input_ids, attention_mask, attention_cost=attention_cost(self.backbone))
+        layout = pack_rows(input_ids, attention_mask, **packing_options(self.backbone))
         if layout is None:
             return None
         dtype = next(self.backbone.parameters()).dtype
         inputs = packed_model_inputs(self.backbone, layout, dtype)
-        return layout.unpack(self.backbone(**inputs).last_hidden_state)
+        with packed_attention(self.backbone, layout):
+            hidden = self.backbone(**inputs).last_hidden_state
+        return layout.unpack(hidden)
 
     def head_state_dict(self) -> dict[str, Tensor]:
         """Weights of everything but the backbone (heads and attention pooling)."""

@@ -45,10 +45,10 @@ def _log_softmax_at(block: torch.Tensor, index: torch.Tensor):
     return block.gather(-1, index[:, None]).squeeze(-1) - log_normaliser, log_normaliser
 
 
-def _log_softmax_at_grad(block, index, log_normaliser, upstream) -> torch.Tensor:
-    # d/dz_j log softmax(z)_i = 1[j = i] - softmax(z)_j
+def _log_softmax_at_grad(block, index, log_normaliser, upstream, out=None) -> torch.Tensor:
+    # d/dz_j log softmax(z)_i = 1[j = i] - softmax(z)_j; written into `out` when given.
     upstream = upstream[:, None]
-    grad = (block - log_normaliser[:, None]).exp_().mul_(-upstream)
+    grad = torch.sub(block, log_normaliser[:, None], out=out).exp_().mul_(-upstream)
     return grad.scatter_add_(-1, index[:, None], upstream)
 
 
@@ -85,6 +85,16 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         grad_out = grad_out.to(log_normaliser.dtype)
         for start in range(0, index.shape[0], ctx.chunk_rows):
             end = min(start + ctx.chunk_rows, index.shape[0])
+            if rows is None and grad_logits.dtype == log_normaliser.dtype:
+                # Straight into the output rows: no block-sized temporary, no copy.
+                _log_softmax_at_grad(
+                    logits[start:end],
+                    index[start:end],
+                    log_normaliser[start:end],
+                    grad_out[start:end],
+                    out=grad_logits[start:end],
+                )
+                continue
             _write_rows(
                 grad_logits,
                 rows,

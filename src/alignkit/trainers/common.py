@@ -51,9 +51,10 @@ class ModelConfig:
     packed: bool = field(
         default=True,
         metadata=field_help(
-            "Padding-free forward passes in the DPO family (policy and reference pass) and "
-            "reward/cost model training: a batch's real tokens in a few rows with a "
-            "block-diagonal causal mask, a pair's prompt computed once. Same log-probs and "
+            "Padding-free forward passes in the DPO family (policy and reference pass), "
+            "reward/cost model training and SFT's packed rows: a batch's real tokens in one "
+            "row where each sequence attends only to itself (sdpa; eager: a few rows with a "
+            "block-diagonal causal mask), a pair's prompt computed once. Same log-probs and "
             "rewards as the padded forward to float round-off; used where the model allows it "
             "(a transformers decoder with sdpa or eager attention)."
         ),

@@ -17,7 +17,7 @@ from alignkit.config import TrainConfig
 from alignkit.data import SFTCollator, tokenize_sft
 from alignkit.data.packing import PackedSFTCollator, pack_examples
 from alignkit.data.tokenize import IGNORE_INDEX
-from alignkit.models.forward import token_logprobs
+from alignkit.models.forward import segment_logprobs, token_logprobs
 from alignkit.ops.stats import masked_mean
 from alignkit.trainers.common import (
     DataConfig,
@@ -66,10 +66,12 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         completion = batch["labels"] != IGNORE_INDEX
-        # Packed rows restart positions per example.
-        token_logps = token_logprobs(
-            model, batch, completion, position_ids=batch.get("position_ids")
-        )
+        if "position_ids" in batch and self.config.model.packed:  # packed rows
+            token_logps = segment_logprobs(model, batch, completion)
+        else:  # packed rows restart positions per example
+            token_logps = token_logprobs(
+                model, batch, completion, position_ids=batch.get("position_ids")
+            )
         loss = -masked_mean(token_logps, completion)
         return loss, {}
 

@@ -1,0 +1,140 @@
+"""Attention on the diagonal blocks of one packed row, one SDPA call per block.
+
+A packed row (`models.packing`) holds many sequences end to end. With one ``[L, L]`` mask,
+masked attention computes every (query, key) pair of the row, ``L**2``, although a sequence only
+sees itself: packing a step's rows into one row would trade padding for quadratic attention, so
+the masked layout spreads them over several padded rows instead. Here the attention of each
+block (a sequence, or a tree of sequences sharing a prefix) runs on its own:
+
+- a block holding one sequence: ``scaled_dot_product_attention(..., is_causal=True)``, no mask;
+- a tree (a DPO pair's prompt, chosen and rejected answers; a GRPO group): its own
+  ``[n, n]`` tree mask.
+
+The cost is ``sum(n_b**2)`` rather than ``L**2``, no full mask is ever built, and the whole step
+fits in one row without padding. Grouped-query attention runs without repeating the key/value
+heads (``enable_gqa``). Same outputs as the masked forward to float32 round-off (tested).
+
+The model's attention layers find this function through transformers' ``AttentionInterface``:
+:func:`block_attention` switches the model's ``_attn_implementation`` to it for the duration of
+a forward, and the blocks travel as the ``alignkit_blocks`` keyword argument that transformers
+passes through to the attention function. Without that argument it is plain ``sdpa``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BLOCK_SDPA", "AttentionBlock", "block_attention", "block_attention_available"]
+
+#: The name the attention function is registered under.
+BLOCK_SDPA = "alignkit_block_sdpa"
+# Keyword arguments of other attention variants that this function does not implement.
+_UNSUPPORTED = ("softcap", "position_bias", "s_aux", "sinks")
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """Positions ``start:end`` of the packed row attend only among themselves.
+
+    ``visible``: ``[n, n]`` bool, True where query ``q`` may attend to key ``k`` (a tree mask);
+    None for one causal sequence.
+    """
+
+    start: int
+    end: int
+    visible: Tensor | None
+
+
+def block_sdpa_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    alignkit_blocks: tuple[AttentionBlock, ...] | None = None,
+    **kwargs: object,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: ``query`` ``[1, H, L, D]``, ``key`` and
+    ``value`` ``[1, H_kv, L, D]``; returns ``[1, L, H, D]``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if alignkit_blocks is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    unsupported = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
+    if unsupported or attention_mask is not None or query.shape[0] != 1:
+        raise ValueError(
+            f"block attention runs one packed row without a mask or {', '.join(_UNSUPPORTED)}; "
+            f"{type(module).__name__} passed "
+            f"{unsupported or ('a mask' if attention_mask is not None else 'several rows')}"
+        )
+    gqa = query.shape[1] != key.shape[1]
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, block.start : block.end],
+            key[:, :, block.start : block.end],
+            value[:, :, block.start : block.end],
+            attn_mask=block.visible,
+            dropout_p=dropout,
+            is_causal=block.visible is None,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        for block in alignkit_blocks
+    ]
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(BLOCK_SDPA, block_sdpa_attention)
+
+
+_register()
+
+
+def block_attention_available(model: nn.Module) -> bool:
+    """Whether :func:`block_attention` can run ``model`` (its innermost module): sdpa attention,
+    one config shared by every submodule (so switching it reaches every attention layer), and no
+    gradient checkpointing (its recomputation would run after the switch is undone)."""
+    from alignkit.models.forward import innermost_model
+
+    inner = innermost_model(model)
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    checkpointing = getattr(type(inner), "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers < 5.x
+        checkpointing = getattr(type(inner), "is_gradient_checkpointing", None)
+    if isinstance(checkpointing, property) and checkpointing.fget(inner):
+        return False
+    return all(getattr(m, "config", config) is config for m in inner.modules())
+
+
+@contextmanager
+def block_attention(model: nn.Module, active: bool = True) -> Iterator[None]:
+    """Run ``model``'s attention layers through :func:`block_sdpa_attention` inside the block
+    (a no-op when not ``active``)."""
+    if not active:
+        yield
+        return
+    from alignkit.models.forward import innermost_model
+
+    config = innermost_model(model).config
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = BLOCK_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = previous
