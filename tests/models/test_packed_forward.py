@@ -184,27 +184,35 @@ def test_packed_logprobs_entropies_and_grads_equal_the_padded_forward(
     assert (packed[0][~scored] == 0).all() and (packed[0][scored] < 0).all()
 
 
-def test_block_layout_is_one_row_of_trees_each_with_its_own_mask() -> None:
+def test_block_layout_is_one_row_each_sequence_attending_to_its_own_keys() -> None:
     batch = _group_batch()  # trees: rows 0-2 sharing a prompt (10 tokens), rows 3-4 (11)
     blocks = pack_rows(batch["input_ids"], batch["attention_mask"], blocks=True)
     masked = pack_rows(batch["input_ids"], batch["attention_mask"])
     assert blocks is not None and masked is not None and blocks.visible is None
     assert blocks.input_ids.shape == (1, 21) and torch.equal(blocks.input_ids, masked.input_ids)
-    assert [(b.start, b.end) for b in blocks.blocks] == [(0, 10), (10, 21)]
-    for block in blocks.blocks:  # each tree mask is the masked layout's diagonal block
-        expected = masked.visible[0, 0, block.start : block.end, block.start : block.end]
-        assert torch.equal(block.visible, expected)
-    alone = _pairs_batch()
-    alone["input_ids"][1, :2] = torch.tensor([1, 2])  # pair 1's rows no longer share a prefix
-    layout = pack_rows(alone["input_ids"], alone["attention_mask"], blocks=True)
-    assert layout is not None
-    singles = [b for b in layout.blocks if b.visible is None]  # a lone row: causal, no mask
-    assert len(singles) >= 1
-    for b in singles:
-        assert (
-            layout.segment_start[0, b.start]
-            and not layout.segment_start[0, b.start + 1 : b.end].any()
-        )
+    # One block per row, tiling the packed row in order; the roots (rows 0, 3) are causal.
+    assert [(b.start, b.end) for b in blocks.blocks] == [
+        (0, 6),
+        (6, 8),
+        (8, 10),
+        (10, 18),
+        (18, 21),
+    ]
+    assert [b.keys is None for b in blocks.blocks] == [True, False, False, True, False]
+    full = masked.visible[0, 0]
+    for block in blocks.blocks:
+        queries = full[block.start : block.end]
+        if block.keys is None:  # sees exactly the causal run of its own positions
+            n = block.end - block.start
+            assert not queries[:, : block.start].any() and not queries[:, block.end :].any()
+            assert torch.equal(queries[:, block.start : block.end], torch.ones(n, n).tril().bool())
+            continue
+        # sees exactly its gathered keys, and those as the masked layout says
+        assert torch.equal(block.visible, queries[:, block.keys])
+        outside = torch.ones(full.shape[1], dtype=torch.bool)
+        outside[block.keys] = False
+        assert not queries[:, outside].any()
+    assert blocks.blocks[2].keys.tolist() == [0, 1, 2, 8, 9]  # row 0's 31 32 33, its own 40 44
 
 
 def test_block_attention_needs_sdpa_and_no_checkpointing_and_windows_limit_packing() -> None:

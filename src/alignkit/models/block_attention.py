@@ -1,18 +1,23 @@
-"""Attention on the diagonal blocks of one packed row, one SDPA call per block.
+"""Attention of a packed row computed sequence by sequence, one SDPA call per piece.
 
 A packed row (`models.packing`) holds many sequences end to end. With one ``[L, L]`` mask,
 masked attention computes every (query, key) pair of the row, ``L**2``, although a sequence only
 sees itself: packing a step's rows into one row would trade padding for quadratic attention, so
-the masked layout spreads them over several padded rows instead. Here the attention of each
-block (a sequence, or a tree of sequences sharing a prefix) runs on its own:
+the masked layout spreads them over several padded rows instead. Here each row's own tokens (an
+:class:`AttentionBlock`) attend on their own:
 
-- a block holding one sequence: ``scaled_dot_product_attention(..., is_causal=True)``, no mask;
-- a tree (a DPO pair's prompt, chosen and rejected answers; a GRPO group): its own
-  ``[n, n]`` tree mask.
+- a sequence with no shared prefix: ``scaled_dot_product_attention(..., is_causal=True)`` over
+  its positions, no mask;
+- a sequence whose prefix is computed once by an earlier row (a DPO pair's rejected answer
+  after the chosen one, a GRPO group's later completions): its queries against the keys of its
+  whole sequence, gathered (the shared prefix's positions, then its own), with a causal mask
+  offset by the prefix length.
 
-The cost is ``sum(n_b**2)`` rather than ``L**2``, no full mask is ever built, and the whole step
-fits in one row without padding. Grouped-query attention runs without repeating the key/value
-heads (``enable_gqa``). Same outputs as the masked forward to float32 round-off (tested).
+Attention then costs about ``sum(own_tokens * sequence_length)`` (``T**2 / 2`` per unshared
+sequence of ``T``) instead of ``L**2``, never reads a sibling's keys, builds no ``[L, L]`` mask,
+and the whole step fits in one row without padding. Grouped-query attention runs without
+repeating the key/value heads (``enable_gqa``). Same outputs as the masked forward to float32
+round-off (tested).
 
 The model's attention layers find this function through transformers' ``AttentionInterface``:
 :func:`block_attention` switches the model's ``_attn_implementation`` to it for the duration of
@@ -40,15 +45,17 @@ _UNSUPPORTED = ("softcap", "position_bias", "s_aux", "sinks")
 
 @dataclass(frozen=True)
 class AttentionBlock:
-    """Positions ``start:end`` of the packed row attend only among themselves.
+    """The queries at positions ``start:end`` of the packed row and the keys they may see.
 
-    ``visible``: ``[n, n]`` bool, True where query ``q`` may attend to key ``k`` (a tree mask);
-    None for one causal sequence.
+    ``keys`` None: the keys are the same positions, causally (one sequence on its own). Else
+    ``keys`` ``[k]`` are the packed positions of the keys (in sequence order) and ``visible``
+    ``[end - start, k]`` bool says which of them each query sees.
     """
 
     start: int
     end: int
-    visible: Tensor | None
+    keys: Tensor | None = None
+    visible: Tensor | None = None
 
 
 def block_sdpa_attention(
@@ -78,19 +85,26 @@ def block_sdpa_attention(
             f"{unsupported or ('a mask' if attention_mask is not None else 'several rows')}"
         )
     gqa = query.shape[1] != key.shape[1]
-    outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, block.start : block.end],
-            key[:, :, block.start : block.end],
-            value[:, :, block.start : block.end],
-            attn_mask=block.visible,
-            dropout_p=dropout,
-            is_causal=block.visible is None,
-            scale=scaling,
-            enable_gqa=gqa,
+    outputs = []
+    for block in alignkit_blocks:
+        if block.keys is None:
+            block_key = key[:, :, block.start : block.end]
+            block_value = value[:, :, block.start : block.end]
+        else:
+            block_key = key.index_select(2, block.keys)
+            block_value = value.index_select(2, block.keys)
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, block.start : block.end],
+                block_key,
+                block_value,
+                attn_mask=block.visible,
+                dropout_p=dropout,
+                is_causal=block.keys is None,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
         )
-        for block in alignkit_blocks
-    ]
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return output.transpose(1, 2).contiguous(), None
 

@@ -21,9 +21,10 @@ transformers uses as given; ``use_cache=False`` keeps the model from allocating 
 hidden states) back to the padded ``[R, T]`` layout, 0 at pads.
 
 With ``blocks=True`` (for sdpa models, :func:`packing_options`) everything goes into one row
-without padding and no ``[L, L]`` mask is built: each tree of rows is an
-:class:`~alignkit.models.block_attention.AttentionBlock` whose attention runs on its own
-(`models.block_attention`), so attention costs ``sum(n_b**2)`` instead of ``L**2``.
+without padding and no ``[L, L]`` mask is built: each row's own tokens are an
+:class:`~alignkit.models.block_attention.AttentionBlock` whose attention runs on its own, over
+the keys of its sequence (`models.block_attention`), so attention costs about
+``sum(own_tokens * sequence_length)`` instead of ``L**2``.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ class PackedLayout:
             log-prob is not predicted by the position before it).
         padded_tokens: ``R * T``, the positions of the padded batch.
         packed_tokens: real tokens in the packed rows (shared prefixes counted once).
-        blocks: with ``pack_rows(blocks=True)``: the one packed row's trees of rows, each
-            attending only within itself; else None.
+        blocks: with ``pack_rows(blocks=True)``: the one packed row's attention, row by row
+            (`models.block_attention`); else None.
     """
 
     input_ids: Tensor
@@ -137,9 +138,9 @@ def pack_rows(
             ``P`` minimising ``P * L * (1 + attention_cost * L)`` (``L``: the longest row).
             0: one packed row.
         blocks: one packed row, and instead of its ``[L, L]`` mask the
-            :attr:`PackedLayout.blocks` of attention: each tree's attention on its own, so the
-            trees are cut where sharing a short prefix would cost more attention (a tree of
-            ``t`` tokens costs ``t * (1 + attention_cost * t)``) than it saves tokens.
+            :attr:`PackedLayout.blocks` of attention, each row's tokens against the keys of
+            its own sequence: sharing a prefix then adds no attention, so every shared prefix
+            is kept and ``attention_cost`` is not used.
     """
     real = attention_mask.bool()
     rows, width = real.shape
@@ -156,10 +157,11 @@ def pack_rows(
     valid = arange < lengths[:, None]
 
     source, shared = _shared_prefixes(aligned, valid, enabled=share_prefixes)
+    attention_cost = 0.0 if blocks else attention_cost
     index = torch.arange(rows, device=device)
     packed_cost, bin_of_tree, shared = min(
         (
-            (*_layout_cost(lengths, source, kept, attention_cost, blocks), kept)
+            (*_layout_cost(lengths, source, kept, attention_cost), kept)
             for kept in (_link_cuts(shared) if attention_cost > 0 else [shared])
         ),
         key=lambda option: option[0],
@@ -205,7 +207,7 @@ def pack_rows(
     segment_start[base[lengths > 0]] = True
 
     if blocks:
-        visible, attention_blocks = None, _blocks(where, owner, own_position, root)
+        visible, attention_blocks = None, _blocks(where, base, own_count, lengths, shared)
     else:
         owners = owner.view(packed_rows, packed_width)
         visible, attention_blocks = _tree_mask(where, owners, own_position, packed_width), None
@@ -263,7 +265,7 @@ def segments_layout(input_ids: Tensor, position_ids: Tensor, real: Tensor) -> Pa
         segment_start=start[None],
         padded_tokens=rows * width,
         packed_tokens=positions.numel(),
-        blocks=tuple(AttentionBlock(a, b, None) for a, b in zip(starts, ends, strict=True)),
+        blocks=tuple(AttentionBlock(a, b) for a, b in zip(starts, ends, strict=True)),
     )
 
 
@@ -303,16 +305,11 @@ def _link_cuts(shared: Tensor) -> list[Tensor]:
 
 
 def _layout_cost(
-    lengths: Tensor, source: Tensor, shared: Tensor, attention_cost: float, blocks: bool
+    lengths: Tensor, source: Tensor, shared: Tensor, attention_cost: float
 ) -> tuple[float, Tensor]:
-    """The cost and packed rows of packing with these shared prefixes: with ``blocks``, one row
-    where each tree of ``t`` tokens costs ``t * (1 + attention_cost * t)``; else
-    :func:`_assign_bins`."""
+    """The cost and packed rows (:func:`_assign_bins`) of packing with these shared prefixes."""
     root = _roots(source, shared > 0)
     tokens = torch.zeros_like(lengths).index_add(0, root, lengths - shared)
-    if blocks:
-        trees = tokens[root.unique()].double()
-        return float((trees * (1.0 + attention_cost * trees)).sum()), torch.zeros_like(tokens)
     return _assign_bins(tokens, root, attention_cost)
 
 
@@ -387,27 +384,22 @@ def _resolve(own_index: Tensor, own: Tensor, inherited: Tensor, source: Tensor) 
 
 
 def _blocks(
-    where: Tensor, owner: Tensor, position: Tensor, root: Tensor
+    where: Tensor, base: Tensor, own_count: Tensor, lengths: Tensor, shared: Tensor
 ) -> tuple[AttentionBlock, ...]:
-    """The trees of one packed row (contiguous: packed order keeps a tree together), each with
-    its tree mask (the rule of :func:`_tree_mask`), or no mask for a tree of one row."""
-    row_width = where.shape[1]
-    tree = root[owner.clamp(min=0)]
-    boundaries = (tree[1:] != tree[:-1]).nonzero()[:, 0] + 1
-    starts = torch.cat([boundaries.new_zeros(1), boundaries])
-    ends = torch.cat([boundaries, boundaries.new_full((1,), len(tree))])
-    rows_in_tree = torch.bincount(root, minlength=len(root))
+    """Each row's own tokens in the one packed row, in packed order: causal on their own when
+    the row shares nothing, else against its whole sequence's keys (``where[r, :length]``: the
+    shared prefix's copies, then its own) with the causal rule offset by the prefix."""
     out = []
-    trees = zip(starts.tolist(), ends.tolist(), tree[starts].tolist(), strict=True)
-    for start, end, tree_root in trees:
-        if int(rows_in_tree[tree_root]) == 1:
-            out.append(AttentionBlock(start, end, None))
+    for row in torch.argsort(base).tolist():
+        start, count, length, prefix = (int(x[row]) for x in (base, own_count, lengths, shared))
+        if count == 0:
             continue
-        rows, positions = owner[start:end], position[start:end]
-        lookup = where.reshape(-1)[rows[:, None] * row_width + positions[None, :]]
-        keys = torch.arange(start, end, device=owner.device)
-        visible = (lookup == keys[None, :]) & (positions[None, :] <= positions[:, None])
-        out.append(AttentionBlock(start, end, visible))
+        if prefix == 0:
+            out.append(AttentionBlock(start, start + count))
+            continue
+        positions = torch.arange(length, device=where.device)
+        visible = positions[None, :] <= positions[prefix:, None]
+        out.append(AttentionBlock(start, start + count, where[row, :length], visible))
     return tuple(out)
 
 
