@@ -168,14 +168,17 @@ def test_packed_logprobs_entropies_and_grads_equal_the_padded_forward(
     model.config._attn_implementation = attention.removesuffix("-mask")
     if attention == "sdpa-mask":
         monkeypatch.setattr(packing_module, "block_attention_available", lambda model: False)
+    if attention == "sdpa":  # tiny models would take one masked call: the call costs nothing
+        monkeypatch.setattr(packing_module, "_CALL_FLOPS", 0.0)
     assert packing_options(model)["blocks"] == (attention == "sdpa")
     model.train()  # dropout is 0 in both; train mode is what a trainer runs
     if full_logits:
         monkeypatch.setattr(forward_module, "selects_logit_rows", lambda model: False)
     batch = make_batch()
     assert packable_model(model)
-    layout = pack_rows(batch["input_ids"], batch["attention_mask"])
+    layout = pack_rows(batch["input_ids"], batch["attention_mask"], **packing_options(model))
     assert layout is not None and layout.packed_tokens < int(batch["attention_mask"].sum())
+    assert (layout.blocks is not None) == (attention == "sdpa")
     padded = _logps_entropy_grads(model, batch, packed=False, temperature=temperature)
     packed = _logps_entropy_grads(model, batch, packed=True, temperature=temperature)
     for a, b in zip(padded, packed, strict=True):
@@ -215,6 +218,19 @@ def test_block_layout_is_one_row_each_sequence_attending_to_its_own_keys() -> No
     assert blocks.blocks[2].keys.tolist() == [0, 1, 2, 8, 9]  # row 0's 31 32 33, its own 40 44
 
 
+def test_block_layout_is_taken_only_where_it_costs_less_than_masked_rows() -> None:
+    batch = _group_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    # attention 0.05 per pair: blocks 27.95 + 5 calls, masked: two rows of 11, 34.1 + 1 call
+    assert pack_rows(ids, mask, blocks=True, attention_cost=0.05, call_cost=0.1).blocks is not None
+    masked = pack_rows(ids, mask, blocks=True, attention_cost=0.05, call_cost=10.0)
+    assert masked is not None and masked.blocks is None and masked.visible is not None
+    # quadratic attention makes masked rows dear again: blocks 160 + 50, masked 264 + 10
+    assert pack_rows(ids, mask, blocks=True, call_cost=10.0, attention_cost=1.0).blocks is not None
+    options = packing_options(load_policy("tiny", seed=0)[0])
+    assert options["blocks"] and 10 < options["call_cost"] < 40  # the tiny preset: ~20 tokens
+
+
 def test_block_attention_needs_sdpa_and_no_checkpointing_and_windows_limit_packing() -> None:
     model = load_policy("tiny", seed=0)[0]
     assert block_attention_available(model)
@@ -224,7 +240,7 @@ def test_block_attention_needs_sdpa_and_no_checkpointing_and_windows_limit_packi
     model.activation_checkpointing_disable()
     model.config._attn_implementation = "eager"
     assert not block_attention_available(model)
-    model.config._attn_implementation = "sdpa"
+    model = load_policy("tiny", seed=0)[0]  # windows are read once per model: set them first
     for layer in model.model.layers:
         layer.self_attn.sliding_window = 8
     assert packable_model(model, longest=8) and not packable_model(model, longest=9)
@@ -291,7 +307,7 @@ def test_logprobs_are_the_same_when_the_trees_are_split_over_rows(monkeypatch) -
     torch.testing.assert_close(split, padded, rtol=0, atol=1e-5)
 
 
-def test_sft_packed_rows_run_as_one_row_of_blocks_with_the_4d_mask_logprobs() -> None:
+def test_sft_packed_rows_run_as_one_row_of_blocks_with_the_4d_mask_logprobs(monkeypatch) -> None:
     from alignkit.data.packing import PackedSFTCollator
     from alignkit.models.forward import segment_logprobs
     from alignkit.models.packing import segments_layout
@@ -311,7 +327,11 @@ def test_sft_packed_rows_run_as_one_row_of_blocks_with_the_4d_mask_logprobs() ->
     shifted = batch["position_ids"].clone()
     shifted[0, 4] = 5  # positions that skip: not sequences this function can read
     assert segments_layout(batch["input_ids"], shifted, batch["token_mask"].bool()) is None
+    # Three calls of 20 tokens each cost more than one masked call over 2 x 6 positions.
+    real = batch["token_mask"].bool()
+    assert segments_layout(batch["input_ids"], batch["position_ids"], real, call_cost=20) is None
 
+    monkeypatch.setattr(packing_module, "_CALL_FLOPS", 0.0)  # the tiny model takes blocks
     model = load_policy("tiny", seed=0)[0].train()
     scored = batch["labels"] != -100
 

@@ -27,6 +27,7 @@ passes through to the attention function. Without that argument it is plain ``sd
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,7 +134,15 @@ def block_attention_available(model: nn.Module) -> bool:
         checkpointing = getattr(type(inner), "is_gradient_checkpointing", None)
     if isinstance(checkpointing, property) and checkpointing.fget(inner):
         return False
-    return all(getattr(m, "config", config) is config for m in inner.modules())
+    shared = _ONE_CONFIG.get(inner)
+    if shared is None:  # scanned once per model
+        shared = _ONE_CONFIG[inner] = all(
+            getattr(m, "config", config) is config for m in inner.modules()
+        )
+    return shared
+
+
+_ONE_CONFIG: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 @contextmanager

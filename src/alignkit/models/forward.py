@@ -233,14 +233,17 @@ def segment_logprobs(model: nn.Module, batch: dict[str, Tensor], scored: Tensor)
     """:func:`token_logprobs` of rows that hold several sequences each (``PackedSFTCollator``:
     ``position_ids`` restarting per sequence, a 4D ``attention_mask`` and a ``token_mask``).
 
-    Where the model takes block attention (`models.block_attention`), the rows' real tokens
-    run as one padding-free row in which each sequence attends only to itself (attention
-    ``sum(n**2)`` instead of ``T**2`` per row, no padding); otherwise the rows run as they are,
-    with their 4D mask. Same log-probs either way, to float round-off.
+    Where the model takes block attention (`models.block_attention`) and it costs less
+    (`models.packing.segments_layout`), the rows' real tokens run as one padding-free row in
+    which each sequence attends only to itself (attention ``sum(n**2)`` instead of ``T**2`` per
+    row, no padding); otherwise the rows run as they are, with their 4D mask. Same log-probs
+    either way, to float round-off.
     """
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
-    if packable_model(model, input_ids.shape[1]) and packing_options(model)["blocks"]:
-        layout = segments_layout(input_ids, position_ids, batch["token_mask"].bool())
+    options = packing_options(model) if packable_model(model, input_ids.shape[1]) else {}
+    if options.get("blocks"):
+        costs = {key: options[key] for key in ("attention_cost", "call_cost")}
+        layout = segments_layout(input_ids, position_ids, batch["token_mask"].bool(), **costs)
         if layout is not None:
             out = _packed_token_logprobs(model, layout, scored, 1.0, False)
             assert isinstance(out, Tensor)

@@ -30,7 +30,9 @@ the keys of its sequence (`models.block_attention`), so attention costs about
 from __future__ import annotations
 
 import functools
+import heapq
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,8 @@ __all__ = [
 _LCP_BLOCK_ELEMENTS = 1 << 24
 # Link-cutting levels tried when spreading trees of shared prefixes over packed rows.
 _MAX_CUTS = 8
+# The fixed cost of one attention call (forward and backward) in FLOPs: ~60 us at 100 GFLOP/s.
+_CALL_FLOPS = 6e6
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ def pack_rows(
     share_prefixes: bool = True,
     attention_cost: float = 0.0,
     blocks: bool = False,
+    call_cost: float = 0.0,
 ) -> PackedLayout | None:
     """Pack the real tokens of a padded batch; None when a row's tokens are not contiguous
     or packing would not save work (the cost below is not lower than the padded batch's).
@@ -137,10 +142,13 @@ def pack_rows(
             attention; the trees of rows sharing a prefix are spread over the number of rows
             ``P`` minimising ``P * L * (1 + attention_cost * L)`` (``L``: the longest row).
             0: one packed row.
-        blocks: one packed row, and instead of its ``[L, L]`` mask the
-            :attr:`PackedLayout.blocks` of attention, each row's tokens against the keys of
-            its own sequence: sharing a prefix then adds no attention, so every shared prefix
-            is kept and ``attention_cost`` is not used.
+        blocks: allow one packed row with, instead of its ``[L, L]`` mask, the
+            :attr:`PackedLayout.blocks` of attention: each row's own tokens against the keys of
+            its sequence (every shared prefix kept: sharing adds no attention), costing
+            ``sum(own * (1 + attention_cost * length)) + call_cost * rows``; taken when cheaper
+            than the best masked layout (``+ call_cost``: one attention call).
+        call_cost: the fixed cost of one attention call, in tokens (:func:`packing_options`):
+            on a small model, many short calls cost more than one masked call.
     """
     real = attention_mask.bool()
     rows, width = real.shape
@@ -156,16 +164,23 @@ def pack_rows(
     aligned = input_ids.gather(1, columns)
     valid = arange < lengths[:, None]
 
-    source, shared = _shared_prefixes(aligned, valid, enabled=share_prefixes)
-    attention_cost = 0.0 if blocks else attention_cost
+    source, all_shared = _shared_prefixes(aligned, valid, enabled=share_prefixes)
     index = torch.arange(rows, device=device)
     packed_cost, bin_of_tree, shared = min(
         (
             (*_layout_cost(lengths, source, kept, attention_cost), kept)
-            for kept in (_link_cuts(shared) if attention_cost > 0 else [shared])
+            for kept in (_link_cuts(all_shared) if attention_cost > 0 else [all_shared])
         ),
         key=lambda option: option[0],
     )
+    packed_cost += call_cost
+    if blocks:
+        own = (lengths - all_shared).double()
+        block_cost = float((own * (1.0 + attention_cost * lengths)).sum())
+        block_cost += call_cost * int((own > 0).sum())
+        blocks = block_cost <= packed_cost
+        if blocks:
+            packed_cost, bin_of_tree, shared = block_cost, torch.zeros_like(lengths), all_shared
     source = torch.where(shared > 0, source, index)
     root = _roots(source, shared > 0)
     own_count = lengths - shared
@@ -181,7 +196,7 @@ def pack_rows(
     bin_tokens = torch.zeros(packed_rows, device=device, dtype=start.dtype)
     bin_tokens = bin_tokens.index_add(0, bin_of_row, own_count)
     packed_width = max(int(bin_tokens.max()) if rows else 1, 1)
-    padded_cost = rows * width * (1.0 + attention_cost * width)
+    padded_cost = rows * width * (1.0 + attention_cost * width) + call_cost
     if packed_cost >= padded_cost:
         return None  # nothing to gain: no padding, no shared prefix, or attention eats it
     # Flat packed index of each row's first own token (row order).
@@ -231,12 +246,19 @@ def pack_rows(
     )
 
 
-def segments_layout(input_ids: Tensor, position_ids: Tensor, real: Tensor) -> PackedLayout | None:
+def segments_layout(
+    input_ids: Tensor,
+    position_ids: Tensor,
+    real: Tensor,
+    attention_cost: float = 0.0,
+    call_cost: float = 0.0,
+) -> PackedLayout | None:
     """The layout, with attention :attr:`~PackedLayout.blocks`, of rows that already hold
     several sequences each (SFT's packed rows): every row's real tokens (``real``, ``[B, T]``
     bool, left-aligned runs) end to end in one row, each sequence (a run of ``position_ids``
     ``0, 1, 2, ...``) a causal block of its own. None where the positions do not restart at 0
-    and count up by one within a row's real tokens."""
+    and count up by one within a row's real tokens, or where the rows as they are (one masked
+    attention call over ``[B, T]``) cost no more, by the cost rule of :func:`pack_rows`."""
     rows, width = input_ids.shape
     lengths = real.sum(dim=1)
     arange = torch.arange(width, device=input_ids.device)
@@ -256,6 +278,10 @@ def segments_layout(input_ids: Tensor, position_ids: Tensor, real: Tensor) -> Pa
     where = torch.where(real, flat.view(rows, width), -1)
     starts = start.nonzero()[:, 0].tolist()
     ends = [*starts[1:], positions.numel()]
+    sizes = torch.tensor([b - a for a, b in zip(starts, ends, strict=True)], dtype=torch.double)
+    block_cost = float((sizes * (1.0 + attention_cost * sizes)).sum()) + call_cost * len(starts)
+    if block_cost > rows * width * (1.0 + attention_cost * width) + call_cost:
+        return None
     return PackedLayout(
         input_ids=input_ids[real][None],
         position_ids=positions[None],
@@ -318,14 +344,17 @@ def _assign_bins(tree_tokens: Tensor, root: Tensor, attention_cost: float) -> tu
     count ``P``, trees longest first each into the emptiest row (LPT), keeping the cheapest
     ``P`` by ``P * L * (1 + attention_cost * L)``; and that cost."""
     roots = torch.unique(root).tolist()
-    sizes = {r: int(tree_tokens[r]) for r in roots}
+    all_sizes = tree_tokens.tolist()
+    sizes = {r: all_sizes[r] for r in roots}
     longest_first = sorted(roots, key=lambda r: (-sizes[r], r))
     best: tuple[float, dict[int, int]] = (float("inf"), {r: 0 for r in roots})
     for packed_rows in range(1, len(roots) + 1 if attention_cost > 0 else 2):
+        heap = [(0, b) for b in range(packed_rows)]  # (load, row): the emptiest row on top
         loads, assignment = [0] * packed_rows, {}
         for r in longest_first:
-            target = min(range(packed_rows), key=lambda b: (loads[b], b))
-            loads[target] += sizes[r]
+            load, target = heapq.heappop(heap)
+            loads[target] = load + sizes[r]
+            heapq.heappush(heap, (loads[target], target))
             assignment[r] = target
         width = max(loads)
         cost = packed_rows * width * (1.0 + attention_cost * width)
@@ -345,21 +374,14 @@ def attention_cost(model: nn.Module) -> float:
     """One (query, key) pair of masked attention relative to one token through the model's
     matmuls: ``4 d`` FLOPs per pair and layer (scores and weighted values) over ``2 N / n``
     per token and layer (``N`` non-embedding parameters, ``n`` layers), i.e. ``2 d n / N``
-    (3.3e-4 for SmolLM2-135M; measured on CPU: 4e-4)."""
+    (3.3e-4 for SmolLM2-135M; measured on CPU: 4e-4). The model's modules are scanned once:
+    the packing decisions assume its architecture does not change afterwards."""
     from alignkit.models.forward import innermost_model
 
-    inner = innermost_model(model)
-    config = inner.config
-    hidden = getattr(config, "hidden_size", None)
-    layers = getattr(config, "num_hidden_layers", None)
-    embeddings = {id(m.weight) for m in inner.modules() if isinstance(m, nn.Embedding)}
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if head is not None:  # runs on the scored rows only
-        embeddings.add(id(head.weight))
-    params = sum(p.numel() for p in inner.parameters() if id(p) not in embeddings)
-    if not hidden or not layers or params == 0:
+    structure = _structure(innermost_model(model))
+    if not structure.hidden or not structure.layers or not structure.parameters:
         return 0.0
-    return 2.0 * hidden * layers / params
+    return 2.0 * structure.hidden * structure.layers / structure.parameters
 
 
 def _roots(source: Tensor, shares: Tensor) -> Tensor:
@@ -439,26 +461,69 @@ def packable_model(model: nn.Module, longest: int | None = None) -> bool:
         return False
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
-    # A bidirectional encoder's rows must not get a causal mask.
-    causal = any(getattr(module, "is_causal", None) is True for module in inner.modules())
-    return causal and _packable_class(type(inner)) and not _window_below(inner, longest)
+    structure = _structure(inner)
+    window = structure.window
+    window_cuts = window is not None and (longest is None or longest > window)
+    return structure.causal and _packable_class(type(inner)) and not window_cuts
 
 
-def _window_below(inner: nn.Module, longest: int | None) -> bool:
-    """Whether an attention layer's sliding window may cut a sequence of ``longest`` tokens."""
-    windows = [m.sliding_window for m in inner.modules() if hasattr(m, "sliding_window")]
+@dataclass(frozen=True)
+class _Structure:
+    """What the packing decisions read from a model's modules, scanned once per model."""
+
+    causal: bool  # a causal attention module (a bidirectional encoder gets no causal mask)
+    window: int | None  # the shortest active sliding window
+    parameters: int  # outside the embeddings and the LM head
+    layers: int
+    hidden: int
+
+
+_STRUCTURES: weakref.WeakKeyDictionary[nn.Module, _Structure] = weakref.WeakKeyDictionary()
+
+
+def _structure(inner: nn.Module) -> _Structure:
+    found = _STRUCTURES.get(inner)
+    if found is None:
+        found = _STRUCTURES[inner] = _scan(inner)
+    return found
+
+
+def _scan(inner: nn.Module) -> _Structure:
     config = inner.config
+    modules = list(inner.modules())
+    windows = [m.sliding_window for m in modules if hasattr(m, "sliding_window")]
     if not windows and getattr(config, "use_sliding_window", True):
         windows = [getattr(config, "sliding_window", None)]
     active = [w for w in windows if isinstance(w, int)]
-    return bool(active) and (longest is None or longest > min(active))
+    embeddings = {id(m.weight) for m in modules if isinstance(m, nn.Embedding)}
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is not None:  # runs on the scored rows only
+        embeddings.add(id(head.weight))
+    return _Structure(
+        causal=any(getattr(m, "is_causal", None) is True for m in modules),
+        window=min(active) if active else None,
+        parameters=sum(p.numel() for p in inner.parameters() if id(p) not in embeddings),
+        layers=getattr(config, "num_hidden_layers", None) or 0,
+        hidden=getattr(config, "hidden_size", None) or 0,
+    )
 
 
 def packing_options(model: nn.Module) -> dict:
-    """Keyword arguments of :func:`pack_rows` for ``model``: block attention where
-    :func:`~alignkit.models.block_attention.block_attention_available`, else one masked
-    attention per packed row with its :func:`attention_cost`."""
-    return {"attention_cost": attention_cost(model), "blocks": block_attention_available(model)}
+    """Keyword arguments of :func:`pack_rows` for ``model``: its :func:`attention_cost`, block
+    attention allowed where
+    :func:`~alignkit.models.block_attention.block_attention_available`, and the cost of one
+    attention call in tokens: ``_CALL_FLOPS`` (about 60 us of forward and backward call
+    overhead at 100 GFLOP/s) over a token's ``6 N / n`` FLOPs through one layer (``N``
+    non-embedding parameters, ``n`` layers): 20 tokens on the tiny preset, 0.3 on SmolLM2-135M."""
+    from alignkit.models.forward import innermost_model
+
+    structure = _structure(innermost_model(model))
+    parameters, layers = structure.parameters, structure.layers
+    return {
+        "attention_cost": attention_cost(model),
+        "blocks": block_attention_available(model),
+        "call_cost": _CALL_FLOPS * layers / (6.0 * parameters) if parameters else 0.0,
+    }
 
 
 def packed_attention(model: nn.Module, layout: PackedLayout):
