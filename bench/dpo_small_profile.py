@@ -1,11 +1,12 @@
 """Per-phase time of one DPO training step on SmolLM2-135M-Instruct (the ``dpo-small`` set-up).
 
-    python bench/dpo_small_profile.py [--steps 3] [--modes padded,unshared,packed,tied]
+    python bench/dpo_small_profile.py [--steps 3] [--modes padded,unshared,masked,blocks,tied]
 
 Modes, measured in this order on one model in one process (one torch thread, fp32):
-``padded`` (the padded forward), ``unshared`` (packed, each row its own sequence), ``packed``
-(packed, a pair's prompt computed once), ``tied`` (packed, and the tied embedding's gradient
-accumulated in place: `models.tied`, installed from then on). For each, runs ``--steps`` of the
+``padded`` (the padded forward), ``unshared`` (packed rows with a block-diagonal mask, each row
+its own sequence), ``masked`` (packed rows with a tree mask, a pair's prompt computed once),
+``blocks`` (one packed row, attention row by row: `models.block_attention`), ``tied`` (blocks,
+and the tied embedding's gradient accumulated in place: `models.tied`, installed from then on). For each, runs ``--steps`` of the
 policy side of alignkit's DPO step on the bench's pairs in file order (batch ``i`` = pairs
 ``4i .. 4i+3``), timing: ``forward`` (token log-probs of the chosen and rejected rows),
 ``loss+backward``, ``optimizer`` (fused AdamW step with grad clipping) and ``zero_grad``. The first
@@ -30,7 +31,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--modes", default="padded,unshared,packed,tied")
+    parser.add_argument("--modes", default="padded,unshared,masked,blocks,tied")
     parser.add_argument("--pairs-per-step", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     args = parser.parse_args(argv)
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from alignkit.data import PreferenceCollator, tokenize_preferences
     from alignkit.models import forward as forward_module
     from alignkit.models import load_policy
+    from alignkit.models import packing as packing_module
+    from alignkit.models.block_attention import block_attention_available
     from alignkit.models.forward import response_logps
     from alignkit.models.packing import pack_rows
     from alignkit.models.tied import accumulate_tied_embedding_grad
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes.split(","):
         share = mode != "unshared"
         forward_module.pack_rows = functools.partial(pack_rows, share_prefixes=share)
+        masks = mode in ("unshared", "masked")
+        packing_module.block_attention_available = (
+            (lambda model: False) if masks else block_attention_available
+        )
         if mode == "tied":
             accumulate_tied_embedding_grad(model)
         phases: dict[str, list[float]] = {}
@@ -85,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         cells = "  ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items())
         print(f"{mode:<8} s/step {total:.3f}  {cells}", flush=True)
     batch = batches[1]
-    layout = pack_rows(batch["input_ids"], batch["attention_mask"])
+    layout = pack_rows(
+        batch["input_ids"], batch["attention_mask"], **packing_module.packing_options(model)
+    )
     print(
         f"tokens of step 2: real {int(batch['attention_mask'].sum())}, padded "
         f"{batch['input_ids'].numel()}, packed {layout.packed_tokens if layout else '-'}"

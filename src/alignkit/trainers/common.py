@@ -52,7 +52,8 @@ class ModelConfig:
         default=True,
         metadata=field_help(
             "Padding-free forward passes in the DPO family (policy and reference pass), "
-            "reward/cost model training and SFT's packed rows: a batch's real tokens in one "
+            "reward/cost model training, SFT's packed rows and the online trainers' scoring "
+            "and policy passes (a group's prompt computed once): a batch's real tokens in one "
             "row where each sequence attends only to itself (sdpa; eager: a few rows with a "
             "block-diagonal causal mask), a pair's prompt computed once. Same log-probs and "
             "rewards as the padded forward to float round-off; used where the model allows it "

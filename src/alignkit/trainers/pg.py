@@ -193,7 +193,11 @@ class PolicyGradientTrainer(OnlineTrainer):
         """``[N, T]`` log-probs of the response tokens under `model` (at the sampling T)."""
         parts = [
             token_logprobs(
-                model, _batch(chunk), chunk.response_mask, temperature=self.sampling.temperature
+                model,
+                _batch(chunk),
+                chunk.response_mask,
+                temperature=self.sampling.temperature,
+                packed=self.config.model.packed,
             ).float()
             for chunk in exp.split(self.config.train.sequences_per_device)
         ]
@@ -368,6 +372,7 @@ class PolicyGradientTrainer(OnlineTrainer):
                 mask,
                 temperature=self.sampling.temperature,
                 with_entropy=True,
+                packed=self.config.model.packed,
             )
             agg, normaliser = self._aggregation(units)
             pg, stats = self.policy_loss(
