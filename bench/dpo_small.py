@@ -68,7 +68,8 @@ def write_small_inputs(root: Path, n_pairs: int, seed: int) -> dict[str, Any]:
 
 
 def token_shares(inputs: dict[str, Any], args: Any) -> dict[str, float]:
-    """Padding share of the padded steps and prompt share of the real tokens (as tokenised)."""
+    """Padding share of the padded steps, prompt share of the real tokens (as tokenised), and
+    the response (scored) tokens' share of the real tokens (the MFU's LM-head count)."""
     from transformers import AutoTokenizer
 
     from alignkit.data import PreferenceCollator, tokenize_preferences
@@ -77,18 +78,51 @@ def token_shares(inputs: dict[str, Any], args: Any) -> dict[str, float]:
     rows = [json.loads(line) for line in inputs["data"].read_text(encoding="utf-8").splitlines()]
     data = tokenize_preferences(rows, tokenizer, args.max_length, "truncate", extra_fields=[])
     collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id or 0)
-    n, real, positions, prompt = args.batch_pairs, 0, 0, 0
+    n, real, positions, prompt, scored = args.batch_pairs, 0, 0, 0, 0
     for i in range(0, len(data) - n + 1, n):
         batch = collate([data[j] for j in range(i, i + n)])
         real += int(batch["attention_mask"].sum())
         positions += batch["input_ids"].numel()
         prompt += 2 * sum(len(data[j]["prompt_ids"]) for j in range(i, i + n))
-    return {"padding_share": 1 - real / positions, "prompt_share_of_real": prompt / real}
+        scored += int(batch["response_mask"].sum())
+    return {
+        "padding_share": 1 - real / positions,
+        "prompt_share_of_real": prompt / real,
+        "response_share_of_real": scored / real,
+    }
+
+
+def model_shapes_of(model_dir: Path) -> dict[str, int]:
+    """The model's shapes and non-embedding parameters (bench/mfu.py), built on the meta device."""
+    import torch
+    from mfu import model_shapes, non_embedding_parameters
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        parameters = non_embedding_parameters(AutoModelForCausalLM.from_config(config))
+    return {**model_shapes(config), "non_embedding_parameters": parameters}
+
+
+def window_flops(run: dict[str, Any], shapes: dict[str, int], response_share: float) -> float:
+    """Model FLOPs of a run's timed window: its real tokens, the LM head on their response
+    share (the frameworks shuffle differently, so each window holds its own rows)."""
+    from mfu import training_flops
+
+    tokens = run["window_tokens"]
+    return training_flops(
+        shapes["non_embedding_parameters"],
+        tokens,
+        hidden_size=shapes["hidden_size"],
+        vocab_size=shapes["vocab_size"],
+        scored_rows=round(tokens * response_share),
+    )
 
 
 def main(args: Any) -> int:
     """``compare_trl.py dpo-small``: alternating fresh processes, the table, the JSON."""
     import compare_trl as bench
+    from mfu import machine_matmul_rate, utilisation
 
     for key, value in SMALL_DEFAULTS.items():
         if getattr(args, key) is None:
@@ -102,6 +136,9 @@ def main(args: Any) -> int:
         scratch = Path(tmp)
         inputs = write_small_inputs(scratch, args.steps * args.batch_pairs, args.seed)
         shares = token_shares(inputs, args)
+        shapes = model_shapes_of(inputs["model_dir"])
+        rate = machine_matmul_rate(threads, shapes["hidden_size"], shapes["intermediate_size"])
+        print(f"fp32 matmul rate at {threads} thread(s): {rate['flops_per_s'] / 1e9:.1f} GFLOP/s")
         runs = []
         for repeat in range(args.repeats):
             order = SETTINGS if repeat % 2 == 0 else SETTINGS[::-1]
@@ -110,18 +147,21 @@ def main(args: Any) -> int:
                 run["repeat"] = repeat
                 run["s_per_step"] = run["window_s"] / run["window_steps"]
                 run["cpu_s_per_step"] = run["window_cpu_s"] / run["window_steps"]
+                flops = window_flops(run, shapes, shares["response_share_of_real"])
+                run.update(utilisation(flops, run["window_s"], run["window_cpu_s"], rate))
                 runs.append(run)
                 print(
                     f"repeat={repeat} {setting:<15} {run['samples_per_s']:6.2f} pairs/s  "
                     f"{run['s_per_step']:6.2f} s/step  {run['cpu_s_per_step']:6.2f} CPU-s/step  "
-                    f"{run['tokens_per_s']:6.0f} tok/s  peak RSS {run['peak_rss_mib']:5.0f} MiB  "
+                    f"{run['tokens_per_s']:6.0f} tok/s  MFU {100 * run['mfu']:4.1f}% "
+                    f"(CPU {100 * run['mfu_cpu']:4.1f}%)  peak RSS {run['peak_rss_mib']:5.0f} MiB  "
                     f"load {run['loadavg_before'][0]:.2f}->{run['loadavg_after'][0]:.2f}",
                     flush=True,
                 )
     summary = bench.summarise(runs)
     for setting, medians in summary["medians"].items():
         mine = [r for r in runs if r["framework"] == setting]
-        for key in ("s_per_step", "cpu_s_per_step"):
+        for key in ("s_per_step", "cpu_s_per_step", "mfu", "mfu_cpu"):
             medians[key] = bench.spread([r[key] for r in mine])
     ours, theirs = summary["medians"]["alignkit"], summary["medians"]["trl-precompute"]
     summary["cpu_s_per_step_ratio"] = (
@@ -132,7 +172,8 @@ def main(args: Any) -> int:
         f"s/step: alignkit {ours['s_per_step']['median']:.2f}, TRL "
         f"{theirs['s_per_step']['median']:.2f}; CPU-s/step: alignkit "
         f"{ours['cpu_s_per_step']['median']:.2f}, TRL {theirs['cpu_s_per_step']['median']:.2f} "
-        f"(TRL / alignkit x{summary['cpu_s_per_step_ratio']:.2f})"
+        f"(TRL / alignkit x{summary['cpu_s_per_step_ratio']:.2f}); MFU (CPU): alignkit "
+        f"{100 * ours['mfu_cpu']['median']:.1f}%, TRL {100 * theirs['mfu_cpu']['median']:.1f}%"
     )
     checks = bench.checks(runs)
     print(json.dumps(checks, indent=1))
@@ -145,6 +186,7 @@ def main(args: Any) -> int:
         "machine": bench.machine(args.thread_counts),
         "loadavg_start": load_start,
         "loadavg_end": list(os.getloadavg()),
+        "matmul_rate": rate,
         "setup": {
             "model": f"{SMALL_MODEL} (alignkit models fetch), fp32",
             "data": inputs["data_source"],
@@ -155,6 +197,10 @@ def main(args: Any) -> int:
             "loss": f"sigmoid DPO, beta {args.beta}",
             "lr": args.lr,
             "trl": "DPOTrainer, precompute_ref_log_probs=True, bf16 off, no checkpointing",
+            "model_shapes": shapes,
+            "mfu": "bench/mfu.py: (6 x non-embedding params x real tokens of the window's chosen "
+            "and rejected rows + 6 x d x V x their response share of them) / window time, over "
+            "the fp32 matmul rate",
             "timed_window": f"end of step {args.warmup_steps} to end of step {args.steps}",
             "repeats": args.repeats,
             "order": "alignkit and TRL alternate in fresh processes, order swapped every repeat",
