@@ -240,10 +240,12 @@ def segment_logprobs(model: nn.Module, batch: dict[str, Tensor], scored: Tensor)
     either way, to float round-off.
     """
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
-    options = packing_options(model) if packable_model(model, input_ids.shape[1]) else {}
+    token_mask = batch.get("token_mask")
+    packable = token_mask is not None and packable_model(model, input_ids.shape[1])
+    options = packing_options(model) if packable else {}
     if options.get("blocks"):
         costs = {key: options[key] for key in ("attention_cost", "call_cost")}
-        layout = segments_layout(input_ids, position_ids, batch["token_mask"].bool(), **costs)
+        layout = segments_layout(input_ids, position_ids, token_mask.bool(), **costs)
         if layout is not None:
             out = _packed_token_logprobs(model, layout, scored, 1.0, False)
             assert isinstance(out, Tensor)
