@@ -56,8 +56,9 @@ class PackedSFTCollator:
     Returns ``input_ids``/``labels`` ``[B, T]``, ``attention_mask`` ``[B, 1, T, T]`` (bool,
     True = may attend), ``position_ids`` ``[B, T]``, ``token_mask`` ``[B, T]`` (1 on real
     tokens: the padding-free forward, ``models.forward.segment_logprobs``, runs from it and the
-    positions instead of the 4D mask) and ``num_tokens`` (real tokens, for throughput). The first token of every example is masked out of ``labels``: it would
-    otherwise be predicted from the previous example's last position.
+    positions instead of the 4D mask) and ``num_tokens`` (real tokens, for throughput). The
+    first token of every example is masked out of ``labels``: it would otherwise be predicted
+    from the previous example's last position.
 
     Example:
         >>> batch = PackedSFTCollator(pad_token_id=0)(

@@ -229,19 +229,21 @@ def response_logps(model: nn.Module, batch: dict[str, Tensor], *, packed: bool =
     return masked_sum(token_logprobs(model, batch, scored, packed=packed), scored, dim=-1)
 
 
-def segment_logprobs(model: nn.Module, batch: dict[str, Tensor], scored: Tensor) -> Tensor:
+def segment_logprobs(
+    model: nn.Module, batch: dict[str, Tensor], scored: Tensor, *, packed: bool = True
+) -> Tensor:
     """:func:`token_logprobs` of rows that hold several sequences each (``PackedSFTCollator``:
     ``position_ids`` restarting per sequence, a 4D ``attention_mask`` and a ``token_mask``).
 
     Where the model takes block attention (`models.block_attention`) and it costs less
     (`models.packing.segments_layout`), the rows' real tokens run as one padding-free row in
     which each sequence attends only to itself (attention ``sum(n**2)`` instead of ``T**2`` per
-    row, no padding); otherwise the rows run as they are, with their 4D mask. Same log-probs
-    either way, to float round-off.
+    row, no padding); otherwise (or without ``packed``) the rows run as they are, with their 4D
+    mask. Same log-probs either way, to float round-off.
     """
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
     token_mask = batch.get("token_mask")
-    packable = token_mask is not None and packable_model(model, input_ids.shape[1])
+    packable = packed and token_mask is not None and packable_model(model, input_ids.shape[1])
     options = packing_options(model) if packable else {}
     if options.get("blocks"):
         costs = {key: options[key] for key in ("attention_cost", "call_cost")}

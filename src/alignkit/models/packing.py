@@ -175,9 +175,7 @@ def pack_rows(
     )
     packed_cost += call_cost
     if blocks:
-        own = (lengths - all_shared).double()
-        block_cost = float((own * (1.0 + attention_cost * lengths)).sum())
-        block_cost += call_cost * int((own > 0).sum())
+        block_cost = _block_cost(lengths - all_shared, lengths, attention_cost, call_cost)
         blocks = block_cost <= packed_cost
         if blocks:
             packed_cost, bin_of_tree, shared = block_cost, torch.zeros_like(lengths), all_shared
@@ -196,8 +194,7 @@ def pack_rows(
     bin_tokens = torch.zeros(packed_rows, device=device, dtype=start.dtype)
     bin_tokens = bin_tokens.index_add(0, bin_of_row, own_count)
     packed_width = max(int(bin_tokens.max()) if rows else 1, 1)
-    padded_cost = rows * width * (1.0 + attention_cost * width) + call_cost
-    if packed_cost >= padded_cost:
+    if packed_cost >= _masked_cost(rows, width, attention_cost) + call_cost:
         return None  # nothing to gain: no padding, no shared prefix, or attention eats it
     # Flat packed index of each row's first own token (row order).
     base = torch.empty(rows, device=device, dtype=torch.long)
@@ -278,9 +275,9 @@ def segments_layout(
     where = torch.where(real, flat.view(rows, width), -1)
     starts = start.nonzero()[:, 0].tolist()
     ends = [*starts[1:], positions.numel()]
-    sizes = torch.tensor([b - a for a, b in zip(starts, ends, strict=True)], dtype=torch.double)
-    block_cost = float((sizes * (1.0 + attention_cost * sizes)).sum()) + call_cost * len(starts)
-    if block_cost > rows * width * (1.0 + attention_cost * width) + call_cost:
+    sizes = torch.tensor([b - a for a, b in zip(starts, ends, strict=True)])
+    block_cost = _block_cost(sizes, sizes, attention_cost, call_cost)
+    if block_cost > _masked_cost(rows, width, attention_cost) + call_cost:
         return None
     return PackedLayout(
         input_ids=input_ids[real][None],
@@ -357,7 +354,7 @@ def _assign_bins(tree_tokens: Tensor, root: Tensor, attention_cost: float) -> tu
             heapq.heappush(heap, (loads[target], target))
             assignment[r] = target
         width = max(loads)
-        cost = packed_rows * width * (1.0 + attention_cost * width)
+        cost = _masked_cost(packed_rows, width, attention_cost)
         if 0 in loads:
             break  # more rows than it takes: only empty rows would follow
         if cost < best[0]:
@@ -370,6 +367,20 @@ def _assign_bins(tree_tokens: Tensor, root: Tensor, attention_cost: float) -> tu
     return best[0], out
 
 
+def _masked_cost(rows: int, width: int, attention_cost: float) -> float:
+    """Cost, in tokens through the model, of ``rows`` masked rows of ``width``: every position
+    runs the model, every (query, key) pair of a row the attention."""
+    return rows * width * (1.0 + attention_cost * width)
+
+
+def _block_cost(own: Tensor, lengths: Tensor, attention_cost: float, call_cost: float) -> float:
+    """Cost of block attention: each sequence's ``own`` tokens run the model and attend to its
+    ``lengths`` keys, one attention call of ``call_cost`` tokens per sequence with tokens."""
+    own = own.double()
+    calls = int((own > 0).sum())
+    return float((own * (1.0 + attention_cost * lengths)).sum()) + call_cost * calls
+
+
 def attention_cost(model: nn.Module) -> float:
     """One (query, key) pair of masked attention relative to one token through the model's
     matmuls: ``4 d`` FLOPs per pair and layer (scores and weighted values) over ``2 N / n``
@@ -378,7 +389,10 @@ def attention_cost(model: nn.Module) -> float:
     the packing decisions assume its architecture does not change afterwards."""
     from alignkit.models.forward import innermost_model
 
-    structure = _structure(innermost_model(model))
+    return _attention_cost(_structure(innermost_model(model)))
+
+
+def _attention_cost(structure: _Structure) -> float:
     if not structure.hidden or not structure.layers or not structure.parameters:
         return 0.0
     return 2.0 * structure.hidden * structure.layers / structure.parameters
@@ -412,8 +426,9 @@ def _blocks(
     the row shares nothing, else against its whole sequence's keys (``where[r, :length]``: the
     shared prefix's copies, then its own) with the causal rule offset by the prefix."""
     out = []
+    starts, counts, all_lengths, prefixes = (x.tolist() for x in (base, own_count, lengths, shared))
     for row in torch.argsort(base).tolist():
-        start, count, length, prefix = (int(x[row]) for x in (base, own_count, lengths, shared))
+        start, count, length, prefix = starts[row], counts[row], all_lengths[row], prefixes[row]
         if count == 0:
             continue
         if prefix == 0:
@@ -520,7 +535,7 @@ def packing_options(model: nn.Module) -> dict:
     structure = _structure(innermost_model(model))
     parameters, layers = structure.parameters, structure.layers
     return {
-        "attention_cost": attention_cost(model),
+        "attention_cost": _attention_cost(structure),
         "blocks": block_attention_available(model),
         "call_cost": _CALL_FLOPS * layers / (6.0 * parameters) if parameters else 0.0,
     }

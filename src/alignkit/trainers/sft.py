@@ -66,12 +66,12 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         completion = batch["labels"] != IGNORE_INDEX
-        if "position_ids" in batch and self.config.model.packed:  # packed rows
-            token_logps = segment_logprobs(model, batch, completion)
-        else:  # packed rows restart positions per example
-            token_logps = token_logprobs(
-                model, batch, completion, position_ids=batch.get("position_ids")
+        if "position_ids" in batch:  # packed rows: several examples each
+            token_logps = segment_logprobs(
+                model, batch, completion, packed=self.config.model.packed
             )
+        else:
+            token_logps = token_logprobs(model, batch, completion)
         loss = -masked_mean(token_logps, completion)
         return loss, {}
 
