@@ -10,6 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 from alignkit.ops import _dtype
 from alignkit.ops.logprobs import (
     entropy_from_logits,
+    logits_overwritable,
     predicts_scored_mask,
     selective_log_softmax,
     sequence_logprobs,
@@ -169,6 +170,97 @@ def test_selective_log_softmax_default_chunking_bounds_memory(monkeypatch):
     torch.testing.assert_close(
         selective_log_softmax(logits, index), naive_selective_log_softmax(logits, index)
     )
+
+
+def lm_head_logprobs_and_grads(dtype: torch.dtype, overwrite: bool, temperature: float = 1.0):
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(48, 16, generator=generator).to(dtype).requires_grad_()
+    weight = torch.randn(300, 16, generator=generator).to(dtype).requires_grad_()
+    index = torch.randint(0, 300, (48,), generator=generator)
+    upstream = torch.randn(48, generator=generator)
+    logits = hidden @ weight.T
+    logits = logits if temperature == 1.0 else logits / temperature
+    seen = {}
+    logits.register_hook(lambda grad: seen.update(grad_ptr=grad.data_ptr()))
+    logits_ptr = logits.data_ptr()
+    logps = selective_log_softmax(logits, index, chunk_size=7, overwrite_logits=overwrite)
+    (logps * upstream).sum().backward()
+    return logps.detach(), hidden.grad, weight.grad, seen["grad_ptr"] == logits_ptr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_log_softmax_overwriting_the_lm_head_logits_gives_the_same_gradients(
+    dtype, temperature
+):
+    logps, hidden_grad, weight_grad, in_place = lm_head_logprobs_and_grads(
+        dtype, overwrite=True, temperature=temperature
+    )
+    ref_logps, ref_hidden_grad, ref_weight_grad, ref_in_place = lm_head_logprobs_and_grads(
+        dtype, overwrite=False, temperature=temperature
+    )
+    assert in_place and not ref_in_place
+    assert torch.equal(logps, ref_logps)
+    assert torch.equal(hidden_grad, ref_hidden_grad)
+    assert torch.equal(weight_grad, ref_weight_grad)
+
+
+def test_logits_overwritable_only_where_no_backward_reads_the_logits_again():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    logits = hidden @ weight.T
+    assert logits_overwritable(logits)
+    assert logits_overwritable(logits / 0.7)
+    assert logits_overwritable(logits.view(2, 2, 10))
+    capped = torch.tanh(logits / 30.0) * 30.0  # Gemma-2-style soft-capping
+    assert logits_overwritable(capped)  # the product saves tanh's output, not its own
+    assert not logits_overwritable(torch.tanh(logits))  # tanh's backward reads its output
+    assert not logits_overwritable(torch.tanh(logits).view(2, 2, 10))  # through the view
+    leaf = torch.randn(4, 10, requires_grad=True)
+    assert not logits_overwritable(leaf)  # the caller's data
+    assert not logits_overwritable(leaf.view(2, 2, 10))  # the caller's data, through a view
+    assert not logits_overwritable(logits.T)  # not contiguous
+
+    class SavesOutput(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            out = x * 2
+            ctx.save_for_backward(out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    assert not logits_overwritable(SavesOutput.apply(logits))
+
+
+def test_selective_log_softmax_never_overwrites_a_leaf():
+    logits = torch.randn(6, 20, requires_grad=True)
+    before = logits.detach().clone()
+    index = torch.randint(0, 20, (6,))
+    selective_log_softmax(logits, index, overwrite_logits=True).sum().backward()
+    assert torch.equal(logits.detach(), before)
+    assert logits.grad.data_ptr() != logits.data_ptr()
+
+
+def test_overwriting_the_logits_saves_a_logits_sized_buffer_at_the_peak():
+    vocab = 32768
+    hidden = torch.randn(64, 32)
+    weight = torch.randn(vocab, 32)
+
+    def forward_backward(overwrite: bool):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logits = h @ w.T
+        selective_log_softmax(
+            logits, torch.zeros(64, dtype=torch.long), chunk_size=4, overwrite_logits=overwrite
+        ).sum().backward()
+
+    logits_bytes = 64 * vocab * 4
+    saved = peak_allocated_bytes(lambda: forward_backward(False)) - peak_allocated_bytes(
+        lambda: forward_backward(True)
+    )
+    assert saved >= 0.9 * logits_bytes
 
 
 # --- sequence_logprobs -------------------------------------------------------------------

@@ -179,9 +179,10 @@ def _scored_logprobs(
         # [N, V]: one row per scored token, in row-major order of `predicts`.
         logits = model(**inputs, logits_to_keep=predicts).logits
         logits = logits if temperature == 1.0 else logits / temperature
-        logprobs = sequence_logprobs_at(logits, input_ids, scored)
         if not with_entropy:
-            return logprobs
+            # Nothing else reads these logits: their gradient can take their storage.
+            return sequence_logprobs_at(logits, input_ids, scored, overwrite_logits=True)
+        logprobs = sequence_logprobs_at(logits, input_ids, scored)
         return logprobs, _entropy_at_scored(logits, predicts)
     logits = model(**inputs).logits  # [B, T, V]
     logits = logits if temperature == 1.0 else logits / temperature

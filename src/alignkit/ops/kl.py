@@ -203,7 +203,7 @@ def full_kl(logits: Tensor, ref_logits: Tensor, chunk_size: int | None = None) -
     Args:
         logits: ``[..., V]`` policy logits (any float dtype; computed in at least float32).
         ref_logits: ``[..., V]`` reference logits, same shape.
-        chunk_size: rows per block; by default about ``2**24 / V`` rows.
+        chunk_size: rows per block; by default about ``2**22 / V`` rows.
 
     Returns:
         ``[...]`` float32 (float64 if an input is float64) KL, >= 0. Tokens the policy gives

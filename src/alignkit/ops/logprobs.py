@@ -20,6 +20,7 @@ from alignkit.ops._dtype import compute_dtype, map_row_blocks, rows_per_chunk
 
 __all__ = [
     "entropy_from_logits",
+    "logits_overwritable",
     "predicts_scored_mask",
     "selective_log_softmax",
     "sequence_logprobs",
@@ -62,6 +63,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         index: torch.Tensor,  # [M] int64, one token per selected row
         rows: torch.Tensor | None,  # [M] row numbers into logits, or None for all N rows
         chunk_rows: int,
+        overwrite: bool = False,  # backward writes the gradient into the logits' storage
     ) -> torch.Tensor:
         out = torch.empty(index.shape[0], dtype=compute_dtype(logits), device=logits.device)
         log_normaliser = torch.empty_like(out)
@@ -75,13 +77,21 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         )
         ctx.save_for_backward(logits, index, log_normaliser, rows)
         ctx.chunk_rows = chunk_rows
+        ctx.overwrite = overwrite and rows is None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor):
         logits, index, log_normaliser, rows = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits) if rows is None else torch.zeros_like(logits)
+        if ctx.overwrite:
+            # Each block is read before its gradient replaces it, and nothing else reads the
+            # logits (checked by the caller): the gradient needs no [N, V] allocation of its own.
+            grad_logits = logits.detach()
+        elif rows is None:
+            grad_logits = torch.empty_like(logits)
+        else:
+            grad_logits = torch.zeros_like(logits)
         grad_out = grad_out.to(log_normaliser.dtype)
         for start in range(0, index.shape[0], ctx.chunk_rows):
             end = min(start + ctx.chunk_rows, index.shape[0])
@@ -107,7 +117,43 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                     grad_out[start:end],
                 ),
             )
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None
+
+
+def logits_overwritable(logits: torch.Tensor) -> bool:
+    """Whether a backward may write the logits' gradient into ``logits``' own storage.
+
+    True when ``logits`` is a non-leaf, contiguous tensor whose producing autograd node saved
+    no tensor sharing its storage: the LM head's ``mm`` / ``linear`` (which saves its inputs,
+    not its output), a division by a temperature, a view of either. False for a leaf (the
+    caller's data), for ``tanh`` soft-capping (which saves its output) and for anything else
+    that would read the logits again in its own backward. Other consumers of the same tensor
+    are not visible here: the caller promises there are none.
+    """
+    if logits.grad_fn is None or not logits.is_contiguous():
+        return False
+    producers = [logits.grad_fn]
+    if logits._is_view():
+        if logits._base.grad_fn is None:
+            return False  # a view of a leaf: the caller's data
+        # A view's own node saves no tensor, but the node that made its base may save the base.
+        producers.append(logits._base.grad_fn)
+    storage = logits.untyped_storage().data_ptr()
+    return not any(_saves_storage(node, storage) for node in producers)
+
+
+def _saves_storage(node: object, storage: int) -> bool:
+    for name in dir(node):
+        # Built-in nodes expose each saved value as `_saved_<name>`; custom Functions' nodes
+        # expose theirs as `saved_tensors`.
+        if name.startswith("_saved_") or name == "saved_tensors":
+            saved = getattr(node, name)
+            for tensor in saved if isinstance(saved, (tuple, list)) else (saved,):
+                if isinstance(tensor, torch.Tensor) and (
+                    tensor.untyped_storage().data_ptr() == storage
+                ):
+                    return True
+    return False
 
 
 def _flatten_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -117,7 +163,11 @@ def _flatten_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def selective_log_softmax(
-    logits: torch.Tensor, index: torch.Tensor, chunk_size: int | None = None
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    chunk_size: int | None = None,
+    *,
+    overwrite_logits: bool = False,
 ) -> torch.Tensor:
     """Log-probability of one chosen class per row: ``log softmax(logits)[..., index]``.
 
@@ -129,7 +179,12 @@ def selective_log_softmax(
     Args:
         logits: ``[..., V]`` unnormalised scores, any float dtype (``-inf`` allowed).
         index: ``[...]`` integer class per row, same leading shape as ``logits``.
-        chunk_size: rows per block; by default about ``2**24 / V`` rows.
+        chunk_size: rows per block; by default about ``2**22 / V`` rows.
+        overwrite_logits: let the backward write the logits' gradient into ``logits`` itself
+            (same dtype, no ``[..., V]`` allocation), for logits that nothing reads after this
+            call, such as the LM head's output: saves one logits-sized buffer at the peak. Only
+            taken where :func:`logits_overwritable` holds (never for a leaf); the logits'
+            values are gone after the backward.
 
     Returns:
         ``[...]`` log-probabilities in float32 (float64 for float64 logits).
@@ -141,7 +196,8 @@ def selective_log_softmax(
         )
     flat = _flatten_rows(logits)
     chunk_rows = rows_per_chunk(flat.shape[-1], chunk_size)
-    out = _SelectiveLogSoftmax.apply(flat, index.reshape(-1).long(), None, chunk_rows)
+    overwrite = overwrite_logits and logits_overwritable(logits)
+    out = _SelectiveLogSoftmax.apply(flat, index.reshape(-1).long(), None, chunk_rows, overwrite)
     return out.view(index.shape)
 
 
@@ -211,6 +267,8 @@ def sequence_logprobs_at(
     input_ids: torch.Tensor,
     response_mask: torch.Tensor,
     chunk_size: int | None = None,
+    *,
+    overwrite_logits: bool = False,
 ) -> torch.Tensor:
     """:func:`sequence_logprobs` from only the logit rows that predict a scored token.
 
@@ -218,6 +276,8 @@ def sequence_logprobs_at(
     row-major order, which is what a model computes when it runs its LM head only on those
     positions (cheaper by the prompt and padding share of the sequence). The result is the same
     ``[B, T]`` tensor as ``sequence_logprobs(logits, input_ids, response_mask)``.
+    ``overwrite_logits`` is :func:`selective_log_softmax`'s: the LM head's output can take its
+    own gradient.
     """
     predicts = predicts_scored_mask(response_mask)
     rows = predicts.reshape(-1).nonzero().squeeze(-1)
@@ -228,7 +288,8 @@ def sequence_logprobs_at(
         )
     chunk_rows = rows_per_chunk(selected_logits.shape[-1], chunk_size)
     next_ids = input_ids.reshape(-1).index_select(0, rows + 1).long()
-    selected = _SelectiveLogSoftmax.apply(selected_logits, next_ids, None, chunk_rows)
+    overwrite = overwrite_logits and logits_overwritable(selected_logits)
+    selected = _SelectiveLogSoftmax.apply(selected_logits, next_ids, None, chunk_rows, overwrite)
     return _place_at_scored(selected, rows, input_ids.shape)
 
 
@@ -311,7 +372,7 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = None) -> 
 
     Args:
         logits: ``[..., V]`` unnormalised scores, any float dtype.
-        chunk_size: rows per block; by default about ``2**24 / V`` rows.
+        chunk_size: rows per block; by default about ``2**22 / V`` rows.
 
     Returns:
         ``[...]`` entropies in float32 (float64 for float64 logits).
