@@ -91,7 +91,9 @@ def mean_of(records: list[dict], key: str) -> float:
 
 # Mean training reward over the last 5 of 40 iterations must beat the first 5 by this much
 # (the warm-up starts near 0.6; measured rises: grpo 0.13, rloo 0.07, reinforce 0.06,
-# reinforce++ 0.07, ppo 0.08).
+# reinforce++ 0.07, ppo 0.08). Plain REINFORCE's batch-mean baseline is the noisiest estimate:
+# with 8 prompts per iteration its rise over seeds 0-3 ranged -0.01 to 0.11, with 16 it is
+# 0.06-0.13, so it gets 16.
 REWARD_RISE = 0.03
 
 
@@ -101,7 +103,7 @@ REWARD_RISE = 0.03
         ("grpo", ()),
         ("rloo", ()),
         ("reinforce++", ("kl.coef=0.01",)),
-        ("reinforce", ()),
+        ("reinforce", ("rollout.prompts_per_iteration=16",)),
         ("ppo", ("critic.lr=3e-3", "train.epochs_per_iteration=2")),
     ],
 )
@@ -142,8 +144,12 @@ def test_micro_batch_split_does_not_change_the_update(sort_task):
         runs.append((records[-1], params))
     (first, weights), others = runs[0], runs[1:]
     for record, other in others:
-        for key in ("grad_norm", "actor/pg_loss", "actor/entropy", "actor/kl_loss"):
+        for key in ("grad_norm", "actor/entropy", "actor/kl_loss"):
             assert record[key] == pytest.approx(first[key], rel=1e-5, abs=1e-8), key
+        # On policy, the pg loss is a mean of +-1-sized terms (normalised advantages times a
+        # ratio of 1) that cancel to about 1e-7: float32 round-off of such a sum, not a signal.
+        # A wrong normaliser shows in the gradient norm and the weights.
+        assert record["actor/pg_loss"] == pytest.approx(first["actor/pg_loss"], abs=1e-6)
         for a, b in zip(weights, other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -191,7 +197,9 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(sort_task, method,
 
 @pytest.mark.parametrize("placement", ["reward", "loss"])
 def test_a_large_kl_coefficient_keeps_the_policy_near_the_reference(sort_task, placement):
-    settings = ("train.iterations=8", "optim.lr=3e-3", f"kl.placement={placement}")
+    # 16 iterations: at 8, seeds 0 and 2 of the reward placement had not separated yet (the held
+    # run's KL was 0.87-1.11x the free run's); at 16 it is 0.23-0.70x over seeds 0-3.
+    settings = ("train.iterations=16", "optim.lr=3e-3", f"kl.placement={placement}")
     # kl/mean is logged when a KL term is on; 1e-8 is "off" for the update.
     _, free = train(rl_config(sort_task, "grpo", f"free_{placement}", *settings, "kl.coef=1e-8"))
     _, held = train(rl_config(sort_task, "grpo", f"held_{placement}", *settings, "kl.coef=1.0"))

@@ -17,7 +17,8 @@ from alignkit.config import TrainConfig
 from alignkit.data import SFTCollator, tokenize_sft
 from alignkit.data.packing import PackedSFTCollator, pack_examples
 from alignkit.data.tokenize import IGNORE_INDEX
-from alignkit.models.forward import segment_logprobs, token_logprobs
+from alignkit.models.forward import innermost_model, segment_logprobs, token_logprobs
+from alignkit.models.tied import accumulate_tied_embedding_grad
 from alignkit.ops.stats import masked_mean
 from alignkit.trainers.common import (
     DataConfig,
@@ -91,6 +92,8 @@ def build_sft_trainer(cfg: SFTConfig) -> SFTTrainer:
     train_records = load_split(cfg.data, "sft", "train", cfg.seed)
     eval_records = load_split(cfg.data, "sft", "eval", cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
+    # A tied embedding's two gradients go into one tensor instead of a fresh [V, H] sum.
+    accumulate_tied_embedding_grad(innermost_model(model))
 
     def tokenize(records: Any) -> Any:
         data = cfg.data
