@@ -17,6 +17,7 @@ Usage (normally through compare_trl.py)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -36,6 +37,10 @@ class StepClock:
     def __init__(self) -> None:
         self.step_end_times: list[float] = []
         self.step_end_cpu_times: list[float] = []  # process CPU time: robust to busy neighbours
+        # Kernel time and page faults: on this sandbox a minor fault costs ~10 us, so a step
+        # that grows the heap shows up here, not in the model's arithmetic.
+        self.step_end_sys_times: list[float] = []
+        self.step_end_faults: list[int] = []
         self.step_tokens: list[int] = []
         self.step_losses: list[Any] = []  # 0-dim tensors; converted once training is over
         self._tokens_since_step = 0
@@ -47,6 +52,9 @@ class StepClock:
     def step_end(self, loss: Any) -> None:
         self.step_end_times.append(time.perf_counter())
         self.step_end_cpu_times.append(time.process_time())
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.step_end_sys_times.append(usage.ru_stime)
+        self.step_end_faults.append(usage.ru_minflt + usage.ru_majflt)
         self.step_tokens.append(self._tokens_since_step)
         self._tokens_since_step = 0
         self.step_losses.append(loss.detach() if hasattr(loss, "detach") else loss)
@@ -260,6 +268,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": window_tokens / window_s,
         "window_cpu_s": window_cpu_s,
         "samples_per_cpu_s": window_pairs / window_cpu_s,
+        "step_s": [b - a for a, b in itertools.pairwise(times)],
+        "step_sys_s": [b - a for a, b in itertools.pairwise(clock.step_end_sys_times)],
+        "step_page_faults": [b - a for a, b in itertools.pairwise(clock.step_end_faults)],
         "epoch_tokens": sum(tokens),
         "build_s": built - started,
         "train_call_s": finished - built,

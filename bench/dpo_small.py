@@ -147,6 +147,8 @@ def main(args: Any) -> int:
                 run["repeat"] = repeat
                 run["s_per_step"] = run["window_s"] / run["window_steps"]
                 run["cpu_s_per_step"] = run["window_cpu_s"] / run["window_steps"]
+                run["window_sys_s"] = sum(run["step_sys_s"][args.warmup_steps - 1 :])
+                run["window_page_faults"] = sum(run["step_page_faults"][args.warmup_steps - 1 :])
                 flops = window_flops(run, shapes, shares["response_share_of_real"])
                 run.update(utilisation(flops, run["window_s"], run["window_cpu_s"], rate))
                 runs.append(run)
@@ -155,7 +157,9 @@ def main(args: Any) -> int:
                     f"{run['s_per_step']:6.2f} s/step  {run['cpu_s_per_step']:6.2f} CPU-s/step  "
                     f"{run['tokens_per_s']:6.0f} tok/s  MFU {100 * run['mfu']:4.1f}% "
                     f"(CPU {100 * run['mfu_cpu']:4.1f}%)  peak RSS {run['peak_rss_mib']:5.0f} MiB  "
-                    f"load {run['loadavg_before'][0]:.2f}->{run['loadavg_after'][0]:.2f}",
+                    f"load {run['loadavg_before'][0]:.2f}->{run['loadavg_after'][0]:.2f}  "
+                    f"in-window kernel {run['window_sys_s']:.2f} s, "
+                    f"{run['window_page_faults']} page faults",
                     flush=True,
                 )
     summary = bench.summarise(runs)

@@ -236,6 +236,13 @@ class RunConfig:
     dataloader_workers: int = field(
         default=0, metadata=field_help("Worker processes that collate batches; 0: in the main one.")
     )
+    retain_freed_memory: bool = field(
+        default=True,
+        metadata=field_help(
+            "On CPU with glibc, keep freed memory in the process instead of returning it to the "
+            "kernel: steps stop page-faulting, the process does not shrink after its peak."
+        ),
+    )
     optim: OptimConfig = field(default_factory=OptimConfig, metadata=field_help("Optimizer."))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=field_help("Evaluation."))
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=field_help("Logging."))

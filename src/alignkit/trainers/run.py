@@ -57,6 +57,7 @@ from alignkit.tracking import (
     write_summary,
 )
 from alignkit.tracking.checkpoint import TRAINER_STATE_FILE
+from alignkit.trainers.allocator import retain_freed_memory
 from alignkit.trainers.optimize import OptimizerStep
 from alignkit.trainers.resume import describing_the_run, rescale_learning_rate, resume_changes
 from alignkit.trainers.runtime import (
@@ -266,6 +267,8 @@ class RunLoop(ABC):
             resume_step = checkpoint_step(checkpoint)
             self.run_dir = RunDir(checkpoint.parent.parent)  # <run>/checkpoints/step-N
         changes = self._shared(lambda: self._prepare_run_dir(resume_step))
+        if cfg.retain_freed_memory and self.accelerator.device.type == "cpu":
+            retain_freed_memory()
         self._prepare_training()
         self.on_train_begin()
         if checkpoint is not None:
