@@ -12,7 +12,7 @@ from alignkit.trainers.allocator import retain_freed_memory
 
 # Rounds of allocating 40 blocks of 8 MiB, writing them and freeing them all; prints the page
 # faults of the last round. glibc's default trims the freed heap top back to the kernel after
-# each round, so every round faults its 320 MiB in again (about 80k faults).
+# each round, so a round usually faults its 320 MiB in again (about 80k faults).
 ROUNDS = textwrap.dedent(
     """
     import resource, sys
@@ -39,12 +39,12 @@ def last_round_faults(mode: str) -> int:
 
 @pytest.mark.skipif(not retain_freed_memory(), reason="needs Linux with glibc")
 def test_freed_memory_is_reused_without_page_faults():
-    kept = last_round_faults("retain")
-    returned = last_round_faults("default")
-    # 320 MiB is 81,920 pages: measured 81,890 faults by default, 0 (at most one 8 MiB block,
-    # 2,049) when kept.
-    assert returned > 60000, returned
-    assert kept < 8000, kept
+    # 320 MiB is 81,920 pages. Kept: measured 0, or 2,049 (one 8 MiB block). glibc's default
+    # usually faults all of them in again (81,890), but not in every process (its dynamic
+    # thresholds depend on the address layout), so only the kept case is asserted.
+    for _ in range(3):
+        kept = last_round_faults("retain")
+        assert kept < 8000, kept
 
 
 @pytest.mark.parametrize("setting", [True, False])
