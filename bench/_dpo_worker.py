@@ -268,6 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": window_tokens / window_s,
         "window_cpu_s": window_cpu_s,
         "samples_per_cpu_s": window_pairs / window_cpu_s,
+        "window_sys_s": clock.step_end_sys_times[-1] - clock.step_end_sys_times[warm - 1],
+        "window_page_faults": clock.step_end_faults[-1] - clock.step_end_faults[warm - 1],
         "step_s": [b - a for a, b in itertools.pairwise(times)],
         "step_sys_s": [b - a for a, b in itertools.pairwise(clock.step_end_sys_times)],
         "step_page_faults": [b - a for a, b in itertools.pairwise(clock.step_end_faults)],

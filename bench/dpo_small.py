@@ -147,8 +147,6 @@ def main(args: Any) -> int:
                 run["repeat"] = repeat
                 run["s_per_step"] = run["window_s"] / run["window_steps"]
                 run["cpu_s_per_step"] = run["window_cpu_s"] / run["window_steps"]
-                run["window_sys_s"] = sum(run["step_sys_s"][args.warmup_steps - 1 :])
-                run["window_page_faults"] = sum(run["step_page_faults"][args.warmup_steps - 1 :])
                 flops = window_flops(run, shapes, shares["response_share_of_real"])
                 run.update(utilisation(flops, run["window_s"], run["window_cpu_s"], rate))
                 runs.append(run)
