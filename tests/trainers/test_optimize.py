@@ -107,6 +107,33 @@ def test_the_update_does_not_depend_on_how_the_step_is_split(tmp_path):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_one_cpu_process_clips_and_steps_the_torch_optimizer_itself(tmp_path, monkeypatch):
+    """Without processes to sync or a gradient scaler, accelerate's optimizer wrapper (an
+    importlib lookup per step) is bypassed; the gradient is still clipped to max_grad_norm."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("accelerate's wrapper was called")
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step", refuse)
+    monkeypatch.setattr(AcceleratedOptimizer, "zero_grad", refuse)
+    step = _linear_step(tmp_path, "optim.max_grad_norm=0.5", sgd=True)
+    x, y = torch.ones(2, 3), torch.tensor([10.0, -30.0])
+    before = [p.detach().clone() for p in step.model.parameters()]
+
+    def loss_fn(rows, normaliser):
+        return ((step.model(x).squeeze(-1) - y) ** 2).sum() / normaliser
+
+    outcome = step.run([None], loss_fn, lambda rows: 2, step=1)
+    update = torch.cat(
+        [(p.detach() - b).flatten() for p, b in zip(step.model.parameters(), before, strict=True)]
+    )
+    assert float(outcome.grad_norm) > 0.5
+    # SGD with lr 1 moves by minus the clipped gradient: its norm is max_grad_norm.
+    torch.testing.assert_close(update.norm(), torch.tensor(0.5), rtol=1e-5, atol=0)
+    assert all(p.grad is None for p in step.model.parameters())
+
+
 def test_a_non_finite_step_is_skipped_counted_and_reported(tmp_path):
     messages: list[str] = []
     step = _linear_step(tmp_path, "optim.max_consecutive_skipped_steps=2", say=messages.append)
@@ -280,7 +307,7 @@ class GradientSpy(SFTTrainer):
     """Keeps the gradient the optimizer is about to apply."""
 
     def on_train_begin(self) -> None:
-        optimizer = self.optimizer_step.optimizer
+        optimizer = self.optimizer_step._torch_optimizer  # what one CPU process steps
         apply = optimizer.step
 
         def step(*args, **kwargs):

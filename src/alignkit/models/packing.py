@@ -166,10 +166,13 @@ def pack_rows(
 
     source, all_shared = _shared_prefixes(aligned, valid, enabled=share_prefixes)
     index = torch.arange(rows, device=device)
-    packed_cost, bin_of_tree, shared = min(
+    # The layout search runs on Python lists: a batch has tens of rows, and a torch op per
+    # row-level step would cost more than the arithmetic.
+    length_list, source_list, shared_list = (x.tolist() for x in (lengths, source, all_shared))
+    packed_cost, bin_list, kept = min(
         (
-            (*_layout_cost(lengths, source, kept, attention_cost), kept)
-            for kept in (_link_cuts(all_shared) if attention_cost > 0 else [all_shared])
+            (*_layout_cost(length_list, source_list, option, attention_cost), option)
+            for option in (_link_cuts(shared_list) if attention_cost > 0 else [shared_list])
         ),
         key=lambda option: option[0],
     )
@@ -178,27 +181,26 @@ def pack_rows(
         block_cost = _block_cost(lengths - all_shared, lengths, attention_cost, call_cost)
         blocks = block_cost <= packed_cost
         if blocks:
-            packed_cost, bin_of_tree, shared = block_cost, torch.zeros_like(lengths), all_shared
+            packed_cost, bin_list, kept = block_cost, [0] * rows, shared_list
+    shared = torch.tensor(kept, dtype=torch.long, device=device)
     source = torch.where(shared > 0, source, index)
-    root = _roots(source, shared > 0)
-    own_count = lengths - shared
+    root = _roots(source_list, kept)
+    own_list = [n - k for n, k in zip(length_list, kept, strict=True)]
     # Packed order: by packed row, trees together (by root), rows in index order in a tree.
-    bin_of_row = bin_of_tree[root]
-    order = torch.argsort((bin_of_row * rows + root) * rows + index)
-    counts = own_count[order]
-    start = torch.cumsum(counts, 0) - counts  # exclusive cumsum, in packed order
-    packed_rows = int(bin_of_row.max()) + 1 if rows else 1
-    bin_start = torch.full((packed_rows,), int(counts.sum()), device=device, dtype=start.dtype)
-    bin_start = bin_start.scatter_reduce(0, bin_of_row[order], start, reduce="amin")
-    offset_in_bin = start - bin_start[bin_of_row[order]]
-    bin_tokens = torch.zeros(packed_rows, device=device, dtype=start.dtype)
-    bin_tokens = bin_tokens.index_add(0, bin_of_row, own_count)
-    packed_width = max(int(bin_tokens.max()) if rows else 1, 1)
+    bin_of_row = [bin_list[r] for r in root]
+    order = sorted(range(rows), key=lambda r: (bin_of_row[r], root[r], r))
+    packed_rows = max(bin_of_row) + 1 if rows else 1
+    bin_tokens, offset_in_bin = [0] * packed_rows, [0] * rows
+    for r in order:
+        offset_in_bin[r] = bin_tokens[bin_of_row[r]]
+        bin_tokens[bin_of_row[r]] += own_list[r]
+    packed_width = max(max(bin_tokens), 1)
     if packed_cost >= _masked_cost(rows, width, attention_cost) + call_cost:
         return None  # nothing to gain: no padding, no shared prefix, or attention eats it
     # Flat packed index of each row's first own token (row order).
-    base = torch.empty(rows, device=device, dtype=torch.long)
-    base[order] = bin_of_row[order] * packed_width + offset_in_bin
+    base_list = [b * packed_width + o for b, o in zip(bin_of_row, offset_in_bin, strict=True)]
+    base = torch.tensor(base_list, dtype=torch.long, device=device)
+    own_count = torch.tensor(own_list, dtype=torch.long, device=device)
 
     own_index = base[:, None] + arange - shared[:, None]
     own_tokens = valid & (arange >= shared[:, None])
@@ -208,10 +210,8 @@ def pack_rows(
     scored_at = _resolve(own_index, scored_own, valid & ~scored_own, source)
 
     flat = packed_rows * packed_width
-    owner = torch.full((flat,), -1, device=device, dtype=torch.long)
     own_position = torch.zeros(flat, device=device, dtype=torch.long)
     own_flat = own_index[own_tokens]
-    owner[own_flat] = index[:, None].expand(rows, width)[own_tokens]
     own_position[own_flat] = arange.expand(rows, width)[own_tokens]
     packed_ids = torch.zeros(flat, device=device, dtype=input_ids.dtype)
     packed_ids[own_flat] = aligned[own_tokens]
@@ -221,8 +221,10 @@ def pack_rows(
     if blocks:
         visible, attention_blocks = None, _blocks(where, base, own_count, lengths, shared)
     else:
-        owners = owner.view(packed_rows, packed_width)
-        visible, attention_blocks = _tree_mask(where, owners, own_position, packed_width), None
+        visible = _tree_mask(
+            base_list, own_list, kept, source_list, bin_tokens, packed_width, device
+        )
+        attention_blocks = None
     row_of = index[:, None].expand(rows, width)
 
     def to_columns(values: Tensor) -> Tensor:
@@ -238,7 +240,7 @@ def pack_rows(
         scored_at=to_columns(scored_at),
         segment_start=segment_start.view(packed_rows, packed_width),
         padded_tokens=rows * width,
-        packed_tokens=int(counts.sum()),
+        packed_tokens=sum(own_list),
         blocks=attention_blocks,
     )
 
@@ -317,40 +319,42 @@ def _shared_prefixes(aligned: Tensor, valid: Tensor, *, enabled: bool) -> tuple[
     return source, shared
 
 
-def _link_cuts(shared: Tensor) -> list[Tensor]:
+def _link_cuts(shared: list[int]) -> list[list[int]]:
     """Sharing with every link kept, then without the links sharing the fewest tokens, then
     fewer still: a short common prefix (a chat template's system prompt) would otherwise tie
     the whole batch into one tree that cannot be spread over several packed rows."""
-    levels = torch.unique(shared[shared > 0]).tolist()
+    levels = sorted({s for s in shared if s > 0})
     if len(levels) > _MAX_CUTS:  # a few quantiles are enough to find the weak links
         levels = [levels[i * (len(levels) - 1) // (_MAX_CUTS - 1)] for i in range(_MAX_CUTS)]
-    return [shared] + [torch.where(shared <= level, 0, shared) for level in levels]
+    return [shared] + [[0 if s <= level else s for s in shared] for level in levels]
 
 
 def _layout_cost(
-    lengths: Tensor, source: Tensor, shared: Tensor, attention_cost: float
-) -> tuple[float, Tensor]:
+    lengths: list[int], source: list[int], shared: list[int], attention_cost: float
+) -> tuple[float, list[int]]:
     """The cost and packed rows (:func:`_assign_bins`) of packing with these shared prefixes."""
-    root = _roots(source, shared > 0)
-    tokens = torch.zeros_like(lengths).index_add(0, root, lengths - shared)
+    root = _roots(source, shared)
+    tokens = [0] * len(lengths)
+    for row, tree in enumerate(root):
+        tokens[tree] += lengths[row] - shared[row]
     return _assign_bins(tokens, root, attention_cost)
 
 
-def _assign_bins(tree_tokens: Tensor, root: Tensor, attention_cost: float) -> tuple[float, Tensor]:
+def _assign_bins(
+    tree_tokens: list[int], root: list[int], attention_cost: float
+) -> tuple[float, list[int]]:
     """Packed row of each tree (indexed by root row; other entries unused): for each row
     count ``P``, trees longest first each into the emptiest row (LPT), keeping the cheapest
     ``P`` by ``P * L * (1 + attention_cost * L)``; and that cost."""
-    roots = torch.unique(root).tolist()
-    all_sizes = tree_tokens.tolist()
-    sizes = {r: all_sizes[r] for r in roots}
-    longest_first = sorted(roots, key=lambda r: (-sizes[r], r))
-    best: tuple[float, dict[int, int]] = (float("inf"), {r: 0 for r in roots})
+    roots = sorted(set(root))
+    longest_first = sorted(roots, key=lambda r: (-tree_tokens[r], r))
+    best: tuple[float, dict[int, int]] = (float("inf"), dict.fromkeys(roots, 0))
     for packed_rows in range(1, len(roots) + 1 if attention_cost > 0 else 2):
         heap = [(0, b) for b in range(packed_rows)]  # (load, row): the emptiest row on top
         loads, assignment = [0] * packed_rows, {}
         for r in longest_first:
             load, target = heapq.heappop(heap)
-            loads[target] = load + sizes[r]
+            loads[target] = load + tree_tokens[r]
             heapq.heappush(heap, (loads[target], target))
             assignment[r] = target
         width = max(loads)
@@ -361,7 +365,7 @@ def _assign_bins(tree_tokens: Tensor, root: Tensor, attention_cost: float) -> tu
             best = (cost, assignment)
         else:
             break  # past the minimum: more rows only add padding
-    out = torch.zeros_like(tree_tokens)
+    out = [0] * len(tree_tokens)
     for r, b in best[1].items():
         out[r] = b
     return best[0], out
@@ -398,14 +402,13 @@ def _attention_cost(structure: _Structure) -> float:
     return 2.0 * structure.hidden * structure.layers / structure.parameters
 
 
-def _roots(source: Tensor, shares: Tensor) -> Tensor:
-    """The row at the root of each row's chain of sources (pointer jumping)."""
-    root = torch.where(shares, source, torch.arange(len(source), device=source.device))
-    while True:
-        nxt = root[root]
-        if torch.equal(nxt, root):
-            return root
-        root = nxt
+def _roots(source: list[int], shared: list[int]) -> list[int]:
+    """The row at the root of each row's chain of sources (a source is an earlier row)."""
+    root = list(range(len(source)))
+    for row, (parent, count) in enumerate(zip(source, shared, strict=True)):
+        if count > 0:
+            root[row] = root[parent]
+    return root
 
 
 def _resolve(own_index: Tensor, own: Tensor, inherited: Tensor, source: Tensor) -> Tensor:
@@ -440,21 +443,40 @@ def _blocks(
     return tuple(out)
 
 
-def _tree_mask(where: Tensor, owner: Tensor, position: Tensor, width: int) -> Tensor:
-    """``[P, 1, L, L]``: query ``q`` (token ``p`` of row ``r``) sees key ``k`` (at position
-    ``p'``) iff ``p' <= p`` and ``k`` stands for row ``r``'s token ``p'``: its own sequence
-    causally, including the prefix it shares. A pad query sees itself (no NaN softmax)."""
-    packed_rows = owner.shape[0]
-    row_width = where.shape[1]
-    position = position.view(packed_rows, width)
-    query_row = owner.clamp(min=0)
-    # where[r(q), p(k)] for every (q, k) of the same packed row: [P, L, L].
-    lookup = where.reshape(-1)[query_row[:, :, None] * row_width + position[:, None, :]]
-    keys = torch.arange(width, device=owner.device)
-    key_flat = torch.arange(packed_rows, device=owner.device)[:, None] * width + keys
-    visible = (lookup == key_flat[:, None, :]) & (position[:, None, :] <= position[:, :, None])
-    visible &= (owner >= 0)[:, :, None]
-    visible |= torch.eye(width, dtype=torch.bool, device=owner.device) & (owner < 0)[:, :, None]
+def _tree_mask(
+    base: list[int],
+    own: list[int],
+    shared: list[int],
+    source: list[int],
+    bin_tokens: list[int],
+    width: int,
+    device: torch.device,
+) -> Tensor:
+    """``[P, 1, L, L]``: query ``q`` (row ``r``'s token at position ``p``) sees key ``k`` (at
+    position ``p'``) iff ``p' <= p`` and ``k`` stands for row ``r``'s token ``p'``: its own
+    sequence causally, including the prefix it shares. A pad query sees itself (no NaN softmax).
+
+    Built from rectangles: row ``r``'s own tokens (flat start ``base[r]``, ``own[r]`` of them,
+    positions ``shared[r]..``) see themselves causally and, whole, each ancestor's own tokens
+    that stand for positions below ``shared[r]`` (all earlier than their own positions): the
+    source's positions ``shared[a] .. bound``, the bound shrinking down the chain."""
+    visible = torch.zeros(len(bin_tokens), width, width, dtype=torch.bool, device=device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    for r, count in enumerate(own):
+        if count == 0:
+            continue
+        row, start = divmod(base[r], width)
+        visible[row, start : start + count, start : start + count] = causal[:count, :count]
+        bound, ancestor = shared[r], r
+        while shared[ancestor] > 0:
+            ancestor = source[ancestor]
+            served = bound - shared[ancestor]  # positions shared[ancestor] .. bound - 1
+            if served > 0:
+                first = base[ancestor] - row * width
+                visible[row, start : start + count, first : first + served] = True
+            bound = min(bound, shared[ancestor])
+    for row, used in enumerate(bin_tokens):
+        visible[row].diagonal()[used:] = True
     return visible[:, None]
 
 
