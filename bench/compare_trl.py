@@ -49,7 +49,16 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_dpo_worker.py"
 SETTINGS = ("alignkit", "trl", "trl-precompute")
-TRL_SETTINGS = ("trl", "trl-precompute")
+#: TRL with precomputed reference log-probs in a process whose glibc malloc keeps freed memory
+#: as alignkit's trainers do (trainers/allocator.py), set through glibc's environment variables
+#: (dpo-small ``--trl-malloc``): what a TRL user gets by exporting them.
+TRL_MALLOC = "trl-precompute-malloc"
+TRL_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(2 << 30),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
+TRL_SETTINGS = ("trl", "trl-precompute", TRL_MALLOC)
 BENCHMARKS = ("dpo-tiny", "grpo-tiny", "ppo-tiny", "dpo-small")
 LOG2 = math.log(2.0)
 
@@ -130,7 +139,7 @@ def run_worker(
     command = [
         sys.executable,
         str(WORKER),
-        f"--framework={setting}",
+        f"--framework={'trl-precompute' if setting == TRL_MALLOC else setting}",
         f"--model-dir={inputs['model_dir']}",
         f"--data={inputs['data']}",
         f"--work-dir={work}",
@@ -145,15 +154,17 @@ def run_worker(
     ]
     load_before = os.getloadavg()
     started = time.perf_counter()
-    done = subprocess.run(
-        command, env=worker_env(threads, scratch), capture_output=True, text=True, check=False
-    )
+    env = worker_env(threads, scratch)
+    if setting == TRL_MALLOC:
+        env.update(TRL_MALLOC_ENV)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(
             f"{setting} worker failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
         )
     result = json.loads(result_path.read_text(encoding="utf-8"))
+    result["framework"] = setting
     result["process_wall_s"] = wall
     result["loadavg_before"] = list(load_before)
     result["loadavg_after"] = list(os.getloadavg())
@@ -181,7 +192,7 @@ SUMMARISED = (
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median/min/max of each measure per setting, and alignkit / faster TRL setting."""
     medians: dict[str, Any] = {}
-    for setting in SETTINGS:
+    for setting in (*SETTINGS, TRL_MALLOC):
         mine = [r for r in runs if r["framework"] == setting]
         if mine:
             medians[setting] = {key: spread([r[key] for r in mine]) for key in SUMMARISED}
@@ -231,7 +242,7 @@ def checks(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def final_losses(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per setting (first run): loss at step 1, mean of the first and last 10 steps, last."""
     out = {}
-    for setting in SETTINGS:
+    for setting in (*SETTINGS, TRL_MALLOC):
         run = next((r for r in runs if r["framework"] == setting), None)
         if run is not None:
             losses = run["losses"]
@@ -337,6 +348,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts-per-step", type=int, default=2, help="grpo-tiny")
     parser.add_argument("--generations", type=int, default=8, help="grpo-tiny: per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="grpo-tiny")
+    parser.add_argument(
+        "--trl-malloc",
+        action="store_true",
+        help="dpo-small: also run TRL with glibc's malloc set by environment variables as\n"
+        "alignkit's trainers set it (the faster TRL setting is the ratio's)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/<name>.json")
     args = parser.parse_args(argv)
     args.thread_counts = [int(t) for t in str(args.threads).split(",") if t.strip()]

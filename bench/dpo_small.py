@@ -140,8 +140,10 @@ def main(args: Any) -> int:
         rate = machine_matmul_rate(threads, shapes["hidden_size"], shapes["intermediate_size"])
         print(f"fp32 matmul rate at {threads} thread(s): {rate['flops_per_s'] / 1e9:.1f} GFLOP/s")
         runs = []
+        settings = (*SETTINGS, bench.TRL_MALLOC) if args.trl_malloc else SETTINGS
         for repeat in range(args.repeats):
-            order = SETTINGS if repeat % 2 == 0 else SETTINGS[::-1]
+            shift = repeat % len(settings)  # the order rotates every repeat
+            order = settings[shift:] + settings[:shift]
             for setting in order:
                 run = bench.run_worker(setting, threads, inputs, args, scratch)
                 run["repeat"] = repeat
@@ -165,13 +167,13 @@ def main(args: Any) -> int:
         mine = [r for r in runs if r["framework"] == setting]
         for key in ("s_per_step", "cpu_s_per_step", "mfu", "mfu_cpu"):
             medians[key] = bench.spread([r[key] for r in mine])
-    ours, theirs = summary["medians"]["alignkit"], summary["medians"]["trl-precompute"]
+    ours, theirs = summary["medians"]["alignkit"], summary["medians"][summary["faster_trl_setting"]]
     summary["cpu_s_per_step_ratio"] = (
         theirs["cpu_s_per_step"]["median"] / ours["cpu_s_per_step"]["median"]
     )
     bench.print_table(summary, threads)
     print(
-        f"s/step: alignkit {ours['s_per_step']['median']:.2f}, TRL "
+        f"s/step: alignkit {ours['s_per_step']['median']:.2f}, {summary['faster_trl_setting']} "
         f"{theirs['s_per_step']['median']:.2f}; CPU-s/step: alignkit "
         f"{ours['cpu_s_per_step']['median']:.2f}, TRL {theirs['cpu_s_per_step']['median']:.2f} "
         f"(TRL / alignkit x{summary['cpu_s_per_step_ratio']:.2f}); MFU (CPU): alignkit "
@@ -183,7 +185,8 @@ def main(args: Any) -> int:
         "benchmark": "dpo-small",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "python bench/compare_trl.py dpo-small --repeats "
-        f"{args.repeats} --steps {args.steps} --warmup-steps {args.warmup_steps}",
+        f"{args.repeats} --steps {args.steps} --warmup-steps {args.warmup_steps}"
+        + (" --trl-malloc" if args.trl_malloc else ""),
         "runtime_s": time.perf_counter() - started,
         "machine": bench.machine(args.thread_counts),
         "loadavg_start": load_start,
@@ -198,14 +201,19 @@ def main(args: Any) -> int:
             **{k: round(v, 4) for k, v in shares.items()},
             "loss": f"sigmoid DPO, beta {args.beta}",
             "lr": args.lr,
-            "trl": "DPOTrainer, precompute_ref_log_probs=True, bf16 off, no checkpointing",
+            "trl": "DPOTrainer, precompute_ref_log_probs=True, bf16 off, no checkpointing"
+            + (
+                f"; {bench.TRL_MALLOC}: the same with {bench.TRL_MALLOC_ENV}"
+                if args.trl_malloc
+                else ""
+            ),
             "model_shapes": shapes,
             "mfu": "bench/mfu.py: (6 x non-embedding params x real tokens of the window's chosen "
             "and rejected rows + 6 x d x V x their response share of them) / window time, over "
             "the fp32 matmul rate",
             "timed_window": f"end of step {args.warmup_steps} to end of step {args.steps}",
             "repeats": args.repeats,
-            "order": "alignkit and TRL alternate in fresh processes, order swapped every repeat",
+            "order": "the settings alternate in fresh processes, the order rotating every repeat",
         },
         **{k: v for k, v in summary.items() if k != "medians"},
         "medians": summary["medians"],

@@ -158,8 +158,10 @@ class OptimizerStep:
         direct = acc.distributed_type == DistributedType.NO and acc.scaler is None
         optimizer = self._torch_optimizer if direct else self.optimizer
         if direct:
-            grads = [p for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+            # The optimizer's parameters: walking the module tree would cost ~0.2 ms a step.
+            groups = optimizer.param_groups
+            with_grads = [p for group in groups for p in group["params"] if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(with_grads, max_norm, foreach=True)
         else:
             grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):  # FSDP2: a partial norm on each shard
