@@ -54,6 +54,7 @@ SETTINGS = ("alignkit", "trl", "trl-precompute")
 #: (dpo-small ``--trl-malloc``): what a TRL user gets by exporting them.
 TRL_MALLOC = "trl-precompute-malloc"
 TRL_MALLOC_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(2 << 30),
     "MALLOC_TOP_PAD_": str(256 << 20),

@@ -10,9 +10,10 @@ import pytest
 
 from alignkit.trainers.allocator import retain_freed_memory
 
-# Rounds of allocating 40 blocks of 8 MiB, writing them and freeing them all; prints the page
-# faults of the last round. glibc's default trims the freed heap top back to the kernel after
-# each round, so a round usually faults its 320 MiB in again (about 80k faults).
+# Rounds of allocating blocks (40 of 8 MiB, or 4 of 80 MiB: above glibc's largest mmap
+# threshold, as an LM head's logits), writing them and freeing them all; prints the page faults
+# of the last round. glibc's default trims the freed heap top back to the kernel after each
+# round and unmaps large blocks, so a round usually faults its 320 MiB in again (~80k faults).
 ROUNDS = textwrap.dedent(
     """
     import resource, sys
@@ -20,9 +21,10 @@ ROUNDS = textwrap.dedent(
     from alignkit.trainers.allocator import retain_freed_memory
     if sys.argv[1] == "retain":
         assert retain_freed_memory()
+    count, elements = int(sys.argv[2]), int(sys.argv[3])
     for _ in range(3):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        blocks = [torch.ones(2 << 20) for _ in range(40)]
+        blocks = [torch.ones(elements) for _ in range(count)]
         del blocks
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     print(faults)
@@ -30,9 +32,12 @@ ROUNDS = textwrap.dedent(
 )
 
 
-def last_round_faults(mode: str) -> int:
+def last_round_faults(mode: str, count: int = 40, elements: int = 2 << 20) -> int:
     done = subprocess.run(
-        [sys.executable, "-c", ROUNDS, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", ROUNDS, mode, str(count), str(elements)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(done.stdout.split()[-1])
 
@@ -45,6 +50,14 @@ def test_freed_memory_is_reused_without_page_faults():
     for _ in range(3):
         kept = last_round_faults("retain")
         assert kept < 8000, kept
+
+
+@pytest.mark.skipif(not retain_freed_memory(), reason="needs Linux with glibc")
+def test_blocks_above_the_mmap_threshold_are_reused_too():
+    # 4 blocks of 80 MiB: glibc maps each one above 32 MiB afresh (81,920 faults a round).
+    kept = last_round_faults("retain", count=4, elements=20 << 20)
+    assert kept < 8000, kept
+    assert last_round_faults("default", count=4, elements=20 << 20) > 40_000
 
 
 @pytest.mark.parametrize("setting", [True, False])
