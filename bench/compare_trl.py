@@ -60,6 +60,7 @@ TRL_MALLOC_ENV = {
     "MALLOC_TOP_PAD_": str(256 << 20),
 }
 TRL_SETTINGS = ("trl", "trl-precompute", TRL_MALLOC)
+ALL_SETTINGS = (*SETTINGS, TRL_MALLOC)
 BENCHMARKS = ("dpo-tiny", "grpo-tiny", "ppo-tiny", "dpo-small")
 LOG2 = math.log(2.0)
 
@@ -193,7 +194,7 @@ SUMMARISED = (
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median/min/max of each measure per setting, and alignkit / faster TRL setting."""
     medians: dict[str, Any] = {}
-    for setting in (*SETTINGS, TRL_MALLOC):
+    for setting in ALL_SETTINGS:
         mine = [r for r in runs if r["framework"] == setting]
         if mine:
             medians[setting] = {key: spread([r[key] for r in mine]) for key in SUMMARISED}
@@ -243,7 +244,7 @@ def checks(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def final_losses(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per setting (first run): loss at step 1, mean of the first and last 10 steps, last."""
     out = {}
-    for setting in (*SETTINGS, TRL_MALLOC):
+    for setting in ALL_SETTINGS:
         run = next((r for r in runs if r["framework"] == setting), None)
         if run is not None:
             losses = run["losses"]

@@ -200,7 +200,6 @@ def pack_rows(
     # Flat packed index of each row's first own token (row order).
     base_list = [b * packed_width + o for b, o in zip(bin_of_row, offset_in_bin, strict=True)]
     base = torch.tensor(base_list, dtype=torch.long, device=device)
-    own_count = torch.tensor(own_list, dtype=torch.long, device=device)
 
     own_index = base[:, None] + arange - shared[:, None]
     own_tokens = valid & (arange >= shared[:, None])
@@ -219,7 +218,7 @@ def pack_rows(
     segment_start[base[lengths > 0]] = True
 
     if blocks:
-        visible, attention_blocks = None, _blocks(where, base, own_count, lengths, shared)
+        visible, attention_blocks = None, _blocks(where, base_list, own_list, length_list, kept)
     else:
         visible = _tree_mask(
             base_list, own_list, kept, source_list, bin_tokens, packed_width, device
@@ -423,15 +422,14 @@ def _resolve(own_index: Tensor, own: Tensor, inherited: Tensor, source: Tensor) 
 
 
 def _blocks(
-    where: Tensor, base: Tensor, own_count: Tensor, lengths: Tensor, shared: Tensor
+    where: Tensor, base: list[int], own: list[int], lengths: list[int], shared: list[int]
 ) -> tuple[AttentionBlock, ...]:
     """Each row's own tokens in the one packed row, in packed order: causal on their own when
     the row shares nothing, else against its whole sequence's keys (``where[r, :length]``: the
     shared prefix's copies, then its own) with the causal rule offset by the prefix."""
     out = []
-    starts, counts, all_lengths, prefixes = (x.tolist() for x in (base, own_count, lengths, shared))
-    for row in torch.argsort(base).tolist():
-        start, count, length, prefix = starts[row], counts[row], all_lengths[row], prefixes[row]
+    for row in sorted(range(len(base)), key=base.__getitem__):
+        start, count, length, prefix = base[row], own[row], lengths[row], shared[row]
         if count == 0:
             continue
         if prefix == 0:
