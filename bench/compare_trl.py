@@ -50,7 +50,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "_dpo_worker.py"
 SETTINGS = ("alignkit", "trl", "trl-precompute")
 #: TRL with precomputed reference log-probs in a process whose glibc malloc keeps freed memory
-#: as alignkit's trainers do (trainers/allocator.py), set through glibc's environment variables
+#: as alignkit's trainers do (runloop/allocator.py), set through glibc's environment variables
 #: (dpo-small ``--trl-malloc``): what a TRL user gets by exporting them.
 TRL_MALLOC = "trl-precompute-malloc"
 TRL_MALLOC_ENV = {

@@ -214,14 +214,14 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "resume: an allowed lr change is not applied",
-        "trainers/run.py",
+        "runloop/run.py",
         'rescale_learning_rate(self.optimizer_steps, change["from"], change["to"])',
         "pass",
         ("tests/trainers/test_resume_changes.py",),
     ),
     Mutation(
         "resume: config.yaml stores resume_from",
-        "trainers/resume.py",
+        "runloop/resume.py",
         "return dataclasses.replace(cfg, resume_from=None, overwrite=False, allow_change=[])",
         "return cfg",
         ("tests/trainers/test_resume_changes.py",),

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from alignkit.trainers.allocator import retain_freed_memory
+from alignkit.runloop.allocator import retain_freed_memory
 
 # Rounds of allocating blocks (40 of 8 MiB, or 4 of 80 MiB: above glibc's largest mmap
 # threshold, as an LM head's logits), writing them and freeing them all; prints the page faults
@@ -20,7 +20,7 @@ ROUNDS = textwrap.dedent(
     """
     import resource, sys
     import torch
-    from alignkit.trainers.allocator import retain_freed_memory
+    from alignkit.runloop.allocator import retain_freed_memory
     if sys.argv[1] == "retain":
         assert retain_freed_memory()
     count, elements = int(sys.argv[2]), int(sys.argv[3])
@@ -67,7 +67,7 @@ def test_a_cpu_run_applies_it_unless_configured_off(
     task_files, run_settings, tmp_path, monkeypatch, setting
 ):
     from alignkit.config import load_config
-    from alignkit.trainers import run
+    from alignkit.runloop import run
     from alignkit.trainers.sft import SFTConfig, build_sft_trainer
 
     calls = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from alignkit.config import EarlyStoppingConfig
-from alignkit.trainers.runtime import LoopState
+from alignkit.runloop.runtime import LoopState
 
 
 @pytest.mark.parametrize(

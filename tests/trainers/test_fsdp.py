@@ -39,12 +39,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from alignkit.config import OptimConfig, TrainConfig, load_config
 from alignkit.errors import CheckpointError, ConfigError
+from alignkit.runloop import OptimizerStep
+from alignkit.runloop.optimizer import build_lr_scheduler, build_optimizer, is_keyed_by_name
+from alignkit.runloop.runtime import make_accelerator
 from alignkit.tracking import latest_checkpoint, load_trainer_state, read_metrics
 from alignkit.tracking.checkpoint import load_model_weights, save_model_weights
-from alignkit.trainers import OptimizerStep
-from alignkit.trainers.optim import build_lr_scheduler, build_optimizer
-from alignkit.trainers.optimize import is_keyed_by_name
-from alignkit.trainers.runtime import make_accelerator
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

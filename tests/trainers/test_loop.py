@@ -24,6 +24,8 @@ from torch import nn
 
 from alignkit.config import OptimConfig, TrainConfig, load_config
 from alignkit.errors import CheckpointError, ConfigError
+from alignkit.runloop import lr_multiplier
+from alignkit.runloop.optimizer import build_optimizer
 from alignkit.tracking import (
     TRAINER_STATE_FILE,
     latest_checkpoint,
@@ -31,8 +33,7 @@ from alignkit.tracking import (
     load_trainer_state,
     read_metrics,
 )
-from alignkit.trainers import Trainer, lr_multiplier
-from alignkit.trainers.optim import build_optimizer
+from alignkit.trainers import Trainer
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

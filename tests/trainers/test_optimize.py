@@ -27,11 +27,12 @@ from alignkit.config import TrainConfig, load_config
 from alignkit.data import SFTCollator
 from alignkit.data.tokenize import IGNORE_INDEX
 from alignkit.errors import CheckpointError, TrainingDivergedError
+from alignkit.runloop import OptimizerStep
+from alignkit.runloop.optimizer import build_lr_scheduler, build_optimizer
+from alignkit.runloop.runtime import make_accelerator
 from alignkit.tracking import latest_checkpoint, load_trainer_state, read_metrics
 from alignkit.tracking.checkpoint import TRAINER_STATE_FILE
-from alignkit.trainers import OptimizerStep, Trainer
-from alignkit.trainers.optim import build_lr_scheduler, build_optimizer
-from alignkit.trainers.runtime import make_accelerator
+from alignkit.trainers import Trainer
 from alignkit.trainers.sft import SFTTrainer
 
 SRC = Path(__file__).resolve().parents[2] / "src"

@@ -194,7 +194,7 @@ class CheckpointConfig:
 @dataclass
 class RunConfig:
     """Settings of every run, whatever its schedule: where it writes, seed, precision,
-    optimizer, evaluation, logging and checkpoints (:class:`alignkit.trainers.run.RunLoop`).
+    optimizer, evaluation, logging and checkpoints (:class:`alignkit.runloop.run.RunLoop`).
 
     A schedule's config adds its own batch words: :class:`TrainConfig` the offline ones
     (epochs, examples per device, accumulation); an online config prompts and sequences.

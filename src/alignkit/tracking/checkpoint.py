@@ -6,7 +6,7 @@ leaves either the previous checkpoints or the new one, never a half one. Models 
 with Hugging Face `save_pretrained` (safetensors) when they have it, else as a safetensors
 state dict; `trainer_state.pt` holds what resuming needs: optimizer and scheduler states by
 name, RNG states, controllers, data position, step (its layout is the trainer's:
-`alignkit.trainers.run.RunLoop`).
+`alignkit.runloop.run.RunLoop`).
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ A method trainer subclasses :class:`Trainer` and writes the algorithm, nothing e
             loss = ops.some_loss(logits, batch)
             return loss, {"accuracy": ...}
 
-:class:`Trainer` is one schedule on :class:`~alignkit.trainers.run.RunLoop` (run directory,
+:class:`Trainer` is one schedule on :class:`~alignkit.runloop.run.RunLoop` (run directory,
 resume, sinks, evaluation, checkpoints): epochs over a dataset in a seeded shuffle, each
-optimizer step made by an :class:`~alignkit.trainers.optimize.OptimizerStep` from
+optimizer step made by an :class:`~alignkit.runloop.optimizer.OptimizerStep` from
 ``grad_accum_steps`` micro-batches of ``examples_per_device`` rows (AdamW and its schedule,
 clipping, bf16 autocast, skipping a step whose gradient norm is not finite). It runs on
 `accelerate.Accelerator`: one process, or `accelerate launch` for DDP, FSDP or DeepSpeed.
@@ -21,7 +21,7 @@ batches of the epoch already consumed.
 Loss normalisation: ``compute_loss`` returns the mean of its loss over the micro-batch's
 units (``loss_units``: rows by default, completion tokens for SFT); the step's loss is the mean
 over the units of all its micro-batches on all processes, so the gradient does not depend on
-how a step is split (see :mod:`alignkit.trainers.optimize`). The logged ``loss`` is that
+how a step is split (see :mod:`alignkit.runloop.optimizer`). The logged ``loss`` is that
 unit-weighted mean of the step; the other metrics are means over micro-batches and processes.
 
 Hooks, all optional but `compute_loss`:
@@ -48,10 +48,14 @@ from torch import Tensor, nn
 
 from alignkit.config import TrainConfig
 from alignkit.errors import AlignkitError
-from alignkit.trainers.optim import build_lr_scheduler, build_optimizer
-from alignkit.trainers.optimize import OptimizerStep, StepOutcome
-from alignkit.trainers.run import Metrics, RunLoop, Stateful
-from alignkit.trainers.runtime import MetricMeans, as_scalar, enable_gradient_checkpointing
+from alignkit.runloop.optimizer import (
+    OptimizerStep,
+    StepOutcome,
+    build_lr_scheduler,
+    build_optimizer,
+)
+from alignkit.runloop.run import Metrics, RunLoop, Stateful
+from alignkit.runloop.runtime import MetricMeans, as_scalar, enable_gradient_checkpointing
 
 __all__ = ["Metrics", "Stateful", "Trainer", "batch_rows"]
 

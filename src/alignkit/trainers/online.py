@@ -34,11 +34,11 @@ from torch import Tensor, nn
 from alignkit.rollout import Experience, Prompt, SamplingConfig, TransformersEngine
 from alignkit.rollout.engine import GenerationEngine
 from alignkit.rollout.rewards import RewardSource
+from alignkit.runloop.optimizer import build_lr_scheduler, build_optimizer
+from alignkit.runloop.run import RunLoop
+from alignkit.runloop.runtime import MetricMeans
 from alignkit.tracking.io import atomic_write_text
-from alignkit.trainers.optim import build_lr_scheduler, build_optimizer
 from alignkit.trainers.rl_config import OnlineConfig, check_batch_settings
-from alignkit.trainers.run import RunLoop
-from alignkit.trainers.runtime import MetricMeans
 
 __all__ = ["OnlineTrainer", "disable_dropout", "iteration_generator"]
 

@@ -3,7 +3,7 @@
 Labels are prompt + completion with the prompt part set to -100 (seed 002 §4.2.2, corrected in
 seeds/NOTES.md: the seed builds labels of the prompt's length only). The loss is the mean
 negative log-likelihood over all completion tokens of the optimizer step ("token-mean"), whatever
-its split into micro-batches and processes (see alignkit.trainers.optimize).
+its split into micro-batches and processes (see alignkit.runloop.optimizer).
 """
 
 from __future__ import annotations

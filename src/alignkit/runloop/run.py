@@ -39,6 +39,16 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from alignkit.config import RunConfig, config_to_dict, library_versions, save_resolved_config
 from alignkit.errors import AlignkitError, CheckpointError, ConfigError
+from alignkit.runloop.allocator import retain_freed_memory
+from alignkit.runloop.optimizer import OptimizerStep
+from alignkit.runloop.resume import describing_the_run, rescale_learning_rate, resume_changes
+from alignkit.runloop.runtime import (
+    EpochShuffleSampler,
+    LoopState,
+    Throughput,
+    make_accelerator,
+    seed_everything,
+)
 from alignkit.tracking import (
     ConsoleSink,
     MetricSink,
@@ -57,16 +67,6 @@ from alignkit.tracking import (
     write_summary,
 )
 from alignkit.tracking.checkpoint import TRAINER_STATE_FILE
-from alignkit.trainers.allocator import retain_freed_memory
-from alignkit.trainers.optimize import OptimizerStep
-from alignkit.trainers.resume import describing_the_run, rescale_learning_rate, resume_changes
-from alignkit.trainers.runtime import (
-    EpochShuffleSampler,
-    LoopState,
-    Throughput,
-    make_accelerator,
-    seed_everything,
-)
 
 Metrics = Mapping[str, "Tensor | float"]
 
@@ -464,7 +464,7 @@ class RunLoop(ABC):
 
     def _prepare_run_dir(self, resume_step: int | None) -> list[dict[str, Any]]:
         """Check, clear or extend the run directory and write config.yaml; the settings this
-        resume changes (see ``trainers.resume``)."""
+        resume changes (see ``runloop.resume``)."""
         if not self.accelerator.is_main_process:
             return []
         run_dir, cfg = self.run_dir, self.config

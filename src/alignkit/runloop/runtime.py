@@ -1,6 +1,6 @@
 """What the training loop runs on: the accelerator, data order, metric averaging, its state.
 
-Kept apart from :mod:`alignkit.trainers.run` and :mod:`alignkit.trainers.loop` so they read
+Kept apart from :mod:`alignkit.runloop.run` and :mod:`alignkit.trainers.loop` so they read
 as the lifecycle and the schedule.
 """
 
