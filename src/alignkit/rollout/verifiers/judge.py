@@ -21,7 +21,8 @@ Transport: each request has ``timeout`` seconds per connect and per read; a refu
 connection, a timeout, HTTP 429 or 5xx is retried up to ``max_retries`` times (waits 0.5 s, 1 s,
 2 s, ..., at most 8 s), then is an error naming the source, the sample and the URL; any other
 HTTP error (a wrong model name, a bad request) is an error at once, with the server's message.
-Requests of a batch run ``concurrency`` at a time. Replies are cached in memory by request (and
+Sampling: ``temperature`` (default 0), ``max_tokens``, ``seed`` (sent when given, for
+reproducible sampled verdicts). Requests of a batch run ``concurrency`` at a time. Replies are cached in memory by request (and
 in ``cache_file``, an SQLite file, across runs when given): with ``temperature > 0`` a repeated
 request gets the cached reply (``cache: false`` asks again). An API key is read from the
 environment variable named by ``api_key_env`` (never from the config).
@@ -134,6 +135,7 @@ class LLMJudge:
         on_unparseable: str = "none",
         max_unparseable_fraction: float = 0.5,
         temperature: float = 0.0,
+        seed: int | None = None,
         max_tokens: int = 64,
         timeout: float = 60.0,
         max_retries: int = 3,
@@ -165,7 +167,7 @@ class LLMJudge:
         self.min_score, self.max_score, self.normalize = min_score, max_score, normalize
         self.on_unparseable = on_unparseable
         self.max_unparseable_fraction = max_unparseable_fraction
-        self.temperature, self.max_tokens = temperature, max_tokens
+        self.temperature, self.seed, self.max_tokens = temperature, seed, max_tokens
         self.timeout, self.max_retries, self.concurrency = timeout, max_retries, concurrency
         self.cache = _Cache(cache_file) if cache else None
         self.api_key = None
@@ -235,6 +237,8 @@ class LLMJudge:
             payload = {"prompt": f"{self.system}\n\n{text}" if self.system else text}
         payload |= {"model": self.model, "max_tokens": self.max_tokens}
         payload["temperature"] = self.temperature
+        if self.seed is not None:
+            payload["seed"] = self.seed
         key = json.dumps([self.url, self.api, payload], sort_keys=True)
         cached = self.cache.get(key) if self.cache else None
         if cached is not None:

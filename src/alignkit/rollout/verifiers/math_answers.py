@@ -38,6 +38,8 @@ from alignkit.rollout.verifiers.packages import require_package
 __all__ = ["FORMATS", "MathAccuracy", "MathFormat", "final_answer", "math_score"]
 
 FORMATS = ("any", "boxed", "answer_tags", "think_answer")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD = re.compile(r"[A-Za-z]{2,}")
 _ANSWER_TAGS = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _THINK_ANSWER = re.compile(
     r"\s*<think>((?:(?!<think>).)*?)</think>\s*<answer>((?:(?!<answer>).)*?)</answer>\s*",
@@ -82,12 +84,15 @@ def _time_limit() -> int | None:
 
 
 def _parse_plain(text: str, seconds: int | None) -> list[Any]:
-    """A bare answer (``72``, ``\\frac{1}{3}``, ``x+1``): as it is, else as inline LaTeX."""
+    """A bare answer (``72``, ``\\frac{1}{3}``, ``x+1``): as it is, else as inline LaTeX
+    unless it holds words (``no answer`` must not become the product n*o*a*...)."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     configs = [LatexExtractionConfig(), ExprExtractionConfig()]
     parsed = parse(text, extraction_config=configs, parsing_timeout=seconds)
-    return parsed or parse(f"${text}$", extraction_config=configs, parsing_timeout=seconds)
+    if parsed or _WORD.search(_LATEX_COMMAND.sub("", text)):
+        return parsed
+    return parse(f"${text}$", extraction_config=configs, parsing_timeout=seconds)
 
 
 def _parse_completion(text: str, seconds: int | None) -> list[Any]:

@@ -6,10 +6,15 @@ generates rows offline, deterministic in (task, size, seed, config)::
     {"prompt": [{"role": "user", "content": question}], "answer": str,
      "metadata": {...}, "task": task, "task_config": {...}}
 
+(``task_config`` holds the task's settings with ``seed`` and ``size``.)
+
 Reward: ``reasoning_gym:<task>`` scores a completion with the task's own ``score_answer``
-(reasoning-gym's scale, in [0, 1]; some tasks give partial credit) against the row's ``answer``
-and ``metadata``. The scorer is the task's dataset built with the row's ``task_config`` (the
-generation settings), else the ``config`` option, else the task's defaults. The answer read from
+(reasoning-gym's scale, in [0, 1]; some tasks give partial credit). The entry it scores against
+is regenerated from the row's ``task_config`` and ``metadata.source_index``, so the scorer gets
+the objects it made (some compare tuples, which JSON turns into lists); the row's ``answer`` must
+equal the regenerated one (else the package version changed: an error). A row without those
+(written by other tools) is scored against its own ``answer`` and ``metadata`` by the task's
+dataset built with the ``config`` option (default: the task's defaults). The answer read from
 a completion (``extract``): ``answer_tags``: the content of the last ``<answer>...</answer>``
 (reasoning-gym's own convention; none scores 0); ``whole``: the completion after the last
 ``</think>``, stripped; ``auto`` (default): the tags when present, else ``whole``.
@@ -61,10 +66,18 @@ def _json_safe(value: Any) -> Any:
 def _dataset(task: str, config_json: str) -> Any:
     import reasoning_gym
 
+    config = {"size": 1, "seed": 0, **json.loads(config_json)}
     try:
-        return reasoning_gym.create_dataset(task, size=1, seed=0, **json.loads(config_json))
+        return reasoning_gym.create_dataset(task, **config)
     except (TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"reasoning_gym:{task}: bad config {config_json}: {err}") from None
+
+
+@lru_cache(maxsize=8)
+def _entries(task: str, config_json: str) -> dict[int, dict[str, Any]]:
+    """The task's entries by ``metadata.source_index``, as iterating the dataset makes them
+    (what ``reasoning_gym_rows`` wrote; some tasks skip indices, so ``dataset[i]`` differs)."""
+    return {e["metadata"]["source_index"]: e for e in _dataset(task, config_json)}
 
 
 def reasoning_gym_rows(
@@ -92,7 +105,7 @@ def reasoning_gym_rows(
     except (TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"reasoning_gym:{task}: bad config {config}: {err}") from None
     system_text = SYSTEM_PROMPTS.get(system, system) if system else None
-    task_config = _json_safe(config)
+    task_config = _json_safe({**config, "seed": seed, "size": size})
     rows = []
     for entry in dataset:
         question = entry["question"] + (f"\n{instruction}" if instruction else "")
@@ -124,11 +137,26 @@ def _extract(completion: str, extract: str) -> str | None:
 
 
 def score_answer(
-    task: str, answer: str | None, entry: Mapping[str, Any], config: Mapping[str, Any]
+    task: str, answer: str | None, row: Mapping[str, Any], config: Mapping[str, Any] | None = None
 ) -> float:
-    """The task's own score of ``answer`` for ``entry`` (``{"answer", "metadata"}``)."""
-    dataset = _dataset(task, json.dumps(dict(config), sort_keys=True))
-    return float(dataset.score_answer(answer, dict(entry)))
+    """The task's own score of ``answer`` for a prompt row (``answer``, ``metadata`` and, from
+    ``reasoning_gym_rows``, ``task_config``; see the module docstring for which entry is used)."""
+    metadata = row.get("metadata") or {}
+    task_config = row.get("task_config")
+    index = metadata.get("source_index") if isinstance(metadata, Mapping) else None
+    if isinstance(task_config, Mapping) and "seed" in task_config and isinstance(index, int):
+        config_json = json.dumps(dict(task_config), sort_keys=True)
+        entry = _entries(task, config_json).get(index)
+        if entry is None or _json_safe(entry["answer"]) != row.get("answer"):
+            theirs = "no entry" if entry is None else repr(entry["answer"])[:60]
+            raise ValueError(
+                f"the row's answer {row.get('answer')!r:.60} is not reasoning-gym's ({theirs}) "
+                f"for {task} #{index} (another reasoning-gym version?)"
+            )
+    else:
+        config_json = json.dumps(dict(config or {}), sort_keys=True)
+        entry = {"answer": row.get("answer"), "metadata": metadata}
+    return float(_dataset(task, config_json).score_answer(answer, entry))
 
 
 @register_reward_family("reasoning_gym")
@@ -161,19 +189,14 @@ class ReasoningGymReward:
                 f"reasoning_gym:{self.task} needs the column 'answer' (write the prompts with "
                 "`alignkit data reasoning-gym`)"
             )
-        n = len(completions)
-        metadata = metadata or [None] * n
-        task = task or [None] * n
-        task_config = task_config or [None] * n
+        columns = {"metadata": metadata, "task_config": task_config}
         scores = []
         for i, completion in enumerate(completions):
-            if task[i] is not None and task[i] != self.task:
+            if task is not None and task[i] is not None and task[i] != self.task:
                 raise ValueError(
                     f"sample {i} is a '{task[i]}' row, scored by reasoning_gym:{self.task}"
                 )
-            entry = {"answer": answer[i], "metadata": metadata[i] or {}}
-            config = task_config[i] if task_config[i] is not None else self.config
+            row = {"answer": answer[i]} | {k: v[i] for k, v in columns.items() if v is not None}
             extracted = _extract(completion, self.extract)
-            scores.append(score_answer(self.task, extracted, entry, config))
+            scores.append(score_answer(self.task, extracted, row, self.config))
         return scores
-
