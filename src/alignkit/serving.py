@@ -117,10 +117,14 @@ class ServedModel:
             cut = min((text.find(s) for s in stops if s in text), default=-1)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
-            content = {"message": {"role": "assistant", "content": text}} if chat else {
-                "text": text,
-                "logprobs": None,
-            }
+            content = (
+                {"message": {"role": "assistant", "content": text}}
+                if chat
+                else {
+                    "text": text,
+                    "logprobs": None,
+                }
+            )
             choices.append({"index": i, **content, "finish_reason": finish})
         prompt_tokens = sum(len(p.input_ids) for p in prompts)
         completion_tokens = int(exp.response_lengths.sum())
@@ -234,11 +238,11 @@ def create_app(served: ServedModel) -> Any:
 
     # Sync handlers: FastAPI runs them in its thread pool, so generation never blocks the loop.
     @app.post("/v1/completions")
-    def completions(body: Any = Body(...)) -> Any:  # noqa: B008
+    def completions(body: Any = Body(...)) -> Any:
         return answer(body, chat=False)
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: Any = Body(...)) -> Any:  # noqa: B008
+    def chat_completions(body: Any = Body(...)) -> Any:
         return answer(body, chat=True)
 
     return app

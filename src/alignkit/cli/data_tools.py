@@ -240,7 +240,8 @@ def register(data: typer.Typer) -> None:
             [], "--set", "-s", help="A task setting KEY=VALUE (its difficulty), e.g. max_terms=2."
         ),
         system: str | None = typer.Option(
-            None, help="A system message: a reasoning-gym prompt name (default, simple, ...) or text."
+            None,
+            help="A system message: a reasoning-gym prompt name (default, simple, ...) or text.",
         ),
         instruction: str | None = typer.Option(None, help="Text appended to each question."),
         text: bool = typer.Option(False, "--text", help="Plain-text prompts, not chat messages."),

@@ -28,9 +28,7 @@ def register(app: typer.Typer) -> None:
 
         for module in ("fastapi", "uvicorn"):
             if importlib.util.find_spec(module) is None:
-                raise ConfigError(
-                    f"alignkit serve needs {module}: pip install 'alignkit[serve]'"
-                )
+                raise ConfigError(f"alignkit serve needs {module}: pip install 'alignkit[serve]'")
         import uvicorn
 
         from alignkit.models import load_policy

@@ -107,7 +107,7 @@ def register_reward_family(prefix: str) -> Callable[[Callable[..., RewardFn]], A
 def registered_rewards() -> dict[str, RewardFn]:
     """Built-in reward functions by name (the bundled tasks' verifiers and judges; the
     verifiers: math, code tests, reasoning-gym, LLM judge)."""
-    import alignkit.rollout.tasks  # noqa: F401  (registers the built-ins)
+    import alignkit.rollout.tasks
     import alignkit.rollout.verifiers  # noqa: F401
 
     return dict(_REGISTRY)

@@ -51,15 +51,39 @@ def test_stdin_stdout_tests_compare_output_up_to_trailing_whitespace(reward) -> 
 @pytest.mark.parametrize(
     ("name", "code", "expected"),
     [
-        ("fork bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", 0.0),
+        (
+            "fork bomb",
+            "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+            0.0,
+        ),
         ("infinite loop", "while True:\n    pass", 0.0),
-        ("memory hog", "hog = [bytearray(1 << 26) for _ in range(1000)]\ndef add(a, b): return a + b", 0.0),
-        ("hog inside one test", "def add(a, b):\n    if a == 2: bytearray(1 << 40)\n    return a + b", 2 / 3),
+        (
+            "memory hog",
+            "hog = [bytearray(1 << 26) for _ in range(1000)]\ndef add(a, b): return a + b",
+            0.0,
+        ),
+        (
+            "hog inside one test",
+            "def add(a, b):\n    if a == 2: bytearray(1 << 40)\n    return a + b",
+            2 / 3,
+        ),
         ("loop inside one test", "def add(a, b):\n    while a == 2: pass\n    return a + b", 2 / 3),
         ("exits early", "import os\nos._exit(0)", 0.0),
-        ("forged report", "print('0' * 32 + ' {\"test\": 0, \"ok\": true}')\ndef add(a, b): return 0", 1 / 3),
-        ("writes outside", "open('/etc/alignkit-escape', 'w').write('x')\ndef add(a, b): return a + b", 0.0),
-        ("opens a socket", "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\ndef add(a, b): return a + b", None),
+        (
+            "forged report",
+            "print('0' * 32 + ' {\"test\": 0, \"ok\": true}')\ndef add(a, b): return 0",
+            1 / 3,
+        ),
+        (
+            "writes outside",
+            "open('/etc/alignkit-escape', 'w').write('x')\ndef add(a, b): return a + b",
+            0.0,
+        ),
+        (
+            "opens a socket",
+            "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\ndef add(a, b): return a + b",
+            None,
+        ),
     ],
 )
 def test_hostile_completions_are_contained(reward, name, code, expected) -> None:

@@ -53,7 +53,11 @@ def _engine_text(tiny, prompt, max_new_tokens: int, seed: int = 0) -> str:
     prompts = prompts_from_records([{"prompt": prompt}], tokenizer)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     generator = __import__("torch").Generator().manual_seed(seed)
-    return TransformersEngine(model, tokenizer).generate(prompts, sampling, generator=generator).completions[0]
+    return (
+        TransformersEngine(model, tokenizer)
+        .generate(prompts, sampling, generator=generator)
+        .completions[0]
+    )
 
 
 def test_health_and_models(url) -> None:
@@ -64,14 +68,23 @@ def test_health_and_models(url) -> None:
 
 
 def test_completions_and_chat_return_the_engines_greedy_text(url, tiny) -> None:
-    status, body = _post(url, "/completions", {"model": NAME, "prompt": "sort 312:", "max_tokens": 12, "temperature": 0})
+    status, body = _post(
+        url,
+        "/completions",
+        {"model": NAME, "prompt": "sort 312:", "max_tokens": 12, "temperature": 0},
+    )
     assert status == 200 and body["object"] == "text_completion"
     assert body["choices"][0]["text"] == _engine_text(tiny, "sort 312:", 12)
     assert body["usage"]["completion_tokens"] <= 12
     messages = [{"role": "user", "content": "reverse 123"}]
-    status, body = _post(url, "/chat/completions", {"model": NAME, "messages": messages, "temperature": 0})
+    status, body = _post(
+        url, "/chat/completions", {"model": NAME, "messages": messages, "temperature": 0}
+    )
     assert status == 200
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": _engine_text(tiny, messages, 24)}
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": _engine_text(tiny, messages, 24),
+    }
     assert body["choices"][0]["finish_reason"] in ("stop", "length")
 
 
@@ -123,56 +136,96 @@ def test_score_contract(reply, expected) -> None:
 
 def test_judge_scores_the_servers_reply_through_its_template(url) -> None:
     sampling = {"max_tokens": 24, "temperature": 1.0, "seed": 0}
-    judge = LLMJudge(url=url, score_pattern=DIGIT, min_score=0, max_score=9,
-                     template="Q: {prompt} A: {completion} gold {answer}",
-                     max_unparseable_fraction=1, **sampling)
+    judge = LLMJudge(
+        url=url,
+        score_pattern=DIGIT,
+        min_score=0,
+        max_score=9,
+        template="Q: {prompt} A: {completion} gold {answer}",
+        max_unparseable_fraction=1,
+        **sampling,
+    )
     assert judge.model == NAME  # asked from /v1/models
-    prompts, completions, answers = ["sort 312:", "sort 91:", "add 1 2:"], ["123", "19", "3"], ["123", "19", "3"]
+    prompts, completions, answers = (
+        ["sort 312:", "sort 91:", "add 1 2:"],
+        ["123", "19", "3"],
+        ["123", "19", "3"],
+    )
     scores = judge(prompts, completions, answer=answers)
     assert any(s is not None for s in scores)  # seed 0 makes the tiny model write digits
-    for prompt, completion, answer, score in zip(prompts, completions, answers, scores, strict=True):
+    for prompt, completion, answer, score in zip(
+        prompts, completions, answers, scores, strict=True
+    ):
         messages = [{"role": "user", "content": f"Q: {prompt} A: {completion} gold {answer}"}]
-        reply = _post(url, "/chat/completions", {"model": NAME, "messages": messages, **sampling})[1]
+        reply = _post(url, "/chat/completions", {"model": NAME, "messages": messages, **sampling})[
+            1
+        ]
         digits = re.findall(DIGIT, reply["choices"][0]["message"]["content"])
         assert score == (pytest.approx(int(digits[-1]) / 9) if digits else None)
 
 
 def test_unparseable_replies_follow_the_documented_rule(url) -> None:
     never = r"(NEVER-\d)"
-    lenient = LLMJudge(url=url, model=NAME, score_pattern=never, max_tokens=4, max_unparseable_fraction=1)
+    lenient = LLMJudge(
+        url=url, model=NAME, score_pattern=never, max_tokens=4, max_unparseable_fraction=1
+    )
     assert lenient(["p", "q"], ["a", "b"]) == [None, None]
     source = build_reward_source(
-        [{"function": "llm_judge", "options": {"url": url, "model": NAME, "score_pattern": never, "max_tokens": 4}}]
+        [
+            {
+                "function": "llm_judge",
+                "options": {"url": url, "model": NAME, "score_pattern": never, "max_tokens": 4},
+            }
+        ]
     )
-    with pytest.raises(RewardFunctionError, match=r"(?s)2 of 2 replies have no score.*sample 0's reply.*prompt: 'p'"):
+    with pytest.raises(
+        RewardFunctionError,
+        match=r"(?s)2 of 2 replies have no score.*sample 0's reply.*prompt: 'p'",
+    ):
         source(["p", "q"], ["a", "b"], [{}, {}])
-    strict = LLMJudge(url=url, model=NAME, score_pattern=never, max_tokens=4, on_unparseable="error")
+    strict = LLMJudge(
+        url=url, model=NAME, score_pattern=never, max_tokens=4, on_unparseable="error"
+    )
     with pytest.raises(RewardFunctionError, match="1 of 1 replies have no score"):
         strict(["p"], ["a"])
 
 
 def test_timeout_and_server_down_are_errors_naming_the_sample(url) -> None:
-    slow = LLMJudge(url=url, model=NAME, max_tokens=200, timeout=0.001, max_retries=1)
-    with pytest.raises(RewardFunctionError, match=r"(?s)sample 0.*prompt: 'p'.*failed 2 times, last: .*(timed out|Timeout)"):
+    # 150 new tokens take far longer than 50 ms: every try times out.
+    slow = LLMJudge(
+        url=url, model=NAME, template="{completion}", max_tokens=150, timeout=0.05, max_retries=1
+    )
+    with pytest.raises(
+        RewardFunctionError,
+        match=r"(?s)sample 0: POST .*failed 2 times, last: .*(timed out|Timeout).*prompt: 'p'",
+    ):
         slow(["p"], ["a"])
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     down = LLMJudge(url=f"http://127.0.0.1:{port}", model=NAME, max_retries=2)
     assert down.url == f"http://127.0.0.1:{port}/v1"
-    with pytest.raises(RewardFunctionError, match=r"(?s)failed 3 times, last: ConnectionRefusedError"):
+    with pytest.raises(
+        RewardFunctionError, match=r"(?s)failed 3 times, last: ConnectionRefusedError"
+    ):
         down(["p"], ["a"])
-    with pytest.raises(ConfigError, match="set options.model or start the server"):
+    with pytest.raises(ConfigError, match=r"set options\.model or start the server"):
         LLMJudge(url=f"http://127.0.0.1:{port}", max_retries=0)
     wrong = LLMJudge(url=url, model="no-such-model", max_retries=3)
-    with pytest.raises(RewardFunctionError, match="HTTP 404.*does not exist"):
+    with pytest.raises(RewardFunctionError, match=r"HTTP 404.*does not exist"):
         wrong(["p"], ["a"])
 
 
 def test_cache_answers_repeats_after_the_server_is_gone(tiny, tmp_path) -> None:
     model, tokenizer = tiny
-    options = {"model": NAME, "score_pattern": DIGIT, "max_score": 9, "max_tokens": 8,
-               "max_unparseable_fraction": 1, "cache_file": str(tmp_path / "judge.sqlite")}
+    options = {
+        "model": NAME,
+        "score_pattern": DIGIT,
+        "max_score": 9,
+        "max_tokens": 8,
+        "max_unparseable_fraction": 1,
+        "cache_file": str(tmp_path / "judge.sqlite"),
+    }
     with background_server(ServedModel(model, tokenizer, NAME)) as base:
         first = LLMJudge(url=base, **options)(["p", "q"], ["a", "b"])
     # The server is down now: only the SQLite file can answer.
@@ -187,6 +240,15 @@ def test_template_errors_and_bad_options(url) -> None:
     with pytest.raises(ConfigError, match="template field 'missing'"):
         judge(["p"], ["a"])
     with pytest.raises(ConfigError, match="exactly one group"):
-        build_reward_source([{"function": "llm_judge", "options": {"url": url, "model": NAME, "score_pattern": r"\d"}}])
+        build_reward_source(
+            [
+                {
+                    "function": "llm_judge",
+                    "options": {"url": url, "model": NAME, "score_pattern": r"\d"},
+                }
+            ]
+        )
     with pytest.raises(ConfigError, match="url must be"):
-        build_reward_source([{"function": "llm_judge", "options": {"url": "localhost:8000", "model": NAME}}])
+        build_reward_source(
+            [{"function": "llm_judge", "options": {"url": "localhost:8000", "model": NAME}}]
+        )

@@ -21,7 +21,9 @@ def _round_trip(rows):
 
 def test_rows_are_the_tasks_own_entries_and_deterministic() -> None:
     rows = reasoning_gym_rows("chain_sum", 4, seed=7, min_terms=2, max_terms=2)
-    entries = list(reasoning_gym.create_dataset("chain_sum", size=4, seed=7, min_terms=2, max_terms=2))
+    entries = list(
+        reasoning_gym.create_dataset("chain_sum", size=4, seed=7, min_terms=2, max_terms=2)
+    )
     assert [r["prompt"][-1]["content"] for r in rows] == [e["question"] for e in entries]
     assert [r["answer"] for r in rows] == [e["answer"] for e in entries]
     assert rows[0]["task_config"] == {"min_terms": 2, "max_terms": 2, "seed": 7, "size": 4}
@@ -31,7 +33,9 @@ def test_rows_are_the_tasks_own_entries_and_deterministic() -> None:
 
 def test_prompt_styles() -> None:
     chat = reasoning_gym_rows("basic_arithmetic", 1, 0, system="default", instruction="Be brief.")
-    assert chat[0]["prompt"][0]["role"] == "system" and "<answer>" in chat[0]["prompt"][0]["content"]
+    assert (
+        chat[0]["prompt"][0]["role"] == "system" and "<answer>" in chat[0]["prompt"][0]["content"]
+    )
     assert chat[0]["prompt"][1]["content"].endswith("\nBe brief.")
     text = reasoning_gym_rows("basic_arithmetic", 1, 0, system="Solve it.", chat=False)
     assert isinstance(text[0]["prompt"], str) and text[0]["prompt"].startswith("Solve it.\n\n")
@@ -88,13 +92,40 @@ def test_cli_writes_a_prompt_file_the_trainer_reads(tmp_path, capsys) -> None:
     out = tmp_path / "chain.jsonl"
     args = ["data", "reasoning-gym", "chain_sum", "--size", "5", "--seed", "2", "--out", str(out)]
     with pytest.raises(SystemExit) as done:
-        main([*args, "--set", "max_terms=2", "--set", "min_terms=2", "--instruction", "Just the number."])
+        main(
+            [
+                *args,
+                "--set",
+                "max_terms=2",
+                "--set",
+                "min_terms=2",
+                "--instruction",
+                "Just the number.",
+            ]
+        )
     assert done.value.code in (0, None)
     assert f"{out}: 5 chain_sum prompts" in capsys.readouterr().out
     _, tokenizer = load_policy("tiny")
     prompts = load_prompt_file(out, tokenizer)
-    assert len(prompts) == 5 and set(prompts[0].fields) == {"answer", "metadata", "task", "task_config"}
+    assert len(prompts) == 5 and set(prompts[0].fields) == {
+        "answer",
+        "metadata",
+        "task",
+        "task_config",
+    }
     with pytest.raises(SystemExit) as done:
-        main(["data", "reasoning-gym", "chain_sum", "--size", "2", "--set", "max_terms", "--out", str(out)])
+        main(
+            [
+                "data",
+                "reasoning-gym",
+                "chain_sum",
+                "--size",
+                "2",
+                "--set",
+                "max_terms",
+                "--out",
+                str(out),
+            ]
+        )
     assert done.value.code == 2
     assert "--set takes KEY=VALUE" in capsys.readouterr().err

@@ -104,7 +104,9 @@ def run_tests(
         "timeout": timeout_per_test,
         "max_output": _MAX_OUTPUT,
         "tests": [
-            {"kind": "assert", "code": t} if isinstance(t, str) else {"kind": "io", "input": t["input"]}
+            {"kind": "assert", "code": t}
+            if isinstance(t, str)
+            else {"kind": "io", "input": t["input"]}
             for t in tests
         ],
     }

@@ -88,7 +88,9 @@ class _Cache:
         self._db = None
         if path:
             self._db = sqlite3.connect(path, check_same_thread=False)
-            self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT)"
+            )
             self._db.commit()
 
     def get(self, key: str) -> str | None:
@@ -161,7 +163,9 @@ class LLMJudge:
         except re.error as err:
             raise ValueError(f"score_pattern is not a regular expression: {err}") from None
         if self.pattern.groups != 1:
-            raise ValueError(f"score_pattern needs exactly one group (the number): {score_pattern!r}")
+            raise ValueError(
+                f"score_pattern needs exactly one group (the number): {score_pattern!r}"
+            )
         self.url = _base_url(url)
         self.api, self.template, self.system = api, template, system
         self.min_score, self.max_score, self.normalize = min_score, max_score, normalize
@@ -174,7 +178,9 @@ class LLMJudge:
         if api_key_env:
             self.api_key = os.environ.get(api_key_env)
             if not self.api_key:
-                raise ConfigError(f"llm_judge: the environment variable {api_key_env} is not set")
+                raise ConfigError(
+                    f"reward function 'llm_judge': the environment variable {api_key_env} is not set"
+                )
         self.model = model or self._first_model()
 
     def _first_model(self) -> str:
@@ -182,9 +188,11 @@ class LLMJudge:
             listing = self._http("GET", "/models", None, where="listing the models")
             return str(listing["data"][0]["id"])
         except (KeyError, IndexError, TypeError):
-            raise ConfigError(f"llm_judge: {self.url}/models lists no model") from None
+            raise ConfigError(
+                f"reward function 'llm_judge': {self.url}/models lists no model"
+            ) from None
         except JudgeError as err:
-            raise ConfigError(f"llm_judge: {err}; set options.model or start the server") from None
+            raise ConfigError(f"{err}; set options.model or start the server") from None
 
     def _http(self, method: str, path: str, payload: Any, where: str) -> Any:
         """One request with retries (see the module docstring); the decoded JSON reply."""
@@ -205,14 +213,18 @@ class LLMJudge:
                 body = err.read().decode("utf-8", errors="replace")[:300]
                 problem = f"HTTP {err.code}: {body}"
                 if err.code not in _RETRY_STATUS:
-                    raise JudgeError(f"llm_judge: {where}: {method} {url}: {problem}") from None
+                    raise JudgeError(
+                        f"reward function 'llm_judge': {where}: {method} {url}: {problem}"
+                    ) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 reason = getattr(err, "reason", err)
                 problem = f"{type(reason).__name__}: {reason}"
             except json.JSONDecodeError as err:
-                raise JudgeError(f"llm_judge: {where}: {url} sent no JSON ({err})") from None
+                raise JudgeError(
+                    f"reward function 'llm_judge': {where}: {url} sent no JSON ({err})"
+                ) from None
         raise JudgeError(
-            f"llm_judge: {where}: {method} {url} failed {self.max_retries + 1} times, last: "
+            f"reward function 'llm_judge': {where}: {method} {url} failed {self.max_retries + 1} times, last: "
             f"{problem}"
         )
 
@@ -224,7 +236,7 @@ class LLMJudge:
             return self.template.format_map(fields)
         except (KeyError, IndexError, ValueError) as err:
             raise ConfigError(
-                f"llm_judge: template field {err} is not a column of the rows nor one of "
+                f"reward function 'llm_judge': template field {err} is not a column of the rows nor one of "
                 f"prompt, completion, min_score, max_score (double literal braces: {{{{ }}}})"
             ) from None
 
@@ -249,7 +261,9 @@ class LLMJudge:
             choice = answer["choices"][0]
             content = choice["message"]["content"] if self.api == "chat" else choice["text"]
         except (KeyError, IndexError, TypeError):
-            raise JudgeError(f"llm_judge: {where}: unexpected reply {answer!r:.200}") from None
+            raise JudgeError(
+                f"reward function 'llm_judge': {where}: unexpected reply {answer!r:.200}"
+            ) from None
         content = str(content or "")
         if self.cache:
             self.cache.put(key, content)
@@ -262,8 +276,10 @@ class LLMJudge:
         texts = [self.render(p, c, r) for p, c, r in zip(prompts, completions, rows, strict=True)]
 
         def ask(i: int) -> str:
-            where = f"sample {i}{_sample(prompts, completions, i)}\n "
-            return self.reply(texts[i], where)
+            try:
+                return self.reply(texts[i], f"sample {i}")
+            except JudgeError as err:
+                raise JudgeError(f"{err}; the sample:{_sample(prompts, completions, i)}") from None
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             replies = list(pool.map(ask, range(len(texts))))
@@ -278,7 +294,7 @@ class LLMJudge:
         ):
             i = failed[0]
             raise JudgeError(
-                f"llm_judge: {len(failed)} of {len(scores)} replies have no score matching "
+                f"reward function 'llm_judge': {len(failed)} of {len(scores)} replies have no score matching "
                 f"{self.pattern.pattern!r} in [{self.min_score:g}, {self.max_score:g}]; "
                 f"sample {i}'s reply: {replies[i][:200]!r}{_sample(prompts, completions, i)}"
             )

@@ -165,9 +165,7 @@ class MathAccuracy:
         self, prompts: list[str], completions: list[str], **fields: Any
     ) -> list[float | None]:
         answers = _answers(fields, self.answer_field)
-        return [
-            math_score(c, a, self.format) for c, a in zip(completions, answers, strict=True)
-        ]
+        return [math_score(c, a, self.format) for c, a in zip(completions, answers, strict=True)]
 
 
 @register_reward("math_format")

@@ -29,6 +29,7 @@ In every mode:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -235,10 +236,8 @@ def _wait(
         timed_out = True
     finally:
         # The whole group, even after a normal exit: a child it left behind goes too.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # unkillable (D state): leave it, never hang
