@@ -18,7 +18,7 @@ way, a batch where more than ``max_unparseable_fraction`` of the replies are unp
 error (a judge that mostly fails is misconfigured).
 
 Transport: each request has ``timeout`` seconds per connect and per read; a refused
-connection, a timeout, HTTP 429 or 5xx is retried up to ``max_retries`` times (waits 0.5 s, 1 s,
+connection, a timeout, HTTP 408, 429 or 5xx is retried up to ``max_retries`` times (waits 0.5 s, 1 s,
 2 s, ..., at most 8 s), then is an error naming the source, the sample and the URL; any other
 HTTP error (a wrong model name, a bad request) is an error at once, with the server's message.
 Sampling: ``temperature`` (default 0), ``max_tokens``, ``seed`` (sent when given, for
@@ -55,7 +55,6 @@ DEFAULT_TEMPLATE = (
     "End your reply with a line 'Score: <number>'."
 )
 DEFAULT_SCORE_PATTERN = r"(?i)score\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)"
-_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class JudgeError(RewardFunctionError):
@@ -212,7 +211,7 @@ class LLMJudge:
             except urllib.error.HTTPError as err:
                 body = err.read().decode("utf-8", errors="replace")[:300]
                 problem = f"HTTP {err.code}: {body}"
-                if err.code not in _RETRY_STATUS:
+                if err.code not in (408, 429) and err.code < 500:
                     raise JudgeError(
                         f"reward function 'llm_judge': {where}: {method} {url}: {problem}"
                     ) from None

@@ -42,6 +42,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from alignkit.errors import AlignkitError
 
@@ -212,8 +213,8 @@ def _wait(
     cwd: str,
     env: dict[str, str],
     stdin: bytes,
-    out: object,
-    err: object,
+    out: IO[bytes],
+    err: IO[bytes],
     limits: SandboxLimits,
 ) -> tuple[int, bool]:
     with tempfile.TemporaryFile() as stdin_file:
@@ -245,9 +246,9 @@ def _wait(
     return (proc.returncode if proc.returncode is not None else -signal.SIGKILL), timed_out
 
 
-def _head(file: object, limit: int) -> bytes:
-    file.seek(0)  # type: ignore[attr-defined]
-    return file.read(limit)  # type: ignore[attr-defined]
+def _head(file: IO[bytes], limit: int) -> bytes:
+    file.seek(0)
+    return file.read(limit)
 
 
 def _command(
