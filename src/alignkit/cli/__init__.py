@@ -51,6 +51,7 @@ def _register_commands() -> None:
         quickstart,
         recommend,
         score,
+        serve,
         train,
     )
     from alignkit.cli import eval as eval_commands
@@ -65,6 +66,7 @@ def _register_commands() -> None:
     recommend.register(app)
     pipeline.register(app)
     annotate.register(app)
+    serve.register(app)
 
 
 def _method_help(args: list[str]) -> None:

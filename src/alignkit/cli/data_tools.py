@@ -1,4 +1,5 @@
-"""`alignkit data validate|convert|check|augment|split`: preference-data tools (seed 002 §4.2.3)."""
+"""`alignkit data validate|convert|check|augment|split|select`: preference-data tools (seed 002
+§4.2.3); `alignkit data reasoning-gym`: prompt files of reasoning-gym tasks."""
 
 from __future__ import annotations
 
@@ -227,4 +228,51 @@ def register(data: typer.Typer) -> None:
             f"{out}: {len(chosen)} of {len(candidates)} pairs, {measure} from "
             f"{chosen[-1]['uncertainty']:.4g} to {chosen[0]['uncertainty']:.4g}",
             markup=False,
+        )
+
+    @data.command("reasoning-gym")
+    def reasoning_gym(
+        task: str | None = typer.Argument(None, help="A reasoning-gym task (see --list)."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="The .jsonl or .json to write."),
+        size: int = typer.Option(256, min=1, help="How many prompts."),
+        seed: int = typer.Option(0, help="The task's seed (same seed, same prompts)."),
+        setting: list[str] = typer.Option(
+            [], "--set", "-s", help="A task setting KEY=VALUE (its difficulty), e.g. max_terms=2."
+        ),
+        system: str | None = typer.Option(
+            None,
+            help="A system message: a reasoning-gym prompt name (default, simple, ...) or text.",
+        ),
+        instruction: str | None = typer.Option(None, help="Text appended to each question."),
+        text: bool = typer.Option(False, "--text", help="Plain-text prompts, not chat messages."),
+        list_tasks: bool = typer.Option(False, "--list", help="Print the task names and exit."),
+    ) -> None:
+        """Write SIZE prompts of a reasoning-gym TASK with their answers; train on them with
+        rewards: [{function: "reasoning_gym:TASK"}]."""
+        import yaml
+
+        from alignkit.data.output import write_rows
+        from alignkit.errors import ConfigError
+        from alignkit.rollout.verifiers.reasoning_tasks import (
+            reasoning_gym_rows,
+            reasoning_gym_tasks,
+        )
+
+        if list_tasks:
+            typer.echo("\n".join(reasoning_gym_tasks()))
+            return
+        if task is None or out is None:
+            raise ConfigError("give a TASK and --out FILE (or --list)")
+        config = {}
+        for item in setting:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+            config[key.strip()] = yaml.safe_load(value)
+        rows = reasoning_gym_rows(
+            task, size, seed, system=system, instruction=instruction, chat=not text, **config
+        )
+        write_rows(out, rows)
+        Console(soft_wrap=True, highlight=False).print(
+            f"{out}: {len(rows)} {task} prompts (seed {seed})", markup=False
         )

@@ -13,7 +13,11 @@ returned by mistake is a common bug: return ``float(ok)``), as are strings, NaN 
 ``RewardFunctionError`` naming the function and showing one offending prompt and completion.
 
 In YAML: ``rewards: [{function: "pkg.mod:fn" | "path/file.py:fn" | "<registered name>",
-weight: 1.0}, {model: runs/rm, weight: 0.5}]``. A model entry is a reward or cost model saved by
+weight: 1.0, options: {...}}, {model: runs/rm, weight: 0.5}]``. A function entry may name a class
+instead (registered or ``module:Class``): it is built once with ``options`` as keyword arguments
+and its instance is the reward function (``options`` on a plain function is an error). A family
+registered with ``register_reward_family(prefix)`` answers every ``prefix:<name>`` (e.g.
+``reasoning_gym:chain_sum``): its factory is called as ``factory(name, **options)``. A model entry is a reward or cost model saved by
 ``alignkit train rm`` / ``train cost`` (its run directory, whose newest checkpoint is used, or
 the model directory itself); a cost model's score is its cost (higher = less safe), so give it
 a negative weight to penalise cost. An ``alignkit train rm-ensemble`` run directory loads as one
@@ -24,8 +28,10 @@ trimmed_mean, stacking) and ``penalty`` k: the combined reward minus k times the
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -46,12 +52,14 @@ __all__ = [
     "WeightedReward",
     "build_reward_source",
     "register_reward",
+    "register_reward_family",
     "registered_rewards",
     "resolve_reward_function",
 ]
 
 RewardFn = Callable[..., Sequence[Any]]
 _REGISTRY: dict[str, RewardFn] = {}
+_FAMILIES: dict[str, Callable[..., RewardFn]] = {}
 _SHOWN_CHARS = 160
 
 
@@ -72,7 +80,8 @@ class RewardSource(Protocol):
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Register a built-in reward function under ``name`` (usable as ``function: name``)."""
+    """Register a built-in reward function (or a class taking ``options``, see the module
+    docstring) under ``name`` (usable as ``function: name``)."""
 
     def decorate(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
@@ -83,11 +92,47 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return decorate
 
 
+def register_reward_family(prefix: str) -> Callable[[Callable[..., RewardFn]], Any]:
+    """Register ``factory(name, **options) -> reward function`` for every ``prefix:<name>``."""
+
+    def decorate(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+        if prefix in _FAMILIES and _FAMILIES[prefix] is not factory:
+            raise ValueError(f"reward family '{prefix}' is already registered")
+        _FAMILIES[prefix] = factory
+        return factory
+
+    return decorate
+
+
 def registered_rewards() -> dict[str, RewardFn]:
-    """Built-in reward functions by name (the bundled tasks' verifiers and judges)."""
-    import alignkit.rollout.tasks  # noqa: F401  (registers the built-ins)
+    """Built-in reward functions by name (the bundled tasks' verifiers and judges; the
+    verifiers: math, code tests, reasoning-gym, LLM judge)."""
+    import alignkit.rollout.tasks
+    import alignkit.rollout.verifiers  # noqa: F401
 
     return dict(_REGISTRY)
+
+
+def _construct(make: Callable[..., RewardFn], options: Mapping[str, Any], spec: str) -> RewardFn:
+    """``make(**options)`` (a reward class or a family's factory), errors naming the option."""
+    try:
+        inspect.signature(make).bind(**options)
+    except TypeError as err:
+        accepted = [
+            p.name
+            for p in inspect.signature(make).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        raise ConfigError(
+            f"reward function '{spec}': bad options {dict(options)!r} ({err}); "
+            f"accepted: {', '.join(accepted) or 'none'}"
+        ) from None
+    try:
+        return make(**options)
+    except AlignkitError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"reward function '{spec}': {err}") from None
 
 
 def _shorten(text: Any) -> str:
@@ -113,17 +158,34 @@ def _load_from_file(path: Path, attr: str, spec: str) -> Any:
     return getattr(module, attr, None)
 
 
-def resolve_reward_function(spec: str) -> RewardFn:
-    """The callable named by ``module:function``, ``path/file.py:function`` or a built-in name."""
+def resolve_reward_function(spec: str, options: Mapping[str, Any] | None = None) -> RewardFn:
+    """The callable named by ``module:function``, ``path/file.py:function``, a built-in name or
+    ``family:name``; a class is built with ``options`` (see the module docstring)."""
+    options = dict(options or {})
     registry = registered_rewards()
-    if spec in registry:
-        return registry[spec]
+    prefix, _, name = spec.partition(":")
+    if spec not in registry and name and prefix in _FAMILIES:
+        return _construct(functools.partial(_FAMILIES[prefix], name), options, spec)
+    fn = registry[spec] if spec in registry else _import_reward(spec, registry)
+    if inspect.isclass(fn):
+        return _construct(fn, options, spec)
+    if options:
+        raise ConfigError(
+            f"reward function '{spec}' is a function: it takes no options (register a class "
+            "whose constructor takes them)"
+        )
+    return fn
+
+
+def _import_reward(spec: str, registry: Mapping[str, RewardFn]) -> RewardFn:
     if ":" not in spec:
         near = difflib.get_close_matches(spec, list(registry), n=1)
         hint = f"did you mean '{near[0]}'? " if near else ""
+        families = ", ".join(f"{p}:<name>" for p in sorted(_FAMILIES))
         raise ConfigError(
             f"unknown reward function '{spec}': {hint}use 'module:function', "
-            f"'path/to/file.py:function' or a built-in ({', '.join(sorted(registry))})"
+            f"'path/to/file.py:function' or a built-in ({', '.join(sorted(registry))}; "
+            f"{families})"
         )
     target, attr = spec.rsplit(":", 1)
     if target.endswith(".py") or "/" in target:
@@ -204,6 +266,8 @@ class FunctionReward:
     ) -> Tensor:
         try:
             output = self.fn(prompts=prompts, completions=completions, **_columns(rows))
+        except AlignkitError:  # already names what is wrong (a built-in verifier's own error)
+            raise
         except Exception as err:  # the user's code: one line, no traceback
             raise RewardFunctionError(
                 f"reward function '{self.name}' raised {type(err).__name__}: {_shorten(err)}; "
@@ -302,7 +366,15 @@ class WeightedReward:
         return total
 
 
-_SPEC_KEYS = ("function", "model", "teacher_log_ratio", "weight", "combination", "penalty")
+_SPEC_KEYS = (
+    "function",
+    "model",
+    "teacher_log_ratio",
+    "weight",
+    "options",
+    "combination",
+    "penalty",
+)
 _SOURCE_KEYS = ("function", "model", "teacher_log_ratio")
 
 
@@ -343,9 +415,13 @@ def build_reward_source(
             or not math.isfinite(weight)
         ):
             raise ConfigError(f"{where}: weight must be a finite number, got {weight!r}")
+        options = spec.get("options") or {}
+        if not isinstance(options, Mapping) or ("function" not in spec and options):
+            raise ConfigError(f"{where}: 'options' is a mapping, for a 'function' entry only")
         if "function" in spec:
             source: RewardSource = FunctionReward(
-                resolve_reward_function(str(spec["function"])), name=str(spec["function"])
+                resolve_reward_function(str(spec["function"]), options),
+                name=str(spec["function"]),
             )
         elif "model" in spec and (Path(str(spec["model"])).expanduser() / ENSEMBLE_FILE).is_file():
             # an `alignkit train rm-ensemble` run: combined reward minus penalty * std

@@ -170,16 +170,28 @@ class RewardSourceConfig:
         metadata=field_help("A reward or cost model: a run directory of `alignkit train rm/cost`."),
     )
     weight: float = field(default=1.0, metadata=field_help("Weight of this source in the sum."))
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=field_help(
+            "Keyword arguments of a function entry that names a reward class (math_accuracy, "
+            "code_tests, reasoning_gym:<task>, llm_judge, ...; see docs/rewards.md)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         _require(
             (self.function is None) != (self.model is None),
             "each rewards entry needs exactly one of 'function' or 'model'",
         )
+        _require(
+            not self.options or self.function is not None,
+            "'options' belong to a 'function' entry, not a 'model' one",
+        )
 
     def spec(self) -> dict[str, Any]:
         key = "function" if self.function is not None else "model"
-        return {key: self.function or self.model, "weight": self.weight}
+        spec = {key: self.function or self.model, "weight": self.weight}
+        return {**spec, "options": dict(self.options)} if self.options else spec
 
 
 @dataclass
