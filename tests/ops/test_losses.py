@@ -87,6 +87,8 @@ def test_micro_batch_shares_with_the_step_normaliser_add_up_to_the_step_loss(agg
         brute = sum(r.sum() for r in rows) / lengths.sum()
     elif agg == "seq-mean-token-sum":
         brute = sum(r.sum() for r in rows if len(r)) / 7
+    elif agg == "seq-mean-token-sum-norm":  # L = the mask's width, 6
+        brute = sum(r.sum() for r in rows if len(r)) / (7 * 6)
     else:
         brute = sum(r.mean() for r in rows if len(r)) / 7
     assert whole.item() == pytest.approx(brute.item(), rel=1e-12)
