@@ -88,7 +88,8 @@ def test_kl_in_the_reward_subtracts_beta_kl_from_each_response_tokens_reward():
             d = float(exp.old_logprobs[b, t] - exp.reference_logprobs[b, t])
             want = float(scores[b, t]) - 0.5 * 0.5 * d * d if exp.response_mask[b, t] else 0.0
             assert shaped[b, t].item() == pytest.approx(want, rel=1e-6, abs=1e-6), (b, t)
-    assert kl.loss_term(exp.old_logprobs, exp, "token-mean", torch.tensor(12.0)) is None
+    mask = exp.response_mask
+    assert kl.loss_term(exp.old_logprobs, exp, mask, "token-mean", torch.tensor(12.0)) is None
     k1 = (exp.old_logprobs - exp.reference_logprobs)[exp.response_mask].mean()
     assert kl.metrics(exp)["kl/mean"].item() == pytest.approx(k1.item(), rel=1e-6)
 
@@ -99,15 +100,15 @@ def test_kl_in_the_loss_is_the_weighted_estimator_over_the_steps_units():
     scores = torch.randn(exp.response_mask.shape)
     assert kl.shape_rewards(scores, exp) is scores
     logp = (exp.old_logprobs + 0.1 * torch.randn(exp.response_mask.shape)).requires_grad_(True)
-    term = kl.loss_term(logp, exp, "token-mean", torch.tensor(40.0))  # N: the step's tokens
     mask = exp.response_mask
+    term = kl.loss_term(logp, exp, mask, "token-mean", torch.tensor(40.0))  # N: step's tokens
     ratio = (logp.detach() - exp.old_logprobs).exp() * exp.is_weights
     brute = (kl_loss(logp, exp.reference_logprobs, "k3+") * ratio)[mask].sum() / 40
     torch.testing.assert_close(term, brute)
     term.backward()  # the gradient flows through logp only
     assert logp.grad[mask].abs().sum() > 0 and logp.grad[~mask].abs().sum() == 0
     # Aggregated like the policy loss: Dr. GRPO's constant normaliser included.
-    norm = kl.loss_term(logp, exp, "seq-mean-token-sum-norm", torch.tensor(30.0))
+    norm = kl.loss_term(logp, exp, mask, "seq-mean-token-sum-norm", torch.tensor(30.0))
     torch.testing.assert_close(norm, term * 40 / 30)
 
 
@@ -233,6 +234,17 @@ def test_ppo_step_metrics_and_update_do_not_depend_on_the_micro_batch_split(task
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
     for a, b in zip(whole_critic, split_critic, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_policy_loss_receives_the_config_fields_it_names(task):
+    ppo = build_pg_trainer(tiny_config(task, "grpo", "settings", "policy_loss.dual_clip=3.0"))
+    assert ppo.policy_loss_settings == {
+        "clip_ratio": 0.2,
+        "clip_ratio_high": None,
+        "dual_clip": 3.0,
+    }
+    plain = build_pg_trainer(tiny_config(task, "reinforce", "settings"))
+    assert plain.policy_loss_settings == {}  # agg and the tensors are the trainer's to pass
 
 
 # --------------------------------------------------------------------------------------

@@ -109,16 +109,17 @@ class KLPenalty:
         return rewards
 
     def loss_term(
-        self, logp: Tensor, batch: Experience, agg: str, normaliser: Tensor
+        self, logp: Tensor, batch: Experience, mask: Tensor, agg: str, normaliser: Tensor
     ) -> Tensor | None:
         """This micro-batch's share of the step's KL loss ``agg(kl_loss_t * w_t)`` (to be
-        multiplied by beta, see :attr:`coef`), aggregated like the policy loss (same mode and
-        step normaliser); None unless placed in the loss. `logp` carries the gradient."""
+        multiplied by beta, see :attr:`coef`), aggregated like the policy loss (the same
+        `mask`, mode and step normaliser); None unless placed in the loss. `logp` carries the
+        gradient."""
         if not self.in_loss:
             return None
         weights = kl_loss_weights(logp, batch.old_logprobs, batch.is_weights)
         tokens = kl_loss(logp, batch.reference_logprobs, self.estimator)
-        return aggregate_loss(tokens * weights, batch.response_mask, agg, normaliser=normaliser)
+        return aggregate_loss(tokens * weights, mask, agg, normaliser=normaliser)
 
     def metrics(self, exp: Experience) -> dict[str, Tensor]:
         """``kl/mean``: the k1 estimate of KL(pi_old || ref) per response token, whatever the

@@ -100,15 +100,13 @@ class PolicyGradientTrainer(OnlineTrainer):
         self.last_lr = config.optim.lr
 
     def _policy_loss_settings(self) -> dict[str, Any]:
-        """The loss' own keyword settings that the config has (clip ratios for ppo_clip)."""
-        pl = self.config.policy_loss
-        offered = {
-            "clip_ratio": pl.clip_ratio,
-            "clip_ratio_high": pl.clip_ratio_high,
-            "dual_clip": pl.dual_clip,
-        }
+        """The ``policy_loss`` config fields that the loss takes by name (clip ratios for
+        ppo_clip): a new loss reads a new field by naming it as a keyword parameter."""
+        offered = dataclasses.asdict(self.config.policy_loss)
         accepted = inspect.signature(self.policy_loss).parameters
-        return {k: v for k, v in offered.items() if k in accepted}
+        # The trainer passes these itself, per micro-batch.
+        given = {"logp", "old_logp", "advantages", "mask", "weights", "agg", "normaliser"}
+        return {k: v for k, v in offered.items() if k in accepted and k not in given}
 
     # ----------------------------------------------------------------- set-up
 
@@ -276,7 +274,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         step = self.state.step + 1
         # The entropy and the loss' statistics are token means over the whole step (all
         # processes), whatever unit the policy loss averages over.
-        tokens = self.policy_step.global_units([m.response_mask.sum() for m in micro])
+        tokens = self.policy_step.global_units([self.loss_mask(m).sum() for m in micro])
         loss_fn = partial(self.policy_objective, tokens=tokens)
         outcome = self.policy_step.run(micro, loss_fn, self._units, step=step)
         self.last_lr = outcome.lr
@@ -295,11 +293,11 @@ class PolicyGradientTrainer(OnlineTrainer):
         sums over N `units`; H and the statistics over the step's `tokens`), and of its
         metrics."""
         cfg = self.config.policy_loss
-        mask = batch.response_mask
+        mask = self.loss_mask(batch)
         logp, entropy = token_logprobs(
             self.model,
             _batch(batch),
-            mask,
+            batch.response_mask,
             temperature=self.sampling.temperature,
             with_entropy=True,
             packed=self.config.model.packed,
@@ -319,7 +317,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         if cfg.entropy_coef:  # at 0 the entropy is a metric: no backward through it
             loss = loss - cfg.entropy_coef * entropy
         metrics = {"actor/pg_loss": pg, "actor/entropy": entropy}
-        kl = self.kl.loss_term(logp, batch, cfg.agg, units)
+        kl = self.kl.loss_term(logp, batch, mask, cfg.agg, units)
         if kl is not None:
             loss = loss + self.kl.coef * kl
             metrics["actor/kl_loss"] = kl
@@ -328,12 +326,16 @@ class PolicyGradientTrainer(OnlineTrainer):
             metrics[_STAT_NAMES.get(name, f"actor/{name}")] = value * share
         return loss, metrics
 
+    def loss_mask(self, batch: Experience) -> Tensor:
+        """``[N, T]`` the tokens the policy loss is taken on, counted by the step's normaliser
+        and its token means: the response tokens."""
+        return batch.response_mask
+
     def _units(self, batch: Experience) -> Tensor:
         """Loss units of a micro-batch: what the policy loss' ``agg`` averages over."""
         max_tokens = self.config.rollout.max_new_tokens
-        return aggregation_units(
-            batch.response_mask, self.config.policy_loss.agg, max_tokens=max_tokens
-        )
+        agg = self.config.policy_loss.agg
+        return aggregation_units(self.loss_mask(batch), agg, max_tokens=max_tokens)
 
     # ----------------------------------------------------------------- evaluation
 
