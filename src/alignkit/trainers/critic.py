@@ -61,7 +61,7 @@ class Critic:
         self.config = config
         self.name, self.prefix = name, prefix
         self.step: OptimizerStep | None = None
-        self.sequences_per_device = 1
+        self.sequences_per_device: int | None = None  # set by prepare()
 
     def prepare(self, trainer: OnlineTrainer) -> None:
         """Register the model (checkpointed as `name`), prepare it with its own AdamW (the
@@ -79,7 +79,13 @@ class Critic:
     @torch.no_grad()
     def values(self, exp: Experience) -> Tensor:
         """``[N, T]`` V(s_t) of each response token (0 elsewhere), a forward per micro-batch."""
-        return torch.cat([self._values(chunk) for chunk in exp.split(self.sequences_per_device)])
+        _, sequences_per_device = self._prepared()
+        return torch.cat([self._values(chunk) for chunk in exp.split(sequences_per_device)])
+
+    def _prepared(self) -> tuple[OptimizerStep, int]:
+        if self.step is None or self.sequences_per_device is None:
+            raise RuntimeError(f"{self.name}: call prepare(trainer) first")
+        return self.step, self.sequences_per_device
 
     def update(
         self,
@@ -92,8 +98,7 @@ class Critic:
         """One optimizer step towards `returns`, V clipped around `old_values` (the values of
         the rollout), one pair per micro-batch; the step's metrics (see the module docstring)."""
         cfg, prefix = self.config, self.prefix
-        if self.step is None:
-            raise RuntimeError(f"{self.name}: call prepare() before update()")
+        optimizer_step, _ = self._prepared()
 
         def loss_fn(item: tuple[Experience, Tensor, Tensor], units: Tensor):
             batch, old, target = item
@@ -108,7 +113,7 @@ class Critic:
             }
             return cfg.coef * loss * share, metrics
 
-        outcome = self.step.run(
+        outcome = optimizer_step.run(
             list(zip(micro_batches, old_values, returns, strict=True)),
             loss_fn,
             lambda item: item[0].response_mask.sum(),
