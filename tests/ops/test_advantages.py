@@ -16,6 +16,9 @@ from alignkit.ops.advantages import (
     reinforce_pp_advantages,
     reinforce_returns,
     rloo_advantages,
+    state_values,
+    terminal_rewards,
+    zero_std_fraction,
 )
 from alignkit.ops.stats import Moments
 
@@ -426,3 +429,106 @@ def test_estimators_give_the_same_results_on_cuda():
     ]:
         for a, b in zip(cpu, gpu, strict=True):
             torch.testing.assert_close(a, b.cpu())
+
+
+# --- the estimators' inputs, group statistics, process-global moments --------------------
+
+
+def test_terminal_rewards_put_each_score_on_the_last_response_token():
+    mask = _padded_mask([2, 3, 0, 1], time=5, left=[False, True, False, True])
+    scores = torch.tensor([1.5, -2.0, 7.0, math.nan])
+    rewards = terminal_rewards(scores, mask)
+    expected = torch.zeros(4, 5)
+    expected[0, 1] = 1.5  # right-padded: the 2nd column
+    expected[1, 4] = -2.0  # left-padded: the last column
+    # Row 2 has no response token (no reward anywhere); row 3's NaN score is 0.
+    torch.testing.assert_close(rewards, expected, rtol=0, atol=0)
+    # Brute force over random layouts: the last True of each row, and nothing else.
+    generator = torch.Generator().manual_seed(3)
+    mask = _random_mask(8, 7, generator)
+    scores = torch.randn(8, generator=generator, dtype=torch.float64)
+    rewards = terminal_rewards(scores, mask)
+    assert rewards.dtype == torch.float64
+    for b in range(8):
+        columns = mask[b].nonzero().flatten().tolist()
+        want = torch.zeros(7, dtype=torch.float64)
+        if columns:
+            want[columns[-1]] = scores[b]
+        torch.testing.assert_close(rewards[b], want, rtol=0, atol=0)
+
+
+def test_state_values_are_the_head_one_position_before_each_token():
+    generator = torch.Generator().manual_seed(4)
+    mask = _random_mask(6, 8, generator)
+    head = torch.randn(6, 8, generator=generator, requires_grad=True)
+    values = state_values(head, mask)
+    for b in range(6):
+        for t in range(8):
+            want = head[b, t - 1].item() if mask[b, t] and t > 0 else 0.0
+            assert values[b, t].item() == pytest.approx(want), (b, t)
+    # The critic's loss is taken on them: the gradient reaches the head at t - 1 only.
+    values.sum().backward()
+    expected = torch.zeros(6, 8)
+    expected[:, :-1] = mask[:, 1:].float()
+    torch.testing.assert_close(head.grad, expected)
+
+
+def test_zero_std_fraction_counts_groups_whose_applicable_scores_are_all_equal():
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, math.nan, 2.0, 2.0, math.nan, math.nan])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 3])
+    # Group 0 tied, group 1 not, group 2 tied once its NaN is left out, group 3 has no score.
+    assert zero_std_fraction(scores, groups).item() == pytest.approx(2 / 3)
+    assert zero_std_fraction(torch.full((3,), math.nan), torch.tensor([0, 0, 1])).item() == 1.0
+    # Brute force on random groups of random integer scores.
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 3, (40,), generator=generator).float()
+    groups = torch.randint(0, 9, (40,), generator=generator) * 7
+    ties = [len(set(scores[groups == g].tolist())) == 1 for g in groups.unique().tolist()]
+    assert zero_std_fraction(scores, groups).item() == pytest.approx(sum(ties) / len(ties))
+
+
+def test_every_registered_estimator_accepts_an_empty_batch():
+    # A process whose every score is NaN still joins the statistics' all-reduce.
+    inputs = {
+        "token_rewards": torch.zeros(0, 4),
+        "mask": torch.zeros(0, 4, dtype=torch.bool),
+        "values": torch.zeros(0, 4),
+        "group_index": torch.zeros(0, dtype=torch.long),
+        "gamma": 1.0,
+        "lam": 0.95,
+        "reduce_moments": lambda moments: moments,
+    }
+    for name in available_advantage_estimators():
+        advantages, returns = get_advantage_estimator(name)(**inputs)
+        assert advantages.shape == returns.shape == (0, 4), name
+
+
+def test_reduce_moments_makes_reinforce_statistics_span_every_shard():
+    token_rewards, mask, _, _ = _adapter_batch()
+    shards = [slice(0, 2), slice(2, 6)]
+    returns = discounted_returns(token_rewards, mask, 0.9)
+    every = [Moments.of(returns[shard], mask[shard]) for shard in shards]
+    calls = []
+
+    def all_reduce(mine: Moments) -> Moments:  # what an all-reduce (sum) over 2 processes gives
+        calls.append(mine)
+        return Moments.from_tensor(every[0].tensor() + every[1].tensor())
+
+    for name, whole_fn in [
+        ("reinforce", reinforce_returns),
+        ("reinforce_pp", reinforce_pp_advantages),
+    ]:
+        whole = whole_fn(token_rewards, mask, 0.9)
+        for shard, mine in zip(shards, every, strict=True):
+            advantages, _ = get_advantage_estimator(name)(
+                token_rewards=token_rewards[shard],
+                mask=mask[shard],
+                gamma=0.9,
+                reduce_moments=all_reduce,
+            )
+            torch.testing.assert_close(advantages, whole[shard])
+            torch.testing.assert_close(calls[-1].tensor(), mine.tensor())  # its own moments
+        alone, _ = get_advantage_estimator(name)(
+            token_rewards=token_rewards[shards[0]], mask=mask[shards[0]], gamma=0.9
+        )
+        assert (alone - whole[shards[0]]).abs().max() > 1e-2

@@ -17,6 +17,7 @@ from alignkit.ops.kl import (
     full_kl,
     kl_estimate,
     kl_loss,
+    kl_loss_weights,
     register_kl_estimator,
 )
 
@@ -416,3 +417,41 @@ def test_full_kl_backward_keeps_no_float32_copy_of_the_logits():
     # for backward, and their gradients (measured 44 MiB).
     assert chunked_peak < 2 * bf16_size + 5 * float32_block
     assert naive_peak > 4 * chunked_peak
+
+
+# --- the KL loss on samples of an older policy --------------------------------------------
+
+
+def test_kl_loss_weights_are_the_detached_ratio_times_the_behaviour_weights():
+    logp = torch.tensor([-1.0, -2.0, -0.5, -30.0], requires_grad=True)
+    old = torch.tensor([-1.5, -2.0, -0.1, 0.0])
+    weights = kl_loss_weights(logp, old)
+    torch.testing.assert_close(weights, (logp - old).exp().clamp(max=math.exp(20.0)).detach())
+    assert not weights.requires_grad
+    behaviour = torch.tensor([0.5, 2.0, 1.0, 1.0])
+    torch.testing.assert_close(kl_loss_weights(logp, old, behaviour), weights * behaviour)
+    assert kl_loss_weights(torch.tensor([50.0]), torch.tensor([0.0])).item() == pytest.approx(
+        math.exp(20.0)
+    )
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k1+", "k3+"])
+def test_weighted_kl_loss_on_old_samples_has_the_reverse_kl_gradient(estimator):
+    # Exact expectation over a 5-token vocabulary: tokens drawn from pi_old, each token's KL
+    # loss weighted by pi/pi_old, has the gradient of KL(pi || ref) of the current pi.
+    generator = torch.Generator().manual_seed(6)
+    theta = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
+    old_logp = torch.log_softmax(torch.randn(5, generator=generator, dtype=torch.float64), 0)
+    ref_logp = torch.log_softmax(torch.randn(5, generator=generator, dtype=torch.float64), 0)
+    logp = torch.log_softmax(theta, 0)
+    per_token = kl_loss(logp, ref_logp, estimator) * kl_loss_weights(logp, old_logp)
+    (weighted,) = torch.autograd.grad((old_logp.exp() * per_token).sum(), theta)
+    logp = torch.log_softmax(theta, 0)
+    (want,) = torch.autograd.grad((logp.exp() * (logp - ref_logp)).sum(), theta)
+    torch.testing.assert_close(weighted, want)
+    # Unweighted, the same samples give another gradient.
+    logp = torch.log_softmax(theta, 0)
+    (unweighted,) = torch.autograd.grad(
+        (old_logp.exp() * kl_loss(logp, ref_logp, estimator)).sum(), theta
+    )
+    assert (unweighted - want).abs().max() > 1e-3

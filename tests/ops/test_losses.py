@@ -65,6 +65,22 @@ def test_aggregation_units_count_tokens_or_non_empty_sequences(agg: str, units: 
     assert aggregate_loss(LOSS_MAT, RAGGED, agg, normaliser=units).item() == expected.item()
 
 
+def test_dr_grpo_constant_normaliser_divides_sequence_sums_by_sequences_times_l() -> None:
+    # Rows 0 and 1 have tokens (sums 3 and 4); L = 10: (3 + 4) / (2 * 10).
+    agg = "seq-mean-token-sum-norm"
+    assert aggregate_loss(LOSS_MAT, RAGGED, agg, max_tokens=10).item() == pytest.approx(0.35)
+    assert aggregation_units(RAGGED, agg, max_tokens=10).item() == 20
+    # Without L: the mask's width, 3 (verl's default loss_scale_factor).
+    assert aggregate_loss(LOSS_MAT, RAGGED, agg).item() == pytest.approx(7 / 6)
+    assert aggregation_units(RAGGED, agg).item() == 6
+    # The step's count as the normaliser: L no longer read.
+    assert aggregate_loss(
+        LOSS_MAT, RAGGED, agg, normaliser=20, max_tokens=3
+    ).item() == pytest.approx(0.35)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        aggregation_units(RAGGED, agg, max_tokens=0)
+
+
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_micro_batch_shares_with_the_step_normaliser_add_up_to_the_step_loss(agg: str) -> None:
     # Ragged rows split unevenly: 1 + 3 + 4 rows. With the step's global count as the
@@ -87,6 +103,8 @@ def test_micro_batch_shares_with_the_step_normaliser_add_up_to_the_step_loss(agg
         brute = sum(r.sum() for r in rows) / lengths.sum()
     elif agg == "seq-mean-token-sum":
         brute = sum(r.sum() for r in rows if len(r)) / 7
+    elif agg == "seq-mean-token-sum-norm":  # L = the mask's width, 6
+        brute = sum(r.sum() for r in rows if len(r)) / (7 * 6)
     else:
         brute = sum(r.mean() for r in rows if len(r)) / 7
     assert whole.item() == pytest.approx(brute.item(), rel=1e-12)

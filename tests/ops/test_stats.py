@@ -16,6 +16,7 @@ from alignkit.ops.stats import (
     masked_var,
     masked_whiten,
     pairwise_accuracy,
+    violation_rate,
 )
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -252,3 +253,27 @@ def test_pairwise_accuracy_counts_ties_as_half_by_default():
     assert pairwise_accuracy(chosen, rejected, mask=torch.zeros(4)).item() == 0.0
     with pytest.raises(ValueError, match="differ"):
         pairwise_accuracy(chosen, rejected[:3])
+
+
+def test_masked_whiten_with_reduced_moments_whitens_each_shard_like_the_whole():
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 5, generator=generator) * 3 + 2
+    mask = torch.rand(6, 5, generator=generator) > 0.3
+    whole = masked_whiten(x, mask)
+    shards = [slice(0, 1), slice(1, 6)]  # two "processes" of unequal sizes
+    every = Moments.from_tensor(sum(Moments.of(x[s], mask[s]).tensor() for s in shards))
+    for shard in shards:
+        got = masked_whiten(x[shard], mask[shard], reduce_moments=lambda _mine: every)
+        torch.testing.assert_close(got, whole[shard], rtol=1e-5, atol=1e-6)
+    alone = masked_whiten(x[shards[1]], mask[shards[1]])
+    assert (alone - whole[shards[1]]).abs().max() > 1e-2
+    # shift_mean=False keeps the global mean.
+    kept = masked_whiten(x[shards[1]], mask[shards[1]], False, reduce_moments=lambda _: every)
+    torch.testing.assert_close(kept, masked_whiten(x, mask, False)[shards[1]])
+
+
+def test_violation_rate_is_the_share_of_scored_costs_above_zero():
+    costs = torch.tensor([0.5, -1.0, 0.0, math.nan, 2.0])
+    assert violation_rate(costs).item() == pytest.approx(2 / 4)  # 0 is safe; NaN not scored
+    assert violation_rate(torch.full((3,), math.nan)).item() == 0.0
+    assert violation_rate(torch.tensor([1.0], dtype=torch.float64)).dtype == torch.float64

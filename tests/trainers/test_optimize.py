@@ -108,6 +108,40 @@ def test_the_update_does_not_depend_on_how_the_step_is_split(tmp_path):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_metric_shares_add_up_to_the_step_value_however_the_step_is_split(tmp_path):
+    # A metric returned as (sum over the micro-batch) / N is summed over the micro-batches:
+    # the step's weighted mean, the same for every split; a plain loss returns no metrics.
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 3, generator=generator)
+    units = torch.tensor([1.0, 7.0, 2.0, 9.0, 1.0, 3.0, 12.0, 5.0])
+    values = torch.randn(8, generator=generator)
+
+    def loss_fn(rows, normaliser):
+        index = torch.tensor(rows)
+        share = (units[index] * step.model(x[index]).squeeze(-1)).sum() / normaliser
+        # A mean over the micro-batch's units (as a clip fraction over its tokens), as a share.
+        mean = (units[index] * values[index]).sum() / units[index].sum()
+        return share, {"loss": share, "value": mean * units[index].sum() / normaliser}
+
+    def count(rows):
+        return units[torch.tensor(rows)].sum()
+
+    want = (units * values).sum() / units.sum()
+    for split in ([list(range(8))], [[0, 1, 2], [3, 4, 5, 6, 7]], [[0], [1], [2, 3, 4, 5, 6, 7]]):
+        step = _linear_step(tmp_path, "optim.max_grad_norm=null", sgd=True)
+        outcome = step.run(split, loss_fn, count, step=1)
+        assert set(outcome.metrics) == {"loss", "value"}
+        torch.testing.assert_close(outcome.metrics["loss"], outcome.loss)
+        torch.testing.assert_close(outcome.metrics["value"], want)
+        means = [(units * values)[rows].sum() / units[rows].sum() for rows in split]
+        if len(split) > 1:  # the plain mean of the micro-batch means is another number
+            assert abs(float(sum(means)) / len(means) - float(want)) > 1e-3
+    plain = _linear_step(tmp_path, sgd=True).run(
+        [[0, 1]], lambda r, n: loss_fn(r, n)[0], count, step=1
+    )
+    assert plain.metrics == {}
+
+
 def test_one_cpu_process_clips_and_steps_the_torch_optimizer_itself(tmp_path, monkeypatch):
     """Without processes to sync or a gradient scaler, accelerate's optimizer wrapper (an
     importlib lookup per step) is bypassed; the gradient is still clipped to max_grad_norm."""

@@ -16,7 +16,11 @@ Every estimator is also registered by name with the inputs it needs (see
 
 Batch statistics (REINFORCE's and REINFORCE++'s normalisation) are over the batch the function
 sees. Under several processes pass ``moments=`` (``ops.stats.Moments`` of the returns,
-all-reduced by the trainer) so that every process normalises with the global statistics.
+all-reduced by the trainer), or give the registered estimators ``reduce_moments=`` (the
+all-reduce itself), so that every process normalises with the global statistics.
+
+The estimators' inputs are prepared here too: ``terminal_rewards`` places each sequence's score
+on its last response token, ``state_values`` aligns a value head's outputs with the tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch import Tensor
 
 from alignkit.ops._dtype import at_least_float32
 from alignkit.ops._registry import Registry
-from alignkit.ops.stats import Moments, masked_mean, masked_var, masked_whiten
+from alignkit.ops.stats import Moments, MomentsReduce, masked_mean, masked_var, masked_whiten
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -46,7 +50,65 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_returns",
     "rloo_advantages",
+    "state_values",
+    "terminal_rewards",
+    "zero_std_fraction",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# The estimators' inputs
+
+
+@torch.no_grad()
+def terminal_rewards(scores: Tensor, mask: Tensor) -> Tensor:
+    """Token rewards of an outcome reward: ``r_t = s`` on the last response token, 0 elsewhere.
+
+    A sequence-level score is the reward of the episode's final step (Ouyang et al. 2022; verl's
+    and OpenRLHF's ``token_level_rewards``); the KL penalty, when placed in the reward, is then
+    subtracted per token (``ops.kl.apply_kl_penalty``). A NaN score (not applicable) becomes 0:
+    such rows are left out of the advantages by the trainer anyway. Rows without a response
+    token get no reward.
+
+    Args:
+        scores: ``[N]`` sequence scores (higher = better).
+        mask: ``[N, T]`` nonzero on response tokens (contiguous per row).
+
+    Returns:
+        ``[N, T]`` float32 (float64 for float64 scores).
+    """
+    if scores.dim() != 1 or mask.dim() != 2 or mask.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"scores {tuple(scores.shape)} must be [N] and mask {tuple(mask.shape)} [N, T]"
+        )
+    valid = mask.bool()
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(valid, columns, -1).amax(dim=1)
+    rewards = torch.zeros(mask.shape, dtype=at_least_float32(scores).dtype, device=mask.device)
+    rows = (last >= 0).nonzero().squeeze(1)
+    rewards[rows, last[rows]] = torch.nan_to_num(scores[rows], nan=0.0).to(rewards.dtype)
+    return rewards
+
+
+def state_values(head_values: Tensor, mask: Tensor) -> Tensor:
+    """V(s_t) for each response token t from a value head's per-position outputs.
+
+    The state in which token t is emitted is the sequence up to t - 1, so its value is the
+    head's output at position t - 1 (aligned like the log-probs: ``sequence_logprobs`` reads
+    token t's log-prob from the logits at t - 1; verl's critic slices ``values[:, -T-1:-1]``
+    the same way). Column 0 has no predecessor and gets 0.
+
+    Args:
+        head_values: ``[N, T]`` the value head at every position of ``input_ids``.
+        mask: ``[N, T]`` nonzero on response tokens.
+
+    Returns:
+        ``[N, T]`` float32 (float64 for float64 values), 0 where ``mask`` is 0;
+        differentiable (the critic's loss is taken on it).
+    """
+    _check_token_shapes(mask, head_values=head_values)
+    shifted = torch.cat([head_values.new_zeros(head_values.shape[0], 1), head_values[:, :-1]], 1)
+    return torch.where(mask.bool(), at_least_float32(shifted), 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,10 +280,42 @@ def _group_centred_scores(
     squares = scores.new_zeros(n_groups).index_add_(0, inverse, centred.square())[inverse]
     stds = (squares / (sizes - 1).clamp(min=1)).sqrt()
     # Identical scores must give exactly 0; the float mean can be off by an ulp from them.
+    tied = _tied_groups(scores, inverse, n_groups)[inverse]
+    return centred, sizes, stds, tied
+
+
+def _tied_groups(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
+    """``[n_groups]`` bool: all scores of the group are equal (compared exactly, not via std)."""
     group_max = scores.new_full((n_groups,), -torch.inf).scatter_reduce(0, inverse, scores, "amax")
     group_min = scores.new_full((n_groups,), torch.inf).scatter_reduce(0, inverse, scores, "amin")
-    tied = (group_max == group_min)[inverse]
-    return centred, sizes, stds, tied
+    return group_max == group_min
+
+
+@torch.no_grad()
+def zero_std_fraction(scores: Tensor, group_index: Tensor | Sequence[int]) -> Tensor:
+    """Share of groups whose applicable scores are all equal: their group advantages are 0.
+
+    ``mean_g 1[max_{i in g} s_i == min_{i in g} s_i]`` over the groups with at least one finite
+    score (NaN = not applicable is left out); 1 when no score is finite (nothing is learnt).
+    These are the groups DAPO's dynamic sampling drops (Yu et al. 2025, arXiv:2503.14476); a
+    value near 1 means the batch carries no gradient for GRPO, RLOO and Dr. GRPO.
+
+    Args:
+        scores: ``[N]`` sequence scores.
+        group_index: ``[N]`` group id per sequence (samples of one prompt share it).
+
+    Returns:
+        0-dim float32 tensor (float64 for float64 scores).
+    """
+    ids = torch.as_tensor(group_index, device=scores.device)
+    finite = torch.isfinite(scores)
+    dtype = at_least_float32(scores).dtype
+    if not finite.any():
+        return torch.ones((), dtype=dtype, device=scores.device)
+    values = scores[finite]
+    _, inverse = torch.unique(ids[finite], return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    return _tied_groups(values, inverse, n_groups).to(dtype).mean()
 
 
 @torch.no_grad()
@@ -282,7 +376,8 @@ class AdvantageEstimator:
     """A registered estimator: its function and the inputs it needs besides ``BASE_INPUTS``.
 
     Call it with keyword inputs (``token_rewards``, ``mask``, ``values``, ``group_index``,
-    ``gamma``, ``lam``, ``moments``, or any other name an estimator declares). The inputs
+    ``gamma``, ``lam``, ``moments``, ``reduce_moments`` (``ops.stats.MomentsReduce``: makes a
+    batch statistic span every process), or any other name an estimator declares). The inputs
     listed in ``needs`` (and the base inputs) must be given and not None, or a ``ValueError``
     names what is missing. The function receives only the inputs its signature accepts
     (everything when it takes ``**kwargs``), so a trainer can pass all it has. Inputs given
@@ -388,19 +483,41 @@ def _rloo_estimator(
     return _broadcast_outcome(rloo_advantages(scores, group_index), mask)
 
 
+def _batch_moments(
+    returns: Tensor, mask: Tensor, moments: Moments | None, reduce_moments: MomentsReduce | None
+) -> Moments | None:
+    """The moments to normalise `returns` with: given ones, this batch's reduced over processes
+    by `reduce_moments`, or None (the batch's own statistics)."""
+    if moments is not None or reduce_moments is None:
+        return moments
+    return reduce_moments(Moments.of(returns, mask))
+
+
 @register_advantage_estimator("reinforce")
 def _reinforce_estimator(
-    *, token_rewards: Tensor, mask: Tensor, gamma: float = 1.0, moments: Moments | None = None
+    *,
+    token_rewards: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    moments: Moments | None = None,
+    reduce_moments: MomentsReduce | None = None,
 ) -> tuple[Tensor, Tensor]:
     returns = discounted_returns(token_rewards, mask, gamma)
+    moments = _batch_moments(returns, mask, moments, reduce_moments)
     return _normalise_returns(returns, mask.bool(), moments=moments), returns
 
 
 @register_advantage_estimator("reinforce_pp")
 def _reinforce_pp_estimator(
-    *, token_rewards: Tensor, mask: Tensor, gamma: float = 1.0, moments: Moments | None = None
+    *,
+    token_rewards: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    moments: Moments | None = None,
+    reduce_moments: MomentsReduce | None = None,
 ) -> tuple[Tensor, Tensor]:
     returns = discounted_returns(token_rewards, mask, gamma)
+    moments = _batch_moments(returns, mask, moments, reduce_moments)
     return _whiten_returns(returns, mask.bool(), moments), returns
 
 

@@ -30,6 +30,7 @@ KL(ref||pi)): use ``kl_loss``, whose docstring states each one (and offers ``k1+
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,6 +41,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from alignkit.errors import CheckpointError
 from alignkit.ops._dtype import compute_dtype, map_row_blocks, rows_per_chunk
 from alignkit.ops._registry import Registry, UnknownNameError
+from alignkit.ops.sampling import truncated_importance_weights
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -51,6 +53,7 @@ __all__ = [
     "get_kl_estimator",
     "kl_estimate",
     "kl_loss",
+    "kl_loss_weights",
     "register_kl_estimator",
 ]
 
@@ -66,6 +69,9 @@ _LOG_RATIO_LIMIT = 20.0
 
 # kl_loss's straight-through variants: "<estimator>+" has that estimator's value, k2's gradient.
 _STRAIGHT_THROUGH = "+"
+
+# pi/pi_old weighting a KL loss: untruncated in effect (the log-ratio is clamped at +-20).
+_RATIO_CAP = math.exp(_LOG_RATIO_LIMIT)
 
 
 def register_kl_estimator(
@@ -195,6 +201,31 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
         return value
     k2 = 0.5 * log_ratio.square()
     return value.detach() + (k2 - k2.detach())
+
+
+def kl_loss_weights(logp: Tensor, old_logp: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Per-token weights that make ``kl_loss`` valid on samples of an older policy.
+
+    ``w_t = pi(y_t) / pi_old(y_t)`` (detached; the log-ratio clamped at +-20), times the
+    behaviour-correction ``weights`` (``pi_old / mu``, truncated) when the tokens came from yet
+    another sampler mu. ``kl_loss``'s gradient identities are expectations over y ~ pi; after the
+    first update of an iteration the tokens are pi_old's, so each token's KL loss is weighted
+    by pi/pi_old (TRL #3025). The weighted loss is minimised as
+    ``aggregate_loss(kl_loss(logp, ref_logp, est) * kl_loss_weights(logp, old_logp, w), mask)``.
+    On the first mini-batch of an exactly on-policy iteration every weight is 1.
+
+    Args:
+        logp: ``[...]`` log pi(y_t) under the policy being updated (no gradient flows back).
+        old_logp: ``[...]`` log pi_old(y_t) of the policy that the iteration's samples stand for.
+        weights: optional ``[...]`` importance weights pi_old/mu of the samples (detached).
+
+    Returns:
+        ``[...]`` non-negative float32 weights (float64 for float64 inputs), not masked.
+    """
+    ratio = truncated_importance_weights(logp, old_logp, _RATIO_CAP)
+    if weights is None:
+        return ratio
+    return ratio * weights.detach()
 
 
 def full_kl(logits: Tensor, ref_logits: Tensor, chunk_size: int | None = None) -> Tensor:

@@ -49,8 +49,15 @@ __all__ = [
     "value_loss",
 ]
 
-AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
-AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+AggMode = Literal[
+    "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+]
+AGG_MODES: tuple[str, ...] = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
 
 # exp(20) ~ 4.9e8: large enough never to bind in a healthy run, small enough that a diverged
 # policy (or garbage at a padded position) cannot overflow the ratio to inf and poison the grads.
@@ -129,6 +136,8 @@ def aggregate_loss(
     mask: Tensor,
     agg: AggMode | str = "token-mean",
     normaliser: Tensor | float | None = None,
+    *,
+    max_tokens: int | None = None,
 ) -> Tensor:
     """Reduce a per-token loss ``[B, T]`` to a scalar over the valid (``mask != 0``) tokens.
 
@@ -136,19 +145,26 @@ def aggregate_loss(
 
     - ``"token-mean"``: ``sum_{b,t} m*loss / D`` (every token weighs the same, so long
       responses weigh more; verl's and DAPO's default);
-    - ``"seq-mean-token-sum"``: ``sum_{b in S} sum_t m*loss / D`` (Dr. GRPO-style, no length
-      normalisation);
+    - ``"seq-mean-token-sum"``: ``sum_{b in S} sum_t m*loss / D`` (no length normalisation);
     - ``"seq-mean-token-mean"``: ``sum_{b in S} (sum_t m*loss / n_b) / D`` (the original GRPO
-      and seed 003's length-normalised ``log_prob.mean()``).
+      and seed 003's length-normalised ``log_prob.mean()``);
+    - ``"seq-mean-token-sum-norm"``: ``sum_{b in S} sum_t m*loss / D`` with ``D = |S| * L``, L
+      a constant (`max_tokens`; default the mask's width). Dr. GRPO (Liu et al. 2025,
+      arXiv:2503.20783): each sequence's token sum over the same constant L, so neither
+      long nor short answers are favoured; the mean over sequences keeps the learning rate's
+      scale of the other modes. verl keeps L in ``agg_loss``'s ``loss_scale_factor``
+      (``verl/trainer/ppo/core_algos.py`` at b178a3c) but divides by L only, so its loss grows with the
+      number of sequences in a micro-batch.
 
     ``D`` is `normaliser` when given, else the local count (``sum m`` for token-mean, ``|S|``
-    for the sequence means: :func:`aggregation_units`). Pass the optimizer step's *global*
-    count (all micro-batches of the accumulation window on all processes) as `normaliser`:
-    each micro-batch then returns its share of the step loss and the shares add up to the
-    mean over the whole step, independent of the split (the fix of the Hugging Face
-    gradient-accumulation bug that TRL passes as ``num_items_in_batch``; verl's ``agg_loss``
-    with the global token count and ``dp_size`` in ``verl/trainer/ppo/core_algos.py``).
-    Without it, averaging per-micro-batch means weighs the tokens of short micro-batches more.
+    for the sequence means, ``|S| * L`` for the constant-normalised sum:
+    :func:`aggregation_units`). Pass the optimizer step's *global* count (all micro-batches of
+    the accumulation window on all processes) as `normaliser`: each micro-batch then returns
+    its share of the step loss and the shares add up to the mean over the whole step,
+    independent of the split (the fix of the Hugging Face gradient-accumulation bug that TRL
+    passes as ``num_items_in_batch``; verl's ``agg_loss`` with the global token count and
+    ``dp_size``). Without it, averaging per-micro-batch means weighs the tokens of short
+    micro-batches more.
 
     Sequences without a single valid token are left out of the sequence means (as verl does);
     an all-zero mask gives 0 (still attached to the graph), never NaN. Values at masked
@@ -160,6 +176,8 @@ def aggregate_loss(
         mask: shape ``[B, T]``, bool or numeric; nonzero marks a valid token.
         agg: one of ``AGG_MODES``.
         normaliser: ``D`` above (> 0), e.g. the step's global :func:`aggregation_units`.
+        max_tokens: L of ``"seq-mean-token-sum-norm"`` (e.g. the rollout's max_new_tokens:
+            alignkit's masks also span the prompt columns); read only without `normaliser`.
 
     Returns:
         0-d tensor.
@@ -178,15 +196,19 @@ def aggregate_loss(
             seq_losses = seq_losses / valid.sum(dim=-1).clamp_min(1)
         total = seq_losses.sum()  # empty sequences contribute 0
     if normaliser is None:
-        return total / aggregation_units(valid, agg).clamp_min(1)
+        return total / aggregation_units(valid, agg, max_tokens=max_tokens).clamp_min(1)
     if not isinstance(normaliser, Tensor) and normaliser <= 0:  # a tensor is not synced
         raise ValueError(f"normaliser must be > 0, got {normaliser}")
     return total / normaliser
 
 
-def aggregation_units(mask: Tensor, agg: AggMode | str = "token-mean") -> Tensor:
+def aggregation_units(
+    mask: Tensor, agg: AggMode | str = "token-mean", *, max_tokens: int | None = None
+) -> Tensor:
     """What ``aggregate_loss(..., agg)`` averages over, counted in `mask`: valid tokens for
-    ``"token-mean"``, sequences with at least one valid token for the sequence means.
+    ``"token-mean"``, sequences with at least one valid token for the sequence means, and
+    those sequences times L (`max_tokens`, default the mask's width) for
+    ``"seq-mean-token-sum-norm"``.
 
     Sum it over the micro-batches and processes of an optimizer step to get the `normaliser`.
     """
@@ -195,7 +217,13 @@ def aggregation_units(mask: Tensor, agg: AggMode | str = "token-mean") -> Tensor
     valid = mask.bool()
     if agg == "token-mean":
         return valid.sum()
-    return valid.any(dim=-1).sum()
+    sequences = valid.any(dim=-1).sum()
+    if agg != "seq-mean-token-sum-norm":
+        return sequences
+    length = mask.shape[-1] if max_tokens is None else max_tokens
+    if length < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {length}")
+    return sequences * length
 
 
 def policy_gradient_loss(

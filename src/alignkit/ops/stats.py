@@ -9,7 +9,7 @@ NaN, so a batch without response tokens cannot poison a metric or a loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ from alignkit.ops._dtype import compute_dtype
 
 __all__ = [
     "Moments",
+    "MomentsReduce",
     "RunningMeanStd",
     "explained_variance",
     "masked_mean",
@@ -26,6 +27,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "pairwise_accuracy",
+    "violation_rate",
 ]
 
 
@@ -67,15 +69,26 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    *,
+    reduce_moments: MomentsReduce | None = None,
 ) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` with the masked mean and unbiased variance (verl/TRL).
 
     With ``shift_mean=False`` the mean is added back (only the scale changes). Masked positions
-    are returned as 0.
+    are returned as 0. ``reduce_moments`` (e.g. an all-reduce over processes) turns this
+    batch's :class:`Moments` into those of the whole batch the statistics must span, so that
+    every process whitens with the same mean and variance; every process must then call it.
     """
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask, unbiased=True) + eps)
+    if reduce_moments is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=True)
+    else:
+        moments = reduce_moments(Moments.of(x, mask))
+        mean, var = moments.mean.to(x.dtype), moments.var(unbiased=True).to(x.dtype)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask != 0, whitened, 0.0)
@@ -136,6 +149,11 @@ class Moments:
         return self.var(unbiased).sqrt()
 
 
+MomentsReduce = Callable[[Moments], Moments]
+"""Maps one process' :class:`Moments` to those of the batch a statistic spans: the identity
+on one process, an all-reduce (a sum of ``Moments.tensor()``) over several."""
+
+
 def pairwise_accuracy(
     chosen: torch.Tensor,
     rejected: torch.Tensor,
@@ -160,6 +178,18 @@ def pairwise_accuracy(
     if mask is None:
         return scores.mean() if scores.numel() else scores.new_zeros(())
     return masked_mean(scores, (mask != 0).to(dtype))
+
+
+def violation_rate(costs: torch.Tensor) -> torch.Tensor:
+    """Share of the scored episodes that are unsafe: ``mean(1[c > 0])`` over finite costs.
+
+    Safe RLHF's sign convention (Dai et al. 2023, arXiv:2310.12773): a cost > 0 means the judge
+    found the answer harmful, <= 0 safe. NaN costs (not applicable) are left out; 0 when none is
+    scored. A 0-dim float32 tensor (float64 for float64 costs).
+    """
+    scored = torch.isfinite(costs)
+    unsafe = (costs[scored] > 0).to(compute_dtype(costs))
+    return unsafe.mean() if scored.any() else unsafe.new_zeros(())
 
 
 def explained_variance(

@@ -18,6 +18,13 @@ the runtime divides by are undone here, in one place: DDP/FSDP *average* gradien
 processes and ``accelerate``'s ``backward`` divides by ``gradient_accumulation_steps`` G, so the
 share is multiplied by ``P * G`` before the backward.
 
+Metrics are weighted the same way. Besides its loss share, ``loss_fn`` may return the
+micro-batch's shares of other step quantities, each ``(sum over the micro-batch) / (the step's
+global count of what it averages)``: a policy-gradient term, an entropy mean, a clip fraction
+weighted by tokens. :attr:`StepOutcome.metrics` holds their sums over the micro-batches times P,
+so that their mean over processes (what ``MetricMeans`` takes) is the step's value, however the
+step is split.
+
 A step whose gradient norm is not finite (inf/NaN) is skipped: no parameter changes and the
 optimizer state (Adam's moments and step count) is untouched; the gradients are dropped. It is
 counted (``skipped_steps``) and reported; more than ``max_consecutive_skipped_steps`` skipped
@@ -38,9 +45,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -59,6 +66,8 @@ from alignkit.config import OptimConfig
 from alignkit.errors import CheckpointError, ModelError, TrainingDivergedError
 
 Batch = TypeVar("Batch")
+#: ``loss_fn(batch, N)``: the micro-batch's loss share, alone or with its metric shares.
+LossShare = Tensor | tuple[Tensor, Mapping[str, Tensor]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -133,6 +142,9 @@ class StepOutcome:
     grad_norm: Tensor | None  #: before clipping; None when the backend does not report it
     lr: float  #: learning rate used by this step (the first parameter group's)
     skipped: bool  #: the gradient norm was not finite and the update was skipped
+    #: ``loss_fn``'s metric shares summed over the micro-batches, times the process count:
+    #: averaged over processes they are the step's values (detached, float32)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 class OptimizerStep:
@@ -185,7 +197,7 @@ class OptimizerStep:
     def run(
         self,
         micro_batches: Sequence[Batch],
-        loss_fn: Callable[[Batch, Tensor], Tensor],
+        loss_fn: Callable[[Batch, Tensor], LossShare],
         count_fn: Callable[[Batch], Tensor | int | float],
         *,
         step: int,
@@ -194,8 +206,9 @@ class OptimizerStep:
 
         ``count_fn(batch)`` is the number of loss units in a micro-batch; ``loss_fn(batch, N)``
         returns the micro-batch's share of the step loss, ``(sum of its unit losses) / N``
-        (e.g. ``ops.losses.aggregate_loss(..., normaliser=N)``). It runs under autocast.
-        Every process must pass the same number of micro-batches.
+        (e.g. ``ops.losses.aggregate_loss(..., normaliser=N)``), optionally with a mapping of
+        metric shares (see the module docstring) as ``(share, metrics)``. It runs under
+        autocast. Every process must pass the same number of micro-batches.
         """
         if not micro_batches:
             raise ValueError("an optimizer step needs at least one micro-batch")
@@ -204,6 +217,7 @@ class OptimizerStep:
         # Undo DDP's mean over processes and accelerate's division by the accumulation steps.
         scale = acc.num_processes * acc.gradient_accumulation_steps
         step_loss = torch.zeros((), dtype=torch.float32, device=acc.device)
+        sums: dict[str, Tensor] = {}
         last = len(micro_batches) - 1
         try:
             for index, batch in enumerate(micro_batches):
@@ -214,10 +228,15 @@ class OptimizerStep:
                 with nullcontext() if syncing else acc.no_sync(model):
                     with acc.autocast():
                         share = loss_fn(batch, units)
+                    if not isinstance(share, Tensor):
+                        share, parts = share
+                        for name, value in parts.items():
+                            sums[name] = sums.get(name, 0.0) + value.detach().float()
                     acc.backward(share * scale)
                 step_loss = step_loss + share.detach().float()
         finally:
             acc.sync_gradients = True  # accelerate's state is process-wide
+        metrics = {name: value * acc.num_processes for name, value in sums.items()}
         max_norm = self.max_grad_norm or math.inf
         # One process without a gradient scaler: accelerate's wrappers add nothing but their
         # per-call checks (an importlib lookup per step, a signature inspection per
@@ -247,7 +266,7 @@ class OptimizerStep:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             self.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(step_loss, units, grad_norm, lr, skipped)
+        return StepOutcome(step_loss, units, grad_norm, lr, skipped, metrics)
 
     @property
     def _torch_optimizer(self) -> torch.optim.Optimizer:

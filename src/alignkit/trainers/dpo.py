@@ -12,8 +12,7 @@ second model stays in memory during training.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from torch import Tensor, nn
 from alignkit.config import TrainConfig
 from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.errors import ConfigError
-from alignkit.models import disabled_adapter, has_adapter, load_policy
 from alignkit.models.forward import innermost_model, response_logps
 from alignkit.models.loading import weights_digest
 from alignkit.models.tied import accumulate_tied_embedding_grad
@@ -50,6 +48,7 @@ from alignkit.trainers.common import (
     split_pairs,
 )
 from alignkit.trainers.loop import Metrics, Trainer
+from alignkit.trainers.reference import ReferencePolicy
 
 REFERENCE_CACHE = RunDir.REFERENCE_CACHE
 
@@ -167,7 +166,11 @@ class DPOTrainer(Trainer):
         if self.eval_dataset is not None:
             datasets["eval"] = self.eval_dataset
         cache = self.run_dir.root / REFERENCE_CACHE
-        with self._reference_model() as reference:
+        # Read once, before the first update: the policy itself can stand for the initial one.
+        pi_ref = ReferencePolicy(
+            self, self.config.reference, dtype=self.config.model.dtype, snapshot=False
+        )
+        with pi_ref.use() as reference:
             fingerprint = self._reference_fingerprint(reference, datasets)
             tables, why = _read_cache(cache, fingerprint)
             if tables is None:
@@ -206,25 +209,6 @@ class DPOTrainer(Trainer):
 
                 tables[name] = gather_per_example(self, data, pair_logps, width=2)
         return tables
-
-    @contextmanager
-    def _reference_model(self) -> Iterator[nn.Module]:
-        """The reference, in eval mode: a separate model, the adapter-less policy, or the
-        policy itself (called before the first update, so it *is* the initial policy)."""
-        if self.config.reference:
-            reference, _ = load_policy(self.config.reference, dtype=self.config.model.dtype)
-            yield self.prepare_frozen(reference)
-            return
-        policy = self.model
-        was_training = policy.training
-        policy.eval()
-        unwrapped = self.unwrapped_model
-        adapter = disabled_adapter(unwrapped) if has_adapter(unwrapped) else nullcontext()
-        try:
-            with adapter:
-                yield policy
-        finally:
-            policy.train(was_training)
 
     def _reference_fingerprint(self, reference: nn.Module, datasets: dict[str, Any]) -> str:
         """A digest of everything the cached values depend on: the reference's weights (the

@@ -17,18 +17,20 @@ and per mini-batch (``optimize``), one optimizer step of the policy (and one of 
            - entropy_coef * token-mean entropy + beta * KL loss   (kl.placement=loss)
 
 with N the whole step's token (or sequence) count, so the gradient does not depend on how the
-mini-batch is split into micro-batches. Methods map onto it through ``trainers/registry.py``
-presets (advantage estimator, critic, policy loss); nothing is copied per method.
+mini-batch is split into micro-batches. The pieces are components: the policy loss and the
+estimator come from the ``ops`` registries, the KL term is a ``KLPenalty``
+(``trainers/kl_penalty.py``), the critic a ``Critic`` (``trainers/critic.py``), and
+``OptimizerStep`` weights every metric over the step. Methods map onto it through
+``trainers/registry.py`` presets (advantage estimator, critic, policy loss); nothing is copied
+per method.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,27 +39,27 @@ from torch import Tensor, nn
 
 from alignkit.data import load_records
 from alignkit.data.loaders import read_rows
-from alignkit.models import disabled_adapter, has_adapter, load_policy
+from alignkit.models import load_policy
 from alignkit.models.forward import token_logprobs
-from alignkit.models.reward import RewardModel, load_reward_model
-from alignkit.ops.advantages import get_advantage_estimator
-from alignkit.ops.kl import AdaptiveKLController, FixedKLController, apply_kl_penalty, kl_estimate
-from alignkit.ops.kl import kl_loss as kl_loss_values
-from alignkit.ops.losses import aggregate_loss, get_policy_loss, value_loss
+from alignkit.models.reward import RewardModel
+from alignkit.ops.advantages import get_advantage_estimator, terminal_rewards, zero_std_fraction
+from alignkit.ops.losses import aggregate_loss, aggregation_units, get_policy_loss
 from alignkit.ops.sampling import effective_sample_size, truncated_importance_weights
-from alignkit.ops.stats import explained_variance, masked_mean, masked_whiten
+from alignkit.ops.stats import Moments, masked_whiten
 from alignkit.rollout import Experience, Prompt, TransformersEngine, prompts_from_records
 from alignkit.rollout.engine import GenerationEngine
 from alignkit.rollout.rewards import RewardSource, build_reward_source
 from alignkit.trainers.common import load_model_and_tokenizer
-from alignkit.trainers.online import OnlineTrainer, disable_dropout
+from alignkit.trainers.critic import Critic, as_critic, build_critic
+from alignkit.trainers.kl_penalty import KLPenalty
+from alignkit.trainers.online import OnlineTrainer
 from alignkit.trainers.reward import load_reward_checkpoint
-from alignkit.trainers.rl_config import CriticConfig, PGConfig
+from alignkit.trainers.rl_config import PGConfig
 
 __all__ = ["PolicyGradientTrainer", "build_critic", "build_pg_trainer", "train_pg"]
 
-#: pi/pi_old weighting the KL term: untruncated in effect (the log-ratio is clamped at +-20).
-RATIO_CAP = math.exp(20.0)
+#: The policy loss' statistics under their logged names (others: ``actor/<name>``).
+_STAT_NAMES = {"clipfrac": "actor/pg_clipfrac", "approx_kl": "actor/ppo_kl"}
 
 
 def _batch(exp: Experience) -> dict[str, Tensor]:
@@ -79,8 +81,10 @@ class PolicyGradientTrainer(OnlineTrainer):
         *,
         engine: GenerationEngine | None = None,
         eval_prompts: Sequence[Prompt] | None = None,
-        critic: nn.Module | None = None,
+        critic: nn.Module | Critic | None = None,
     ) -> None:
+        """`critic`: the value model (wrapped in a :class:`Critic` with ``config.critic``'s
+        settings), or a Critic; needed exactly when the estimator uses values."""
         super().__init__(
             config, model, tokenizer, prompts, reward, engine=engine, eval_prompts=eval_prompts
         )
@@ -88,70 +92,35 @@ class PolicyGradientTrainer(OnlineTrainer):
         self.estimator = get_advantage_estimator(config.advantage.resolved_estimator)
         self.policy_loss = get_policy_loss(config.policy_loss.name)
         self.policy_loss_settings = self._policy_loss_settings()
-        self.critic = critic
-        if critic is not None:
-            disable_dropout(critic)  # its values are regression targets of the same states
-        if "values" in self.estimator.needs and critic is None:
+        self.critic = as_critic(critic, config.critic, name="critic", prefix="critic")
+        if "values" in self.estimator.needs and self.critic is None:
             raise ValueError(f"advantage estimator {self.estimator.name!r} needs a critic")
-        kl = config.kl
-        self.kl_controller = (
-            AdaptiveKLController(kl.coef, kl.target, kl.horizon, kl.rule)
-            if kl.controller == "adaptive"
-            else FixedKLController(kl.coef)
-        )
-        self.register_controller("kl", self.kl_controller)
-        self.reference: nn.Module | None = None
+        self.kl = KLPenalty(config.kl)
+        self.register_controller("kl", self.kl.controller)
         self.last_lr = config.optim.lr
 
     def _policy_loss_settings(self) -> dict[str, Any]:
-        """The loss' own keyword settings that the config has (clip ratios for ppo_clip)."""
-        pl = self.config.policy_loss
-        offered = {
-            "clip_ratio": pl.clip_ratio,
-            "clip_ratio_high": pl.clip_ratio_high,
-            "dual_clip": pl.dual_clip,
-        }
+        """The ``policy_loss`` config fields that the loss takes by name (clip ratios for
+        ppo_clip): a new loss reads a new field by naming it as a keyword parameter."""
+        offered = dataclasses.asdict(self.config.policy_loss)
         accepted = inspect.signature(self.policy_loss).parameters
-        return {k: v for k, v in offered.items() if k in accepted}
+        # The trainer passes these itself, per micro-batch.
+        given = {"logp", "old_logp", "advantages", "mask", "weights", "agg", "normaliser"}
+        return {k: v for k, v in offered.items() if k in accepted and k not in given}
 
     # ----------------------------------------------------------------- set-up
 
     def _prepare_training(self) -> None:
         super()._prepare_training()
-        cfg = self.config
-        if cfg.kl.enabled:
-            self.reference = self._build_reference()
+        self.kl.prepare(self, self.config.reference, dtype=self.config.model.dtype)
         if self.critic is not None:
-            critic_optim = dataclasses.replace(cfg.optim, lr=cfg.critic.lr)
-            self.register_model("critic", self.critic)
-            self.critic, self.critic_step = self.build_optimizer_for(
-                "critic", self.critic, critic_optim
-            )
-
-    def _build_reference(self) -> nn.Module | None:
-        """A separate frozen model, or None: the adapter-less policy (LoRA) is used in place."""
-        cfg = self.config
-        if cfg.reference:
-            model, _ = load_policy(cfg.reference, dtype=cfg.model.dtype)
-            return self.prepare_frozen(model)
-        if has_adapter(self.unwrapped_model):
-            return None
-        # The initial policy: a frozen copy taken before the first update.
-        return self.prepare_frozen(copy.deepcopy(self.unwrapped_model))
+            self.critic.prepare(self)
 
     def restore_model_weights(self, model: nn.Module, directory: Path) -> None:
         if isinstance(model, RewardModel):
             load_reward_checkpoint(model, directory)
         else:
             super().restore_model_weights(model, directory)
-
-    @contextmanager
-    def _reference_model(self) -> Iterator[nn.Module]:
-        if self.reference is not None:
-            yield self.reference
-            return
-        with disabled_adapter(self.unwrapped_model):
-            yield self.model
 
     @property
     def exactly_on_policy(self) -> bool:
@@ -203,20 +172,6 @@ class PolicyGradientTrainer(OnlineTrainer):
         ]
         return torch.cat(parts)
 
-    @torch.no_grad()
-    def critic_values(self, critic: nn.Module, exp: Experience) -> Tensor:
-        """``[N, T]`` V(s_t) for each response token t: the head at position t - 1, the state
-        before the token was emitted (aligned like the log-probs)."""
-        return torch.cat([self._values(critic, chunk) for chunk in exp.split(self._chunk())])
-
-    def _chunk(self) -> int:
-        return self.config.train.sequences_per_device
-
-    def _values(self, critic: nn.Module, exp: Experience) -> Tensor:
-        out = critic(exp.input_ids, exp.attention_mask, return_token_values=True).token_values
-        shifted = torch.cat([out.new_zeros(out.shape[0], 1), out[:, :-1]], dim=1).float()
-        return torch.where(exp.response_mask, shifted, 0.0)
-
     def make_experience(
         self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
     ) -> Experience:
@@ -239,68 +194,50 @@ class PolicyGradientTrainer(OnlineTrainer):
                 exp.is_weights = truncated_importance_weights(
                     exp.old_logprobs, exp.behaviour_logprobs, cfg.rollout.max_importance_weight
                 )
-        if cfg.kl.enabled:
-            with self.timed("reference"), self._reference_model() as reference:
-                exp.reference_logprobs = self.score_logprobs(reference, exp)
+        if self.kl.enabled:
+            with self.timed("reference"):
+                exp.reference_logprobs = self.kl.reference_logprobs(exp, self.score_logprobs)
         if self.critic is not None:
             with self.timed("values"):
-                exp.values = self.critic_values(self.critic, exp)
+                exp.values = self.critic.values(exp)
         with self.timed("advantage"):
-            self._advantages(exp)
-        return exp
-
-    def _advantages(self, exp: Experience) -> None:
-        """Token rewards (score on the last response token, KL penalty when placed in the
-        reward), then the estimator; rows whose score is NaN (not applicable) are left out of
-        its statistics and get advantage 0."""
-        cfg = self.config
-        mask = exp.response_mask
-        token_scores = self.token_scores(exp, exp.scores)
-        token_rewards = token_scores
-        if cfg.kl.enabled and cfg.kl.placement == "reward":
-            token_rewards, _ = apply_kl_penalty(
-                token_scores,
-                exp.old_logprobs,
-                exp.reference_logprobs,
-                mask,
-                self.kl_controller.value,
-                cfg.kl.resolved_estimator,
+            exp.token_rewards = self.kl.shape_rewards(
+                terminal_rewards(exp.scores, exp.response_mask), exp
             )
-        advantages, returns = self.estimate(exp, token_rewards, exp.values, exp.scores)
-        exp.token_rewards, exp.advantages, exp.returns = token_rewards, advantages, returns
-
-    @staticmethod
-    def token_scores(exp: Experience, scores: Tensor) -> Tensor:
-        """``[N, T]``: each sequence score on its last response token (NaN scores as 0)."""
-        last = (exp.prompt_width + exp.response_lengths - 1).clamp(min=0)
-        token_scores = torch.zeros_like(exp.old_logprobs)
-        token_scores[torch.arange(len(exp)), last] = torch.nan_to_num(scores, nan=0.0)
-        return token_scores
+            exp.advantages, exp.returns = self.estimate(
+                exp, exp.token_rewards, exp.values, exp.scores
+            )
+        return exp
 
     def estimate(
         self, exp: Experience, token_rewards: Tensor, values: Tensor | None, scores: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Advantages and returns of the configured estimator (whitened when set); rows whose
-        score is NaN are left out of its statistics and get 0."""
-        cfg = self.config
-        mask = exp.response_mask
+        score is NaN (not applicable) are left out of its statistics and get 0. Statistics
+        over the batch (REINFORCE's, REINFORCE++'s, the whitening) span every process."""
+        cfg = self.config.advantage
         rows = torch.isfinite(scores).nonzero().squeeze(1)
-        inputs: dict[str, Any] = {
-            "token_rewards": token_rewards[rows],
-            "mask": mask[rows],
-            "values": values[rows] if values is not None else None,
-            "group_index": exp.group_index[rows],
-            "gamma": cfg.advantage.gamma,
-            "lam": cfg.advantage.lam,
-        }
+        mask = exp.response_mask[rows]
+        reduce = self._global_moments if self.accelerator.num_processes > 1 else None
+        a, r = self.estimator(
+            token_rewards=token_rewards[rows],
+            mask=mask,
+            values=values[rows] if values is not None else None,
+            group_index=exp.group_index[rows],
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+            reduce_moments=reduce,
+        )
+        if cfg.whiten:
+            a = masked_whiten(a, mask, reduce_moments=reduce)
         advantages = torch.zeros_like(token_rewards)
         returns = torch.zeros_like(token_rewards)
-        if rows.numel():
-            a, r = self.estimator(**inputs)
-            if cfg.advantage.whiten:
-                a = masked_whiten(a, mask[rows])
-            advantages[rows], returns[rows] = a.float(), r.float()
+        advantages[rows], returns[rows] = a.float(), r.float()
         return advantages, returns
+
+    def _global_moments(self, moments: Moments) -> Moments:
+        """The moments of every process' batch together (an all-reduce: all processes call)."""
+        return Moments.from_tensor(self.accelerator.reduce(moments.tensor(), reduction="sum"))
 
     def experience_metrics(self, exp: Experience) -> dict[str, Tensor]:
         mask = exp.response_mask
@@ -308,17 +245,13 @@ class PolicyGradientTrainer(OnlineTrainer):
         applicable = torch.isfinite(scores)
         metrics: dict[str, Tensor] = {
             "reward/mean": scores[applicable].mean() if applicable.any() else scores.new_zeros(()),
-            "reward/zero_std_frac": _zero_std_fraction(scores, exp.group_index),
+            "reward/zero_std_frac": zero_std_fraction(scores, exp.group_index),
             "response_length/mean": exp.response_lengths.float().mean(),
             "response_length/clipped_ratio": exp.truncated.float().mean(),
         }
-        if exp.reference_logprobs is not None:
-            # A value estimate of KL(pi || ref) on the sampled tokens, whatever the placement.
-            k1 = kl_estimate(exp.old_logprobs, exp.reference_logprobs, "k1")
-            metrics["kl/mean"] = masked_mean(k1, mask)
-        if exp.values is not None:
-            metrics["critic/vf_explained_var"] = explained_variance(exp.values, exp.returns, mask)
-            metrics["critic/values_mean"] = masked_mean(exp.values, mask)
+        metrics.update(self.kl.metrics(exp))
+        if self.critic is not None:
+            metrics.update(self.critic.metrics(exp.values, exp.returns, mask))
         # The engine's own statistics (a teacher-guided engine's alpha and fallback share);
         # the trainer's importance-weight statistics below take precedence.
         for name, value in getattr(self.engine, "last_stats", {}).items():
@@ -330,143 +263,79 @@ class PolicyGradientTrainer(OnlineTrainer):
         return metrics
 
     def after_iteration(self, metrics: Mapping[str, Tensor]) -> dict[str, float]:
-        values = {"lr": self.last_lr}
-        if self.config.kl.enabled:
-            coef_used = self.kl_controller.value
-            self.kl_controller.update(
-                float(metrics["kl/mean"]), self.config.rollout.sequences_per_iteration
-            )
-            values["kl/coef"] = coef_used
-        return values
+        sequences = self.config.rollout.sequences_per_iteration
+        return {"lr": self.last_lr, **self.kl.after_iteration(metrics, sequences)}
 
     # ----------------------------------------------------------------- update
 
-    def _units(self, batch: Experience) -> Tensor:
-        """Loss units of a micro-batch: response tokens (token-mean) or sequences."""
-        mask = batch.response_mask
-        if self.config.policy_loss.agg == "token-mean":
-            return mask.sum()
-        return (mask.sum(dim=1) > 0).sum()
-
     def optimize(self, minibatch: Experience) -> dict[str, Tensor]:
-        cfg = self.config
-        micro = minibatch.split(cfg.train.sequences_per_device)
-        step = self.policy_step
-        # Token count of the whole step (all processes), for the entropy bonus and the
-        # statistics, whatever unit the policy loss averages over.
-        tokens = step.global_units([m.response_mask.sum() for m in micro])
-        local_tokens = sum(m.response_mask.sum() for m in micro).clamp_min(1)
-        # Metrics are sums of per-micro-batch parts: weights local to this process, so that
-        # the mean over processes is the step's value.
-        processes = self.accelerator.num_processes
-        sums: dict[str, Tensor] = {}
-
-        def add(name: str, value: Tensor) -> None:
-            sums[name] = sums.get(name, 0.0) + value.detach().float()
-
-        def loss_fn(batch: Experience, units: Tensor) -> Tensor:
-            mask = batch.response_mask
-            logp, entropy = token_logprobs(
-                self.model,
-                _batch(batch),
-                mask,
-                temperature=self.sampling.temperature,
-                with_entropy=True,
-                packed=self.config.model.packed,
-            )
-            agg, normaliser = self._aggregation(units)
-            pg, stats = self.policy_loss(
-                logp,
-                batch.old_logprobs,
-                batch.advantages,
-                mask,
-                weights=batch.is_weights,
-                agg=agg,
-                normaliser=normaliser,
-                **self.policy_loss_settings,
-            )
-            share = mask.sum() / local_tokens  # this micro-batch's share of the process' tokens
-            entropy_mean = aggregate_loss(entropy, mask, "token-mean", normaliser=tokens)
-            loss = pg
-            if cfg.policy_loss.entropy_coef:  # at 0 the entropy is a metric: no backward
-                loss = loss - cfg.policy_loss.entropy_coef * entropy_mean
-            if cfg.kl.enabled and cfg.kl.placement == "loss":
-                # Weighted by pi/pi_old (detached): the KL gradient identities hold for samples
-                # of pi, and after the first update the samples are pi_old's (TRL #3025).
-                ratio = truncated_importance_weights(logp, batch.old_logprobs, RATIO_CAP)
-                if batch.is_weights is not None:  # samples of mu, not pi_old: pi_old/mu too
-                    ratio = ratio * batch.is_weights
-                kl_tokens = kl_loss_values(
-                    logp, batch.reference_logprobs, cfg.kl.resolved_estimator
-                )
-                kl_term = aggregate_loss(kl_tokens * ratio, mask, agg, normaliser=normaliser)
-                loss = loss + self.kl_controller.value * kl_term
-                add("actor/kl_loss", kl_term * processes)
-            # pg and entropy_mean are this micro-batch's part of the step value (sum / N).
-            add("actor/pg_loss", pg * processes)
-            add("actor/entropy", entropy_mean * processes)
-            for name, value in stats.items():
-                metric = {"clipfrac": "actor/pg_clipfrac", "approx_kl": "actor/ppo_kl"}.get(
-                    name, f"actor/{name}"
-                )
-                add(metric, value * share)
-            return loss
-
-        outcome = step.run(micro, loss_fn, self._units, step=self.state.step + 1)
+        """One optimizer step of the policy on `minibatch` (and one of the critic)."""
+        micro = minibatch.split(self.config.train.sequences_per_device)
+        step = self.state.step + 1
+        # The entropy and the loss' statistics are token means over the whole step (all
+        # processes), whatever unit the policy loss averages over.
+        tokens = self.policy_step.global_units([self.loss_mask(m).sum() for m in micro])
+        loss_fn = partial(self.policy_objective, tokens=tokens)
+        outcome = self.policy_step.run(micro, loss_fn, self._units, step=step)
         self.last_lr = outcome.lr
-        metrics = dict(sums)
+        metrics = dict(outcome.metrics)
         if outcome.grad_norm is not None:
             metrics["grad_norm"] = outcome.grad_norm.detach().float()
         if self.critic is not None:
-            metrics.update(self._optimize_critic(micro))
+            values, returns = [m.values for m in micro], [m.returns for m in micro]
+            metrics.update(self.critic.update(micro, values, returns, step=step))
         return metrics
 
-    def _aggregation(self, units: Tensor) -> tuple[str, Tensor]:
-        """``aggregate_loss`` mode and normaliser. Dr. GRPO's constant normaliser is
-        ``seq-mean-token-sum`` over N sequences times L = max_new_tokens: each sequence's
-        token sum divided by the constant L, averaged over the step's sequences."""
-        agg = self.config.policy_loss.agg
-        if agg == "seq-mean-token-sum-norm":
-            return "seq-mean-token-sum", units * self.config.rollout.max_new_tokens
-        return agg, units
-
-    def _optimize_critic(
-        self,
-        micro: list[Experience],
-        critic: nn.Module | None = None,
-        critic_step: Any = None,
-        cfg: CriticConfig | None = None,
-        prefix: str = "critic",
-    ) -> dict[str, Tensor]:
-        """One optimizer step of a critic (the reward critic unless given) towards the
-        micro-batches' ``returns``, clipped around their ``values``; metrics under `prefix`."""
-        critic = self.critic if critic is None else critic
-        critic_step = self.critic_step if critic_step is None else critic_step
-        cfg = self.config.critic if cfg is None else cfg
-        processes = self.accelerator.num_processes
-        local_tokens = sum(m.response_mask.sum() for m in micro).clamp_min(1)
-        sums: dict[str, Tensor] = {}
-
-        def loss_fn(batch: Experience, units: Tensor) -> Tensor:
-            mask = batch.response_mask
-            values = self._values(critic, batch)
-            loss, stats = value_loss(
-                values, batch.values, batch.returns, mask, clip=cfg.value_clip, agg="token-mean"
-            )
-            # token-mean of this micro-batch x its share of the step's tokens = sum / N.
-            share = mask.sum() / units
-            logged = (loss * share).detach() * processes
-            sums[f"{prefix}/vf_loss"] = sums.get(f"{prefix}/vf_loss", 0.0) + logged
-            clipfrac = stats["vf_clipfrac"] * mask.sum() / local_tokens
-            sums[f"{prefix}/vf_clipfrac"] = sums.get(f"{prefix}/vf_clipfrac", 0.0) + clipfrac
-            return cfg.coef * loss * share
-
-        outcome = critic_step.run(
-            micro, loss_fn, lambda b: b.response_mask.sum(), step=self.state.step + 1
+    def policy_objective(
+        self, batch: Experience, units: Tensor, *, tokens: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """This micro-batch's share of ``L = policy_loss - c_H * H + beta * KL`` (the step's
+        sums over N `units`; H and the statistics over the step's `tokens`), and of its
+        metrics."""
+        cfg = self.config.policy_loss
+        mask = self.loss_mask(batch)
+        logp, entropy = token_logprobs(
+            self.model,
+            _batch(batch),
+            batch.response_mask,
+            temperature=self.sampling.temperature,
+            with_entropy=True,
+            packed=self.config.model.packed,
         )
-        if outcome.grad_norm is not None:
-            sums[f"{prefix}/grad_norm"] = outcome.grad_norm.detach().float()
-        return sums
+        pg, stats = self.policy_loss(
+            logp,
+            batch.old_logprobs,
+            batch.advantages,
+            mask,
+            weights=batch.is_weights,
+            agg=cfg.agg,
+            normaliser=units,
+            **self.policy_loss_settings,
+        )
+        entropy = aggregate_loss(entropy, mask, "token-mean", normaliser=tokens)
+        loss = pg
+        if cfg.entropy_coef:  # at 0 the entropy is a metric: no backward through it
+            loss = loss - cfg.entropy_coef * entropy
+        metrics = {"actor/pg_loss": pg, "actor/entropy": entropy}
+        kl = self.kl.loss_term(logp, batch, mask, cfg.agg, units)
+        if kl is not None:
+            loss = loss + self.kl.coef * kl
+            metrics["actor/kl_loss"] = kl
+        share = mask.sum() / tokens  # the statistics are token means of this micro-batch
+        for name, value in stats.items():
+            metrics[_STAT_NAMES.get(name, f"actor/{name}")] = value * share
+        return loss, metrics
+
+    def loss_mask(self, batch: Experience) -> Tensor:
+        """``[N, T]`` the tokens the policy loss is taken on, counted by the step's normaliser
+        and its token means: the response tokens."""
+        return batch.response_mask
+
+    def _units(self, batch: Experience) -> Tensor:
+        """Loss units of a micro-batch: what the policy loss' ``agg`` averages over."""
+        max_tokens = self.config.rollout.max_new_tokens
+        agg = self.config.policy_loss.agg
+        return aggregation_units(self.loss_mask(batch), agg, max_tokens=max_tokens)
 
     # ----------------------------------------------------------------- evaluation
 
@@ -493,19 +362,6 @@ def evaluate_prompts(
     return scores[torch.isfinite(scores)]
 
 
-def _zero_std_fraction(scores: Tensor, group_index: Tensor) -> Tensor:
-    """Share of groups whose applicable scores are all equal (their advantages are 0)."""
-    finite = torch.isfinite(scores)
-    if not finite.any():
-        return scores.new_ones(())
-    values, ids = scores[finite], group_index[finite]
-    _, inverse = torch.unique(ids, return_inverse=True)
-    groups = int(inverse.max()) + 1
-    high = values.new_full((groups,), -torch.inf).scatter_reduce(0, inverse, values, "amax")
-    low = values.new_full((groups,), torch.inf).scatter_reduce(0, inverse, values, "amin")
-    return (high == low).float().mean()
-
-
 # --------------------------------------------------------------------------------------
 # Building from a config
 
@@ -524,14 +380,6 @@ def load_prompts(
     if limit is not None:
         rows = rows[:limit]
     return prompts_from_records(rows, tokenizer, max_length=max_length)
-
-
-def build_critic(cfg: PGConfig, critic: CriticConfig) -> nn.Module:
-    """A critic as `critic` says: a value head on the policy's backbone, or a model's."""
-    name = cfg.model.name if critic.model == "policy" else critic.model
-    model, _ = load_reward_model(name, dtype=cfg.model.dtype, seed=cfg.seed)
-    model.train()
-    return model
 
 
 def build_pg_trainer(

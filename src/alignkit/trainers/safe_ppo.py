@@ -31,11 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError
+from alignkit.ops.advantages import terminal_rewards
 from alignkit.ops.lagrange import lagrangian_combine
-from alignkit.ops.stats import explained_variance, masked_mean
+from alignkit.ops.stats import violation_rate
 from alignkit.rollout import Experience, Prompt
 from alignkit.rollout.rewards import ModelReward, RewardSource, build_reward_source
-from alignkit.trainers.pg import PolicyGradientTrainer, build_critic, build_pg_trainer
+from alignkit.trainers.critic import Critic, as_critic, build_critic
+from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
 from alignkit.trainers.rl_config import CriticConfig, PGConfig, RewardSourceConfig
 from alignkit.trainers.safe_dpo import MultiplierConfig
 
@@ -108,7 +110,7 @@ class SafePPOTrainer(PolicyGradientTrainer):
         reward: RewardSource,
         *,
         cost: RewardSource,
-        cost_critic: nn.Module | None = None,
+        cost_critic: nn.Module | Critic | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(config, model, tokenizer, prompts, reward, **kwargs)
@@ -116,21 +118,16 @@ class SafePPOTrainer(PolicyGradientTrainer):
         if (cost_critic is None) != (self.critic is None):
             raise ValueError("Safe-PPO needs a cost critic exactly when it has a reward critic")
         self.cost = cost
-        self.cost_critic = cost_critic
+        self.cost_critic = as_critic(
+            cost_critic, config.cost_critic, name="cost_critic", prefix="critic_cost"
+        )
         self.multiplier = config.lambda_.build()
         self.register_controller("lambda", self.multiplier)
 
     def _prepare_training(self) -> None:
         super()._prepare_training()
         if self.cost_critic is not None:
-            settings = self.config.cost_critic
-            assert settings is not None
-            self.register_model("cost_critic", self.cost_critic)
-            self.cost_critic, self.cost_critic_step = self.build_optimizer_for(
-                "cost_critic",
-                self.cost_critic,
-                dataclasses.replace(self.config.optim, lr=settings.lr),
-            )
+            self.cost_critic.prepare(self)
 
     def make_experience(
         self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
@@ -145,9 +142,9 @@ class SafePPOTrainer(PolicyGradientTrainer):
             )
         if self.cost_critic is not None:
             with self.timed("cost_values"):
-                exp.cost_values = self.critic_values(self.cost_critic, exp)
+                exp.cost_values = self.cost_critic.values(exp)
         with self.timed("advantage"):
-            token_costs = self.token_scores(exp, exp.cost_scores)
+            token_costs = terminal_rewards(exp.cost_scores, exp.response_mask)
             exp.cost_advantages, exp.cost_returns = self.estimate(
                 exp, token_costs, exp.cost_values, exp.cost_scores
             )
@@ -164,32 +161,22 @@ class SafePPOTrainer(PolicyGradientTrainer):
         scored = torch.isfinite(costs)
         zero = costs.new_zeros(())
         metrics["cost/mean"] = costs[scored].mean() if scored.any() else zero
-        unsafe = (costs[scored] > 0).float()
-        metrics["cost/violation_rate"] = unsafe.mean() if scored.any() else zero
-        if exp.cost_values is not None:
-            mask = exp.response_mask
-            metrics["critic_cost/vf_explained_var"] = explained_variance(
-                exp.cost_values, exp.cost_returns, mask
+        metrics["cost/violation_rate"] = violation_rate(costs)
+        if self.cost_critic is not None:
+            metrics.update(
+                self.cost_critic.metrics(exp.cost_values, exp.cost_returns, exp.response_mask)
             )
-            metrics["critic_cost/values_mean"] = masked_mean(exp.cost_values, mask)
         return metrics
 
     def optimize(self, minibatch: Experience) -> dict[str, Tensor]:
+        """PPO's policy and reward-critic steps, then one step of the cost critic towards the
+        cost returns."""
         metrics = super().optimize(minibatch)
         if self.cost_critic is not None:
-            assert isinstance(minibatch, SafeExperience)
-            micro = [
-                dataclasses.replace(m, values=m.cost_values, returns=m.cost_returns)
-                for m in minibatch.split(self.config.train.sequences_per_device)
-            ]
+            micro = minibatch.split(self.config.train.sequences_per_device)
+            values, returns = [m.cost_values for m in micro], [m.cost_returns for m in micro]
             metrics.update(
-                self._optimize_critic(
-                    micro,
-                    self.cost_critic,
-                    self.cost_critic_step,
-                    self.config.cost_critic,
-                    prefix="critic_cost",
-                )
+                self.cost_critic.update(micro, values, returns, step=self.state.step + 1)
             )
         return metrics
 
