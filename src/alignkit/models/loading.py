@@ -105,7 +105,7 @@ def _missing_model_error(name: str) -> ModelError:
             f"{fetch.fetch_hint(name)}, or set ALIGNKIT_CACHE to the cache it was fetched into"
         )
     cached = fetch.cached_models()
-    known = [*PRESETS, *fetch.KNOWN_MODELS]
+    known = [TINY_NAME, *fetch.KNOWN_MODELS]
     where = f"not the preset '{TINY_NAME}', not a fetched model in {root}"
     if _could_be_hub_id(name):
         return ModelError(

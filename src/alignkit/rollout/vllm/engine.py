@@ -112,7 +112,8 @@ class VLLMEngine:
     ) -> VLLMEngine:
         """Save ``model`` to ``work_dir/model``, start (or connect to) the servers, and verify the
         probe on the initial weights (sync 0). ``adapter_sync`` pushes only a LoRA adapter
-        (``settings.enable_lora`` needed); otherwise full (merged) weights go through files."""
+        (``settings.enable_lora`` needed); otherwise full (merged) weights go through files or,
+        with ``settings.weight_transfer == "nccl"``, vLLM's NCCL weight transfer (GPU)."""
         from alignkit.models.loading import save_model
 
         work = Path(work_dir)
@@ -123,11 +124,15 @@ class VLLMEngine:
         clients, servers = open_servers(settings, model_dir, work)
         try:
             sync_dir = work / "weights"
-            sync: WeightSync = (
-                LoRAAdapterSync(clients, sync_dir)
-                if adapter_sync
-                else FileWeightSync(clients, sync_dir)
-            )
+            sync: WeightSync
+            if adapter_sync:
+                sync = LoRAAdapterSync(clients, sync_dir)
+            elif settings.weight_transfer == "nccl":
+                from alignkit.rollout.vllm.nccl import NCCLWeightSync
+
+                sync = NCCLWeightSync(clients)
+            else:
+                sync = FileWeightSync(clients, sync_dir)
             probe = None
             if probe_prompts:
                 max_gap, visible = default_probe_bounds(settings.dtype, trainer_dtype)

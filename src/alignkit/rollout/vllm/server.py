@@ -77,6 +77,9 @@ class VLLMSettings:
     enforce_eager: bool = True
     #: GiB of KV cache on CPU (``VLLM_CPU_KVCACHE_SPACE``).
     cpu_kv_cache_gib: int = 1
+    #: how weights reach the servers: "file" (safetensors + worker extension; CPU and GPU) or
+    #: "nccl" (vLLM's weight-transfer API, ``--weight-transfer-config``; GPU only, never run here).
+    weight_transfer: str = "file"
     #: serve LoRA adapters (``--enable-lora``): adapter-only weight sync.
     enable_lora: bool = False
     max_lora_rank: int = 16
@@ -105,6 +108,10 @@ class VLLMSettings:
         for name in ("startup_timeout", "request_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"rollout.vllm.{name} must be > 0")
+        if self.weight_transfer not in ("file", "nccl"):
+            raise ConfigError(
+                f"rollout.vllm.weight_transfer must be file or nccl, got {self.weight_transfer!r}"
+            )
         if self.retries < 0 or self.max_model_len < 1 or self.cpu_kv_cache_gib < 1:
             raise ConfigError(
                 "rollout.vllm: retries >= 0, max_model_len >= 1, cpu_kv_cache_gib >= 1"
@@ -158,6 +165,8 @@ class VLLMServer:
             args.append("--enforce-eager")
         if s.enable_lora:
             args += ["--enable-lora", "--max-lora-rank", str(s.max_lora_rank)]
+        if s.weight_transfer == "nccl":
+            args += ["--weight-transfer-config", '{"backend": "nccl"}']
         return args + list(s.extra_args)
 
     def environment(self) -> dict[str, str]:
