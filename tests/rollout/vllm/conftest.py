@@ -33,17 +33,19 @@ def vllm_python():
 
 @pytest.fixture(scope="session")
 def served(vllm_python, tmp_path_factory):
-    """(client, server, tokenizer, the trainer's copy of the served weights, work dir)."""
+    """(client, server, tokenizer, the trainer's copy of the served weights, work dir), from
+    ``VLLMEngine.launch`` (saves the model, starts the server, verifies the probe at sync 0)."""
     from alignkit.models import load_policy
-    from alignkit.models.loading import save_model
-    from alignkit.rollout.vllm import VLLMServer, VLLMSettings
+    from alignkit.rollout.vllm import VLLMEngine, VLLMSettings
 
     work = tmp_path_factory.mktemp("vllm")
     model, tokenizer = load_policy("tiny-hd64", seed=0)
-    save_model(model, tokenizer, work / "model")
     settings = VLLMSettings(python=str(vllm_python), dtype="float32", max_model_len=256)
-    server = VLLMServer(settings, work / "model", work / "vllm-server.log")
-    client = server.start()
+    engine = VLLMEngine.launch(
+        settings, model, tokenizer, work, probe_prompts=[[5, 6, 7, 8], [9, 10, 11]]
+    )
+    (server,) = engine.servers
+    assert engine.stats()["rollout/sync_probe_max_abs"] < 1e-3
     print(f"\nvLLM server healthy after {server.startup_seconds:.1f} s", file=sys.stderr)
-    yield client, server, tokenizer, model, work
-    server.stop()
+    yield engine.clients[0], server, tokenizer, model, work
+    engine.close()

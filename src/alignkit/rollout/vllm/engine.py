@@ -120,7 +120,10 @@ class VLLMEngine:
         model_dir = work / "model"
         if adapter_sync and not settings.enable_lora:
             raise VLLMError("adapter-only sync needs rollout.vllm.enable_lora: true")
-        save_model(unwrap_for_generation(model), tokenizer, model_dir, merge_adapter=True)
+        # Adapter sync: the servers serve the base weights and the adapter comes on top;
+        # otherwise they serve the policy itself (a LoRA policy merged).
+        policy = unwrap_for_generation(model)
+        save_model(policy, tokenizer, model_dir, merge_adapter=not adapter_sync)
         clients, servers = open_servers(settings, model_dir, work)
         try:
             sync_dir = work / "weights"
