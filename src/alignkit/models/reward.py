@@ -345,7 +345,9 @@ def _fresh_backbone(
 
     if resolved.kind == "preset":
         dtype = torch.float32 if dtype == "auto" else dtype
-        return build_tiny_model(tokenizer, seed=seed, dtype=dtype, causal_lm=False)
+        return build_tiny_model(
+            tokenizer, seed=seed, dtype=dtype, causal_lm=False, preset=resolved.name
+        )
     if lora_adapter_dir(resolved) is not None:
         # A LoRA policy: fold the adapter into the weights, then keep the decoder stack.
         policy, _ = load_policy(resolved.location, dtype=dtype, seed=seed)

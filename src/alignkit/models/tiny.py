@@ -9,6 +9,10 @@ and bundled in ``assets/tiny_tokenizer/``; ``scripts/build_tiny_tokenizer.py`` r
 a test checks that regenerating gives the identical ``tokenizer.json``. Byte-level BPE encodes any
 text, so text outside the synthetic task still round-trips exactly (just in more tokens).
 
+tiny-hd64 (``TINY_HD64_NAME``): the same tokenizer and depth with hidden 128 and 2 heads of
+dimension 64 (533,120 parameters): vLLM's CPU attention serves head sizes 32, 64, 80, ... only, not
+tiny's 16, so the vLLM tests and examples use this preset.
+
 Special tokens: ``<|pad|>`` (id 0, a real pad distinct from eos), ``<|bos|>``, ``<|eos|>`` and the
 chat role tokens ``<|system|>``, ``<|user|>``, ``<|assistant|>``. No token is added
 automatically (no bos prepended), so ``tokenize(prompt) + tokenize(completion)`` is exactly the
@@ -29,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTo
 from alignkit.errors import ModelError
 
 TINY_NAME = "tiny"
+TINY_HD64_NAME = "tiny-hd64"
 TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
 TINY_VOCAB_SIZE = 1024
 TINY_MAX_LENGTH = 256
@@ -134,18 +139,34 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     return config
 
 
+def tiny_hd64_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """tiny with head dimension 64 (hidden 128 = 2 heads x 64, intermediate 352 = 8/3 x 128
+    rounded up to a multiple of 16): a shape vLLM's CPU attention accepts."""
+    config = tiny_config(tokenizer)
+    config.hidden_size, config.intermediate_size = 128, 352
+    config.num_attention_heads = config.num_key_value_heads = 2
+    config.head_dim = 64
+    config.name_or_path = TINY_HD64_NAME
+    return config
+
+
+#: The built-in presets: name -> config from the bundled tokenizer.
+PRESETS = {TINY_NAME: tiny_config, TINY_HD64_NAME: tiny_hd64_config}
+
+
 def build_tiny_model(
     tokenizer: PreTrainedTokenizerBase,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     causal_lm: bool = True,
+    preset: str = TINY_NAME,
 ) -> LlamaForCausalLM | LlamaModel:
-    """A freshly initialised tiny model; the same seed gives the same weights.
+    """A freshly initialised preset model (``PRESETS``); the same seed gives the same weights.
 
     ``causal_lm=False`` gives the backbone alone (no LM head), for reward and value models; its
     weights equal the causal LM's backbone for the same seed.
     """
-    config = tiny_config(tokenizer)
+    config = PRESETS[preset](tokenizer)
     # fork_rng: seeding must not change the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -186,9 +186,9 @@ def measure_model(name: str) -> ModelFeatures:
 
     resolved = resolve_model(name)
     if resolved.kind == "preset":
-        from alignkit.models.tiny import load_tiny_tokenizer, tiny_config
+        from alignkit.models.tiny import PRESETS, load_tiny_tokenizer
 
-        config = tiny_config(load_tiny_tokenizer())
+        config = PRESETS[resolved.name](load_tiny_tokenizer())
     elif resolved.kind == "adapter":
         raise ModelError(f"{name} is a LoRA adapter; give its base model to --model")
     else:
