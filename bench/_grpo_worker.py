@@ -16,34 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from _frameworks import alignkit_online_overrides, trl_online_args
+from _harness import run_setting, worker_main, worker_parser
 
 
 def digit_share(prompts: list[str], completions: list[str], **_: object) -> list[float]:
     """Share of a completion's characters that are digits (the benchmark's reward)."""
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    for name in ("framework", "model-dir", "prompts", "work-dir", "result"):
-        p.add_argument(f"--{name}", required=True)
-    for name, default in (
-        ("threads", 1),
-        ("seed", 0),
-        ("steps", 20),
-        ("prompts-per-step", 2),
-        ("generations", 8),
-        ("max-new-tokens", 16),
-        ("warmup-steps", 3),
-    ):
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--lr", type=float, default=1e-3)
-    return p.parse_args()
 
 
 def run_alignkit(args: argparse.Namespace) -> dict:
@@ -57,26 +41,14 @@ def run_alignkit(args: argparse.Namespace) -> dict:
         PGConfig,
         None,
         [
-            f"output_dir={args.work_dir}",
-            "run_name=alignkit",
-            f"seed={args.seed}",
-            f"model.name={args.model_dir}",
-            f"data.train_file={args.prompts}",
+            *alignkit_online_overrides(args),
             f"rewards=[{{function: {Path(__file__).resolve()}:digit_share}}]",
             f"rollout.prompts_per_iteration={args.prompts_per_step}",
             f"rollout.samples_per_prompt={args.generations}",
-            f"rollout.max_new_tokens={args.max_new_tokens}",
-            f"train.iterations={args.steps}",
             f"train.sequences_per_device={sequences}",
-            f"train.samples_every={args.steps + 1}",
             "advantage.estimator=grpo",
             "policy_loss.agg=token-mean",
-            f"optim.lr={args.lr}",
-            "optim.schedule=constant",
             "optim.max_grad_norm=1.0",
-            "logging.every=1",
-            "logging.progress_bar=false",
-            "logging.plots=false",
         ],
     )
     trainer = build_pg_trainer(cfg)
@@ -116,35 +88,20 @@ def run_trl(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     sequences = args.prompts_per_step * args.generations
     config = GRPOConfig(
-        output_dir=args.work_dir,
+        **trl_online_args(args),
         per_device_train_batch_size=sequences,
-        gradient_accumulation_steps=1,
         steps_per_generation=1,
         num_iterations=1,
         num_generations=args.generations,
         max_completion_length=args.max_new_tokens,
-        temperature=1.0,
         top_p=1.0,
         beta=0.0,
         loss_type="dapo",
         epsilon=0.2,
         scale_rewards="group",
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
         max_grad_norm=1.0,
-        optim="adamw_torch",
         max_steps=args.steps,
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
         disable_dropout=True,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=args.seed,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        disable_tqdm=True,
     )
     times: list[float] = []
     step_ends: list[tuple[float, float]] = []
@@ -179,19 +136,18 @@ def run_trl(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> int:
-    args = parse_args()
-    import torch
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return run_setting(args, {"alignkit": run_alignkit, "trl": run_trl})
 
-    torch.set_num_threads(args.threads)
-    result = run_alignkit(args) if args.framework == "alignkit" else run_trl(args)
-    result["framework"] = args.framework
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["cpu_s"] = time.process_time()
-    Path(args.result).write_text(json.dumps(result), encoding="utf-8")
-    return 0
+
+def parser() -> argparse.ArgumentParser:
+    out = worker_parser(
+        __doc__.splitlines()[0], ("alignkit", "trl"), setting_option="framework", online=True
+    )
+    out.add_argument("--prompts-per-step", type=int, default=2)
+    out.add_argument("--generations", type=int, default=8)
+    return out
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    sys.exit(worker_main(parser(), run))

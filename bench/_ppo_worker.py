@@ -21,31 +21,13 @@ import gc
 import itertools
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    for name in ("framework", "model-dir", "reward-dir", "reward-hf-dir", "prompts"):
-        p.add_argument(f"--{name}", required=True)
-    for name in ("work-dir", "result"):
-        p.add_argument(f"--{name}", required=True)
-    for name, default in (
-        ("threads", 1),
-        ("seed", 0),
-        ("steps", 20),
-        ("rollout", 16),
-        ("minibatches", 2),
-        ("max-new-tokens", 16),
-    ):
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--kl-coef", type=float, default=0.05)
-    return p.parse_args()
+from _frameworks import alignkit_online_overrides, trl_online_args
+from _harness import run_setting, worker_main, worker_parser
 
 
 class StepClock:
@@ -98,21 +80,14 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
         PGConfig,
         None,
         [
-            f"output_dir={args.work_dir}",
-            "run_name=alignkit",
-            f"seed={args.seed}",
-            f"model.name={args.model_dir}",
-            f"data.train_file={args.prompts}",
+            *alignkit_online_overrides(args),
             f"rewards=[{{model: {args.reward_dir}}}]",
             f"rollout.prompts_per_iteration={args.rollout}",
             "rollout.samples_per_prompt=1",
-            f"rollout.max_new_tokens={args.max_new_tokens}",
             "rollout.temperature=1.0",
-            f"train.iterations={args.steps}",
             "train.epochs_per_iteration=1",
             f"train.sequences_per_minibatch={minibatch}",
             f"train.sequences_per_device={minibatch}",
-            f"train.samples_every={args.steps + 1}",
             "advantage.estimator=gae",
             "advantage.gamma=1.0",
             "advantage.lam=0.95",
@@ -127,12 +102,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
             f"critic.lr={args.lr}",
             "critic.value_clip=0.2",
             "critic.coef=0.1",
-            f"optim.lr={args.lr}",
-            "optim.schedule=constant",
             "optim.max_grad_norm=null",
-            "logging.every=1",
-            "logging.progress_bar=false",
-            "logging.plots=false",
         ],
     )
     trainer = build_pg_trainer(cfg)
@@ -186,16 +156,14 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         args.reward_hf_dir, dtype=torch.float32
     )
     config = PPOConfig(
-        output_dir=args.work_dir,
+        **trl_online_args(args),
         per_device_train_batch_size=args.rollout,
-        gradient_accumulation_steps=1,
         num_mini_batches=args.minibatches,
         num_ppo_epochs=1,
         total_episodes=args.rollout * args.steps,
         local_rollout_forward_batch_size=args.rollout,
         response_length=args.max_new_tokens,
         stop_token="eos",
-        temperature=1.0,
         missing_eos_penalty=None,
         kl_coef=args.kl_coef,
         kl_estimator="k1",
@@ -205,23 +173,10 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         gamma=1.0,
         lam=0.95,
         whiten_rewards=False,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        optim="adamw_torch",
         weight_decay=0.0,
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
         num_sample_generations=0,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=args.seed,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        disable_tqdm=True,
-        sft_model_path=args.model_dir,
-        reward_model_path=args.reward_hf_dir,
+        sft_model_path=str(args.model_dir),
+        reward_model_path=str(args.reward_hf_dir),
     )
     clock = StepClock()
     tokens: list[int] = []
@@ -269,21 +224,22 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    args = parse_args()
-    import torch
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return run_setting(args, {"alignkit": run_alignkit, "trl": run_trl})
 
-    torch.set_num_threads(args.threads)
-    result = run_alignkit(args) if args.framework == "alignkit" else run_trl(args)
-    result["framework"] = args.framework
-    result["torch_threads"] = torch.get_num_threads()
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["cpu_s"] = time.process_time()
-    Path(args.result).write_text(json.dumps(result), encoding="utf-8")
-    return 0
+
+def parser() -> argparse.ArgumentParser:
+    out = worker_parser(
+        __doc__.splitlines()[0], ("alignkit", "trl"), setting_option="framework", online=True
+    )
+    out.add_argument("--reward-dir", type=Path, required=True)
+    out.add_argument("--reward-hf-dir", type=Path, required=True)
+    out.add_argument("--rollout", type=int, default=16)
+    out.add_argument("--minibatches", type=int, default=2)
+    out.add_argument("--kl-coef", type=float, default=0.05)
+    return out
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    sys.exit(main())
+    sys.exit(worker_main(parser(), run))

@@ -20,6 +20,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _harness import alternating_runs, machine, medians, write_report
+from dpo_tiny import (
+    TRL_MALLOC,
+    TRL_MALLOC_ENV,
+    checks,
+    final_losses,
+    print_summary,
+    run_dpo_worker,
+    summarise,
+)
+
 
 def small_pairs(n_pairs: int, seed: int = 0) -> tuple[list[dict[str, str]], str]:
     """``n_pairs`` joined pairs (see the module docstring) and how they were made."""
@@ -119,9 +130,19 @@ def window_flops(run: dict[str, Any], shapes: dict[str, int], response_share: fl
     )
 
 
+def _run_line(run: dict[str, Any]) -> str:
+    return (
+        f"repeat={run['repeat']} {run['framework']:<15} {run['samples_per_s']:6.2f} pairs/s  "
+        f"{run['s_per_step']:6.2f} s/step  {run['cpu_s_per_step']:6.2f} CPU-s/step  "
+        f"{run['tokens_per_s']:6.0f} tok/s  MFU {100 * run['mfu']:4.1f}% "
+        f"(CPU {100 * run['mfu_cpu']:4.1f}%)  peak RSS {run['peak_rss_mib']:5.0f} MiB  "
+        f"load {run['loadavg_before'][0]:.2f}->{run['loadavg_after'][0]:.2f}  "
+        f"in-window kernel {run['window_sys_s']:.2f} s, {run['window_page_faults']} page faults"
+    )
+
+
 def main(args: Any) -> int:
     """``compare_trl.py dpo-small``: alternating fresh processes, the table, the JSON."""
-    import compare_trl as bench
     from mfu import machine_matmul_rate, utilisation
 
     for key, value in SMALL_DEFAULTS.items():
@@ -139,39 +160,26 @@ def main(args: Any) -> int:
         shapes = model_shapes_of(inputs["model_dir"])
         rate = machine_matmul_rate(threads, shapes["hidden_size"], shapes["intermediate_size"])
         print(f"fp32 matmul rate at {threads} thread(s): {rate['flops_per_s'] / 1e9:.1f} GFLOP/s")
-        runs = []
-        settings = (*SETTINGS, bench.TRL_MALLOC) if args.trl_malloc else SETTINGS
-        for repeat in range(args.repeats):
-            shift = repeat % len(settings)  # the order rotates every repeat
-            order = settings[shift:] + settings[:shift]
-            for setting in order:
-                run = bench.run_worker(setting, threads, inputs, args, scratch)
-                run["repeat"] = repeat
-                run["s_per_step"] = run["window_s"] / run["window_steps"]
-                run["cpu_s_per_step"] = run["window_cpu_s"] / run["window_steps"]
-                flops = window_flops(run, shapes, shares["response_share_of_real"])
-                run.update(utilisation(flops, run["window_s"], run["window_cpu_s"], rate))
-                runs.append(run)
-                print(
-                    f"repeat={repeat} {setting:<15} {run['samples_per_s']:6.2f} pairs/s  "
-                    f"{run['s_per_step']:6.2f} s/step  {run['cpu_s_per_step']:6.2f} CPU-s/step  "
-                    f"{run['tokens_per_s']:6.0f} tok/s  MFU {100 * run['mfu']:4.1f}% "
-                    f"(CPU {100 * run['mfu_cpu']:4.1f}%)  peak RSS {run['peak_rss_mib']:5.0f} MiB  "
-                    f"load {run['loadavg_before'][0]:.2f}->{run['loadavg_after'][0]:.2f}  "
-                    f"in-window kernel {run['window_sys_s']:.2f} s, "
-                    f"{run['window_page_faults']} page faults",
-                    flush=True,
-                )
-    summary = bench.summarise(runs)
-    for setting, medians in summary["medians"].items():
-        mine = [r for r in runs if r["framework"] == setting]
-        for key in ("s_per_step", "cpu_s_per_step", "mfu", "mfu_cpu"):
-            medians[key] = bench.spread([r[key] for r in mine])
+
+        def run_one(setting: str) -> dict[str, Any]:
+            run = run_dpo_worker(setting, threads, inputs, args, scratch)
+            run["s_per_step"] = run["window_s"] / run["window_steps"]
+            run["cpu_s_per_step"] = run["window_cpu_s"] / run["window_steps"]
+            flops = window_flops(run, shapes, shares["response_share_of_real"])
+            run.update(utilisation(flops, run["window_s"], run["window_cpu_s"], rate))
+            return run
+
+        settings = (*SETTINGS, TRL_MALLOC) if args.trl_malloc else SETTINGS
+        runs = alternating_runs(settings, args.repeats, run_one, _run_line)
+    summary = summarise(runs)
+    per_step = ("s_per_step", "cpu_s_per_step", "mfu", "mfu_cpu")
+    for setting, spreads in medians(runs, list(summary["medians"]), per_step).items():
+        summary["medians"][setting].update(spreads)
     ours, theirs = summary["medians"]["alignkit"], summary["medians"][summary["faster_trl_setting"]]
     summary["cpu_s_per_step_ratio"] = (
         theirs["cpu_s_per_step"]["median"] / ours["cpu_s_per_step"]["median"]
     )
-    bench.print_table(summary, threads)
+    print_summary(summary, threads)
     print(
         f"s/step: alignkit {ours['s_per_step']['median']:.2f}, {summary['faster_trl_setting']} "
         f"{theirs['s_per_step']['median']:.2f}; CPU-s/step: alignkit "
@@ -179,8 +187,8 @@ def main(args: Any) -> int:
         f"(TRL / alignkit x{summary['cpu_s_per_step_ratio']:.2f}); MFU (CPU): alignkit "
         f"{100 * ours['mfu_cpu']['median']:.1f}%, TRL {100 * theirs['mfu_cpu']['median']:.1f}%"
     )
-    checks = bench.checks(runs)
-    print(json.dumps(checks, indent=1))
+    found = checks(runs)
+    print(json.dumps(found, indent=1))
     report = {
         "benchmark": "dpo-small",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -188,7 +196,7 @@ def main(args: Any) -> int:
         f"{args.repeats} --steps {args.steps} --warmup-steps {args.warmup_steps}"
         + (" --trl-malloc" if args.trl_malloc else ""),
         "runtime_s": time.perf_counter() - started,
-        "machine": bench.machine(args.thread_counts),
+        "machine": machine(args.thread_counts),
         "loadavg_start": load_start,
         "loadavg_end": list(os.getloadavg()),
         "matmul_rate": rate,
@@ -202,11 +210,7 @@ def main(args: Any) -> int:
             "loss": f"sigmoid DPO, beta {args.beta}",
             "lr": args.lr,
             "trl": "DPOTrainer, precompute_ref_log_probs=True, bf16 off, no checkpointing"
-            + (
-                f"; {bench.TRL_MALLOC}: the same with {bench.TRL_MALLOC_ENV}"
-                if args.trl_malloc
-                else ""
-            ),
+            + (f"; {TRL_MALLOC}: the same with {TRL_MALLOC_ENV}" if args.trl_malloc else ""),
             "model_shapes": shapes,
             "mfu": "bench/mfu.py: (6 x non-embedding params x real tokens of the window's chosen "
             "and rejected rows + 6 x d x V x their response share of them) / window time, over "
@@ -217,13 +221,12 @@ def main(args: Any) -> int:
         },
         **{k: v for k, v in summary.items() if k != "medians"},
         "medians": summary["medians"],
-        "checks": checks,
-        "losses": bench.final_losses(runs),
+        "checks": found,
+        "losses": final_losses(runs),
         "runs": [
             {k: v for k, v in r.items() if k not in ("reference_logps", "losses")} for r in runs
         ],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    write_report(args.out, report)
     print(f"\nwrote {args.out}")
     return 0

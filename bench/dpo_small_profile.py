@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     from alignkit.data import PreferenceCollator, tokenize_preferences
     from alignkit.models import forward as forward_module
     from alignkit.models import load_policy
-    from alignkit.models import packing as packing_module
     from alignkit.models.block_attention import block_attention_available
     from alignkit.models.forward import response_logps
+    from alignkit.models.packing import model as packing_module
     from alignkit.models.packing import pack_rows
     from alignkit.models.tied import accumulate_tied_embedding_grad
     from alignkit.ops.preference import dpo_loss

@@ -18,15 +18,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-WORKER = BENCH_DIR / "_grpo_worker.py"
+from _harness import alternating_runs, cell, medians, run_worker, spread, write_report
+
 FRAMEWORKS = ("alignkit", "trl")
 
 
@@ -47,32 +45,23 @@ def write_inputs(root: Path, seed: int, n_prompts: int) -> dict[str, Any]:
 
 
 def run_one(framework: str, inputs: dict[str, Any], args: Any, scratch: Path) -> dict[str, Any]:
-    from compare_trl import worker_env  # the DPO benchmark's environment, same rules
-
-    work = Path(tempfile.mkdtemp(prefix=f"{framework}-", dir=scratch))
-    command = [
-        sys.executable,
-        str(WORKER),
-        f"--framework={framework}",
-        f"--model-dir={inputs['model_dir']}",
-        f"--prompts={inputs['prompts']}",
-        f"--work-dir={work}",
-        f"--result={work / 'result.json'}",
-        f"--threads={args.thread_counts[0]}",
-        f"--seed={args.seed}",
-        f"--steps={args.steps}",
-        f"--prompts-per-step={args.prompts_per_step}",
-        f"--generations={args.generations}",
-        f"--max-new-tokens={args.max_new_tokens}",
-        f"--lr={args.lr}",
-    ]
-    env = worker_env(args.thread_counts[0], scratch)
-    load_before = os.getloadavg()[0]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{framework} worker failed:\n{done.stderr[-4000:]}")
-    result = json.loads((work / "result.json").read_text())
-    result["load_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+    options = {
+        "framework": framework,
+        "model-dir": inputs["model_dir"],
+        "prompts": inputs["prompts"],
+        "seed": args.seed,
+        "steps": args.steps,
+        "prompts-per-step": args.prompts_per_step,
+        "generations": args.generations,
+        "max-new-tokens": args.max_new_tokens,
+        "lr": args.lr,
+    }
+    threads = args.thread_counts[0]
+    result = run_worker("_grpo_worker.py", framework, options, threads=threads, scratch=scratch)
+    result["load_1min"] = {
+        "before": result["loadavg_before"][0],
+        "after": result["loadavg_after"][0],
+    }
     skip = args.warmup_steps
     steps = result["step_s"][skip:]
     tokens = result["completion_tokens"][skip:]
@@ -92,30 +81,23 @@ def run_one(framework: str, inputs: dict[str, Any], args: Any, scratch: Path) ->
     return result
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(args: Any) -> int:
-    runs: list[dict[str, Any]] = []
     load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="alignkit-grpo-bench-") as tmp:
         scratch = Path(tmp)
         inputs = write_inputs(scratch, args.seed, n_prompts=args.steps * args.prompts_per_step)
-        for repeat in range(args.repeats):
-            order = FRAMEWORKS if repeat % 2 == 0 else FRAMEWORKS[::-1]
-            for framework in order:
-                run = run_one(framework, inputs, args, scratch)
-                run["repeat"] = repeat
-                runs.append(run)
-                print(
-                    f"repeat={repeat} {framework:<9} {run['s_per_step']:.4f} s/step  "
-                    f"{run['cpu_s_per_step']:.4f} CPU-s/step  "
-                    f"{run['completions_per_s']:6.1f} completions/s  "
-                    f"{run['generated_tokens_per_s']:7.0f} gen tok/s  "
-                    f"peak RSS {run['peak_rss_mib']:4.0f} MiB",
-                    flush=True,
-                )
+        runs = alternating_runs(
+            FRAMEWORKS,
+            args.repeats,
+            lambda framework: run_one(framework, inputs, args, scratch),
+            lambda run: (
+                f"repeat={run['repeat']} {run['framework']:<9} {run['s_per_step']:.4f} s/step  "
+                f"{run['cpu_s_per_step']:.4f} CPU-s/step  "
+                f"{run['completions_per_s']:6.1f} completions/s  "
+                f"{run['generated_tokens_per_s']:7.0f} gen tok/s  "
+                f"peak RSS {run['peak_rss_mib']:4.0f} MiB"
+            ),
+        )
     keys = (
         "s_per_step",
         "cpu_s_per_step",
@@ -124,15 +106,12 @@ def main(args: Any) -> int:
         "generated_tokens_per_s",
         "peak_rss_mib",
     )
-    medians = {
-        fw: {k: spread([r[k] for r in runs if r["framework"] == fw]) for k in keys}
-        for fw in FRAMEWORKS
-    }
+    by_framework = medians(runs, FRAMEWORKS, keys)
     split = {
         k: spread([r[f"{k}_median"] for r in runs if r["framework"] == "alignkit"])
         for k in ("generation_s", "scoring_s", "update_s")
     }
-    ours, theirs = medians["alignkit"], medians["trl"]
+    ours, theirs = by_framework["alignkit"], by_framework["trl"]
     report = {
         "benchmark": "grpo-tiny",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -149,7 +128,7 @@ def main(args: Any) -> int:
             "repeats": args.repeats,
             "reward": "bench/_grpo_worker.py:digit_share",
         },
-        "medians": medians,
+        "medians": by_framework,
         "alignkit_split_s": split,
         "step_time_ratio": ours["s_per_step"]["median"] / theirs["s_per_step"]["median"],
         "cpu_time_ratio": ours["cpu_s_per_step"]["median"] / theirs["cpu_s_per_step"]["median"],
@@ -158,11 +137,8 @@ def main(args: Any) -> int:
         "runs": [{k: v for k, v in r.items() if not isinstance(v, list)} for r in runs],
     }
     print("\nmedian [min-max] over runs")
-    for fw, m in medians.items():
-        cells = "  ".join(
-            f"{k}={m[k]['median']:.3f} [{m[k]['min']:.3f}-{m[k]['max']:.3f}]" for k in keys
-        )
-        print(f"{fw:<9} {cells}")
+    for fw, m in by_framework.items():
+        print(f"{fw:<9} " + "  ".join(f"{k}={cell(m[k], 3)}" for k in keys))
     print(
         "alignkit split (s/step): " + ", ".join(f"{k} {v['median']:.3f}" for k, v in split.items())
     )
@@ -171,8 +147,6 @@ def main(args: Any) -> int:
         f"cpu_time_ratio {report['cpu_time_ratio']:.2f}, "
         f"peak_rss_ratio {report['peak_rss_ratio']:.2f}"
     )
-    out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_report(args.out, report)
+    print(f"wrote {args.out}")
     return 0

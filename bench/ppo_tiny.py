@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-WORKER = BENCH_DIR / "_ppo_worker.py"
+from _harness import alternating_runs, cell, machine, medians, run_worker, spread, write_report
+
 FRAMEWORKS = ("alignkit", "trl")
 TRL_PPO_VERSION = "1.12.0"  # the last TRL release with trl.experimental.ppo
 TRL_PPO_DIR = Path.home() / ".cache" / "alignkit-bench" / f"trl-{TRL_PPO_VERSION}"
@@ -120,37 +120,29 @@ def write_inputs(root: Path, seed: int, n_prompts: int) -> dict[str, Any]:
 def run_one(
     framework: str, inputs: dict[str, Any], args: Any, scratch: Path, trl_path: Path
 ) -> dict[str, Any]:
-    from compare_trl import worker_env  # the DPO benchmark's environment, same rules
-
-    work = Path(tempfile.mkdtemp(prefix=f"{framework}-", dir=scratch))
     rollout = args.prompts_per_step * args.generations
-    command = [
-        sys.executable,
-        str(WORKER),
-        f"--framework={framework}",
-        f"--model-dir={inputs['model_dir']}",
-        f"--reward-dir={inputs['reward_dir']}",
-        f"--reward-hf-dir={inputs['reward_hf_dir']}",
-        f"--prompts={inputs['prompts'][framework]}",
-        f"--work-dir={work}",
-        f"--result={work / 'result.json'}",
-        f"--threads={args.thread_counts[0]}",
-        f"--seed={args.seed}",
-        f"--steps={args.steps}",
-        f"--rollout={rollout}",
-        f"--minibatches={MINIBATCHES}",
-        f"--max-new-tokens={args.max_new_tokens}",
-        f"--lr={args.lr}",
-        f"--kl-coef={KL_COEF}",
-    ]
-    env = worker_env(args.thread_counts[0], scratch)
-    if framework == "trl":
-        env["PYTHONPATH"] = os.pathsep.join([str(trl_path), env["PYTHONPATH"]])
-    load_before = os.getloadavg()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{framework} worker failed:\n{done.stderr[-4000:]}")
-    result = json.loads((work / "result.json").read_text())
+    options = {
+        "framework": framework,
+        "model-dir": inputs["model_dir"],
+        "reward-dir": inputs["reward_dir"],
+        "reward-hf-dir": inputs["reward_hf_dir"],
+        "prompts": inputs["prompts"][framework],
+        "seed": args.seed,
+        "steps": args.steps,
+        "rollout": rollout,
+        "minibatches": MINIBATCHES,
+        "max-new-tokens": args.max_new_tokens,
+        "lr": args.lr,
+        "kl-coef": KL_COEF,
+    }
+    result = run_worker(
+        "_ppo_worker.py",
+        framework,
+        options,
+        threads=args.thread_counts[0],
+        scratch=scratch,
+        python_path=[trl_path] if framework == "trl" else [],
+    )
     skip = args.warmup_steps
     steps, cpu = result["step_s"][skip:], result["step_cpu_s"][skip:]
     tokens = result["completion_tokens"][skip:]
@@ -163,15 +155,9 @@ def run_one(
     )
     result["completions_per_s"] = rollout * len(steps) / sum(steps)
     result["generated_tokens_per_s"] = sum(tokens) / sum(steps)
-    result["loadavg_before"] = list(load_before)
-    result["loadavg_after"] = list(os.getloadavg())
     for part, seconds in result.get("split_s", {}).items():
         result[f"split_{part}_median"] = statistics.median(seconds[skip:])
     return result
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 PER_STEP = ("step_s", "step_cpu_s", "gc_s", "gc_cpu_s", "completion_tokens", "scores", "split_s")
@@ -181,39 +167,31 @@ KEYS += ("completions_per_s", "generated_tokens_per_s", "peak_rss_mib")
 
 
 def main(args: Any) -> int:
-    from compare_trl import machine
-
     rollout = args.prompts_per_step * args.generations
     if rollout % MINIBATCHES:
         raise SystemExit(
             f"ppo-tiny: {rollout} prompts per rollout do not split into 2 mini-batches"
         )
     trl_path = trl_ppo_path()
-    runs: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="alignkit-ppo-bench-") as tmp:
         scratch = Path(tmp)
         inputs = write_inputs(scratch, args.seed, n_prompts=args.steps * rollout)
-        for repeat in range(args.repeats):
-            order = FRAMEWORKS if repeat % 2 == 0 else FRAMEWORKS[::-1]
-            for framework in order:
-                run = run_one(framework, inputs, args, scratch, trl_path)
-                run["repeat"] = repeat
-                runs.append(run)
-                print(
-                    f"repeat={repeat} {framework:<9} {run['s_per_step']:.3f} s/step  "
-                    f"{run['cpu_s_per_step']:.3f} CPU-s/step "
-                    f"(gc.collect {run['gc_cpu_s_per_step']:.3f})  "
-                    f"{run['completions_per_s']:6.1f} completions/s  "
-                    f"{run['generated_tokens_per_s']:6.0f} gen tok/s  "
-                    f"peak RSS {run['peak_rss_mib']:4.0f} MiB  "
-                    f"load {run['loadavg_before'][0]:.2f}->{run['loadavg_after'][0]:.2f}",
-                    flush=True,
-                )
-    medians = {
-        fw: {k: spread([r[k] for r in runs if r["framework"] == fw]) for k in KEYS}
-        for fw in FRAMEWORKS
-    }
+        runs = alternating_runs(
+            FRAMEWORKS,
+            args.repeats,
+            lambda framework: run_one(framework, inputs, args, scratch, trl_path),
+            lambda run: (
+                f"repeat={run['repeat']} {run['framework']:<9} {run['s_per_step']:.3f} s/step  "
+                f"{run['cpu_s_per_step']:.3f} CPU-s/step "
+                f"(gc.collect {run['gc_cpu_s_per_step']:.3f})  "
+                f"{run['completions_per_s']:6.1f} completions/s  "
+                f"{run['generated_tokens_per_s']:6.0f} gen tok/s  "
+                f"peak RSS {run['peak_rss_mib']:4.0f} MiB  "
+                f"load {run['loadavg_before'][0]:.2f}->{run['loadavg_after'][0]:.2f}"
+            ),
+        )
+    by_framework = medians(runs, FRAMEWORKS, KEYS)
     split = {}  # per framework: the median over runs of each part's median s/step
     for fw in FRAMEWORKS:
         mine = [r for r in runs if r["framework"] == fw]
@@ -222,7 +200,7 @@ def main(args: Any) -> int:
             p.removeprefix("split_").removesuffix("_median"): spread([r[p] for r in mine])
             for p in parts
         }
-    a, t = medians["alignkit"], medians["trl"]
+    a, t = by_framework["alignkit"], by_framework["trl"]
     report = {
         "benchmark": "ppo-tiny",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -247,7 +225,7 @@ def main(args: Any) -> int:
             "threads": args.thread_counts[0],
             "repeats": args.repeats,
         },
-        "medians": medians,
+        "medians": by_framework,
         "split_s": split,
         "step_time_ratio": a["s_per_step"]["median"] / t["s_per_step"]["median"],
         "cpu_time_ratio": a["cpu_s_per_step"]["median"] / t["cpu_s_per_step"]["median"],
@@ -266,11 +244,8 @@ def main(args: Any) -> int:
     # The parent process sees the environment's TRL; the TRL worker ran the side-installed one.
     report["machine"]["versions"]["trl"] = report["trl_version"]
     print("\nmedian [min-max] over runs")
-    for fw, m in medians.items():
-        cells = "  ".join(
-            f"{k}={m[k]['median']:.3f} [{m[k]['min']:.3f}-{m[k]['max']:.3f}]" for k in KEYS
-        )
-        print(f"{fw:<9} {cells}")
+    for fw, m in by_framework.items():
+        print(f"{fw:<9} " + "  ".join(f"{k}={cell(m[k], 3)}" for k in KEYS))
     for fw, parts in split.items():
         if not parts:
             continue
@@ -282,7 +257,6 @@ def main(args: Any) -> int:
         f"({report['cpu_time_ratio_excl_gc']:.2f} without gc.collect), "
         f"peak_rss_ratio {report['peak_rss_ratio']:.2f} (TRL {report['trl_version']})"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    write_report(args.out, report)
     print(f"wrote {args.out} ({report['bench_wall_s']:.0f} s)")
     return 0

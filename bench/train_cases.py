@@ -26,14 +26,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from _harness import alternating_runs, machine, medians, print_table, run_worker, write_report
 
 BENCH_DIR = Path(__file__).resolve().parent
 SMALL_MODEL = "smollm2-135m-instruct"
@@ -164,40 +165,23 @@ def packed_batch(inputs: dict[str, Any], case: Case) -> int:
 def run_one(
     setting: str, case: Case, inputs: dict[str, Any], args: argparse.Namespace, scratch: Path
 ) -> dict[str, Any]:
-    from compare_trl import worker_env
-
-    work = Path(tempfile.mkdtemp(prefix=f"{setting}-", dir=scratch))
-    worker = BENCH_DIR / ("_sft_worker.py" if case.kind == "sft" else "_rm_worker.py")
-    command = [
-        sys.executable,
-        str(worker),
-        f"--setting={setting}",
-        f"--model-dir={inputs['model_dir']}",
-        f"--data={inputs['data']}",
-        f"--tokens={inputs['tokens']}",
-        f"--work-dir={work}",
-        f"--result={work / 'result.json'}",
-        f"--threads={args.threads}",
-        f"--seed={args.seed}",
-        f"--lr={case.lr}",
-        f"--max-length={case.max_length}",
-        f"--max-steps={case.max_steps}",
-        f"--warmup-steps={args.warmup_steps}",
-    ]
+    options = {
+        "setting": setting,
+        "model-dir": inputs["model_dir"],
+        "data": inputs["data"],
+        "tokens": inputs["tokens"],
+        "seed": args.seed,
+        "lr": case.lr,
+        "max-length": case.max_length,
+        "max-steps": case.max_steps,
+        "warmup-steps": args.warmup_steps,
+    }
     if case.kind == "sft":
-        command += [f"--rows={case.batch}", f"--batch={inputs['padded_batch']}"]
+        options.update(rows=case.batch, batch=inputs["padded_batch"])
     else:
-        command += [f"--batch={case.batch}"]
-    load_before = list(__import__("os").getloadavg())
-    done = subprocess.run(
-        command, env=worker_env(args.threads, scratch), capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{setting} worker failed:\n{done.stderr[-4000:]}")
-    result = json.loads((work / "result.json").read_text(encoding="utf-8"))
-    result["loadavg_before"] = load_before
-    result["loadavg_after"] = list(__import__("os").getloadavg())
-    return result
+        options.update(batch=case.batch)
+    worker = "_sft_worker.py" if case.kind == "sft" else "_rm_worker.py"
+    return run_worker(worker, setting, options, threads=args.threads, scratch=scratch)
 
 
 def add_mfu(result: dict[str, Any], case: Case, shapes: dict[str, int], rate: dict) -> None:
@@ -220,21 +204,15 @@ SUMMARISED = ("samples_per_s", "samples_per_cpu_s", "tokens_per_s", "tokens_per_
 
 
 def summarise(runs: list[dict[str, Any]], settings: tuple[str, ...]) -> dict[str, Any]:
-    from compare_trl import spread
-
-    medians = {}
-    for setting in settings:
-        mine = [r for r in runs if r["framework"] == setting]
-        medians[setting] = {k: spread([r[k] for r in mine]) for k in SUMMARISED if k in mine[0]}
-        medians[setting]["runs"] = len(mine)
+    by_setting = medians(runs, settings, SUMMARISED, counted=True)
 
     def best(prefix: str) -> str:
         names = [s for s in settings if s.startswith(prefix)]
-        return max(names, key=lambda s: medians[s]["samples_per_s"]["median"])
+        return max(names, key=lambda s: by_setting[s]["samples_per_s"]["median"])
 
     ours, theirs = best("alignkit"), best("trl")
     ratio = {
-        key: medians[ours][key]["median"] / medians[theirs][key]["median"]
+        key: by_setting[ours][key]["median"] / by_setting[theirs][key]["median"]
         for key in (
             "samples_per_s",
             "samples_per_cpu_s",
@@ -244,7 +222,7 @@ def summarise(runs: list[dict[str, Any]], settings: tuple[str, ...]) -> dict[str
         )
     }
     return {
-        "medians": medians,
+        "medians": by_setting,
         "faster_alignkit_setting": ours,
         "faster_trl_setting": theirs,
         **{f"{key}_ratio": value for key, value in ratio.items()},
@@ -268,20 +246,14 @@ def checks(runs: list[dict[str, Any]], case: Case) -> dict[str, Any]:
     }
 
 
-def print_table(summary: dict[str, Any], unit: str, with_mfu: bool) -> None:
-    def cell(stat: dict[str, float], digits: int, scale: float = 1.0) -> str:
-        lo, mid, hi = (stat[k] * scale for k in ("min", "median", "max"))
-        return f"{mid:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
-
-    columns = [(f"{unit}/s", "samples_per_s", 2, 1.0), (f"{unit}/CPU-s", "samples_per_cpu_s", 2, 1.0),
-               ("tokens/s", "tokens_per_s", 0, 1.0), ("s/step", "s_per_step", 3, 1.0),
-               ("peak RSS MiB", "peak_rss_mib", 0, 1.0)]  # fmt: skip
+def print_summary(summary: dict[str, Any], unit: str, with_mfu: bool) -> None:
+    columns = [(f"{unit}/s", "samples_per_s", 2), (f"{unit}/CPU-s", "samples_per_cpu_s", 2),
+               ("tokens/s", "tokens_per_s", 0), ("s/step", "s_per_step", 3),
+               ("peak RSS MiB", "peak_rss_mib", 0)]  # fmt: skip
     if with_mfu:
         columns += [("MFU %", "mfu", 1, 100.0), ("MFU (CPU) %", "mfu_cpu", 1, 100.0)]
     print("\nmedian [min-max] over runs")
-    print(f"{'setting':<18}" + "".join(f"{name:>24}" for name, *_ in columns))
-    for setting, m in summary["medians"].items():
-        print(f"{setting:<18}" + "".join(f"{cell(m[k], d, s):>24}" for _, k, d, s in columns))
+    print_table(summary["medians"], columns, setting_width=18, column_width=24)
     print(
         f"{summary['faster_alignkit_setting']} / {summary['faster_trl_setting']} (the faster "
         f"setting of each): {unit}/s x{summary['samples_per_s_ratio']:.2f}, {unit}/CPU-s "
@@ -323,10 +295,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> int:
-    import os
+def _run_line(run: dict[str, Any]) -> str:
+    return (
+        f"repeat={run['repeat']} {run['framework']:<17} {run['samples_per_s']:7.2f} /s  "
+        f"{run['samples_per_cpu_s']:7.2f} /CPU-s  {run['tokens_per_s']:7.0f} tok/s  "
+        f"{run['s_per_step']:.3f} s/step  MFU {100 * run['mfu']:4.1f}% "
+        f"(CPU {100 * run['mfu_cpu']:4.1f}%)  "
+        f"peak RSS {run['peak_rss_mib']:5.0f} MiB  "
+        f"load {run['loadavg_before'][0]:.2f}->{run['loadavg_after'][0]:.2f}"
+    )
 
-    from compare_trl import machine
+
+def main(argv: list[str]) -> int:
     from mfu import machine_matmul_rate, model_shapes
 
     args = parse_args(argv)
@@ -346,25 +326,16 @@ def main(argv: list[str]) -> int:
         print(
             f"fp32 matmul rate at {args.threads} thread(s): {rate['flops_per_s'] / 1e9:.1f} GFLOP/s"
         )
-        for repeat in range(args.repeats):
-            shift = repeat % len(settings)
-            for setting in settings[shift:] + settings[:shift]:
-                run = run_one(setting, case, inputs, args, scratch)
-                add_mfu(run, case, shapes, rate)
-                run["repeat"] = repeat
-                runs.append(run)
-                print(
-                    f"repeat={repeat} {setting:<17} {run['samples_per_s']:7.2f} /s  "
-                    f"{run['samples_per_cpu_s']:7.2f} /CPU-s  {run['tokens_per_s']:7.0f} tok/s  "
-                    f"{run['s_per_step']:.3f} s/step  MFU {100 * run['mfu']:4.1f}% "
-                    f"(CPU {100 * run['mfu_cpu']:4.1f}%)  "
-                    f"peak RSS {run['peak_rss_mib']:5.0f} MiB  "
-                    f"load {run['loadavg_before'][0]:.2f}->{run['loadavg_after'][0]:.2f}",
-                    flush=True,
-                )
+
+        def measured(setting: str) -> dict[str, Any]:
+            run = run_one(setting, case, inputs, args, scratch)
+            add_mfu(run, case, shapes, rate)
+            return run
+
+        runs = alternating_runs(settings, args.repeats, measured, _run_line)
     summary = summarise(runs, settings)
     unit = "examples" if case.kind == "sft" else "pairs"
-    print_table(summary, unit, with_mfu=case.model != "tiny")
+    print_summary(summary, unit, with_mfu=case.model != "tiny")
     found = checks(runs, case)
     print(json.dumps(found, indent=1))
     report = {
@@ -402,7 +373,6 @@ def main(argv: list[str]) -> int:
         "runs": [{k: v for k, v in r.items() if k != "losses"} for r in runs],
         "losses": {r["framework"]: r["losses"] for r in runs if r["repeat"] == 0},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    write_report(args.out, report)
     print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
     return 0

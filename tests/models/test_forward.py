@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-from alignkit.models import LoraSettings, load_policy
+from alignkit.models import LoraSettings, load_policy, wrappers
 from alignkit.models import forward as forward_module
 from alignkit.models.forward import (
     innermost_model,
@@ -243,7 +243,7 @@ def test_fast_path_is_decided_by_the_class_that_defines_forward() -> None:
         pass
 
     fsdp2_class = type("FSDPLlamaForCausalLM", (FSDPMixin, LlamaForCausalLM), {})
-    assert forward_module._selects_logit_rows(fsdp2_class)
+    assert wrappers._selects_logit_rows(fsdp2_class)
     assert selects_logit_rows(torch.compile(model))  # peeled without compiling anything
 
     class RemoteCodeLM(LlamaForCausalLM):  # overrides forward: its logits_to_keep is unknown
@@ -254,7 +254,7 @@ def test_fast_path_is_decided_by_the_class_that_defines_forward() -> None:
         def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
             raise AssertionError("not called")
 
-    assert not forward_module._selects_logit_rows(RemoteCodeLM)
+    assert not wrappers._selects_logit_rows(RemoteCodeLM)
     assert not selects_logit_rows(PlainLM())
 
 

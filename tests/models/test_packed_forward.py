@@ -10,9 +10,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from alignkit.data import PreferenceCollator
 from alignkit.models import forward as forward_module
 from alignkit.models import load_policy
-from alignkit.models import packing as packing_module
 from alignkit.models.block_attention import block_attention_available
 from alignkit.models.forward import response_logps, token_logprobs
+from alignkit.models.packing import model as packing_module
 from alignkit.models.packing import pack_rows, packable_model, packing_options
 
 

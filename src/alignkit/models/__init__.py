@@ -9,29 +9,17 @@ tiny: 166,208 parameters (0.17M), vocab 1024 (see ``alignkit.models.tiny``).
 from __future__ import annotations
 
 from alignkit.models.fetch import KNOWN_MODELS, cache_root, cached_models, fetch_model
-from alignkit.models.forward import (
-    innermost_model,
-    position_ids_from_mask,
-    response_logps,
-    selects_logit_rows,
-    token_logprobs,
-)
+from alignkit.models.forward import position_ids_from_mask, response_logps, token_logprobs
 from alignkit.models.loading import (
     ResolvedModel,
-    ensure_pad_token,
     load_policy,
     load_tokenizer,
     resolve_dtype,
     resolve_model,
     save_model,
 )
-from alignkit.models.lora import (
-    LoraSettings,
-    apply_lora,
-    disabled_adapter,
-    has_adapter,
-    unwrap_model,
-)
+from alignkit.models.lora import LoraSettings, apply_lora, disabled_adapter, has_adapter
+from alignkit.models.pad_token import ensure_pad_token
 from alignkit.models.pooling import POOLINGS, pool
 from alignkit.models.reward import (
     AUX_HEADS,
@@ -42,6 +30,7 @@ from alignkit.models.reward import (
     load_reward_model,
 )
 from alignkit.models.tiny import TINY_NAME, TINY_NUM_PARAMETERS
+from alignkit.models.wrappers import innermost_model, selects_logit_rows, unwrap_model
 
 __all__ = [
     "AUX_HEADS",

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.models.wrappers import innermost_model
+
 __all__ = ["BLOCK_SDPA", "AttentionBlock", "block_attention", "block_attention_available"]
 
 #: The name the attention function is registered under.
@@ -123,8 +125,6 @@ def block_attention_available(model: nn.Module) -> bool:
     """Whether :func:`block_attention` can run ``model`` (its innermost module): sdpa attention,
     one config shared by every submodule (so switching it reaches every attention layer), and no
     gradient checkpointing (its recomputation would run after the switch is undone)."""
-    from alignkit.models.forward import innermost_model
-
     inner = innermost_model(model)
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
@@ -152,8 +152,6 @@ def block_attention(model: nn.Module, active: bool = True) -> Iterator[None]:
     if not active:
         yield
         return
-    from alignkit.models.forward import innermost_model
-
     config = innermost_model(model).config
     previous = config._attn_implementation_internal
     config._attn_implementation_internal = BLOCK_SDPA

@@ -147,7 +147,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.models.loading import ensure_pad_token
+    from alignkit.models.pad_token import ensure_pad_token
 
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -18,14 +18,10 @@ Per-token tensors are ``[B, T]`` and aligned with ``input_ids``: column ``t`` co
 
 from __future__ import annotations
 
-import functools
-import inspect
-import sys
 from typing import Any, Literal, overload
 
 from torch import Tensor, nn
 
-from alignkit.models.lora import unwrap_model
 from alignkit.models.packing import (
     PackedLayout,
     pack_rows,
@@ -35,6 +31,7 @@ from alignkit.models.packing import (
     packing_options,
     segments_layout,
 )
+from alignkit.models.wrappers import innermost_model, selects_logit_rows, takes_position_ids
 from alignkit.ops.logprobs import (
     entropy_from_logits,
     predicts_scored_mask,
@@ -43,7 +40,7 @@ from alignkit.ops.logprobs import (
 )
 from alignkit.ops.stats import masked_sum
 
-__all__ = [
+__all__ = [  # with the wrapper helpers of `models.wrappers`, which trainers read from here
     "innermost_model",
     "position_ids_from_mask",
     "response_logps",
@@ -254,49 +251,3 @@ def segment_logprobs(
             assert isinstance(out, Tensor)
             return out
     return token_logprobs(model, batch, scored, position_ids=position_ids)
-
-
-def innermost_model(model: nn.Module) -> nn.Module:
-    """The module whose ``forward`` computes the logits, inside every wrapper around it.
-
-    Peels the parallel and compile wrappers (:func:`~alignkit.models.lora.unwrap_model`: DDP,
-    DataParallel, FSDP, DeepSpeed, ``torch.compile``) and then peft's ``PeftModel`` /
-    ``LoraModel`` (``get_base_model``), whose forwards pass their keyword arguments through.
-    """
-    model = unwrap_model(model)
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
-def takes_position_ids(model: nn.Module) -> bool:
-    """Whether the forward of :func:`innermost_model` names a ``position_ids`` parameter."""
-    return _takes_position_ids(type(innermost_model(model)))
-
-
-@functools.cache
-def _takes_position_ids(model_class: type) -> bool:
-    return "position_ids" in inspect.signature(model_class.forward).parameters
-
-
-def selects_logit_rows(model: nn.Module) -> bool:
-    """Whether ``model`` takes a boolean ``[B, T]`` ``logits_to_keep`` and returns ``[N, V]``.
-
-    Decided on the class of :func:`innermost_model`, so it holds under DDP, FSDP, DeepSpeed and
-    peft wrappers alike: True when that class's ``forward`` is a transformers causal LM's own
-    (``transformers.models.*``, slicing with ``slice_logits_to_keep``, which gained the boolean
-    form in 5.x). The ``forward`` is looked up through the MRO, so FSDP2's generated subclass
-    (``FSDPLlamaForCausalLM``) qualifies, while a remote-code or user subclass that overrides
-    ``forward`` takes the full-logits path.
-    """
-    return _selects_logit_rows(type(innermost_model(model)))
-
-
-@functools.cache
-def _selects_logit_rows(model_class: type) -> bool:
-    owner = next((c for c in model_class.__mro__ if "forward" in vars(c)), None)
-    if owner is None or not owner.__module__.startswith("transformers.models."):
-        return False
-    module = sys.modules.get(owner.__module__)
-    if module is None or not hasattr(module, "slice_logits_to_keep"):
-        return False
-    return "logits_to_keep" in inspect.signature(owner.forward).parameters

@@ -10,10 +10,9 @@ A model name resolves, in this order, to:
 4. a Hugging Face hub id, *only* if it is already in the local Hugging Face cache: alignkit never
    downloads from the hub, and says what is missing instead.
 
-Pad token: a tokenizer without one gets its eos token as pad (no new embedding row, so the model
-is unchanged), and the model's ``config.pad_token_id`` is set to match. Because pad may then equal
-eos, code must build masks from lengths or the attention mask, never from
-``input_ids == pad_token_id``. Chat templates are kept as the tokenizer ships them.
+Pad token: a tokenizer without one gets its eos token as pad (``alignkit.models.pad_token``, whose
+:func:`ensure_pad_token` is importable from here too). Chat templates are kept as the tokenizer
+ships them.
 """
 
 from __future__ import annotations
@@ -32,14 +31,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignkit.errors import ConfigError, ModelError
 from alignkit.models import fetch
-from alignkit.models.lora import (
-    LoraSettings,
-    apply_lora,
-    has_adapter,
-    require_peft,
-    unwrap_model,
-)
+from alignkit.models.lora import LoraSettings, apply_lora, has_adapter, require_peft
+from alignkit.models.pad_token import ensure_pad_token
 from alignkit.models.tiny import PRESETS, TINY_NAME, build_tiny_model, load_tiny_tokenizer
+from alignkit.models.wrappers import unwrap_model
 from alignkit.tracking.checkpoint import register_save_hook
 from alignkit.tracking.io import atomic_write_text
 
@@ -144,25 +139,6 @@ def resolve_model(name_or_path: str | Path) -> ResolvedModel:
     if _could_be_hub_id(name) and _hub_cached(name):
         return ResolvedModel("hub", name, name)
     raise _missing_model_error(name)
-
-
-def ensure_pad_token(
-    tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None
-) -> PreTrainedTokenizerBase:
-    """Give ``tokenizer`` a pad token (its eos) if it has none; make ``model``'s config match."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelError(
-                "the tokenizer has neither a pad nor an eos token; add a pad token to it "
-                "(tokenizer.add_special_tokens) and resize the model's embeddings"
-            )
-        tokenizer.pad_token = tokenizer.eos_token
-    if model is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-        generation = getattr(model, "generation_config", None)
-        if generation is not None and generation.pad_token_id is None:
-            generation.pad_token_id = tokenizer.pad_token_id
-    return tokenizer
 
 
 def _adapter_base(adapter_dir: Path) -> str:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from alignkit.errors import ConfigError, ModelError
+from alignkit.models.wrappers import unwrap_model
 
 
 @dataclass(frozen=True)
@@ -70,25 +71,6 @@ def require_peft():
     except ImportError:
         raise ModelError("LoRA needs the `peft` package: pip install 'alignkit[peft]'") from None
     return peft
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside the wrappers that distributed training and compilation add.
-
-    Peels ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and every wrapper that holds
-    the model as ``.module``: DistributedDataParallel, DataParallel, FSDP (version 1) and
-    DeepSpeed's engine, the set accelerate's ``extract_model_from_parallel`` peels, found here by
-    the attribute so that neither deepspeed nor accelerate has to be imported, and without that
-    function's side effect on ``forward``. FSDP2 (``fully_shard``) wraps nothing: it subclasses
-    the model in place. A peft adapter is not peeled (it is part of the model being trained).
-    """
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def has_adapter(model: nn.Module) -> bool:

@@ -1,66 +1,33 @@
-"""Padding-free packed forwards: a padded batch's real tokens in one (or a few) rows.
+"""Packed layouts: where each real token of a padded batch goes in the packed rows.
 
-A padded ``[R, T]`` batch spends compute on pad positions (a quarter of a DPO step on real
-data). :func:`pack_rows` lays the batch's real tokens end to end in ``[P, L]`` rows, with
+Pure tensor and list code, no model: :func:`pack_rows` (a padded ``[R, T]`` batch, optionally
+with shared prefixes) and :func:`segments_layout` (rows that already hold several sequences)
+return a :class:`PackedLayout`, which says which token goes where, which key each query may see
+(a ``[P, 1, L, L]`` tree mask, or the :class:`~alignkit.models.block_attention.AttentionBlock`
+of each row) and how to map packed outputs back. How a model runs a layout is
+`models.packing.model`; the package docstring explains the whole.
 
-- **positions restarting per sequence** (each token keeps the position it had in its own row),
-- **a block-diagonal causal mask** ``[P, 1, L, L]``: a token sees the earlier tokens of its own
-  sequence and nothing else,
-- **shared prefixes computed once**: when a row starts with the same tokens as an earlier row
-  (the prompt of a DPO pair's chosen and rejected rows, a GRPO group's prompt), its first
-  ``s = lcp - 1`` tokens are not repeated; its own tokens attend to the earlier row's copies of
-  them (a tree mask). The last common token is kept in the later row as well, so that every
-  token of a row is still predicted by the position just before it in the packed row.
-
-The model then sees exactly the attention pattern of the padded batch, so logits, log-probs,
-hidden states and gradients are those of the padded forward (tested to float32 round-off). The
-mask is passed to the model as a 4D mask (boolean for ``sdpa``, additive for ``eager``), which
-transformers uses as given; ``use_cache=False`` keeps the model from allocating a cache.
-
-:meth:`PackedLayout.unpack` maps any per-token output (``[P, L]`` log-probs, ``[P, L, H]``
-hidden states) back to the padded ``[R, T]`` layout, 0 at pads.
-
-With ``blocks=True`` (for sdpa models, :func:`packing_options`) everything goes into one row
-without padding and no ``[L, L]`` mask is built: each row's own tokens are an
-:class:`~alignkit.models.block_attention.AttentionBlock` whose attention runs on its own, over
-the keys of its sequence (`models.block_attention`), so attention costs about
-``sum(own_tokens * sequence_length)`` instead of ``L**2``.
+Costs are counted in tokens through the model: ``attention_cost`` is one (query, key) pair of
+attention relative to one token, ``call_cost`` one attention call (both from the model's shapes,
+:func:`~alignkit.models.packing.model.packing_options`).
 """
 
 from __future__ import annotations
 
-import functools
 import heapq
-import inspect
-import weakref
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from alignkit.models.block_attention import (
-    AttentionBlock,
-    block_attention,
-    block_attention_available,
-)
+from alignkit.models.block_attention import AttentionBlock
 
-__all__ = [
-    "PackedLayout",
-    "attention_cost",
-    "pack_rows",
-    "packable_model",
-    "packed_attention",
-    "packed_model_inputs",
-    "packing_options",
-    "segments_layout",
-]
+__all__ = ["PackedLayout", "pack_rows", "segments_layout"]
 
 # Compare at most this many [row, row, token] entries at once when finding shared prefixes.
 _LCP_BLOCK_ELEMENTS = 1 << 24
 # Link-cutting levels tried when spreading trees of shared prefixes over packed rows.
 _MAX_CUTS = 8
-# The fixed cost of one attention call (forward and backward) in FLOPs: ~60 us at 100 GFLOP/s.
-_CALL_FLOPS = 6e6
 
 
 @dataclass(frozen=True)
@@ -137,7 +104,8 @@ def pack_rows(
             contiguous run (left, right or no padding), else there is nothing to pack safely.
         share_prefixes: compute a prefix common with an earlier row once (a tree mask).
         attention_cost: the cost of one (query, key) pair of attention relative to one token
-            through the rest of the model (:func:`attention_cost`). Attention with a mask
+            through the rest of the model
+            (:func:`~alignkit.models.packing.model.attention_cost`). Attention with a mask
             computes every pair of a packed row, so one long row trades padding for quadratic
             attention; the trees of rows sharing a prefix are spread over the number of rows
             ``P`` minimising ``P * L * (1 + attention_cost * L)`` (``L``: the longest row).
@@ -147,59 +115,119 @@ def pack_rows(
             its sequence (every shared prefix kept: sharing adds no attention), costing
             ``sum(own * (1 + attention_cost * length)) + call_cost * rows``; taken when cheaper
             than the best masked layout (``+ call_cost``: one attention call).
-        call_cost: the fixed cost of one attention call, in tokens (:func:`packing_options`):
-            on a small model, many short calls cost more than one masked call.
+        call_cost: the fixed cost of one attention call, in tokens
+            (:func:`~alignkit.models.packing.model.packing_options`): on a small model, many
+            short calls cost more than one masked call.
     """
+    rows = _left_aligned(input_ids, attention_mask)
+    if rows is None:
+        return None
+    source, shared = _shared_prefixes(rows.ids, rows.valid, enabled=share_prefixes)
+    plan = _plan(rows.lengths, source, shared, attention_cost, blocks, call_cost)
+    if plan.cost >= _masked_cost(*input_ids.shape, attention_cost) + call_cost:
+        return None  # nothing to gain: no padding, no shared prefix, or attention eats it
+    return _build(rows, plan, source)
+
+
+# ----------------------------------------------------------------------------- pack_rows' steps
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A padded batch's real tokens, left-aligned: column ``p`` of a row is its ``p``-th."""
+
+    ids: Tensor  # [R, T] the aligned tokens (the columns past a row's length repeat its last)
+    valid: Tensor  # [R, T] bool: p < length
+    columns: Tensor  # [R, T] the padded column each aligned position came from
+    lengths: Tensor  # [R]
+    arange: Tensor  # [T]
+
+
+def _left_aligned(input_ids: Tensor, attention_mask: Tensor) -> _Rows | None:
+    """The batch's rows left-aligned; None if a row's real tokens are not one contiguous run."""
     real = attention_mask.bool()
-    rows, width = real.shape
-    device = real.device
-    arange = torch.arange(width, device=device)
+    width = real.shape[1]
+    arange = torch.arange(width, device=real.device)
     lengths = real.sum(dim=1)
     first = torch.where(real, arange, width).amin(dim=1)
     last = torch.where(real, arange, -1).amax(dim=1)
     if bool(((lengths > 0) & (last - first + 1 != lengths)).any()):
         return None
-    # Left-aligned view: column p of a row is its p-th real token.
     columns = (first.clamp(max=width - 1)[:, None] + arange).clamp(max=width - 1)
-    aligned = input_ids.gather(1, columns)
     valid = arange < lengths[:, None]
+    return _Rows(input_ids.gather(1, columns), valid, columns, lengths, arange)
 
-    source, all_shared = _shared_prefixes(aligned, valid, enabled=share_prefixes)
-    index = torch.arange(rows, device=device)
-    # The layout search runs on Python lists: a batch has tens of rows, and a torch op per
-    # row-level step would cost more than the arithmetic.
-    length_list, source_list, shared_list = (x.tolist() for x in (lengths, source, all_shared))
-    packed_cost, bin_list, kept = min(
-        (
-            (*_layout_cost(length_list, source_list, option, attention_cost), option)
-            for option in (_link_cuts(shared_list) if attention_cost > 0 else [shared_list])
-        ),
+
+@dataclass(frozen=True)
+class _Plan:
+    """The layout search's outcome, on Python lists indexed by row (a batch has tens of rows,
+    and a torch op per row-level step would cost more than the arithmetic)."""
+
+    cost: float  # in tokens through the model, one attention call included
+    blocks: bool  # one packed row with attention blocks, no mask
+    lengths: list[int]
+    source: list[int]  # the earlier row whose prefix a row shares (itself if none)
+    shared: list[int]  # tokens a row leaves to its source (the links kept)
+    own: list[int]  # tokens a row runs itself: lengths - shared
+    base: list[int]  # flat packed index of each row's first own token
+    bin_tokens: list[int]  # tokens in each packed row
+    width: int  # L, the packed rows' width
+
+
+def _plan(
+    lengths: Tensor,
+    source: Tensor,
+    shared: Tensor,
+    attention_cost: float,
+    blocks: bool,
+    call_cost: float,
+) -> _Plan:
+    """Which shared prefixes to keep, whether to use attention blocks, and where each row's
+    own tokens go: the cheapest masked layout over the link cuts (:func:`_link_cuts`) against
+    one row of blocks (every prefix kept)."""
+    length_list, source_list, shared_list = (x.tolist() for x in (lengths, source, shared))
+    cuts = _link_cuts(shared_list) if attention_cost > 0 else [shared_list]
+    cost, bins, kept = min(
+        ((*_layout_cost(length_list, source_list, cut, attention_cost), cut) for cut in cuts),
         key=lambda option: option[0],
     )
-    packed_cost += call_cost
+    cost += call_cost
     if blocks:
-        block_cost = _block_cost(lengths - all_shared, lengths, attention_cost, call_cost)
-        blocks = block_cost <= packed_cost
+        block_cost = _block_cost(lengths - shared, lengths, attention_cost, call_cost)
+        blocks = block_cost <= cost
         if blocks:
-            packed_cost, bin_list, kept = block_cost, [0] * rows, shared_list
-    shared = torch.tensor(kept, dtype=torch.long, device=device)
-    source = torch.where(shared > 0, source, index)
+            cost, bins, kept = block_cost, [0] * len(length_list), shared_list
+    own = [n - k for n, k in zip(length_list, kept, strict=True)]
     root = _roots(source_list, kept)
-    own_list = [n - k for n, k in zip(length_list, kept, strict=True)]
-    # Packed order: by packed row, trees together (by root), rows in index order in a tree.
-    bin_of_row = [bin_list[r] for r in root]
+    base, bin_tokens, width = _place([bins[r] for r in root], root, own)
+    return _Plan(cost, blocks, length_list, source_list, kept, own, base, bin_tokens, width)
+
+
+def _place(bin_of_row: list[int], root: list[int], own: list[int]) -> tuple[list, list, int]:
+    """Each row's flat start in the packed rows, each packed row's tokens, and their width.
+
+    Packed order: by packed row, trees together (by root), rows in index order in a tree.
+    """
+    rows = len(own)
     order = sorted(range(rows), key=lambda r: (bin_of_row[r], root[r], r))
     packed_rows = max(bin_of_row) + 1 if rows else 1
     bin_tokens, offset_in_bin = [0] * packed_rows, [0] * rows
     for r in order:
         offset_in_bin[r] = bin_tokens[bin_of_row[r]]
-        bin_tokens[bin_of_row[r]] += own_list[r]
-    packed_width = max(max(bin_tokens), 1)
-    if packed_cost >= _masked_cost(rows, width, attention_cost) + call_cost:
-        return None  # nothing to gain: no padding, no shared prefix, or attention eats it
-    # Flat packed index of each row's first own token (row order).
-    base_list = [b * packed_width + o for b, o in zip(bin_of_row, offset_in_bin, strict=True)]
-    base = torch.tensor(base_list, dtype=torch.long, device=device)
+        bin_tokens[bin_of_row[r]] += own[r]
+    width = max(max(bin_tokens), 1)
+    base = [b * width + o for b, o in zip(bin_of_row, offset_in_bin, strict=True)]
+    return base, bin_tokens, width
+
+
+def _build(rows: _Rows, plan: _Plan, source: Tensor) -> PackedLayout:
+    """The tensors of the layout that ``plan`` describes."""
+    device, arange, valid = rows.valid.device, rows.arange, rows.valid
+    count, width = valid.shape
+    index = torch.arange(count, device=device)
+    shared = torch.tensor(plan.shared, dtype=torch.long, device=device)
+    source = torch.where(shared > 0, source, index)
+    base = torch.tensor(plan.base, dtype=torch.long, device=device)
 
     own_index = base[:, None] + arange - shared[:, None]
     own_tokens = valid & (arange >= shared[:, None])
@@ -208,38 +236,39 @@ def pack_rows(
     scored_own = valid & ((arange > shared[:, None]) | (shared[:, None] == 0))
     scored_at = _resolve(own_index, scored_own, valid & ~scored_own, source)
 
-    flat = packed_rows * packed_width
+    flat = len(plan.bin_tokens) * plan.width
     own_position = torch.zeros(flat, device=device, dtype=torch.long)
     own_flat = own_index[own_tokens]
-    own_position[own_flat] = arange.expand(rows, width)[own_tokens]
-    packed_ids = torch.zeros(flat, device=device, dtype=input_ids.dtype)
-    packed_ids[own_flat] = aligned[own_tokens]
+    own_position[own_flat] = arange.expand(count, width)[own_tokens]
+    packed_ids = torch.zeros(flat, device=device, dtype=rows.ids.dtype)
+    packed_ids[own_flat] = rows.ids[own_tokens]
     segment_start = torch.zeros(flat, device=device, dtype=torch.bool)
-    segment_start[base[lengths > 0]] = True
+    segment_start[base[rows.lengths > 0]] = True
 
-    if blocks:
-        visible, attention_blocks = None, _blocks(where, base_list, own_list, length_list, kept)
+    if plan.blocks:
+        visible, attention_blocks = None, _blocks(where, plan)
     else:
-        visible = _tree_mask(
-            base_list, own_list, kept, source_list, bin_tokens, packed_width, device
-        )
-        attention_blocks = None
-    row_of = index[:, None].expand(rows, width)
+        visible, attention_blocks = _tree_mask(plan, device), None
+
+    # Back from the left-aligned columns to the padded ones.
+    row_of = index[:, None].expand(count, width)
+    padded_rows, padded_columns = row_of[valid], rows.columns[valid]
 
     def to_columns(values: Tensor) -> Tensor:
         out = torch.full_like(values, -1)
-        out[row_of[valid], columns[valid]] = values[valid]
+        out[padded_rows, padded_columns] = values[valid]
         return out
 
+    shape = (len(plan.bin_tokens), plan.width)
     return PackedLayout(
-        input_ids=packed_ids.view(packed_rows, packed_width),
-        position_ids=own_position.view(packed_rows, packed_width),
+        input_ids=packed_ids.view(shape),
+        position_ids=own_position.view(shape),
         visible=visible,
         where=to_columns(where),
         scored_at=to_columns(scored_at),
-        segment_start=segment_start.view(packed_rows, packed_width),
-        padded_tokens=rows * width,
-        packed_tokens=sum(own_list),
+        segment_start=segment_start.view(shape),
+        padded_tokens=count * width,
+        packed_tokens=sum(plan.own),
         blocks=attention_blocks,
     )
 
@@ -291,6 +320,9 @@ def segments_layout(
         packed_tokens=positions.numel(),
         blocks=tuple(AttentionBlock(a, b) for a, b in zip(starts, ends, strict=True)),
     )
+
+
+# ----------------------------------------------------------------------------- the pieces
 
 
 def _shared_prefixes(aligned: Tensor, valid: Tensor, *, enabled: bool) -> tuple[Tensor, Tensor]:
@@ -384,23 +416,6 @@ def _block_cost(own: Tensor, lengths: Tensor, attention_cost: float, call_cost: 
     return float((own * (1.0 + attention_cost * lengths)).sum()) + call_cost * calls
 
 
-def attention_cost(model: nn.Module) -> float:
-    """One (query, key) pair of masked attention relative to one token through the model's
-    matmuls: ``4 d`` FLOPs per pair and layer (scores and weighted values) over ``2 N / n``
-    per token and layer (``N`` non-embedding parameters, ``n`` layers), i.e. ``2 d n / N``
-    (3.3e-4 for SmolLM2-135M; measured on CPU: 4e-4). The model's modules are scanned once:
-    the packing decisions assume its architecture does not change afterwards."""
-    from alignkit.models.forward import innermost_model
-
-    return _attention_cost(_structure(innermost_model(model)))
-
-
-def _attention_cost(structure: _Structure) -> float:
-    if not structure.hidden or not structure.layers or not structure.parameters:
-        return 0.0
-    return 2.0 * structure.hidden * structure.layers / structure.parameters
-
-
 def _roots(source: list[int], shared: list[int]) -> list[int]:
     """The row at the root of each row's chain of sources (a source is an earlier row)."""
     root = list(range(len(source)))
@@ -421,15 +436,14 @@ def _resolve(own_index: Tensor, own: Tensor, inherited: Tensor, source: Tensor) 
         out = nxt
 
 
-def _blocks(
-    where: Tensor, base: list[int], own: list[int], lengths: list[int], shared: list[int]
-) -> tuple[AttentionBlock, ...]:
+def _blocks(where: Tensor, plan: _Plan) -> tuple[AttentionBlock, ...]:
     """Each row's own tokens in the one packed row, in packed order: causal on their own when
     the row shares nothing, else against its whole sequence's keys (``where[r, :length]``: the
     shared prefix's copies, then its own) with the causal rule offset by the prefix."""
     out = []
-    for row in sorted(range(len(base)), key=base.__getitem__):
-        start, count, length, prefix = base[row], own[row], lengths[row], shared[row]
+    for row in sorted(range(len(plan.base)), key=plan.base.__getitem__):
+        start, count = plan.base[row], plan.own[row]
+        length, prefix = plan.lengths[row], plan.shared[row]
         if count == 0:
             continue
         if prefix == 0:
@@ -441,15 +455,7 @@ def _blocks(
     return tuple(out)
 
 
-def _tree_mask(
-    base: list[int],
-    own: list[int],
-    shared: list[int],
-    source: list[int],
-    bin_tokens: list[int],
-    width: int,
-    device: torch.device,
-) -> Tensor:
+def _tree_mask(plan: _Plan, device: torch.device) -> Tensor:
     """``[P, 1, L, L]``: query ``q`` (row ``r``'s token at position ``p``) sees key ``k`` (at
     position ``p'``) iff ``p' <= p`` and ``k`` stands for row ``r``'s token ``p'``: its own
     sequence causally, including the prefix it shares. A pad query sees itself (no NaN softmax).
@@ -458,9 +464,10 @@ def _tree_mask(
     positions ``shared[r]..``) see themselves causally and, whole, each ancestor's own tokens
     that stand for positions below ``shared[r]`` (all earlier than their own positions): the
     source's positions ``shared[a] .. bound``, the bound shrinking down the chain."""
-    visible = torch.zeros(len(bin_tokens), width, width, dtype=torch.bool, device=device)
+    base, shared, source, width = plan.base, plan.shared, plan.source, plan.width
+    visible = torch.zeros(len(plan.bin_tokens), width, width, dtype=torch.bool, device=device)
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    for r, count in enumerate(own):
+    for r, count in enumerate(plan.own):
         if count == 0:
             continue
         row, start = divmod(base[r], width)
@@ -473,132 +480,6 @@ def _tree_mask(
                 first = base[ancestor] - row * width
                 visible[row, start : start + count, first : first + served] = True
             bound = min(bound, shared[ancestor])
-    for row, used in enumerate(bin_tokens):
+    for row, used in enumerate(plan.bin_tokens):
         visible[row].diagonal()[used:] = True
     return visible[:, None]
-
-
-# ----------------------------------------------------------------------------- model side
-
-
-def packable_model(model: nn.Module, longest: int | None = None) -> bool:
-    """Whether ``model`` (its innermost module, inside DDP/FSDP/peft wrappers) runs a packed
-    batch exactly: a transformers decoder (``transformers.models.*`` forward, causal, not
-    encoder-decoder) that takes ``position_ids`` and uses eager or sdpa attention, which take
-    a 4D mask as given, with no sliding window shorter than ``longest`` (the longest sequence;
-    None: any window) since the packed masks are plain causal. Others (flash-attention, ALiBi
-    models, encoders, custom code) are not packed."""
-    from alignkit.models.forward import innermost_model
-
-    inner = innermost_model(model)
-    config = getattr(inner, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    structure = _structure(inner)
-    window = structure.window
-    window_cuts = window is not None and (longest is None or longest > window)
-    return structure.causal and _packable_class(type(inner)) and not window_cuts
-
-
-@dataclass(frozen=True)
-class _Structure:
-    """What the packing decisions read from a model's modules, scanned once per model."""
-
-    causal: bool  # a causal attention module (a bidirectional encoder gets no causal mask)
-    window: int | None  # the shortest active sliding window
-    parameters: int  # outside the embeddings and the LM head
-    layers: int
-    hidden: int
-
-
-_STRUCTURES: weakref.WeakKeyDictionary[nn.Module, _Structure] = weakref.WeakKeyDictionary()
-
-
-def _structure(inner: nn.Module) -> _Structure:
-    found = _STRUCTURES.get(inner)
-    if found is None:
-        found = _STRUCTURES[inner] = _scan(inner)
-    return found
-
-
-def _scan(inner: nn.Module) -> _Structure:
-    config = inner.config
-    modules = list(inner.modules())
-    windows = [m.sliding_window for m in modules if hasattr(m, "sliding_window")]
-    if not windows and getattr(config, "use_sliding_window", True):
-        windows = [getattr(config, "sliding_window", None)]
-    active = [w for w in windows if isinstance(w, int)]
-    embeddings = {id(m.weight) for m in modules if isinstance(m, nn.Embedding)}
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if head is not None:  # runs on the scored rows only
-        embeddings.add(id(head.weight))
-    return _Structure(
-        causal=any(getattr(m, "is_causal", None) is True for m in modules),
-        window=min(active) if active else None,
-        parameters=sum(p.numel() for p in inner.parameters() if id(p) not in embeddings),
-        layers=getattr(config, "num_hidden_layers", None) or 0,
-        hidden=getattr(config, "hidden_size", None) or 0,
-    )
-
-
-def packing_options(model: nn.Module) -> dict:
-    """Keyword arguments of :func:`pack_rows` for ``model``: its :func:`attention_cost`, block
-    attention allowed where
-    :func:`~alignkit.models.block_attention.block_attention_available`, and the cost of one
-    attention call in tokens: ``_CALL_FLOPS`` (about 60 us of forward and backward call
-    overhead at 100 GFLOP/s) over a token's ``6 N / n`` FLOPs through one layer (``N``
-    non-embedding parameters, ``n`` layers): 20 tokens on the tiny preset, 0.3 on SmolLM2-135M."""
-    from alignkit.models.forward import innermost_model
-
-    structure = _structure(innermost_model(model))
-    parameters, layers = structure.parameters, structure.layers
-    return {
-        "attention_cost": _attention_cost(structure),
-        "blocks": block_attention_available(model),
-        "call_cost": _CALL_FLOPS * layers / (6.0 * parameters) if parameters else 0.0,
-    }
-
-
-def packed_attention(model: nn.Module, layout: PackedLayout):
-    """The context a forward of ``model`` on ``packed_model_inputs(model, layout)`` runs in:
-    block attention switched on for a layout with blocks, else nothing."""
-    return block_attention(model, active=layout.blocks is not None)
-
-
-@functools.cache
-def _packable_class(model_class: type) -> bool:
-    owner = next((c for c in model_class.__mro__ if "forward" in vars(c)), None)
-    if owner is None or not owner.__module__.startswith("transformers.models."):
-        return False
-    parameters = inspect.signature(owner.forward).parameters
-    return "position_ids" in parameters and "use_cache" in parameters
-
-
-def packed_model_inputs(model: nn.Module, layout: PackedLayout, dtype: torch.dtype) -> dict:
-    """Keyword arguments running ``model`` on ``layout``: ids, positions, no cache, and the 4D
-    mask in the form the attention implementation adds or selects with, or the attention
-    blocks (then the forward runs inside :func:`packed_attention`)."""
-    from alignkit.models.forward import innermost_model
-
-    if layout.blocks is not None:
-        return {
-            "input_ids": layout.input_ids,
-            "position_ids": layout.position_ids,
-            "use_cache": False,
-            "alignkit_blocks": layout.blocks,
-        }
-    assert layout.visible is not None
-    mask: Tensor = layout.visible
-    if innermost_model(model).config._attn_implementation == "eager":
-        # eager attention adds the mask to the scores.
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min
-        )
-    return {
-        "input_ids": layout.input_ids,
-        "attention_mask": mask,
-        "position_ids": layout.position_ids,
-        "use_cache": False,
-    }
