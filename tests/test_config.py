@@ -151,6 +151,22 @@ def test_a_single_name_is_a_one_item_list():
     ]
 
 
+@dataclass
+class StrOrList:
+    first_list: list[str] | str = field(default="x", metadata={"help": "List first."})
+    first_str: str | list[str] = field(default="x", metadata={"help": "String first."})
+
+
+@pytest.mark.parametrize("key", ["first_list", "first_str"])
+def test_a_str_or_list_field_keeps_a_string_a_string_and_a_list_a_list(key, tmp_path):
+    # peft reads target_modules='all-linear' as a shorthand and ['all-linear'] as a module name
+    assert getattr(load_config(StrOrList, None, [f"{key}=all-linear"]), key) == "all-linear"
+    path = write(tmp_path, f"{key}: all-linear\n")
+    assert getattr(load_config(StrOrList, path), key) == "all-linear"
+    assert getattr(load_config(StrOrList, None, [f"{key}=[q_proj]"]), key) == ["q_proj"]
+    assert getattr(load_config(StrOrList, None, [f"{key}=[q, v]"]), key) == ["q", "v"]
+
+
 @pytest.mark.parametrize(
     ("override", "pattern"),
     [

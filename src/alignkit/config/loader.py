@@ -283,6 +283,12 @@ def _coerce(value: Any, tp: Any, key: str, origin: _Origin, root: type) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        # A list option wraps a single value into a one-item list (`report_to=wandb`); when the
+        # union also takes the value as it is (`target_modules: list[str] | str` given
+        # `all-linear`), that wrapping must not win over it: try the options of the value's
+        # own shape first.
+        is_list = isinstance(value, (list, tuple))
+        options.sort(key=lambda option: _is_sequence(option) != is_list)
         errors = []
         for option in options:
             try:
@@ -378,6 +384,10 @@ def _strip_optional(tp: Any) -> Any:
         if len(options) == 1:
             return options[0]
     return tp
+
+
+def _is_sequence(tp: Any) -> bool:
+    return typing.get_origin(tp) in (list, Sequence, tuple)
 
 
 def _is_structured(tp: Any) -> bool:
