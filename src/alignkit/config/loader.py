@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from alignkit.config.schema import CHANGES_KEY, VERSIONS_KEY, T
+from alignkit.config.trl_names import trl_hint
 from alignkit.errors import ConfigError
 
 # --------------------------------------------------------------------------------------
@@ -184,55 +185,13 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-#: Hugging Face / TRL argument names (and common spellings) -> alignkit's keys, for hints.
-FOREIGN_KEYS = {
-    "learning_rate": "optim.lr",
-    "lr": "optim.lr",
-    "per_device_train_batch_size": "examples_per_device",
-    "train_batch_size": "examples_per_device",
-    "batch_size": "examples_per_device",
-    "per_device_eval_batch_size": "eval.examples_per_device",
-    "gradient_accumulation_steps": "grad_accum_steps",
-    "num_train_epochs": "epochs",
-    "beta": "dpo.beta",
-    "loss_type": "dpo.kind",
-    "label_smoothing": "dpo.label_smoothing",
-    "rpo_alpha": "dpo.nll_weight",
-    "warmup_ratio": "optim.warmup_ratio",
-    "warmup_steps": "optim.warmup_steps",
-    "weight_decay": "optim.weight_decay",
-    "max_grad_norm": "optim.max_grad_norm",
-    "lr_scheduler_type": "optim.schedule",
-    "adam_epsilon": "optim.eps",
-    "logging_steps": "logging.every",
-    "eval_steps": "eval.every",
-    "save_steps": "checkpoint.every",
-    "save_total_limit": "checkpoint.keep_last",
-    "max_length": "data.max_length",
-    "max_seq_length": "data.max_length",
-    "model_name_or_path": "model.name",
-    "bf16": "precision",
-    "resume_from_checkpoint": "resume_from",
-}
-
-
-def _foreign_key_hint(bad: str, everything: list[str]) -> str | None:
-    """The alignkit key for a TRL/transformers name (or a misspelling of one), if this config
-    has it: ``learning_rate`` and ``optim.learnig_rate`` both give ``optim.lr``."""
-    leaf = bad.rsplit(".", 1)[-1]
-    names = difflib.get_close_matches(leaf, list(FOREIGN_KEYS), n=1, cutoff=0.85)
-    if names and FOREIGN_KEYS[names[0]] in everything:
-        return FOREIGN_KEYS[names[0]]
-    return None
-
-
 def _unknown_key_message(root: type, bad: str, parent: list[str]) -> str:
     """'unknown key X (did you mean Y?)': a TRL/transformers name or a misspelling of one
-    first, then siblings, then the whole tree."""
+    first (`alignkit.config.trl_names`), then siblings, then the whole tree."""
     everything = _all_keys(root)
-    foreign = _foreign_key_hint(bad, everything)
-    if foreign is not None and foreign != bad:
-        return f"unknown key '{bad}' for {root.__name__} (did you mean '{foreign}'?)"
+    trl = trl_hint(bad, everything, root.__name__)
+    if trl is not None:
+        return f"unknown key '{bad}' for {root.__name__} ({trl})"
     prefix = ".".join(parent) + "." if parent else ""
     siblings = [k for k in everything if k.startswith(prefix) and "." not in k[len(prefix) :]]
     guess = difflib.get_close_matches(bad, siblings, n=1, cutoff=0.6)
