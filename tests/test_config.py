@@ -19,6 +19,7 @@ from alignkit.config import (
     load_config,
     save_resolved_config,
 )
+from alignkit.config import inputs as inputs_module
 from alignkit.config import schema as config_module
 from alignkit.errors import ConfigError
 
@@ -244,10 +245,11 @@ def test_run_dir_follows_resume_from():
 def _config_classes():
     return [
         value
-        for value in vars(config_module).values()
+        for module in (config_module, inputs_module)
+        for value in vars(module).values()
         if isinstance(value, type)
         and dataclasses.is_dataclass(value)
-        and value.__module__ == config_module.__name__
+        and value.__module__ == module.__name__
     ]
 
 

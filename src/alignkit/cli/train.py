@@ -12,7 +12,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from alignkit.config import config_yaml, describe_config, load_config
+from alignkit.config import config_yaml, describe_defaults, load_config
 from alignkit.errors import CheckpointError, ConfigError
 from alignkit.trainers.registry import METHODS, get_method
 
@@ -22,14 +22,16 @@ _METHOD_HELP = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
 def method_defaults(method: str) -> Any:
     """The default config of `alignkit train METHOD` (its own defaults applied)."""
     chosen = get_method(method)
-    config_class, _ = chosen.load()
-    return load_config(config_class, None, list(chosen.defaults))
+    return load_config(chosen.load_config_class(), None, list(chosen.defaults))
 
 
 def method_fields_help(method: str) -> str:
     """Every config key of METHOD with its type, default and help: `train METHOD --help`."""
+    chosen = get_method(method)
     lines = [f"Config keys of `alignkit train {method}` (key=value overrides; YAML with -c):", ""]
-    for key, kind, value, helptext in describe_config(method_defaults(method)):
+    for key, kind, value, helptext in describe_defaults(
+        chosen.load_config_class(), chosen.defaults
+    ):
         if kind == "a mapping":
             lines.append(f"{key}: {helptext}")
             continue
@@ -141,7 +143,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         chosen = get_method(method)
-        config_class, entry_point = chosen.load()
+        config_class = chosen.load_config_class()
         extra = [*chosen.defaults, *(overrides or [])]
         if resume is not None:
             extra.append(f"resume_from={resume}")
@@ -157,6 +159,7 @@ def register(app: typer.Typer) -> None:
         if allow_change:
             extra.append(f"allow_change=[{','.join(allow_change)}]")
         cfg = load_config(config_class, config, extra)
+        _, entry_point = chosen.load()  # the trainer (torch) only once the config is sound
         summary = entry_point(cfg)
         from accelerate import PartialState
 

@@ -204,7 +204,22 @@ def _unknown_key_message(root: type, bad: str, parent: list[str]) -> str:
     return f"unknown key '{bad}' for {root.__name__}{hint}"
 
 
+@dataclasses.dataclass
+class _Pending:
+    """A config dataclass whose keys and value types are checked, not yet constructed: every
+    key and type error of the whole file is found before any ``__post_init__`` runs (those
+    consult registries that import torch; a misspelt key must not wait for that)."""
+
+    cls: type
+    kwargs: dict[str, Any]
+    where: str
+
+
 def _build(cls: type[T], raw: Any, prefix: str, origin: _Origin, root: type | None = None) -> T:
+    return _construct(_check(cls, raw, prefix, origin, root), origin)
+
+
+def _check(cls: type, raw: Any, prefix: str, origin: _Origin, root: type | None = None) -> _Pending:
     root = root or cls
     where = prefix.rstrip(".")
     if not isinstance(raw, Mapping):
@@ -225,11 +240,25 @@ def _build(cls: type[T], raw: Any, prefix: str, origin: _Origin, root: type | No
             kwargs[f.name] = _coerce(raw[key], hints[f.name], dotted, origin, root)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise origin.error(dotted, f"missing required key '{dotted}'")
+    return _Pending(cls, kwargs, where)
+
+
+def _construct(value: Any, origin: _Origin) -> Any:
+    """Build the checked tree bottom-up; a ``__post_init__`` error names its section."""
+    if isinstance(value, list):
+        return [_construct(v, origin) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_construct(v, origin) for v in value)
+    if isinstance(value, dict):
+        return {k: _construct(v, origin) for k, v in value.items()}
+    if not isinstance(value, _Pending):
+        return value
+    kwargs = {name: _construct(v, origin) for name, v in value.kwargs.items()}
     try:
-        return cls(**kwargs)
+        return value.cls(**kwargs)
     except ConfigError as exc:
-        scope = f"in '{where}': " if where else ""
-        raise origin.error(where, f"{scope}{exc}", scope=True) from None
+        scope = f"in '{value.where}': " if value.where else ""
+        raise origin.error(value.where, f"{scope}{exc}", scope=True) from None
 
 
 def _coerce(value: Any, tp: Any, key: str, origin: _Origin, root: type) -> Any:
@@ -270,7 +299,7 @@ def _coerce(value: Any, tp: Any, key: str, origin: _Origin, root: type) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        return _build(tp, value, key + ".", origin, root)
+        return _check(tp, value, key + ".", origin, root)
     if kind in (list, Sequence):
         if not isinstance(value, (list, tuple)):
             value = [value]  # `report_to=wandb` means [wandb]
