@@ -19,6 +19,7 @@ from alignkit.config import (
     load_config,
     save_resolved_config,
 )
+from alignkit.config import inputs as inputs_module
 from alignkit.config import schema as config_module
 from alignkit.errors import ConfigError
 
@@ -151,6 +152,22 @@ def test_a_single_name_is_a_one_item_list():
     ]
 
 
+@dataclass
+class StrOrList:
+    first_list: list[str] | str = field(default="x", metadata={"help": "List first."})
+    first_str: str | list[str] = field(default="x", metadata={"help": "String first."})
+
+
+@pytest.mark.parametrize("key", ["first_list", "first_str"])
+def test_a_str_or_list_field_keeps_a_string_a_string_and_a_list_a_list(key, tmp_path):
+    # peft reads target_modules='all-linear' as a shorthand and ['all-linear'] as a module name
+    assert getattr(load_config(StrOrList, None, [f"{key}=all-linear"]), key) == "all-linear"
+    path = write(tmp_path, f"{key}: all-linear\n")
+    assert getattr(load_config(StrOrList, path), key) == "all-linear"
+    assert getattr(load_config(StrOrList, None, [f"{key}=[q_proj]"]), key) == ["q_proj"]
+    assert getattr(load_config(StrOrList, None, [f"{key}=[q, v]"]), key) == ["q", "v"]
+
+
 @pytest.mark.parametrize(
     ("override", "pattern"),
     [
@@ -228,10 +245,11 @@ def test_run_dir_follows_resume_from():
 def _config_classes():
     return [
         value
-        for value in vars(config_module).values()
+        for module in (config_module, inputs_module)
+        for value in vars(module).values()
         if isinstance(value, type)
         and dataclasses.is_dataclass(value)
-        and value.__module__ == config_module.__name__
+        and value.__module__ == module.__name__
     ]
 
 
@@ -259,6 +277,7 @@ def test_data_subset_sizes_must_be_positive() -> None:
         ("num_train_epochs=3", "epochs"),
         ("gradient_accumulation_steps=2", "grad_accum_steps"),
         ("beta=0.1", "dpo.beta"),
+        ("loss_type=ipo", "dpo.kind"),
         ("logging_steps=5", "logging.every"),
     ],
 )
@@ -269,7 +288,74 @@ def test_trl_names_and_misspellings_suggest_the_alignkit_key(override, expected)
         load_config(DPOConfig, None, [override])
 
 
-def test_a_trl_name_for_a_key_this_config_lacks_falls_back_to_spelling():
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("num_generations=8", "rollout.samples_per_prompt"),
+        ("rollout.num_generations=8", "rollout.samples_per_prompt"),
+        ("beta=0.04", "kl.coef"),
+        ("loss_type=dapo", "policy_loss.agg"),
+        ("epsilon=0.2", "policy_loss.clip_ratio"),
+        ("epsilon_high=0.28", "policy_loss.clip_ratio_high"),
+        ("scale_rewards=false", "advantage.std_scaling"),
+        ("max_steps=20", "train.iterations"),
+        ("learning_rate=1e-6", "optim.lr"),
+        ("per_device_train_batch_size=8", "train.sequences_per_device"),
+        ("gradient_accumulation_steps=4", "train.sequences_per_minibatch"),
+        ("max_completion_length=64", "rollout.max_new_tokens"),
+        ("num_iterations=2", "train.epochs_per_iteration"),
+        ("num_train_epochs=1", "train.iterations"),
+    ],
+)
+def test_trl_grpo_names_suggest_the_online_key(override, expected):
+    # The TRL names a GRPO user types, each with the key of the online trainers (the same
+    # name means another key in DPO: beta, loss_type, per_device_train_batch_size, ...).
+    from alignkit.trainers.rl_config import PGConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(PGConfig, None, [override])
+    message = str(info.value)
+    assert f"did you mean '{expected}'?" in message
+    assert "precision" not in message  # epsilon used to suggest it
+
+
+def test_a_trl_name_this_config_lacks_says_where_it_lives_instead_of_a_spelling_guess():
     with pytest.raises(ConfigError) as info:
         load_config(TrainConfig, None, ["beta=0.1"])
-    assert "dpo.beta" not in str(info.value)
+    message = str(info.value)
+    assert "did you mean" not in message
+    assert "TRL's 'beta' is dpo.beta of the DPO family or kl.coef of the online-RL" in message
+    with pytest.raises(ConfigError, match="TRL's 'use_vllm': generation runs in-process"):
+        load_config(TrainConfig, None, ["use_vllm=true"])
+
+
+def test_every_key_of_the_trl_mapping_exists_in_a_config_of_its_scope():
+    from alignkit.config.loader import _all_keys
+    from alignkit.config.trl_names import TRL_OPTIONS
+    from alignkit.trainers.dpo import DPOConfig
+    from alignkit.trainers.reward import RewardConfig
+    from alignkit.trainers.rl_config import PGConfig
+    from alignkit.trainers.sft import SFTConfig
+
+    scopes = {
+        "offline": [SFTConfig, DPOConfig, RewardConfig],
+        "dpo": [DPOConfig],
+        "online": [PGConfig],
+        "all": [SFTConfig, DPOConfig, RewardConfig, PGConfig],
+    }
+    for option in TRL_OPTIONS:
+        assert option.targets or option.instead, option.name
+        for target in option.targets:
+            classes = scopes[target.scope]
+            assert any(target.key in _all_keys(cls) for cls in classes), (option.name, target)
+
+
+def test_the_migration_doc_table_is_the_mapping_the_loader_uses():
+    from alignkit.config.trl_names import markdown_table
+
+    doc = (Path(__file__).parents[1] / "docs" / "migrating-from-trl.md").read_text()
+    table = doc.split("keeps them equal -->\n", 1)[1].split("<!-- end of the generated")[0]
+    assert table.strip() == markdown_table().strip(), (
+        "regenerate the table of docs/migrating-from-trl.md with "
+        "alignkit.config.trl_names.markdown_table()"
+    )

@@ -217,6 +217,28 @@ def test_an_unknown_config_key_exits_2_with_the_nearest_spelling(tmp_path, capsy
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("method", ["sft", "grpo"])
+def test_lora_target_modules_all_linear_written_out_trains(method, data, tmp_path, monkeypatch):
+    # The documented default written out, as examples/dpo.yaml suggests and PEFT users do: it
+    # used to reach peft as ['all-linear'] ("Target modules {'all-linear'} not found").
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "data").symlink_to(data / "small")
+    monkeypatch.chdir(workdir)
+    example = {"sft": "sft.yaml", "grpo": "grpo.yaml"}[method]
+    length = "train.iterations=1" if method == "grpo" else "max_steps=1"
+    lora = "model.lora={r: 4, alpha: 8, target_modules: all-linear}"
+    args = [method, "-c", str(EXAMPLES / example), "model.name=tiny", lora, length, *QUIET]
+    assert train([*args, "eval.every=null", "run_name=lora", f"output_dir={tmp_path}"]) == 0
+    adapter = tmp_path / "lora" / "checkpoints" / "step-1" / "model" / "adapter_config.json"
+    targets = {
+        name.rsplit(".", 1)[-1] for name in json.loads(adapter.read_text())["target_modules"]
+    }
+    # every linear projection of the tiny model, the output layer left out
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"} <= targets
+    assert "lm_head" not in targets and "all-linear" not in targets
+
+
 def test_an_unknown_method_exits_2_listing_the_valid_ones(capsys):
     assert train(["trpo", "-c", str(EXAMPLES / "dpo.yaml")]) == 2
     err = capsys.readouterr().err

@@ -82,6 +82,16 @@ def test_target_modules_limit_where_adapters_go() -> None:
     assert adapted == {"q_proj", "v_proj"}
 
 
+def test_all_linear_in_a_list_is_the_shorthand_not_a_module_name() -> None:
+    # peft takes 'all-linear' only as the whole value; ['all-linear'] finds no module
+    assert LoraSettings(target_modules=["all-linear"]).target_modules == "all-linear"
+    model, _ = load_policy("tiny", lora={"r": 2, "target_modules": ["all-linear"]})
+    names = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[1] for n in names} >= {"q_proj", "down_proj"}
+    with pytest.raises(ConfigError, match="'all-linear' already covers every linear layer"):
+        LoraSettings(target_modules=("all-linear", "q_proj"))
+
+
 def test_reward_model_on_a_lora_policy_folds_the_adapter_in(tmp_path: Path) -> None:
     model, tokenizer = load_policy("tiny", seed=4, lora={"r": 2, "target_modules": ["q_proj"]})
     _perturb_adapter(model)

@@ -7,12 +7,14 @@ directory, the preset's name plus its seed for ``tiny``.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
 from alignkit.errors import ModelError
 from alignkit.models import has_adapter, load_policy
+from alignkit.models.fetch import SOURCE_FILE
 from alignkit.models.loading import BASE_RECORD
 from alignkit.tracking.checkpoint import save_model_weights
 
@@ -75,3 +77,36 @@ def test_a_changed_base_behind_the_recorded_path_is_refused(tmp_path):
     other.save_pretrained(tmp_path / "base")  # retrained behind the same path
     with pytest.raises(ModelError, match=r"base model .*base has changed since"):
         load_policy(tmp_path / "ckpt")
+
+
+def test_an_adapter_on_a_fetched_model_names_a_base_peft_loads_without_alignkit(
+    tmp_path, fake_cache
+):
+    # A fetched model is known to alignkit by its alias; peft recorded that alias, which
+    # neither peft nor transformers can load (offline: "couldn't connect to huggingface.co").
+    base, tokenizer = load_policy("tiny", seed=1)
+    cached = fake_cache / "models" / "smollm2-135m-instruct"
+    base.save_pretrained(cached)
+    tokenizer.save_pretrained(cached)
+    (cached / SOURCE_FILE).write_text("{}")
+    model, tokenizer = load_policy("smollm2-135m-instruct", lora={"r": 4})
+    expected = logits(perturbed(model), tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft looked up the alias on the hub and warned
+        save_model_weights(model, tmp_path / "ckpt")
+
+    config = json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(cached.resolve())
+    record = json.loads((tmp_path / "ckpt" / BASE_RECORD).read_text())
+    assert record["base"] == "smollm2-135m-instruct"  # the alias, kept in alignkit's note
+
+    from peft import AutoPeftModelForCausalLM
+
+    plain = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    torch.testing.assert_close(logits(plain, tokenizer), expected, rtol=0, atol=0)
+    reloaded, _ = load_policy(tmp_path / "ckpt")
+    torch.testing.assert_close(logits(reloaded, tokenizer), expected, rtol=0, atol=0)
+    # re-saved after a reload, the base stays loadable
+    save_model_weights(reloaded, tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(cached.resolve())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,12 @@ def test_example_pipeline_runs_and_each_stage_improves(
     assert ppo.after > ppo.before + 1.0  # the reward model's score, per sequence
     evaluation = records[-1].artifacts["metrics"]
     assert evaluation["kl_k1/per_token"] > 0  # KL to the SFT model, on the policy's samples
+    if name == "classic":
+        # PPO raises the reward model's score while the task's judge rates the answers lower:
+        # the summary says so (reward hacking, found by the newcomer trial)
+        before = records[2].artifacts["metrics"]["synthetic/reward/mean"]
+        after = evaluation["synthetic/reward/mean"]
+        assert after < before, (before, after)
+        assert "possible reward hacking" in ppo.note and f"{before:.3f} -> {after:.3f}" in ppo.note
+        summary = json.loads((tmp_path / "runs/pipelines/classic/summary.json").read_text())
+        assert "synthetic/reward/mean" in {d["judge_metric"] for d in summary["disagreements"]}

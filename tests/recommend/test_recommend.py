@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import jsonschema
@@ -20,6 +21,7 @@ from alignkit.recommend import (
     score_methods,
 )
 from alignkit.recommend import scoring as recommend_module
+from alignkit.recommend.budget import TokenCosts, iteration_cost, max_new_tokens_for, model_costs
 from alignkit.recommend.features import DataFeatures, ModelFeatures, detect_format
 from alignkit.recommend.rules import METHODS, RULES, memory_need_gb
 from alignkit.recommend.scoring import suggest_hyperparameters
@@ -359,3 +361,133 @@ def test_a_verifiable_task_gets_a_grpo_config_that_runs(
     )
     assert code == 0
     assert json.loads(out.strip().splitlines()[-1])["step"] == 2
+
+
+# --------------------------------------------------------------------------------------
+# The online budget: settings that fit the stated hours, answers that fit max_new_tokens
+# --------------------------------------------------------------------------------------
+
+#: The newcomer trial's measurement (SmolLM2-135M, CPU, one thread): 8 prompts x 4 samples,
+#: 64 new tokens, ~40 prompt tokens, ~30 answered: rollout 14.4 s, update 12.4 s.
+TRIAL_COSTS = TokenCosts(
+    decode_step_8=14.4 / 64,
+    forward_token=12.4 / (32 * 70) / 3,
+    update_token=12.4 / (32 * 70),
+    source="the trial's measurement",
+    completion_tokens=(9, 11, 12, 14, 15, 18, 22, 30),
+    cap=64,
+)
+
+
+def _verifiable_prompts(prompt_tokens: float = 40.0, answer_tokens: float = 2.0) -> DataFeatures:
+    return DataFeatures(
+        "chain.jsonl", "prompt", 256, 256, 1.0, 0.0, None, None, None, True,
+        prompt_tokens_mean=prompt_tokens, answer_tokens_p95=answer_tokens,
+    )  # fmt: skip
+
+
+def test_one_hour_on_a_cpu_gets_settings_that_fit_the_hour(every_method_available) -> None:
+    features = _features(
+        _verifiable_prompts(), parameters=134_515_008, gpus=0, gpu_memory_gb=24, hours=1.0,
+        online_reward="my_reward.py:chain_sum_reward",
+    )  # fmt: skip
+    rec = recommend(features, TRIAL_COSTS)
+    hp, budget = rec.hyperparameters, rec.budget
+    assert rec.method == "grpo" and budget is not None
+    cost = iteration_cost(
+        TRIAL_COSTS,
+        hp["rollout.prompts_per_iteration"],
+        hp["rollout.samples_per_prompt"],
+        40.0,
+        hp["rollout.max_new_tokens"],
+    )
+    assert hp["train.iterations"] * cost.total_s <= 3600
+    assert budget["hours"] <= 1.0 and budget["iterations"] == hp["train.iterations"] >= 20
+    # what it proposed before: 64 prompts x 8 samples, 16 new tokens, the default 100
+    # iterations; at these costs that is 5.6 h (the trial measured 161-174 s per iteration)
+    before = iteration_cost(TRIAL_COSTS, 64, 8, 40.0, 16)
+    assert 100 * before.total_s > 5 * 3600
+    # answers sized from the model's own sampled answers (p90: 30 tokens), not the default 16
+    assert hp["rollout.max_new_tokens"] >= 1.25 * 30
+
+
+def test_a_budget_too_short_for_any_batch_says_so(every_method_available) -> None:
+    features = _features(
+        _verifiable_prompts(), parameters=134_515_008, gpus=0, gpu_memory_gb=24, hours=0.01,
+        online_reward="f.py:g",
+    )  # fmt: skip
+    rec = recommend(features, TRIAL_COSTS)
+    assert rec.budget["too_short"]
+    assert rec.hyperparameters["rollout.prompts_per_iteration"] == 4
+    assert any("fit only" in note for note in rec.notes)
+
+
+def test_max_new_tokens_follows_the_answer_lengths() -> None:
+    short, _ = max_new_tokens_for(2.0)
+    long, _ = max_new_tokens_for(120.0)
+    assert short == 16 and long == 8 * math.ceil((2 * 120 + 8) / 8)
+    # the model's own answers, when measured, are longer than the bare reference answers
+    measured, note = max_new_tokens_for(2.0, (10, 20, 30, 40, 50, 60, 70, 80), cap=128)
+    assert measured == 8 * math.ceil(1.25 * 80 / 8) and note is None
+    # a model that does not stop: the data decide, and the report says why
+    capped, note = max_new_tokens_for(2.0, (64,) * 6 + (10, 12), cap=64)
+    assert capped == 16 and "did not end 6 of 8" in note
+
+
+def test_modelled_costs_scale_with_the_model_and_the_machine() -> None:
+    small = model_costs(10**8, lora=False, gpus=0, flops_per_s=100e9, bandwidth=10e9)
+    large = model_costs(10**9, lora=False, gpus=0, flops_per_s=100e9, bandwidth=10e9)
+    lora = model_costs(10**9, lora=True, gpus=0, flops_per_s=100e9, bandwidth=10e9)
+    assert large.update_token == pytest.approx(10 * small.update_token)
+    assert lora.update_token == pytest.approx(large.update_token * 4 / 6)
+    gpu = model_costs(10**9, lora=False, gpus=8, flops_per_s=None, bandwidth=None)
+    assert gpu.update_token < large.update_token / 100
+
+
+def test_lengths_are_counted_in_the_models_tokens(task_dir: Path) -> None:
+    from alignkit.data.tokenize import tokenize_prompts
+    from alignkit.models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    path = task_dir / "sort_prompts.jsonl"
+    features = measure_data(path, tokenizer)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    prompts = tokenize_prompts([{"prompt": r["prompt"]} for r in rows], tokenizer)
+    expected = sum(len(e["input_ids"]) for e in prompts) / len(rows)
+    assert features.prompt_tokens_mean == pytest.approx(expected)
+    answers = sorted(
+        len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows
+    )
+    assert features.answer_tokens_p95 == answers[int(0.95 * len(answers))]
+    assert measure_data(path).length_unit.startswith("estimated")
+
+
+def test_a_short_budget_on_this_machine_is_sized_from_measured_iterations(
+    task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = _run(
+        [
+            "recommend",
+            "--data",
+            str(task_dir / "sort_prompts.jsonl"),
+            "--online-reward",
+            "sort_match",
+            "--model",
+            "tiny",
+            "--hours",
+            "0.05",
+            "--json",
+            "--out",
+            str(tmp_path / "grpo.yaml"),
+        ],
+        capsys,
+    )
+    assert code == 0
+    report = json.loads(out)
+    jsonschema.validate(report, RECOMMENDATION_SCHEMA)
+    budget, hp = report["budget"], report["hyperparameters"]
+    assert budget["costs"].startswith("measured on this machine")
+    assert budget["iterations"] * budget["seconds_per_iteration"] <= 0.05 * 3600
+    assert hp["train.iterations"] == budget["iterations"]
+    assert hp["rollout.max_new_tokens"] == budget["max_new_tokens"] >= 16

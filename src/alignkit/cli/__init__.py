@@ -44,9 +44,9 @@ def _register_commands() -> None:
     # Imported here so `alignkit --help` stays fast and each command module owns its options.
     from alignkit.cli import (
         annotate,
+        checks,
         data,
         generate,
-        ops_check,
         pipeline,
         quickstart,
         recommend,
@@ -61,7 +61,7 @@ def _register_commands() -> None:
     quickstart.register(app)
     data.register(app)
     generate.register(app)
-    ops_check.register(app)
+    checks.register(app)
     eval_commands.register(app)
     recommend.register(app)
     pipeline.register(app)

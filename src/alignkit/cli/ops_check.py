@@ -1,4 +1,5 @@
-"""`alignkit ops-check`: run a few identities of `alignkit.ops` on random data and print a table.
+"""The identities `alignkit ops-check` runs (the command is `alignkit.cli.checks`): a few
+identities of `alignkit.ops` on random data, printed as a table.
 
 A quick way to trust an install (or a new GPU/dtype): each row states a formula, the value the
 library computes, the value it must equal (closed form or an independent computation), and
@@ -12,10 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 
 @dataclass(frozen=True)
@@ -215,25 +212,3 @@ def run_checks(seed: int = 0) -> list[CheckResult]:
         out = step()
         results.extend(out if isinstance(out, list) else [out])
     return results
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("ops-check")
-    def ops_check(seed: int = typer.Option(0, help="Seed of the random test data.")) -> None:
-        """Check identities of the algorithm maths (alignkit.ops) on random data."""
-        results = run_checks(seed)
-        table = Table(title="alignkit ops-check")
-        for column in ("formula", "value", "expected", "ok"):
-            table.add_column(column, justify="left" if column == "formula" else "right")
-        for r in results:
-            table.add_row(
-                escape(r.formula),
-                f"{r.value:.6g}",
-                f"{r.expected:.6g}",
-                "[green]ok[/]" if r.ok else "[red]FAIL[/]",
-            )
-        Console().print(table)
-        failed = sum(not r.ok for r in results)
-        if failed:
-            Console(stderr=True).print(f"[red]{failed} check(s) failed[/]")
-            raise typer.Exit(1)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from alignkit.recommend import Features, Recommendation
 
 #: Scoring assumes this size when --model is not given (a typical small chat model).
 ASSUMED_PARAMETERS = 1_000_000_000
@@ -50,6 +55,7 @@ def register(app: typer.Typer) -> None:
             recommend,
             write_config,
         )
+        from alignkit.recommend.budget import MEASURE_MAX_PARAMETERS, measure_machine
         from alignkit.recommend.features import ModelFeatures
         from alignkit.recommend.rules import METHODS
 
@@ -57,7 +63,12 @@ def register(app: typer.Typer) -> None:
         if unknown:
             raise ConfigError(f"--need {unknown[0]!r}: the only requirement is 'safety'")
         assumptions = []
-        data_features = measure_data(data) if data is not None else None
+        tokenizer = None
+        if model is not None:
+            from alignkit.models import load_tokenizer
+
+            tokenizer = load_tokenizer(model)  # lengths in the model's own tokens
+        data_features = measure_data(data, tokenizer) if data is not None else None
         if data_features is None:
             assumptions.append(
                 "no --data: methods that need a data format are judged by the other inputs only"
@@ -89,12 +100,14 @@ def register(app: typer.Typer) -> None:
                 ASSUMED_HOURS,
                 False,
             )
+            if resources.gpus == 0:  # a CPU budget: this CPU's rate is the one we can measure
+                flops, bandwidth = measure_machine()
+                resources = replace(resources, flops_per_s=flops, bandwidth=bandwidth)
+                assumptions.append("the CPU's speed measured on this machine")
         if hours is None:
             assumptions.append(f"a {ASSUMED_HOURS:.0f}-hour budget (no --hours)")
         else:
-            resources = Resources(
-                resources.gpus, resources.gpu_memory_gb, hours, resources.measured
-            )
+            resources = replace(resources, hours=hours)
         features = Features(
             data_features,
             model_features,
@@ -110,6 +123,15 @@ def register(app: typer.Typer) -> None:
             tuple(assumptions),
         )
         rec = recommend(features)
+        measurable = (
+            rec.method is not None
+            and METHODS[rec.method].online
+            and model is not None
+            and model_features.parameters <= MEASURE_MAX_PARAMETERS
+            and (resources.measured or resources.gpus == 0)
+        )
+        if measurable and data_features is not None and data_features.format == "prompt":
+            rec = _measured(rec, features, model, data)
         if rec.method is not None and model is not None:
             rec.config_path = str(write_config(rec, out))
             rec.command = f"alignkit train {METHODS[rec.method].cli} -c {rec.config_path}"
@@ -119,3 +141,42 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(rec.as_dict(), indent=2))
         else:
             print_recommendation(rec, Console(soft_wrap=True))
+
+
+def _measured(rec: Recommendation, features: Features, model: str, data: Path) -> Recommendation:
+    """The recommendation again, its online settings sized from this machine's timings: the
+    model's sampled answer lengths, then 2 short iterations of the recommended config."""
+    import contextlib
+    import io
+
+    from alignkit.recommend import recommend
+    from alignkit.recommend.budget import (
+        max_new_tokens_for,
+        measure_cap,
+        prompts_of,
+        sample_answer_lengths,
+        time_iterations,
+    )
+    from alignkit.recommend.scoring import ASSUMED_PROMPT_TOKENS, run_settings
+
+    prompts = prompts_of(data)
+    if not prompts:
+        return rec
+    lora = next(s for s in rec.scores if s.method == rec.method).lora
+    answers = features.data.answer_tokens_p95
+    cap = measure_cap(answers)
+    with contextlib.redirect_stdout(io.StringIO()):  # the trainer's start-up tables
+        lengths = sample_answer_lengths(model, prompts, lora, cap)
+        new_tokens, _ = max_new_tokens_for(answers, lengths, cap)
+        config_class, entry_point, overrides = run_settings(rec)
+        costs = time_iterations(
+            config_class,
+            entry_point,
+            overrides,
+            rec.hyperparameters["rollout.samples_per_prompt"],
+            features.data.prompt_tokens_mean or ASSUMED_PROMPT_TOKENS,
+            new_tokens,
+            lengths,
+            cap,
+        )
+    return recommend(features, costs)

@@ -12,7 +12,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from alignkit.config import config_yaml, describe_config, load_config
+from alignkit.config import config_yaml, describe_defaults, load_config
 from alignkit.errors import CheckpointError, ConfigError
 from alignkit.trainers.registry import METHODS, get_method
 
@@ -22,20 +22,42 @@ _METHOD_HELP = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
 def method_defaults(method: str) -> Any:
     """The default config of `alignkit train METHOD` (its own defaults applied)."""
     chosen = get_method(method)
-    config_class, _ = chosen.load()
-    return load_config(config_class, None, list(chosen.defaults))
+    return load_config(chosen.load_config_class(), None, list(chosen.defaults))
+
+
+#: Printed after the keys of the methods that take `rewards:` (README: "Writing a reward function").
+REWARD_FUNCTION_HELP = """\
+Writing a reward function (rewards: [{function: my_reward.py:fn, weight: 1.0}, {model: runs/rm}];
+`function:` also takes package.module:fn or a registered name such as sort_match):
+
+    def fn(prompts, completions, answer, **kwargs):   # -> list[float | None]
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return [float(t.strip() == a) for t, a in zip(texts, answer)]
+
+  - completions[i] answers prompts[i]; every other column of the prompt row ('answer' here)
+    comes as a keyword argument, one value per completion; take **kwargs for the rest.
+  - Plain-text prompt rows give strings; conversational rows give TRL's message lists
+    (completion[-1]["content"] is the text).
+  - Return one number per completion, or None where the function does not apply (a sample no
+    function scores gets advantage 0). An exception, a bool, a string or a wrong length stops
+    the run naming the function and the sample.
+  - data.eval_file's greedy completions are scored by the same functions (eval/reward)."""
 
 
 def method_fields_help(method: str) -> str:
     """Every config key of METHOD with its type, default and help: `train METHOD --help`."""
+    chosen = get_method(method)
     lines = [f"Config keys of `alignkit train {method}` (key=value overrides; YAML with -c):", ""]
-    for key, kind, value, helptext in describe_config(method_defaults(method)):
+    rows = describe_defaults(chosen.load_config_class(), chosen.defaults)
+    for key, kind, value, helptext in rows:
         if kind == "a mapping":
             lines.append(f"{key}: {helptext}")
             continue
         lines.append(f"  {key} = {value!r}  ({kind})  {helptext}")
     lines.append("")
     lines.append(f"`alignkit config {method}` prints them as a YAML file to start from.")
+    if any(row[0] == "rewards" for row in rows):
+        lines += ["", REWARD_FUNCTION_HELP]
     return "\n".join(lines)
 
 
@@ -141,7 +163,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         chosen = get_method(method)
-        config_class, entry_point = chosen.load()
+        config_class = chosen.load_config_class()
         extra = [*chosen.defaults, *(overrides or [])]
         if resume is not None:
             extra.append(f"resume_from={resume}")
@@ -157,6 +179,7 @@ def register(app: typer.Typer) -> None:
         if allow_change:
             extra.append(f"allow_change=[{','.join(allow_change)}]")
         cfg = load_config(config_class, config, extra)
+        _, entry_point = chosen.load()  # the trainer (torch) only once the config is sound
         summary = entry_point(cfg)
         from accelerate import PartialState
 

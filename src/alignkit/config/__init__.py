@@ -28,10 +28,23 @@ from alignkit.config.writer import (
     config_to_dict,
     config_yaml,
     describe_config,
+    describe_defaults,
     library_versions,
     save_resolved_config,
 )
-from alignkit.tracking.io import atomic_write_text, umask_mode
+
+# The file helpers live in alignkit.tracking.io; imported on first use, because importing the
+# tracking package imports torch, and the CLI must answer --help and config errors without it.
+_FROM_TRACKING_IO = ("atomic_write_text", "umask_mode")
+
+
+def __getattr__(name: str) -> object:
+    if name in _FROM_TRACKING_IO:
+        from alignkit.tracking import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module 'alignkit.config' has no attribute {name!r}")
+
 
 __all__ = [
     "CHANGES_KEY",
@@ -48,6 +61,7 @@ __all__ = [
     "config_to_dict",
     "config_yaml",
     "describe_config",
+    "describe_defaults",
     "library_versions",
     "load_config",
     "save_resolved_config",

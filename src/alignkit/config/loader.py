@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from alignkit.config.schema import CHANGES_KEY, VERSIONS_KEY, T
+from alignkit.config.trl_names import trl_hint
 from alignkit.errors import ConfigError
 
 # --------------------------------------------------------------------------------------
@@ -184,55 +185,13 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-#: Hugging Face / TRL argument names (and common spellings) -> alignkit's keys, for hints.
-FOREIGN_KEYS = {
-    "learning_rate": "optim.lr",
-    "lr": "optim.lr",
-    "per_device_train_batch_size": "examples_per_device",
-    "train_batch_size": "examples_per_device",
-    "batch_size": "examples_per_device",
-    "per_device_eval_batch_size": "eval.examples_per_device",
-    "gradient_accumulation_steps": "grad_accum_steps",
-    "num_train_epochs": "epochs",
-    "beta": "dpo.beta",
-    "loss_type": "dpo.kind",
-    "label_smoothing": "dpo.label_smoothing",
-    "rpo_alpha": "dpo.nll_weight",
-    "warmup_ratio": "optim.warmup_ratio",
-    "warmup_steps": "optim.warmup_steps",
-    "weight_decay": "optim.weight_decay",
-    "max_grad_norm": "optim.max_grad_norm",
-    "lr_scheduler_type": "optim.schedule",
-    "adam_epsilon": "optim.eps",
-    "logging_steps": "logging.every",
-    "eval_steps": "eval.every",
-    "save_steps": "checkpoint.every",
-    "save_total_limit": "checkpoint.keep_last",
-    "max_length": "data.max_length",
-    "max_seq_length": "data.max_length",
-    "model_name_or_path": "model.name",
-    "bf16": "precision",
-    "resume_from_checkpoint": "resume_from",
-}
-
-
-def _foreign_key_hint(bad: str, everything: list[str]) -> str | None:
-    """The alignkit key for a TRL/transformers name (or a misspelling of one), if this config
-    has it: ``learning_rate`` and ``optim.learnig_rate`` both give ``optim.lr``."""
-    leaf = bad.rsplit(".", 1)[-1]
-    names = difflib.get_close_matches(leaf, list(FOREIGN_KEYS), n=1, cutoff=0.85)
-    if names and FOREIGN_KEYS[names[0]] in everything:
-        return FOREIGN_KEYS[names[0]]
-    return None
-
-
 def _unknown_key_message(root: type, bad: str, parent: list[str]) -> str:
     """'unknown key X (did you mean Y?)': a TRL/transformers name or a misspelling of one
-    first, then siblings, then the whole tree."""
+    first (`alignkit.config.trl_names`), then siblings, then the whole tree."""
     everything = _all_keys(root)
-    foreign = _foreign_key_hint(bad, everything)
-    if foreign is not None and foreign != bad:
-        return f"unknown key '{bad}' for {root.__name__} (did you mean '{foreign}'?)"
+    trl = trl_hint(bad, everything, root.__name__)
+    if trl is not None:
+        return f"unknown key '{bad}' for {root.__name__} ({trl})"
     prefix = ".".join(parent) + "." if parent else ""
     siblings = [k for k in everything if k.startswith(prefix) and "." not in k[len(prefix) :]]
     guess = difflib.get_close_matches(bad, siblings, n=1, cutoff=0.6)
@@ -245,7 +204,22 @@ def _unknown_key_message(root: type, bad: str, parent: list[str]) -> str:
     return f"unknown key '{bad}' for {root.__name__}{hint}"
 
 
+@dataclasses.dataclass
+class _Pending:
+    """A config dataclass whose keys and value types are checked, not yet constructed: every
+    key and type error of the whole file is found before any ``__post_init__`` runs (those
+    consult registries that import torch; a misspelt key must not wait for that)."""
+
+    cls: type
+    kwargs: dict[str, Any]
+    where: str
+
+
 def _build(cls: type[T], raw: Any, prefix: str, origin: _Origin, root: type | None = None) -> T:
+    return _construct(_check(cls, raw, prefix, origin, root), origin)
+
+
+def _check(cls: type, raw: Any, prefix: str, origin: _Origin, root: type | None = None) -> _Pending:
     root = root or cls
     where = prefix.rstrip(".")
     if not isinstance(raw, Mapping):
@@ -266,11 +240,25 @@ def _build(cls: type[T], raw: Any, prefix: str, origin: _Origin, root: type | No
             kwargs[f.name] = _coerce(raw[key], hints[f.name], dotted, origin, root)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise origin.error(dotted, f"missing required key '{dotted}'")
+    return _Pending(cls, kwargs, where)
+
+
+def _construct(value: Any, origin: _Origin) -> Any:
+    """Build the checked tree bottom-up; a ``__post_init__`` error names its section."""
+    if isinstance(value, list):
+        return [_construct(v, origin) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_construct(v, origin) for v in value)
+    if isinstance(value, dict):
+        return {k: _construct(v, origin) for k, v in value.items()}
+    if not isinstance(value, _Pending):
+        return value
+    kwargs = {name: _construct(v, origin) for name, v in value.kwargs.items()}
     try:
-        return cls(**kwargs)
+        return value.cls(**kwargs)
     except ConfigError as exc:
-        scope = f"in '{where}': " if where else ""
-        raise origin.error(where, f"{scope}{exc}", scope=True) from None
+        scope = f"in '{value.where}': " if value.where else ""
+        raise origin.error(value.where, f"{scope}{exc}", scope=True) from None
 
 
 def _coerce(value: Any, tp: Any, key: str, origin: _Origin, root: type) -> Any:
@@ -283,6 +271,12 @@ def _coerce(value: Any, tp: Any, key: str, origin: _Origin, root: type) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        # A list option wraps a single value into a one-item list (`report_to=wandb`); when the
+        # union also takes the value as it is (`target_modules: list[str] | str` given
+        # `all-linear`), that wrapping must not win over it: try the options of the value's
+        # own shape first.
+        is_list = isinstance(value, (list, tuple))
+        options.sort(key=lambda option: _is_sequence(option) != is_list)
         errors = []
         for option in options:
             try:
@@ -305,7 +299,7 @@ def _coerce(value: Any, tp: Any, key: str, origin: _Origin, root: type) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        return _build(tp, value, key + ".", origin, root)
+        return _check(tp, value, key + ".", origin, root)
     if kind in (list, Sequence):
         if not isinstance(value, (list, tuple)):
             value = [value]  # `report_to=wandb` means [wandb]
@@ -378,6 +372,10 @@ def _strip_optional(tp: Any) -> Any:
         if len(options) == 1:
             return options[0]
     return tp
+
+
+def _is_sequence(tp: Any) -> bool:
+    return typing.get_origin(tp) in (list, Sequence, tuple)
 
 
 def _is_structured(tp: Any) -> bool:

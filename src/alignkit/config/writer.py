@@ -7,15 +7,14 @@ import importlib.metadata
 import math
 import platform
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
 
-from alignkit.config.loader import _fields_by_key, _type_name, config_key
+from alignkit.config.loader import _fields_by_key, _parse_override, _type_name, config_key
 from alignkit.config.schema import CHANGES_KEY, VERSIONS_KEY
-from alignkit.tracking.io import atomic_write_text
 
 # --------------------------------------------------------------------------------------
 # Writing
@@ -64,6 +63,8 @@ def save_resolved_config(
 ) -> Path:
     """Write `cfg` as YAML (loadable by :func:`load_config`) with a `_versions` record, and
     the `_changes` made on resumes when there are any."""
+    from alignkit.tracking.io import atomic_write_text  # the tracking package imports torch
+
     path = Path(path)
     data = config_to_dict(cfg)
     if changes:
@@ -91,6 +92,38 @@ def describe_config(cfg: Any, prefix: str = "") -> list[tuple[str, str, Any, str
             rows.append((key, "a mapping", None, helptext))
             rows.extend(describe_config(value, key + "."))
         else:
+            rows.append((key, _type_name(hints[f.name]), _plain(value), helptext))
+    return rows
+
+
+def describe_defaults(
+    cls: type, overrides: Sequence[str] = (), prefix: str = ""
+) -> list[tuple[str, str, Any, str]]:
+    """:func:`describe_config` of ``load_config(cls, None, overrides)`` read from the class
+    alone: nothing is constructed, so no ``__post_init__`` runs (those import torch to check
+    registered names). A default that a ``__post_init__`` derives from other settings (PPO's
+    critic) shows as the field's own default; its help says so."""
+    values = dict(_parse_override(cls, text) for text in overrides)
+    return _describe_class(cls, prefix, values)
+
+
+def _describe_class(
+    cls: type, prefix: str, values: Mapping[str, Any]
+) -> list[tuple[str, str, Any, str]]:
+    rows: list[tuple[str, str, Any, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, helptext = prefix + config_key(f), f.metadata.get("help", "")
+        factory = f.default_factory
+        if key in values:
+            rows.append((key, _type_name(hints[f.name]), _plain(values[key]), helptext))
+        elif isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            rows.append((key, "a mapping", None, helptext))
+            rows.extend(_describe_class(factory, key + ".", values))
+        else:
+            value = factory() if factory is not dataclasses.MISSING else f.default
             rows.append((key, _type_name(hints[f.name]), _plain(value), helptext))
     return rows
 

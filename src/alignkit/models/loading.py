@@ -240,6 +240,7 @@ def _load_with_adapter(
         )
     model = peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
     model.alignkit_base = _base_identity(base_source, seed)
+    _record_loadable_base(model, base_source)  # an older save may have recorded an alias
     return model
 
 
@@ -345,12 +346,22 @@ def load_policy(
     ensure_pad_token(tokenizer, model)
     if settings is not None:
         model = apply_lora(model, settings, seed=seed)
-        identity = _base_identity(resolved, seed)
-        model.alignkit_base = identity
-        for config in model.peft_config.values():
-            # peft records the name as given; a relative path would not resolve elsewhere.
-            config.base_model_name_or_path = identity["base"]
+        model.alignkit_base = _base_identity(resolved, seed)
+        _record_loadable_base(model, resolved)
     return model.eval(), tokenizer
+
+
+def _record_loadable_base(model: nn.Module, resolved: ResolvedModel) -> None:
+    """Make peft record the base as a path or hub id that peft and transformers load without
+    alignkit (``AutoPeftModelForCausalLM.from_pretrained(checkpoint)``): a fetched model's
+    directory rather than its alias, an absolute path rather than a relative one. The alias
+    stays in the adapter's ``alignkit_base.json``, which alignkit reads first."""
+    if resolved.kind == "cache":
+        base = str(Path(resolved.location).resolve())
+    else:
+        base = _base_identity(resolved, 0)["base"]
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base
 
 
 def _base_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:

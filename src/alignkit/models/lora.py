@@ -48,6 +48,14 @@ class LoraSettings:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
             if not self.target_modules:
                 raise ConfigError("lora.target_modules is empty")
+            if "all-linear" in self.target_modules:
+                # peft knows the shorthand only as the whole value, not as a module name
+                if len(self.target_modules) > 1:
+                    raise ConfigError(
+                        "lora.target_modules: 'all-linear' already covers every linear layer; "
+                        f"give it alone or list module names, got {list(self.target_modules)}"
+                    )
+                object.__setattr__(self, "target_modules", "all-linear")
 
     @classmethod
     def coerce(cls, value: LoraSettings | Mapping[str, Any] | None) -> LoraSettings | None:

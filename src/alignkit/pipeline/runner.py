@@ -26,6 +26,7 @@ from rich.table import Table
 
 from alignkit.config import atomic_write_text, config_to_dict, load_config
 from alignkit.errors import AlignkitError
+from alignkit.pipeline.checks import judge_disagreements
 from alignkit.pipeline.spec import PipelineError, PipelineSpec, Stage, resolve
 from alignkit.pipeline.tools import TOOL_KEY_METRIC, TOOLS
 from alignkit.tracking import latest_checkpoint, read_metrics
@@ -58,6 +59,7 @@ class StageRecord:
     before: float | None = None
     after: float | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # what a check across stages found (alignkit.pipeline.checks)
 
 
 def _digest(payload: Any) -> str:
@@ -169,6 +171,7 @@ class _Run:
             "model": str(checkpoint / "model"),
             "metrics": summary.get("metrics") or {},
             "eval": summary.get("eval") or {},
+            **_inputs(cfg),
         }
         record.metric, record.before, record.after = _key_metric(stage, run_dir)
 
@@ -190,6 +193,9 @@ class _Run:
         stage_dir = self.spec.root / stage.name
         metrics = TOOLS[stage.tool or ""](args, stage_dir)
         record.artifacts = {"run_dir": str(stage_dir), "metrics": metrics}
+        for name in ("model", "rewards"):  # what an evaluation judged, for the checks
+            if name in args:
+                record.artifacts[name] = args[name]
         record.metric = TOOL_KEY_METRIC[stage.tool or ""]
         record.after = metrics.get(record.metric)
 
@@ -248,6 +254,9 @@ def run_pipeline(
         else:
             run.stage(i, stage, record, before, fresh=from_stage is not None)
         run.artifacts[stage.name] = record.artifacts
+    disagreements = judge_disagreements(run.records)
+    for record in run.records:
+        record.note = "; ".join(d.text() for d in disagreements if d.stage == record.name)
     table = [
         {
             "stage": r.name,
@@ -257,30 +266,45 @@ def run_pipeline(
             "metric": r.metric,
             "before": r.before,
             "after": r.after,
+            "note": r.note,
         }
         for r in run.records
     ]
-    atomic_write_text(spec.root / "summary.json", json.dumps({"stages": table}, indent=2) + "\n")
+    summary = {"stages": table, "disagreements": [d.as_dict() for d in disagreements]}
+    atomic_write_text(spec.root / "summary.json", json.dumps(summary, indent=2) + "\n")
     return run.records
 
 
 def summary_table(records: list[StageRecord]) -> Table:
-    """One row per stage: what happened, how long, its key metric before -> after."""
+    """One row per stage: what happened, how long, its key metric before -> after, and a note
+    where a check across stages found something (a trained reward and a judge disagreeing)."""
+    notes = any(r.note for r in records)
     table = Table(title="pipeline summary")
     for column in ("stage", "kind", "outcome", "time", "key metric", "before -> after"):
         table.add_column(column)
+    if notes:
+        table.add_column("note", style="bold yellow", overflow="fold")
     for r in records:
         change = (
             ""
             if r.after is None
             else (f"{r.after:.3f}" if r.before is None else f"{r.before:.3f} -> {r.after:.3f}")
         )
-        table.add_row(
-            escape(r.name),
-            escape(r.kind),
-            r.outcome,
-            f"{r.seconds:.0f}s",
-            escape(r.metric or ""),
-            change,
-        )
+        cells = [escape(r.name), escape(r.kind), r.outcome, f"{r.seconds:.0f}s"]
+        cells += [escape(r.metric or ""), change]
+        table.add_row(*cells, *([escape(r.note)] if notes else []))
     return table
+
+
+def _inputs(cfg: Any) -> dict[str, Any]:
+    """What a training stage started from and was trained on, for the checks across stages."""
+    found: dict[str, Any] = {}
+    model = getattr(cfg, "model", None)
+    if model is not None and hasattr(model, "name"):
+        found["input_model"] = str(model.name)
+    if hasattr(cfg, "rewards"):
+        found["reward_sources"] = [
+            str(source.get("function") or source.get("model"))
+            for source in config_to_dict(cfg).get("rewards", [])
+        ]
+    return found

@@ -50,6 +50,9 @@ class DataFeatures:
     tie_share: float | None = None  # pairs with margin 0 (or preference 0.5)
     agreement: float | None = None  # mean majority share (or given agreement) where present
     has_answers: bool = False  # prompt files with an `answer` column: a verifiable reward
+    prompt_tokens_mean: float | None = None  # as the model sees them (chat template applied)
+    answer_tokens_p95: float | None = None  # `answer` column, completions, or chosen/rejected
+    length_unit: str = "tokens"  # or "estimated tokens (1.3 per word)" without a tokenizer
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class Resources:
     gpu_memory_gb: float  # per GPU (for CPU-only: the machine's RAM, gpus = 0)
     hours: float
     measured: bool
+    flops_per_s: float | None = None  # this machine's measured fp32 matmul rate (CPU)
+    bandwidth: float | None = None  # this machine's measured memory copy rate, bytes/s
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,18 @@ def _responses(record: dict[str, Any], fmt: str) -> list[str]:
     return [_text(record[name]) for name in names if name in record]
 
 
+def _answer_texts(record: dict[str, Any], fmt: str) -> list[str]:
+    """What a model answers in a record: its responses; a conversation's assistant turns."""
+    messages = record.get("messages")
+    if fmt == "sft" and isinstance(messages, list):
+        return [
+            str(m.get("content", ""))
+            for m in messages
+            if isinstance(m, dict) and m.get("role") == "assistant"
+        ]
+    return _responses(record, fmt)
+
+
 def _agreement(record: dict[str, Any]) -> float | None:
     for name in AGREEMENT_COLUMNS:
         if isinstance(record.get(name), int | float):
@@ -146,8 +163,41 @@ def _tie(record: dict[str, Any]) -> bool:
     return isinstance(margin, int | float) and margin == 0
 
 
-def measure_data(path: str | Path) -> DataFeatures:
-    """Read a data file (any format alignkit loads) and measure what the rules use."""
+#: Rows whose lengths are measured (a seeded prefix would do; the file's head is simpler).
+LENGTH_ROWS = 2000
+WORDS_TO_TOKENS = 1.3
+
+
+def _lengths(
+    records: list[dict[str, Any]], fmt: str, tokenizer: Any | None
+) -> tuple[float | None, float | None]:
+    """Mean prompt length and 95th-percentile answer length, in tokens of `tokenizer` (words x
+    1.3 without one): what the online budget and ``rollout.max_new_tokens`` are sized from."""
+    rows = records[:LENGTH_ROWS]
+    if fmt == "prompt":
+        answers = [_text(r["answer"]) for r in rows if r.get("answer") is not None]
+    else:
+        answers = [text for r in rows for text in _answer_texts(r, fmt)]
+    prompts = [r["prompt"] for r in rows if r.get("prompt") is not None]
+    if tokenizer is None:
+        prompt_lengths = [WORDS_TO_TOKENS * len(_text(p).split()) for p in prompts]
+        answer_lengths = [WORDS_TO_TOKENS * len(a.split()) for a in answers]
+    else:
+        from alignkit.data.tokenize import tokenize_prompts
+
+        examples = tokenize_prompts([{"prompt": p} for p in prompts], tokenizer)
+        prompt_lengths = [len(e["input_ids"]) for e in examples]
+        answer_lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    mean = statistics.fmean(prompt_lengths) if prompt_lengths else None
+    if not answer_lengths:
+        return mean, None
+    ordered = sorted(answer_lengths)
+    return mean, float(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))])
+
+
+def measure_data(path: str | Path, tokenizer: Any | None = None) -> DataFeatures:
+    """Read a data file (any format alignkit loads) and measure what the rules use; lengths in
+    tokens of `tokenizer` (the model's), or estimated from words without one."""
     raw = read_rows(path)
     records = [r.value for r in raw if r.error is None and isinstance(r.value, dict)]
     if not records:
@@ -162,6 +212,7 @@ def measure_data(path: str | Path) -> DataFeatures:
     margins = [float(r["margin"]) for r in records if isinstance(r.get("margin"), int | float)]
     agreements = [a for a in map(_agreement, records) if a is not None]
     pairs = fmt in ("preference", "safety")
+    prompt_tokens, answer_tokens = _lengths(records, fmt, tokenizer)
     return DataFeatures(
         path=str(path),
         format=fmt,
@@ -173,6 +224,9 @@ def measure_data(path: str | Path) -> DataFeatures:
         tie_share=sum(map(_tie, records)) / len(records) if pairs else None,
         agreement=statistics.fmean(agreements) if agreements else None,
         has_answers=fmt == "prompt" and all("answer" in r for r in records),
+        prompt_tokens_mean=prompt_tokens,
+        answer_tokens_p95=answer_tokens,
+        length_unit="tokens" if tokenizer is not None else "estimated tokens (1.3 per word)",
     )
 
 
@@ -208,5 +262,8 @@ def measure_resources() -> Resources:
         count = torch.cuda.device_count()
         memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
         return Resources(count, memory / 2**30, hours=24.0, measured=True)
+    from alignkit.recommend.budget import measure_machine
+
     ram = psutil.virtual_memory().total / 2**30
-    return Resources(0, ram, hours=24.0, measured=True)
+    flops, bandwidth = measure_machine()
+    return Resources(0, ram, hours=24.0, measured=True, flops_per_s=flops, bandwidth=bandwidth)

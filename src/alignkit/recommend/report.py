@@ -30,6 +30,7 @@ RECOMMENDATION_SCHEMA: dict[str, Any] = {
         "features",
         "assumptions",
         "notes",
+        "budget",
     ],
     "properties": {
         "recommendation": {"anyOf": [_METHOD, {"type": "null"}]},
@@ -76,6 +77,24 @@ RECOMMENDATION_SCHEMA: dict[str, Any] = {
         "features": {"type": "object", "required": ["data", "model", "resources", "requirements"]},
         "assumptions": {"type": "array", "items": {"type": "string"}},
         "notes": {"type": "array", "items": {"type": "string"}},
+        "budget": {
+            "anyOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": [
+                        "hours",
+                        "budget_hours",
+                        "iterations",
+                        "seconds_per_iteration",
+                        "generation_s",
+                        "update_s",
+                        "max_new_tokens",
+                        "costs",
+                    ],
+                },
+            ]
+        },
     },
 }
 
@@ -104,13 +123,21 @@ def print_recommendation(rec: Recommendation, console: Console | None = None) ->
     console.print(f"[bold green]recommended:[/] {rec.method}")
     if rec.runner_up:
         console.print(
-            f"runner-up: {rec.runner_up}: prefer it with "
-            f"{escape(METHODS[rec.runner_up].when_to_prefer)}"
+            f"runner-up: {rec.runner_up}, suited to {escape(METHODS[rec.runner_up].when_to_prefer)}"
         )
     console.print(
         "starting settings: "
         + escape(", ".join(f"{k}={v}" for k, v in rec.hyperparameters.items()))
     )
+    if rec.budget is not None:
+        b = rec.budget
+        console.print(
+            f"estimated time: {b['hours']:.2f} h of the {b['budget_hours']:g} h budget: "
+            f"{b['iterations']} iterations x {b['seconds_per_iteration']:.1f} s (generation "
+            f"{b['generation_s']:.1f} s, update {b['update_s']:.1f} s; prompts "
+            f"~{b['prompt_tokens']:.0f} tokens, answers <= {b['max_new_tokens']}); "
+            + escape(b["costs"])
+        )
     for note in rec.notes:
         console.print(f"[yellow]note[/] {escape(note)}")
     if rec.command:

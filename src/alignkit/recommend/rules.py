@@ -91,8 +91,8 @@ METHODS: dict[str, MethodSpec] = {
             1,
             2,
             True,
-            "as GRPO, with the unbiased leave-one-out baseline and no std scaling "
-            "(no question-difficulty bias)",
+            "the same setting as GRPO, with the unbiased leave-one-out baseline and no std "
+            "scaling (no question-difficulty bias)",
         ),
         MethodSpec(
             "ppo",

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignkit.recommend.budget import TokenCosts, max_new_tokens_for, model_costs, size_online_run
 from alignkit.recommend.features import Features
 from alignkit.recommend.rules import (
     METHODS,
@@ -18,7 +19,7 @@ from alignkit.recommend.rules import (
     usable_memory_gb,
 )
 
-__all__ = ["MethodScore", "Recommendation", "recommend", "write_config"]
+__all__ = ["MethodScore", "Recommendation", "recommend", "run_settings", "write_config"]
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Recommendation:
     command: str | None = None
     config_path: str | None = None
     notes: list[str] = field(default_factory=list)
+    budget: dict[str, Any] | None = None  # online methods: the time estimate behind the settings
 
     def as_dict(self) -> dict[str, Any]:
         spec = METHODS.get(self.runner_up) if self.runner_up else None
@@ -56,6 +58,7 @@ class Recommendation:
             "features": self.features.as_dict(),
             "assumptions": list(self.features.assumptions),
             "notes": self.notes,
+            "budget": self.budget,
         }
 
 
@@ -146,12 +149,6 @@ def suggest_hyperparameters(spec: MethodSpec, f: Features, lora: bool) -> dict[s
             hp["dpo.label_smoothing"] = 0.1  # cDPO: assume ~10% flipped labels
     if spec.name == "ipo":
         hp["dpo.beta"] = 0.1  # target margin 1/(2 beta) = 5 nats
-    if spec.name in ("grpo", "rloo"):
-        hp["rollout.samples_per_prompt"] = 8
-        hp["rollout.prompts_per_iteration"] = 16 if f.model.parameters < 10e6 else 64
-    if spec.name in ("ppo", "safe-ppo"):
-        hp["rollout.samples_per_prompt"] = 1
-        hp["rollout.prompts_per_iteration"] = 16 if f.model.parameters < 10e6 else 64
     if spec.online:
         sources = []
         if f.requirements.online_reward:
@@ -179,27 +176,32 @@ def _config_overrides(spec: MethodSpec, f: Features, hp: dict[str, Any]) -> list
     return overrides
 
 
+def run_settings(rec: Recommendation) -> tuple[type, Any, list[str]]:
+    """The winner's config class, trainer entry point and every override of its config."""
+    from alignkit.trainers.registry import get_method
+
+    spec = METHODS[rec.method]
+    method = get_method(spec.cli)
+    config_class, entry_point = method.load()
+    overrides = [*method.defaults, *_config_overrides(spec, rec.features, rec.hyperparameters)]
+    return config_class, entry_point, overrides
+
+
 def write_config(rec: Recommendation, path: str | Path) -> Path:
     """Write the winner's complete config (defaults + the suggestions) as YAML, atomically;
     it is loaded through the method's own config class first, so every key is valid."""
     from alignkit.config import load_config, save_resolved_config
-    from alignkit.trainers.registry import get_method
 
-    spec = METHODS[rec.method]
-    config_class, _ = get_method(spec.cli).load()
-    cfg = load_config(
-        config_class,
-        None,
-        [
-            *get_method(spec.cli).defaults,
-            *_config_overrides(spec, rec.features, rec.hyperparameters),
-        ],
-    )
-    return save_resolved_config(cfg, path)
+    config_class, _, overrides = run_settings(rec)
+    return save_resolved_config(load_config(config_class, None, overrides), path)
 
 
-def recommend(features: Features) -> Recommendation:
-    """Scores, the winner among the feasible methods, its runner-up and starting settings."""
+def recommend(features: Features, costs: TokenCosts | None = None) -> Recommendation:
+    """Scores, the winner among the feasible methods, its runner-up and starting settings.
+
+    An online winner's batch, ``rollout.max_new_tokens`` and iterations are sized to the stated
+    hours from `costs` (measured by `recommend.budget.measure_costs`), or from costs modelled on
+    the model's size and the machine's rate when `costs` is None."""
     scores = score_methods(features)
     feasible = [s for s in scores if s.feasible]
     notes = []
@@ -231,4 +233,46 @@ def recommend(features: Features) -> Recommendation:
             "as the reward source"
         )
     hp = suggest_hyperparameters(spec, features, best.lora)
-    return Recommendation(best.method, runner, scores, hp, features, notes=notes)
+    budget = None
+    if spec.online:
+        sized, budget, budget_notes = _size_online(spec, features, best.lora, costs)
+        hp.update(sized)
+        notes += budget_notes
+    return Recommendation(best.method, runner, scores, hp, features, notes=notes, budget=budget)
+
+
+#: Prompt length assumed when the data do not say (no prompts, or no --data).
+ASSUMED_PROMPT_TOKENS = 64.0
+
+
+def _size_online(
+    spec: MethodSpec, f: Features, lora: bool, costs: TokenCosts | None
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Batch, answer length and iterations that fit the stated hours (`recommend.budget`)."""
+    r = f.resources
+    if costs is None:
+        costs = model_costs(f.model.parameters, lora, r.gpus, r.flops_per_s, r.bandwidth)
+    data = f.data
+    prompt_tokens = data.prompt_tokens_mean if data is not None else None
+    new_tokens, length_note = max_new_tokens_for(
+        data.answer_tokens_p95 if data is not None else None, costs.completion_tokens, costs.cap
+    )
+    overrides, estimate = size_online_run(
+        costs,
+        r.hours,
+        prompt_tokens if prompt_tokens is not None else ASSUMED_PROMPT_TOKENS,
+        new_tokens,
+        group=spec.name in ("grpo", "rloo"),
+    )
+    notes = [length_note] if length_note else []
+    if prompt_tokens is None:
+        notes.append(f"prompt length assumed {ASSUMED_PROMPT_TOKENS:.0f} tokens (no prompts read)")
+    if estimate["too_short"]:
+        notes.append(
+            f"{r.hours:g} h fit only {estimate['iterations']} iterations of "
+            f"{overrides['rollout.prompts_per_iteration']} prompts x "
+            f"{overrides['rollout.samples_per_prompt']} samples "
+            f"({estimate['seconds_per_iteration']:.0f} s each): allow more hours, a smaller "
+            "model or fewer rollout.max_new_tokens"
+        )
+    return overrides, estimate, notes

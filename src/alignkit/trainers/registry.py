@@ -19,10 +19,18 @@ class Method:
     entry_point: str
     defaults: tuple[str, ...] = ()
     summary: str = ""
+    #: Where `config_class` is defined, when that module is lighter than the trainer's: the CLI
+    #: then answers --help and config errors without importing torch.
+    config_module: str | None = None
+
+    def load_config_class(self) -> type:
+        return getattr(
+            importlib.import_module(self.config_module or self.module), self.config_class
+        )
 
     def load(self) -> tuple[type, Callable[[Any], dict[str, Any]]]:
-        mod = importlib.import_module(self.module)
-        return getattr(mod, self.config_class), getattr(mod, self.entry_point)
+        config_class = self.load_config_class()
+        return config_class, getattr(importlib.import_module(self.module), self.entry_point)
 
 
 METHODS: dict[str, Method] = {
@@ -70,6 +78,7 @@ METHODS: dict[str, Method] = {
         "train_pg",
         ("advantage.estimator=gae",),
         summary="PPO: clipped policy loss, a critic (value head), GAE",
+        config_module="alignkit.trainers.rl_config",
     ),
     "grpo": Method(
         "alignkit.trainers.pg",
@@ -77,6 +86,7 @@ METHODS: dict[str, Method] = {
         "train_pg",
         ("advantage.estimator=grpo",),
         summary="GRPO: group-normalised outcome advantages, no critic",
+        config_module="alignkit.trainers.rl_config",
     ),
     "rloo": Method(
         "alignkit.trainers.pg",
@@ -84,6 +94,7 @@ METHODS: dict[str, Method] = {
         "train_pg",
         ("advantage.estimator=rloo",),
         summary="RLOO: leave-one-out baseline within each prompt's group",
+        config_module="alignkit.trainers.rl_config",
     ),
     "reinforce++": Method(
         "alignkit.trainers.pg",
@@ -91,6 +102,7 @@ METHODS: dict[str, Method] = {
         "train_pg",
         ("advantage.estimator=reinforce_pp",),
         summary="REINFORCE++: returns whitened over the batch, KL in the reward",
+        config_module="alignkit.trainers.rl_config",
     ),
     "reinforce": Method(
         "alignkit.trainers.pg",
@@ -98,6 +110,7 @@ METHODS: dict[str, Method] = {
         "train_pg",
         ("advantage.estimator=reinforce", "policy_loss.name=policy_gradient"),
         summary="REINFORCE (seed 003): plain policy gradient, batch-mean baseline",
+        config_module="alignkit.trainers.rl_config",
     ),
     "safe-ppo": Method(
         "alignkit.trainers.safe_ppo",

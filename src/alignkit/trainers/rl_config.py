@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.config import RunConfig
+from alignkit.config.inputs import ModelConfig
 from alignkit.config.schema import field_help
 from alignkit.errors import ConfigError
-from alignkit.trainers.common import ModelConfig
 
 
 def _require(condition: bool, message: str) -> None:
