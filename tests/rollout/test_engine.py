@@ -7,13 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignkit.ops import sequence_logprobs
-from alignkit.rollout.engine import (
-    GenerationEngine,
-    Prompt,
-    SamplingConfig,
-    TransformersEngine,
-    sampling_distribution,
-)
+from alignkit.ops.sampling import sampling_distribution
+from alignkit.rollout import GenerationEngine, Prompt, SamplingConfig, TransformersEngine
 
 VOCAB, PAD, EOS = 8, 0, 1
 
@@ -140,11 +135,11 @@ def test_shared_prefill_equals_repeated_prompts(small, lean) -> None:
 def test_top_k_and_top_p_restrict_the_support(small) -> None:
     model, tokenizer = small
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0]])
-    top2 = sampling_distribution(logits, SamplingConfig(max_new_tokens=1, top_k=2))
+    top2 = sampling_distribution(logits, top_k=2)
     assert torch.isfinite(top2).sum() == 2
     assert torch.allclose(top2[0, :2].exp(), torch.tensor([3.0, 2.0]).softmax(0))
     probs = logits.softmax(-1)[0]  # 0.636, 0.234, 0.086, ...: 0.8 needs the first two tokens
-    nucleus = sampling_distribution(logits, SamplingConfig(max_new_tokens=1, top_p=0.8))
+    nucleus = sampling_distribution(logits, top_p=0.8)
     assert torch.isfinite(nucleus).sum() == 2
     assert torch.allclose(nucleus[0, :2].exp(), probs[:2] / probs[:2].sum())
 

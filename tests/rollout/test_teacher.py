@@ -7,14 +7,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignkit.errors import ConfigError
-from alignkit.ops import sequence_logprobs
-from alignkit.ops.sampling import (
+from alignkit.ops import (
+    effective_sample_size,
     geometric_mixture_logprobs,
     kl_symmetry_alpha,
     min_variance_proposal_logprobs,
+    sequence_logprobs,
     truncated_importance_weights,
 )
-from alignkit.rollout.engine import GenerationEngine, Prompt, SamplingConfig, sampling_distribution
+from alignkit.ops.sampling import sampling_distribution
+from alignkit.rollout import GenerationEngine, Prompt, SamplingConfig
 from alignkit.rollout.teacher import TeacherGuidedEngine
 
 VOCAB, PAD, EOS = 8, 0, 1
@@ -88,18 +90,18 @@ def _next_token_logits(model, prompt: Prompt) -> torch.Tensor:
 def test_teacher_equal_to_policy_gives_alpha_one_and_unit_weights(models):
     policy, _, tokenizer = models
     engine = TeacherGuidedEngine(policy, policy, tokenizer)
-    assert isinstance(engine, GenerationEngine) and engine.samples_from_policy is False
-    exp = engine.generate(
-        _prompts(),
-        SamplingConfig(max_new_tokens=6, samples_per_prompt=3),
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert engine.last_stats["sampling/alpha_mean"] == pytest.approx(1.0, abs=1e-12)
-    assert engine.last_stats["sampling/is_weight_max"] == pytest.approx(1.0, abs=1e-6)
-    assert engine.last_stats["sampling/ess"] == pytest.approx(1.0, abs=1e-6)
-    assert engine.last_stats["sampling/fallback_share"] == 0.0
+    sampling = SamplingConfig(max_new_tokens=6, samples_per_prompt=3)
+    assert isinstance(engine, GenerationEngine) and engine.samples_policy(sampling) is False
+    exp = engine.generate(_prompts(), sampling, generator=torch.Generator().manual_seed(0))
+    assert engine.stats()["sampling/alpha_mean"] == pytest.approx(1.0, abs=1e-12)
+    assert engine.stats()["sampling/fallback_share"] == 0.0
+    # The importance weights are the trainer's: pi (a re-scoring forward) over the recorded q.
     rescored = sequence_logprobs(_logits(policy, exp), exp.input_ids, exp.response_mask)
     weights = truncated_importance_weights(rescored, exp.behaviour_logprobs, max_weight=2.0)
+    mask = exp.response_mask
+    assert float(weights[mask].max()) == pytest.approx(1.0, abs=1e-5)
+    ess = effective_sample_size(weights, mask) / mask.sum()
+    assert float(ess) == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(weights[exp.response_mask], torch.ones(()), atol=1e-5)
 
 
@@ -117,7 +119,7 @@ def test_samples_follow_the_fixed_alpha_mixture(models):
         SamplingConfig(max_new_tokens=1, samples_per_prompt=n),
         generator=torch.Generator().manual_seed(0),
     )
-    assert engine.last_stats["sampling/alpha_mean"] == pytest.approx(alpha)
+    assert engine.stats()["sampling/alpha_mean"] == pytest.approx(alpha)
     counts = torch.bincount(exp.input_ids[:, -1], minlength=VOCAB).double()
     expected = logq.double().exp() * n
     keep = expected > 5
@@ -141,18 +143,21 @@ def test_recorded_log_q_equals_the_mixture_from_both_models_logits(models, rule,
     mask = exp.response_mask[:, 1:]
     policy_logits = _logits(policy, exp)[:, :-1][mask]  # logits at t-1 predict token t
     teacher_logits = _logits(teacher, exp)[:, :-1][mask]
-    logp = sampling_distribution(policy_logits, sampling)
-    logt = sampling_distribution(teacher_logits, sampling)
+    logp = sampling_distribution(policy_logits, 0.8, top_k)
+    logt = sampling_distribution(teacher_logits, 0.8, top_k)
     if rule == "min_variance":
         scores = (teacher_logits / 0.8).log_softmax(-1) - (policy_logits / 0.8).log_softmax(-1)
         logq = min_variance_proposal_logprobs(logp, scores, floor=0.1)
     else:
         alpha = kl_symmetry_alpha(logp, logt).alpha if rule == "kl_symmetry" else rule
         logq = geometric_mixture_logprobs(logp, logt, alpha)
-    expected = logq.gather(1, exp.input_ids[:, 1:][mask][:, None]).squeeze(1)
+    tokens = exp.input_ids[:, 1:][mask][:, None]
+    expected = logq.gather(1, tokens).squeeze(1)
     assert torch.allclose(exp.behaviour_logprobs[:, 1:][mask], expected, atol=1e-4)
     assert bool((exp.behaviour_logprobs[~exp.response_mask] == 0).all())
-    assert 0 < engine.last_stats["sampling/ess"] <= 1
+    # pi/q of the sampled tokens (the weights the trainer applies): an ESS fraction in (0, 1].
+    weights = truncated_importance_weights(logp.gather(1, tokens), expected[:, None], 1e6)
+    assert 0 < float(effective_sample_size(weights)) / len(weights) <= 1
 
 
 def test_importance_weighted_policy_gradient_is_unbiased(models):
@@ -210,10 +215,10 @@ def test_schedule_and_snr_rules_report_alpha(models):
     engine = TeacherGuidedEngine(policy, teacher, tokenizer, alpha=lambda it: 1.0 / (1 + it))
     engine.set_iteration(3)
     engine.generate(_prompts(), sampling, generator=torch.Generator().manual_seed(0))
-    assert engine.last_stats["sampling/alpha_mean"] == pytest.approx(0.25)
+    assert engine.stats()["sampling/alpha_mean"] == pytest.approx(0.25)
     snr = TeacherGuidedEngine(policy, teacher, tokenizer, alpha="snr")
     snr.generate(_prompts(), sampling, generator=torch.Generator().manual_seed(0))
-    assert 0.0 <= snr.last_stats["sampling/alpha_mean"] <= 1.0
+    assert 0.0 <= snr.stats()["sampling/alpha_mean"] <= 1.0
     bad = TeacherGuidedEngine(policy, teacher, tokenizer, alpha=lambda it: 2.0)
     with pytest.raises(ConfigError, match=r"the schedule gave 2\.0"):
         bad.generate(_prompts(), sampling, generator=torch.Generator().manual_seed(0))
@@ -257,8 +262,8 @@ def _summed_logprob(model, input_ids, attention_mask, response_mask) -> torch.Te
 def test_teacher_log_ratio_reward_from_texts_and_from_sampled_ids(tiny_pair):
     from alignkit.data.collate import SFTCollator
     from alignkit.data.tokenize import tokenize_sft
-    from alignkit.rollout.engine import TransformersEngine, prompts_from_records
-    from alignkit.rollout.teacher import TeacherLogRatioReward
+    from alignkit.rollout import TransformersEngine, prompts_from_records
+    from alignkit.rollout.model_rewards import TeacherLogRatioReward
 
     teacher, reference, tokenizer = tiny_pair
     prompts = ["Say hi.", "Add 2 and 3."]
@@ -303,7 +308,7 @@ def test_teacher_log_ratio_from_a_reward_spec():
 
 
 def test_greedy_decoding_is_the_policys_own(models):
-    from alignkit.rollout.engine import TransformersEngine
+    from alignkit.rollout import TransformersEngine
 
     policy, teacher, tokenizer = models
     greedy = SamplingConfig(max_new_tokens=5, temperature=0.0)
@@ -317,7 +322,7 @@ def test_greedy_decoding_is_the_policys_own(models):
 
 
 def test_parse_alpha_rules_numbers_and_linear_schedules():
-    from alignkit.rollout.teacher import LinearAlpha, parse_alpha
+    from alignkit.rollout.proposals import LinearAlpha, parse_alpha
 
     assert parse_alpha("kl_symmetry") == "kl_symmetry"
     assert parse_alpha("0.25") == 0.25 and parse_alpha(1) == 1.0

@@ -172,7 +172,7 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     Any estimator registered with ``register_kl_estimator`` is accepted by name (and ``name+``
     for its straight-through form); the aliases of ``kl_estimate`` work too (``"low_var_kl+"``).
     These are on-policy identities: with samples from an older policy, weight the tokens by
-    ``pi/pi_old`` (``ops.sampling.truncated_importance_weights``).
+    ``pi/pi_old`` (``ops.importance.truncated_importance_weights``).
 
     Args:
         logp: ``[...]`` log pi(y_t) of the sampled tokens, with grad.

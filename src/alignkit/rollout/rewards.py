@@ -19,6 +19,9 @@ the model directory itself); a cost model's score is its cost (higher = less saf
 a negative weight to penalise cost. An ``alignkit train rm-ensemble`` run directory loads as one
 source (``alignkit.models.ensemble``), with optional ``combination`` (mean, weighted, median,
 trimmed_mean, stacking) and ``penalty`` k: the combined reward minus k times the members' std.
+``{teacher_log_ratio: {teacher: <model>, reference: <model>}}`` is seed 001's reward
+(``rollout.model_rewards.TeacherLogRatioReward``). Every model source scores texts through
+``models.reward.score_texts`` (one rendering of ``prompt + completion``).
 """
 
 from __future__ import annotations
@@ -28,15 +31,18 @@ import importlib
 import importlib.util
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+import alignkit.rollout.tasks  # noqa: F401  (registers the bundled reward functions)
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.models.ensemble import ENSEMBLE_FILE, load_reward_source
+from alignkit.rollout.model_rewards import ModelReward, teacher_log_ratio_source
+from alignkit.rollout.registry import RewardFn, registered_rewards
 
 __all__ = [
     "FunctionReward",
@@ -45,19 +51,11 @@ __all__ = [
     "RewardSource",
     "WeightedReward",
     "build_reward_source",
-    "register_reward",
     "registered_rewards",
     "resolve_reward_function",
 ]
 
-RewardFn = Callable[..., Sequence[Any]]
-_REGISTRY: dict[str, RewardFn] = {}
 _SHOWN_CHARS = 160
-
-
-class RewardFunctionError(AlignkitError):
-    """A reward function raised, or returned something that is not one number (or None) per
-    completion. Exit code 2; the message names the function and shows one sample."""
 
 
 @runtime_checkable
@@ -71,23 +69,9 @@ class RewardSource(Protocol):
     ) -> Tensor: ...
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Register a built-in reward function under ``name`` (usable as ``function: name``)."""
-
-    def decorate(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"reward function '{name}' is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorate
-
-
-def registered_rewards() -> dict[str, RewardFn]:
-    """Built-in reward functions by name (the bundled tasks' verifiers and judges)."""
-    import alignkit.rollout.tasks  # noqa: F401  (registers the built-ins)
-
-    return dict(_REGISTRY)
+class RewardFunctionError(AlignkitError):
+    """A reward function raised, or returned something that is not one number (or None) per
+    completion. Exit code 2; the message names the function and shows one sample."""
 
 
 def _shorten(text: Any) -> str:
@@ -213,69 +197,6 @@ class FunctionReward:
         return check_reward_output(self.name, output, prompts, completions)
 
 
-def _model_directory(path: Path) -> Path:
-    from alignkit.models.reward import CONFIG_FILE
-    from alignkit.tracking.checkpoint import latest_checkpoint
-
-    if (path / CONFIG_FILE).is_file():
-        return path
-    checkpoint = latest_checkpoint(path)
-    if checkpoint is not None:
-        found = sorted(p.parent for p in checkpoint.glob(f"*/{CONFIG_FILE}"))
-        if found:
-            return found[0]
-    raise ConfigError(
-        f"reward model '{path}': neither a reward/cost model directory (with {CONFIG_FILE}) nor "
-        "a run directory of `alignkit train rm` / `train cost` with a checkpoint"
-    )
-
-
-class ModelReward:
-    """A trained reward or cost model scoring ``prompt + completion`` (tokenised as in training:
-    prompt ids, completion ids, EOS), in batches of ``batch_size`` sequences."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        device: torch.device | str | None = None,
-        batch_size: int = 64,
-        max_length: int | None = None,
-    ) -> None:
-        from alignkit.models.reward import load_reward_model
-
-        directory = _model_directory(Path(path).expanduser())
-        self.model, self.tokenizer = load_reward_model(directory)
-        self.model.to(device or "cpu")
-        self.kind = self.model.reward_config.kind
-        self.name = f"{self.kind}_model:{path}"
-        self.batch_size = batch_size
-        self.max_length = max_length or getattr(self.tokenizer, "model_max_length", None)
-
-    def __call__(
-        self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]
-    ) -> Tensor:
-        from alignkit.data.collate import SFTCollator
-        from alignkit.data.tokenize import tokenize_sft
-
-        records = [
-            {"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)
-        ]
-        # Only the scored response carries labels, not earlier assistant turns of its prompt.
-        examples = tokenize_sft(
-            records, self.tokenizer, max_length=self.max_length, assistant_turns="last"
-        )
-        collate = SFTCollator(pad_token_id=self.tokenizer.pad_token_id)
-        device = next(self.model.parameters()).device
-        scores = []
-        with torch.inference_mode():
-            for start in range(0, len(examples), self.batch_size):
-                batch = collate(examples[start : start + self.batch_size])
-                out = self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                scores.append(out.rewards.float().cpu())
-        return torch.cat(scores)
-
-
 class WeightedReward:
     """``sum_i weight_i * source_i``; NaN in any source makes the row NaN (not applicable).
 
@@ -317,8 +238,8 @@ def build_reward_source(
     Model sources use their own tokenizer (a reward model may have been trained from a
     different base than the policy). ``{teacher_log_ratio: {teacher: <model>, reference:
     <model>}}`` is seed 001's reward log π_t(c|p) - log π_ref(c|p)
-    (``rollout.teacher.TeacherLogRatioReward``); both models must share ``tokenizer`` (the
-    policy's; the teacher's own when None).
+    (``rollout.model_rewards.TeacherLogRatioReward``); both models must share ``tokenizer`` (the policy's; the
+    teacher's own when None).
     """
     sources: list[tuple[RewardSource, float]] = []
     for i, spec in enumerate(specs):
@@ -358,27 +279,6 @@ def build_reward_source(
         elif "model" in spec:
             source = ModelReward(spec["model"], device=device)
         else:
-            source = _teacher_log_ratio(spec["teacher_log_ratio"], where, tokenizer, device)
+            source = teacher_log_ratio_source(spec["teacher_log_ratio"], where, tokenizer, device)
         sources.append((source, float(weight)))
     return WeightedReward(sources)
-
-
-def _teacher_log_ratio(
-    spec: Any, where: str, tokenizer: Any, device: torch.device | str | None
-) -> RewardSource:
-    from alignkit.models import load_policy
-    from alignkit.rollout.teacher import TeacherLogRatioReward, check_same_vocabulary
-
-    if not isinstance(spec, Mapping) or set(spec) != {"teacher", "reference"}:
-        raise ConfigError(
-            f"{where}.teacher_log_ratio: expected {{teacher: <model>, reference: <model>}}, "
-            f"got {spec!r}"
-        )
-    teacher, teacher_tokenizer = load_policy(spec["teacher"])
-    reference, reference_tokenizer = load_policy(spec["reference"])
-    tokenizer = tokenizer or teacher_tokenizer
-    check_same_vocabulary(tokenizer, teacher_tokenizer, teacher, reference)
-    check_same_vocabulary(tokenizer, reference_tokenizer, teacher, reference)
-    teacher.to(device or "cpu")
-    reference.to(device or "cpu")
-    return TeacherLogRatioReward(teacher, reference, tokenizer)
