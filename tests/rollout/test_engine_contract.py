@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from rollout_helpers import TinyVocabTokenizer, chi_square_pvalue, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from alignkit.models.forward import token_logprobs
 from alignkit.rollout import (
@@ -40,54 +41,18 @@ from alignkit.rollout import (
 )
 from alignkit.rollout import decode as decode_module
 
-VOCAB, PAD, EOS = 12, 0, 1
+VOCAB = 12
 N = 4000  # samples for the chi-square tests
 
 
-class _Tokenizer:
-    """What engines need from a tokenizer, for a 12-token vocabulary."""
-
-    pad_token_id, eos_token_id = PAD, EOS
-
-    def get_vocab(self) -> dict[str, int]:
-        return {str(i): i for i in range(VOCAB)}
-
-    def __len__(self) -> int:
-        return VOCAB
-
-    def batch_decode(self, rows, skip_special_tokens=True):
-        special = {PAD, EOS} if skip_special_tokens else set()
-        return [" ".join(str(i) for i in row if i not in special) for row in rows]
-
-
-def _llama(seed: int, hidden: int, scale: float) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        model.lm_head.weight.data.mul_(scale)  # EOS ~10%, the rest spread over 11 tokens
-    return model.eval()
-
-
-TEACHER = _llama(7, 32, 12.0)
+TEACHER = tiny_llama(VOCAB, 7, 32, 12.0)
 
 
 @dataclass(frozen=True)
 class Case:
     """An engine under test: how to build it around a policy, and what it should report."""
 
-    build: Callable[[nn.Module, _Tokenizer], GenerationEngine]
+    build: Callable[[nn.Module, TinyVocabTokenizer], GenerationEngine]
     stats: frozenset[str] = frozenset()
     #: runs in this process through ``rollout.decode`` (its prefill can be watched)
     in_process: bool = True
@@ -115,7 +80,7 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def policy() -> LlamaForCausalLM:
-    return _llama(1, 16, 10.0)
+    return tiny_llama(VOCAB, 1, 16, 10.0)  # EOS ~10%, the rest over 11 tokens
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -138,13 +103,6 @@ def _trainer_logprobs(model, exp, temperature: float) -> torch.Tensor:
         return token_logprobs(model, batch, exp.response_mask, temperature=temperature)
 
 
-def _chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
-    """Pearson's goodness-of-fit p-value: P(chi2_{k-1} >= sum (o - e)^2 / e)."""
-    statistic = ((observed - expected) ** 2 / expected).sum()
-    dof = torch.tensor(observed.numel() - 1, dtype=torch.double)
-    return float(1 - torch.special.gammainc(dof / 2, statistic / 2))
-
-
 def _pooled(counts: dict, probs: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Observed and expected counts of the responses expected >= 5 times, plus one pooled
     category for the rest (including the mass of responses never drawn)."""
@@ -158,7 +116,7 @@ def _pooled(counts: dict, probs: dict, n: int) -> tuple[torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_samples_follow_the_distribution_the_engine_records(policy, case, setting):
-    engine = case.build(policy, _Tokenizer())
+    engine = case.build(policy, TinyVocabTokenizer(VOCAB))
     sampling = SamplingConfig(max_new_tokens=2, samples_per_prompt=N, **SETTINGS[setting])
     exp = _generate(engine, [Prompt("p", [2, 5, 3], {})], sampling, seed=0)
     responses = [
@@ -176,16 +134,16 @@ def test_samples_follow_the_distribution_the_engine_records(policy, case, settin
     probs = {key: float(torch.tensor(value).exp()) for key, value in probs.items()}
     observed, expected = _pooled(Counter(responses), probs, N)
     assert len(observed) >= 8  # many responses are compared: the test has power
-    assert _chi_square_pvalue(observed, expected) > 0.001
+    assert chi_square_pvalue(observed, expected) > 0.001
     # Power: the same counts reject a sharper version of the recorded distribution.
     total = sum(p**1.5 for p in probs.values())
     sharper = {key: p**1.5 / total * sum(probs.values()) for key, p in probs.items()}
-    assert _chi_square_pvalue(*_pooled(Counter(responses), sharper, N)) < 1e-6
+    assert chi_square_pvalue(*_pooled(Counter(responses), sharper, N)) < 1e-6
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_declared_policy_sampling_records_the_trainers_logprobs(policy, case, setting):
-    engine = case.build(policy, _Tokenizer())
+    engine = case.build(policy, TinyVocabTokenizer(VOCAB))
     sampling = SamplingConfig(max_new_tokens=8, samples_per_prompt=4, **SETTINGS[setting])
     exp = _generate(engine, _prompts(), sampling, seed=3)
     if setting == "policy":  # EOS (~10%) is outside the top 4 of these prompts
@@ -216,7 +174,7 @@ def test_each_prompt_is_prefilled_once_for_its_samples(policy, case, monkeypatch
 
     monkeypatch.setattr(decode_module.StaticCacheDecoder, "prefill", watched_prefill)
     monkeypatch.setattr(decode_module, "forward_last", watched_forward_last)
-    engine = case.build(policy, _Tokenizer())
+    engine = case.build(policy, TinyVocabTokenizer(VOCAB))
     shared = _generate(engine, _prompts(), SamplingConfig(6, samples_per_prompt=3), seed=5)
     models = 1 + len(engine.proposal.models)
     assert prefills == [(3, 4)] * models  # 3 prompts, 4 columns: once per model, not per sample
@@ -229,7 +187,7 @@ def test_each_prompt_is_prefilled_once_for_its_samples(policy, case, monkeypatch
 
 
 def test_same_seed_same_samples_another_seed_other_samples(policy, case):
-    engine = case.build(policy, _Tokenizer())
+    engine = case.build(policy, TinyVocabTokenizer(VOCAB))
     sampling = SamplingConfig(max_new_tokens=8, samples_per_prompt=4)
     state = torch.get_rng_state()
     first = _generate(engine, _prompts(), sampling, seed=11)
@@ -243,7 +201,7 @@ def test_same_seed_same_samples_another_seed_other_samples(policy, case):
 
 def test_after_an_update_the_engine_samples_the_new_weights(policy, case):
     model = copy.deepcopy(policy)
-    engine = case.build(model, _Tokenizer())
+    engine = case.build(model, TinyVocabTokenizer(VOCAB))
     sampling = SamplingConfig(max_new_tokens=6, samples_per_prompt=4)
     before = _generate(engine, _prompts(), sampling, seed=2)
     with torch.no_grad():  # an optimizer step, in place
@@ -252,14 +210,14 @@ def test_after_an_update_the_engine_samples_the_new_weights(policy, case):
     if engine.needs_weight_sync:
         engine.sync_weights(model)
     after = _generate(engine, _prompts(), sampling, seed=2)
-    fresh = _generate(case.build(model, _Tokenizer()), _prompts(), sampling, seed=2)
+    fresh = _generate(case.build(model, TinyVocabTokenizer(VOCAB)), _prompts(), sampling, seed=2)
     assert torch.equal(after.input_ids, fresh.input_ids)
     torch.testing.assert_close(after.behaviour_logprobs, fresh.behaviour_logprobs)
     assert not torch.equal(before.behaviour_logprobs, after.behaviour_logprobs)
 
 
 def test_the_engine_declares_its_capabilities_and_reports_its_statistics(policy, case):
-    engine = case.build(policy, _Tokenizer())
+    engine = case.build(policy, TinyVocabTokenizer(VOCAB))
     assert isinstance(engine, GenerationEngine)
     assert isinstance(engine.logprobs_match_trainer, bool)
     assert isinstance(engine.needs_weight_sync, bool)

@@ -53,3 +53,50 @@ def test_settings_are_validated(tiny) -> None:
         SamplingConfig(max_new_tokens=1, top_p=0.0)
     with pytest.raises(ValueError, match="prompts_per_batch must be >= 1"):
         generate_responses(*tiny, ["hello"], prompts_per_batch=0)
+
+
+def test_generate_batched_returns_rows_in_the_callers_order(tiny, tmp_path) -> None:
+    import json
+
+    from alignkit.rollout import (
+        TransformersEngine,
+        completion_rows,
+        generate_batched,
+        prompts_from_records,
+        write_completions,
+    )
+
+    model, tokenizer = tiny
+    texts = SyntheticTask(seed=0).prompts("heldout")[:7]
+    prompts = prompts_from_records([{"prompt": t, "k": i} for i, t in enumerate(texts)], tokenizer)
+    by_length = sorted(range(7), key=lambda i: len(prompts[i].input_ids))
+    assert by_length != list(range(7))  # batching by length reorders them
+    engine = TransformersEngine(model, tokenizer)
+    greedy = SamplingConfig(max_new_tokens=5, samples_per_prompt=2, temperature=0.0)
+    progress: list[tuple[int, int]] = []
+    batched = generate_batched(
+        engine,
+        prompts,
+        greedy,
+        prompts_per_batch=3,
+        generator=torch.Generator(),
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
+    whole = generate_batched(
+        engine, prompts, greedy, prompts_per_batch=7, generator=torch.Generator()
+    )
+    assert progress == [(3, 7), (6, 7), (7, 7)]
+    assert (
+        batched.group_index.tolist()
+        == whole.group_index.tolist()
+        == [i for i in range(7) for _ in range(2)]
+    )
+    assert [f["k"] for f in batched.row_fields] == [i for i in range(7) for _ in range(2)]
+    assert batched.completions == whole.completions and batched.prompts == whole.prompts
+    assert torch.equal(batched.response_lengths, whole.response_lengths)
+    rows = completion_rows(batched, logprobs=True)
+    assert [r["sample"] for r in rows[:4]] == [0, 1, 0, 1] and rows[2]["k"] == 1
+    assert all(r["logprobs"] == [0.0] * r["num_tokens"] for r in rows)  # greedy: a point mass
+    assert write_completions(tmp_path / "out.jsonl", batched) == 14
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert written == completion_rows(batched)

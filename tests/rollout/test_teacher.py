@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from rollout_helpers import TinyVocabTokenizer, chi_square_pvalue, tiny_llama
 
 from alignkit.errors import ConfigError
 from alignkit.ops import (
@@ -19,49 +19,12 @@ from alignkit.ops.sampling import sampling_distribution
 from alignkit.rollout import GenerationEngine, Prompt, SamplingConfig
 from alignkit.rollout.teacher import TeacherGuidedEngine
 
-VOCAB, PAD, EOS = 8, 0, 1
-
-
-class _Tokenizer:
-    pad_token_id, eos_token_id = PAD, EOS
-
-    def __init__(self, vocab: dict[str, int] | None = None) -> None:
-        self.vocab = vocab or {str(i): i for i in range(VOCAB)}
-
-    def get_vocab(self) -> dict[str, int]:
-        return dict(self.vocab)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def batch_decode(self, rows, skip_special_tokens=True):
-        special = {PAD, EOS} if skip_special_tokens else set()
-        return [" ".join(str(i) for i in row if i not in special) for row in rows]
-
-
-def _model(seed: int, hidden: int, scale: float) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        model.lm_head.weight.data.mul_(scale)  # far from uniform
-    return model.eval()
+VOCAB = 8
 
 
 @pytest.fixture(scope="module")
 def models():
-    return _model(1, 16, 40.0), _model(7, 32, 60.0), _Tokenizer()
+    return tiny_llama(VOCAB, 1, 16, 40.0), tiny_llama(VOCAB, 7, 32, 60.0), TinyVocabTokenizer(VOCAB)
 
 
 def _prompts() -> list[Prompt]:
@@ -74,12 +37,6 @@ def _logits(model, exp) -> torch.Tensor:
         return model(
             input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=positions
         ).logits
-
-
-def _chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
-    statistic = ((observed - expected) ** 2 / expected).sum()
-    dof = torch.tensor(observed.numel() - 1, dtype=torch.double)
-    return float(1 - torch.special.gammainc(dof / 2, statistic / 2))
 
 
 def _next_token_logits(model, prompt: Prompt) -> torch.Tensor:
@@ -126,10 +83,10 @@ def test_samples_follow_the_fixed_alpha_mixture(models):
     observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
     pooled = torch.cat([expected[keep], expected[~keep].sum()[None]])
     assert int(keep.sum()) >= 4
-    assert _chi_square_pvalue(observed, pooled) > 0.001
+    assert chi_square_pvalue(observed, pooled) > 0.001
     # Power: the policy's own distribution is rejected by the same counts.
     on_policy = _next_token_logits(policy, prompt).double().softmax(-1) * n
-    assert _chi_square_pvalue(counts, on_policy.clamp_min(1e-3)) < 1e-6
+    assert chi_square_pvalue(counts, on_policy.clamp_min(1e-3)) < 1e-6
 
 
 @pytest.mark.parametrize("rule", ["kl_symmetry", "min_variance", 0.3])
@@ -165,7 +122,7 @@ def test_importance_weighted_policy_gradient_is_unbiased(models):
     standard errors of the exact gradient, and the unweighted mean does not."""
     policy, _, tokenizer = models
     # A teacher whose q_0.5 covers π (weights up to ~10): heavier tails make the test powerless.
-    teacher = _model(7, 32, 12.0)
+    teacher = tiny_llama(VOCAB, 7, 32, 12.0)
     prompt = Prompt("p", [2, 5, 3], {})
     reward = torch.tensor([0.0, 1.0, -0.5, 2.0, 0.3, -1.0, 0.7, 1.5], dtype=torch.float64)
     params = [policy.lm_head.weight]
@@ -226,12 +183,12 @@ def test_schedule_and_snr_rules_report_alpha(models):
 
 def test_bad_configurations_are_refused(models):
     policy, teacher, tokenizer = models
-    other = _Tokenizer({**{str(i): i for i in range(VOCAB - 1)}, "x": VOCAB - 1})
+    other = TinyVocabTokenizer({**{str(i): i for i in range(VOCAB - 1)}, "x": VOCAB - 1})
     with pytest.raises(
         ConfigError, match=r"teacher's tokenizer differs.*only the teacher's: \['x'\]"
     ):
         TeacherGuidedEngine(policy, teacher, tokenizer, teacher_tokenizer=other)
-    small = _Tokenizer({str(i): i for i in range(VOCAB + 4)})
+    small = TinyVocabTokenizer(VOCAB + 4)
     with pytest.raises(ConfigError, match="do not cover the tokenizer's 12 tokens"):
         TeacherGuidedEngine(policy, teacher, small)
     with pytest.raises(ConfigError, match="unknown rule 'kl'"):
@@ -290,6 +247,37 @@ def test_teacher_log_ratio_reward_from_texts_and_from_sampled_ids(tiny_pair):
     args = (exp.input_ids, exp.attention_mask, exp.response_mask)
     expected = _summed_logprob(teacher, *args) - _summed_logprob(reference, *args)
     assert torch.allclose(reward.score_experience(exp), expected, atol=1e-4)
+
+
+def test_teacher_log_ratio_scores_only_the_final_completion_of_a_conversation(tiny_pair):
+    from alignkit.data.tokenize import render_prompt
+    from alignkit.rollout.model_rewards import TeacherLogRatioReward
+
+    teacher, reference, tokenizer = tiny_pair
+    conversation = [
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "hi there"},
+        {"role": "user", "content": "Again."},
+    ]
+    got = TeacherLogRatioReward(teacher, reference, tokenizer)([conversation], ["HI"], [{}])
+    prompt = tokenizer(render_prompt(tokenizer, conversation))["input_ids"]
+    answer = [*tokenizer("HI", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    mask = torch.ones_like(ids)
+    last = torch.tensor([[False] * len(prompt) + [True] * len(answer)])
+    expected = _summed_logprob(teacher, ids, mask, last) - _summed_logprob(
+        reference, ids, mask, last
+    )
+    assert torch.allclose(got, expected, atol=1e-4)
+    # Scoring the earlier assistant turn too (what the reward did before) gives another value.
+    every = last | torch.isin(
+        ids, torch.tensor(tokenizer("hi there", add_special_tokens=False)["input_ids"])
+    )
+    assert int(every.sum()) > int(last.sum())
+    other = _summed_logprob(teacher, ids, mask, every) - _summed_logprob(
+        reference, ids, mask, every
+    )
+    assert float((other - got).abs()) > 1e-3
 
 
 def test_teacher_log_ratio_from_a_reward_spec():
