@@ -88,8 +88,9 @@ class GenerationEngine(Protocol):
         generator: torch.Generator,
         group_offset: int = 0,
     ) -> Experience:
-        """Sample ``sampling.samples_per_prompt`` responses per prompt, drawing every random
-        number from ``generator`` (same seed, same samples)."""
+        """Sample ``sampling.samples_per_prompt`` responses per prompt, every random number
+        from ``generator`` (same seed, same samples; an engine in another process draws its
+        requests' seeds from it)."""
         ...
 
     def samples_policy(self, sampling: SamplingConfig) -> bool:
