@@ -96,7 +96,7 @@ def write_inputs(root: Path, seed: int, n_prompts: int) -> dict[str, Any]:
 
     from alignkit.data.synthetic.verifiable import verifiable_rows
     from alignkit.models import load_policy
-    from alignkit.rollout.engine import prompts_from_records
+    from alignkit.rollout import prompts_from_records
 
     hf_logging.disable_progress_bar()
     model, tokenizer = load_policy("tiny", dtype="float32", seed=seed)

@@ -1,4 +1,4 @@
-"""Seed 001 (the optimal sampling distribution) checked with ``alignkit.ops.sampling``.
+"""Seed 001 (the optimal sampling distribution) checked with ``alignkit.ops.proposals``.
 
     PYTHONPATH=src .venv/bin/python bench/teacher_guided.py theory [--scale 1.0] [--seed 0]
     PYTHONPATH=src .venv/bin/python bench/teacher_guided.py rl [--max-weight 2] [--budget N]
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from alignkit.config import atomic_write_text
-from alignkit.ops.sampling import (
+from alignkit.ops.proposals import (
     exact_progress,
     geometric_mixture_logprobs,
     kl_symmetry_alpha,

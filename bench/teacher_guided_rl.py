@@ -7,7 +7,7 @@ right token) by importance-weighted REINFORCE with a leave-one-out baseline:
     θ_p += lr · (1/G) Σ_g min(π(y_g)/q(y_g), C) · (r_g - mean_{g'≠g} r_g') · (e_{y_g} - π_p)
 
 with G = 8 samples per prompt and iteration drawn from the proposal q of the method, built by
-the same ``alignkit.ops.sampling`` calls ``TeacherGuidedEngine`` makes: on-policy (q = π),
+the same ``alignkit.ops.proposals`` calls ``TeacherGuidedEngine`` makes: on-policy (q = π),
 α by KL symmetry (recomputed every iteration), fixed α = 0.5, and the min-variance proposal
 (score = the teacher log-ratio log π_t - log π, floor 0.1). C is the trainer's default cap 2.
 "Samples to threshold" counts sampled answers (all prompts) until the mean success
@@ -35,7 +35,7 @@ import time
 import torch
 from torch import Tensor
 
-from alignkit.ops.sampling import (
+from alignkit.ops.proposals import (
     geometric_mixture_logprobs,
     kl_symmetry_alpha,
     min_variance_proposal_logprobs,

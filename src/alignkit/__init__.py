@@ -42,7 +42,7 @@ _EXPORTS = {
     "load_reward_model": "alignkit.models",
     "save_model": "alignkit.models",
     "generate_responses": "alignkit.rollout",
-    "GenerationSettings": "alignkit.rollout",
+    "SamplingConfig": "alignkit.rollout",
     "load_records": "alignkit.data",
     "validate_records": "alignkit.data",
 }

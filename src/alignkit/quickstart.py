@@ -25,7 +25,8 @@ from alignkit.config import atomic_write_text, load_config
 from alignkit.data.synthetic import SPLITS, SyntheticTask
 from alignkit.eval import evaluate_synthetic_task
 from alignkit.models import load_policy
-from alignkit.rollout import GenerationSettings, Prompt
+from alignkit.rollout import SamplingConfig
+from alignkit.rollout.generate import PromptText
 from alignkit.tracking import read_metrics
 from alignkit.trainers.dpo import DPOConfig, build_dpo_trainer
 from alignkit.trainers.safe_dpo import SafeDPOConfig, build_safe_dpo_trainer
@@ -139,7 +140,7 @@ def run_quickstart(
     preset = PRESETS["tiny" if model == "tiny" else "pretrained"]
     task = SyntheticTask(seed=seed)
     files = task.write(out / "data")
-    prompts: list[Prompt] = list(task.prompts("heldout"))
+    prompts: list[PromptText] = list(task.prompts("heldout"))
     if preset.judged_prompts is not None and preset.judged_prompts < len(prompts):
         chosen = sorted(random.Random(seed).sample(range(len(prompts)), preset.judged_prompts))
         prompts = [prompts[i] for i in chosen]
@@ -336,10 +337,10 @@ def _with_chat_prompts(files: dict[str, Path]) -> dict[str, Path]:
 
 
 def _judge(
-    name: str, run_dir: Path | None, model: Any, tokenizer: Any, prompts: Sequence[Prompt]
+    name: str, run_dir: Path | None, model: Any, tokenizer: Any, prompts: Sequence[PromptText]
 ) -> StageResult:
     evaluation = evaluate_synthetic_task(
-        model, tokenizer, prompts, GenerationSettings(max_new_tokens=40)
+        model, tokenizer, prompts, SamplingConfig(max_new_tokens=40, temperature=0.0)
     )
     texts = [p if isinstance(p, str) else p[-1]["content"] for p in evaluation.prompts]
     examples = list(zip(texts, evaluation.responses, strict=True))[:4]

@@ -75,7 +75,7 @@ class ServedModel:
 
     def complete(self, body: dict[str, Any], chat: bool) -> dict[str, Any]:
         """The OpenAI response object for a completions (or chat completions) request body."""
-        from alignkit.rollout.engine import SamplingConfig, prompts_from_records
+        from alignkit.rollout import SamplingConfig, prompts_from_records
 
         self._check(body, chat)
         if chat:

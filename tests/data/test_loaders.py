@@ -319,3 +319,36 @@ def test_record_set_sample_is_seeded_keeps_file_order_and_row_numbers() -> None:
     assert indices == sorted(indices) and len(set(indices)) == 5
     assert first.rows == [i + 2 for i in indices]  # each record keeps its line number
     assert records.sample(20, seed=0) is records and records.sample(99, seed=0) is records
+
+
+# --- keep_fields ------------------------------------------------------------------------------
+
+
+def test_keep_fields_keeps_other_columns_as_read(tmp_path):
+    rows = [
+        {"prompt": "Q1", "answer": "4", "level": 2},
+        {"prompt": [{"role": "user", "content": "Q2"}], "answer": "5"},
+    ]
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    assert list(load_records(path, "prompt")) == [{"prompt": "Q1"}, {"prompt": rows[1]["prompt"]}]
+    named = load_records(path, "prompt", keep_fields=["answer", "missing"])
+    assert list(named) == [
+        {"answer": "4", "prompt": "Q1"},
+        {"answer": "5", "prompt": rows[1]["prompt"]},
+    ]
+    every = load_records(path, "prompt", keep_fields="all")
+    assert every[0] == {"prompt": "Q1", "answer": "4", "level": 2} and every.rows == [1, 2]
+    # A format's own fields keep their normalised value (the pair's prompt split from "chosen").
+    implicit = {"chosen": "Q: A good answer.", "rejected": "Q: A bad one.", "score": 1}
+    pair = load_records(
+        write_jsonl(tmp_path / "pairs.jsonl", [implicit]), "preference", keep_fields="all"
+    )
+    assert pair[0]["chosen"] != implicit["chosen"] and pair[0]["score"] == 1
+    # CSV cells are kept as the text they are; in-memory datasets keep columns too.
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt,answer\nQ1,4\n")
+    assert load_records(csv, "prompt", keep_fields=["answer"])[0] == {"answer": "4", "prompt": "Q1"}
+    dataset = datasets.Dataset.from_list([{"prompt": "Q1", "answer": "4"}])
+    assert load_records(dataset, "prompt", keep_fields="all")[0]["answer"] == "4"
+    with pytest.raises(ValueError, match="a list of column names or 'all'"):
+        load_records(path, "prompt", keep_fields="answer")

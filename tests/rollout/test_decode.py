@@ -17,13 +17,14 @@ from transformers import (
 )
 
 from alignkit.ops import sequence_logprobs
+from alignkit.rollout import Prompt, SamplingConfig, TransformersEngine
 from alignkit.rollout.decode import (
     DynamicCacheDecoder,
     StaticCacheDecoder,
     lean_decode_support,
     start_decoding,
 )
-from alignkit.rollout.engine import Prompt, SamplingConfig, TransformersEngine, pad_prompts
+from alignkit.rollout.engine import pad_prompts
 
 VOCAB, PAD, EOS = 12, 0, 1
 

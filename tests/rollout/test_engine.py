@@ -4,57 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from rollout_helpers import EOS, TinyVocabTokenizer, chi_square_pvalue, tiny_llama
 
 from alignkit.ops import sequence_logprobs
-from alignkit.rollout.engine import (
-    GenerationEngine,
-    Prompt,
-    SamplingConfig,
-    TransformersEngine,
-    sampling_distribution,
-)
+from alignkit.ops.sampling import sampling_distribution
+from alignkit.rollout import GenerationEngine, Prompt, SamplingConfig, TransformersEngine
 
-VOCAB, PAD, EOS = 8, 0, 1
-
-
-def _chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
-    """Pearson's goodness-of-fit p-value: P(chi2_{k-1} >= sum (o - e)^2 / e)."""
-    statistic = ((observed - expected) ** 2 / expected).sum()
-    dof = torch.tensor(observed.numel() - 1, dtype=torch.double)
-    return float(1 - torch.special.gammainc(dof / 2, statistic / 2))
-
-
-class _TinyVocabTokenizer:
-    """The three things the engine needs from a tokenizer, for an 8-token vocabulary."""
-
-    pad_token_id, eos_token_id = PAD, EOS
-
-    def batch_decode(self, rows, skip_special_tokens=True):
-        special = {PAD, EOS} if skip_special_tokens else set()
-        return [" ".join(str(i) for i in row if i not in special) for row in rows]
+VOCAB = 8
 
 
 @pytest.fixture(scope="module")
 def small():
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        model = LlamaForCausalLM(config)
-        # Larger logits than the default init, so the distribution is far from uniform.
-        model.lm_head.weight.data.mul_(40)
-    return model.eval(), _TinyVocabTokenizer()
+    return tiny_llama(VOCAB, 1, 16, 40.0), TinyVocabTokenizer(VOCAB)
 
 
 def _prompts() -> list[Prompt]:
@@ -96,10 +57,10 @@ def test_one_token_samples_follow_the_model_distribution(small) -> None:
     observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
     expected = torch.cat([expected[keep], expected[~keep].sum()[None]])
     assert int(keep.sum()) >= 4  # the test has power: several categories are compared
-    assert _chi_square_pvalue(observed, expected) > 0.001
+    assert chi_square_pvalue(observed, expected) > 0.001
     # and a visibly wrong distribution (uniform) is rejected with these counts
     uniform = torch.full((VOCAB,), n / VOCAB, dtype=torch.double)
-    assert _chi_square_pvalue(counts, uniform) < 1e-6
+    assert chi_square_pvalue(counts, uniform) < 1e-6
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean-decode", "transformers-decode"])
@@ -140,11 +101,11 @@ def test_shared_prefill_equals_repeated_prompts(small, lean) -> None:
 def test_top_k_and_top_p_restrict_the_support(small) -> None:
     model, tokenizer = small
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0]])
-    top2 = sampling_distribution(logits, SamplingConfig(max_new_tokens=1, top_k=2))
+    top2 = sampling_distribution(logits, top_k=2)
     assert torch.isfinite(top2).sum() == 2
     assert torch.allclose(top2[0, :2].exp(), torch.tensor([3.0, 2.0]).softmax(0))
     probs = logits.softmax(-1)[0]  # 0.636, 0.234, 0.086, ...: 0.8 needs the first two tokens
-    nucleus = sampling_distribution(logits, SamplingConfig(max_new_tokens=1, top_p=0.8))
+    nucleus = sampling_distribution(logits, top_p=0.8)
     assert torch.isfinite(nucleus).sum() == 2
     assert torch.allclose(nucleus[0, :2].exp(), probs[:2] / probs[:2].sum())
 

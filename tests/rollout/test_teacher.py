@@ -4,62 +4,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from rollout_helpers import TinyVocabTokenizer, chi_square_pvalue, tiny_llama
 
 from alignkit.errors import ConfigError
-from alignkit.ops import sequence_logprobs
-from alignkit.ops.sampling import (
+from alignkit.ops import (
+    effective_sample_size,
     geometric_mixture_logprobs,
     kl_symmetry_alpha,
     min_variance_proposal_logprobs,
+    sequence_logprobs,
     truncated_importance_weights,
 )
-from alignkit.rollout.engine import GenerationEngine, Prompt, SamplingConfig, sampling_distribution
+from alignkit.ops.sampling import sampling_distribution
+from alignkit.rollout import GenerationEngine, Prompt, SamplingConfig
 from alignkit.rollout.teacher import TeacherGuidedEngine
 
-VOCAB, PAD, EOS = 8, 0, 1
-
-
-class _Tokenizer:
-    pad_token_id, eos_token_id = PAD, EOS
-
-    def __init__(self, vocab: dict[str, int] | None = None) -> None:
-        self.vocab = vocab or {str(i): i for i in range(VOCAB)}
-
-    def get_vocab(self) -> dict[str, int]:
-        return dict(self.vocab)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def batch_decode(self, rows, skip_special_tokens=True):
-        special = {PAD, EOS} if skip_special_tokens else set()
-        return [" ".join(str(i) for i in row if i not in special) for row in rows]
-
-
-def _model(seed: int, hidden: int, scale: float) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        model.lm_head.weight.data.mul_(scale)  # far from uniform
-    return model.eval()
+VOCAB = 8
 
 
 @pytest.fixture(scope="module")
 def models():
-    return _model(1, 16, 40.0), _model(7, 32, 60.0), _Tokenizer()
+    return tiny_llama(VOCAB, 1, 16, 40.0), tiny_llama(VOCAB, 7, 32, 60.0), TinyVocabTokenizer(VOCAB)
 
 
 def _prompts() -> list[Prompt]:
@@ -74,12 +39,6 @@ def _logits(model, exp) -> torch.Tensor:
         ).logits
 
 
-def _chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
-    statistic = ((observed - expected) ** 2 / expected).sum()
-    dof = torch.tensor(observed.numel() - 1, dtype=torch.double)
-    return float(1 - torch.special.gammainc(dof / 2, statistic / 2))
-
-
 def _next_token_logits(model, prompt: Prompt) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=torch.tensor([prompt.input_ids])).logits[0, -1]
@@ -88,18 +47,18 @@ def _next_token_logits(model, prompt: Prompt) -> torch.Tensor:
 def test_teacher_equal_to_policy_gives_alpha_one_and_unit_weights(models):
     policy, _, tokenizer = models
     engine = TeacherGuidedEngine(policy, policy, tokenizer)
-    assert isinstance(engine, GenerationEngine) and engine.samples_from_policy is False
-    exp = engine.generate(
-        _prompts(),
-        SamplingConfig(max_new_tokens=6, samples_per_prompt=3),
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert engine.last_stats["sampling/alpha_mean"] == pytest.approx(1.0, abs=1e-12)
-    assert engine.last_stats["sampling/is_weight_max"] == pytest.approx(1.0, abs=1e-6)
-    assert engine.last_stats["sampling/ess"] == pytest.approx(1.0, abs=1e-6)
-    assert engine.last_stats["sampling/fallback_share"] == 0.0
+    sampling = SamplingConfig(max_new_tokens=6, samples_per_prompt=3)
+    assert isinstance(engine, GenerationEngine) and engine.samples_policy(sampling) is False
+    exp = engine.generate(_prompts(), sampling, generator=torch.Generator().manual_seed(0))
+    assert engine.stats()["sampling/alpha_mean"] == pytest.approx(1.0, abs=1e-12)
+    assert engine.stats()["sampling/fallback_share"] == 0.0
+    # The importance weights are the trainer's: pi (a re-scoring forward) over the recorded q.
     rescored = sequence_logprobs(_logits(policy, exp), exp.input_ids, exp.response_mask)
     weights = truncated_importance_weights(rescored, exp.behaviour_logprobs, max_weight=2.0)
+    mask = exp.response_mask
+    assert float(weights[mask].max()) == pytest.approx(1.0, abs=1e-5)
+    ess = effective_sample_size(weights, mask) / mask.sum()
+    assert float(ess) == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(weights[exp.response_mask], torch.ones(()), atol=1e-5)
 
 
@@ -117,17 +76,17 @@ def test_samples_follow_the_fixed_alpha_mixture(models):
         SamplingConfig(max_new_tokens=1, samples_per_prompt=n),
         generator=torch.Generator().manual_seed(0),
     )
-    assert engine.last_stats["sampling/alpha_mean"] == pytest.approx(alpha)
+    assert engine.stats()["sampling/alpha_mean"] == pytest.approx(alpha)
     counts = torch.bincount(exp.input_ids[:, -1], minlength=VOCAB).double()
     expected = logq.double().exp() * n
     keep = expected > 5
     observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
     pooled = torch.cat([expected[keep], expected[~keep].sum()[None]])
     assert int(keep.sum()) >= 4
-    assert _chi_square_pvalue(observed, pooled) > 0.001
+    assert chi_square_pvalue(observed, pooled) > 0.001
     # Power: the policy's own distribution is rejected by the same counts.
     on_policy = _next_token_logits(policy, prompt).double().softmax(-1) * n
-    assert _chi_square_pvalue(counts, on_policy.clamp_min(1e-3)) < 1e-6
+    assert chi_square_pvalue(counts, on_policy.clamp_min(1e-3)) < 1e-6
 
 
 @pytest.mark.parametrize("rule", ["kl_symmetry", "min_variance", 0.3])
@@ -141,18 +100,21 @@ def test_recorded_log_q_equals_the_mixture_from_both_models_logits(models, rule,
     mask = exp.response_mask[:, 1:]
     policy_logits = _logits(policy, exp)[:, :-1][mask]  # logits at t-1 predict token t
     teacher_logits = _logits(teacher, exp)[:, :-1][mask]
-    logp = sampling_distribution(policy_logits, sampling)
-    logt = sampling_distribution(teacher_logits, sampling)
+    logp = sampling_distribution(policy_logits, 0.8, top_k)
+    logt = sampling_distribution(teacher_logits, 0.8, top_k)
     if rule == "min_variance":
         scores = (teacher_logits / 0.8).log_softmax(-1) - (policy_logits / 0.8).log_softmax(-1)
         logq = min_variance_proposal_logprobs(logp, scores, floor=0.1)
     else:
         alpha = kl_symmetry_alpha(logp, logt).alpha if rule == "kl_symmetry" else rule
         logq = geometric_mixture_logprobs(logp, logt, alpha)
-    expected = logq.gather(1, exp.input_ids[:, 1:][mask][:, None]).squeeze(1)
+    tokens = exp.input_ids[:, 1:][mask][:, None]
+    expected = logq.gather(1, tokens).squeeze(1)
     assert torch.allclose(exp.behaviour_logprobs[:, 1:][mask], expected, atol=1e-4)
     assert bool((exp.behaviour_logprobs[~exp.response_mask] == 0).all())
-    assert 0 < engine.last_stats["sampling/ess"] <= 1
+    # pi/q of the sampled tokens (the weights the trainer applies): an ESS fraction in (0, 1].
+    weights = truncated_importance_weights(logp.gather(1, tokens), expected[:, None], 1e6)
+    assert 0 < float(effective_sample_size(weights)) / len(weights) <= 1
 
 
 def test_importance_weighted_policy_gradient_is_unbiased(models):
@@ -160,7 +122,7 @@ def test_importance_weighted_policy_gradient_is_unbiased(models):
     standard errors of the exact gradient, and the unweighted mean does not."""
     policy, _, tokenizer = models
     # A teacher whose q_0.5 covers π (weights up to ~10): heavier tails make the test powerless.
-    teacher = _model(7, 32, 12.0)
+    teacher = tiny_llama(VOCAB, 7, 32, 12.0)
     prompt = Prompt("p", [2, 5, 3], {})
     reward = torch.tensor([0.0, 1.0, -0.5, 2.0, 0.3, -1.0, 0.7, 1.5], dtype=torch.float64)
     params = [policy.lm_head.weight]
@@ -210,10 +172,10 @@ def test_schedule_and_snr_rules_report_alpha(models):
     engine = TeacherGuidedEngine(policy, teacher, tokenizer, alpha=lambda it: 1.0 / (1 + it))
     engine.set_iteration(3)
     engine.generate(_prompts(), sampling, generator=torch.Generator().manual_seed(0))
-    assert engine.last_stats["sampling/alpha_mean"] == pytest.approx(0.25)
+    assert engine.stats()["sampling/alpha_mean"] == pytest.approx(0.25)
     snr = TeacherGuidedEngine(policy, teacher, tokenizer, alpha="snr")
     snr.generate(_prompts(), sampling, generator=torch.Generator().manual_seed(0))
-    assert 0.0 <= snr.last_stats["sampling/alpha_mean"] <= 1.0
+    assert 0.0 <= snr.stats()["sampling/alpha_mean"] <= 1.0
     bad = TeacherGuidedEngine(policy, teacher, tokenizer, alpha=lambda it: 2.0)
     with pytest.raises(ConfigError, match=r"the schedule gave 2\.0"):
         bad.generate(_prompts(), sampling, generator=torch.Generator().manual_seed(0))
@@ -221,12 +183,12 @@ def test_schedule_and_snr_rules_report_alpha(models):
 
 def test_bad_configurations_are_refused(models):
     policy, teacher, tokenizer = models
-    other = _Tokenizer({**{str(i): i for i in range(VOCAB - 1)}, "x": VOCAB - 1})
+    other = TinyVocabTokenizer({**{str(i): i for i in range(VOCAB - 1)}, "x": VOCAB - 1})
     with pytest.raises(
         ConfigError, match=r"teacher's tokenizer differs.*only the teacher's: \['x'\]"
     ):
         TeacherGuidedEngine(policy, teacher, tokenizer, teacher_tokenizer=other)
-    small = _Tokenizer({str(i): i for i in range(VOCAB + 4)})
+    small = TinyVocabTokenizer(VOCAB + 4)
     with pytest.raises(ConfigError, match="do not cover the tokenizer's 12 tokens"):
         TeacherGuidedEngine(policy, teacher, small)
     with pytest.raises(ConfigError, match="unknown rule 'kl'"):
@@ -257,8 +219,8 @@ def _summed_logprob(model, input_ids, attention_mask, response_mask) -> torch.Te
 def test_teacher_log_ratio_reward_from_texts_and_from_sampled_ids(tiny_pair):
     from alignkit.data.collate import SFTCollator
     from alignkit.data.tokenize import tokenize_sft
-    from alignkit.rollout.engine import TransformersEngine, prompts_from_records
-    from alignkit.rollout.teacher import TeacherLogRatioReward
+    from alignkit.rollout import TransformersEngine, prompts_from_records
+    from alignkit.rollout.model_rewards import TeacherLogRatioReward
 
     teacher, reference, tokenizer = tiny_pair
     prompts = ["Say hi.", "Add 2 and 3."]
@@ -287,6 +249,37 @@ def test_teacher_log_ratio_reward_from_texts_and_from_sampled_ids(tiny_pair):
     assert torch.allclose(reward.score_experience(exp), expected, atol=1e-4)
 
 
+def test_teacher_log_ratio_scores_only_the_final_completion_of_a_conversation(tiny_pair):
+    from alignkit.data.tokenize import render_prompt
+    from alignkit.rollout.model_rewards import TeacherLogRatioReward
+
+    teacher, reference, tokenizer = tiny_pair
+    conversation = [
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "hi there"},
+        {"role": "user", "content": "Again."},
+    ]
+    got = TeacherLogRatioReward(teacher, reference, tokenizer)([conversation], ["HI"], [{}])
+    prompt = tokenizer(render_prompt(tokenizer, conversation))["input_ids"]
+    answer = [*tokenizer("HI", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    mask = torch.ones_like(ids)
+    last = torch.tensor([[False] * len(prompt) + [True] * len(answer)])
+    expected = _summed_logprob(teacher, ids, mask, last) - _summed_logprob(
+        reference, ids, mask, last
+    )
+    assert torch.allclose(got, expected, atol=1e-4)
+    # Scoring the earlier assistant turn too (what the reward did before) gives another value.
+    every = last | torch.isin(
+        ids, torch.tensor(tokenizer("hi there", add_special_tokens=False)["input_ids"])
+    )
+    assert int(every.sum()) > int(last.sum())
+    other = _summed_logprob(teacher, ids, mask, every) - _summed_logprob(
+        reference, ids, mask, every
+    )
+    assert float((other - got).abs()) > 1e-3
+
+
 def test_teacher_log_ratio_from_a_reward_spec():
     from alignkit.rollout.rewards import build_reward_source
 
@@ -303,7 +296,7 @@ def test_teacher_log_ratio_from_a_reward_spec():
 
 
 def test_greedy_decoding_is_the_policys_own(models):
-    from alignkit.rollout.engine import TransformersEngine
+    from alignkit.rollout import TransformersEngine
 
     policy, teacher, tokenizer = models
     greedy = SamplingConfig(max_new_tokens=5, temperature=0.0)
@@ -317,7 +310,7 @@ def test_greedy_decoding_is_the_policys_own(models):
 
 
 def test_parse_alpha_rules_numbers_and_linear_schedules():
-    from alignkit.rollout.teacher import LinearAlpha, parse_alpha
+    from alignkit.rollout.proposals import LinearAlpha, parse_alpha
 
     assert parse_alpha("kl_symmetry") == "kl_symmetry"
     assert parse_alpha("0.25") == 0.25 and parse_alpha(1) == 1.0

@@ -22,7 +22,7 @@ from alignkit.data.synthetic import SyntheticTask, write_task
 from alignkit.eval import evaluate_synthetic_task
 from alignkit.eval.task import TaskEvaluation
 from alignkit.models import load_policy
-from alignkit.rollout import GenerationSettings
+from alignkit.rollout import SamplingConfig
 from alignkit.tracking import read_metrics
 from alignkit.trainers.sft import SFTConfig, SFTTrainer, build_sft_trainer
 
@@ -38,7 +38,7 @@ SFT_RECIPE = (
 )
 SFT_STEPS = 12 * 14
 #: Greedy decoding as the quickstart judges it.
-GENERATION = GenerationSettings(max_new_tokens=40)
+GENERATION = SamplingConfig(max_new_tokens=40, temperature=0.0)
 
 RunSettings = Callable[..., list[str]]
 

@@ -32,7 +32,7 @@ def test_the_documented_python_use_runs(tmp_path, head_of, run_settings):
     )
     summary = alignkit.train_sft(cfg)
     model, tokenizer = alignkit.load_policy(summary["last_checkpoint"] + "/model")
-    settings = alignkit.GenerationSettings(max_new_tokens=4)
+    settings = alignkit.SamplingConfig(max_new_tokens=4, temperature=0.0)
     answers = alignkit.generate_responses(model, tokenizer, ["How do I bake bread?"], settings)
     assert len(answers) == 1 and isinstance(answers[0], str)
 

@@ -20,7 +20,7 @@ from alignkit.config import load_config
 from alignkit.data.synthetic import safety_cost
 from alignkit.errors import ConfigError
 from alignkit.eval import evaluate_synthetic_task
-from alignkit.rollout import GenerationSettings
+from alignkit.rollout import SamplingConfig
 from alignkit.tracking import latest_checkpoint, read_metrics
 from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
 from alignkit.trainers.registry import get_method
@@ -170,7 +170,7 @@ def test_the_held_out_evaluation_judges_greedy_completions_with_both_sources(
         trainer.unwrapped_model,
         trainer.tokenizer,
         prompts,
-        GenerationSettings(max_new_tokens=cfg.rollout.max_new_tokens),
+        SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0),
     )
     costs = [safety_cost(p, r) for p, r in zip(prompts, want.responses, strict=True)]
     assert got["eval/reward"] == pytest.approx(want.metrics["helpfulness"], abs=1e-6)

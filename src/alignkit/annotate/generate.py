@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
@@ -67,7 +67,7 @@ def generate(
     every model, so two checkpoints are compared on the same random draws).
     """
     from alignkit.models.loading import load_policy
-    from alignkit.rollout.generate import GenerationSettings, generate_responses
+    from alignkit.rollout import SamplingConfig, generate_responses
 
     if not models:
         raise AlignkitError("generate: give at least one --model")
@@ -75,16 +75,13 @@ def generate(
         raise AlignkitError("generate: --samples must be >= 1 and at least one --temperature given")
     try:
         settings_list = [
-            GenerationSettings(
-                max_new_tokens=max_new_tokens,
-                temperature=t,
-                top_p=top_p,
-                prompts_per_batch=prompts_per_batch,
-            )
+            SamplingConfig(max_new_tokens=max_new_tokens, temperature=t, top_p=top_p)
             for t in temperatures
         ]
     except ValueError as err:
         raise AlignkitError(f"generate: {err}") from None
+    if prompts_per_batch < 1:
+        raise AlignkitError(f"generate: prompts_per_batch must be >= 1, got {prompts_per_batch}")
     with db.read() as session:
         rows = [
             (p.id, json.loads(p.prompt_json))
@@ -106,10 +103,21 @@ def generate(
             for sample in range(samples):
                 sample_seed = seed + 1000 * t_index + sample
                 texts = generate_responses(
-                    model, tokenizer, prompts, settings, generator_seed=sample_seed
+                    model,
+                    tokenizer,
+                    prompts,
+                    settings,
+                    prompts_per_batch=prompts_per_batch,
+                    generator_seed=sample_seed,
                 )
-                recorded = {k: v for k, v in asdict(settings).items() if k != "prompts_per_batch"}
-                recorded["checkpoint"] = location
+                recorded = {  # the keys stored since the first database version
+                    "max_new_tokens": settings.max_new_tokens,
+                    "temperature": settings.temperature,
+                    "top_p": settings.top_p,
+                    "top_k": settings.top_k,
+                    "max_prompt_length": None,
+                    "checkpoint": location,
+                }
                 new = [
                     NewResponse(pid, text, model_name, recorded, sample_seed)
                     for pid, text in zip(prompt_ids, texts, strict=True)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -25,18 +23,20 @@ def generate_file(
     prompts_per_batch: int = 64,
     max_prompt_length: int | None = None,
 ) -> int:
-    """Write ``samples`` completions per prompt of ``prompts_path`` to ``out`` (atomically);
-    returns the number of rows. Rows: the prompt file's columns, ``completion``, ``sample``
-    (0-based within its prompt), ``num_tokens``, ``truncated`` and, with ``logprobs``, the
-    sampled tokens' ``token_ids``, their ``logprobs`` under the sampling distribution and
-    their sum ``logprob``."""
+    """Write ``samples`` completions per prompt of ``prompts_path`` to ``out`` (atomically; the
+    rows of ``rollout.completion_rows``); returns the number of rows."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from alignkit.config import atomic_write_text
     from alignkit.errors import ConfigError
     from alignkit.models import load_policy
-    from alignkit.rollout.engine import SamplingConfig, TransformersEngine, load_prompt_file
+    from alignkit.rollout import (
+        SamplingConfig,
+        TransformersEngine,
+        generate_batched,
+        load_prompt_file,
+        write_completions,
+    )
 
     try:
         sampling = SamplingConfig(
@@ -52,37 +52,18 @@ def generate_file(
         raise ConfigError(f"--prompts-per-batch must be >= 1, got {prompts_per_batch}")
     model, tokenizer = load_policy(model_name)
     prompts = load_prompt_file(prompts_path, tokenizer, max_length=max_prompt_length)
-    engine = TransformersEngine(model, tokenizer)
-    generator = torch.Generator().manual_seed(seed)
-    lines: list[str] = []
     columns = (TimeRemainingColumn(), BarColumn(), MofNCompleteColumn())
     with Progress(*Progress.get_default_columns()[:1], *columns, transient=True) as progress:
         task = progress.add_task("generating", total=len(prompts))
-        for start in range(0, len(prompts), prompts_per_batch):
-            chunk = prompts[start : start + prompts_per_batch]
-            exp = engine.generate(chunk, sampling, generator=generator, group_offset=start)
-            response_ids = exp.input_ids[:, exp.prompt_width :]
-            response_logprobs = exp.behaviour_logprobs[:, exp.prompt_width :]
-            for i in range(len(exp)):
-                prompt = chunk[i // samples]
-                length = int(exp.response_lengths[i])
-                row: dict[str, Any] = {
-                    "prompt": prompt.text,
-                    **prompt.fields,
-                    "completion": exp.completions[i],
-                    "sample": i % samples,
-                    "num_tokens": length,
-                    "truncated": bool(exp.truncated[i]),
-                }
-                if logprobs:
-                    values = response_logprobs[i, :length]
-                    row["token_ids"] = response_ids[i, :length].tolist()
-                    row["logprobs"] = [round(v, 6) for v in values.tolist()]
-                    row["logprob"] = round(float(values.sum()), 6)
-                lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-            progress.advance(task, len(chunk))
-    atomic_write_text(out, "".join(lines))
-    return len(lines)
+        exp = generate_batched(
+            TransformersEngine(model, tokenizer),
+            prompts,
+            sampling,
+            prompts_per_batch=prompts_per_batch,
+            generator=torch.Generator().manual_seed(seed),
+            on_progress=lambda done, _: progress.update(task, completed=done),
+        )
+    return write_completions(out, exp, logprobs=logprobs)
 
 
 def register(app: typer.Typer) -> None:

@@ -100,7 +100,7 @@ def _kl_loss_gradients(gen: torch.Generator) -> list[CheckResult]:
 
 
 def _importance_weights(gen: torch.Generator) -> CheckResult:
-    from alignkit.ops.sampling import truncated_importance_weights
+    from alignkit.ops.importance import truncated_importance_weights
 
     log_pi = torch.log_softmax(torch.randn(8, generator=gen, dtype=torch.float64), -1)
     log_mu = torch.log_softmax(torch.randn(8, generator=gen, dtype=torch.float64), -1)
@@ -173,7 +173,7 @@ def _lagrange() -> CheckResult:
 
 
 def _sampling(gen: torch.Generator) -> list[CheckResult]:
-    from alignkit.ops.sampling import geometric_mixture_logprobs, kl_symmetry_alpha
+    from alignkit.ops.proposals import geometric_mixture_logprobs, kl_symmetry_alpha
 
     policy = torch.randn(16, 50, generator=gen, dtype=torch.float64)
     target = 2 * torch.randn(16, 50, generator=gen, dtype=torch.float64)

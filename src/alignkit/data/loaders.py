@@ -11,6 +11,10 @@ for JSON, Parquet and `datasets` directories. Problems with the file as a whole 
 
 CSV/TSV cells are text: numbers and booleans (``true``/``false``/``1``/``0``) are parsed from
 it, and conversational (message list) rows need JSONL, JSON, Parquet or `datasets`.
+
+A format keeps only its own fields; ``keep_fields`` also keeps other columns of each row as
+they were read (a prompt file's ``answer`` for the reward functions, a preference file's
+per-response helpfulness targets), so nothing has to read the file a second time.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 from alignkit.data.formats import FORMATS, normalize_row
 from alignkit.errors import FILE_ROW, DataError, RowProblem
 
 __all__ = [
     "DEFAULT_MAX_PROBLEMS",
+    "KeepFields",
     "RecordSet",
     "file_kind",
     "load_records",
@@ -36,6 +41,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PROBLEMS = 20
+#: ``keep_fields``: column names, or ``"all"`` for every column the format does not define.
+KeepFields = Sequence[str] | Literal["all"]
 _KINDS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -241,11 +248,25 @@ def _read(path: Path, kind: str, split: str | None) -> list[RawRow]:
     return _read_datasets_dir(path, split)
 
 
+def _kept(raw: Mapping[str, Any], record: dict[str, Any], keep: KeepFields) -> dict[str, Any]:
+    """``record`` with the ``keep`` columns of ``raw`` it lacks, as read (a format's own
+    fields keep their normalised value)."""
+    names = raw if keep == "all" else [name for name in keep if name in raw]
+    return {**{name: raw[name] for name in names if name not in record}, **record}
+
+
 def _validate(
-    raw_rows: Iterable[RawRow], fmt: str, source: str, text_cells: bool, max_problems: int
+    raw_rows: Iterable[RawRow],
+    fmt: str,
+    source: str,
+    text_cells: bool,
+    max_problems: int,
+    keep_fields: KeepFields = (),
 ) -> RecordSet:
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if isinstance(keep_fields, str) and keep_fields != "all":
+        raise ValueError(f"keep_fields: a list of column names or 'all', got {keep_fields!r}")
     records, rows, problems = [], [], []
     seen = 0
     for raw in raw_rows:
@@ -256,7 +277,7 @@ def _validate(
         record, row_problems = normalize_row(raw.value, fmt, text_cells)
         problems.extend(RowProblem(source, raw.row, f, m) for f, m in row_problems)
         if record is not None:
-            records.append(record)
+            records.append(_kept(raw.value, record, keep_fields) if keep_fields else record)
             rows.append(raw.row)
     if seen == 0:
         raise _file_error(source, "no records")
@@ -291,6 +312,7 @@ def load_records(
     *,
     split: str | None = None,
     max_problems: int = DEFAULT_MAX_PROBLEMS,
+    keep_fields: KeepFields = (),
 ) -> RecordSet:
     """Load and validate a data file (or `datasets` directory) in format ``fmt``.
 
@@ -301,20 +323,26 @@ def load_records(
         fmt: one of ``prompt``, ``sft``, ``preference``, ``safety_preference``, ``rating``.
         split: the split of a saved ``DatasetDict`` (needed when it has several).
         max_problems: how many problems the error lists (all are counted).
+        keep_fields: other columns to keep in each record as read (CSV cells stay text), when
+            the row has them; ``"all"`` keeps every column. A format's own fields are always
+            its normalised values.
 
     Raises:
         DataError: listing every bad row (up to ``max_problems``) and the total.
     """
     if type(path).__module__.startswith("datasets."):
-        return _from_dataset(path, fmt, split, max_problems)
+        return _from_dataset(path, fmt, split, max_problems, keep_fields)
     path = Path(path)
     kind = file_kind(path)
     # CSV cells are text: numbers and booleans are parsed from it, prompts are plain strings.
     text_cells = kind in ("csv", "tsv")
-    return _validate(_read(path, kind, split), fmt, str(path), text_cells, max_problems)
+    raw_rows = _read(path, kind, split)
+    return _validate(raw_rows, fmt, str(path), text_cells, max_problems, keep_fields)
 
 
-def _from_dataset(dataset: Any, fmt: str, split: str | None, max_problems: int) -> RecordSet:
+def _from_dataset(
+    dataset: Any, fmt: str, split: str | None, max_problems: int, keep_fields: KeepFields
+) -> RecordSet:
     """Validate an in-memory `datasets.Dataset` (or one split of a `DatasetDict`)."""
     import datasets
 
@@ -325,7 +353,9 @@ def _from_dataset(dataset: Any, fmt: str, split: str | None, max_problems: int) 
         if split not in dataset:
             raise _file_error(source, f"set data.train_split to one of: {', '.join(names)}")
         dataset, source = dataset[split], f"<DatasetDict[{split!r}]>"
-    return validate_records(dataset.to_list(), fmt, source=source, max_problems=max_problems)
+    return validate_records(
+        dataset.to_list(), fmt, source=source, max_problems=max_problems, keep_fields=keep_fields
+    )
 
 
 def validate_records(
@@ -334,7 +364,8 @@ def validate_records(
     *,
     source: str = "<records>",
     max_problems: int = DEFAULT_MAX_PROBLEMS,
+    keep_fields: KeepFields = (),
 ) -> RecordSet:
     """Validate in-memory records (numbered 1, 2, ...) as ``load_records`` does for a file."""
     raw_rows = (RawRow(i, value) for i, value in enumerate(records, start=1))
-    return _validate(raw_rows, fmt, source, False, max_problems)
+    return _validate(raw_rows, fmt, source, False, max_problems, keep_fields)

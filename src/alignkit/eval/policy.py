@@ -1,8 +1,9 @@
 """Evaluate a policy on prompts (seed 002 §4.3.6): reward, cost and length statistics of its
 generations, KL to a reference model, and win rate against a second policy.
 
-Generation is batched with the KV cache (``alignkit.rollout``'s ``TransformersEngine``) and keeps
-the sampled token ids, so the KL is computed on exactly the tokens that were sampled:
+Generation is batched with the KV cache (``alignkit.rollout.generate_batched`` over a
+``TransformersEngine``) and keeps the sampled token ids, so the KL is computed on exactly the
+tokens that were sampled:
 ``KL(pi || ref) ~ mean over sequences of sum_t (log pi(y_t) - log ref(y_t))`` (the k1
 estimator, ``alignkit.ops.kl.kl_estimate``; unbiased only for samples from pi itself, i.e.
 temperature 1 without top-k/top-p truncation; seeds/NOTES.md on 002 and 004).
@@ -26,6 +27,12 @@ from alignkit.errors import ConfigError
 from alignkit.ops.evaluation import wilson_interval
 from alignkit.ops.kl import kl_estimate
 from alignkit.ops.stats import masked_sum
+from alignkit.rollout import (
+    SamplingConfig,
+    TransformersEngine,
+    generate_batched,
+    prompts_from_records,
+)
 
 __all__ = ["Generations", "evaluate_policy", "judge", "sample", "sequence_kl", "win_rate"]
 
@@ -55,22 +62,16 @@ def sample(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Generations:
     """One response per prompt from ``alignkit.rollout``'s ``TransformersEngine`` (KV cache,
-    shared prefill, finished rows dropped), ``batch_size`` prompts at a time, in the prompts'
-    order; temperature 0 is greedy."""
-    from alignkit.rollout.engine import SamplingConfig, TransformersEngine, prompts_from_records
-    from alignkit.rollout.experience import Experience
-
-    engine = TransformersEngine(model, tokenizer)
-    items = prompts_from_records([{"prompt": p} for p in prompts], tokenizer)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    generator = torch.Generator().manual_seed(seed)  # CPU uniforms drive any device
-    parts = []
-    for s in range(0, len(items), batch_size):
-        part = items[s : s + batch_size]
-        parts.append(engine.generate(part, sampling, generator=generator, group_offset=s))
-        if on_progress is not None:
-            on_progress(s + len(part), len(items))
-    exp = Experience.cat(parts).to("cpu")
+    shared prefill, finished rows dropped) through ``rollout.generate_batched``, ``batch_size``
+    prompts at a time, in the prompts' order; temperature 0 is greedy."""
+    exp = generate_batched(
+        TransformersEngine(model, tokenizer),
+        prompts_from_records([{"prompt": p} for p in prompts], tokenizer),
+        SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+        prompts_per_batch=batch_size,
+        generator=torch.Generator().manual_seed(seed),  # CPU uniforms drive any device
+        on_progress=on_progress,
+    ).to("cpu")
     return Generations(
         list(prompts),
         [t.strip() for t in exp.completions],

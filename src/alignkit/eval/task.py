@@ -9,7 +9,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from alignkit.data.synthetic import score_responses
-from alignkit.rollout.generate import GenerationSettings, Prompt, generate_responses
+from alignkit.rollout import SamplingConfig, generate_responses
+from alignkit.rollout.generate import PromptText
 
 
 @dataclass(frozen=True)
@@ -17,15 +18,15 @@ class TaskEvaluation:
     """Judged generations: the mean scores and the texts they came from."""
 
     metrics: dict[str, float]
-    prompts: list[Prompt]
+    prompts: list[PromptText]
     responses: list[str]
 
 
 def evaluate_synthetic_task(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Prompt],
-    settings: GenerationSettings | None = None,
+    prompts: Sequence[PromptText],
+    sampling: SamplingConfig | None = None,
 ) -> TaskEvaluation:
     """Generate (greedy by default) for `prompts` and judge helpfulness and safety cost.
 
@@ -33,6 +34,6 @@ def evaluate_synthetic_task(
     ``helpfulness_harmful``, ``cost`` and ``cost_harmful`` (in [-1, 1], > 0 is unsafe),
     ``unsafe_rate`` (share of harmful prompts answered unsafely).
     """
-    responses = generate_responses(model, tokenizer, prompts, settings)
+    responses = generate_responses(model, tokenizer, prompts, sampling)
     metrics = score_responses(list(prompts), responses)
     return TaskEvaluation(metrics=metrics, prompts=list(prompts), responses=responses)

@@ -29,8 +29,10 @@ import torch
 from torch import Tensor
 
 from alignkit.errors import CheckpointError, ConfigError
+from alignkit.models.reward import CONFIG_FILE, load_reward_model, reward_scores, score_texts
 from alignkit.ops.evaluation import COMBINATIONS, combine_rewards, pair_uncertainty
 from alignkit.ops.preference import reward_model_loss
+from alignkit.tracking.checkpoint import latest_checkpoint
 
 __all__ = [
     "ENSEMBLE_FILE",
@@ -45,9 +47,6 @@ ENSEMBLE_FILE = "ensemble.json"
 
 def resolve_reward_model_dir(path: str | Path) -> Path:
     """A saved reward model directory, or a run directory's newest checkpoint's ``model``."""
-    from alignkit.models.reward import CONFIG_FILE
-    from alignkit.tracking.checkpoint import latest_checkpoint
-
     path = Path(path).expanduser()
     if (path / CONFIG_FILE).is_file():
         return path
@@ -147,31 +146,20 @@ class RewardEnsemble:
         return next(self.models[0].parameters()).device
 
     def member_scores(self, prompts: Sequence[Any], responses: Sequence[str]) -> Tensor:
-        """``[K, N]`` float32 scores of ``prompt + response`` (tokenised as in training)."""
-        from alignkit.data.collate import SFTCollator
-        from alignkit.data.tokenize import tokenize_sft
-
-        records = [{"prompt": p, "completion": r} for p, r in zip(prompts, responses, strict=True)]
-        out = torch.empty(len(self.models), len(records), dtype=torch.float32)
+        """``[K, N]`` float32 scores of ``prompt + response`` (``models.reward.score_texts``)."""
+        out = torch.empty(len(self.models), len(responses), dtype=torch.float32)
         for tokenizer, members in self.groups:
-            max_length = self.max_length or getattr(tokenizer, "model_max_length", None)
-            if max_length is not None and max_length > 1_000_000:
-                max_length = None  # transformers' "no limit" sentinel
-            examples = tokenize_sft(
-                records, tokenizer, max_length=max_length, assistant_turns="last"
+            out[members] = score_texts(
+                lambda batch, members=members: torch.stack(
+                    [reward_scores(self.models[k], batch) for k in members]
+                ),
+                tokenizer,
+                prompts,
+                responses,
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+                on_progress=self.on_progress,
             )
-            collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
-            with torch.inference_mode():
-                for start in range(0, len(examples), self.batch_size):
-                    batch = collate(examples[start : start + self.batch_size])
-                    for k in members:
-                        device = next(self.models[k].parameters()).device
-                        rewards = self.models[k](
-                            batch["input_ids"].to(device), batch["attention_mask"].to(device)
-                        ).rewards
-                        out[k, start : start + len(rewards)] = rewards.float().cpu()
-                    if self.on_progress is not None:
-                        self.on_progress(min(start + self.batch_size, len(records)), len(records))
         return out
 
     def combine(self, scores: Tensor) -> Tensor:
@@ -218,8 +206,6 @@ def load_reward_source(
 
     ``combination="stacking"`` uses the weights stored in ``ensemble.json``.
     """
-    from alignkit.models.reward import load_reward_model
-
     path = Path(path).expanduser()
     if (path / ENSEMBLE_FILE).is_file():
         spec = json.loads((path / ENSEMBLE_FILE).read_text())

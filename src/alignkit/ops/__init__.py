@@ -4,7 +4,9 @@ Submodules by topic: `logprobs` (the one logit/label shift), `stats` (masked sta
 `Moments`, pair accuracy), `kl` (estimators of KL(pi||ref), KL as a loss, controllers),
 `advantages`, `losses` (policy/value) and `preference` (DPO family, reward-model losses, pair
 orientation), `lagrange` (Lagrangian combination, Safe-DPO multiplier, seed 000), `sampling`
-(importance weights; geometric mixture of policy and teacher, seed 001). `_registry.Registry`
+(the sampling distribution: temperature, top-k, top-p; the inverse-CDF draw), `importance`
+(importance weights, effective sample size) and `proposals` (proposals between a policy and a
+teacher: geometric mixture, α rules, the variance-optimal proposal; seed 001). `_registry.Registry`
 is the one registry behind every kind selected by name; `_dtype` the one precision rule.
 """
 
@@ -22,6 +24,7 @@ from alignkit.ops.advantages import (
     reinforce_returns,
     rloo_advantages,
 )
+from alignkit.ops.importance import effective_sample_size, truncated_importance_weights
 from alignkit.ops.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -75,19 +78,20 @@ from alignkit.ops.preference import (
     reward_model_loss,
     simpo_loss,
 )
-from alignkit.ops.sampling import (
+from alignkit.ops.proposals import (
     SymmetryResult,
     disjoint_supports,
-    effective_sample_size,
     exact_progress,
     geometric_mixture_logprobs,
+    guarded_mixture_logprobs,
     kl_symmetry_alpha,
+    log_ratio_scores,
     min_variance_proposal_logprobs,
     policy_gradient_variance,
     progress_terms,
     snr_alpha,
-    truncated_importance_weights,
 )
+from alignkit.ops.sampling import inverse_cdf_sample, sampling_distribution
 from alignkit.ops.stats import (
     Moments,
     RunningMeanStd,
@@ -136,6 +140,8 @@ __all__ = [
     "get_advantage_estimator",
     "get_policy_loss",
     "grpo_advantages",
+    "guarded_mixture_logprobs",
+    "inverse_cdf_sample",
     "is_reference_free",
     "kl_estimate",
     "kl_loss",
@@ -143,6 +149,7 @@ __all__ = [
     "lagrangian_combine",
     "length_normalized_logps",
     "length_normalized_nll",
+    "log_ratio_scores",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -168,6 +175,7 @@ __all__ = [
     "reinforce_returns",
     "reward_model_loss",
     "rloo_advantages",
+    "sampling_distribution",
     "selective_log_softmax",
     "sequence_logprobs",
     "sequence_logprobs_at",

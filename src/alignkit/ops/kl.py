@@ -41,7 +41,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from alignkit.errors import CheckpointError
 from alignkit.ops._dtype import compute_dtype, map_row_blocks, rows_per_chunk
 from alignkit.ops._registry import Registry, UnknownNameError
-from alignkit.ops.sampling import truncated_importance_weights
+from alignkit.ops.importance import truncated_importance_weights
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -178,7 +178,7 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     Any estimator registered with ``register_kl_estimator`` is accepted by name (and ``name+``
     for its straight-through form); the aliases of ``kl_estimate`` work too (``"low_var_kl+"``).
     These are on-policy identities: with samples from an older policy, weight the tokens by
-    ``pi/pi_old`` (``ops.sampling.truncated_importance_weights``).
+    ``pi/pi_old`` (``ops.importance.truncated_importance_weights``).
 
     Args:
         logp: ``[...]`` log pi(y_t) of the sampled tokens, with grad.

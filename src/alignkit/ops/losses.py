@@ -249,7 +249,7 @@ def policy_gradient_loss(
         mask: ``[B, T]``, nonzero on response tokens.
         agg: see ``aggregate_loss``.
         weights: optional per-token weights ``w`` ``[B, T]`` (detached; 1 when None), e.g.
-            ``ops.sampling.truncated_importance_weights`` for samples from another policy.
+            ``ops.importance.truncated_importance_weights`` for samples from another policy.
         normaliser: the optimizer step's token (or sequence) count, see ``aggregate_loss``.
 
     Returns:
@@ -323,7 +323,7 @@ def ppo_policy_loss(
         dual_clip: constant ``c > 1`` of dual-clip PPO; ``None`` disables it.
         agg: see ``aggregate_loss``.
         weights: optional per-token weights ``[B, T]`` (detached), e.g.
-            ``ops.sampling.truncated_importance_weights(old_logp, behaviour_logp, cap)``.
+            ``ops.importance.truncated_importance_weights(old_logp, behaviour_logp, cap)``.
         normaliser: the optimizer step's token (or sequence) count, see ``aggregate_loss``.
 
     Returns:

@@ -66,7 +66,7 @@ def evaluate_on_synthetic_task(args: dict[str, Any], stage_dir: Path) -> dict[st
     from alignkit.data.synthetic import SyntheticTask
     from alignkit.eval import evaluate_synthetic_task
     from alignkit.models import load_policy
-    from alignkit.rollout import GenerationSettings
+    from alignkit.rollout import SamplingConfig
 
     a = _take(
         args, "eval-task", {"model": ..., "seed": 0, "max_prompts": None, "max_new_tokens": 40}
@@ -77,7 +77,10 @@ def evaluate_on_synthetic_task(args: dict[str, Any], stage_dir: Path) -> dict[st
         prompts = [prompts[i] for i in keep]
     model, tokenizer = load_policy(str(a["model"]))
     result = evaluate_synthetic_task(
-        model, tokenizer, prompts, GenerationSettings(max_new_tokens=int(a["max_new_tokens"]))
+        model,
+        tokenizer,
+        prompts,
+        SamplingConfig(max_new_tokens=int(a["max_new_tokens"]), temperature=0.0),
     )
     stage_dir.mkdir(parents=True, exist_ok=True)
     lines = [

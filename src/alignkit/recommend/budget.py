@@ -254,14 +254,16 @@ def sample_answer_lengths(
     """Token lengths of 8 answers the model samples (``temperature``, at most ``cap`` tokens) to
     the data's first prompts: how long its answers are before any training."""
     from alignkit.models import LoraSettings, load_policy
-    from alignkit.rollout import GenerationSettings, generate_responses
+    from alignkit.rollout import SamplingConfig, generate_responses
 
     model, tokenizer = load_policy(
         model_name, lora=LoraSettings(r=16, alpha=32) if lora else None, seed=0
     )
     chosen = [prompts[i % len(prompts)] for i in range(8)]  # a short file's prompts repeat
-    settings = GenerationSettings(max_new_tokens=cap, temperature=temperature, prompts_per_batch=8)
-    texts = generate_responses(model, tokenizer, chosen, settings, generator_seed=0)
+    sampling = SamplingConfig(max_new_tokens=cap, temperature=temperature)
+    texts = generate_responses(
+        model, tokenizer, chosen, sampling, prompts_per_batch=8, generator_seed=0
+    )
     return tuple(min(cap, len(tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts)
 
 

@@ -1,31 +1,40 @@
-"""Generation engines: the ``GenerationEngine`` protocol and ``TransformersEngine``.
+"""Generation engines: the ``GenerationEngine`` contract and ``TransformersEngine``, the one
+decode loop of the package.
+
+``GenerationEngine`` is what a trainer may ask of an engine, declared rather than guessed from
+its type: ``generate``; ``samples_policy(sampling)`` and ``logprobs_match_trainer`` (whether
+its samples and its recorded log-probs are the trainer's distribution and numbers, which
+decide whether the trainer re-scores and applies importance weights); ``needs_weight_sync``
+with ``sync_weights``; ``set_iteration``; ``stats``. ``tests/rollout/test_engine_contract.py``
+checks every engine against what it declares.
 
 ``TransformersEngine`` is a lean decode loop (no ``generate()``: no logits-processor lists, no
-finished rows fed pad tokens):
+finished rows fed pad tokens) over one model, or several when its proposal reads more than the
+policy (a teacher):
 
-1. the B unique prompts are left-padded to a width P and prefilled once (positions counted
-   from each row's first real token), keeping only the last position's logits;
-2. the cache and those logits are repeated ``samples_per_prompt`` (G) times, so each prompt's
-   prefill is shared by its G samples;
-3. every step samples one token per live row (temperature, then top-k / top-p on the scaled
-   logits) from the engine's ``torch.Generator`` and records its log-prob under that final,
-   renormalised distribution;
-4. rows that emitted EOS leave the batch: the decoder's cache, mask and positions are
+1. the B unique prompts are left-padded to a width P and prefilled once per model (positions
+   counted from each row's first real token), keeping only the last position's logits;
+2. each model's cache and logits are repeated ``samples_per_prompt`` (G) times, so each
+   prompt's prefill is shared by its G samples;
+3. every step, the proposal (``rollout.proposals``: the policy's own distribution, or its
+   mixture with a teacher) turns the models' next-token logits into ``log q``; one token per
+   live row is drawn from it with the engine's ``torch.Generator`` (inverse CDF,
+   ``ops.sampling``) and ``log q`` of that token is recorded as its behaviour log-prob;
+4. rows that emitted EOS leave the batch: every decoder's cache, mask and positions are
    compacted and an index map sends each live row's token to its output row;
-5. the next token's logits come from a decoder (``rollout.decode``): for Llama, Qwen2 and
+5. the next logits come from one decoder per model (``rollout.decode``): for Llama, Qwen2 and
    Mistral models a lean step over a preallocated cache, otherwise the model's own forward
    with a transformers ``DynamicCache`` (``lean_decode=False`` forces the latter).
 
-All B x G rows run in one batch. The model is put in eval mode for the call (its previous mode
+All B x G rows run in one batch. Greedy decoding (temperature 0) is the policy's argmax alone,
+whatever the proposal. The models are put in eval mode for the call (their previous modes
 restored) and run under ``torch.inference_mode()``; the global RNG is never touched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -33,62 +42,43 @@ from transformers import PreTrainedTokenizerBase
 
 from alignkit.data.collate import PromptCollator
 from alignkit.models.forward import position_ids_from_mask
+from alignkit.ops.sampling import inverse_cdf_sample
 from alignkit.rollout.decode import start_decoding
 from alignkit.rollout.experience import Experience
+from alignkit.rollout.prompts import Prompt
+from alignkit.rollout.proposals import PolicyProposal, Proposal
+from alignkit.rollout.sampling import SamplingConfig
 
 __all__ = [
     "GenerationEngine",
-    "Prompt",
-    "SamplingConfig",
     "TransformersEngine",
-    "load_prompt_file",
-    "prompts_from_records",
-    "sampling_distribution",
+    "assemble_experience",
+    "pad_prompts",
     "unwrap_for_generation",
 ]
 
 
-@dataclass
-class SamplingConfig:
-    """How to sample. ``temperature == 0`` is greedy decoding (recorded log-probs are 0: the
-    greedy distribution is a point mass). ``top_k == 0`` and ``top_p == 1`` switch those off.
-    ``suppress_eos`` forbids EOS (every row runs to ``max_new_tokens``; for benchmarks; the
-    recorded log-probs are then under the EOS-masked distribution)."""
-
-    max_new_tokens: int
-    samples_per_prompt: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    suppress_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class Prompt:
-    """A prompt: its text, its token ids (rendered and tokenised as for training), its row's
-    other columns (passed to reward functions as keyword arguments)."""
-
-    text: str
-    input_ids: list[int]
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
 @runtime_checkable
 class GenerationEngine(Protocol):
-    """Samples responses; returns an ``Experience`` with NaN scores and
-    ``group_index = group_offset + position of the prompt in prompts``."""
+    """What a trainer may ask of a rollout engine; an engine declares its capabilities here.
+
+    ``generate`` returns an ``Experience`` with NaN scores, ``samples_per_prompt`` rows per
+    prompt (grouped, in the prompts' order), ``group_index = group_offset + position of the
+    prompt`` and ``behaviour_logprobs``: the log-prob of every sampled token under the
+    distribution it was drawn from (0 off the response and under greedy decoding).
+    """
+
+    logprobs_match_trainer: bool
+    """The recorded log-probs are the trainer's own numbers: the same weights in this process,
+    arithmetic that agrees with the trainer's fp32 forward (``models.forward.token_logprobs``)
+    to ~1e-5. Then, when ``samples_policy`` holds, they can stand for the old log-probs. An
+    engine in another process or precision (vLLM in bf16) samples the policy but its numbers
+    are not the trainer's: False."""
+
+    needs_weight_sync: bool
+    """The engine serves its own copy of the weights: ``sync_weights(model)`` must run after
+    every optimizer step that changes the policy, before the next ``generate``. False: it
+    reads the trainer's module itself (one ``sync_weights`` hands it the prepared module)."""
 
     def generate(
         self,
@@ -97,9 +87,30 @@ class GenerationEngine(Protocol):
         *,
         generator: torch.Generator,
         group_offset: int = 0,
-    ) -> Experience: ...
+    ) -> Experience:
+        """Sample ``sampling.samples_per_prompt`` responses per prompt, every random number
+        from ``generator`` (same seed, same samples; an engine in another process draws its
+        requests' seeds from it)."""
+        ...
 
-    def sync_weights(self, model: nn.Module) -> None: ...
+    def samples_policy(self, sampling: SamplingConfig) -> bool:
+        """True when, under ``sampling``, every token is drawn from exactly the distribution the
+        trainer scores: the policy's ``softmax(logits / T)`` (no truncation, no suppressed
+        EOS, no teacher). Otherwise importance weights correct the mismatch."""
+        ...
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Generate with ``model``'s current weights from now on."""
+        ...
+
+    def set_iteration(self, iteration: int) -> None:
+        """The training iteration the next ``generate`` belongs to (schedules read it)."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last ``generate`` that only the engine knows (e.g. a teacher
+        mixture's ``sampling/alpha_mean``); logged as they are."""
+        ...
 
 
 def unwrap_for_generation(model: nn.Module) -> nn.Module:
@@ -118,60 +129,55 @@ def unwrap_for_generation(model: nn.Module) -> nn.Module:
     return model
 
 
-def sampling_distribution(logits: Tensor, sampling: SamplingConfig) -> Tensor:
-    """Log-probs ``[R, V]`` (float32) of the distribution tokens are drawn from.
-
-    ``logits / temperature``; then top-k keeps the k largest, top-p the smallest set of tokens
-    (in decreasing probability) whose mass reaches p (the token crossing p kept); removed tokens
-    get -inf and the rest are renormalised. ``suppress_eos`` handling is the caller's.
-    """
-    scaled = logits.float()
-    if sampling.temperature != 1.0:  # x / 1 == x: skip a pass over [R, V]
-        scaled = scaled / sampling.temperature
-    if sampling.top_k and sampling.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Mass strictly before each token: a token is kept while that is below p.
-        before = probs.cumsum(dim=-1) - probs
-        remove = before >= sampling.top_p
-        remove[:, 0] = False
-        scaled = scaled.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-    return scaled.log_softmax(dim=-1)
-
-
-def _draw(logprobs: Tensor, generator: torch.Generator) -> Tensor:
-    """One token per row by inverse-CDF sampling with uniforms from ``generator``.
-
-    Uniforms are drawn on the generator's device and moved, so a CPU generator drives a GPU
-    model and the same seed gives the same tokens wherever the model lives.
-    """
-    cdf = logprobs.exp().cumsum(dim=-1)
-    u = torch.rand(logprobs.shape[0], 1, generator=generator, device=generator.device)
-    u = u.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    index = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-    return index.clamp_(max=logprobs.shape[-1] - 1)
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 class TransformersEngine:
-    """The in-process transformers backend (see the module docstring)."""
+    """The in-process transformers backend (see the module docstring).
+
+    Args:
+        model: the policy (unwrapped from DDP / FSDP wrappers).
+        tokenizer: pad and EOS ids, and decoding of the completions.
+        proposal: what each step samples (default: the policy's own distribution).
+        lean_decode: decode Llama / Qwen2 / Mistral models with the lean static-cache step
+            (``rollout.decode``); False always calls the models' own forward.
+    """
+
+    logprobs_match_trainer = True
+    needs_weight_sync = False
 
     def __init__(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, lean_decode: bool = True
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        proposal: Proposal | None = None,
+        lean_decode: bool = True,
     ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token for batched generation")
         self.tokenizer = tokenizer
         self.model = unwrap_for_generation(model)
-        #: decode Llama / Qwen2 / Mistral models with the lean static-cache step
-        #: (``rollout.decode``); False always calls the model's own forward.
+        self.proposal: Proposal = proposal or PolicyProposal()
         self.lean_decode = lean_decode
+        self.iteration = 0
+        self._stats: dict[str, float] = {}
+
+    def samples_policy(self, sampling: SamplingConfig) -> bool:
+        return self.proposal.samples_policy(sampling)
 
     def sync_weights(self, model: nn.Module) -> None:
         """In-process: generate with ``model`` itself from now on (no copy)."""
         self.model = unwrap_for_generation(model)
+
+    def set_iteration(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def stats(self) -> dict[str, float]:
+        """The proposal's per-position quantities, averaged over the sampled positions of the
+        last ``generate`` (empty for the policy's own distribution and greedy decoding)."""
+        return dict(self._stats)
 
     def generate(
         self,
@@ -185,28 +191,36 @@ class TransformersEngine:
         in the prompts' order)."""
         if not prompts:
             raise ValueError("generate needs at least one prompt")
-        was_training = self.model.training
-        self.model.eval()
+        models = [self.model] if sampling.greedy else [self.model, *self.proposal.models]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
         try:
             with torch.inference_mode():
-                return self._generate(prompts, sampling, generator, group_offset)
+                return self._generate(models, prompts, sampling, generator, group_offset)
         finally:
-            self.model.train(was_training)
+            for m, mode in zip(models, modes, strict=True):
+                m.train(mode)
 
     def _generate(
         self,
+        models: list[nn.Module],
         prompts: Sequence[Prompt],
         sampling: SamplingConfig,
         generator: torch.Generator,
         group_offset: int,
     ) -> Experience:
-        device = next(self.model.parameters()).device
+        device = _device(self.model)
         g, steps = sampling.samples_per_prompt, sampling.max_new_tokens
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         prompt_ids, prompt_mask, positions = pad_prompts(prompts, pad, device)
-        decoder, logits = start_decoding(
-            self.model, prompt_ids, prompt_mask, positions, g, steps, lean=self.lean_decode
-        )
+        # One decoder per model, each on its model's device; logits come back to the policy's.
+        decoders, logits, devices = [], [], [_device(m) for m in models]
+        for model, where in zip(models, devices, strict=True):
+            inputs = (t.to(where) for t in (prompt_ids, prompt_mask, positions))
+            decoder, first = start_decoding(model, *inputs, g, steps, lean=self.lean_decode)
+            decoders.append(decoder)
+            logits.append(first.to(device))
         n = len(prompts) * g
         tokens = torch.full((n, steps), pad, dtype=torch.long, device=device)
         token_logprobs = torch.zeros((n, steps), dtype=torch.float32, device=device)
@@ -215,17 +229,23 @@ class TransformersEngine:
         # leaves, batch rows are output rows and the step writes straight into the outputs.
         rows = torch.arange(n, device=device)
         batch_tokens, batch_logprobs = tokens, token_logprobs
-        greedy = sampling.temperature == 0
+        # The proposal's per-position quantities, summed on the device (no sync per step).
+        sums: dict[str, Tensor] = {}
+        sampled = 0
         for step in range(steps):
             if sampling.suppress_eos and eos is not None:
-                logits[:, eos] = float("-inf")
-            if greedy:
-                batch_tokens[:, step] = logits.argmax(dim=-1)  # log-prob 0: a point mass
+                for x in logits:
+                    x[:, eos] = float("-inf")
+            if sampling.greedy:
+                batch_tokens[:, step] = logits[0].argmax(dim=-1)  # log-prob 0: a point mass
             else:
-                logprobs = sampling_distribution(logits, sampling)
-                chosen = _draw(logprobs, generator)
+                logq, extras = self.proposal(logits, sampling, self.iteration)
+                chosen = inverse_cdf_sample(logq, generator)
                 batch_tokens[:, step] = chosen
-                batch_logprobs[:, step] = logprobs.gather(1, chosen[:, None]).squeeze(1)
+                batch_logprobs[:, step] = logq.gather(1, chosen[:, None]).squeeze(1)
+                for name, value in extras.items():
+                    sums[name] = sums[name] + value.sum() if name in sums else value.sum()
+                sampled += chosen.shape[0]
             if step == steps - 1:
                 break
             chosen = batch_tokens[:, step]
@@ -240,12 +260,17 @@ class TransformersEngine:
                     keep = (~done).nonzero().squeeze(1)
                     if keep.numel() == 0:
                         break
-                    decoder.select(keep)
+                    for decoder, where in zip(decoders, devices, strict=True):
+                        decoder.select(keep.to(where))
                     rows, chosen = rows[keep], chosen[keep]
                     batch_tokens, batch_logprobs = batch_tokens[keep], batch_logprobs[keep]
-            logits = decoder.step(chosen)
+            logits = [
+                decoder.step(chosen.to(where)).to(device)
+                for decoder, where in zip(decoders, devices, strict=True)
+            ]
         if batch_tokens is not tokens:
             tokens[rows], token_logprobs[rows] = batch_tokens, batch_logprobs
+        self._stats = {name: float(total) / max(sampled, 1) for name, total in sums.items()}
 
         return assemble_experience(
             prompts,
@@ -312,42 +337,3 @@ def assemble_experience(
         completions=tokenizer.batch_decode(response_ids.tolist(), skip_special_tokens=True),
         row_fields=[dict(p.fields) for p in prompts for _ in range(g)],
     )
-
-
-def prompts_from_records(
-    records: Sequence[Mapping[str, Any]],
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int | None = None,
-) -> list[Prompt]:
-    """``Prompt``s from rows with a ``prompt`` field (a string or a message list), rendered
-    and tokenised exactly as for training; the row's other columns become ``fields``."""
-    from alignkit.data.tokenize import render_prompt, tokenize_prompts
-
-    examples = tokenize_prompts(records, tokenizer, max_length=max_length)
-    return [
-        Prompt(
-            text=render_prompt(tokenizer, r["prompt"]),
-            input_ids=list(e["input_ids"]),
-            fields={k: v for k, v in r.items() if k != "prompt"},
-        )
-        for r, e in zip(records, examples, strict=True)
-    ]
-
-
-def load_prompt_file(
-    path: str | Path,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int | None = None,
-    split: str | None = None,
-) -> list[Prompt]:
-    """``Prompt``s of a prompt file (any format ``load_records`` reads), validated as the
-    ``prompt`` format, with each row's other columns (e.g. ``answer``) kept as ``fields``."""
-    from alignkit.data.loaders import load_records, read_rows
-
-    records = load_records(path, "prompt", split=split)
-    raw = {r.row: r.value for r in read_rows(path, split=split)}
-    rows = [
-        {**{k: v for k, v in raw[row].items() if k != "prompt"}, "prompt": record["prompt"]}
-        for record, row in zip(records, records.rows, strict=True)
-    ]
-    return prompts_from_records(rows, tokenizer, max_length=max_length)

@@ -17,12 +17,16 @@ weight: 1.0, options: {...}}, {model: runs/rm, weight: 0.5}]``. A function entry
 instead (registered or ``module:Class``): it is built once with ``options`` as keyword arguments
 and its instance is the reward function (``options`` on a plain function is an error). A family
 registered with ``register_reward_family(prefix)`` answers every ``prefix:<name>`` (e.g.
-``reasoning_gym:chain_sum``): its factory is called as ``factory(name, **options)``. A model entry is a reward or cost model saved by
+``reasoning_gym:chain_sum``): its factory is called as ``factory(name, **options)``. A model
+entry is a reward or cost model saved by
 ``alignkit train rm`` / ``train cost`` (its run directory, whose newest checkpoint is used, or
 the model directory itself); a cost model's score is its cost (higher = less safe), so give it
 a negative weight to penalise cost. An ``alignkit train rm-ensemble`` run directory loads as one
 source (``alignkit.models.ensemble``), with optional ``combination`` (mean, weighted, median,
 trimmed_mean, stacking) and ``penalty`` k: the combined reward minus k times the members' std.
+``{teacher_log_ratio: {teacher: <model>, reference: <model>}}`` is seed 001's reward
+(``rollout.model_rewards.TeacherLogRatioReward``). Every model source scores texts through
+``models.reward.score_texts`` (one rendering of ``prompt + completion``).
 """
 
 from __future__ import annotations
@@ -41,8 +45,19 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+import alignkit.rollout.tasks
+import alignkit.rollout.verifiers  # noqa: F401  (registers math, code, reasoning-gym, LLM judge)
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.models.ensemble import ENSEMBLE_FILE, load_reward_source
+from alignkit.rollout.model_rewards import ModelReward, teacher_log_ratio_source
+from alignkit.rollout.registry import (
+    RewardFn,
+    RewardFunctionError,
+    describe_sample,
+    registered_rewards,
+    reward_families,
+    shorten,
+)
 
 __all__ = [
     "FunctionReward",
@@ -51,21 +66,9 @@ __all__ = [
     "RewardSource",
     "WeightedReward",
     "build_reward_source",
-    "register_reward",
-    "register_reward_family",
     "registered_rewards",
     "resolve_reward_function",
 ]
-
-RewardFn = Callable[..., Sequence[Any]]
-_REGISTRY: dict[str, RewardFn] = {}
-_FAMILIES: dict[str, Callable[..., RewardFn]] = {}
-_SHOWN_CHARS = 160
-
-
-class RewardFunctionError(AlignkitError):
-    """A reward function raised, or returned something that is not one number (or None) per
-    completion. Exit code 2; the message names the function and shows one sample."""
 
 
 @runtime_checkable
@@ -77,40 +80,6 @@ class RewardSource(Protocol):
     def __call__(
         self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]
     ) -> Tensor: ...
-
-
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Register a built-in reward function (or a class taking ``options``, see the module
-    docstring) under ``name`` (usable as ``function: name``)."""
-
-    def decorate(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"reward function '{name}' is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorate
-
-
-def register_reward_family(prefix: str) -> Callable[[Callable[..., RewardFn]], Any]:
-    """Register ``factory(name, **options) -> reward function`` for every ``prefix:<name>``."""
-
-    def decorate(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
-        if prefix in _FAMILIES and _FAMILIES[prefix] is not factory:
-            raise ValueError(f"reward family '{prefix}' is already registered")
-        _FAMILIES[prefix] = factory
-        return factory
-
-    return decorate
-
-
-def registered_rewards() -> dict[str, RewardFn]:
-    """Built-in reward functions by name (the bundled tasks' verifiers and judges; the
-    verifiers: math, code tests, reasoning-gym, LLM judge)."""
-    import alignkit.rollout.tasks
-    import alignkit.rollout.verifiers  # noqa: F401
-
-    return dict(_REGISTRY)
 
 
 def _construct(make: Callable[..., RewardFn], options: Mapping[str, Any], spec: str) -> RewardFn:
@@ -135,15 +104,6 @@ def _construct(make: Callable[..., RewardFn], options: Mapping[str, Any], spec: 
         raise ConfigError(f"reward function '{spec}': {err}") from None
 
 
-def _shorten(text: Any) -> str:
-    text = str(text)
-    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
-
-
-def _sample(prompts: Sequence[str], completions: Sequence[str], i: int) -> str:
-    return f"\n  prompt: {_shorten(prompts[i])!r}\n  completion: {_shorten(completions[i])!r}"
-
-
 def _load_from_file(path: Path, attr: str, spec: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"reward function '{spec}': file {path} not found")
@@ -163,10 +123,11 @@ def resolve_reward_function(spec: str, options: Mapping[str, Any] | None = None)
     ``family:name``; a class is built with ``options`` (see the module docstring)."""
     options = dict(options or {})
     registry = registered_rewards()
+    families = reward_families()
     prefix, _, name = spec.partition(":")
-    if spec not in registry and name and prefix in _FAMILIES:
-        return _construct(functools.partial(_FAMILIES[prefix], name), options, spec)
-    fn = registry[spec] if spec in registry else _import_reward(spec, registry)
+    if spec not in registry and name and prefix in families:
+        return _construct(functools.partial(families[prefix], name), options, spec)
+    fn = registry[spec] if spec in registry else _import_reward(spec, registry, families)
     if inspect.isclass(fn):
         return _construct(fn, options, spec)
     if options:
@@ -177,15 +138,17 @@ def resolve_reward_function(spec: str, options: Mapping[str, Any] | None = None)
     return fn
 
 
-def _import_reward(spec: str, registry: Mapping[str, RewardFn]) -> RewardFn:
+def _import_reward(
+    spec: str, registry: Mapping[str, RewardFn], families: Mapping[str, Any]
+) -> RewardFn:
     if ":" not in spec:
         near = difflib.get_close_matches(spec, list(registry), n=1)
         hint = f"did you mean '{near[0]}'? " if near else ""
-        families = ", ".join(f"{p}:<name>" for p in sorted(_FAMILIES))
+        prefixes = ", ".join(f"{p}:<name>" for p in sorted(families))
         raise ConfigError(
             f"unknown reward function '{spec}': {hint}use 'module:function', "
             f"'path/to/file.py:function' or a built-in ({', '.join(sorted(registry))}; "
-            f"{families})"
+            f"{prefixes})"
         )
     target, attr = spec.rsplit(":", 1)
     if target.endswith(".py") or "/" in target:
@@ -211,7 +174,7 @@ def _as_number(value: Any) -> float | str | None:
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         return f"a bool ({value}); return a number, e.g. float({value})"
     if not isinstance(value, numbers.Real):
-        return f"{type(value).__name__} {_shorten(repr(value))}, not a number"
+        return f"{type(value).__name__} {shorten(repr(value))}, not a number"
     number = float(value)
     if not math.isfinite(number):
         return f"{number}; use None for 'not applicable'"
@@ -230,12 +193,12 @@ def check_reward_output(
     if not isinstance(output, (list, tuple)):
         raise RewardFunctionError(
             f"reward function '{name}' returned {type(output).__name__}, not a list of {n} "
-            f"numbers (one per completion); first sample:{_sample(prompts, completions, 0)}"
+            f"numbers (one per completion); first sample:{describe_sample(prompts, completions, 0)}"
         )
     if len(output) != n:
         raise RewardFunctionError(
             f"reward function '{name}' returned {len(output)} values for {n} completions; "
-            f"first sample:{_sample(prompts, completions, 0)}"
+            f"first sample:{describe_sample(prompts, completions, 0)}"
         )
     values: list[float] = []
     for i, value in enumerate(output):
@@ -243,7 +206,7 @@ def check_reward_output(
         if isinstance(number, str):
             raise RewardFunctionError(
                 f"reward function '{name}' returned {number} for sample {i}:"
-                f"{_sample(prompts, completions, i)}"
+                f"{describe_sample(prompts, completions, i)}"
             )
         values.append(math.nan if number is None else number)
     return torch.tensor(values, dtype=torch.float32)
@@ -270,74 +233,11 @@ class FunctionReward:
             raise
         except Exception as err:  # the user's code: one line, no traceback
             raise RewardFunctionError(
-                f"reward function '{self.name}' raised {type(err).__name__}: {_shorten(err)}; "
+                f"reward function '{self.name}' raised {type(err).__name__}: {shorten(err)}; "
                 f"called on {len(completions)} completions, the first:"
-                f"{_sample(prompts, completions, 0)}"
+                f"{describe_sample(prompts, completions, 0)}"
             ) from None
         return check_reward_output(self.name, output, prompts, completions)
-
-
-def _model_directory(path: Path) -> Path:
-    from alignkit.models.reward import CONFIG_FILE
-    from alignkit.tracking.checkpoint import latest_checkpoint
-
-    if (path / CONFIG_FILE).is_file():
-        return path
-    checkpoint = latest_checkpoint(path)
-    if checkpoint is not None:
-        found = sorted(p.parent for p in checkpoint.glob(f"*/{CONFIG_FILE}"))
-        if found:
-            return found[0]
-    raise ConfigError(
-        f"reward model '{path}': neither a reward/cost model directory (with {CONFIG_FILE}) nor "
-        "a run directory of `alignkit train rm` / `train cost` with a checkpoint"
-    )
-
-
-class ModelReward:
-    """A trained reward or cost model scoring ``prompt + completion`` (tokenised as in training:
-    prompt ids, completion ids, EOS), in batches of ``batch_size`` sequences."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        device: torch.device | str | None = None,
-        batch_size: int = 64,
-        max_length: int | None = None,
-    ) -> None:
-        from alignkit.models.reward import load_reward_model
-
-        directory = _model_directory(Path(path).expanduser())
-        self.model, self.tokenizer = load_reward_model(directory)
-        self.model.to(device or "cpu")
-        self.kind = self.model.reward_config.kind
-        self.name = f"{self.kind}_model:{path}"
-        self.batch_size = batch_size
-        self.max_length = max_length or getattr(self.tokenizer, "model_max_length", None)
-
-    def __call__(
-        self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]
-    ) -> Tensor:
-        from alignkit.data.collate import SFTCollator
-        from alignkit.data.tokenize import tokenize_sft
-
-        records = [
-            {"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)
-        ]
-        # Only the scored response carries labels, not earlier assistant turns of its prompt.
-        examples = tokenize_sft(
-            records, self.tokenizer, max_length=self.max_length, assistant_turns="last"
-        )
-        collate = SFTCollator(pad_token_id=self.tokenizer.pad_token_id)
-        device = next(self.model.parameters()).device
-        scores = []
-        with torch.inference_mode():
-            for start in range(0, len(examples), self.batch_size):
-                batch = collate(examples[start : start + self.batch_size])
-                out = self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                scores.append(out.rewards.float().cpu())
-        return torch.cat(scores)
 
 
 class WeightedReward:
@@ -389,8 +289,8 @@ def build_reward_source(
     Model sources use their own tokenizer (a reward model may have been trained from a
     different base than the policy). ``{teacher_log_ratio: {teacher: <model>, reference:
     <model>}}`` is seed 001's reward log π_t(c|p) - log π_ref(c|p)
-    (``rollout.teacher.TeacherLogRatioReward``); both models must share ``tokenizer`` (the
-    policy's; the teacher's own when None).
+    (``rollout.model_rewards.TeacherLogRatioReward``); both models must share ``tokenizer`` (the policy's; the
+    teacher's own when None).
     """
     sources: list[tuple[RewardSource, float]] = []
     for i, spec in enumerate(specs):
@@ -434,27 +334,6 @@ def build_reward_source(
         elif "model" in spec:
             source = ModelReward(spec["model"], device=device)
         else:
-            source = _teacher_log_ratio(spec["teacher_log_ratio"], where, tokenizer, device)
+            source = teacher_log_ratio_source(spec["teacher_log_ratio"], where, tokenizer, device)
         sources.append((source, float(weight)))
     return WeightedReward(sources)
-
-
-def _teacher_log_ratio(
-    spec: Any, where: str, tokenizer: Any, device: torch.device | str | None
-) -> RewardSource:
-    from alignkit.models import load_policy
-    from alignkit.rollout.teacher import TeacherLogRatioReward, check_same_vocabulary
-
-    if not isinstance(spec, Mapping) or set(spec) != {"teacher", "reference"}:
-        raise ConfigError(
-            f"{where}.teacher_log_ratio: expected {{teacher: <model>, reference: <model>}}, "
-            f"got {spec!r}"
-        )
-    teacher, teacher_tokenizer = load_policy(spec["teacher"])
-    reference, reference_tokenizer = load_policy(spec["reference"])
-    tokenizer = tokenizer or teacher_tokenizer
-    check_same_vocabulary(tokenizer, teacher_tokenizer, teacher, reference)
-    check_same_vocabulary(tokenizer, reference_tokenizer, teacher, reference)
-    teacher.to(device or "cpu")
-    reference.to(device or "cpu")
-    return TeacherLogRatioReward(teacher, reference, tokenizer)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from alignkit.rollout.rewards import register_reward
+from alignkit.rollout.registry import register_reward
 
 __all__ = [
     "add_match",

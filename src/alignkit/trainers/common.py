@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from alignkit.config.inputs import DataConfig, LoraConfig, ModelConfig
 from alignkit.data import load_records
-from alignkit.data.loaders import RecordSet, mix_record_sets
+from alignkit.data.loaders import KeepFields, RecordSet, mix_record_sets
 from alignkit.errors import ConfigError
 from alignkit.models import LoraSettings, load_policy
 
@@ -58,16 +58,26 @@ def load_model_and_tokenizer(model: ModelConfig, seed: int) -> tuple[nn.Module, 
 
 
 def load_split(
-    data: DataConfig, fmt: str, split: Literal["train", "eval"], seed: int = 0
+    data: DataConfig,
+    fmt: str,
+    split: Literal["train", "eval"],
+    seed: int = 0,
+    keep_fields: KeepFields = (),
 ) -> RecordSet | None:
     """Validated records of the train or eval file (None when no eval file is set), subsampled
-    to ``data.max_{split}_examples`` rows when that is set."""
+    to ``data.max_{split}_examples`` rows when that is set; ``keep_fields`` as for
+    ``load_records``."""
     path = data.train_file if split == "train" else data.eval_file
     if not path:
         return None
     which = data.train_split if split == "train" else data.eval_split
     if isinstance(path, list):
-        parts = [load_records(p, fmt, split=which, max_problems=data.max_problems) for p in path]
+        parts = [
+            load_records(
+                p, fmt, split=which, max_problems=data.max_problems, keep_fields=keep_fields
+            )
+            for p in path
+        ]
         weights = data.train_weights or [1.0] * len(parts)
         if len(weights) != len(parts):
             raise ConfigError(
@@ -75,7 +85,9 @@ def load_split(
             )
         records = mix_record_sets(parts, weights, seed)
     else:
-        records = load_records(path, fmt, split=which, max_problems=data.max_problems)
+        records = load_records(
+            path, fmt, split=which, max_problems=data.max_problems, keep_fields=keep_fields
+        )
     limit = data.max_train_examples if split == "train" else data.max_eval_examples
     if limit is not None and limit < len(records):
         logger.info(

@@ -31,8 +31,7 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from alignkit.rollout import Experience, Prompt, SamplingConfig, TransformersEngine
-from alignkit.rollout.engine import GenerationEngine
+from alignkit.rollout import Experience, GenerationEngine, Prompt, TransformersEngine
 from alignkit.rollout.rewards import RewardSource
 from alignkit.runloop.optimizer import build_lr_scheduler, build_optimizer
 from alignkit.runloop.run import RunLoop
@@ -108,15 +107,7 @@ class OnlineTrainer(RunLoop):
         self.reward = reward
         self.own_engine = engine is None
         self.engine: GenerationEngine = engine or TransformersEngine(model, tokenizer)
-        r = config.rollout
-        self.sampling = SamplingConfig(
-            max_new_tokens=r.max_new_tokens,
-            samples_per_prompt=r.samples_per_prompt,
-            temperature=r.temperature,
-            top_k=r.top_k,
-            top_p=r.top_p,
-            suppress_eos=r.suppress_eos,
-        )
+        self.sampling = config.rollout.sampling()
         self.timings: dict[str, float] = {}
         self.initial_eval: dict[str, float] = {}
         self._guard_streaks: dict[str, int] = {}

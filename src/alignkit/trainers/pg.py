@@ -37,17 +37,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignkit.data import load_records
-from alignkit.data.loaders import read_rows
 from alignkit.models import load_policy
 from alignkit.models.forward import token_logprobs
 from alignkit.models.reward import RewardModel
 from alignkit.ops.advantages import get_advantage_estimator, terminal_rewards, zero_std_fraction
+from alignkit.ops.importance import effective_sample_size, truncated_importance_weights
 from alignkit.ops.losses import aggregate_loss, aggregation_units, get_policy_loss
-from alignkit.ops.sampling import effective_sample_size, truncated_importance_weights
 from alignkit.ops.stats import Moments, masked_whiten
-from alignkit.rollout import Experience, Prompt, TransformersEngine, prompts_from_records
-from alignkit.rollout.engine import GenerationEngine
+from alignkit.rollout import (
+    Experience,
+    GenerationEngine,
+    Prompt,
+    TeacherGuidedEngine,
+    generate_batched,
+    load_prompt_file,
+)
 from alignkit.rollout.rewards import RewardSource, build_reward_source
 from alignkit.trainers.common import load_model_and_tokenizer
 from alignkit.trainers.critic import Critic, as_critic, build_critic
@@ -98,6 +102,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         self.kl = KLPenalty(config.kl)
         self.register_controller("kl", self.kl.controller)
         self.last_lr = config.optim.lr
+        self._engine_weights_step: int | None = None  # the iteration the engine's copy is of
 
     def _policy_loss_settings(self) -> dict[str, Any]:
         """The ``policy_loss`` config fields that the loss takes by name (clip ratios for
@@ -124,8 +129,8 @@ class PolicyGradientTrainer(OnlineTrainer):
 
     @property
     def exactly_on_policy(self) -> bool:
-        """Old log-probs are the behaviour log-probs: one optimizer step per iteration on
-        samples of the trainer's own engine, drawn from the policy's own distribution."""
+        """One optimizer step per iteration on samples drawn from the policy's own
+        distribution: the update is exactly on-policy."""
         return (
             self.optimizer_steps_per_iteration == 1
             and self.engine_samples_policy
@@ -142,18 +147,23 @@ class PolicyGradientTrainer(OnlineTrainer):
         1e-5, tested), but up to ~1e-2 under bf16 autocast, where a re-score keeps the first
         ratio at exactly 1 (verl recomputes for the same reason).
         """
-        if not self.engine_samples_policy:
+        if not (self.engine_samples_policy and self.engine.logprobs_match_trainer):
             return False
         return self.exactly_on_policy or self.config.precision == "fp32"
 
     @property
     def engine_samples_policy(self) -> bool:
         """The engine draws from the distribution the trainer scores (logits / T, no top-k or
-        top-p truncation); otherwise importance weights correct the mismatch."""
-        r = self.config.rollout
-        if isinstance(self.engine, TransformersEngine):
-            return r.top_k == 0 and r.top_p == 1.0 and not r.suppress_eos
-        return bool(getattr(self.engine, "samples_from_policy", False))
+        top-p truncation, no teacher), as it declares; otherwise importance weights correct
+        the mismatch."""
+        return self.engine.samples_policy(self.sampling)
+
+    def _engine_current(self) -> None:
+        """An engine with its own copy of the weights gets this iteration's policy, once."""
+        if self.engine.needs_weight_sync and self._engine_weights_step != self.state.step:
+            with self.timed("weight_sync"):
+                self.engine.sync_weights(self.model)
+            self._engine_weights_step = self.state.step
 
     # ----------------------------------------------------------------- experience
 
@@ -177,8 +187,8 @@ class PolicyGradientTrainer(OnlineTrainer):
     ) -> Experience:
         cfg = self.config
         device = self.accelerator.device
-        if hasattr(self.engine, "set_iteration"):  # an alpha schedule reads the iteration
-            self.engine.set_iteration(self.state.step)
+        self._engine_current()
+        self.engine.set_iteration(self.state.step)
         with self.timed("rollout"):
             exp = self.engine.generate(
                 prompts, self.sampling, generator=generator, group_offset=group_offset
@@ -242,9 +252,9 @@ class PolicyGradientTrainer(OnlineTrainer):
     def experience_metrics(self, exp: Experience) -> dict[str, Tensor]:
         mask = exp.response_mask
         scores = exp.scores
-        applicable = torch.isfinite(scores)
+        scored = applicable(scores)
         metrics: dict[str, Tensor] = {
-            "reward/mean": scores[applicable].mean() if applicable.any() else scores.new_zeros(()),
+            "reward/mean": scored.mean() if scored.numel() else scores.new_zeros(()),
             "reward/zero_std_frac": zero_std_fraction(scores, exp.group_index),
             "response_length/mean": exp.response_lengths.float().mean(),
             "response_length/clipped_ratio": exp.truncated.float().mean(),
@@ -252,9 +262,9 @@ class PolicyGradientTrainer(OnlineTrainer):
         metrics.update(self.kl.metrics(exp))
         if self.critic is not None:
             metrics.update(self.critic.metrics(exp.values, exp.returns, mask))
-        # The engine's own statistics (a teacher-guided engine's alpha and fallback share);
-        # the trainer's importance-weight statistics below take precedence.
-        for name, value in getattr(self.engine, "last_stats", {}).items():
+        # What only the engine knows (a teacher mixture's alpha and fallback share); the
+        # importance weights are the trainer's own, computed once above.
+        for name, value in self.engine.stats().items():
             metrics[name] = torch.tensor(float(value), device=scores.device)
         if exp.is_weights is not None:
             metrics["sampling/is_weight_max"] = torch.where(mask, exp.is_weights, 0.0).max()
@@ -345,41 +355,37 @@ class PolicyGradientTrainer(OnlineTrainer):
     def evaluate(self) -> dict[str, float]:
         """Greedy completions of the held-out prompts: mean reward, and accuracy = the share
         that earn the full reward (>= 1, the exact answer of a verifiable task)."""
-        scores = evaluate_prompts(self.engine, self.reward, self.eval_prompts, self.sampling)
+        scores = applicable(self.score_eval_generations(self.reward))
         return {
             "eval/reward": float(scores.mean()),
             "eval/accuracy": float((scores >= 1).float().mean()),
         }
 
+    def score_eval_generations(self, *sources: RewardSource) -> Tensor:
+        """``[len(sources), N]``: each source's scores of one greedy completion per held-out
+        prompt (generated once, all prompts in one batch)."""
+        self._engine_current()
+        greedy = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
+        prompts = self.eval_prompts
+        exp = generate_batched(
+            self.engine,
+            prompts,
+            greedy,
+            prompts_per_batch=len(prompts),
+            generator=torch.Generator(),
+        )
+        return torch.stack(
+            [source(exp.prompts, exp.completions, exp.row_fields) for source in sources]
+        )
 
-def evaluate_prompts(
-    engine: GenerationEngine, reward: RewardSource, prompts: Sequence[Prompt], sampling: Any
-) -> Tensor:
-    """Rewards of greedy completions of `prompts` (one each); NaN rows dropped."""
-    greedy = dataclasses.replace(sampling, samples_per_prompt=1, temperature=0.0)
-    exp = engine.generate(prompts, greedy, generator=torch.Generator())
-    scores = reward(exp.prompts, exp.completions, exp.row_fields)
+
+def applicable(scores: Tensor) -> Tensor:
+    """The scores that are not NaN ("not applicable")."""
     return scores[torch.isfinite(scores)]
 
 
 # --------------------------------------------------------------------------------------
 # Building from a config
-
-
-def load_prompts(
-    path: str, tokenizer: Any, max_length: int, limit: int | None = None
-) -> list[Prompt]:
-    """Prompts of a prompt file (validated as the ``prompt`` format), each row's other columns
-    kept for the reward functions."""
-    records = load_records(path, "prompt")
-    raw = {r.row: r.value for r in read_rows(path)}
-    rows = [
-        {**raw[number], "prompt": record["prompt"]}
-        for number, record in zip(records.rows, records, strict=True)
-    ]
-    if limit is not None:
-        rows = rows[:limit]
-    return prompts_from_records(rows, tokenizer, max_length=max_length)
 
 
 def build_pg_trainer(
@@ -399,19 +405,18 @@ def build_pg_trainer(
     if not cfg.rewards:
         raise ConfigError("rewards: give at least one source, e.g. [{function: sort_match}]")
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
-    prompts = load_prompts(cfg.data.train_file, tokenizer, cfg.data.max_prompt_length)
+    data = cfg.data
+    prompts = load_prompt_file(data.train_file, tokenizer, data.max_prompt_length)
     eval_prompts = (
-        load_prompts(
-            cfg.data.eval_file, tokenizer, cfg.data.max_prompt_length, cfg.data.max_eval_prompts
+        load_prompt_file(
+            data.eval_file, tokenizer, data.max_prompt_length, limit=data.max_eval_prompts
         )
-        if cfg.data.eval_file
+        if data.eval_file
         else None
     )
     reward = build_reward_source([s.spec() for s in cfg.rewards], tokenizer=tokenizer)
     engine = None
     if cfg.rollout.teacher:
-        from alignkit.rollout.teacher import TeacherGuidedEngine
-
         teacher, teacher_tokenizer = load_policy(cfg.rollout.teacher, dtype=cfg.model.dtype)
         engine = TeacherGuidedEngine(
             model,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from alignkit.config import TrainConfig
 from alignkit.config.schema import field_help
-from alignkit.data import PreferenceCollator, read_rows, tokenize_preferences
+from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.data.loaders import DEFAULT_MAX_PROBLEMS, RecordSet
 from alignkit.errors import CheckpointError, ConfigError, DataError, RowProblem
 from alignkit.models import RewardModel, load_reward_model
@@ -369,29 +369,27 @@ def _as_number(value: Any) -> float | None:
 
 
 def attach_helpfulness(records: RecordSet, max_problems: int = DEFAULT_MAX_PROBLEMS) -> None:
-    """Copy each row's ``chosen_helpfulness``/``rejected_helpfulness`` (numbers) from the file
-    into `records`, in place. The record formats keep only their own fields, so these
-    per-response targets of the helpfulness head are read from the raw rows.
+    """Turn each record's ``chosen_helpfulness``/``rejected_helpfulness`` into numbers, in
+    place: the per-response targets of the helpfulness head, kept from the file by
+    ``load_records(..., keep_fields=...)`` (the record formats keep only their own fields).
 
     Raises:
         ConfigError: no row has the fields. DataError: some rows lack them or hold non-numbers.
     """
     fields = AUX_TARGET_FIELDS["helpfulness"]
-    raw = {row.row: row.value for row in read_rows(records.source)}
-    if not any(isinstance(raw.get(row), Mapping) and fields[0] in raw[row] for row in records.rows):
+    if not any(fields[0] in record for record in records):
         raise _missing_field_error(
             "helpfulness", fields, records, "per-response helpfulness scores, any numbers"
         )
     problems: list[RowProblem] = []
     for record, row in zip(records, records.rows, strict=True):
-        values = raw.get(row) if isinstance(raw.get(row), Mapping) else {}
         for name in fields:
-            if name not in values:
+            if name not in record:
                 problems.append(RowProblem(records.source, row, name, "missing field"))
                 continue
-            number = _as_number(values[name])
+            number = _as_number(record[name])
             if number is None:
-                message = f"expected a finite number, got {values[name]!r}"
+                message = f"expected a finite number, got {record[name]!r}"
                 problems.append(RowProblem(records.source, row, name, message))
                 continue
             record[name] = number
@@ -423,8 +421,10 @@ def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
     """Load the data, the backbone with its heads and the tokenizer; return a ready trainer."""
     require_train_file(cfg.data)
     fmt = cfg.resolved_data_format
-    train_records = load_split(cfg.data, fmt, "train", cfg.seed)
-    eval_records = load_split(cfg.data, fmt, "eval", cfg.seed)
+    # The helpfulness head's targets are columns of the file beside the format's own fields.
+    keep = AUX_TARGET_FIELDS["helpfulness"] if "helpfulness" in cfg.reward_model.aux_heads else ()
+    train_records = load_split(cfg.data, fmt, "train", cfg.seed, keep_fields=keep)
+    eval_records = load_split(cfg.data, fmt, "eval", cfg.seed, keep_fields=keep)
     for records in (train_records, eval_records):
         if records is not None:
             prepare_records(cfg, records)

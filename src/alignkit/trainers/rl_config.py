@@ -16,6 +16,8 @@ from alignkit.config import RunConfig
 from alignkit.config.inputs import ModelConfig
 from alignkit.config.schema import field_help
 from alignkit.errors import ConfigError
+from alignkit.rollout.proposals import parse_alpha
+from alignkit.rollout.sampling import SamplingConfig
 
 
 def _require(condition: bool, message: str) -> None:
@@ -136,8 +138,6 @@ class RolloutConfig:
     )
 
     def __post_init__(self) -> None:
-        from alignkit.rollout.teacher import parse_alpha
-
         parse_alpha(self.alpha)  # ConfigError naming the valid forms
         _require(0 < self.teacher_floor <= 1, "teacher_floor must lie in (0, 1]")
         _require(self.prompts_per_iteration >= 1, "prompts_per_iteration must be >= 1")
@@ -151,6 +151,18 @@ class RolloutConfig:
     @property
     def sequences_per_iteration(self) -> int:
         return self.prompts_per_iteration * self.samples_per_prompt
+
+    def sampling(self) -> SamplingConfig:
+        """The engine's ``SamplingConfig`` for one iteration's rollouts (the one place the
+        rollout settings map onto it)."""
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            samples_per_prompt=self.samples_per_prompt,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            suppress_eos=self.suppress_eos,
+        )
 
 
 @dataclass

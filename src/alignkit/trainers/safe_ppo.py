@@ -37,7 +37,7 @@ from alignkit.ops.stats import violation_rate
 from alignkit.rollout import Experience, Prompt
 from alignkit.rollout.rewards import ModelReward, RewardSource, build_reward_source
 from alignkit.trainers.critic import Critic, as_critic, build_critic
-from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
+from alignkit.trainers.pg import PolicyGradientTrainer, applicable, build_pg_trainer
 from alignkit.trainers.rl_config import CriticConfig, PGConfig, RewardSourceConfig
 from alignkit.trainers.safe_dpo import MultiplierConfig
 
@@ -183,11 +183,7 @@ class SafePPOTrainer(PolicyGradientTrainer):
     def evaluate(self) -> dict[str, float]:
         """PPO's greedy held-out evaluation (one generation) with the cost judged too:
         ``eval/cost`` (mean) and ``eval/violation_rate`` (share with cost > 0)."""
-        greedy = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
-        exp = self.engine.generate(self.eval_prompts, greedy, generator=torch.Generator())
-        rewards = self.reward(exp.prompts, exp.completions, exp.row_fields)
-        costs = self.cost(exp.prompts, exp.completions, exp.row_fields)
-        rewards, costs = rewards[torch.isfinite(rewards)], costs[torch.isfinite(costs)]
+        rewards, costs = map(applicable, self.score_eval_generations(self.reward, self.cost))
         return {
             "eval/reward": float(rewards.mean()),
             "eval/accuracy": float((rewards >= 1).float().mean()),

@@ -13,7 +13,7 @@ import pytest
 
 from alignkit.errors import ConfigError
 from alignkit.models import load_policy
-from alignkit.rollout.engine import SamplingConfig, TransformersEngine, prompts_from_records
+from alignkit.rollout import SamplingConfig, TransformersEngine, prompts_from_records
 from alignkit.rollout.rewards import RewardFunctionError, build_reward_source
 from alignkit.rollout.verifiers.judge import LLMJudge, parse_score
 from alignkit.serving import ServedModel, background_server

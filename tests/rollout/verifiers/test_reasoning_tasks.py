@@ -10,7 +10,7 @@ import reasoning_gym
 
 from alignkit.cli import main
 from alignkit.errors import ConfigError
-from alignkit.rollout.engine import load_prompt_file
+from alignkit.rollout import load_prompt_file
 from alignkit.rollout.rewards import RewardFunctionError, build_reward_source
 from alignkit.rollout.verifiers.reasoning_tasks import reasoning_gym_rows, score_answer
 

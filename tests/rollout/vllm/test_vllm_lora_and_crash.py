@@ -12,7 +12,7 @@ import torch
 
 from alignkit.models import load_policy
 from alignkit.models.loading import save_model
-from alignkit.rollout.engine import Prompt, SamplingConfig
+from alignkit.rollout import Prompt, SamplingConfig
 from alignkit.rollout.vllm import (
     LoRAAdapterSync,
     SyncProbe,

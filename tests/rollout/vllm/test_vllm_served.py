@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from alignkit.models.forward import token_logprobs
-from alignkit.rollout.engine import Prompt, SamplingConfig, sampling_distribution
+from alignkit.ops.sampling import sampling_distribution
+from alignkit.rollout import Prompt, SamplingConfig
 from alignkit.rollout.vllm import FileWeightSync, SyncProbe, SyncProbeError, VLLMEngine
 
 pytestmark = pytest.mark.vllm
@@ -64,7 +65,9 @@ def _sampling_logprobs(model, experience, sampling):
             input_ids=experience.input_ids, attention_mask=experience.attention_mask
         ).logits
     rows, cols = experience.response_mask[:, 1:].nonzero(as_tuple=True)
-    dist = sampling_distribution(logits[rows, cols], sampling)
+    dist = sampling_distribution(
+        logits[rows, cols], sampling.temperature, sampling.top_k, sampling.top_p
+    )
     out = torch.zeros_like(experience.behaviour_logprobs)
     out[rows, cols + 1] = dist.gather(1, experience.input_ids[rows, cols + 1, None]).squeeze(1)
     return out

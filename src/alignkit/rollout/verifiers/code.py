@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit.rollout.rewards import register_reward
+from alignkit.rollout.registry import register_reward
 from alignkit.rollout.verifiers.sandbox import Sandbox, SandboxLimits
 
 __all__ = ["CodeTests", "TestReport", "extract_code", "run_tests"]

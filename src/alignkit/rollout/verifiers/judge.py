@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from alignkit.errors import ConfigError
-from alignkit.rollout.rewards import RewardFunctionError, _sample, register_reward
+from alignkit.rollout.registry import RewardFunctionError, describe_sample, register_reward
 
 __all__ = ["DEFAULT_SCORE_PATTERN", "DEFAULT_TEMPLATE", "JudgeError", "LLMJudge", "parse_score"]
 
@@ -278,7 +278,9 @@ class LLMJudge:
             try:
                 return self.reply(texts[i], f"sample {i}")
             except JudgeError as err:
-                raise JudgeError(f"{err}; the sample:{_sample(prompts, completions, i)}") from None
+                raise JudgeError(
+                    f"{err}; the sample:{describe_sample(prompts, completions, i)}"
+                ) from None
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             replies = list(pool.map(ask, range(len(texts))))
@@ -295,6 +297,6 @@ class LLMJudge:
             raise JudgeError(
                 f"reward function 'llm_judge': {len(failed)} of {len(scores)} replies have no score matching "
                 f"{self.pattern.pattern!r} in [{self.min_score:g}, {self.max_score:g}]; "
-                f"sample {i}'s reply: {replies[i][:200]!r}{_sample(prompts, completions, i)}"
+                f"sample {i}'s reply: {replies[i][:200]!r}{describe_sample(prompts, completions, i)}"
             )
         return scores

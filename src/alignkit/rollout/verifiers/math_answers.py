@@ -32,7 +32,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from alignkit.rollout.rewards import register_reward
+from alignkit.rollout.registry import register_reward
 from alignkit.rollout.verifiers.packages import require_package
 
 __all__ = ["FORMATS", "MathAccuracy", "MathFormat", "final_answer", "math_score"]

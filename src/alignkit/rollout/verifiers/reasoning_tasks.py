@@ -29,7 +29,7 @@ from functools import lru_cache
 from typing import Any
 
 from alignkit.errors import ConfigError
-from alignkit.rollout.rewards import register_reward_family
+from alignkit.rollout.registry import register_reward_family
 from alignkit.rollout.verifiers.packages import require_package
 
 __all__ = ["ReasoningGymReward", "reasoning_gym_rows", "reasoning_gym_tasks", "score_answer"]

@@ -38,14 +38,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from alignkit.rollout.engine import (
-    Prompt,
-    SamplingConfig,
-    assemble_experience,
-    pad_prompts,
-    unwrap_for_generation,
-)
+from alignkit.rollout.engine import assemble_experience, pad_prompts, unwrap_for_generation
 from alignkit.rollout.experience import Experience
+from alignkit.rollout.prompts import Prompt
+from alignkit.rollout.sampling import SamplingConfig
 from alignkit.rollout.vllm.client import Completion, VLLMClient, VLLMError
 from alignkit.rollout.vllm.probe import SyncProbe, default_probe_bounds
 from alignkit.rollout.vllm.server import VLLMServer, VLLMSettings, open_servers
