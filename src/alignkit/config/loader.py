@@ -269,7 +269,8 @@ def _build(cls: type[T], raw: Any, prefix: str, origin: _Origin, root: type | No
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        scope = f"in '{where}': " if where else ""
+        named = str(exc).startswith(f"{where}.")  # the message already gives the full key
+        scope = f"in '{where}': " if where and not named else ""
         raise origin.error(where, f"{scope}{exc}", scope=True) from None
 
 

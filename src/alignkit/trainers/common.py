@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from alignkit.config.schema import field_help
+from alignkit.config.schema import field_help, requires
 from alignkit.data import load_records
 from alignkit.data.loaders import RecordSet, mix_record_sets
 from alignkit.errors import ConfigError
@@ -123,6 +123,11 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+        one_file, mixed = "with a single data.train_file", "give data.train_file as a list"
+        several = isinstance(self.train_file, list)
+        requires(self, "train_weights", several, scope="data", because=one_file, advice=mixed)
+        evaluation = ("eval_split", "max_eval_examples")
+        requires(self, evaluation, bool(self.eval_file), "eval_file", scope="data")
 
 
 def require_train_file(data: DataConfig) -> None:
