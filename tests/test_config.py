@@ -262,7 +262,8 @@ def test_every_shipped_config_field_has_help(cls):
 def test_data_subset_sizes_must_be_positive() -> None:
     from alignkit.trainers.sft import SFTConfig
 
-    assert load_config(SFTConfig, None, ["data.max_eval_examples=7"]).data.max_eval_examples == 7
+    held_out = ["data.eval_file=heldout.jsonl", "data.max_eval_examples=7"]
+    assert load_config(SFTConfig, None, held_out).data.max_eval_examples == 7
     with pytest.raises(ConfigError, match="max_train_examples must be >= 1"):
         load_config(SFTConfig, None, ["data.max_train_examples=0"])
 

@@ -32,7 +32,7 @@ def run(*args: str) -> int:
 def sft(tmp_path: Path, data: Path, *overrides: str) -> list[str]:
     return [
         "train", "sft", "-c", str(EXAMPLES / "sft.yaml"), f"output_dir={tmp_path}",
-        f"data.train_file={data}", "data.eval_file=null", "max_steps=1",
+        f"data.train_file={data}", "data.eval_file=null", "eval.every=null", "max_steps=1",
         "logging.progress_bar=false", "logging.plots=false", *overrides,
     ]  # fmt: skip
 

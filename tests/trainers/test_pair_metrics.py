@@ -29,7 +29,6 @@ def _reward_trainer(tmp_path, head_of, *overrides: str):
             f"output_dir={tmp_path / 'runs'}",
             "logging.progress_bar=false",
             "logging.plots=false",
-            "use_margin=false",
             *overrides,
         ],
     )
@@ -42,7 +41,7 @@ def test_dpo_accuracy_counts_a_tie_as_half():
 
 
 def test_reward_and_cost_accuracy_count_a_tie_as_half(tmp_path, head_of):
-    trainer = _reward_trainer(tmp_path, head_of)
+    trainer = _reward_trainer(tmp_path, head_of, "use_margin=false")
     _, metrics = trainer.loss_and_metrics({"chosen": CHOSEN, "rejected": REJECTED})
     assert metrics["accuracy"].item() == pytest.approx(0.5)
 
@@ -70,7 +69,7 @@ def test_a_reward_loss_registered_outside_is_selected_by_the_loss_field(tmp_path
         return torch.exp(-diff)
 
     try:
-        trainer = _reward_trainer(tmp_path, head_of, "loss=test-exponential")
+        trainer = _reward_trainer(tmp_path, head_of, "loss=test-exponential", "use_margin=false")
         loss, _ = trainer.loss_and_metrics({"chosen": CHOSEN, "rejected": REJECTED})
     finally:
         REWARD_LOSSES.unregister("test-exponential")

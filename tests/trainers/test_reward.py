@@ -49,13 +49,13 @@ def make_config(
         f"data.train_file={task / f'{train}.jsonl'}",
         f"output_dir={tmp_path / 'runs'}",
         "optim.lr=3e-3",
-        "eval.examples_per_device=32",
         "logging.progress_bar=false",
         "logging.console_format=''",
         "logging.plots=false",
     ]
     if heldout is not None:
         settings.append(f"data.eval_file={task / f'{heldout}.jsonl'}")
+        settings.append("eval.examples_per_device=32")
     return load_config(RewardConfig, None, [*settings, *overrides])
 
 

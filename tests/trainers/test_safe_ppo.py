@@ -32,6 +32,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "safe_ppo.yaml"
 #: Plain PPO inside the same trainer: lambda held at exactly 0, so the policy's advantage is
 #: (A_r - 0 * A_c) / (1 + 0) = A_r, PPO's own; the cost is still judged and logged.
 PLAIN_PPO = ("lambda.rule=linear", "lambda.init=0", "lambda.min_value=0", "lambda.lr=0")
+PLAIN_PPO += ("lambda.ema=0.95",)  # the linear rule has no EMA: the example's is set back
+#: No held-out prompts: evaluation off, and the example's evaluation settings back to defaults.
+NO_EVAL = ("data.eval_file=null", "eval.every=null", "data.max_eval_prompts=64")
 
 
 def safe_ppo_config(sft_run, task_files, out: Path, name: str, *overrides: str) -> SafePPOConfig:
@@ -119,7 +122,7 @@ def test_safe_ppo_with_lambda_held_at_zero_is_plain_ppo(sft_run, task_files, tmp
         "rollout.prompts_per_iteration=8",
         "rollout.max_new_tokens=16",
         "train.sequences_per_device=16",
-        "data.eval_file=null",
+        *NO_EVAL,
     )
     safe = train(safe_ppo_config(sft_run, task_files, tmp_path, "lambda0", *small, *PLAIN_PPO))
     settings = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
@@ -189,7 +192,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(sft_run, task_file
         "rollout.max_new_tokens=24",
         "train.sequences_per_minibatch=16",
         "train.sequences_per_device=16",
-        "data.eval_file=null",
+        *NO_EVAL,
     )
     whole = train(safe_ppo_config(sft_run, task_files, tmp_path, "whole", *settings))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignkit.config.schema import field_help
+from alignkit.config.schema import field_help, requires
 from alignkit.errors import ConfigError
 
 
@@ -112,3 +112,8 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+        one_file, mixed = "with a single data.train_file", "give data.train_file as a list"
+        several = isinstance(self.train_file, list)
+        requires(self, "train_weights", several, scope="data", because=one_file, advice=mixed)
+        evaluation = ("eval_split", "max_eval_examples")
+        requires(self, evaluation, bool(self.eval_file), "eval_file", scope="data")

@@ -257,8 +257,10 @@ def _construct(value: Any, origin: _Origin) -> Any:
     try:
         return value.cls(**kwargs)
     except ConfigError as exc:
-        scope = f"in '{value.where}': " if value.where else ""
-        raise origin.error(value.where, f"{scope}{exc}", scope=True) from None
+        where = value.where
+        named = str(exc).startswith(f"{where}.")  # the message already gives the full key
+        scope = f"in '{where}': " if where and not named else ""
+        raise origin.error(where, f"{scope}{exc}", scope=True) from None
 
 
 def _coerce(value: Any, tp: Any, key: str, origin: _Origin, root: type) -> Any:

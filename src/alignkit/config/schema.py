@@ -3,9 +3,11 @@ the run and offline-schedule settings (`RunConfig`, `TrainConfig`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from alignkit.errors import ConfigError
 
@@ -20,6 +22,95 @@ CHANGES_KEY = "_changes"
 def field_help(text: str) -> dict[str, str]:
     """Field metadata with help text (shown by `alignkit train METHOD --help`)."""
     return {"help": text}
+
+
+# --------------------------------------------------------------------------------------
+# Settings that only matter under others
+# --------------------------------------------------------------------------------------
+
+#: The evaluation settings, which need held-out data.
+EVALUATION = ("eval.every", "eval.examples_per_device")
+
+
+def requires(
+    cfg: Any,
+    keys: str | tuple[str, ...],
+    condition: bool,
+    enable: str | None = None,
+    *,
+    scope: str = "",
+    because: str | None = None,
+    advice: str | None = None,
+) -> None:
+    """A setting read only under others' values: changed from its default while `condition`
+    is false, it would be silently ignored, so it is a ConfigError that names what enables it.
+
+    `keys` (one or several settings under the same condition) and the setting `enable` starts
+    with are dotted YAML paths under `cfg` (`scope` is `cfg`'s own path, for the message). A
+    value equal to the dataclass default passes, also when a file writes it out. In
+    ``SafetyConfig``,
+    ``requires(self, "cost_model", self.source == "cost_model", "source=cost_model",
+    scope="safety")`` raises "safety.cost_model is set but has no effect with
+    safety.source=data; set safety.source=cost_model to use it". `because` and `advice`
+    replace the two halves of that message where the settings need other words.
+    """
+    changed = [key for key in ((keys,) if isinstance(keys, str) else keys) if is_changed(cfg, key)]
+    if condition or not changed:
+        return
+    prefix = f"{scope}." if scope else ""
+    if because is None:
+        enabling = re.match(r"[A-Za-z_][\w.]*", enable or "")
+        if enabling is None:
+            raise ValueError("requires() needs `because` when `enable` names no setting")
+        name = enabling.group(0)
+        because = f"with {prefix}{name}={shown(setting(cfg, name))}"
+    if advice is None:
+        advice = f"set {prefix}{enable} to use it"
+    raise ConfigError(f"{prefix}{changed[0]} is set but has no effect {because}; {advice}")
+
+
+def setting(cfg: Any, key: str) -> Any:
+    """The value at dotted YAML path `key` under the config `cfg` (`lambda` is `lambda_`)."""
+    parent, field_ = _field_at(cfg, key)
+    return getattr(parent, field_.name)
+
+
+def is_changed(cfg: Any, key: str) -> bool:
+    """Whether the setting at `key` differs from its dataclass default."""
+    parent, field_ = _field_at(cfg, key)
+    if field_.default is not dataclasses.MISSING:
+        default = field_.default
+    elif field_.default_factory is not dataclasses.MISSING:
+        default = field_.default_factory()
+    else:  # a required field: always given
+        return True
+    return getattr(parent, field_.name) != default
+
+
+def shown(value: Any) -> str:
+    """A setting's value as YAML writes it (null, true, [a, b])."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(shown(v) for v in value) + "]"
+    return str(value)
+
+
+def _field_at(cfg: Any, key: str) -> tuple[Any, dataclasses.Field]:
+    from alignkit.config.loader import config_key  # the loader imports this module
+
+    parent, found = cfg, None
+    for part in key.split("."):
+        if found is not None:
+            parent = getattr(parent, found.name)
+        fields = {config_key(f): f for f in dataclasses.fields(parent)}
+        if part not in fields:
+            raise KeyError(f"{type(parent).__name__} has no setting {part!r} (in {key!r})")
+        found = fields[part]
+    assert found is not None
+    return parent, found
 
 
 # --------------------------------------------------------------------------------------
@@ -79,6 +170,9 @@ class OptimConfig:
         _require(
             self.max_consecutive_skipped_steps >= 0, "max_consecutive_skipped_steps must be >= 0"
         )
+        requires(
+            self, "warmup_ratio", self.warmup_steps is None, "warmup_steps=null", scope="optim"
+        )
 
 
 @dataclass
@@ -127,7 +221,11 @@ class EvalConfig:
         ),
     )
     examples_per_device: int = field(
-        default=8, metadata=field_help("Evaluation examples per device per forward pass.")
+        default=8,
+        metadata=field_help(
+            "Evaluation examples per device per forward pass; also the batch of the DPO "
+            "family's one-off reference pass."
+        ),
     )
     early_stopping: EarlyStoppingConfig = field(
         default_factory=EarlyStoppingConfig,
@@ -163,13 +261,23 @@ class LoggingConfig:
             "'': none."
         ),
     )
-    wandb_project: str = field(default="alignkit", metadata=field_help("W&B project name."))
+    wandb_project: str = field(
+        default="alignkit", metadata=field_help("W&B project name (report_to: [wandb]).")
+    )
     plots: bool = field(
         default=True, metadata=field_help("Write PNG curves into plots/ at the end of training.")
     )
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "every must be >= 1")
+        requires(
+            self,
+            "wandb_project",
+            "wandb" in self.report_to,
+            scope="logging",
+            because=f"with logging.report_to={shown(self.report_to)}",
+            advice="add wandb to logging.report_to to use it",
+        )
 
 
 @dataclass
@@ -253,6 +361,18 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(self.dataloader_workers >= 0, "dataloader_workers must be >= 0")
         _require(bool(self.run_name.strip()), "run_name must not be empty")
+        requires(
+            self,
+            "overwrite",
+            self.resume_from is None,
+            because=f"with resume_from={self.resume_from}",
+            advice="a resumed run continues in its own directory; drop one of the two",
+        )
+        requires(self, "allow_change", self.resume_from is not None, "resume_from (CLI: --resume)")
+        # mode, patience and min_delta belong to a watched metric.
+        watched = tuple(f"eval.early_stopping.{k}" for k in ("mode", "patience", "min_delta"))
+        metric = bool(self.eval.early_stopping.metric)
+        requires(self, watched, metric, "eval.early_stopping.metric (e.g. eval/loss)")
 
     @property
     def run_dir(self) -> Path:

@@ -111,6 +111,15 @@ def _stage(raw: Any, position: int, source: str) -> Stage:
     args = raw.get("args") or {}
     if not isinstance(args, dict):
         raise PipelineError(f"{where} ({name}): 'args' must be a mapping")
+    # A method stage reads config and overrides, a tool stage args: the others would be ignored.
+    kind = "method" if "method" in raw else "tool"
+    reads = ("config", "overrides") if kind == "method" else ("args",)
+    for key in ("config", "overrides", "args"):
+        if key not in reads and raw.get(key):
+            raise PipelineError(
+                f"{where} ({name}): '{key}' is set but has no effect on a {kind} stage, which "
+                f"reads {' and '.join(reads)} only"
+            )
     return Stage(name, raw.get("method"), raw.get("tool"), config, tuple(overrides), args)
 
 

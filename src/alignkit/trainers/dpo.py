@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from alignkit.config import TrainConfig
+from alignkit.config.schema import requires
 from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.errors import ConfigError
 from alignkit.models.forward import innermost_model, response_logps
@@ -83,7 +84,8 @@ class DPOLossConfig:
             "help": "Divide the policy's and the reference's summed log-probs of each response "
             "by its token count before the loss. Off by default: summed log-ratios keep beta's "
             "meaning the same across kinds. On reproduces TRL's IPO, which divides each "
-            "sequence's log-ratio by its completion length."
+            "sequence's log-ratio by its completion length. The reference-free simpo and "
+            "orpo always use per-token mean log-probs, whatever this says."
         },
     )
     nll_weight: float = field(
@@ -113,6 +115,17 @@ class DPOConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         DPO_LOSSES.check(self.dpo.kind, "dpo.kind")
+        evaluates = bool(self.data.eval_file)
+        requires(self, "eval.every", evaluates, "data.eval_file")
+        # The reference pass reads its batches with eval.examples_per_device too.
+        batches = evaluates or not is_reference_free(self.dpo.kind)
+        requires(
+            self,
+            "eval.examples_per_device",
+            batches,
+            "data.eval_file",
+            because=f"with data.eval_file=null and dpo.kind={self.dpo.kind} (no reference pass)",
+        )
         if self.dpo.beta <= 0:
             raise ConfigError("dpo.beta must be > 0")
         if self.dpo.nll_weight < 0:

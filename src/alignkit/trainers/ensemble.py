@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignkit.config import atomic_write_text
-from alignkit.config.schema import field_help
+from alignkit.config.schema import field_help, requires
 from alignkit.errors import CheckpointError, ConfigError
 from alignkit.trainers.reward import RewardConfig, train_reward
 
@@ -66,7 +66,16 @@ class EnsembleConfig(RewardConfig):
     )
 
     def __post_init__(self) -> None:
+        # Each member stops early on a watched metric: held-out accuracy unless one is named
+        # (implied here so that patience and min_delta count as used).
+        rule = self.eval.early_stopping
+        if rule.metric is None:
+            rule.metric = "eval/accuracy"
         super().__post_init__()
+        # A member's checkpoints are its evaluations, all kept until the best is known.
+        members_save = "each member saves a checkpoint at every evaluation (eval.every)"
+        checkpoints = ("checkpoint.every", "checkpoint.keep_last")
+        requires(self, checkpoints, False, because="in rm-ensemble", advice=members_save)
         if self.resume_from:
             raise ConfigError("rm-ensemble does not resume; start it again (overwrite=true)")
         if self.ensemble.stacking_file and self.kind != "reward":
@@ -99,9 +108,6 @@ def _member_config(cfg: EnsembleConfig, root: Path, k: int, train_file: str) -> 
     member.output_dir, member.run_name = str(root), f"member-{k}"
     member.seed = cfg.seed + k
     member.data.train_file = train_file
-    rule = member.eval.early_stopping
-    if rule.metric is None:
-        rule.metric, rule.mode = "eval/accuracy", "max"
     # a checkpoint at every evaluation, all kept, so the best one exists when training ends
     member.checkpoint.every = member.eval.every
     member.checkpoint.keep_last = None

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from alignkit.config import TrainConfig
-from alignkit.config.schema import field_help
+from alignkit.config.schema import EVALUATION, field_help, requires
 from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.data.loaders import DEFAULT_MAX_PROBLEMS, RecordSet
 from alignkit.errors import CheckpointError, ConfigError, DataError, RowProblem
@@ -113,6 +113,10 @@ class RewardHeadConfig:
             raise ConfigError("mlp_dropout must lie in [0, 1)")
         if len(set(self.aux_heads)) != len(self.aux_heads):
             raise ConfigError(f"aux_heads lists a head twice: {self.aux_heads}")
+        requires(self, "mlp_dropout", self.head == "mlp", "head=mlp", scope="reward_model")
+        for head in ("helpfulness", "safety"):
+            key, enable = f"task_weights.{head}", f"aux_heads=[{head}]"
+            requires(self, key, head in self.aux_heads, enable, scope="reward_model")
 
 
 @dataclass
@@ -160,6 +164,10 @@ class RewardConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         REWARD_LOSSES.check(self.loss, "loss")
+        requires(self, EVALUATION, bool(self.data.eval_file), "data.eval_file")
+        # A cost model's loss (Safe RLHF eq. 6) has no margin and no task weights.
+        margin = ("use_margin", "reward_model.task_weights.preference")
+        requires(self, margin, self.kind == "reward", "kind=reward")
         if self.model.lora is not None:
             raise ConfigError(
                 "model.lora: reward and cost models train all weights; LoRA is not supported "

@@ -9,12 +9,13 @@ micro-batches of ``train.sequences_per_device`` sequences per process.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.config import RunConfig
 from alignkit.config.inputs import ModelConfig
-from alignkit.config.schema import field_help
+from alignkit.config.schema import field_help, requires
 from alignkit.errors import ConfigError
 from alignkit.rollout.proposals import parse_alpha
 from alignkit.rollout.sampling import SamplingConfig
@@ -58,6 +59,7 @@ class PromptDataConfig:
             self.max_eval_prompts is None or self.max_eval_prompts >= 1,
             "max_eval_prompts must be >= 1 or null",
         )
+        requires(self, "max_eval_prompts", bool(self.eval_file), "eval_file", scope="data")
 
 
 @dataclass
@@ -147,6 +149,20 @@ class RolloutConfig:
         _require(self.top_k >= 0, "top_k must be >= 0 (0 = off)")
         _require(0 < self.top_p <= 1, "top_p must lie in (0, 1]")
         _require(self.max_importance_weight >= 1, "max_importance_weight must be >= 1")
+        self._check_sampling_settings()
+
+    def _check_sampling_settings(self) -> None:
+        """Teacher settings need a teacher; importance weights need off-policy sampling."""
+        teacher = self.teacher is not None
+        requires(self, ("alpha", "teacher_floor"), teacher, "teacher", scope="rollout")
+        floor = self.alpha == "min_variance" or not teacher
+        requires(self, "teacher_floor", floor, "alpha=min_variance", scope="rollout")
+        off_policy = teacher or self.top_k > 0 or self.top_p < 1 or self.suppress_eos
+        enable = "teacher, top_k > 0, top_p < 1 or suppress_eos=true"
+        on_policy = "with on-policy sampling (no importance weights)"
+        requires(
+            self, "max_importance_weight", off_policy, enable, scope="rollout", because=on_policy
+        )
 
     @property
     def sequences_per_iteration(self) -> int:
@@ -232,7 +248,7 @@ class AdvantageConfig:
     )
 
     def __post_init__(self) -> None:
-        from alignkit.ops.advantages import available_advantage_estimators
+        from alignkit.ops.advantages import available_advantage_estimators, get_advantage_estimator
 
         valid = available_advantage_estimators()
         _require(
@@ -245,6 +261,14 @@ class AdvantageConfig:
             self.std_scaling or self.estimator == "grpo",
             "advantage.std_scaling=false only applies to estimator=grpo",
         )
+
+        def reads(estimator: str, name: str) -> bool:
+            accepts = get_advantage_estimator(estimator).accepts
+            return accepts is None or name in accepts  # None: it takes every input
+
+        for name in ("gamma", "lam"):
+            enable = f"estimator={' or '.join(n for n in valid if reads(n, name))}"
+            requires(self, name, reads(self.resolved_estimator, name), enable, scope="advantage")
 
     @property
     def resolved_estimator(self) -> str:
@@ -317,6 +341,11 @@ class KLConfig:
             "kl.estimator=k1 in the loss has zero expected gradient (E[grad log pi] = 0); use "
             "k2, k1+ or k3+ (reverse KL), or k3 (forward KL)",
         )
+        requires(self, ("placement", "estimator"), self.enabled, "coef > 0", scope="kl")
+        adaptive = self.controller == "adaptive"
+        requires(self, ("rule", "target", "horizon"), adaptive, "controller=adaptive", scope="kl")
+        if adaptive:
+            requires(self, "horizon", self.rule == "proportional", "rule=proportional", scope="kl")
 
     @property
     def enabled(self) -> bool:
@@ -376,6 +405,14 @@ class PolicyLossConfig:
         )
         _require(self.dual_clip is None or self.dual_clip > 1, "dual_clip must be > 1")
         _require(self.entropy_coef >= 0, "entropy_coef must be >= 0")
+
+        # The trainer passes a loss only the keywords its signature names (ppo_clip's clips).
+        def keywords(loss: str) -> frozenset[str]:
+            return frozenset(inspect.signature(POLICY_LOSSES[loss]).parameters)
+
+        for name in ("clip_ratio", "clip_ratio_high", "dual_clip"):
+            enable = f"name={' or '.join(n for n in valid if name in keywords(n))}"
+            requires(self, name, name in keywords(self.name), enable, scope="policy_loss")
 
 
 @dataclass
@@ -467,6 +504,12 @@ class OnlineConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_batch_settings(self, num_processes=1)
+        requires(self, "eval.every", bool(self.data.eval_file), "data.eval_file")
+        # The offline loop's: no data loader here (the engine samples, held-out prompts are
+        # generated at once), no activation checkpointing.
+        offline = ("eval.examples_per_device", "dataloader_workers", "gradient_checkpointing")
+        only = "it applies to the offline trainers (sft, dpo, rm, ...) only"
+        requires(self, offline, False, because="in an online trainer", advice=only)
 
     @property
     def sequences_per_minibatch(self) -> int:
@@ -535,6 +578,7 @@ class PGConfig(OnlineConfig):
                 f"critic is set but advantage.estimator={self.advantage.estimator} does not use "
                 "values; use estimator=gae or critic=null"
             )
+        requires(self, "reference", self.kl.enabled, "kl.coef > 0")
         if "group_index" in needs and self.rollout.samples_per_prompt < 2:
             raise ConfigError(
                 f"advantage.estimator={self.advantage.estimator} compares samples of a prompt: "

@@ -32,6 +32,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
+from alignkit.config.schema import requires
 from alignkit.errors import ConfigError
 from alignkit.models import load_reward_model
 from alignkit.models.reward import check_saved_kind
@@ -74,6 +75,10 @@ class MultiplierConfig:
         metadata={"help": "log: ln l += lr*l*J_C_ema (seed 000); linear: l += lr*J_C (old)."},
     )
 
+    def __post_init__(self) -> None:
+        # The linear rule steps on the batch's J_C; the EMA only feeds the log rule.
+        requires(self, "ema", self.rule == "log", "rule=log", scope="lambda")
+
     def build(self) -> LagrangeMultiplier:
         return LagrangeMultiplier(
             init=self.init,
@@ -103,6 +108,11 @@ class LambdaConfig(MultiplierConfig):
         },
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        policy = self.cost_estimator == "policy"
+        requires(self, "preference", policy, "cost_estimator=policy", scope="lambda")
+
 
 @dataclass
 class SafetyConfig:
@@ -115,6 +125,10 @@ class SafetyConfig:
     cost_model: str | None = field(
         default=None, metadata={"help": "Trained cost model directory (source: cost_model)."}
     )
+
+    def __post_init__(self) -> None:
+        used = self.source == "cost_model"
+        requires(self, "cost_model", used, "source=cost_model", scope="safety")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from alignkit.config import TrainConfig
+from alignkit.config.schema import EVALUATION, requires
 from alignkit.data import SFTCollator, tokenize_sft
 from alignkit.data.packing import PackedSFTCollator, pack_examples
 from alignkit.data.tokenize import IGNORE_INDEX
@@ -57,6 +58,12 @@ class SFTConfig(TrainConfig):
             "block-diagonal attention mask keeps them apart): less padding, faster epochs."
         },
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        requires(self, EVALUATION, bool(self.data.eval_file), "data.eval_file")
+        # SFT's padding-free forward is the one over packed rows.
+        requires(self, "model.packed", self.packing, "packing=true")
 
 
 class SFTTrainer(Trainer):
