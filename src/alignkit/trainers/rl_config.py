@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from alignkit.config import RunConfig
 from alignkit.config.inputs import ModelConfig
 from alignkit.config.schema import field_help, requires
 from alignkit.errors import ConfigError
-from alignkit.rollout.proposals import parse_alpha
-from alignkit.rollout.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from alignkit.rollout.sampling import SamplingConfig
 
 
 def _require(condition: bool, message: str) -> None:
@@ -140,6 +141,9 @@ class RolloutConfig:
     )
 
     def __post_init__(self) -> None:
+        # Imported here: the CLI reads and checks configs without importing torch.
+        from alignkit.rollout.proposals import parse_alpha
+
         parse_alpha(self.alpha)  # ConfigError naming the valid forms
         _require(0 < self.teacher_floor <= 1, "teacher_floor must lie in (0, 1]")
         _require(self.prompts_per_iteration >= 1, "prompts_per_iteration must be >= 1")
@@ -171,6 +175,8 @@ class RolloutConfig:
     def sampling(self) -> SamplingConfig:
         """The engine's ``SamplingConfig`` for one iteration's rollouts (the one place the
         rollout settings map onto it)."""
+        from alignkit.rollout.sampling import SamplingConfig
+
         return SamplingConfig(
             max_new_tokens=self.max_new_tokens,
             samples_per_prompt=self.samples_per_prompt,
