@@ -180,9 +180,9 @@ def test_admin_endpoints_run_a_round(db) -> None:
     gen = client.post(
         "/api/admin/generate",
         headers=h,
-        json={"models": ["tiny"], "temperatures": [1.0], "samples": 2, "max_new_tokens": 6},
+        json={"models": ["tiny"], "temperatures": [1.0], "samples": 3, "max_new_tokens": 6},
     )
-    assert gen.status_code == 200 and gen.json()["added"] == 4
+    assert gen.status_code == 200 and gen.json()["added"] == 6
     # each lent response needs a second prompt without tasks: of two prompts, one lends
     assert client.post("/api/admin/gold", headers=h, json={"auto": 5}).json() == {
         "imported": 0,
@@ -191,7 +191,8 @@ def test_admin_endpoints_run_a_round(db) -> None:
     tasks = client.post(
         "/api/admin/tasks", headers=h, json={"annotators_per_task": 1, "mix": {"random": 1.0}}
     ).json()
-    assert (tasks["tasks"], tasks["gold"]) == (3, 2)  # 2 replies + the donor: 3 pairs, 2 gold
+    # the donor takes the place of one of the prompt's 3 replies: 3 pairs, 2 of them gold
+    assert (tasks["tasks"], tasks["gold"]) == (3, 2)
     token = client.post("/api/admin/annotators", headers=h, json={"name": "new"}).json()["token"]
     task = client.post("/api/next", headers=_auth(token), json={}).json()["task"]
     client.post(

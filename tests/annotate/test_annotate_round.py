@@ -241,7 +241,7 @@ def test_gold_pairs_are_real_responses_served_like_the_rest_and_score_annotators
             [
                 NewResponse(p, f"Reply {j} about question {p}.", f"m{j}", {}, j)
                 for p in ids
-                for j in range(2)
+                for j in range(3)
             ],
         )
     assert make_gold(db, 2) == 2  # two prompts each lent a response of another (2 donors)
@@ -252,9 +252,9 @@ def test_gold_pairs_are_real_responses_served_like_the_rest_and_score_annotators
         == 1
     )
     report = create_tasks(db, annotators_per_task=1, mix={"random": 1.0})
-    # 2 prompts donate (no tasks); 2 prompts with 2 replies (1 pair); 2 with 2 replies + a donor
-    # (3 pairs, 2 gold each); the imported pair
-    assert (report.tasks, report.gold, report.prompts) == (2 * 1 + 2 * 3 + 1, 2 * 2 + 1, 4)
+    # 2 prompts donate (no tasks); 2 prompts with 3 replies (3 pairs); 2 where the donor takes
+    # the place of one of their 3 replies (3 pairs, 2 of them gold); the imported pair
+    assert (report.tasks, report.gold, report.prompts) == (2 * 3 + 2 * 3 + 1, 2 * 2 + 1, 4)
     with db.read() as s:
         model_texts = set(s.scalars(select(Response.text).where(Response.kind == "model")))
         donor_texts = set(s.scalars(select(Response.text).where(Response.kind == "donor")))
@@ -283,7 +283,7 @@ def test_gold_pairs_are_real_responses_served_like_the_rest_and_score_annotators
     assert result["gold_tasks"] == 5 and result["annotators"]["x"]["gold_answered"] == 5
     assert result["annotators"]["x"]["gold_accuracy"] == result["gold_accuracy"] == 1.0
     rows, _ = export_rows(db)
-    assert len(rows) == 4  # the real pairs only: no gold exported
+    assert len(rows) == 2 * 3 + 2 * 1  # the real pairs only: no gold exported
     assert all(r["chosen"] not in donor_texts and r["rejected"] not in donor_texts for r in rows)
 
 

@@ -273,10 +273,22 @@ def _plan(
     planned = [
         _pair(prompt.id, strategy, a, b, rng)
         for prompt, strategy in select_prompts(candidates, per_category, count, mix, rng)
-        for a, b in sample_pairs(responses[prompt.id], max_pairs, rng)
+        for a, b in sample_pairs(_with_donor(responses[prompt.id], rng), max_pairs, rng)
     ]
     prompts = {p.id: json.loads(p.prompt_json) for p in candidates}
     return planned, prompts
+
+
+def _with_donor(responses: list[Response], rng: random.Random) -> list[Response]:
+    """A prompt's responses to pair. A lent donor takes the place of one of the prompt's own
+    (left out at random), so a prompt with gold has as many responses, pairs and tasks as one
+    without: otherwise the prompts with gold would be the ones an annotator meets more often."""
+    donors = [r for r in responses if r.kind == "donor"]
+    if not donors:
+        return responses
+    own = [r for r in responses if r.kind != "donor"]
+    own.pop(rng.randrange(len(own)))
+    return own + donors
 
 
 def _interleave(
