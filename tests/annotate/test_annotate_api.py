@@ -205,6 +205,9 @@ def test_admin_endpoints_run_a_round(db) -> None:
         [json.loads(line) for line in export.text.splitlines()], "preference"
     )
     assert len(records) == 1
+    report = json.loads(export.headers["X-Alignkit-Export-Report"])  # thin evidence is said
+    assert report["rows"] == 1 and report["without_evidence"] == 1
+    assert any("without evidence of accuracy" in w for w in report["warnings"])
     rotated = client.post("/api/admin/annotators/new/rotate", headers=h, json={}).json()
     assert rotated["name"] == "new" and rotated["reinstated"] is False
     assert client.get("/api/me", headers=_auth(token)).status_code == 401  # the old one is dead
