@@ -6,16 +6,19 @@ annotator ``j`` names the truly better response of a pair with probability ``p_j
 do not answer "tie" (a tie is no vote and no evidence). With a ``Beta(alpha, beta)`` prior,
 ``p_j`` is estimated from two kinds of evidence:
 
-    p_j = (alpha + gold_correct_j + sum_k P(label k right | the others))
+    p_j = (alpha + gold_right_j + sum_k P(label k right | the task's labels))
           / (alpha + beta + gold_answered_j + n_j)
 
 - gold: the annotator's non-tie answers to gold pairs, right or wrong;
 - agreement: each non-tie label ``k`` of ``j`` on a task where someone else with weight voted
-  too, counted as right with the probability the *other* labels of that task give it
-  (leave-one-out, so an annotator never confirms themself); ``n_j`` counts those labels.
+  too (``n_j`` such labels), counted as right with the posterior probability that the task's
+  labels, weighed by the current estimates, give its answer (the E step of Dawid-Skene; a label
+  alone on its task would only confirm itself, so it is no evidence).
 
-The others' labels are weighed with the current estimates, so the two steps alternate (EM) until
-the estimates stop moving. The vote of a label (annotator ``j``, confidence ``c`` in 1..5) is
+The posteriors use the current estimates, so the two steps alternate (EM, a MAP estimate under
+the prior) until the estimates stop moving; confidence plays no part in them (it is the
+annotator's own claim, not evidence). The vote of a label (annotator ``j``, confidence ``c`` in
+1..5) is
 
     w_j = max(0, log(p_j / (1 - p_j)))                    # the log-odds that j is right
     vote = w_j * (floor + (1 - floor) * (c - 1) / 4)        # floor = 0.8: confidence 1 counts 80 %
@@ -128,7 +131,6 @@ def estimate(
     who = np.array([index[x.annotator] for x in labels], dtype=np.int64)
     task = np.array([tasks[x.task] for x in labels], dtype=np.int64)
     vote = np.array([_VOTE[x.choice] for x in labels], dtype=np.float64)
-    scale = np.array([vote_scale(x.confidence, config) for x in labels], dtype=np.float64)
     right = np.array([gold.get(n, (0, 0))[0] for n in names], dtype=np.float64)
     answered = np.array([gold.get(n, (0, 0))[1] for n in names], dtype=np.float64)
     barred = np.array(

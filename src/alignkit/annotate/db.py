@@ -5,6 +5,10 @@ SQLite runs in WAL mode with a busy timeout; every *write* transaction starts wi
 ``BEGIN IMMEDIATE`` so it holds the write lock from its first read (a deferred transaction that
 reads, then writes, fails with "database is locked" when another writer committed in between;
 research note §B.4). PostgreSQL claims use ``SELECT ... FOR UPDATE SKIP LOCKED`` (assign.py).
+
+A SQLite file is checked when it is opened (``PRAGMA quick_check``): one that is not a database
+or is damaged is refused with a one-line error instead of taking labels. ``classify`` says what
+a database error means (disk full, damaged, busy, lost) for the reply and the log.
 """
 
 from __future__ import annotations
