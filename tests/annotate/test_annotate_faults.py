@@ -222,6 +222,22 @@ def test_nan_in_a_body_is_refused(db, path, body, field) -> None:
     assert reply.status_code == 422 and field in reply.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "status", "says"),
+    [
+        ("/api/admin/tasks", {"mix": {"random": -1.0}}, 400, "the share of random must be"),
+        ("/api/admin/tasks", {"mix": {"random": 0.0}}, 400, "must add up to more than 0"),
+        ("/api/admin/tasks", {"seed": 2**40}, 422, "seed"),
+        ("/api/admin/generate", {"models": ["tiny"], "seed": -1}, 422, "seed"),
+        ("/api/admin/gold", {"auto": -1}, 422, "auto"),
+    ],
+)
+def test_out_of_range_body_numbers_are_refused(db, path, body, status, says) -> None:
+    admin = add_annotator(db, "boss", role="admin")
+    reply = TestClient(_app(db)).post(path, headers=_auth(admin), json=body)
+    assert reply.status_code == status and says in reply.json()["detail"], reply.text
+
+
 def test_library_settings_are_checked_too() -> None:
     with pytest.raises(Exception, match="lease_seconds must be"):
         AssignConfig(lease_seconds=-60)

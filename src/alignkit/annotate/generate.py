@@ -78,6 +78,7 @@ def generate(
         check_number("--temperature", t, 0, 100)
     check_number("--samples", samples, 1, 1000, integer=True)
     check_number("--max-new-tokens", max_new_tokens, 1, 1_000_000, integer=True)
+    check_number("--seed", seed, 0, 2**31 - 1, integer=True)
     try:
         settings_list = [
             GenerationSettings(

@@ -213,9 +213,7 @@ def confine_path(name: str, roots: Sequence[str], what: str) -> str:
     from alignkit.models import fetch
     from alignkit.models.tiny import TINY_NAME
 
-    if name == TINY_NAME or (
-        "/" not in name and os.sep not in name and fetch.cached_model_path(name) is not None
-    ):
+    if name == TINY_NAME or name in fetch.cached_models():
         return name
     real = os.path.realpath(os.path.expanduser(name))
     for root in roots:

@@ -39,6 +39,7 @@ __all__ = [
     "TaskReport",
     "create_tasks",
     "load_uncertainty_scorer",
+    "normalize_mix",
     "parse_mix",
     "sample_pairs",
     "select_prompts",
@@ -67,7 +68,13 @@ def parse_mix(text: str) -> dict[str, float]:
             mix[name] = float(value)
         except ValueError:
             raise AlignkitError(f"--mix: {part!r} is not strategy=share") from None
-        check_number(f"--mix: the share of {name}", mix[name], 0)
+    return normalize_mix(mix)
+
+
+def normalize_mix(mix: Mapping[str, float]) -> dict[str, float]:
+    """Shares checked (finite, >= 0, some above 0) and scaled to sum to 1."""
+    for name, share in mix.items():
+        check_number(f"--mix: the share of {name}", share, 0, 1e6)
     total = sum(mix.values())
     if total <= 0:
         raise AlignkitError("--mix: the shares must add up to more than 0")
@@ -332,7 +339,7 @@ def create_tasks(
     rng = random.Random(seed)
     with db.read() as session:
         planned, prompts = _plan(
-            session, num_prompts, max_pairs_per_prompt, mix or DEFAULT_MIX, rng
+            session, num_prompts, max_pairs_per_prompt, normalize_mix(mix or DEFAULT_MIX), rng
         )
         imported = [
             _as_gold(g.prompt_id, "gold", g.chosen, g.rejected, rng)

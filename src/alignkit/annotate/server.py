@@ -42,7 +42,7 @@ from alignkit.annotate.assign import (
 from alignkit.annotate.db import Database, classify
 from alignkit.annotate.export import export_rows
 from alignkit.annotate.guard import LOG, AccessLog, BodyLimit, Buckets, confine_path
-from alignkit.annotate.limits import check_number
+from alignkit.annotate.limits import MAX_ID, check_number
 from alignkit.annotate.pairs import (
     DEFAULT_MIX,
     ORDERS,
@@ -134,7 +134,7 @@ class TasksBody(BaseModel):
     max_pairs_per_prompt: int = Field(default=6, ge=1, le=1000)
     mix: dict[Literal[STRATEGIES], float] = Field(default_factory=lambda: dict(DEFAULT_MIX))  # type: ignore[valid-type]
     ask_safety: bool = False
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_ID)
     by: Literal[ORDERS] = "strategy"  # type: ignore[valid-type]
     ensemble: Text | None = Field(default=None, max_length=4096)  # under a --model-root
     measure: Literal[UNCERTAINTIES] = "std"  # type: ignore[valid-type]
@@ -144,7 +144,7 @@ class GoldBody(BaseModel):
     model_config = _Strict
     rows: list[Any] = Field(default_factory=list, max_length=10000)
     auto: int = Field(default=0, ge=0, le=100000)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_ID)
 
 
 class GenerateBody(BaseModel):
@@ -155,7 +155,7 @@ class GenerateBody(BaseModel):
     )
     samples: int = Field(default=2, ge=1, le=32)
     max_new_tokens: int = Field(default=128, ge=1, le=4096)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_ID)
 
 
 def _finite(value: Any) -> Any:
