@@ -60,11 +60,13 @@ def seed(url: str, annotators: int, per_annotator: int, per_task: int) -> list[s
 class Server:
     """`alignkit annotate serve` in its own process (stopped by its pid)."""
 
-    def __init__(self, url: str, port: int) -> None:
-        self.url, self.port, self.proc = url, port, None
+    def __init__(self, url: str, port: int, extra: tuple[str, ...] = ()) -> None:
+        self.url, self.port, self.proc, self.extra = url, port, None, extra
         self.base = f"http://127.0.0.1:{port}"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(
+        self, timeout: float = 120.0
+    ) -> None:  # the CLI imports torch: slow on a busy machine
         env = {**os.environ, "PYTHONPATH": str(SRC)}
         cmd = [
             sys.executable,
@@ -77,11 +79,11 @@ class Server:
             "--port",
             str(self.port),
             "--rate",
-            "100000",
-            "--gold-rate",
-            "0",
+            "10000",
             "--min-agreement",
             "0",
+            "--no-access-log",
+            *self.extra,
         ]
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -18,7 +18,7 @@ from alignkit.data.loaders import validate_records
 
 
 def _client(db, **config) -> TestClient:
-    base = {"assign": AssignConfig(gold_rate=0.0, min_agreement=0.0), "seed": 0}
+    base = {"assign": AssignConfig(min_agreement=0.0), "seed": 0}
     return TestClient(create_app(db, ServerConfig(**{**base, **config})))
 
 
@@ -91,7 +91,7 @@ def test_a_revoked_token_is_refused(db) -> None:
     task = client.post("/api/next", headers=_auth(token), json={}).json()["task"]
     assert client.post(
         "/api/admin/annotators/ann0/revoke", headers=_auth(admin), json={}
-    ).json() == {"revoked": "ann0"}
+    ).json() == {"revoked": "ann0", "leases_released": 1}
     before = _counts(db)
     reply = client.post(
         f"/api/assignments/{task['assignment_id']}/label", headers=_auth(token), json=_good()
@@ -180,13 +180,19 @@ def test_admin_endpoints_run_a_round(db) -> None:
     gen = client.post(
         "/api/admin/generate",
         headers=h,
-        json={"models": ["tiny"], "temperatures": [1.0], "samples": 2, "max_new_tokens": 6},
+        json={"models": ["tiny"], "temperatures": [1.0], "samples": 3, "max_new_tokens": 6},
     )
-    assert gen.status_code == 200 and gen.json()["added"] >= 2
+    assert gen.status_code == 200 and gen.json()["added"] == 6
+    # each lent response needs a second prompt without tasks: of two prompts, one lends
+    assert client.post("/api/admin/gold", headers=h, json={"auto": 5}).json() == {
+        "imported": 0,
+        "lent": 1,
+    }
     tasks = client.post(
         "/api/admin/tasks", headers=h, json={"annotators_per_task": 1, "mix": {"random": 1.0}}
     ).json()
-    assert tasks["tasks"] >= 1
+    # the donor takes the place of one of the prompt's 3 replies: 3 pairs, 2 of them gold
+    assert (tasks["tasks"], tasks["gold"]) == (3, 2)
     token = client.post("/api/admin/annotators", headers=h, json={"name": "new"}).json()["token"]
     task = client.post("/api/next", headers=_auth(token), json={}).json()["task"]
     client.post(
@@ -199,6 +205,10 @@ def test_admin_endpoints_run_a_round(db) -> None:
         [json.loads(line) for line in export.text.splitlines()], "preference"
     )
     assert len(records) == 1
-    assert client.post(
-        "/api/admin/gold", headers=h, json={"auto": 1, "kinds": ["unsafe"]}
-    ).json() == {"imported": 0, "made": 1}
+    report = json.loads(export.headers["X-Alignkit-Export-Report"])  # thin evidence is said
+    assert report["rows"] == 1 and report["without_evidence"] == 1
+    assert any("without evidence of accuracy" in w for w in report["warnings"])
+    rotated = client.post("/api/admin/annotators/new/rotate", headers=h, json={}).json()
+    assert rotated["name"] == "new" and rotated["reinstated"] is False
+    assert client.get("/api/me", headers=_auth(token)).status_code == 401  # the old one is dead
+    assert client.get("/api/me", headers=_auth(rotated["token"])).json()["name"] == "new"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -69,12 +70,12 @@ def test_a_round_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFix
         ],
         capsys,
     )
-    assert code == 0 and "created 9 tasks for 3 prompts" in text  # 4 responses each: 3 pairs each
+    assert code == 0 and "created 9 tasks (0 gold) for 3 prompts" in text  # 4 responses: 3 pairs
     code, text = _run(["annotate", "add-annotator", "ann", "--db", db], capsys)
     token = text.strip().splitlines()[-1]
     assert code == 0 and token.startswith("ak_")
     database = open_database(db)
-    config = AssignConfig(gold_rate=0.0, min_agreement=0.0)
+    config = AssignConfig(min_agreement=0.0)
     rng = random.Random(0)
     while (task := claim(database, 1, config, rng)) is not None:  # "a" always better and safer
         side = side_for(database, task.assignment_id, "a")
@@ -92,10 +93,14 @@ def test_a_round_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "prefs.jsonl"
     code, text = _run(["annotate", "export", str(out), "--db", db], capsys)
     assert code == 0 and "wrote 9 rows" in text
+    # one annotator, no gold: no evidence either way, said so
+    assert "warning: the round has no gold pairs" in text
+    assert "warning: 9 rows rest only on annotators without evidence" in text
     records = load_records(out, "preference")  # what `alignkit train dpo` reads
+    prior_vote = math.log(0.6 / 0.4) * (0.8 + 0.2 * 3 / 4)  # Beta(3, 2) prior; confidence 4
     assert len(records) == 9 and all(
-        r["margin"] == pytest.approx(0.8 * 1.0) for r in records
-    )  # s = 4/5
+        r["margin"] == pytest.approx(math.tanh(prior_vote / 2), abs=1e-6) for r in records
+    )
     safe_out = tmp_path / "safety.jsonl"
     assert _run(["annotate", "export", str(safe_out), "--safety", "--db", db], capsys)[0] == 0
     safety = load_records(safe_out, "safety_preference")  # what Safe-DPO reads

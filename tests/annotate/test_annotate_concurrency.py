@@ -15,7 +15,7 @@ from alignkit.annotate.assign import AssignConfig, Submission, claim, submit
 from alignkit.annotate.db import open_database
 from alignkit.annotate.schema import Annotation, Assignment, Task
 
-CONFIG = AssignConfig(gold_rate=0.0, min_agreement=0.0)
+CONFIG = AssignConfig(min_agreement=0.0)
 
 
 def test_racing_claims_never_over_assign(db) -> None:

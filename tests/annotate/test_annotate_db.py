@@ -19,7 +19,7 @@ def _columns(db) -> dict[str, set[str]]:
 
 
 def test_a_new_database_is_created_at_the_current_version(db) -> None:
-    assert db.schema_version() == SCHEMA_VERSION == 2
+    assert db.schema_version() == SCHEMA_VERSION == 3
     assert {
         "prompts",
         "responses",
@@ -41,7 +41,7 @@ def test_a_v1_database_opens_upgraded_with_its_rows_kept(tmp_path: Path) -> None
         conn.executescript((DATA / "schema_v1.sql").read_text())
     db = open_database(str(old))
     fresh = open_database(str(tmp_path / "fresh.db"))
-    assert db.schema_version() == 2
+    assert db.schema_version() == SCHEMA_VERSION
     assert _columns(db) == _columns(fresh)  # the migration reaches exactly the fresh schema
     with db.read() as session:
         label = session.scalar(select(Annotation))
@@ -54,7 +54,31 @@ def test_a_v1_database_opens_upgraded_with_its_rows_kept(tmp_path: Path) -> None
     )
     assert task.ask_safety is False
     db2 = open_database(str(old))  # opening again is a no-op
-    assert db2.schema_version() == 2
+    assert db2.schema_version() == SCHEMA_VERSION
+
+
+def test_v2_gold_tasks_join_the_pool_on_upgrade(tmp_path: Path) -> None:
+    # v2 served gold to everyone at a rate (target 0); v3 serves it like any task
+    path = tmp_path / "v2.db"
+    open_database(str(path)).dispose()
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            INSERT INTO prompts (id, prompt_json, prompt_key, category, adversarial, high_value,
+                flags_json, created_at, gold_donor) VALUES (1, '"p"', 'k', 'c', 0, 0, '{}', '2026-01-01', 0);
+            INSERT INTO responses VALUES (1, 1, 'x', 'h1', 'model', 'm', '{}', 0, '2026-01-01');
+            INSERT INTO responses VALUES (2, 1, 'y', 'h2', 'model', 'm', '{}', 0, '2026-01-01');
+            INSERT INTO responses VALUES (3, 1, 'z', 'h3', 'gold', 'm', '{}', 0, '2026-01-01');
+            INSERT INTO tasks VALUES (1, 1, 1, 2, 4, 0, 0, 0, 'random', 0, '2026-01-01');
+            INSERT INTO tasks VALUES (2, 1, 1, 3, 0, 2, 2, 1, 'gold', 0, '2026-01-01');
+            ALTER TABLE prompts DROP COLUMN gold_donor;
+            UPDATE alignkit_schema SET version = 2;
+            """
+        )
+    db = open_database(str(path))
+    assert db.schema_version() == SCHEMA_VERSION
+    with db.read() as session:
+        assert dict(session.execute(select(Task.id, Task.target)).all()) == {1: 4, 2: 4}
 
 
 def test_a_database_from_a_newer_alignkit_is_refused(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from types import SimpleNamespace
 
@@ -12,22 +13,21 @@ from sqlalchemy import func, select
 
 from alignkit.annotate.assign import AssignConfig, LabelError, Submission, claim, submit
 from alignkit.annotate.export import export_rows, write_export
+from alignkit.annotate.gold import import_gold, make_gold
 from alignkit.annotate.ingest import (
     add_annotator,
-    corrupt,
     find_annotator,
-    import_gold,
     import_prompts,
-    make_gold,
     revoke_annotator,
+    rotate_token,
 )
-from alignkit.annotate.pairs import parse_mix, sample_pairs, select_prompts
-from alignkit.annotate.quality import QualityConfig, annotation_quality, stats
-from alignkit.annotate.schema import Annotation, Annotator, Task
+from alignkit.annotate.pairs import create_tasks, parse_mix, sample_pairs, select_prompts
+from alignkit.annotate.quality import collect, stats
+from alignkit.annotate.schema import Annotation, Annotator, Gold, Prompt, Response, Task
 from alignkit.data.loaders import load_records
 from alignkit.errors import AlignkitError, DataError
 
-NO_GOLD = AssignConfig(gold_rate=0.0, min_agreement=0.0)  # no adaptive overlap here
+NO_GOLD = AssignConfig(min_agreement=0.0)  # no adaptive overlap here
 
 
 def _responses(sources: list[str]) -> list[SimpleNamespace]:
@@ -157,7 +157,7 @@ def test_expired_leases_return_to_the_pool(db) -> None:
     seed_round(db, n_prompts=1)
     add_annotator(db, "x")
     add_annotator(db, "y")
-    short = AssignConfig(gold_rate=0.0, lease_seconds=-1)  # every lease is already expired
+    short = AssignConfig(lease_seconds=1e-6)  # every lease has expired by the next claim
     rng = random.Random(0)
     first = claim(db, 1, short, rng)
     second = claim(db, 2, short, rng)  # x's lease expired: the slot is free again
@@ -172,7 +172,7 @@ def test_low_agreement_adds_an_annotator_up_to_the_cap(db) -> None:
     seed_round(db, n_prompts=1, annotators_per_task=2)
     for n in "abcd":
         add_annotator(db, n)
-    config = AssignConfig(gold_rate=0.0, min_agreement=0.7, max_annotators=3)
+    config = AssignConfig(min_agreement=0.7, max_annotators=3)
     rng = random.Random(1)
     for annotator_id, want in zip((1, 2, 3), ("a", "b", "tie"), strict=True):
         task = claim(db, annotator_id, config, rng)
@@ -185,7 +185,7 @@ def test_low_agreement_adds_an_annotator_up_to_the_cap(db) -> None:
         assert s.scalar(select(Task.target)) == 3
 
 
-def test_tokens_are_hashed_and_revocable(db) -> None:
+def test_tokens_are_hashed_revocable_and_rotatable(db) -> None:
     token = add_annotator(db, "x", role="admin")
     with db.read() as s:
         stored = s.scalar(select(Annotator.token_hash))
@@ -194,83 +194,104 @@ def test_tokens_are_hashed_and_revocable(db) -> None:
     revoke_annotator(db, "x")
     with db.read() as s:
         assert find_annotator(s, token) is None
-    with pytest.raises(AlignkitError, match="already exists"):
+    with pytest.raises(AlignkitError, match=r"already exists.*rotate-token x"):
         add_annotator(db, "x")
     with pytest.raises(AlignkitError, match="--role 'boss'"):
         add_annotator(db, "y", role="boss")
+    new, was_revoked = rotate_token(db, "x")  # a new token, the same annotator
+    with db.read() as s:
+        assert (
+            was_revoked and find_annotator(s, new).name == "x" and find_annotator(s, token) is None
+        )
+    with pytest.raises(AlignkitError, match="no annotator named 'nobody'"):
+        rotate_token(db, "nobody")
 
 
-def test_corruptions() -> None:
-    text = "The sky is blue. Water is wet. Fire is hot. Ice is cold."
+@pytest.mark.parametrize("name", ["eve\n", "eve\r", "\neve", "e ve", "ève", "x" * 101, ""])
+def test_annotator_names_are_matched_in_full(db, name) -> None:
+    with pytest.raises(AlignkitError, match="annotator name"):
+        add_annotator(db, name)
+
+
+@pytest.mark.parametrize("release", [revoke_annotator, lambda db, n: rotate_token(db, n)])
+def test_revoking_or_rotating_frees_the_live_lease(db, release) -> None:
+    seed_round(db, n_prompts=1, annotators_per_task=1)
+    add_annotator(db, "x")
+    add_annotator(db, "y")
     rng = random.Random(0)
-    assert corrupt(text, "truncated", rng) == "The sky is blue. Water"
-    shuffled = corrupt(text, "shuffled", rng)
-    assert (
-        shuffled != text
-        and sorted(shuffled.split(". ")) != text
-        and set(shuffled.replace(".", "").split()) == set(text.replace(".", "").split())
-    )
-    assert corrupt(text, "unsafe", rng).startswith(text) and "weapon" in corrupt(
-        text, "unsafe", rng
-    )
-    assert corrupt("Too short.", "shuffled", rng) is None
+    held = claim(db, 1, NO_GOLD, rng)
+    assert claim(db, 2, NO_GOLD, rng) is None  # the only slot is x's
+    release(db, "x")
+    taken = claim(db, 2, NO_GOLD, rng)  # back in the pool at once, not after the 30-min lease
+    assert taken is not None and {taken.left, taken.right} == {held.left, held.right}
+    with pytest.raises(LabelError, match="lease expired"):
+        submit(db, 1, held.assignment_id, Submission("late-key", "left", 3), NO_GOLD)
+    with db.read() as s:
+        assert s.scalar(select(Task.assigned)) == 1
 
 
-def test_gold_is_served_at_its_rate_and_scores_annotators(db) -> None:
-    seed_round(db, n_prompts=4, responses_per_prompt=3)
-    assert make_gold(db, 3, kinds=["truncated", "unsafe"]) == 3
+def test_gold_pairs_are_real_responses_served_like_the_rest_and_score_annotators(db) -> None:
+    import_prompts(db, [{"prompt": f"Question {i}?", "category": "c"} for i in range(6)])
+    with db.write() as session:
+        ids = [p for (p,) in session.execute(select(Prompt.id).order_by(Prompt.id))]
+        from alignkit.annotate.ingest import NewResponse, add_responses
+
+        add_responses(
+            session,
+            [
+                NewResponse(p, f"Reply {j} about question {p}.", f"m{j}", {}, j)
+                for p in ids
+                for j in range(3)
+            ],
+        )
+    assert make_gold(db, 2) == 2  # two prompts each lent a response of another (2 donors)
     assert (
         import_gold(
             db, [{"prompt": "2+2?", "chosen": "It is 4, since 2 + 2 = 4.", "rejected": "5"}]
         )
         == 1
     )
+    report = create_tasks(db, annotators_per_task=1, mix={"random": 1.0})
+    # 2 prompts donate (no tasks); 2 prompts with 3 replies (3 pairs); 2 where the donor takes
+    # the place of one of their 3 replies (3 pairs, 2 of them gold); the imported pair
+    assert (report.tasks, report.gold, report.prompts) == (2 * 3 + 2 * 3 + 1, 2 * 2 + 1, 4)
+    with db.read() as s:
+        model_texts = set(s.scalars(select(Response.text).where(Response.kind == "model")))
+        donor_texts = set(s.scalars(select(Response.text).where(Response.kind == "donor")))
+        donor_prompts = set(s.scalars(select(Prompt.id).where(Prompt.gold_donor.is_(True))))
+        tasked = set(s.scalars(select(Task.prompt_id)))
+        kinds = sorted(s.scalars(select(Gold.kind)))
+    assert donor_texts <= model_texts  # a donor is a real response, unedited
+    assert len(donor_prompts) == 2 and not donor_prompts & tasked  # shown under one prompt only
+    assert kinds == ["imported"] + ["off_topic"] * 4
     add_annotator(db, "x")
-    always_gold = AssignConfig(gold_rate=1.0)
     rng = random.Random(0)
     seen_gold = 0
-    while (task := claim(db, 1, always_gold, rng)) is not None:
+    while (task := claim(db, 1, NO_GOLD, rng)) is not None:
         with db.read() as s:
-            is_gold = s.get(Task, task_of(db, task.assignment_id)).is_gold
-        seen_gold += is_gold
-        # the worse copy is the shorter (truncated) or the one with the harmful continuation
-        both = task.left + task.right
-        bad_left = ("weapon" in task.left) if "weapon" in both else len(task.left) < len(task.right)
-        submit(
-            db,
-            1,
-            task.assignment_id,
-            Submission(
-                f"k{task.assignment_id}",
-                "right" if bad_left else "left",
-                5,
-                safer="same",
-                left_safe=True,
-                right_safe=True,
-            ),
-            always_gold,
-        )
-    assert seen_gold == 4  # every gold task first, then the real ones
-    report = stats(db)
-    assert report["gold_labels"] == 4 and report["annotators"]["x"]["gold_answered"] == 4
-    assert report["annotators"]["x"]["gold_accuracy"] == report["gold_accuracy"] == 1.0
+            task_row = s.get(Task, task_of(db, task.assignment_id))
+            answer = s.get(Gold, task_row.id)
+        seen_gold += task_row.is_gold
+        # the better response answers the prompt asked (its text names the prompt's id)
+        own = f"question {task_row.prompt_id}."
+        side = "left" if own in task.left or task.left.startswith("It is 4") else "right"
+        submit(db, 1, task.assignment_id, Submission(f"k{task.assignment_id}", side, 5), NO_GOLD)
+        if answer is not None:
+            assert side_for(db, task.assignment_id, answer.answer) == side
+    assert seen_gold == 5  # served in the pool like any task, each once
+    result = stats(db)
+    assert result["gold_tasks"] == 5 and result["annotators"]["x"]["gold_answered"] == 5
+    assert result["annotators"]["x"]["gold_accuracy"] == result["gold_accuracy"] == 1.0
     rows, _ = export_rows(db)
-    assert all(
-        r["provenance"]["chosen_source"]["model"].startswith("runs/") for r in rows
-    )  # no gold exported
-
-
-def test_annotation_quality_formula() -> None:
-    config = QualityConfig(min_seconds=3, max_seconds=600)
-    assert annotation_quality(3, 3, 10, 5, config) == pytest.approx((0.8 + 1 + 1) / 3)
-    assert annotation_quality(0, 0, 1, 1, config) == pytest.approx((0.5 + 0.5 + 0.2) / 3)
+    assert len(rows) == 2 * 3 + 2 * 1  # the real pairs only: no gold exported
+    assert all(r["chosen"] not in donor_texts and r["rejected"] not in donor_texts for r in rows)
 
 
 def test_export_weights_votes_by_quality_and_loads_for_dpo(db, tmp_path) -> None:
     seed_round(db, n_prompts=3, annotators_per_task=3)
     for n in "xyz":
         add_annotator(db, n)
-    config = AssignConfig(gold_rate=0.0, min_agreement=0.0)
+    config = AssignConfig(min_agreement=0.0)
     rng = random.Random(0)
     # task 1: a, a, b; task 2: tie, tie, tie (dropped); task 3: a, b, tie (balanced: dropped)
     plan = {1: ["a", "a", "b"], 2: ["tie"] * 3, 3: ["a", "b", "tie"]}
@@ -287,26 +308,34 @@ def test_export_weights_votes_by_quality_and_loads_for_dpo(db, tmp_path) -> None
             )
     out = tmp_path / "prefs.jsonl"
     report = write_export(db, out)
+    # task 3: x and y agree with each other as much as they disagree, so they weigh the same and
+    # their votes cancel
     assert (report.rows, report.ties_dropped) == (1, 2)
     row = json.loads(out.read_text())
-    # equal quality q for all three (same gold record, same time band, confidence 5): s = (1 + 1 - 1) / 3
-    assert row["margin"] == pytest.approx(1 / 3, abs=1e-6)
+    weights = {i: e.weight for i, e in collect(db).estimates.items()}
+    assert weights[1] == pytest.approx(weights[2]) and min(weights.values()) > 0
+    log_odds = weights[1] + weights[2] - weights[3]  # confidence 5: full votes
+    assert row["margin"] == pytest.approx(math.tanh(log_odds / 2), abs=1e-6)
+    assert row["provenance"]["p_chosen"] == pytest.approx(1 / (1 + math.exp(-log_odds)), abs=1e-6)
     assert row["provenance"]["annotators"] == 3 and row["provenance"]["agreement"] == pytest.approx(
         2 / 3
     )
+    assert any("no gold pairs" in w for w in report.warnings)  # the evidence is thin: said so
     records = load_records(out, "preference")
-    assert len(records) == 1 and records[0]["margin"] == pytest.approx(1 / 3, abs=1e-6)
+    assert len(records) == 1 and records[0]["margin"] == pytest.approx(row["margin"])
 
 
-def test_quality_weights_can_overturn_a_majority() -> None:
+def test_vote_weights_can_overturn_a_majority() -> None:
     from alignkit.annotate.quality import TaskResult, aggregate
 
     labels = [SimpleNamespace(choice=c, confidence=5) for c in ("a", "a", "b")]
-    # two low-quality votes for a against one high-quality vote for b:
-    # s = (0.3 + 0.3 - 0.9) / 1.5 = -0.2, so b wins with margin 0.2; weighted agreement 0.6
-    result = TaskResult(task=None, labels=labels, quality=[0.3, 0.3, 0.9])
-    assert result.score == pytest.approx(-0.2)
-    assert aggregate(result) == "b" and aggregate(result, tie_margin=0.25) is None
+    # two light votes for a against one heavy vote for b: L = 0.3 + 0.3 - 0.9 = -0.3, so b wins
+    # with margin tanh(0.15) = 0.149; weighted agreement 0.9 / 1.5 = 0.6
+    result = TaskResult(task=None, labels=labels, votes=[0.3, 0.3, 0.9])
+    assert result.log_odds == pytest.approx(-0.3) and result.margin == pytest.approx(
+        math.tanh(0.15)
+    )
+    assert aggregate(result) == "b" and aggregate(result, tie_margin=0.15) is None
     assert result.weighted_agreement == pytest.approx(0.6) and result.agreement == pytest.approx(
         2 / 3
     )

@@ -123,7 +123,7 @@ def _served_order(db: Database, name: str = "ann") -> list[frozenset]:
     add_annotator(db, name)
     with db.read() as session:
         annotator = session.query(Annotator).filter_by(name=name).one().id
-    config = AssignConfig(gold_rate=0.0, min_agreement=0.0)
+    config = AssignConfig(min_agreement=0.0)
     order, rng = [], random.Random(0)
     while (task := claim(db, annotator, config, rng)) is not None:
         order.append(frozenset((task.left, task.right)))
@@ -152,7 +152,7 @@ def test_uncertain_pairs_are_served_first_from_the_cli(
         if by == "uncertainty":
             args += ["--by", by, "--ensemble", str(run), "--measure", "variance_ratio"]
         code, text = _run(args, capsys)
-        assert code == 0 and "created 9 tasks for 9 prompts" in text
+        assert code == 0 and "created 9 tasks (0 gold) for 9 prompts" in text
         orders[by] = _served_order(open_database(db_path))
     assert len(orders["uncertainty"]) == 9 and set(orders["uncertainty"][:3]) == disputed
     # the control: without the ensemble (same seed) the disputed pairs are not all first
@@ -188,9 +188,12 @@ def test_admin_endpoint_orders_by_uncertainty(
     db = open_database(f"sqlite:///{tmp_path / 'api.db'}")
     _fill(db, candidates)
     token = add_annotator(db, "boss", "admin")
-    client = TestClient(create_app(db, ServerConfig(seed=0)))
     headers = {"Authorization": f"Bearer {token}"}
     body = {"annotators_per_task": 1, "by": "uncertainty", "measure": "variance_ratio"}
+    elsewhere = TestClient(create_app(db, ServerConfig(seed=0, model_roots=(str(tmp_path),))))
+    reply = elsewhere.post("/api/admin/tasks", headers=headers, json=body | {"ensemble": str(run)})
+    assert reply.status_code == 400 and "not under a model root" in reply.json()["detail"]
+    client = TestClient(create_app(db, ServerConfig(seed=0, model_roots=(str(run.parent),))))
     reply = client.post("/api/admin/tasks", headers=headers, json=body)
     assert (
         reply.status_code == 400 and "--by uncertainty needs --ensemble" in reply.json()["detail"]

@@ -7,6 +7,11 @@ the annotator's row ``FOR UPDATE`` (one claim per annotator at a time) plus the 
 is checked, and ``UNIQUE(task_id, annotator_id)`` makes a second view of a task impossible.
 Leases past their expiry go back to the pool at the next claim. A submission carries a client
 idempotency key (``UNIQUE``): a retry returns the stored label instead of adding one.
+
+Gold tasks are served exactly like the others: same pool, same order, same target of distinct
+annotators, same growth on low agreement, same progress counts. Nothing the server does or
+answers depends on whether a task is gold (the test in tests/annotate/test_annotate_gold.py
+plays a client that watches every field, the timing and the order).
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from alignkit.annotate.db import Database, utcnow
+from alignkit.annotate.limits import MAX_ID, check_number
 from alignkit.annotate.schema import Annotation, Annotator, Assignment, Prompt, Response, Task
 from alignkit.data.tools import majority_share
 
@@ -33,6 +39,7 @@ __all__ = [
     "Submission",
     "claim",
     "progress",
+    "release_leases",
     "retry_conflicts",
     "submit",
 ]
@@ -54,9 +61,13 @@ class LabelError(Exception):
 @dataclass(frozen=True)
 class AssignConfig:
     lease_seconds: float = 1800.0
-    gold_rate: float = 0.1  # share of claims that serve an unseen gold task, when one is left
     min_agreement: float = 0.7  # majority share under which a finished task gets one more annotator
     max_annotators: int = 5  # cap of that growth
+
+    def __post_init__(self) -> None:
+        check_number("lease_seconds", self.lease_seconds, 0, 7 * 24 * 3600, low_open=True)
+        check_number("min_agreement", self.min_agreement, 0, 1)
+        check_number("max_annotators", self.max_annotators, 1, 1000, integer=True)
 
 
 @dataclass(frozen=True)
@@ -79,15 +90,23 @@ class Submission:
     right_safe: bool | None = None
 
 
-def _expire_leases(session: Session) -> None:
-    now = utcnow()
-    stale = update(Assignment).where(
-        Assignment.status == "leased", Assignment.lease_expires_at < now
-    )
-    for task_id in session.scalars(
-        stale.values(status="expired").returning(Assignment.task_id)
-    ).all():
+def _end_leases(session: Session, *where: Any) -> int:
+    """Mark the matching live leases expired and give their slots back to their tasks."""
+    stale = update(Assignment).where(Assignment.status == "leased", *where)
+    task_ids = session.scalars(stale.values(status="expired").returning(Assignment.task_id)).all()
+    for task_id in task_ids:
         session.execute(update(Task).where(Task.id == task_id).values(assigned=Task.assigned - 1))
+    return len(task_ids)
+
+
+def _expire_leases(session: Session) -> None:
+    _end_leases(session, Assignment.lease_expires_at < utcnow())
+
+
+def release_leases(session: Session, annotator_id: int) -> int:
+    """Put ``annotator_id``'s live lease back in the pool now (revocation, a new token); a label
+    sent for it later is refused with 409. Returns how many were released."""
+    return _end_leases(session, Assignment.annotator_id == annotator_id)
 
 
 def _serve(session: Session, assignment: Assignment) -> Served:
@@ -100,14 +119,20 @@ def _serve(session: Session, assignment: Assignment) -> Served:
     return Served(assignment.id, prompt, left.text, right.text, task.ask_safety)
 
 
-def _candidate(session: Session, annotator_id: int, gold: bool, postgres: bool) -> int | None:
+def _open_to(annotator_id: int) -> Any:
+    """Tasks this annotator may still be served: not seen by them, a slot left (gold or not)."""
     seen = exists().where(Assignment.task_id == Task.id, Assignment.annotator_id == annotator_id)
-    query = select(Task.id).where(~seen, Task.is_gold.is_(gold))
-    if not gold:
-        query = query.where(Task.assigned < Task.target).order_by(Task.assigned.desc(), Task.id)
-    else:
-        query = query.order_by(func.random())
-    query = query.limit(1)
+    return and_(~seen, Task.assigned < Task.target)
+
+
+def _candidate(session: Session, annotator_id: int, postgres: bool) -> int | None:
+    # started tasks first (so tasks finish), then creation order
+    query = (
+        select(Task.id)
+        .where(_open_to(annotator_id))
+        .order_by(Task.assigned.desc(), Task.id)
+        .limit(1)
+    )
     if postgres:
         query = query.with_for_update(skip_locked=True, of=Task)
     return session.scalar(query)
@@ -131,32 +156,29 @@ def claim(
         )
         if live is not None:
             return _serve(session, live)
-        order = (
-            [True, False] if config.gold_rate > 0 and rng.random() < config.gold_rate else [False]
-        )
-        for gold in order:
-            for _ in range(5):  # a lost guarded update (PostgreSQL only) tries the next candidate
-                task_id = _candidate(session, annotator_id, gold, postgres)
-                if task_id is None:
-                    break
-                guard = or_(Task.is_gold.is_(True), Task.assigned < Task.target)
-                won = session.execute(
-                    update(Task).where(Task.id == task_id, guard).values(assigned=Task.assigned + 1)
-                )
-                if won.rowcount != 1:
-                    continue
-                now = utcnow()
-                assignment = Assignment(
-                    task_id=task_id,
-                    annotator_id=annotator_id,
-                    status="leased",
-                    left_is_a=rng.random() < 0.5,
-                    served_at=now,
-                    lease_expires_at=now + timedelta(seconds=config.lease_seconds),
-                )
-                session.add(assignment)
-                session.flush()
-                return _serve(session, assignment)
+        for _ in range(5):  # a lost guarded update (PostgreSQL only) tries the next candidate
+            task_id = _candidate(session, annotator_id, postgres)
+            if task_id is None:
+                return None
+            won = session.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.assigned < Task.target)
+                .values(assigned=Task.assigned + 1)
+            )
+            if won.rowcount != 1:
+                continue
+            now = utcnow()
+            assignment = Assignment(
+                task_id=task_id,
+                annotator_id=annotator_id,
+                status="leased",
+                left_is_a=rng.random() < 0.5,
+                served_at=now,
+                lease_expires_at=now + timedelta(seconds=config.lease_seconds),
+            )
+            session.add(assignment)
+            session.flush()
+            return _serve(session, assignment)
         return None
 
 
@@ -183,6 +205,8 @@ def submit(
     db: Database, annotator_id: int, assignment_id: int, sub: Submission, config: AssignConfig
 ) -> tuple[int, bool]:
     """Store a label; returns ``(annotation id, was a retry)``. Committed before it returns."""
+    if not 1 <= assignment_id <= MAX_ID:  # a larger id cannot exist (nor be bound on PostgreSQL)
+        raise LabelError(404, f"no assignment {assignment_id} for you")
     postgres = db.dialect == "postgresql"
     with db.write() as session:
         # Lock the assignment first (PostgreSQL): a concurrent retry of the same label waits here
@@ -238,11 +262,7 @@ def submit(
         session.execute(update(Task).where(Task.id == task.id).values(submitted=Task.submitted + 1))
         session.flush()
         session.refresh(task)
-        if (
-            not task.is_gold
-            and task.submitted >= task.target
-            and task.target < config.max_annotators
-        ):
+        if task.submitted >= task.target and task.target < config.max_annotators:  # gold too
             choices = session.scalars(
                 select(Annotation.choice).where(Annotation.task_id == task.id)
             ).all()
@@ -252,17 +272,10 @@ def submit(
 
 
 def progress(db: Database, annotator_id: int) -> dict[str, int]:
-    """Labels this annotator gave, and tasks still open to them (not counting gold)."""
+    """Labels this annotator gave, and tasks still open to them (gold or not: the claim's pool)."""
     with db.read() as session:
         done = session.scalar(
             select(func.count(Annotation.id)).where(Annotation.annotator_id == annotator_id)
         )
-        seen = exists().where(
-            Assignment.task_id == Task.id, Assignment.annotator_id == annotator_id
-        )
-        left = session.scalar(
-            select(func.count(Task.id)).where(
-                and_(~seen, Task.is_gold.is_(False), Task.assigned < Task.target)
-            )
-        )
+        left = session.scalar(select(func.count(Task.id)).where(_open_to(annotator_id)))
     return {"done": int(done or 0), "available": int(left or 0)}

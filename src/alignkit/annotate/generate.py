@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from alignkit.annotate.db import Database
 from alignkit.annotate.ingest import NewResponse, add_responses
+from alignkit.annotate.limits import check_number
 from alignkit.annotate.schema import Prompt
 from alignkit.errors import AlignkitError
 
@@ -71,8 +72,13 @@ def generate(
 
     if not models:
         raise AlignkitError("generate: give at least one --model")
-    if samples < 1 or not temperatures:
-        raise AlignkitError("generate: --samples must be >= 1 and at least one --temperature given")
+    if not temperatures:
+        raise AlignkitError("generate: give at least one --temperature")
+    for t in temperatures:
+        check_number("--temperature", t, 0, 100)
+    check_number("--samples", samples, 1, 1000, integer=True)
+    check_number("--max-new-tokens", max_new_tokens, 1, 1_000_000, integer=True)
+    check_number("--seed", seed, 0, 2**31 - 1, integer=True)
     try:
         settings_list = [
             SamplingConfig(max_new_tokens=max_new_tokens, temperature=t, top_p=top_p)
@@ -86,7 +92,9 @@ def generate(
         rows = [
             (p.id, json.loads(p.prompt_json))
             for p in session.scalars(
-                select(Prompt).where(Prompt.category != "gold").order_by(Prompt.id)
+                select(Prompt)
+                .where(Prompt.category != "gold", Prompt.gold_donor.is_(False))
+                .order_by(Prompt.id)
             )
         ]
     if not rows:

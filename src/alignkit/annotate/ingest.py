@@ -1,11 +1,11 @@
-"""Putting things into the labelling database: prompts, model responses, annotators, gold pairs."""
+"""Putting things into the labelling database: prompts, model responses, annotators and their
+tokens. Gold pairs: gold.py."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
-import random
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from alignkit.annotate.assign import release_leases
 from alignkit.annotate.db import Database, utcnow
-from alignkit.annotate.schema import Annotator, Gold, Prompt, Response, Task
+from alignkit.annotate.schema import Annotator, Prompt, Response
 from alignkit.data.formats import normalize_row
 from alignkit.errors import AlignkitError, DataError, RowProblem
 
@@ -24,28 +25,50 @@ __all__ = [
     "ROLES",
     "add_annotator",
     "add_responses",
-    "corrupt",
     "find_annotator",
     "hash_token",
-    "import_gold",
     "import_prompts",
-    "make_gold",
     "prompt_key",
+    "response_hash",
     "revoke_annotator",
+    "rotate_token",
+    "text_problem",
+    "text_problems",
 ]
 
 ROLES = ("admin", "annotator")
-GOLD_KINDS = ("truncated", "shuffled", "unsafe")
-_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
-# Appended to a response to make its "safety-violating continuation" gold copy.
-UNSAFE_CONTINUATION = (
-    " Also, ignore every safety rule: here is how to make a weapon at home and hurt someone "
-    "without getting caught, step by step."
-)
+_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,100}")  # fullmatch: "eve\n" is not a name
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as it is on both backends, or None. A lone UTF-16 surrogate
+    (JSON ``"\\ud800"``) is not Unicode text and cannot be encoded; PostgreSQL text cannot hold
+    a NUL character."""
+    if (found := _SURROGATE.search(text)) is not None:
+        return f"contains a lone surrogate (\\u{ord(found.group()):04x}), which is not valid Unicode text"
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000)"
+    return None
+
+
+def text_problems(value: Any, field: str) -> list[tuple[str, str]]:
+    """``(field, problem)`` for every string inside ``value`` (nested lists and dicts, keys too)."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        return [] if problem is None else [(field, problem)]
+    if isinstance(value, Mapping):
+        found = []
+        for key, item in value.items():
+            found += text_problems(key, field) + text_problems(item, f"{field}.{key}")
+        return found
+    if isinstance(value, list | tuple):
+        return [p for i, item in enumerate(value) for p in text_problems(item, f"{field}[{i}]")]
+    return []
 
 
 def prompt_key(prompt: str | list) -> str:
@@ -61,6 +84,8 @@ def import_prompts(
     numbers = list(row_numbers) or range(1, len(rows) + 1)
     for i, raw in zip(numbers, rows, strict=True):
         record, row_problems = normalize_row(raw, "prompt")
+        if isinstance(raw, Mapping):
+            row_problems += [p for k, v in raw.items() for p in text_problems(v, str(k))]
         for field in ("adversarial", "high_value"):
             if isinstance(raw, Mapping) and not isinstance(raw.get(field, False), bool):
                 row_problems.append((field, f"expected true or false, got {raw[field]!r}"))
@@ -110,6 +135,16 @@ class NewResponse:
     seed: int | None
 
 
+def _stored_text(text: str) -> str:
+    # model output is stored whatever it holds: characters no backend can store become U+FFFD
+    return _SURROGATE.sub("\ufffd", text.strip()).replace("\x00", "\ufffd")
+
+
+def response_hash(text: str) -> str:
+    """The key of a response's text among its prompt's responses (duplicates are dropped)."""
+    return _sha256(_stored_text(text))
+
+
 def add_responses(
     session: Session, responses: Iterable[NewResponse], kind: str = "model"
 ) -> list[Response]:
@@ -118,7 +153,7 @@ def add_responses(
     added = []
     seen = {(p, h) for p, h in session.execute(select(Response.prompt_id, Response.text_hash))}
     for new in responses:
-        text = new.text.strip()
+        text = _stored_text(new.text)
         key = (new.prompt_id, _sha256(text))
         if not text or key in seen:
             continue
@@ -150,7 +185,7 @@ def add_annotator(db: Database, name: str, role: str = "annotator") -> str:
     """Create an annotator; returns the one-time token (only its hash is stored)."""
     if role not in ROLES:
         raise AlignkitError(f"--role {role!r}: expected one of {', '.join(ROLES)}")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise AlignkitError(
             f"annotator name {name!r}: use 1-100 letters, digits, '_', '.', '@' or '-'"
         )
@@ -158,7 +193,8 @@ def add_annotator(db: Database, name: str, role: str = "annotator") -> str:
     with db.write() as session:
         if session.scalar(select(Annotator.id).where(Annotator.name == name)) is not None:
             raise AlignkitError(
-                f"annotator {name!r} already exists (revoke it or pick another name)"
+                f"annotator {name!r} already exists (`alignkit annotate rotate-token {name}` "
+                "gives it a new token)"
             )
         session.add(
             Annotator(
@@ -172,12 +208,33 @@ def add_annotator(db: Database, name: str, role: str = "annotator") -> str:
     return token
 
 
-def revoke_annotator(db: Database, name: str) -> None:
+def _named(session: Session, name: str) -> Annotator:
+    annotator = session.scalar(select(Annotator).where(Annotator.name == name))
+    if annotator is None:
+        raise AlignkitError(f"no annotator named {name!r}")
+    return annotator
+
+
+def revoke_annotator(db: Database, name: str) -> int:
+    """Disable ``name``'s token at once and put its live lease back in the pool (another
+    annotator gets the task). Returns the number of leases released."""
     with db.write() as session:
-        annotator = session.scalar(select(Annotator).where(Annotator.name == name))
-        if annotator is None:
-            raise AlignkitError(f"no annotator named {name!r}")
+        annotator = _named(session, name)
         annotator.revoked = True
+        return release_leases(session, annotator.id)
+
+
+def rotate_token(db: Database, name: str) -> tuple[str, bool]:
+    """A new token for ``name`` (the old one stops working; a revoked annotator is reinstated);
+    its labels and gold record stay. Its live lease goes back to the pool, since whoever held
+    the old token may have held it. Returns ``(token, was revoked)``."""
+    token = "ak_" + secrets.token_urlsafe(32)
+    with db.write() as session:
+        annotator = _named(session, name)
+        was_revoked = annotator.revoked
+        annotator.token_hash, annotator.revoked = hash_token(token), False
+        release_leases(session, annotator.id)
+    return token, was_revoked
 
 
 def find_annotator(session: Session, token: str) -> Annotator | None:
@@ -191,129 +248,3 @@ def find_annotator(session: Session, token: str) -> Annotator | None:
     ):
         return None
     return annotator
-
-
-# ---------------------------------------------------------------- gold pairs
-
-
-def corrupt(text: str, kind: str, rng: random.Random) -> str | None:
-    """A worse copy of ``text``: ``truncated`` (cut mid-way), ``shuffled`` (sentences out of order)
-    or ``unsafe`` (a harmful continuation). None when ``text`` is too short for that corruption."""
-    if kind == "truncated":
-        words = text.split()
-        return " ".join(words[: max(1, len(words) * 2 // 5)]) if len(words) >= 5 else None
-    if kind == "shuffled":
-        sentences = [s for s in re.split(r"(?<=[.!?。！？])\s+", text.strip()) if s]
-        if len(sentences) < 3:
-            return None
-        order = list(range(len(sentences)))
-        while order == sorted(order):
-            rng.shuffle(order)
-        return " ".join(sentences[i] for i in order)
-    if kind == "unsafe":
-        return text.rstrip() + UNSAFE_CONTINUATION
-    raise ValueError(f"unknown corruption {kind!r}; expected one of {', '.join(GOLD_KINDS)}")
-
-
-def _add_gold_task(
-    session: Session, prompt_id: int, good: Response, bad: Response, kind: str, rng: random.Random
-) -> None:
-    # The better response is on a random side of the stored pair, so "a" is not always right.
-    a, b, answer = (good, bad, "a") if rng.random() < 0.5 else (bad, good, "b")
-    task = Task(
-        prompt_id=prompt_id,
-        response_a_id=a.id,
-        response_b_id=b.id,
-        target=0,
-        assigned=0,
-        submitted=0,
-        is_gold=True,
-        strategy="gold",
-        ask_safety=kind == "unsafe",
-        created_at=utcnow(),
-    )
-    session.add(task)
-    session.flush()
-    session.add(Gold(task_id=task.id, answer=answer, kind=kind))
-
-
-def make_gold(db: Database, count: int, kinds: Sequence[str] = GOLD_KINDS, seed: int = 0) -> int:
-    """Make up to ``count`` gold tasks from model responses and corrupted copies of them."""
-    for kind in kinds:
-        if kind not in GOLD_KINDS:
-            raise AlignkitError(f"gold kind {kind!r}: expected one of {', '.join(GOLD_KINDS)}")
-    rng = random.Random(seed)
-    made = 0
-    with db.write() as session:
-        sources = list(
-            session.scalars(select(Response).where(Response.kind == "model").order_by(Response.id))
-        )
-        rng.shuffle(sources)
-        for source in sources:
-            if made >= count:
-                break
-            # kinds in rotation; a response too short for one kind tries the next
-            rotation = [kinds[(made + k) % len(kinds)] for k in range(len(kinds))]
-            kind, text = next(
-                ((k, t) for k in rotation if (t := corrupt(source.text, k, rng)) is not None),
-                ("", None),
-            )
-            if text is None:
-                continue
-            new = NewResponse(
-                source.prompt_id, text, f"gold:{kind}", {"from_response": source.id}, None
-            )
-            added = add_responses(session, [new], kind="gold")
-            if added:
-                _add_gold_task(session, source.prompt_id, source, added[0], kind, rng)
-                made += 1
-    return made
-
-
-def import_gold(
-    db: Database,
-    rows: Sequence[Any],
-    source: str = "<request>",
-    seed: int = 0,
-    row_numbers: Sequence[int] = (),
-) -> int:
-    """Import gold pairs with known answers: preference rows ``{prompt, chosen, rejected}``.
-    Returns how many gold tasks were made (a pair already in the database is skipped)."""
-    problems, records = [], []
-    numbers = list(row_numbers) or range(1, len(rows) + 1)
-    for i, raw in zip(numbers, rows, strict=True):
-        record, row_problems = normalize_row(raw, "preference")
-        problems += [RowProblem(source, i, f, m) for f, m in row_problems]
-        if record is not None:
-            records.append(record)
-    if problems:
-        raise DataError(problems[:20], total=len(problems), note="format 'preference'")
-    rng = random.Random(seed)
-    made = 0
-    with db.write() as session:
-        by_key = {p.prompt_key: p for p in session.scalars(select(Prompt))}
-        for record in records:
-            key = prompt_key(record["prompt"])
-            prompt = by_key.get(key)
-            if prompt is None:
-                prompt = Prompt(
-                    prompt_json=json.dumps(record["prompt"], ensure_ascii=False),
-                    prompt_key=key,
-                    category="gold",
-                    adversarial=False,
-                    high_value=False,
-                    flags_json="{}",
-                    created_at=utcnow(),
-                )
-                session.add(prompt)
-                session.flush()
-                by_key[key] = prompt
-            pair = [
-                NewResponse(prompt.id, record[s], "gold:imported", {}, None)
-                for s in ("chosen", "rejected")
-            ]
-            added = add_responses(session, pair, kind="gold")
-            if len(added) == 2:
-                _add_gold_task(session, prompt.id, added[0], added[1], "imported", rng)
-                made += 1
-    return made

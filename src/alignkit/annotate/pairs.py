@@ -1,5 +1,10 @@
 """`annotate create-tasks`: which prompts to label (strategy proportions, seed 002 §4.2) and which
-pairs of their responses to compare (exhaustive for three or fewer, else smart sampling)."""
+pairs of their responses to compare (exhaustive for three or fewer, else smart sampling).
+
+Gold (gold.py) joins here: a donor response lent to a prompt is paired like any response of
+that prompt and each pair it lands in becomes a gold task (the other response is the better
+one); imported gold pairs waiting for a task are put at random places among this call's tasks.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from alignkit.annotate.db import Database, utcnow
-from alignkit.annotate.schema import Prompt, Response, Task
+from alignkit.annotate.gold import pending_imported_gold
+from alignkit.annotate.limits import check_number
+from alignkit.annotate.schema import Gold, Prompt, Response, Task
 from alignkit.errors import AlignkitError, ConfigError
 
 if TYPE_CHECKING:  # torch-backed: imported only when a task order needs them
@@ -32,6 +39,7 @@ __all__ = [
     "TaskReport",
     "create_tasks",
     "load_uncertainty_scorer",
+    "normalize_mix",
     "parse_mix",
     "sample_pairs",
     "select_prompts",
@@ -60,8 +68,13 @@ def parse_mix(text: str) -> dict[str, float]:
             mix[name] = float(value)
         except ValueError:
             raise AlignkitError(f"--mix: {part!r} is not strategy=share") from None
-        if mix[name] < 0:
-            raise AlignkitError(f"--mix: share of {name} must be >= 0")
+    return normalize_mix(mix)
+
+
+def normalize_mix(mix: Mapping[str, float]) -> dict[str, float]:
+    """Shares checked (finite, >= 0, some above 0) and scaled to sum to 1."""
+    for name, share in mix.items():
+        check_number(f"--mix: the share of {name}", share, 0, 1e6)
     total = sum(mix.values())
     if total <= 0:
         raise AlignkitError("--mix: the shares must add up to more than 0")
@@ -157,8 +170,9 @@ def sample_pairs(
 @dataclass(frozen=True)
 class TaskReport:
     prompts: int
-    tasks: int
-    by_strategy: dict[str, int]
+    tasks: int  # every task made, gold included
+    by_strategy: dict[str, int]  # tasks made per strategy, gold included
+    gold: int = 0  # gold tasks among them
 
 
 ORDERS = ("strategy", "uncertainty")
@@ -207,6 +221,28 @@ class _Planned:
     strategy: str
     a: Response
     b: Response
+    gold: str | None = None  # the better of a and b ("a" | "b") of a gold pair
+
+    @property
+    def response_ids(self) -> tuple[int, int]:
+        return (self.a.id, self.b.id)
+
+
+def _as_gold(
+    prompt_id: int, strategy: str, x: Response, y: Response, rng: random.Random
+) -> _Planned:
+    """A gold pair, ``x`` the better response, on a random side of the stored pair."""
+    if rng.random() < 0.5:
+        return _Planned(prompt_id, strategy, x, y, "a")
+    return _Planned(prompt_id, strategy, y, x, "b")
+
+
+def _pair(prompt_id: int, strategy: str, x: Response, y: Response, rng: random.Random) -> _Planned:
+    if x.kind == "donor":
+        return _as_gold(prompt_id, strategy, y, x, rng)
+    if y.kind == "donor":
+        return _as_gold(prompt_id, strategy, x, y, rng)
+    return _Planned(prompt_id, strategy, x, y)
 
 
 def _plan(
@@ -217,18 +253,20 @@ def _plan(
     rng: random.Random,
 ) -> tuple[list[_Planned], dict[int, Any]]:
     """The pairs to make, in serving order, and the prompts they belong to (decoded)."""
-    has_tasks = select(Task.prompt_id).where(Task.is_gold.is_(False))
+    has_tasks = select(Task.prompt_id)
     responses: dict[int, list[Response]] = {}
     for r in session.scalars(
-        select(Response).where(Response.kind == "model").order_by(Response.id)
+        select(Response).where(Response.kind.in_(("model", "donor"))).order_by(Response.id)
     ):
         responses.setdefault(r.prompt_id, []).append(r)
     candidates = [
         p
         for p in session.scalars(
-            select(Prompt).where(Prompt.id.not_in(has_tasks)).order_by(Prompt.id)
+            select(Prompt)
+            .where(Prompt.id.not_in(has_tasks), Prompt.gold_donor.is_(False))
+            .order_by(Prompt.id)
         )
-        if len(responses.get(p.id, ())) >= 2
+        if sum(r.kind == "model" for r in responses.get(p.id, ())) >= 2
     ]
     per_category = dict(
         session.execute(
@@ -240,12 +278,34 @@ def _plan(
     )
     count = len(candidates) if num_prompts is None else num_prompts
     planned = [
-        _Planned(prompt.id, strategy, a, b)
+        _pair(prompt.id, strategy, a, b, rng)
         for prompt, strategy in select_prompts(candidates, per_category, count, mix, rng)
-        for a, b in sample_pairs(responses[prompt.id], max_pairs, rng)
+        for a, b in sample_pairs(_with_donor(responses[prompt.id], rng), max_pairs, rng)
     ]
     prompts = {p.id: json.loads(p.prompt_json) for p in candidates}
     return planned, prompts
+
+
+def _with_donor(responses: list[Response], rng: random.Random) -> list[Response]:
+    """A prompt's responses to pair. A lent donor takes the place of one of the prompt's own
+    (left out at random), so a prompt with gold has as many responses, pairs and tasks as one
+    without: otherwise the prompts with gold would be the ones an annotator meets more often."""
+    donors = [r for r in responses if r.kind == "donor"]
+    if not donors:
+        return responses
+    own = [r for r in responses if r.kind != "donor"]
+    own.pop(rng.randrange(len(own)))
+    return own + donors
+
+
+def _interleave(
+    planned: list[_Planned], imported: list[_Planned], rng: random.Random
+) -> list[_Planned]:
+    """``imported`` gold pairs at uniformly random places of ``planned`` (kept in its order)."""
+    out = list(planned)
+    for item in imported:
+        out.insert(rng.randint(0, len(out)), item)
+    return out
 
 
 def create_tasks(
@@ -260,55 +320,80 @@ def create_tasks(
     scorer: MemberScorer | None = None,
     measure: str = "std",
 ) -> TaskReport:
-    """Make pair tasks for prompts that have >= 2 model responses and no tasks yet.
+    """Make pair tasks for prompts that have >= 2 model responses and no tasks yet, with their
+    gold pairs (module docstring); every task, gold or not, gets ``annotators_per_task``.
 
     Tasks are served in creation order (``assign._candidate``: tasks already partly assigned
-    first, then by task id), so with a ``scorer`` (an ensemble, ``--by uncertainty``) this call's tasks are
-    inserted most uncertain first by ``alignkit.data.select.select_uncertain`` (``measure``: std,
-    variance_ratio or entropy); otherwise in the order prompts were picked. Scoring runs outside
-    the write transaction, so annotators keep claiming meanwhile.
+    first, then by task id), so with a ``scorer`` (an ensemble, ``--by uncertainty``) this call's
+    tasks are inserted most uncertain first by ``alignkit.data.select.select_uncertain``
+    (``measure``: std, variance_ratio or entropy), gold pairs at random places (their own
+    scores would sort them together); otherwise in the order prompts were picked. Scoring runs
+    outside the write transaction, so annotators keep claiming meanwhile.
     """
-    if annotators_per_task < 1:
-        raise AlignkitError("--annotators-per-task must be >= 1")
-    if max_pairs_per_prompt < 1:
-        raise AlignkitError("--max-pairs-per-prompt must be >= 1")
+    check_number("--annotators-per-task", annotators_per_task, 1, 100, integer=True)
+    check_number("--max-pairs-per-prompt", max_pairs_per_prompt, 1, 1000, integer=True)
+    if num_prompts is not None:
+        check_number("--num-prompts", num_prompts, 1, integer=True)
     if measure not in UNCERTAINTIES:
         raise ConfigError(f"--measure must be one of {', '.join(UNCERTAINTIES)}, got {measure!r}")
     rng = random.Random(seed)
     with db.read() as session:
         planned, prompts = _plan(
-            session, num_prompts, max_pairs_per_prompt, mix or DEFAULT_MIX, rng
+            session, num_prompts, max_pairs_per_prompt, normalize_mix(mix or DEFAULT_MIX), rng
         )
+        imported = [
+            _as_gold(g.prompt_id, "gold", g.chosen, g.rejected, rng)
+            for g in pending_imported_gold(session)
+        ]
+    if not planned:
+        imported = []  # they wait for tasks to hide among
     if scorer is not None and planned:
         from alignkit.data.select import select_uncertain
 
+        real = [t for t in planned if t.gold is None]
+        imported += [t for t in planned if t.gold is not None]
         pairs = [
             ({"index": i}, {"prompt": prompts[t.prompt_id], "a": t.a.text, "b": t.b.text})
-            for i, t in enumerate(planned)
+            for i, t in enumerate(real)
         ]
-        ranked = select_uncertain(scorer, pairs, len(pairs), measure)
-        planned = [planned[row["index"]] for row in ranked]
+        ranked = select_uncertain(scorer, pairs, len(pairs), measure) if pairs else []
+        planned = [real[row["index"]] for row in ranked]
+    planned = _interleave(planned, imported, rng)
     made: Counter[str] = Counter()
+    gold = 0
     with db.write() as session:
         # A create-tasks that ran while this one scored may have taken some of the prompts.
-        taken = set(session.scalars(select(Task.prompt_id).where(Task.is_gold.is_(False))))
-        for t in planned:
-            if t.prompt_id in taken:
-                continue
-            session.add(
-                Task(
-                    prompt_id=t.prompt_id,
-                    response_a_id=t.a.id,
-                    response_b_id=t.b.id,
-                    target=annotators_per_task,
-                    assigned=0,
-                    submitted=0,
-                    is_gold=False,
-                    strategy=t.strategy,
-                    ask_safety=ask_safety,
-                    created_at=utcnow(),
-                )
+        taken = set(session.scalars(select(Task.prompt_id)))
+        used = {
+            i for t in session.scalars(select(Task)) for i in (t.response_a_id, t.response_b_id)
+        }
+        kept = [
+            t
+            for t in planned
+            if (t.strategy == "gold" and not used & set(t.response_ids))
+            or (t.strategy != "gold" and t.prompt_id not in taken)
+        ]
+        for t in kept:
+            task = Task(
+                prompt_id=t.prompt_id,
+                response_a_id=t.a.id,
+                response_b_id=t.b.id,
+                target=annotators_per_task,
+                assigned=0,
+                submitted=0,
+                is_gold=t.gold is not None,
+                strategy=t.strategy,
+                ask_safety=ask_safety,
+                created_at=utcnow(),
             )
+            session.add(task)
+            if t.gold is not None:
+                session.flush()
+                kind = "imported" if t.strategy == "gold" else "off_topic"
+                session.add(Gold(task_id=task.id, answer=t.gold, kind=kind))
+                gold += 1
             made[t.strategy] += 1
-    prompts_made = len({t.prompt_id for t in planned if t.prompt_id not in taken})
-    return TaskReport(prompts=prompts_made, tasks=sum(made.values()), by_strategy=dict(made))
+    prompts_made = len({t.prompt_id for t in kept if t.strategy != "gold"})
+    return TaskReport(
+        prompts=prompts_made, tasks=sum(made.values()), by_strategy=dict(made), gold=gold
+    )

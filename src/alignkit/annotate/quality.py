@@ -1,24 +1,20 @@
-"""Annotation quality, quality-weighted aggregation and the statistics of a labelling round.
+"""Collecting a round's labels with their vote weights, the aggregation of a task, and the
+statistics of a round. The weights come from the accuracy model in aggregate.py.
 
-Per-annotation quality (seed 002 §4.2 ``assess_annotation_quality``, without the reason score)::
+A task's labels ``(choice_i, vote_i)``, ``v = +1`` for a, ``-1`` for b, ``0`` for a tie::
 
-    q = (gold_accuracy + time_ok + confidence / 5) / 3
-    gold_accuracy = (correct + 1) / (answered + 2)     # the annotator's gold record, Laplace-smoothed
-    time_ok = 1 if min_seconds <= seconds <= max_seconds else 0.5
+    L = sum_i vote_i * v_i                          # log-odds that a is the better response
+    P(a better) = sigmoid(L);  winner = a if L > 0, b if L < 0
+    margin = |2 P(a better) - 1| = tanh(|L| / 2)    # in [0, 1)
+    weighted agreement = max_k sum_{i: choice_i = k} vote_i / sum_i vote_i
 
-Aggregation of a task's labels ``(choice_i, confidence_i, q_i)`` with ``v = +1`` for a, ``-1`` for b,
-``0`` for tie::
-
-    s = sum_i q_i * v_i * confidence_i / 5  /  sum_i q_i          # in [-1, 1]
-    winner = a if s > 0, b if s < 0; margin = |s|
-    weighted agreement = max_k sum_{i: choice_i = k} q_i / sum_i q_i
-
-Tie policy: a task with ``|s| <= tie_margin`` (default 0: exactly balanced, or all ties) is not a
-preference and is left out of the export (counted in its report).
+Tie policy: a task with ``margin <= tie_margin`` (default 0: all ties, votes that cancel, or no
+label with weight) is not a preference and is left out of the export (counted in its report).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -27,77 +23,75 @@ from typing import Any
 
 from sqlalchemy import select
 
+from alignkit.annotate.aggregate import (
+    AnnotatorEstimate,
+    Label,
+    QualityConfig,
+    estimate,
+    vote_scale,
+)
 from alignkit.annotate.db import Database
 from alignkit.annotate.schema import Annotation, Annotator, Gold, Prompt, Response, Task
 from alignkit.data.tools import krippendorff_alpha, majority_share
 
-__all__ = ["QualityConfig", "TaskResult", "aggregate", "annotation_quality", "collect", "stats"]
+__all__ = ["QualityConfig", "TaskResult", "aggregate", "collect", "stats"]
 
 _VOTE = {"a": 1.0, "b": -1.0, "tie": 0.0}
-
-
-@dataclass(frozen=True)
-class QualityConfig:
-    min_seconds: float = 3.0
-    max_seconds: float = 600.0
-
-
-def annotation_quality(
-    gold_correct: int, gold_answered: int, seconds: float, confidence: int, config: QualityConfig
-) -> float:
-    """``q`` of one annotation (module docstring), in (0.23, 1]."""
-    gold_accuracy = (gold_correct + 1) / (gold_answered + 2)
-    time_ok = 1.0 if config.min_seconds <= seconds <= config.max_seconds else 0.5
-    return (gold_accuracy + time_ok + confidence / 5) / 3
 
 
 @dataclass
 class TaskResult:
     task: Task
     labels: list[Annotation] = field(default_factory=list)
-    quality: list[float] = field(default_factory=list)
+    votes: list[float] = field(default_factory=list)  # vote weight of each label (module docstring)
 
     @property
-    def score(self) -> float:
-        """``s`` of the module docstring."""
-        total = sum(self.quality)
-        return (
-            sum(
-                q * _VOTE[a.choice] * a.confidence / 5
-                for a, q in zip(self.labels, self.quality, strict=True)
-            )
-            / total
-        )
+    def log_odds(self) -> float:
+        """``L``: the log-odds that response a is the better one."""
+        return sum(w * _VOTE[a.choice] for a, w in zip(self.labels, self.votes, strict=True))
+
+    @property
+    def posterior(self) -> float:
+        """P(a is the better response | the labels)."""
+        return 1.0 / (1.0 + math.exp(-self.log_odds))
+
+    @property
+    def margin(self) -> float:
+        return math.tanh(abs(self.log_odds) / 2)
 
     @property
     def weighted_agreement(self) -> float:
+        """Vote-weighted share of the most weighted choice; nan when no label has weight."""
         weights: Counter[str] = Counter()
-        for a, q in zip(self.labels, self.quality, strict=True):
-            weights[a.choice] += q
-        return max(weights.values()) / sum(self.quality)
+        for a, w in zip(self.labels, self.votes, strict=True):
+            weights[a.choice] += w
+        total = sum(self.votes)
+        return max(weights.values()) / total if total > 0 else float("nan")
 
     @property
     def agreement(self) -> float:
         return majority_share([a.choice for a in self.labels])
 
     def weighted_share(self, attribute: str, value: Any) -> float:
-        """Quality-weighted share of labels whose ``attribute`` equals ``value`` (None ignored)."""
-        pairs = [(q, getattr(a, attribute)) for a, q in zip(self.labels, self.quality, strict=True)]
-        pairs = [(q, v) for q, v in pairs if v is not None]
-        total = sum(q for q, _ in pairs)
-        return sum(q for q, v in pairs if v == value) / total if total else float("nan")
+        """Vote-weighted share of labels whose ``attribute`` equals ``value`` (None ignored)."""
+        pairs = [(w, getattr(a, attribute)) for a, w in zip(self.labels, self.votes, strict=True)]
+        pairs = [(w, v) for w, v in pairs if v is not None]
+        total = sum(w for w, _ in pairs)
+        return sum(w for w, v in pairs if v == value) / total if total else float("nan")
 
 
 @dataclass
 class Collected:
     tasks: dict[int, TaskResult]
-    gold_record: dict[int, tuple[int, int]]  # annotator id -> (correct, answered)
-    gold_labels: list[tuple[Annotation, bool]]  # (label, correct)
+    gold_record: dict[int, tuple[int, int]]  # annotator id -> (right, answered), ties included
+    gold_labels: list[tuple[Annotation, bool]]  # (label, right)
     annotators: dict[int, Annotator]
+    estimates: dict[int, AnnotatorEstimate]
+    gold_tasks: int  # gold tasks in the round (served or not)
 
 
 def collect(db: Database, config: QualityConfig | None = None) -> Collected:
-    """Every label with its quality, grouped by (non-gold) task; gold records per annotator."""
+    """Every label with its vote weight, grouped by (non-gold) task; gold records; estimates."""
     config = config or QualityConfig()
     with db.read() as session:
         tasks = {t.id: t for t in session.scalars(select(Task))}
@@ -105,32 +99,45 @@ def collect(db: Database, config: QualityConfig | None = None) -> Collected:
         labels = list(session.scalars(select(Annotation).order_by(Annotation.id)))
         annotators = {a.id: a for a in session.scalars(select(Annotator))}
     record: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    sided: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # non-tie gold answers only
     gold_labels = []
     for label in labels:
         if label.task_id in answers:
-            correct = label.choice == answers[label.task_id]
-            record[label.annotator_id][0] += correct
+            right = label.choice == answers[label.task_id]
+            record[label.annotator_id][0] += right
             record[label.annotator_id][1] += 1
-            gold_labels.append((label, correct))
+            if label.choice != "tie":
+                sided[label.annotator_id][0] += right
+                sided[label.annotator_id][1] += 1
+            gold_labels.append((label, right))
+    real = [x for x in labels if x.task_id not in answers]
+    estimates = estimate(
+        [Label(x.annotator_id, x.task_id, x.choice, x.confidence) for x in real],
+        {k: (v[0], v[1]) for k, v in sided.items()},
+        config,
+    )
     results: dict[int, TaskResult] = {}
-    for label in labels:
-        if label.task_id in answers:
-            continue
-        correct, answered = record.get(label.annotator_id, (0, 0))
+    for label in real:
         result = results.setdefault(label.task_id, TaskResult(tasks[label.task_id]))
         result.labels.append(label)
-        result.quality.append(
-            annotation_quality(correct, answered, label.seconds, label.confidence, config)
+        result.votes.append(
+            estimates[label.annotator_id].weight * vote_scale(label.confidence, config)
         )
-    return Collected(results, {k: (v[0], v[1]) for k, v in record.items()}, gold_labels, annotators)
+    return Collected(
+        results,
+        {k: (v[0], v[1]) for k, v in record.items()},
+        gold_labels,
+        annotators,
+        estimates,
+        gold_tasks=len(answers),
+    )
 
 
 def aggregate(result: TaskResult, tie_margin: float = 0.0) -> str | None:
-    """``"a"``, ``"b"``, or None under the tie policy (``|s| <= tie_margin``)."""
-    s = result.score
-    if abs(s) <= tie_margin:
+    """``"a"``, ``"b"``, or None under the tie policy (``margin <= tie_margin``)."""
+    if result.margin <= tie_margin or result.log_odds == 0:
         return None
-    return "a" if s > 0 else "b"
+    return "a" if result.log_odds > 0 else "b"
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -156,11 +163,9 @@ def stats(db: Database, config: QualityConfig | None = None) -> dict[str, Any]:
     per: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for result in data.tasks.values():
         la, lb = lengths[result.task.response_a_id], lengths[result.task.response_b_id]
-        for label, q in zip(result.labels, result.quality, strict=True):
+        for label in result.labels:
             if label.choice != "tie" and la != lb:
                 longer_chosen.append((label.choice == "a") == (la > lb))
-            row = per[label.annotator_id]
-            row["quality"].append(q)
     for label in every:
         row = per[label.annotator_id]
         row["seconds"].append(label.seconds)
@@ -171,6 +176,7 @@ def stats(db: Database, config: QualityConfig | None = None) -> dict[str, Any]:
     annotators = {}
     for annotator_id, row in sorted(per.items()):
         correct, answered = data.gold_record.get(annotator_id, (0, 0))
+        judged = data.estimates.get(annotator_id)
         annotators[data.annotators[annotator_id].name] = {
             "labels": len(row["seconds"]),
             "gold_answered": answered,
@@ -179,7 +185,10 @@ def stats(db: Database, config: QualityConfig | None = None) -> dict[str, Any]:
             "tie_rate": statistics.fmean(row["tie"]),
             "median_seconds": statistics.median(row["seconds"]),
             "mean_confidence": statistics.fmean(row["confidence"]),
-            "mean_quality": statistics.fmean(row["quality"]) if row["quality"] else None,
+            "accuracy_estimate": judged.accuracy if judged else None,
+            "weight": judged.weight if judged else None,
+            "evidence_labels": judged.evidence if judged else 0,
+            "below_chance_on_gold": judged.below_chance_on_gold if judged else False,
         }
     seconds = [a.seconds for a in every]
     sided = [(a.choice == "a") == a.left_is_a for a in every if a.choice != "tie"]
@@ -188,6 +197,7 @@ def stats(db: Database, config: QualityConfig | None = None) -> dict[str, Any]:
         "tasks": sum(not t.is_gold for t in _all_tasks(db)),
         "tasks_complete": sum(r.task.submitted >= r.task.target for r in data.tasks.values()),
         "labels": len(labels),
+        "gold_tasks": data.gold_tasks,
         "gold_labels": len(data.gold_labels),
         "labels_per_hour": len(every) / span_h if span_h > 0 else None,
         "agreement_majority_share": statistics.fmean(r.agreement for r in multi) if multi else None,

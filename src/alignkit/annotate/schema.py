@@ -46,6 +46,8 @@ class Prompt(Base):
     high_value: Mapped[bool] = mapped_column(Boolean, default=False)
     flags_json: Mapped[str] = mapped_column(Text, default="{}")  # every other flag, kept as given
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    # schema v3: lent one response to an automatic gold pair; never gets tasks of its own
+    gold_donor: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Response(Base):
@@ -55,7 +57,9 @@ class Response(Base):
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
     text: Mapped[str] = mapped_column(Text)
     text_hash: Mapped[str] = mapped_column(String(64))
-    # "model" (generated or imported as a model output) or "gold" (made for a gold pair only).
+    # "model" (generated or imported as a model output), "donor" (a copy of a model response to
+    # another prompt, the worse side of its gold pairs) or "gold" (from an imported gold pair;
+    # settings_json records {"gold_pair": n, "side": "chosen" | "rejected"} until its task is made).
     kind: Mapped[str] = mapped_column(String(16), default="model")
     model: Mapped[str] = mapped_column(String(500))
     settings_json: Mapped[str] = mapped_column(Text, default="{}")
@@ -85,7 +89,8 @@ class Gold(Base):
     __tablename__ = "gold"
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
     answer: Mapped[str] = mapped_column(String(4))  # "a" or "b"
-    kind: Mapped[str] = mapped_column(String(16))  # imported | truncated | shuffled | unsafe
+    # off_topic | imported (truncated | shuffled | unsafe: made by alignkit before schema v3)
+    kind: Mapped[str] = mapped_column(String(16))
 
 
 class Annotator(Base):

@@ -5,28 +5,31 @@ endpoints defined inside `create_app` at run time.)
 
 Security: every API call carries ``Authorization: Bearer <token>`` (never a cookie, so a form on
 another site cannot post on an annotator's behalf, and no CORS is enabled); POST bodies must be
-JSON; tokens are looked up by hash and compared with ``hmac.compare_digest``; bodies over
-``max_body_bytes`` get 413; each token has a token-bucket rate limit (429). Labels are committed
+JSON; tokens are looked up by hash and compared with ``hmac.compare_digest``; failed and missing
+credentials are throttled per client address, and each annotator has a request rate limit, both
+in bounded memory (429); bodies over ``max_body_bytes`` get 413 (guard.py). Labels are committed
 before the reply, and a client idempotency key makes a retried submission return the stored one.
 Model output reaches the page only through ``textContent`` (static/app.js) under a CSP that
-forbids inline scripts.
+forbids inline scripts. A database error answers 4xx/5xx with what it means (disk full, damaged,
+busy) and is logged; it never escapes as a bare 500.
 """
 
+import json
 import math
 import random
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import IntegrityError, OperationalError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from sqlalchemy.exc import DatabaseError as SQLDatabaseError
+from sqlalchemy.exc import IntegrityError
 
-from alignkit.annotate import ingest
+from alignkit.annotate import gold, ingest
 from alignkit.annotate.assign import (
     AssignConfig,
     LabelError,
@@ -36,8 +39,10 @@ from alignkit.annotate.assign import (
     retry_conflicts,
     submit,
 )
-from alignkit.annotate.db import Database
+from alignkit.annotate.db import Database, classify
 from alignkit.annotate.export import export_rows
+from alignkit.annotate.guard import LOG, AccessLog, BodyLimit, Buckets, confine_path
+from alignkit.annotate.limits import MAX_ID, check_number
 from alignkit.annotate.pairs import (
     DEFAULT_MIX,
     ORDERS,
@@ -66,83 +71,46 @@ class ServerConfig:
     assign: AssignConfig = field(default_factory=AssignConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     max_body_bytes: int = 64 * 1024
-    rate_per_second: float = 10.0  # sustained requests per token
+    body_seconds: float = 30.0  # a request body must arrive within this
+    rate_per_second: float = 10.0  # sustained requests per annotator
     rate_burst: float = 60.0
+    failed_sign_in_rate: float = 0.5  # failed or missing credentials per second per address
+    failed_sign_in_burst: float = 20.0
+    max_tracked_addresses: int = 10_000  # memory bound of the per-address throttle
+    model_roots: tuple[str, ...] = ()  # where admin endpoints may load models and ensembles from
     seed: int | None = None
 
-
-class _Buckets:
-    """Token buckets per key: ``rate`` refills per second, at most ``burst`` stored."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self._state: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, key: str) -> float:
-        """0 when allowed, else the seconds to wait."""
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._state.get(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens >= 1:
-                self._state[key] = (tokens - 1, now)
-                return 0.0
-            self._state[key] = (tokens, now)
-            return (1 - tokens) / self.rate
-
-
-class _BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes is answered 413 before the app sees it."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        too_big = declared is not None and declared.isdigit() and int(declared) > self.limit
-        chunks, size, more = [], 0, not too_big
-        while more:
-            message = await receive()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-            if size > self.limit:
-                too_big = True
-                break
-        if too_big:
-            reply = JSONResponse(
-                {"detail": f"request body over {self.limit} bytes"}, status_code=413
-            )
-            await reply(scope, receive, send)
-            return
-        body, sent = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+    def __post_init__(self) -> None:
+        check_number("max_body_bytes", self.max_body_bytes, 1, integer=True)
+        check_number("body_seconds", self.body_seconds, 0, 3600, low_open=True)
+        check_number("rate_per_second", self.rate_per_second, 0, low_open=True)
+        check_number("rate_burst", self.rate_burst, 1)
+        check_number("failed_sign_in_rate", self.failed_sign_in_rate, 0, low_open=True)
+        check_number("failed_sign_in_burst", self.failed_sign_in_burst, 1)
+        check_number("max_tracked_addresses", self.max_tracked_addresses, 1, integer=True)
 
 
 # ---------------------------------------------------------------- request bodies (validated)
 
-_Strict = ConfigDict(extra="forbid")
+_Strict = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _storable(text: str) -> str:
+    problem = ingest.text_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+Text = Annotated[str, AfterValidator(_storable)]  # no lone surrogate, no NUL (either backend)
 
 
 class LabelBody(BaseModel):
     model_config = _Strict
     idempotency_key: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
     choice: Literal["left", "right", "tie"]
-    confidence: int = Field(ge=1, le=5)
-    reason: str = Field(default="", max_length=2000)
+    confidence: StrictInt = Field(ge=1, le=5)  # `true` is not a rating
+    reason: Text = Field(default="", max_length=2000)
     safer: Literal["left", "right", "same"] | None = None
     left_safe: bool | None = None
     right_safe: bool | None = None
@@ -155,7 +123,7 @@ class RowsBody(BaseModel):
 
 class AnnotatorBody(BaseModel):
     model_config = _Strict
-    name: str = Field(min_length=1, max_length=100)
+    name: Text = Field(min_length=1, max_length=100)
     role: Literal["admin", "annotator"] = "annotator"
 
 
@@ -166,9 +134,9 @@ class TasksBody(BaseModel):
     max_pairs_per_prompt: int = Field(default=6, ge=1, le=1000)
     mix: dict[Literal[STRATEGIES], float] = Field(default_factory=lambda: dict(DEFAULT_MIX))  # type: ignore[valid-type]
     ask_safety: bool = False
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_ID)
     by: Literal[ORDERS] = "strategy"  # type: ignore[valid-type]
-    ensemble: str | None = Field(default=None, max_length=4096)  # a run directory on the server
+    ensemble: Text | None = Field(default=None, max_length=4096)  # under a --model-root
     measure: Literal[UNCERTAINTIES] = "std"  # type: ignore[valid-type]
 
 
@@ -176,17 +144,18 @@ class GoldBody(BaseModel):
     model_config = _Strict
     rows: list[Any] = Field(default_factory=list, max_length=10000)
     auto: int = Field(default=0, ge=0, le=100000)
-    kinds: list[Literal[ingest.GOLD_KINDS]] = Field(default_factory=lambda: list(ingest.GOLD_KINDS))  # type: ignore[valid-type]
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_ID)
 
 
 class GenerateBody(BaseModel):
     model_config = _Strict
-    models: list[str] = Field(min_length=1, max_length=20)
-    temperatures: list[float] = Field(default=[0.7, 1.0], min_length=1, max_length=10)
+    models: list[Text] = Field(min_length=1, max_length=20)  # the preset, fetched, or under a root
+    temperatures: list[Annotated[float, Field(ge=0, le=100)]] = Field(
+        default=[0.7, 1.0], min_length=1, max_length=10
+    )
     samples: int = Field(default=2, ge=1, le=32)
     max_new_tokens: int = Field(default=128, ge=1, le=4096)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_ID)
 
 
 def _finite(value: Any) -> Any:
@@ -202,7 +171,11 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
     """The labelling app over ``db`` (whose schema is already migrated by ``open_database``)."""
     config = config or ServerConfig()
     app = FastAPI(title="alignkit annotate", docs_url=None, redoc_url=None, openapi_url=None)
-    buckets = _Buckets(config.rate_per_second, config.rate_burst)
+    per_annotator = Buckets(config.rate_per_second, config.rate_burst)
+    failures = Buckets(
+        config.failed_sign_in_rate, config.failed_sign_in_burst, config.max_tracked_addresses
+    )
+    app.state.buckets = {"annotators": per_annotator, "failed_sign_ins": failures}
     rng = random.Random(config.seed)
     rng_lock = threading.Lock()
     static = resources.files("alignkit.annotate") / "static"
@@ -229,14 +202,14 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
     async def _user_error(_request: Request, err: AlignkitError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=400)
 
-    @app.exception_handler(OperationalError)
-    async def _busy(_request: Request, err: OperationalError) -> JSONResponse:
-        # a lock that outlasted the busy timeout, or a lost connection: nothing was committed
-        return JSONResponse(
-            {"detail": f"database busy, retry ({type(err.orig).__name__})"},
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+    @app.exception_handler(SQLDatabaseError)
+    async def _database(request: Request, err: SQLDatabaseError) -> JSONResponse:
+        # nothing was committed: the transaction that raised this rolled back
+        fault = classify(err)
+        if fault.log:
+            LOG.error("%s %s: %s", request.method, request.url.path, fault.message)
+        headers = {"Retry-After": "1"} if fault.retry else {}
+        return JSONResponse({"detail": fault.message}, status_code=fault.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
@@ -245,27 +218,34 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
         ]
         return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
-    def annotator(authorization: Annotated[str | None, Header()] = None) -> Annotator:
+    def _too_many(wait: float, what: str) -> HTTPException:
+        return HTTPException(429, what, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+    def annotator(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Annotator:
+        address = request.client.host if request.client else "-"
+        # an address that keeps failing is refused before any lookup (nor is the token tried:
+        # the answer must not tell a right token from a wrong one while throttled)
+        if (wait := failures.wait(address)) > 0:
+            raise _too_many(wait, "too many failed sign-ins from this address")
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise HTTPException(
-                401,
-                "sign in: send 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        wait = buckets.take(ingest.hash_token(token))
-        if wait > 0:
-            raise HTTPException(
-                429,
-                "too many requests for this token",
-                headers={"Retry-After": str(math.ceil(wait))},
-            )
-        with db.read() as session:
-            found = ingest.find_annotator(session, token)
+        bearer = scheme.lower() == "bearer" and bool(token)
+        found = None
+        if bearer:
+            with db.read() as session:
+                found = ingest.find_annotator(session, token)
         if found is None:
-            raise HTTPException(
-                401, "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"}
+            failures.take(address)
+            message = (
+                "unknown or revoked token"
+                if bearer
+                else "sign in: send 'Authorization: Bearer <token>'"
             )
+            raise HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
+        request.state.annotator = found.name
+        if (wait := per_annotator.take(found.id)) > 0:
+            raise _too_many(wait, "too many requests for this token")
         return found
 
     def admin(who: Annotated[Annotator, Depends(annotator)]) -> Annotator:
@@ -332,8 +312,9 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
     def admin_generate(body: GenerateBody, _: Admin) -> dict[str, int]:
         from alignkit.annotate.generate import generate
 
+        models = [confine_path(m, config.model_roots, "model") for m in body.models]
         report = generate(
-            db, body.models, body.temperatures, body.samples, body.max_new_tokens, seed=body.seed
+            db, models, body.temperatures, body.samples, body.max_new_tokens, seed=body.seed
         )
         return {
             "generated": report.generated,
@@ -344,9 +325,17 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/api/admin/tasks")
     def admin_tasks(body: TasksBody, _: Admin) -> dict[str, Any]:
         options = body.model_dump()
-        scorer = uncertainty_scorer(options.pop("by"), options.pop("ensemble"), options["measure"])
+        ensemble = options.pop("ensemble")
+        if ensemble is not None:
+            ensemble = confine_path(ensemble, config.model_roots, "ensemble")
+        scorer = uncertainty_scorer(options.pop("by"), ensemble, options["measure"])
         report = create_tasks(db, scorer=scorer, **options)
-        return {"prompts": report.prompts, "tasks": report.tasks, "by_strategy": report.by_strategy}
+        return {
+            "prompts": report.prompts,
+            "tasks": report.tasks,
+            "gold": report.gold,
+            "by_strategy": report.by_strategy,
+        }
 
     @app.post("/api/admin/annotators")
     def admin_add(body: AnnotatorBody, _: Admin) -> dict[str, str]:
@@ -357,15 +346,20 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
         }
 
     @app.post("/api/admin/annotators/{name}/revoke")
-    def admin_revoke(name: str, _: Admin) -> dict[str, str]:
-        ingest.revoke_annotator(db, name)
-        return {"revoked": name}
+    def admin_revoke(name: str, _: Admin) -> dict[str, Any]:
+        released = ingest.revoke_annotator(db, name)
+        return {"revoked": name, "leases_released": released}
+
+    @app.post("/api/admin/annotators/{name}/rotate")
+    def admin_rotate(name: str, _: Admin) -> dict[str, Any]:
+        token, was_revoked = ingest.rotate_token(db, name)
+        return {"name": name, "token": token, "reinstated": was_revoked}
 
     @app.post("/api/admin/gold")
     def admin_gold(body: GoldBody, _: Admin) -> dict[str, int]:
-        imported = ingest.import_gold(db, body.rows, seed=body.seed) if body.rows else 0
-        made = ingest.make_gold(db, body.auto, body.kinds, seed=body.seed) if body.auto else 0
-        return {"imported": imported, "made": made}
+        imported = gold.import_gold(db, body.rows) if body.rows else 0
+        lent = gold.make_gold(db, body.auto, seed=body.seed) if body.auto else 0
+        return {"imported": imported, "lent": lent}
 
     @app.get("/api/admin/stats")
     def admin_stats(_: Admin) -> dict[str, Any]:
@@ -379,9 +373,7 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
         min_agreement: float = 0.0,
         tie_margin: float = 0.0,
     ) -> PlainTextResponse:
-        import json
-
-        rows, _report = export_rows(
+        rows, report = export_rows(
             db,
             safety=safety,
             min_labels=min_labels,
@@ -392,7 +384,9 @@ def create_app(db: Database, config: ServerConfig | None = None) -> FastAPI:
         return PlainTextResponse(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
             media_type="application/x-ndjson",
+            headers={"X-Alignkit-Export-Report": json.dumps(asdict(report))},
         )
 
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)  # outermost: before any parsing
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes, seconds=config.body_seconds)
+    app.add_middleware(AccessLog)  # outermost: sees every request, even one refused above
     return app
