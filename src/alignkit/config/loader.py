@@ -213,6 +213,15 @@ FOREIGN_KEYS = {
     "model_name_or_path": "model.name",
     "bf16": "precision",
     "resume_from_checkpoint": "resume_from",
+    # online RL: TRL's GRPO/RLOO names, and alignkit's own former keys
+    "std_scaling": "advantage.scale_rewards",
+    "normalize_advantages": "advantage.normalize",
+    "epsilon_high": "policy_loss.clip_ratio_high",
+    "importance_sampling_level": "policy_loss.name",
+    "sapo_temperature_pos": "policy_loss.tau_pos",
+    "sapo_temperature_neg": "policy_loss.tau_neg",
+    "num_generations": "rollout.samples_per_prompt",
+    "max_completion_length": "rollout.max_new_tokens",
 }
 
 

@@ -2,10 +2,12 @@
 
 Submodules by topic: `logprobs` (the one logit/label shift), `stats` (masked statistics,
 `Moments`, pair accuracy), `kl` (estimators of KL(pi||ref), KL as a loss, controllers),
-`advantages`, `losses` (policy/value) and `preference` (DPO family, reward-model losses, pair
-orientation), `lagrange` (Lagrangian combination, Safe-DPO multiplier, seed 000), `sampling`
-(importance weights; geometric mixture of policy and teacher, seed 001). `_registry.Registry`
-is the one registry behind every kind selected by name; `_dtype` the one precision rule.
+`advantages`, `losses` (policy/value; `surrogates`: GSPO, CISPO, SAPO) and `preference` (DPO
+family, reward-model losses, pair orientation), `lagrange` (Lagrangian combination, Safe-DPO
+multiplier, seed 000), `sampling` (importance weights; geometric mixture of policy and teacher,
+seed 001), `shaping` (DAPO's group filter and overlong punishment), `token_selection` (the
+entropy and off-policy token masks). `_registry.Registry` is the one registry behind every
+kind selected by name; `_dtype` the one precision rule.
 """
 
 from alignkit.ops._registry import Registry, UnknownNameError
@@ -17,6 +19,7 @@ from alignkit.ops.advantages import (
     gae,
     get_advantage_estimator,
     grpo_advantages,
+    normalize_advantages,
     register_advantage_estimator,
     reinforce_pp_advantages,
     reinforce_returns,
@@ -88,6 +91,7 @@ from alignkit.ops.sampling import (
     snr_alpha,
     truncated_importance_weights,
 )
+from alignkit.ops.shaping import informative_groups, overlong_penalty
 from alignkit.ops.stats import (
     Moments,
     RunningMeanStd,
@@ -97,6 +101,18 @@ from alignkit.ops.stats import (
     masked_var,
     masked_whiten,
     pairwise_accuracy,
+)
+from alignkit.ops.surrogates import (
+    cispo_policy_loss,
+    gspo_policy_loss,
+    gspo_token_policy_loss,
+    sapo_policy_loss,
+    sequence_log_ratio,
+)
+from alignkit.ops.token_selection import (
+    linear_quantile,
+    off_policy_sequence_mask,
+    top_entropy_mask,
 )
 
 __all__ = [
@@ -120,6 +136,7 @@ __all__ = [
     "apply_kl_penalty",
     "available_advantage_estimators",
     "available_kl_estimators",
+    "cispo_policy_loss",
     "cost_model_loss",
     "discounted_returns",
     "disjoint_supports",
@@ -136,6 +153,9 @@ __all__ = [
     "get_advantage_estimator",
     "get_policy_loss",
     "grpo_advantages",
+    "gspo_policy_loss",
+    "gspo_token_policy_loss",
+    "informative_groups",
     "is_reference_free",
     "kl_estimate",
     "kl_loss",
@@ -143,14 +163,18 @@ __all__ = [
     "lagrangian_combine",
     "length_normalized_logps",
     "length_normalized_nll",
+    "linear_quantile",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "min_variance_proposal_logprobs",
     "multitask_reward_loss",
+    "normalize_advantages",
+    "off_policy_sequence_mask",
     "orient_pairs",
     "orpo_loss",
+    "overlong_penalty",
     "pairwise_accuracy",
     "plackett_luce_loss",
     "policy_gradient_loss",
@@ -168,11 +192,14 @@ __all__ = [
     "reinforce_returns",
     "reward_model_loss",
     "rloo_advantages",
+    "sapo_policy_loss",
     "selective_log_softmax",
+    "sequence_log_ratio",
     "sequence_logprobs",
     "sequence_logprobs_at",
     "simpo_loss",
     "snr_alpha",
+    "top_entropy_mask",
     "truncated_importance_weights",
     "value_loss",
 ]

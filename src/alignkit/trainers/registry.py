@@ -99,6 +99,12 @@ METHODS: dict[str, Method] = {
         ("advantage.estimator=reinforce", "policy_loss.name=policy_gradient"),
         summary="REINFORCE (seed 003): plain policy gradient, batch-mean baseline",
     ),
+    "distill": Method(
+        "alignkit.trainers.distill",
+        "DistillConfig",
+        "train_distill",
+        summary="on-policy distillation: per-token reverse KL to a teacher on own samples (GKD)",
+    ),
     "safe-ppo": Method(
         "alignkit.trainers.safe_ppo",
         "SafePPOConfig",

@@ -16,11 +16,12 @@ from alignkit.config import RunConfig
 from alignkit.config.schema import field_help
 from alignkit.errors import ConfigError
 from alignkit.trainers.common import ModelConfig
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+from alignkit.trainers.policy_config import (
+    AdvantageConfig,
+    PolicyLossConfig,
+    RewardShapingConfig,
+    _require,
+)
 
 
 def divisors(n: int) -> list[int]:
@@ -134,6 +135,22 @@ class RolloutConfig:
             "alpha=min_variance: the policy's share of the proposal (weights <= 1/it)."
         ),
     )
+    filter_groups: bool = field(
+        default=False,
+        metadata=field_help(
+            "DAPO's dynamic sampling (verl's algorithm.filter_groups): drop the groups whose "
+            "rewards are all equal (zero advantages) and sample more prompts until the "
+            "iteration has prompts_per_iteration informative groups (group estimators only)."
+        ),
+    )
+    filter_max_rounds: int | None = field(
+        default=None,
+        metadata=field_help(
+            "filter_groups: at most this many extra rounds of prompts_per_iteration prompts "
+            "(null: 4); still short after them, the batch is completed with uninformative "
+            "groups (zero advantages), logged as rollout/filter_shortfall."
+        ),
+    )
 
     def __post_init__(self) -> None:
         from alignkit.rollout.teacher import parse_alpha
@@ -147,10 +164,25 @@ class RolloutConfig:
         _require(self.top_k >= 0, "top_k must be >= 0 (0 = off)")
         _require(0 < self.top_p <= 1, "top_p must lie in (0, 1]")
         _require(self.max_importance_weight >= 1, "max_importance_weight must be >= 1")
+        _require(
+            self.filter_max_rounds is None or self.filter_groups,
+            "rollout.filter_max_rounds only applies with rollout.filter_groups=true",
+        )
+        _require(
+            self.filter_max_rounds is None or self.filter_max_rounds >= 1,
+            "rollout.filter_max_rounds must be >= 1",
+        )
 
     @property
     def sequences_per_iteration(self) -> int:
         return self.prompts_per_iteration * self.samples_per_prompt
+
+    @property
+    def extra_filter_rounds(self) -> int:
+        """Rounds of prompts that dynamic sampling may add to an iteration (0: off)."""
+        if not self.filter_groups:
+            return 0
+        return 4 if self.filter_max_rounds is None else self.filter_max_rounds
 
 
 @dataclass
@@ -192,51 +224,6 @@ class RewardSourceConfig:
         key = "function" if self.function is not None else "model"
         spec = {key: self.function or self.model, "weight": self.weight}
         return {**spec, "options": dict(self.options)} if self.options else spec
-
-
-@dataclass
-class AdvantageConfig:
-    """Which advantage estimator (alignkit.ops.advantages registry) and its settings."""
-
-    estimator: str = field(
-        default="grpo",
-        metadata=field_help(
-            "A registered estimator: gae (needs a critic), grpo, dr_grpo, rloo, reinforce, "
-            "reinforce_pp, or one added with register_advantage_estimator."
-        ),
-    )
-    gamma: float = field(default=1.0, metadata=field_help("Discount per token (gae, reinforce*)."))
-    lam: float = field(default=0.95, metadata=field_help("GAE lambda."))
-    std_scaling: bool = field(
-        default=True,
-        metadata=field_help(
-            "grpo only: divide by the group's std. false = Dr. GRPO (the same as "
-            "estimator=dr_grpo), which removes the question-difficulty bias."
-        ),
-    )
-    whiten: bool = field(
-        default=False,
-        metadata=field_help("Whiten the advantages over the iteration's response tokens (PPO)."),
-    )
-
-    def __post_init__(self) -> None:
-        from alignkit.ops.advantages import available_advantage_estimators
-
-        valid = available_advantage_estimators()
-        _require(
-            self.estimator in valid,
-            f"advantage.estimator={self.estimator!r} is not registered; valid: {', '.join(valid)}",
-        )
-        _require(0 <= self.gamma <= 1, "gamma must lie in [0, 1]")
-        _require(0 <= self.lam <= 1, "lam must lie in [0, 1]")
-        _require(
-            self.std_scaling or self.estimator == "grpo",
-            "advantage.std_scaling=false only applies to estimator=grpo",
-        )
-
-    @property
-    def resolved_estimator(self) -> str:
-        return "dr_grpo" if self.estimator == "grpo" and not self.std_scaling else self.estimator
 
 
 @dataclass
@@ -315,55 +302,6 @@ class KLConfig:
         if self.estimator is not None:
             return self.estimator
         return "k1" if self.placement == "reward" else "k3+"
-
-
-@dataclass
-class PolicyLossConfig:
-    """The policy loss (alignkit.ops.losses registry) and how it is averaged."""
-
-    name: str = field(
-        default="ppo_clip",
-        metadata=field_help("A registered policy loss: ppo_clip, policy_gradient (no ratio clip)."),
-    )
-    clip_ratio: float = field(default=0.2, metadata=field_help("PPO clip eps (lower side)."))
-    clip_ratio_high: float | None = field(
-        default=None, metadata=field_help("Upper clip (DAPO clip-higher); null: clip_ratio.")
-    )
-    dual_clip: float | None = field(
-        default=None,
-        metadata=field_help("Dual-clip constant c > 1 for negative advantages; null: off."),
-    )
-    agg: Literal[
-        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-    ] = field(
-        default="token-mean",
-        metadata=field_help(
-            "token-mean: sum over the optimizer step's tokens / their count (DAPO's; exact "
-            "under micro-batching). seq-mean-token-mean: the original GRPO, length-biased "
-            "(favours short right and long wrong answers). seq-mean-token-sum: per-sequence "
-            "sums averaged. seq-mean-token-sum-norm: Dr. GRPO, sums / L with L = "
-            "rollout.max_new_tokens, a constant."
-        ),
-    )
-    entropy_coef: float = field(
-        default=0.0,
-        metadata=field_help("Entropy bonus: minus coef x token-mean entropy in the loss; 0: off."),
-    )
-
-    def __post_init__(self) -> None:
-        from alignkit.ops.losses import POLICY_LOSSES
-
-        valid = POLICY_LOSSES.names()
-        _require(
-            self.name in valid,
-            f"policy_loss.name={self.name!r} is not registered; valid: {', '.join(valid)}",
-        )
-        _require(0 < self.clip_ratio < 1, "clip_ratio must lie in (0, 1)")
-        _require(
-            self.clip_ratio_high is None or self.clip_ratio_high > 0, "clip_ratio_high must be > 0"
-        )
-        _require(self.dual_clip is None or self.dual_clip > 1, "dual_clip must be > 1")
-        _require(self.entropy_coef >= 0, "entropy_coef must be >= 0")
 
 
 @dataclass
@@ -503,6 +441,10 @@ class PGConfig(OnlineConfig):
     policy_loss: PolicyLossConfig = field(
         default_factory=PolicyLossConfig, metadata=field_help("Policy loss.")
     )
+    reward: RewardShapingConfig = field(
+        default_factory=RewardShapingConfig,
+        metadata=field_help("Shaping of the summed reward (DAPO's overlong punishment)."),
+    )
     critic: CriticConfig | None = field(
         default=None,
         metadata=field_help(
@@ -515,7 +457,7 @@ class PGConfig(OnlineConfig):
         super().__post_init__()
         from alignkit.ops.advantages import get_advantage_estimator
 
-        needs = get_advantage_estimator(self.advantage.resolved_estimator).needs
+        needs = get_advantage_estimator(self.advantage.estimator).needs
         if "values" in needs and self.critic is None:
             self.critic = CriticConfig()  # the estimator needs one: the default critic
         if self.critic is not None and "values" not in needs:
@@ -527,4 +469,23 @@ class PGConfig(OnlineConfig):
             raise ConfigError(
                 f"advantage.estimator={self.advantage.estimator} compares samples of a prompt: "
                 "rollout.samples_per_prompt must be >= 2"
+            )
+        if self.rollout.filter_groups and "group_index" not in needs:
+            raise ConfigError(
+                "rollout.filter_groups drops the groups whose rewards are all equal, which only "
+                "carry no gradient for a group estimator (grpo, dr_grpo, rloo), not for "
+                f"advantage.estimator={self.advantage.estimator}"
+            )
+        if self.policy_loss.name == "gspo" and "group_index" not in needs:
+            raise ConfigError(
+                "policy_loss.name=gspo needs one advantage per sequence (estimator grpo, "
+                f"dr_grpo or rloo), not advantage.estimator={self.advantage.estimator}'s "
+                "per-token ones; use policy_loss.name=gspo_token"
+            )
+        buffer = self.reward.overlong_buffer
+        if buffer is not None and buffer > self.rollout.max_new_tokens:
+            raise ConfigError(
+                f"reward.overlong_buffer={buffer} exceeds rollout.max_new_tokens="
+                f"{self.rollout.max_new_tokens} (the punishment ramps over the last "
+                "overlong_buffer tokens before the cap)"
             )
