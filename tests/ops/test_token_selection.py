@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from alignkit.ops import linear_quantile, off_policy_sequence_mask, top_entropy_mask
+from alignkit.ops.token_selection import TIES
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100])
@@ -38,6 +39,17 @@ def test_top_entropy_mask_keeps_the_top_share_of_valid_tokens():
     # rho = 0: only the maximum.
     top = top_entropy_mask(entropy, mask, linear_quantile(entropy[mask], 1.0))
     assert top.sum() == 1 and entropy[top].item() == entropy[mask].max().item()
+
+
+def test_entropies_tied_up_to_round_off_are_kept_together():
+    # The first tokens of a group's samples share one distribution: their entropies are equal,
+    # up to the last bits when computed in different micro-batches.
+    tied = torch.tensor(0.7)
+    entropy = torch.tensor([[tied, torch.nextafter(tied, torch.tensor(0.0)), 0.2, 0.9]])
+    mask = torch.ones_like(entropy, dtype=torch.bool)
+    keep = top_entropy_mask(entropy, mask, tied)
+    assert keep.tolist() == [[True, True, False, True]]
+    assert not top_entropy_mask(entropy, mask, tied / (1 - 10 * TIES))[0, :2].any()
 
 
 def test_off_policy_mask_drops_negative_advantages_of_drifted_sequences_only():

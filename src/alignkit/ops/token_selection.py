@@ -13,7 +13,13 @@ from torch import Tensor
 
 from alignkit.ops._dtype import at_least_float32
 
-__all__ = ["linear_quantile", "off_policy_sequence_mask", "top_entropy_mask"]
+__all__ = ["TIES", "linear_quantile", "off_policy_sequence_mask", "top_entropy_mask"]
+
+#: Entropies within this relative distance below the threshold count as ties and are kept. The
+#: samples of a group share their first tokens' distributions, so exact ties are common, and
+#: the same entropy computed in another micro-batch can differ in the last bits: without the
+#: margin, which tied tokens are kept would depend on how the step is split.
+TIES = 1e-5
 
 
 def linear_quantile(values: Tensor, q: float) -> Tensor:
@@ -42,11 +48,13 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, threshold: Tensor | float) -
     Wang et al. 2025 ("Beyond the 80/20 rule", arXiv:2506.01939) train only on the top-rho
     "forking" tokens by entropy: ``threshold = linear_quantile(H over the step's valid tokens on
     every process, 1 - rho)`` (TRL's ``top_entropy_quantile = rho``, ``get_high_entropy_mask``).
-    Ties at the threshold are kept, so rho = 0 keeps the maximum-entropy token(s).
+    Ties at the threshold are kept (up to the relative round-off margin ``TIES``), so rho = 0
+    keeps the maximum-entropy token(s).
     """
     if entropy.shape != mask.shape:
         raise ValueError(f"entropy {tuple(entropy.shape)} and mask {tuple(mask.shape)} differ")
-    return (entropy >= threshold) & mask.bool()
+    threshold = torch.as_tensor(threshold, dtype=entropy.dtype, device=entropy.device)
+    return (entropy >= threshold - TIES * threshold.abs()) & mask.bool()
 
 
 @torch.no_grad()
