@@ -69,10 +69,13 @@ def trl_grpo_loss(
     top_entropy_quantile: float = 1.0,
     off_policy_mask_threshold: float | None = None,
     sampling_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    use_bias_correction_kl: bool = True,
 ) -> torch.Tensor:
     """TRL 1.16 ``GRPOTrainer._compute_loss`` on these tensors (one process, no gradient
-    accumulation, no KL); `logp` is returned as the model's log-probs, so the loss's gradient
-    reaches it."""
+    accumulation; the KL term with `beta` > 0 and `ref_logp`); `logp` is returned as the
+    model's log-probs, so the loss's gradient reaches it."""
     from trl import GRPOTrainer
 
     trainer = GRPOTrainer.__new__(GRPOTrainer)
@@ -86,7 +89,7 @@ def trl_grpo_loss(
             sapo_temperature_pos=sapo_temperatures[0],
             sapo_temperature_neg=sapo_temperatures[1],
             steps_per_generation=1,
-            use_bias_correction_kl=True,
+            use_bias_correction_kl=use_bias_correction_kl,
         ),
         "loss_type": loss_type,
         "importance_sampling_level": importance_sampling_level,
@@ -94,7 +97,7 @@ def trl_grpo_loss(
         "epsilon_high": epsilon if epsilon_high is None else epsilon_high,
         "top_entropy_quantile": top_entropy_quantile,
         "off_policy_mask_threshold": off_policy_mask_threshold,
-        "beta": 0.0,
+        "beta": beta,
         "use_vllm": False,
         "aux_loss_enabled": False,
         "_entropy_bonus_enabled": False,
@@ -119,6 +122,8 @@ def trl_grpo_loss(
     }
     if sampling_logp is not None:
         inputs["sampling_per_token_logps"] = sampling_logp
+    if ref_logp is not None:
+        inputs["ref_per_token_logps"] = ref_logp
     return trainer._compute_loss(None, inputs)
 
 

@@ -15,6 +15,7 @@ import torch
 from conftest import _OneProcess, trl_block, trl_grpo_loss
 
 from alignkit.ops import (
+    aggregate_loss,
     cispo_policy_loss,
     get_advantage_estimator,
     grpo_advantages,
@@ -27,6 +28,7 @@ from alignkit.ops import (
     top_entropy_mask,
 )
 from alignkit.ops.advantages import terminal_rewards
+from alignkit.ops.kl import full_kl, kl_loss, kl_loss_weights
 
 ATOL = 1e-12  # float64 throughout: the two implementations agree to round-off
 
@@ -124,6 +126,54 @@ def test_two_sided_clip_is_trls_delta(trl, loss_type, agg):
         logp,
     )
     assert_same(*result)
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.3])  # on-policy, and a later mini-batch
+def test_trls_default_kl_term_is_k3_plus_weighted_by_the_ratio(trl, spread):
+    # TRL 1.16's GRPO KL (use_bias_correction_kl=True, the default): r * k3 with r = pi/pi_old
+    # differentiable, so its gradient is r * (log pi - log ref) * grad log pi: the reverse-KL
+    # gradient, as alignkit's kl.placement=loss with its default estimator k3+.
+    logp, old, advantages, mask = tensors(spread=spread)
+    g = torch.Generator().manual_seed(3)
+    ref = old + torch.where(
+        mask, 0.5 * torch.randn(mask.shape, generator=g, dtype=torch.float64), 0.0
+    )
+
+    def ours(lp, estimator):
+        pg, _ = ppo_policy_loss(lp, old, advantages, mask)
+        kl = kl_loss(lp, ref, estimator) * kl_loss_weights(lp, old)
+        return pg + 0.04 * aggregate_loss(kl, mask)
+
+    result = both(
+        lambda lp: ours(lp, "k3+"),
+        lambda lp: trl_grpo_loss(
+            lp, old, advantages, mask, loss_type="dapo", beta=0.04, ref_logp=ref
+        ),
+        logp,
+    )
+    assert_same(*result)
+    if spread == 0.0:
+        # use_bias_correction_kl=False is plain k3: the forward KL's gradient (on-policy; later
+        # mini-batches differ by alignkit's pi/pi_old weight, which TRL then leaves out).
+        result = both(
+            lambda lp: ours(lp, "k3"),
+            lambda lp: trl_grpo_loss(
+                lp,
+                old,
+                advantages,
+                mask,
+                loss_type="dapo",
+                beta=0.04,
+                ref_logp=ref,
+                use_bias_correction_kl=False,
+            ),
+            logp,
+        )
+        assert_same(*result)
+        _, _, k3_plus_grad, k3_grad = both(
+            lambda lp: ours(lp, "k3+"), lambda lp: ours(lp, "k3"), logp
+        )
+        assert not torch.allclose(k3_plus_grad, k3_grad)  # the two gradients do differ
 
 
 def test_top_entropy_quantile_is_trls(trl):
@@ -249,3 +299,37 @@ def test_rloo_normalisation_is_trls_normalize_advantages(trl):
     )
     torch.testing.assert_close(ours[:, 0], namespace["advantages"], rtol=0, atol=1e-6)
     assert not math.isnan(float(namespace["advantages"].sum()))
+
+
+def test_the_distillation_loss_is_trls_reverse_kl(trl):
+    # TRL's DistillationTrainer (beta=1.0, its default: the reverse KL) projects hidden states
+    # through each LM head in chunks; alignkit's distill takes the logits' exact KL per token.
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    g = torch.Generator().manual_seed(0)
+    batch, width, hidden, vocab = 3, 5, 8, 11
+    student = torch.randn(batch, width, hidden, generator=g, dtype=torch.float64)
+    teacher = torch.randn(batch, width, hidden, generator=g, dtype=torch.float64)
+    head_s = torch.randn(vocab, hidden, generator=g, dtype=torch.float64)
+    head_t = torch.randn(vocab, hidden, generator=g, dtype=torch.float64)
+    mask = torch.ones(batch, width)
+    mask[1, 3:] = 0
+    mask[2, 1:] = 0
+    temperature = 0.7
+
+    def ours(h):
+        kl = full_kl(h @ head_s.T / temperature, teacher @ head_t.T / temperature)
+        return aggregate_loss(kl, mask.bool())
+
+    def theirs(h):
+        return _chunked_divergence_loss(
+            h, teacher, head_s, head_t, mask, beta=1.0, temperature=temperature
+        )[0]
+
+    mine, peer = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    value, peer_value = ours(mine), theirs(peer)
+    value.backward()
+    peer_value.backward()
+    # TRL's chunked kernel computes in float32.
+    torch.testing.assert_close(value, peer_value.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mine.grad, peer.grad.double(), rtol=1e-5, atol=1e-5)
