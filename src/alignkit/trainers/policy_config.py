@@ -135,6 +135,12 @@ class AdvantageConfig:
         )
         _require(self.std_eps is None or self.std_eps > 0, "advantage.std_eps must be > 0")
 
+    @property
+    def resolved_estimator(self) -> str:
+        """The registered estimator that runs: ``estimator`` (grpo's scaling is its own
+        setting, ``scale_rewards``, no longer a switch to ``dr_grpo``)."""
+        return self.estimator
+
     def estimator_settings(self) -> dict[str, Any]:
         """The settings the estimator reads by name (given only when set)."""
         settings: dict[str, Any] = {"gamma": self.gamma, "lam": self.lam}
