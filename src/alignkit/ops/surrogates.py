@@ -78,6 +78,13 @@ def _sequence_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
     return torch.where(valid.any(dim=-1), high, 0.0)
 
 
+def _check_clip(clip_ratio: float, clip_ratio_high: float) -> None:
+    if not 0.0 < clip_ratio < 1.0 or clip_ratio_high <= 0.0:
+        raise ValueError(
+            f"need 0 < clip_ratio < 1 and clip_ratio_high > 0, got {clip_ratio}, {clip_ratio_high}"
+        )
+
+
 def _clip_stats(
     unclipped: Tensor, clipped: Tensor, log_ratio: Tensor, mask: Tensor
 ) -> dict[str, Tensor]:
@@ -130,11 +137,7 @@ def gspo_policy_loss(
         ``(loss, stats)``; stats ``clipfrac`` (token share of clipped sequences) and
         ``approx_kl`` (token mean of ``old_logp - logp``).
     """
-    if not 0.0 < clip_ratio < 1.0 or clip_ratio_high <= 0.0:
-        raise ValueError(
-            f"gspo needs 0 < clip_ratio < 1 and clip_ratio_high > 0, got "
-            f"{clip_ratio}, {clip_ratio_high}"
-        )
+    _check_clip(clip_ratio, clip_ratio_high)
     logp, old_logp = _inputs(logp, old_logp, mask)
     seq_advantages = _sequence_advantages(advantages, mask)
     ratio = torch.exp(sequence_log_ratio(logp, old_logp, mask))
@@ -175,11 +178,7 @@ def gspo_token_policy_loss(
     ``gspo`` in value and gradient. Arguments and statistics as ``gspo_policy_loss``;
     `advantages` may be ``[B]`` or ``[B, T]``.
     """
-    if not 0.0 < clip_ratio < 1.0 or clip_ratio_high <= 0.0:
-        raise ValueError(
-            f"gspo_token needs 0 < clip_ratio < 1 and clip_ratio_high > 0, got "
-            f"{clip_ratio}, {clip_ratio_high}"
-        )
+    _check_clip(clip_ratio, clip_ratio_high)
     logp, old_logp = _inputs(logp, old_logp, mask)
     advantages = _per_token(advantages, logp)
     log_s = sequence_log_ratio(logp, old_logp, mask).detach()

@@ -332,14 +332,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         cfg = self.config.policy_loss
         agg = cfg.resolved_agg
         mask = self.loss_mask(batch)
-        logp, entropy = token_logprobs(
-            self.model,
-            _batch(batch),
-            batch.response_mask,
-            temperature=self.sampling.temperature,
-            with_entropy=True,
-            packed=self.config.model.packed,
-        )
+        logp, entropy = self._logprobs_and_entropy(batch)
         keep, entropy_keep = self.tokens.keep(batch, logp, entropy, mask, entropy_floor)
         weights = batch.is_weights
         if keep is not None:
@@ -380,7 +373,8 @@ class PolicyGradientTrainer(OnlineTrainer):
         ``policy_loss.mask_truncated_completions`` (as TRL)."""
         return self.tokens.loss_mask(batch)
 
-    def _entropies(self, batch: Experience) -> Tensor:
+    def _logprobs_and_entropy(self, batch: Experience) -> tuple[Tensor, Tensor]:
+        """The policy's ``[N, T]`` log-probs and entropies of the response tokens (one forward)."""
         return token_logprobs(
             self.model,
             _batch(batch),
@@ -388,7 +382,10 @@ class PolicyGradientTrainer(OnlineTrainer):
             temperature=self.sampling.temperature,
             with_entropy=True,
             packed=self.config.model.packed,
-        )[1]
+        )
+
+    def _entropies(self, batch: Experience) -> Tensor:
+        return self._logprobs_and_entropy(batch)[1]
 
     def _units(self, batch: Experience) -> Tensor:
         """Loss units of a micro-batch: what the policy loss' ``agg`` averages over."""
