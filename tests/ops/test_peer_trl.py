@@ -12,7 +12,7 @@ import types
 
 import pytest
 import torch
-from conftest import _OneProcess, trl_block, trl_grpo_loss
+from peers import _OneProcess, trl_block, trl_grpo_loss
 
 from alignkit.ops import (
     aggregate_loss,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import verl_actor_config
+from peers import verl_actor_config
 
 from alignkit.ops import (
     cispo_policy_loss,
