@@ -156,8 +156,6 @@ class AdvantageConfig:
 #: PolicyLossConfig fields that belong to particular losses: each is passed to a loss whose
 #: function names it, and setting one that the chosen loss does not take is an error.
 LOSS_SETTINGS = ("clip_ratio", "clip_ratio_high", "dual_clip", "delta", "tau_pos", "tau_neg")
-#: Aggregation of the losses whose papers average per sequence (when agg is null).
-_SEQUENCE_MEAN_LOSSES = ("gspo", "gspo_token", "sapo")
 
 
 @dataclass
@@ -312,12 +310,11 @@ class PolicyLossConfig:
 
     @property
     def resolved_agg(self) -> str:
-        """``agg``, or the loss' paper's aggregation when null."""
+        """``agg``, or when null the loss function's own default (its paper's aggregation:
+        ``seq-mean-token-mean`` for gspo, gspo_token and sapo, ``token-mean`` for the others)."""
         if self.agg is not None:
             return self.agg
-        return "seq-mean-token-mean" if self.name in _SEQUENCE_MEAN_LOSSES else "token-mean"
-
-    @property
-    def selects_tokens(self) -> bool:
-        """Whether the policy term is restricted to some tokens (entropy or off-policy mask)."""
-        return self.top_entropy_quantile < 1 or self.off_policy_mask_threshold is not None
+        default = self._parameters().get("agg")
+        if default is None or default.default is inspect.Parameter.empty:
+            return "token-mean"
+        return default.default
