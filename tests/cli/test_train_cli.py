@@ -44,6 +44,8 @@ EXAMPLE_METHODS = {
     "sft_add.yaml": "sft",
     "grpo.yaml": "grpo",
     "grpo_teacher.yaml": "grpo",
+    "dapo.yaml": "grpo",
+    "distill.yaml": "distill",
     "ppo.yaml": "ppo",
     "safe_ppo.yaml": "safe-ppo",
     "rloo.yaml": "rloo",
@@ -54,6 +56,8 @@ EXAMPLE_METHODS = {
 ONLINE_EXAMPLES = {
     "grpo.yaml",
     "grpo_teacher.yaml",
+    "dapo.yaml",
+    "distill.yaml",
     "ppo.yaml",
     "safe_ppo.yaml",
     "rloo.yaml",
@@ -112,6 +116,8 @@ def test_every_example_runs_as_written_on_small_data(example, data, tmp_path, mo
         overrides.append("model.name=tiny")
     if settings.get("rollout", {}).get("teacher"):  # a warm-up checkpoint, not trained here
         overrides.append("rollout.teacher=tiny")
+    if settings.get("distill", {}).get("teacher"):  # a trained policy, not trained here
+        overrides.append("distill.teacher=tiny")
     code = train([EXAMPLE_METHODS[example], "-c", str(EXAMPLES / example), *overrides])
     assert code == 0
     run_dir = workdir / "runs" / settings["run_name"]

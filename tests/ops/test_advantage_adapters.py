@@ -62,7 +62,7 @@ def test_dr_grpo_adapter_does_not_divide_by_the_std(batch):
     scores = (rewards * mask).sum(1)
     centred = scores - torch.stack([scores[groups == g].mean() for g in groups])
     torch.testing.assert_close(advantages, centred[:, None] * mask)
-    scaled = grpo_advantages(scores, groups, norm_by_std=True)
+    scaled = grpo_advantages(scores, groups, scale="group")
     assert (scaled - centred).abs().max() > 0.05
 
 

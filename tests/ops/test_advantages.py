@@ -213,7 +213,7 @@ def test_grpo_on_a_hand_example_with_singleton_ties_and_interleaved_groups():
     # Group 5 has three equal scores 0.1, not exactly representable: still exactly 0.
     assert (advantages[[3, 5, 7]] == 0).all()
     # Dr. GRPO: no division by the std.
-    dr = grpo_advantages(scores, groups.tolist(), norm_by_std=False)
+    dr = grpo_advantages(scores, groups.tolist(), scale="none")
     torch.testing.assert_close(dr, torch.tensor([0.5, 0, -0.5, 0, -0.5, 0, 0.5, 0, -1.5, 1.5]))
 
 
@@ -327,8 +327,7 @@ def test_each_registered_adapter_gives_the_direct_functions_values():
     expected = {
         "gae": gae(token_rewards, values, mask, gamma=0.9, lam=0.7),
         "grpo": (grpo_advantages(scores, group_index)[:, None] * per_token,) * 2,
-        "dr_grpo": (grpo_advantages(scores, group_index, norm_by_std=False)[:, None] * per_token,)
-        * 2,
+        "dr_grpo": (grpo_advantages(scores, group_index, scale="none")[:, None] * per_token,) * 2,
         "rloo": (rloo_advantages(scores, group_index)[:, None] * per_token,) * 2,
         "reinforce": (reinforce_returns(token_rewards, mask, 0.9), discounted),
         "reinforce_pp": (reinforce_pp_advantages(token_rewards, mask, 0.9), discounted),

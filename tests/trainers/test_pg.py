@@ -238,10 +238,11 @@ def test_ppo_step_metrics_and_update_do_not_depend_on_the_micro_batch_split(task
 
 def test_a_policy_loss_receives_the_config_fields_it_names(task):
     ppo = build_pg_trainer(tiny_config(task, "grpo", "settings", "policy_loss.dual_clip=3.0"))
-    assert ppo.policy_loss_settings == {
+    assert ppo.policy_loss_settings == {  # null fields at the loss' defaults
         "clip_ratio": 0.2,
         "clip_ratio_high": None,
         "dual_clip": 3.0,
+        "delta": None,
     }
     plain = build_pg_trainer(tiny_config(task, "reinforce", "settings"))
     assert plain.policy_loss_settings == {}  # agg and the tensors are the trainer's to pass

@@ -180,8 +180,9 @@ TRL_OPTIONS: tuple[TrlOption, ...] = (
             Target(
                 "kl.coef",
                 "online",
-                "TRL puts k3 in the loss: kl.placement=loss kl.estimator=k3 reproduce it; "
-                "alignkit's default puts k1 in the reward",
+                "TRL 1.16 puts the bias-corrected k3 in the loss: kl.placement=loss "
+                "kl.estimator=k3+ reproduce it (value and gradient); alignkit's default puts "
+                "k1 in the reward",
             ),
         ),
     ),
@@ -193,7 +194,8 @@ TRL_OPTIONS: tuple[TrlOption, ...] = (
                 "policy_loss.agg",
                 "online",
                 "grpo -> seq-mean-token-mean, dapo/bnpo -> token-mean, "
-                "dr_grpo -> seq-mean-token-sum-norm; normalised over the whole optimizer step",
+                "dr_grpo -> seq-mean-token-sum-norm; normalised over the whole optimizer step; "
+                "cispo and sapo are policy_loss.name",
             ),
         ),
     ),
@@ -248,17 +250,38 @@ TRL_OPTIONS: tuple[TrlOption, ...] = (
     TrlOption("top_k", (Target("rollout.top_k", "online"),)),
     TrlOption("epsilon", (Target("policy_loss.clip_ratio", "online"),), aliases=("cliprange",)),
     TrlOption("epsilon_high", (Target("policy_loss.clip_ratio_high", "online"),)),
-    TrlOption("delta", (Target("policy_loss.dual_clip", "online"),)),
+    TrlOption(
+        "delta",
+        (Target("policy_loss.delta", "online", "two-sided clip; dual_clip is the one-sided form"),),
+    ),
     TrlOption("entropy_coef", (Target("policy_loss.entropy_coef", "online"),)),
     TrlOption(
         "scale_rewards",
+        (Target("advantage.scale_rewards", "online", "group, batch or none, as TRL"),),
+        aliases=("std_scaling",),
+    ),
+    TrlOption(
+        "normalize_advantages",
+        (Target("advantage.normalize", "online", "RLOO (advantage.estimator: rloo)"),),
+    ),
+    TrlOption(
+        "sapo_temperature_pos", (Target("policy_loss.tau_pos", "online", "policy_loss.name: sapo"),)
+    ),
+    TrlOption(
+        "sapo_temperature_neg", (Target("policy_loss.tau_neg", "online", "policy_loss.name: sapo"),)
+    ),
+    TrlOption(
+        "top_entropy_quantile",
         (
             Target(
-                "advantage.std_scaling",
+                "policy_loss.top_entropy_quantile",
                 "online",
-                "group -> true, none -> false as in Dr. GRPO; batch scaling is not offered",
+                "the quantile spans the whole optimizer step (TRL: each micro-batch)",
             ),
         ),
+    ),
+    TrlOption(
+        "off_policy_mask_threshold", (Target("policy_loss.off_policy_mask_threshold", "online"),)
     ),
     TrlOption(
         "reward_funcs",
@@ -285,8 +308,20 @@ TRL_OPTIONS: tuple[TrlOption, ...] = (
         "use_vllm",
         instead="generation runs in-process with the policy; there is no vLLM server option",
     ),
-    TrlOption("mask_truncated_completions", instead="not offered"),
-    TrlOption("importance_sampling_level", instead="not offered: token-level ratios only, no GSPO"),
+    TrlOption(
+        "mask_truncated_completions",
+        (Target("policy_loss.mask_truncated_completions", "online"),),
+    ),
+    TrlOption(
+        "importance_sampling_level",
+        (
+            Target(
+                "policy_loss.name",
+                "online",
+                "sequence -> gspo (sequence_token -> gspo_token); token is ppo_clip",
+            ),
+        ),
+    ),
 )
 
 #: Every TRL name and alias -> its option.

@@ -2,12 +2,14 @@
 
 Submodules by topic: `logprobs` (the one logit/label shift), `stats` (masked statistics,
 `Moments`, pair accuracy), `kl` (estimators of KL(pi||ref), KL as a loss, controllers),
-`advantages`, `losses` (policy/value) and `preference` (DPO family, reward-model losses, pair
-orientation), `lagrange` (Lagrangian combination, Safe-DPO multiplier, seed 000), `sampling`
-(the sampling distribution: temperature, top-k, top-p; the inverse-CDF draw), `importance`
-(importance weights, effective sample size) and `proposals` (proposals between a policy and a
-teacher: geometric mixture, α rules, the variance-optimal proposal; seed 001). `_registry.Registry`
-is the one registry behind every kind selected by name; `_dtype` the one precision rule.
+`advantages`, `losses` (policy/value; `surrogates`: GSPO, CISPO, SAPO) and `preference` (DPO
+family, reward-model losses, pair orientation), `lagrange` (Lagrangian combination, Safe-DPO
+multiplier, seed 000), `sampling` (the sampling distribution: temperature, top-k, top-p; the
+inverse-CDF draw), `importance` (importance weights, effective sample size), `proposals`
+(proposals between a policy and a teacher: geometric mixture, α rules, the variance-optimal
+proposal; seed 001), `shaping` (DAPO's group filter and overlong punishment), `token_selection`
+(the entropy and off-policy token masks). `_registry.Registry` is the one registry behind every
+kind selected by name; `_dtype` the one precision rule.
 """
 
 from alignkit.ops._registry import Registry, UnknownNameError
@@ -19,6 +21,7 @@ from alignkit.ops.advantages import (
     gae,
     get_advantage_estimator,
     grpo_advantages,
+    normalize_advantages,
     register_advantage_estimator,
     reinforce_pp_advantages,
     reinforce_returns,
@@ -92,6 +95,7 @@ from alignkit.ops.proposals import (
     snr_alpha,
 )
 from alignkit.ops.sampling import inverse_cdf_sample, sampling_distribution
+from alignkit.ops.shaping import informative_groups, overlong_penalty
 from alignkit.ops.stats import (
     Moments,
     RunningMeanStd,
@@ -101,6 +105,18 @@ from alignkit.ops.stats import (
     masked_var,
     masked_whiten,
     pairwise_accuracy,
+)
+from alignkit.ops.surrogates import (
+    cispo_policy_loss,
+    gspo_policy_loss,
+    gspo_token_policy_loss,
+    sapo_policy_loss,
+    sequence_log_ratio,
+)
+from alignkit.ops.token_selection import (
+    linear_quantile,
+    off_policy_sequence_mask,
+    top_entropy_mask,
 )
 
 __all__ = [
@@ -124,6 +140,7 @@ __all__ = [
     "apply_kl_penalty",
     "available_advantage_estimators",
     "available_kl_estimators",
+    "cispo_policy_loss",
     "cost_model_loss",
     "discounted_returns",
     "disjoint_supports",
@@ -140,7 +157,10 @@ __all__ = [
     "get_advantage_estimator",
     "get_policy_loss",
     "grpo_advantages",
+    "gspo_policy_loss",
+    "gspo_token_policy_loss",
     "guarded_mixture_logprobs",
+    "informative_groups",
     "inverse_cdf_sample",
     "is_reference_free",
     "kl_estimate",
@@ -149,6 +169,7 @@ __all__ = [
     "lagrangian_combine",
     "length_normalized_logps",
     "length_normalized_nll",
+    "linear_quantile",
     "log_ratio_scores",
     "masked_mean",
     "masked_sum",
@@ -156,8 +177,11 @@ __all__ = [
     "masked_whiten",
     "min_variance_proposal_logprobs",
     "multitask_reward_loss",
+    "normalize_advantages",
+    "off_policy_sequence_mask",
     "orient_pairs",
     "orpo_loss",
+    "overlong_penalty",
     "pairwise_accuracy",
     "plackett_luce_loss",
     "policy_gradient_loss",
@@ -176,11 +200,14 @@ __all__ = [
     "reward_model_loss",
     "rloo_advantages",
     "sampling_distribution",
+    "sapo_policy_loss",
     "selective_log_softmax",
+    "sequence_log_ratio",
     "sequence_logprobs",
     "sequence_logprobs_at",
     "simpo_loss",
     "snr_alpha",
+    "top_entropy_mask",
     "truncated_importance_weights",
     "value_loss",
 ]

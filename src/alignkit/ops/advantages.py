@@ -40,12 +40,14 @@ from alignkit.ops.stats import Moments, MomentsReduce, masked_mean, masked_var, 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "BASE_INPUTS",
+    "SCALE_REWARDS",
     "AdvantageEstimator",
     "available_advantage_estimators",
     "discounted_returns",
     "gae",
     "get_advantage_estimator",
     "grpo_advantages",
+    "normalize_advantages",
     "register_advantage_estimator",
     "reinforce_pp_advantages",
     "reinforce_returns",
@@ -318,33 +320,54 @@ def zero_std_fraction(scores: Tensor, group_index: Tensor | Sequence[int]) -> Te
     return _tied_groups(values, inverse, n_groups).to(dtype).mean()
 
 
+#: GRPO's reward scaling modes (TRL's ``scale_rewards`` values).
+SCALE_REWARDS = ("group", "batch", "none")
+
+
 @torch.no_grad()
 def grpo_advantages(
     scores: Tensor,
     group_index: Tensor | Sequence[int],
-    norm_by_std: bool = True,
+    scale: str = "group",
     eps: float = 1e-6,
+    batch_std: Tensor | None = None,
 ) -> Tensor:
     """GRPO outcome advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300).
 
-    ``A_i = (s_i - mean_g) / (std_g + eps)`` with the unbiased std of the scores of sample i's
-    group g (as verl). ``norm_by_std=False`` gives Dr. GRPO's ``A_i = s_i - mean_g`` (Liu et al.
-    2025, arXiv:2503.20783), which removes the difficulty bias of dividing by std.
+    ``A_i = (s_i - mean_g) / (sigma + eps)``, centred on the mean of sample i's group g, with
+    ``sigma`` chosen by `scale` (TRL's ``scale_rewards``):
 
-    Groups whose scores are all equal get exactly 0. A group of one sample gets 0: there is no
-    baseline to compare it with. (verl instead uses mean 0, std 1 there, i.e. ``A = s / (1 + eps)``,
-    which mixes raw scores with normalised advantages.)
+    - ``"group"``: the unbiased std of g's scores (GRPO; verl's ``norm_adv_by_std_in_grpo``);
+    - ``"batch"``: the unbiased std of all the batch's scores (`batch_std` when given, e.g. the
+      process-global one; Liu et al. 2025, "Part I: Tricks or Traps", arXiv:2508.08221);
+    - ``"none"``: no division, ``A_i = s_i - mean_g`` (Dr. GRPO, Liu et al. 2025,
+      arXiv:2503.20783), which removes the question-difficulty bias of dividing by std.
+
+    `eps` is 1e-6 by default as verl; TRL uses 1e-4. Groups whose scores are all equal get
+    exactly 0. A group of one sample gets 0: there is no baseline to compare it with. (verl
+    instead uses mean 0, std 1 there, i.e. ``A = s / (1 + eps)``, which mixes raw scores with
+    normalised advantages.)
 
     Args:
         scores: ``[N]`` one scalar reward per sequence.
         group_index: ``[N]`` integer group id per sequence (any ids; equal id = same prompt).
+        scale: one of ``SCALE_REWARDS``.
+        eps: added to the std.
+        batch_std: the std for ``"batch"``; default the unbiased std of `scores`.
 
     Returns:
         ``[N]`` float32 advantages.
     """
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {', '.join(SCALE_REWARDS)}, got {scale!r}")
     centred, sizes, stds, tied = _group_centred_scores(scores, group_index)
-    advantages = centred / (stds + eps) if norm_by_std else centred
-    return torch.where((sizes < 2) | tied, 0.0, advantages)
+    if scale == "group":
+        centred = centred / (stds + eps)
+    elif scale == "batch":
+        if batch_std is None:
+            batch_std = Moments.of(scores).std(unbiased=True)
+        centred = centred / (batch_std.to(centred) + eps)
+    return torch.where((sizes < 2) | tied, 0.0, centred)
 
 
 @torch.no_grad()
@@ -461,10 +484,21 @@ def _sequence_scores(token_rewards: Tensor, mask: Tensor) -> Tensor:
 
 @register_advantage_estimator("grpo", needs=("group_index",))
 def _grpo_estimator(
-    *, token_rewards: Tensor, mask: Tensor, group_index: Tensor
+    *,
+    token_rewards: Tensor,
+    mask: Tensor,
+    group_index: Tensor,
+    scale_rewards: str = "group",
+    std_eps: float = 1e-6,
+    reduce_moments: MomentsReduce | None = None,
 ) -> tuple[Tensor, Tensor]:
     scores = _sequence_scores(token_rewards, mask)
-    return _broadcast_outcome(grpo_advantages(scores, group_index, norm_by_std=True), mask)
+    batch_std = None
+    if scale_rewards == "batch":  # the std of the whole batch, on every process
+        batch_std = _batch_moments(scores, torch.ones_like(scores), None, reduce_moments)
+        batch_std = batch_std.std(unbiased=True) if batch_std is not None else None
+    advantages = grpo_advantages(scores, group_index, scale_rewards, std_eps, batch_std)
+    return _broadcast_outcome(advantages, mask)
 
 
 @register_advantage_estimator("dr_grpo", needs=("group_index",))
@@ -472,15 +506,39 @@ def _dr_grpo_estimator(
     *, token_rewards: Tensor, mask: Tensor, group_index: Tensor
 ) -> tuple[Tensor, Tensor]:
     scores = _sequence_scores(token_rewards, mask)
-    return _broadcast_outcome(grpo_advantages(scores, group_index, norm_by_std=False), mask)
+    return _broadcast_outcome(grpo_advantages(scores, group_index, scale="none"), mask)
 
 
 @register_advantage_estimator("rloo", needs=("group_index",))
 def _rloo_estimator(
-    *, token_rewards: Tensor, mask: Tensor, group_index: Tensor
+    *,
+    token_rewards: Tensor,
+    mask: Tensor,
+    group_index: Tensor,
+    normalize: bool = False,
+    std_eps: float = 1e-6,
+    reduce_moments: MomentsReduce | None = None,
 ) -> tuple[Tensor, Tensor]:
     scores = _sequence_scores(token_rewards, mask)
-    return _broadcast_outcome(rloo_advantages(scores, group_index), mask)
+    advantages = rloo_advantages(scores, group_index)
+    if normalize:
+        advantages = normalize_advantages(advantages, std_eps, reduce_moments)
+    return _broadcast_outcome(advantages, mask)
+
+
+@torch.no_grad()
+def normalize_advantages(
+    advantages: Tensor, eps: float = 1e-6, reduce_moments: MomentsReduce | None = None
+) -> Tensor:
+    """``(A_i - mean(A)) / (std(A) + eps)`` over the batch's sequences (unbiased std).
+
+    TRL's ``RLOOTrainer(normalize_advantages=True)`` (with ``eps = 1e-4``): every sequence
+    weighs the same, whatever its length (``advantage.whiten`` weighs tokens). Under several
+    processes pass `reduce_moments` so that mean and std span the global batch.
+    """
+    moments = _batch_moments(advantages, torch.ones_like(advantages), None, reduce_moments)
+    valid = torch.ones_like(advantages, dtype=torch.bool)
+    return _normalise_returns(at_least_float32(advantages), valid, eps, moments)
 
 
 def _batch_moments(

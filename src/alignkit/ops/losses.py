@@ -5,7 +5,9 @@ Every loss here is a *minimisation* objective. Low-precision inputs (bf16/fp16) 
 float32 before any arithmetic, so the returned loss is float32; float64 stays float64 (for
 ``gradcheck``). The preference losses (DPO family, reward models, Plackett-Luce) live in
 ``alignkit.ops.preference`` and are re-exported here so ``alignkit.ops.losses`` is the one place
-to import a loss from.
+to import a loss from. The GRPO-era policy surrogates (GSPO, GSPO-token, CISPO, SAPO) are
+registered in ``alignkit.ops.surrogates``; a new policy loss is one function decorated with
+``register_policy_loss``.
 """
 
 from __future__ import annotations
@@ -295,10 +297,12 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: AggMode | str = "token-mean",
     *,
+    delta: float | None = None,
     weights: Tensor | None = None,
     normaliser: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss, with optional asymmetric and dual clipping; ``"ppo_clip"``.
+    """PPO clipped surrogate loss, with optional asymmetric, dual or two-sided clipping;
+    ``"ppo_clip"``.
 
     Schulman et al. 2017 (https://arxiv.org/abs/1707.06347): take the pessimistic (larger) of
     the unclipped and clipped losses, so the policy gains nothing by moving the probability
@@ -310,6 +314,11 @@ def ppo_policy_loss(
     ``clip_ratio_high`` (DAPO's "clip-higher", https://arxiv.org/abs/2503.14476) defaults to
     ``clip_ratio``. Dual clip (Ye et al. 2020, https://arxiv.org/abs/1912.09729): where A < 0
     an unbounded ratio would give an unbounded loss, so there ``pg = min(pg, -A * dual_clip)``.
+    Two-sided clipping (INTELLECT-2, https://arxiv.org/abs/2505.07291; TRL's ``delta``) caps the
+    unclipped branch instead: ``pg = max(-A * min(ratio, delta), -A * clamp(ratio, ...))``. For
+    ``delta > 1 + clip_ratio_high`` (required) it only binds where A < 0 and ratio > delta, and
+    equals dual clip with ``c = delta`` in value and gradient (tested); it is offered under
+    TRL's name for recipes that use it, and the two are not combined.
     With ``weights`` the per-token loss is ``w * pg`` before aggregation (verl's and TRL's
     place for truncated importance weights of rollout-vs-trainer mismatch).
 
@@ -322,6 +331,7 @@ def ppo_policy_loss(
         clip_ratio_high: upper clip ``eps_high`` > 0; ``None`` means ``clip_ratio``.
         dual_clip: constant ``c > 1`` of dual-clip PPO; ``None`` disables it.
         agg: see ``aggregate_loss``.
+        delta: two-sided clip bound ``> 1 + clip_ratio_high``; ``None`` disables it.
         weights: optional per-token weights ``[B, T]`` (detached), e.g.
             ``ops.importance.truncated_importance_weights(old_logp, behaviour_logp, cap)``.
         normaliser: the optimizer step's token (or sequence) count, see ``aggregate_loss``.
@@ -331,7 +341,7 @@ def ppo_policy_loss(
         logging) over valid tokens: ``"clipfrac"`` (share of tokens where the clipped branch
         is the larger one), ``"approx_kl"`` (mean of ``old_logp - logp``: tokens were sampled
         from the old policy, so this is the k1 estimate of KL(pi_old || pi)), and, when
-        ``dual_clip`` is set, ``"dual_clipfrac"`` (share of tokens capped by it).
+        ``dual_clip`` (``delta``) is set, ``"dual_clipfrac"`` (share of tokens capped by it).
     """
     eps_low = clip_ratio
     eps_high = clip_ratio if clip_ratio_high is None else clip_ratio_high
@@ -341,6 +351,10 @@ def ppo_policy_loss(
         raise ValueError(f"clip_ratio_high must be > 0, got {clip_ratio_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if delta is not None and delta <= 1.0 + eps_high:
+        raise ValueError(f"delta must be > 1 + clip_ratio_high = {1 + eps_high}, got {delta}")
+    if delta is not None and dual_clip is not None:
+        raise ValueError("dual_clip and delta bound the same branch; give one of them")
     logp, old_logp = _upcast(logp), _upcast(old_logp)
     _check_same_shape("logp", logp, old_logp=old_logp, mask=mask)
     advantages = _per_token(advantages, logp)
@@ -361,6 +375,11 @@ def ppo_policy_loss(
         with torch.no_grad():
             stats["dual_clipfrac"] = aggregate_loss(capped.to(logp.dtype), mask)
         pg = torch.where(advantages < 0, torch.minimum(pg, dual_bound), pg)
+    if delta is not None:
+        with torch.no_grad():
+            capped = (advantages < 0) & (ratio > delta)
+            stats["dual_clipfrac"] = aggregate_loss(capped.to(logp.dtype), mask)
+        pg = torch.maximum(-advantages * torch.clamp(ratio, max=delta), clipped)
     return _aggregate(_weighted(pg, weights), mask, agg, normaliser), stats
 
 

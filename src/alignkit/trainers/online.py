@@ -4,6 +4,8 @@ One iteration (DESIGN, "Online RL")::
 
     prompts   = the next prompts_per_iteration of a seeded shuffle of the prompt file
     exp       = make_experience(prompts)       # rollout, rewards, reference, values, advantages
+    (rollout.filter_groups: drop the groups whose rewards are all equal, make_experience on
+     more prompts until prompts_per_iteration groups are left, merge_rounds(kept))
     for epoch in range(epochs_per_iteration):
         for minibatch in exp.minibatches(sequences_per_minibatch):
             optimize(minibatch)                # ONE optimizer step, micro-batched under it
@@ -12,12 +14,14 @@ One iteration (DESIGN, "Online RL")::
 The step counter counts iterations; logging, evaluation and checkpoints happen between them, so
 no experience is ever saved. Every random draw of an iteration (the prompt order, the engine's
 sampling generator, the mini-batch shuffle) comes from a generator seeded by ``(seed, iteration,
-process)``, so a run resumed at an iteration boundary makes exactly the draws of the
-uninterrupted run; the global RNG (dropout is off) is checkpointed by the run lifecycle.
+process)`` (and the round of dynamic sampling), so a run resumed at an iteration boundary makes
+exactly the draws of the uninterrupted run; the global RNG (dropout is off) is checkpointed by
+the run lifecycle.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -31,7 +35,14 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from alignkit.rollout import Experience, GenerationEngine, Prompt, TransformersEngine
+from alignkit.ops.shaping import informative_groups
+from alignkit.rollout import (
+    Experience,
+    GenerationEngine,
+    Prompt,
+    TransformersEngine,
+    generate_batched,
+)
 from alignkit.rollout.rewards import RewardSource
 from alignkit.runloop.optimizer import build_lr_scheduler, build_optimizer
 from alignkit.runloop.run import RunLoop
@@ -39,7 +50,7 @@ from alignkit.runloop.runtime import MetricMeans
 from alignkit.tracking.io import atomic_write_text
 from alignkit.trainers.rl_config import OnlineConfig, check_batch_settings
 
-__all__ = ["OnlineTrainer", "disable_dropout", "iteration_generator"]
+__all__ = ["OnlineTrainer", "applicable", "disable_dropout", "iteration_generator"]
 
 # Warn when a guard's condition has held this many iterations in a row.
 _GUARD_PATIENCE = 3
@@ -47,10 +58,12 @@ _GUARD_THRESHOLD = 0.95
 
 
 def iteration_generator(
-    seed: int, iteration: int, stream: int, process: int = 0
+    seed: int, iteration: int, stream: int, process: int = 0, round_: int = 0
 ) -> torch.Generator:
-    """A CPU generator seeded by ``(seed, iteration, stream, process)`` only."""
-    state = np.random.SeedSequence([seed, iteration, stream, process]).generate_state(1)[0]
+    """A CPU generator seeded by ``(seed, iteration, stream, process)`` only (and ``round_``,
+    the round of dynamic sampling, when > 0)."""
+    entropy = [seed, iteration, stream, process, *([round_] if round_ else [])]
+    state = np.random.SeedSequence(entropy).generate_state(1)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -73,7 +86,7 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
-_STREAM_PROMPTS, _STREAM_ROLLOUT, _STREAM_MINIBATCH = 0, 1, 2
+_STREAM_PROMPTS, _STREAM_ROLLOUT, _STREAM_MINIBATCH, _STREAM_ROUND_PROMPTS = 0, 1, 2, 3
 
 
 class OnlineTrainer(RunLoop):
@@ -109,6 +122,7 @@ class OnlineTrainer(RunLoop):
         self.engine: GenerationEngine = engine or TransformersEngine(model, tokenizer)
         self.sampling = config.rollout.sampling()
         self.timings: dict[str, float] = {}
+        self._engine_weights_step: int | None = None  # the iteration the engine's copy is of
         self.initial_eval: dict[str, float] = {}
         self._guard_streaks: dict[str, int] = {}
         disable_dropout(model)
@@ -128,6 +142,11 @@ class OnlineTrainer(RunLoop):
     def experience_metrics(self, exp: Experience) -> dict[str, Tensor]:
         """Metrics of the rollout itself (0-dim tensors, this process' rows)."""
         return {}
+
+    def merge_rounds(self, exp: Experience) -> Experience:
+        """The batch dynamic sampling kept from several rounds of ``make_experience``: redo
+        what depends on the whole batch (the policy-gradient trainer's advantages)."""
+        return exp
 
     def after_iteration(self, metrics: Mapping[str, Tensor]) -> dict[str, float]:
         """Update controllers from the iteration's metrics (identical on every process);
@@ -201,12 +220,8 @@ class OnlineTrainer(RunLoop):
         while state.step < self.total_steps and state.stop_reason is None:
             iteration = state.step
             self.timings = {}
-            prompts, offset = self.iteration_prompts(iteration)
             started = time.perf_counter()
-            rollout_rng = iteration_generator(
-                self.config.seed, iteration, _STREAM_ROLLOUT, acc.process_index
-            )
-            exp = self.make_experience(prompts, offset, rollout_rng)
+            exp, filtering = self.collect_experience(iteration)
             stats = self.experience_metrics(exp)
             with self.timed("update"):
                 updates = self.update(exp, iteration)
@@ -222,6 +237,7 @@ class OnlineTrainer(RunLoop):
             self.timings["iteration"] = time.perf_counter() - started
             values = {
                 "lr": self.policy_step.scheduler.get_last_lr()[0],
+                **filtering,
                 **values,
                 **{f"timing/{name}": seconds for name, seconds in self.timings.items()},
             }
@@ -240,6 +256,74 @@ class OnlineTrainer(RunLoop):
             for minibatch in exp.minibatches(self.local_sequences_per_minibatch, generator):
                 means.add(self.optimize(minibatch), self.accelerator.device)
         return means.mean_across_processes(self.accelerator)
+
+    # ----------------------------------------------------------------- experience
+
+    def collect_experience(self, iteration: int) -> tuple[Experience, dict[str, float]]:
+        """This process' experience of `iteration`, and dynamic sampling's counts.
+
+        With ``rollout.filter_groups`` the groups whose rewards are all equal are dropped and
+        rounds of ``prompts_per_iteration`` more prompts (``round_prompts``) are sampled until
+        every process has its share of informative groups, or ``filter_max_rounds`` extra
+        rounds were made; a shortfall is filled with dropped groups (zero advantages). Every
+        process makes every round, so the collective operations inside ``make_experience``
+        stay in step. Logged: ``rollout/filter_rounds`` (extra rounds), ``rollout/
+        filtered_groups`` (groups dropped, all processes) and ``rollout/filter_shortfall``.
+        """
+        acc = self.accelerator
+        seed, rounds = self.config.seed, self.config.rollout.extra_filter_rounds
+        prompts, offset = self.iteration_prompts(iteration)
+        rng = iteration_generator(seed, iteration, _STREAM_ROLLOUT, acc.process_index)
+        exp = self.make_experience(prompts, offset, rng)
+        if not rounds:
+            return exp, {}
+        share, parts = len(prompts), [exp]
+        made = 0
+        while True:
+            pool = Experience.cat(parts)
+            informative = informative_groups(pool.scores, pool.group_index)
+            found = pool.group_index[informative].unique().numel()
+            missing = self._global_sum(max(share - found, 0))
+            if missing == 0 or made == rounds:
+                break
+            made += 1
+            prompts, offset = self.round_prompts(iteration, made)
+            rng = iteration_generator(seed, iteration, _STREAM_ROLLOUT, acc.process_index, made)
+            parts.append(self.make_experience(prompts, offset, rng))
+        # Group ids grow with the round and the prompt: sorted ids are generation order.
+        good = pool.group_index[informative].unique()
+        groups = pool.group_index.unique()
+        poor = groups[~torch.isin(groups, good)]
+        chosen = torch.cat([good[:share], poor[: max(share - good.numel(), 0)]])
+        exp = self.merge_rounds(pool.select(torch.isin(pool.group_index, chosen).nonzero()[:, 0]))
+        return exp, {
+            "rollout/filter_rounds": float(made),
+            "rollout/filtered_groups": self._global_sum(poor.numel()),
+            "rollout/filter_shortfall": float(missing),
+        }
+
+    def round_prompts(self, iteration: int, round_: int) -> tuple[list[Prompt], int]:
+        """This process' prompts of dynamic sampling's extra round `round_` (>= 1) and the
+        group id of the first: ``prompts_per_iteration`` draws of a permutation seeded by
+        ``(seed, iteration, round_)`` only, so a resumed run draws the same. Group ids follow
+        every id of the run's first rounds, so they never collide."""
+        per_iteration = self.config.rollout.prompts_per_iteration
+        share = per_iteration // self.accelerator.num_processes
+        first = self.accelerator.process_index * share
+        generator = iteration_generator(
+            self.config.seed, iteration, _STREAM_ROUND_PROMPTS, 0, round_
+        )
+        order = torch.randperm(len(self.prompts), generator=generator).tolist()
+        chosen = [self.prompts[order[k % len(order)]] for k in range(first, first + share)]
+        total = self.config.train.iterations * per_iteration
+        return chosen, total * round_ + iteration * per_iteration + first
+
+    def _global_sum(self, count: int) -> float:
+        """`count` summed over the processes (an all-reduce: every process calls)."""
+        if self.accelerator.num_processes == 1:
+            return float(count)
+        total = torch.tensor(float(count), device=self.accelerator.device)
+        return float(self.accelerator.reduce(total, reduction="sum"))
 
     # ----------------------------------------------------------------- prompts
 
@@ -263,6 +347,44 @@ class OnlineTrainer(RunLoop):
                 orders[epoch] = torch.randperm(size, generator=generator).tolist()
             chosen.append(self.prompts[orders[epoch][k % size]])
         return chosen, first
+
+    # ----------------------------------------------------------------- engine and evaluation
+
+    def sync_engine(self) -> None:
+        """An engine with its own copy of the weights gets this iteration's policy, once."""
+        if self.engine.needs_weight_sync and self._engine_weights_step != self.state.step:
+            with self.timed("weight_sync"):
+                self.engine.sync_weights(self.model)
+            self._engine_weights_step = self.state.step
+
+    def _has_evaluation(self) -> bool:
+        return bool(self.eval_prompts) and self.reward is not None
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy completions of the held-out prompts: mean reward, and accuracy = the share
+        that earn the full reward (>= 1, the exact answer of a verifiable task)."""
+        scores = applicable(self.score_eval_generations(self.reward))
+        return {
+            "eval/reward": float(scores.mean()),
+            "eval/accuracy": float((scores >= 1).float().mean()),
+        }
+
+    def score_eval_generations(self, *sources: RewardSource) -> Tensor:
+        """``[len(sources), N]``: each source's scores of one greedy completion per held-out
+        prompt (generated once, all prompts in one batch)."""
+        self.sync_engine()
+        greedy = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
+        prompts = self.eval_prompts
+        exp = generate_batched(
+            self.engine,
+            prompts,
+            greedy,
+            prompts_per_batch=len(prompts),
+            generator=torch.Generator(),
+        )
+        return torch.stack(
+            [source(exp.prompts, exp.completions, exp.row_fields) for source in sources]
+        )
 
     # ----------------------------------------------------------------- helpers
 
@@ -351,3 +473,8 @@ class OnlineTrainer(RunLoop):
         for label, value in rows:
             table.add_row(label, str(value))
         self.console.print(table)
+
+
+def applicable(scores: Tensor) -> Tensor:
+    """The scores that are not NaN ("not applicable")."""
+    return scores[torch.isfinite(scores)]

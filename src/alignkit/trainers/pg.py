@@ -8,27 +8,31 @@ Per iteration (``make_experience``)::
                      else policy.logprobs(exp)                # + truncated IS weights if mu != pi
     exp.reference  = reference.logprobs(exp)                  # only when kl.coef > 0
     exp.values     = critic(exp)                              # PPO only
-    token_rewards  = score on the last response token (- beta * KL_t when kl.placement=reward)
+    token_rewards  = score (+ overlong penalty) on the last response token (- beta * KL_t when
+                     kl.placement=reward)
     exp.advantages, exp.returns = estimator(token_rewards, mask, values, group_index, ...)
 
 and per mini-batch (``optimize``), one optimizer step of the policy (and one of the critic)::
 
-    loss = policy_loss(logp, old, A, mask, weights=is_weights, agg, normaliser=N)
+    mask = loss_mask(exp)                         # response tokens (minus truncated completions)
+    keep = top-entropy tokens & off-policy mask   # policy_loss.top_entropy_quantile, ...
+    loss = policy_loss(logp, old, A, mask, weights=is_weights * keep, agg, normaliser=N)
            - entropy_coef * token-mean entropy + beta * KL loss   (kl.placement=loss)
 
 with N the whole step's token (or sequence) count, so the gradient does not depend on how the
 mini-batch is split into micro-batches. The pieces are components: the policy loss and the
 estimator come from the ``ops`` registries, the KL term is a ``KLPenalty``
-(``trainers/kl_penalty.py``), the critic a ``Critic`` (``trainers/critic.py``), and
-``OptimizerStep`` weights every metric over the step. Methods map onto it through
-``trainers/registry.py`` presets (advantage estimator, critic, policy loss); nothing is copied
-per method.
+(``trainers/kl_penalty.py``), the critic a ``Critic`` (``trainers/critic.py``), the loss and
+keep masks ``PolicyTokens`` (``trainers/token_masks.py``), and ``OptimizerStep`` weights every
+metric over the step. ``rollout.filter_groups`` (DAPO's dynamic sampling) makes an iteration's
+batch from several rounds of ``make_experience`` (``OnlineTrainer.collect_experience``); the
+advantages are then estimated again over the batch kept (``merge_rounds``). Methods map onto
+it through ``trainers/registry.py`` presets (advantage estimator, critic, policy loss); nothing
+is copied per method.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -43,22 +47,23 @@ from alignkit.models.reward import RewardModel
 from alignkit.ops.advantages import get_advantage_estimator, terminal_rewards, zero_std_fraction
 from alignkit.ops.importance import effective_sample_size, truncated_importance_weights
 from alignkit.ops.losses import aggregate_loss, aggregation_units, get_policy_loss
+from alignkit.ops.shaping import overlong_penalty
 from alignkit.ops.stats import Moments, masked_whiten
 from alignkit.rollout import (
     Experience,
     GenerationEngine,
     Prompt,
     TeacherGuidedEngine,
-    generate_batched,
     load_prompt_file,
 )
 from alignkit.rollout.rewards import RewardSource, build_reward_source
 from alignkit.trainers.common import load_model_and_tokenizer
 from alignkit.trainers.critic import Critic, as_critic, build_critic
 from alignkit.trainers.kl_penalty import KLPenalty
-from alignkit.trainers.online import OnlineTrainer
+from alignkit.trainers.online import OnlineTrainer, applicable
 from alignkit.trainers.reward import load_reward_checkpoint
 from alignkit.trainers.rl_config import PGConfig
+from alignkit.trainers.token_masks import PolicyTokens
 
 __all__ = ["PolicyGradientTrainer", "build_critic", "build_pg_trainer", "train_pg"]
 
@@ -93,25 +98,22 @@ class PolicyGradientTrainer(OnlineTrainer):
             config, model, tokenizer, prompts, reward, engine=engine, eval_prompts=eval_prompts
         )
         self.config: PGConfig = config
-        self.estimator = get_advantage_estimator(config.advantage.resolved_estimator)
+        self.estimator = get_advantage_estimator(config.advantage.estimator)
         self.policy_loss = get_policy_loss(config.policy_loss.name)
         self.policy_loss_settings = self._policy_loss_settings()
+        self.tokens = PolicyTokens(config.policy_loss)
         self.critic = as_critic(critic, config.critic, name="critic", prefix="critic")
         if "values" in self.estimator.needs and self.critic is None:
             raise ValueError(f"advantage estimator {self.estimator.name!r} needs a critic")
         self.kl = KLPenalty(config.kl)
         self.register_controller("kl", self.kl.controller)
         self.last_lr = config.optim.lr
-        self._engine_weights_step: int | None = None  # the iteration the engine's copy is of
 
     def _policy_loss_settings(self) -> dict[str, Any]:
         """The ``policy_loss`` config fields that the loss takes by name (clip ratios for
-        ppo_clip): a new loss reads a new field by naming it as a keyword parameter."""
-        offered = dataclasses.asdict(self.config.policy_loss)
-        accepted = inspect.signature(self.policy_loss).parameters
-        # The trainer passes these itself, per micro-batch.
-        given = {"logp", "old_logp", "advantages", "mask", "weights", "agg", "normaliser"}
-        return {k: v for k, v in offered.items() if k in accepted and k not in given}
+        ppo_clip), null ones at the loss' default: a new loss reads a field by naming it as a
+        keyword parameter (``PolicyLossConfig.loss_settings``)."""
+        return self.config.policy_loss.loss_settings()
 
     # ----------------------------------------------------------------- set-up
 
@@ -158,13 +160,6 @@ class PolicyGradientTrainer(OnlineTrainer):
         the mismatch."""
         return self.engine.samples_policy(self.sampling)
 
-    def _engine_current(self) -> None:
-        """An engine with its own copy of the weights gets this iteration's policy, once."""
-        if self.engine.needs_weight_sync and self._engine_weights_step != self.state.step:
-            with self.timed("weight_sync"):
-                self.engine.sync_weights(self.model)
-            self._engine_weights_step = self.state.step
-
     # ----------------------------------------------------------------- experience
 
     @torch.no_grad()
@@ -187,7 +182,7 @@ class PolicyGradientTrainer(OnlineTrainer):
     ) -> Experience:
         cfg = self.config
         device = self.accelerator.device
-        self._engine_current()
+        self.sync_engine()
         self.engine.set_iteration(self.state.step)
         with self.timed("rollout"):
             exp = self.engine.generate(
@@ -211,6 +206,7 @@ class PolicyGradientTrainer(OnlineTrainer):
             with self.timed("values"):
                 exp.values = self.critic.values(exp)
         with self.timed("advantage"):
+            exp.scores = self.shape_scores(exp)
             exp.token_rewards = self.kl.shape_rewards(
                 terminal_rewards(exp.scores, exp.response_mask), exp
             )
@@ -234,9 +230,8 @@ class PolicyGradientTrainer(OnlineTrainer):
             mask=mask,
             values=values[rows] if values is not None else None,
             group_index=exp.group_index[rows],
-            gamma=cfg.gamma,
-            lam=cfg.lam,
             reduce_moments=reduce,
+            **cfg.estimator_settings(),
         )
         if cfg.whiten:
             a = masked_whiten(a, mask, reduce_moments=reduce)
@@ -244,6 +239,28 @@ class PolicyGradientTrainer(OnlineTrainer):
         returns = torch.zeros_like(token_rewards)
         advantages[rows], returns[rows] = a.float(), r.float()
         return advantages, returns
+
+    def shape_scores(self, exp: Experience) -> Tensor:
+        """The scores plus DAPO's soft overlong punishment (NaN scores stay NaN)."""
+        penalty = self.overlong_penalty(exp)
+        return exp.scores if penalty is None else exp.scores + penalty
+
+    def overlong_penalty(self, exp: Experience) -> Tensor | None:
+        """``[N]`` ``ops.shaping.overlong_penalty`` when ``reward.overlong_buffer`` is set."""
+        shaping = self.config.reward
+        if shaping.overlong_buffer is None:
+            return None
+        factor = 1.0 if shaping.overlong_penalty is None else shaping.overlong_penalty
+        limit = self.config.rollout.max_new_tokens
+        penalty = overlong_penalty(exp.response_lengths, limit, shaping.overlong_buffer, factor)
+        return penalty.to(exp.scores)
+
+    def merge_rounds(self, exp: Experience) -> Experience:
+        """The batch that dynamic sampling kept from several rounds: its advantages again,
+        so that batch statistics (scale_rewards=batch, rloo's normalize, whitening) are the
+        kept batch's."""
+        exp.advantages, exp.returns = self.estimate(exp, exp.token_rewards, exp.values, exp.scores)
+        return exp
 
     def _global_moments(self, moments: Moments) -> Moments:
         """The moments of every process' batch together (an all-reduce: all processes call)."""
@@ -270,6 +287,9 @@ class PolicyGradientTrainer(OnlineTrainer):
             metrics["sampling/is_weight_max"] = torch.where(mask, exp.is_weights, 0.0).max()
             ess = effective_sample_size(exp.is_weights, mask.float())
             metrics["sampling/ess"] = ess / mask.sum().clamp_min(1)
+        penalty = self.overlong_penalty(exp)
+        if penalty is not None:
+            metrics["reward/overlong_penalty"] = penalty.mean()
         return metrics
 
     def after_iteration(self, metrics: Mapping[str, Tensor]) -> dict[str, float]:
@@ -285,7 +305,9 @@ class PolicyGradientTrainer(OnlineTrainer):
         # The entropy and the loss' statistics are token means over the whole step (all
         # processes), whatever unit the policy loss averages over.
         tokens = self.policy_step.global_units([self.loss_mask(m).sum() for m in micro])
-        loss_fn = partial(self.policy_objective, tokens=tokens)
+        with self.accelerator.autocast():
+            floor = self.tokens.entropy_floor(micro, self._entropies, self.accelerator)
+        loss_fn = partial(self.policy_objective, tokens=tokens, entropy_floor=floor)
         outcome = self.policy_step.run(micro, loss_fn, self._units, step=step)
         self.last_lr = outcome.lr
         metrics = dict(outcome.metrics)
@@ -297,14 +319,63 @@ class PolicyGradientTrainer(OnlineTrainer):
         return metrics
 
     def policy_objective(
-        self, batch: Experience, units: Tensor, *, tokens: Tensor
+        self,
+        batch: Experience,
+        units: Tensor,
+        *,
+        tokens: Tensor,
+        entropy_floor: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """This micro-batch's share of ``L = policy_loss - c_H * H + beta * KL`` (the step's
         sums over N `units`; H and the statistics over the step's `tokens`), and of its
-        metrics."""
+        metrics. The policy term is taken on the tokens ``PolicyTokens.keep`` keeps."""
         cfg = self.config.policy_loss
+        agg = cfg.resolved_agg
         mask = self.loss_mask(batch)
-        logp, entropy = token_logprobs(
+        logp, entropy = self._logprobs_and_entropy(batch)
+        keep, entropy_keep = self.tokens.keep(batch, logp, entropy, mask, entropy_floor)
+        weights = batch.is_weights
+        if keep is not None:
+            weights = keep.float() if weights is None else weights * keep
+        pg, stats = self.policy_loss(
+            logp,
+            batch.old_logprobs,
+            batch.advantages,
+            mask,
+            weights=weights,
+            agg=agg,
+            normaliser=units,
+            **self.policy_loss_settings,
+        )
+        mean_entropy = aggregate_loss(entropy, mask, "token-mean", normaliser=tokens)
+        loss = pg
+        if cfg.entropy_coef:  # at 0 the entropy is a metric: no backward through it
+            # With top_entropy_quantile the bonus acts on the same tokens as the policy term.
+            on = mask if entropy_keep is None else entropy_keep
+            loss = loss - cfg.entropy_coef * aggregate_loss(entropy, on, normaliser=tokens)
+        metrics = {"actor/pg_loss": pg, "actor/entropy": mean_entropy}
+        kl = self.kl.loss_term(logp, batch, mask, agg, units)
+        if kl is not None:
+            loss = loss + self.kl.coef * kl
+            metrics["actor/kl_loss"] = kl
+        share = mask.sum() / tokens  # the statistics are token means of this micro-batch
+        if keep is not None:
+            metrics["actor/kept_token_frac"] = keep.sum() / tokens
+        if entropy_floor is not None:
+            metrics["actor/entropy_threshold"] = entropy_floor * share
+        for name, value in stats.items():
+            metrics[_STAT_NAMES.get(name, f"actor/{name}")] = value * share
+        return loss, metrics
+
+    def loss_mask(self, batch: Experience) -> Tensor:
+        """``[N, T]`` the tokens the policy loss is taken on, counted by the step's normaliser
+        and its token means: the response tokens, minus those of truncated completions with
+        ``policy_loss.mask_truncated_completions`` (as TRL)."""
+        return self.tokens.loss_mask(batch)
+
+    def _logprobs_and_entropy(self, batch: Experience) -> tuple[Tensor, Tensor]:
+        """The policy's ``[N, T]`` log-probs and entropies of the response tokens (one forward)."""
+        return token_logprobs(
             self.model,
             _batch(batch),
             batch.response_mask,
@@ -312,76 +383,15 @@ class PolicyGradientTrainer(OnlineTrainer):
             with_entropy=True,
             packed=self.config.model.packed,
         )
-        pg, stats = self.policy_loss(
-            logp,
-            batch.old_logprobs,
-            batch.advantages,
-            mask,
-            weights=batch.is_weights,
-            agg=cfg.agg,
-            normaliser=units,
-            **self.policy_loss_settings,
-        )
-        entropy = aggregate_loss(entropy, mask, "token-mean", normaliser=tokens)
-        loss = pg
-        if cfg.entropy_coef:  # at 0 the entropy is a metric: no backward through it
-            loss = loss - cfg.entropy_coef * entropy
-        metrics = {"actor/pg_loss": pg, "actor/entropy": entropy}
-        kl = self.kl.loss_term(logp, batch, mask, cfg.agg, units)
-        if kl is not None:
-            loss = loss + self.kl.coef * kl
-            metrics["actor/kl_loss"] = kl
-        share = mask.sum() / tokens  # the statistics are token means of this micro-batch
-        for name, value in stats.items():
-            metrics[_STAT_NAMES.get(name, f"actor/{name}")] = value * share
-        return loss, metrics
 
-    def loss_mask(self, batch: Experience) -> Tensor:
-        """``[N, T]`` the tokens the policy loss is taken on, counted by the step's normaliser
-        and its token means: the response tokens."""
-        return batch.response_mask
+    def _entropies(self, batch: Experience) -> Tensor:
+        return self._logprobs_and_entropy(batch)[1]
 
     def _units(self, batch: Experience) -> Tensor:
         """Loss units of a micro-batch: what the policy loss' ``agg`` averages over."""
         max_tokens = self.config.rollout.max_new_tokens
-        agg = self.config.policy_loss.agg
+        agg = self.config.policy_loss.resolved_agg
         return aggregation_units(self.loss_mask(batch), agg, max_tokens=max_tokens)
-
-    # ----------------------------------------------------------------- evaluation
-
-    def _has_evaluation(self) -> bool:
-        return bool(self.eval_prompts)
-
-    def evaluate(self) -> dict[str, float]:
-        """Greedy completions of the held-out prompts: mean reward, and accuracy = the share
-        that earn the full reward (>= 1, the exact answer of a verifiable task)."""
-        scores = applicable(self.score_eval_generations(self.reward))
-        return {
-            "eval/reward": float(scores.mean()),
-            "eval/accuracy": float((scores >= 1).float().mean()),
-        }
-
-    def score_eval_generations(self, *sources: RewardSource) -> Tensor:
-        """``[len(sources), N]``: each source's scores of one greedy completion per held-out
-        prompt (generated once, all prompts in one batch)."""
-        self._engine_current()
-        greedy = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
-        prompts = self.eval_prompts
-        exp = generate_batched(
-            self.engine,
-            prompts,
-            greedy,
-            prompts_per_batch=len(prompts),
-            generator=torch.Generator(),
-        )
-        return torch.stack(
-            [source(exp.prompts, exp.completions, exp.row_fields) for source in sources]
-        )
-
-
-def applicable(scores: Tensor) -> Tensor:
-    """The scores that are not NaN ("not applicable")."""
-    return scores[torch.isfinite(scores)]
 
 
 # --------------------------------------------------------------------------------------

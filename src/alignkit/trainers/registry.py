@@ -112,6 +112,12 @@ METHODS: dict[str, Method] = {
         summary="REINFORCE (seed 003): plain policy gradient, batch-mean baseline",
         config_module="alignkit.trainers.rl_config",
     ),
+    "distill": Method(
+        "alignkit.trainers.distill",
+        "DistillConfig",
+        "train_distill",
+        summary="on-policy distillation: per-token reverse KL to a teacher on own samples (GKD)",
+    ),
     "safe-ppo": Method(
         "alignkit.trainers.safe_ppo",
         "SafePPOConfig",

@@ -9,7 +9,6 @@ micro-batches of ``train.sequences_per_device`` sequences per process.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,14 +16,15 @@ from alignkit.config import RunConfig
 from alignkit.config.inputs import ModelConfig
 from alignkit.config.schema import field_help, requires
 from alignkit.errors import ConfigError
+from alignkit.trainers.policy_config import (
+    AdvantageConfig,
+    PolicyLossConfig,
+    RewardShapingConfig,
+    _require,
+)
 
 if TYPE_CHECKING:
     from alignkit.rollout.sampling import SamplingConfig
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 def divisors(n: int) -> list[int]:
@@ -139,6 +139,22 @@ class RolloutConfig:
             "alpha=min_variance: the policy's share of the proposal (weights <= 1/it)."
         ),
     )
+    filter_groups: bool = field(
+        default=False,
+        metadata=field_help(
+            "DAPO's dynamic sampling (verl's algorithm.filter_groups): drop the groups whose "
+            "rewards are all equal (zero advantages) and sample more prompts until the "
+            "iteration has prompts_per_iteration informative groups (group estimators only)."
+        ),
+    )
+    filter_max_rounds: int | None = field(
+        default=None,
+        metadata=field_help(
+            "filter_groups: at most this many extra rounds of prompts_per_iteration prompts "
+            "(null: 4); still short after them, the batch is completed with uninformative "
+            "groups (zero advantages), logged as rollout/filter_shortfall."
+        ),
+    )
 
     def __post_init__(self) -> None:
         # Imported here: the CLI reads and checks configs without importing torch.
@@ -167,6 +183,13 @@ class RolloutConfig:
         requires(
             self, "max_importance_weight", off_policy, enable, scope="rollout", because=on_policy
         )
+        requires(
+            self, "filter_max_rounds", self.filter_groups, "filter_groups=true", scope="rollout"
+        )
+        _require(
+            self.filter_max_rounds is None or self.filter_max_rounds >= 1,
+            "rollout.filter_max_rounds must be >= 1",
+        )
 
     @property
     def sequences_per_iteration(self) -> int:
@@ -185,6 +208,13 @@ class RolloutConfig:
             top_p=self.top_p,
             suppress_eos=self.suppress_eos,
         )
+
+    @property
+    def extra_filter_rounds(self) -> int:
+        """Rounds of prompts that dynamic sampling may add to an iteration (0: off)."""
+        if not self.filter_groups:
+            return 0
+        return 4 if self.filter_max_rounds is None else self.filter_max_rounds
 
 
 @dataclass
@@ -226,59 +256,6 @@ class RewardSourceConfig:
         key = "function" if self.function is not None else "model"
         spec = {key: self.function or self.model, "weight": self.weight}
         return {**spec, "options": dict(self.options)} if self.options else spec
-
-
-@dataclass
-class AdvantageConfig:
-    """Which advantage estimator (alignkit.ops.advantages registry) and its settings."""
-
-    estimator: str = field(
-        default="grpo",
-        metadata=field_help(
-            "A registered estimator: gae (needs a critic), grpo, dr_grpo, rloo, reinforce, "
-            "reinforce_pp, or one added with register_advantage_estimator."
-        ),
-    )
-    gamma: float = field(default=1.0, metadata=field_help("Discount per token (gae, reinforce*)."))
-    lam: float = field(default=0.95, metadata=field_help("GAE lambda."))
-    std_scaling: bool = field(
-        default=True,
-        metadata=field_help(
-            "grpo only: divide by the group's std. false = Dr. GRPO (the same as "
-            "estimator=dr_grpo), which removes the question-difficulty bias."
-        ),
-    )
-    whiten: bool = field(
-        default=False,
-        metadata=field_help("Whiten the advantages over the iteration's response tokens (PPO)."),
-    )
-
-    def __post_init__(self) -> None:
-        from alignkit.ops.advantages import available_advantage_estimators, get_advantage_estimator
-
-        valid = available_advantage_estimators()
-        _require(
-            self.estimator in valid,
-            f"advantage.estimator={self.estimator!r} is not registered; valid: {', '.join(valid)}",
-        )
-        _require(0 <= self.gamma <= 1, "gamma must lie in [0, 1]")
-        _require(0 <= self.lam <= 1, "lam must lie in [0, 1]")
-        _require(
-            self.std_scaling or self.estimator == "grpo",
-            "advantage.std_scaling=false only applies to estimator=grpo",
-        )
-
-        def reads(estimator: str, name: str) -> bool:
-            accepts = get_advantage_estimator(estimator).accepts
-            return accepts is None or name in accepts  # None: it takes every input
-
-        for name in ("gamma", "lam"):
-            enable = f"estimator={' or '.join(n for n in valid if reads(n, name))}"
-            requires(self, name, reads(self.resolved_estimator, name), enable, scope="advantage")
-
-    @property
-    def resolved_estimator(self) -> str:
-        return "dr_grpo" if self.estimator == "grpo" and not self.std_scaling else self.estimator
 
 
 @dataclass
@@ -362,63 +339,6 @@ class KLConfig:
         if self.estimator is not None:
             return self.estimator
         return "k1" if self.placement == "reward" else "k3+"
-
-
-@dataclass
-class PolicyLossConfig:
-    """The policy loss (alignkit.ops.losses registry) and how it is averaged."""
-
-    name: str = field(
-        default="ppo_clip",
-        metadata=field_help("A registered policy loss: ppo_clip, policy_gradient (no ratio clip)."),
-    )
-    clip_ratio: float = field(default=0.2, metadata=field_help("PPO clip eps (lower side)."))
-    clip_ratio_high: float | None = field(
-        default=None, metadata=field_help("Upper clip (DAPO clip-higher); null: clip_ratio.")
-    )
-    dual_clip: float | None = field(
-        default=None,
-        metadata=field_help("Dual-clip constant c > 1 for negative advantages; null: off."),
-    )
-    agg: Literal[
-        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-    ] = field(
-        default="token-mean",
-        metadata=field_help(
-            "token-mean: sum over the optimizer step's tokens / their count (DAPO's; exact "
-            "under micro-batching). seq-mean-token-mean: the original GRPO, length-biased "
-            "(favours short right and long wrong answers). seq-mean-token-sum: per-sequence "
-            "sums averaged. seq-mean-token-sum-norm: Dr. GRPO, sums / L with L = "
-            "rollout.max_new_tokens, a constant."
-        ),
-    )
-    entropy_coef: float = field(
-        default=0.0,
-        metadata=field_help("Entropy bonus: minus coef x token-mean entropy in the loss; 0: off."),
-    )
-
-    def __post_init__(self) -> None:
-        from alignkit.ops.losses import POLICY_LOSSES
-
-        valid = POLICY_LOSSES.names()
-        _require(
-            self.name in valid,
-            f"policy_loss.name={self.name!r} is not registered; valid: {', '.join(valid)}",
-        )
-        _require(0 < self.clip_ratio < 1, "clip_ratio must lie in (0, 1)")
-        _require(
-            self.clip_ratio_high is None or self.clip_ratio_high > 0, "clip_ratio_high must be > 0"
-        )
-        _require(self.dual_clip is None or self.dual_clip > 1, "dual_clip must be > 1")
-        _require(self.entropy_coef >= 0, "entropy_coef must be >= 0")
-
-        # The trainer passes a loss only the keywords its signature names (ppo_clip's clips).
-        def keywords(loss: str) -> frozenset[str]:
-            return frozenset(inspect.signature(POLICY_LOSSES[loss]).parameters)
-
-        for name in ("clip_ratio", "clip_ratio_high", "dual_clip"):
-            enable = f"name={' or '.join(n for n in valid if name in keywords(n))}"
-            requires(self, name, name in keywords(self.name), enable, scope="policy_loss")
 
 
 @dataclass
@@ -564,6 +484,10 @@ class PGConfig(OnlineConfig):
     policy_loss: PolicyLossConfig = field(
         default_factory=PolicyLossConfig, metadata=field_help("Policy loss.")
     )
+    reward: RewardShapingConfig = field(
+        default_factory=RewardShapingConfig,
+        metadata=field_help("Shaping of the summed reward (DAPO's overlong punishment)."),
+    )
     critic: CriticConfig | None = field(
         default=None,
         metadata=field_help(
@@ -576,7 +500,7 @@ class PGConfig(OnlineConfig):
         super().__post_init__()
         from alignkit.ops.advantages import get_advantage_estimator
 
-        needs = get_advantage_estimator(self.advantage.resolved_estimator).needs
+        needs = get_advantage_estimator(self.advantage.estimator).needs
         if "values" in needs and self.critic is None:
             self.critic = CriticConfig()  # the estimator needs one: the default critic
         if self.critic is not None and "values" not in needs:
@@ -589,4 +513,23 @@ class PGConfig(OnlineConfig):
             raise ConfigError(
                 f"advantage.estimator={self.advantage.estimator} compares samples of a prompt: "
                 "rollout.samples_per_prompt must be >= 2"
+            )
+        if self.rollout.filter_groups and "group_index" not in needs:
+            raise ConfigError(
+                "rollout.filter_groups drops the groups whose rewards are all equal, which only "
+                "carry no gradient for a group estimator (grpo, dr_grpo, rloo), not for "
+                f"advantage.estimator={self.advantage.estimator}"
+            )
+        if self.policy_loss.name == "gspo" and "group_index" not in needs:
+            raise ConfigError(
+                "policy_loss.name=gspo needs one advantage per sequence (estimator grpo, "
+                f"dr_grpo or rloo), not advantage.estimator={self.advantage.estimator}'s "
+                "per-token ones; use policy_loss.name=gspo_token"
+            )
+        buffer = self.reward.overlong_buffer
+        if buffer is not None and buffer > self.rollout.max_new_tokens:
+            raise ConfigError(
+                f"reward.overlong_buffer={buffer} exceeds rollout.max_new_tokens="
+                f"{self.rollout.max_new_tokens} (the punishment ramps over the last "
+                "overlong_buffer tokens before the cap)"
             )

@@ -37,7 +37,8 @@ from alignkit.ops.stats import violation_rate
 from alignkit.rollout import Experience, Prompt
 from alignkit.rollout.rewards import ModelReward, RewardSource, build_reward_source
 from alignkit.trainers.critic import Critic, as_critic, build_critic
-from alignkit.trainers.pg import PolicyGradientTrainer, applicable, build_pg_trainer
+from alignkit.trainers.online import applicable
+from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
 from alignkit.trainers.rl_config import CriticConfig, PGConfig, RewardSourceConfig
 from alignkit.trainers.safe_dpo import MultiplierConfig
 
