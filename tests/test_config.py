@@ -298,7 +298,7 @@ def test_trl_names_and_misspellings_suggest_the_alignkit_key(override, expected)
         ("loss_type=dapo", "policy_loss.agg"),
         ("epsilon=0.2", "policy_loss.clip_ratio"),
         ("epsilon_high=0.28", "policy_loss.clip_ratio_high"),
-        ("scale_rewards=false", "advantage.std_scaling"),
+        ("scale_rewards=none", "advantage.scale_rewards"),
         ("max_steps=20", "train.iterations"),
         ("learning_rate=1e-6", "optim.lr"),
         ("per_device_train_batch_size=8", "train.sequences_per_device"),

@@ -263,13 +263,11 @@ class PolicyLossConfig:
             self.name in valid,
             f"policy_loss.name={self.name!r} is not registered; valid: {', '.join(valid)}",
         )
-        takes = [f for f in LOSS_SETTINGS if f in self._parameters()]
+        # A loss reads the settings its function names; one it does not name would be ignored.
+        takes = {loss: set(_parameters(loss)) for loss in valid}
         for name in LOSS_SETTINGS:
-            _require(
-                getattr(self, name) is None or name in takes,
-                f"policy_loss.{name} has no effect with policy_loss.name={self.name} (it takes "
-                f"{', '.join(takes) or 'none of ' + ', '.join(LOSS_SETTINGS)})",
-            )
+            enable = f"name={' or '.join(loss for loss in valid if name in takes[loss])}"
+            requires(self, name, name in takes[self.name], enable, scope="policy_loss")
         settings = self.loss_settings()
         low, high = settings.get("clip_ratio"), settings.get("clip_ratio_high")
         _require(low is None or 0 < low < 1, "policy_loss.clip_ratio must lie in (0, 1)")
@@ -297,9 +295,7 @@ class PolicyLossConfig:
         )
 
     def _parameters(self) -> dict[str, inspect.Parameter]:
-        from alignkit.ops.losses import get_policy_loss
-
-        return dict(inspect.signature(get_policy_loss(self.name)).parameters)
+        return _parameters(self.name)
 
     def loss_settings(self) -> dict[str, Any]:
         """Every field the loss function names (but the tensors and ``agg``/``normaliser``/
@@ -326,3 +322,10 @@ class PolicyLossConfig:
         if default is None or default.default is inspect.Parameter.empty:
             return "token-mean"
         return default.default
+
+
+def _parameters(loss: str) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of the registered policy loss ``loss``."""
+    from alignkit.ops.losses import get_policy_loss
+
+    return dict(inspect.signature(get_policy_loss(loss)).parameters)
