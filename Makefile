@@ -18,6 +18,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	# torch first and exactly: a plain `torch` pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,plots]"
+	# verl 0.9.1's loss code for the peer tests (tests/ops/peers.py); never installed, only unpacked
+	$(BIN)/python -m pip download -q --no-deps -d .whl verl==0.9.1 || echo "verl wheel not downloaded: its peer tests will be SKIPPED"
 	touch $@
 
 venv: $(BIN)/.installed

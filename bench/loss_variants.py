@@ -36,8 +36,9 @@ import torch
 
 from alignkit.config import load_config
 from alignkit.data.synthetic import write_verifiable_tasks
+from alignkit.rollout import load_prompt_file
 from alignkit.tracking import read_metrics
-from alignkit.trainers.pg import build_pg_trainer, load_prompts
+from alignkit.trainers.pg import build_pg_trainer
 from alignkit.trainers.registry import get_method
 from alignkit.trainers.rl_config import PGConfig
 from alignkit.trainers.sft import SFTConfig, train_sft
@@ -90,7 +91,7 @@ def run(variant: str, seed: int, iterations: int, work: Path, model: Path, data:
     cfg = load_config(PGConfig, EXAMPLES / example, [*get_method("grpo").defaults, *overrides])
     started = time.perf_counter()
     trainer = build_pg_trainer(cfg)
-    prompts = load_prompts(str(data["sort_heldout"]), trainer.tokenizer, 32, limit=100)
+    prompts = load_prompt_file(str(data["sort_heldout"]), trainer.tokenizer, 32, limit=100)
     before = sampled_heldout(trainer, prompts)
     trainer.train()
     trainer.model.eval()

@@ -21,10 +21,10 @@ from alignkit.cli import main
 from alignkit.config import load_config
 from alignkit.data.synthetic import write_verifiable_tasks
 from alignkit.errors import ConfigError
-from alignkit.rollout import Experience
+from alignkit.rollout import Experience, load_prompt_file
 from alignkit.tracking import read_metrics
 from alignkit.trainers.distill import DistillConfig, build_distill_trainer
-from alignkit.trainers.pg import build_pg_trainer, load_prompts
+from alignkit.trainers.pg import build_pg_trainer
 from alignkit.trainers.registry import get_method
 from alignkit.trainers.rl_config import PGConfig
 from alignkit.trainers.sft import SFTConfig, train_sft
@@ -96,7 +96,7 @@ def pg_config(task: dict[str, Path], method: str, name: str, *overrides: str) ->
 
 def heldout_reward(trainer, task: dict[str, Path]) -> float:
     """Mean reward of 8 samples for each of 100 held-out prompts (fixed generator)."""
-    prompts = load_prompts(str(task["sort_heldout"]), trainer.tokenizer, 32, limit=100)
+    prompts = load_prompt_file(str(task["sort_heldout"]), trainer.tokenizer, 32, limit=100)
     sampling = dataclasses.replace(trainer.sampling, samples_per_prompt=8, temperature=1.0)
     with torch.no_grad():
         exp = trainer.engine.generate(prompts, sampling, generator=torch.Generator().manual_seed(7))
@@ -272,9 +272,9 @@ def test_every_option_trains_from_the_cli(sorting, tmp_path, method, options):
     [
         (["advantage.std_scaling=false"], "did you mean 'advantage.scale_rewards'"),
         (["policy_loss.name=sapo", "policy_loss.clip_ratio=0.2"], "no effect with"),
-        (["policy_loss.name=cispo", "policy_loss.dual_clip=3"], "it takes clip_ratio"),
+        (["policy_loss.name=cispo", "policy_loss.dual_clip=3"], "set policy_loss.name=ppo_clip"),
         (["policy_loss.name=gspo", "policy_loss.tau_pos=1"], "no effect with"),
-        (["policy_loss.name=policy_gradient", "policy_loss.clip_ratio_high=0.3"], "none of"),
+        (["policy_loss.name=policy_gradient", "policy_loss.clip_ratio_high=0.3"], "no effect with"),
         (["policy_loss.delta=1.1"], "delta must be > 1 \\+ clip_ratio_high"),
         (["policy_loss.delta=3", "policy_loss.dual_clip=3"], "give one"),
         (["policy_loss.top_entropy_quantile=1.5"], "top_entropy_quantile"),
@@ -288,7 +288,7 @@ def test_every_option_trains_from_the_cli(sorting, tmp_path, method, options):
             ["advantage.estimator=rloo", "advantage.normalize=true", "advantage.whiten=true"],
             "give one",
         ),
-        (["rollout.filter_max_rounds=3"], "only applies with rollout.filter_groups"),
+        (["rollout.filter_max_rounds=3"], "set rollout.filter_groups=true to use it"),
         (["advantage.estimator=reinforce", "rollout.filter_groups=true"], "group estimator"),
         (["advantage.estimator=gae", "policy_loss.name=gspo"], "use policy_loss.name=gspo_token"),
         (["reward.overlong_penalty=0.5"], "only applies with reward.overlong_buffer"),
