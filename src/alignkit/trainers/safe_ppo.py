@@ -95,9 +95,7 @@ class SafePPOTrainer(PolicyGradientTrainer):
         base = super().make_experience(prompts, group_offset, generator)
         exp = SafeExperience(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
         with self.timed("cost"):
-            exp.cost_scores = self.cost(exp.prompts, exp.completions, exp.row_fields).to(
-                exp.scores.device
-            )
+            exp.cost_scores = self.score(self.cost, exp).to(exp.scores.device)
         if self.cost_critic is not None:
             with self.timed("cost_values"):
                 exp.cost_values = self.cost_critic.values(exp)
@@ -158,8 +156,9 @@ class SafePPOTrainer(PolicyGradientTrainer):
         return values
 
 
-def build_safe_ppo_trainer(cfg: SafePPOConfig) -> SafePPOTrainer:
-    """Load everything PPO does, plus the cost sources and the cost critic."""
+def build_safe_ppo_trainer(cfg: SafePPOConfig, **loaded: Any) -> SafePPOTrainer:
+    """Load everything PPO does, plus the cost sources and the cost critic (``loaded``: a
+    model and tokenizer given from Python, as for ``build_pg_trainer``)."""
     if not cfg.costs:
         raise ConfigError(
             "costs: give at least one source, e.g. [{function: assistant_safety_cost}]"
@@ -177,7 +176,7 @@ def build_safe_ppo_trainer(cfg: SafePPOConfig) -> SafePPOTrainer:
         critic = build_critic(cfg, cfg.cost_critic) if cfg.cost_critic is not None else None
         return {"cost": cost, "cost_critic": critic}
 
-    trainer = build_pg_trainer(cfg, SafePPOTrainer, extra)
+    trainer = build_pg_trainer(cfg, SafePPOTrainer, extra, **loaded)
     assert isinstance(trainer, SafePPOTrainer)
     return trainer
 
