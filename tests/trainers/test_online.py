@@ -28,6 +28,18 @@ from alignkit.trainers.sft import SFTConfig, train_sft
 _CLOCK = ("timing/", "tokens_per_s")
 
 
+#: The SFT warm-up on the sorting task (examples/sft_sort.yaml's recipe), quiet.
+SORT_SFT_RECIPE = (
+    "epochs=10",
+    "examples_per_device=16",
+    "optim.lr=5e-3",
+    "optim.schedule=cosine",
+    "optim.warmup_ratio=0.05",
+    "logging.progress_bar=false",
+    "logging.plots=false",
+)
+
+
 @pytest.fixture(scope="session")
 def sort_task(tmp_path_factory) -> dict[str, Path]:
     """The sorting task's files and its SFT warm-up model (examples/sft_sort.yaml's recipe,
@@ -43,13 +55,7 @@ def sort_task(tmp_path_factory) -> dict[str, Path]:
             "model.name=tiny",
             f"data.train_file={paths['sort_sft']}",
             "data.max_length=32",
-            "epochs=10",
-            "examples_per_device=16",
-            "optim.lr=5e-3",
-            "optim.schedule=cosine",
-            "optim.warmup_ratio=0.05",
-            "logging.progress_bar=false",
-            "logging.plots=false",
+            *SORT_SFT_RECIPE,
         ],
     )
     summary = train_sft(cfg)

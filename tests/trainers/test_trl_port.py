@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_online import SORT_SFT_RECIPE  # the sorting task's SFT warm-up
 
 import alignkit
 from alignkit.config import load_config
@@ -71,13 +72,7 @@ def workdir(tmp_path_factory) -> Path:
             "model.name=tiny",
             f"data.train_file={chat_sft}",
             "data.max_length=48",
-            "epochs=10",
-            "examples_per_device=16",
-            "optim.lr=5e-3",
-            "optim.schedule=cosine",
-            "optim.warmup_ratio=0.05",
-            "logging.progress_bar=false",
-            "logging.plots=false",
+            *SORT_SFT_RECIPE,
         ],
     )
     train_sft(cfg)

@@ -142,15 +142,20 @@ def resolve_run_model(name_or_path: str | Path) -> tuple[str, str | None]:
 _SAID: set[str] = set()
 
 
-def resolve_model(name_or_path: str | Path) -> ResolvedModel:
-    """Resolve a model name or path (order in the module docstring), or raise ModelError. A
-    run directory stands for its best or final checkpoint's model (:func:`resolve_run_model`;
-    said once on the ``alignkit.models`` logger)."""
-    name_or_path, note = resolve_run_model(name_or_path)
+def model_of_run(name_or_path: str | Path) -> str:
+    """:func:`resolve_run_model`'s path, its sentence said once on the ``alignkit.models``
+    logger."""
+    path, note = resolve_run_model(name_or_path)
     if note is not None and note not in _SAID:
         _SAID.add(note)
         logger.warning(note)
-    name = str(name_or_path)
+    return path
+
+
+def resolve_model(name_or_path: str | Path) -> ResolvedModel:
+    """Resolve a model name or path (order in the module docstring), or raise ModelError. A
+    run directory stands for its best or final checkpoint's model (:func:`model_of_run`)."""
+    name = model_of_run(name_or_path)
     if name in PRESETS:
         return ResolvedModel("preset", name, name)
     cached = fetch.cached_model_path(name) if "/" not in name else None

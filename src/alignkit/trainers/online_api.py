@@ -118,7 +118,10 @@ def _sources(funcs: Any, what: str) -> list[Any]:
         if isinstance(item, RewardSourceConfig):
             entries.append(item)
         elif isinstance(item, Mapping):
-            entries.append(RewardSourceConfig(**item))
+            try:
+                entries.append(RewardSourceConfig(**item))
+            except TypeError as err:  # an unknown key
+                raise ConfigError(f"{what}[{i}]: {err}") from None
         elif callable(item) or isinstance(item, str):
             entries.append(RewardSourceConfig(function=item))
         else:
@@ -247,9 +250,12 @@ def _preset(method: str) -> Callable[..., dict[str, Any]]:
         + (train_online.__doc__ or "").split("\n\n", 1)[1]
     )
     signature = inspect.signature(train_online)
-    train.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=list(signature.parameters.values())[1:]
-    )
+    shown = [
+        p
+        for name, p in list(signature.parameters.items())[1:]
+        if name != "cost_funcs" or method == "safe-ppo"
+    ]
+    train.__signature__ = signature.replace(parameters=shown)  # type: ignore[attr-defined]
     return train
 
 
