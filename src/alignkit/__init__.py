@@ -8,6 +8,12 @@ The main entry points are importable from the top level (loaded on first use, so
     cfg = alignkit.load_config(alignkit.SFTConfig, "examples/sft.yaml", ["max_steps=10"])
     summary = alignkit.train_sft(cfg)                       # also train_dpo, train_safe_dpo,
                                                              # train_reward
+    summary = alignkit.train_grpo(                          # also train_ppo, train_rloo,
+        "examples/grpo.yaml",                               # train_reinforce_pp,
+        model=summary["last_checkpoint"] + "/model",        # train_reinforce, train_safe_ppo
+        reward_funcs=my_reward,                             # TRL's reward contract
+        train_dataset=dataset,                              # a datasets.Dataset or rows
+    )
     model, tokenizer = alignkit.load_policy(summary["last_checkpoint"] + "/model")
     answers = alignkit.generate_responses(model, tokenizer, ["How do I bake bread?"])
     scorer = alignkit.RewardScorer("runs/rm")               # a reward or cost model (or its run)
@@ -37,6 +43,16 @@ _EXPORTS = {
     "RewardConfig": "alignkit.trainers.reward",
     "train_reward": "alignkit.trainers.reward",
     "build_reward_trainer": "alignkit.trainers.reward",
+    "PGConfig": "alignkit.trainers.rl_config",
+    "SafePPOConfig": "alignkit.trainers.safe_ppo_config",
+    "train_online": "alignkit.trainers.online_api",
+    "train_grpo": "alignkit.trainers.online_api",
+    "train_ppo": "alignkit.trainers.online_api",
+    "train_rloo": "alignkit.trainers.online_api",
+    "train_reinforce_pp": "alignkit.trainers.online_api",
+    "train_reinforce": "alignkit.trainers.online_api",
+    "train_safe_ppo": "alignkit.trainers.online_api",
+    "register_reward": "alignkit.rollout.registry",
     "load_policy": "alignkit.models",
     "load_tokenizer": "alignkit.models",
     "load_reward_model": "alignkit.models",

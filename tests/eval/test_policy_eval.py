@@ -100,3 +100,136 @@ def test_report_and_cli(models: tuple, task_prompts: list, tmp_path: Path) -> No
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["kl_k1"]["per_sequence"] == pytest.approx(0.0, abs=1e-5)  # tiny vs itself
     assert saved["prompts"] == 4
+
+
+# --------------------------------------------------------------------------------------
+# A run directory as the model, every reward source the trainers take, reward hacking
+
+
+def _fake_run(root: Path, steps: tuple[int, ...], best: int | None, seeds: dict[int, int]) -> Path:
+    """A run directory with complete checkpoints (the tiny preset, a seed per step) and the
+    summary a finished run writes."""
+    for step in steps:
+        checkpoint = root / "checkpoints" / f"step-{step}"
+        model, tokenizer = load_policy("tiny", seed=seeds[step])
+        model.save_pretrained(checkpoint / "model")
+        tokenizer.save_pretrained(checkpoint / "model")
+        (checkpoint / "trainer_state.pt").write_bytes(b"")
+    summary = {"last_checkpoint": str(root / "checkpoints" / f"step-{steps[-1]}")}
+    if best is not None:
+        summary["best"] = {"metric": "eval/loss", "value": 0.5, "step": best}
+    (root / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def _prompt_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_run_directory_is_its_best_or_final_checkpoint(tmp_path: Path, capsys) -> None:
+    run = _fake_run(tmp_path / "dpo", (2, 4), best=None, seeds={2: 5, 4: 6})
+    asks = ["How do I bake bread?", "How do I steal a car?"]
+    prompts = _prompt_file(tmp_path / "p.jsonl", [{"prompt": p} for p in asks])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "policy", str(run), str(prompts), "--max-new-tokens", "3",
+              "--reference", str(run), "--out-dir", str(out)])  # fmt: skip
+    assert info.value.code in (0, None)
+    said = capsys.readouterr().out
+    assert said.count(f"{run}: using its final checkpoint, {run}/checkpoints/step-4/model") == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == str(run / "checkpoints" / "step-4" / "model")
+    assert report["kl_k1"]["per_sequence"] == pytest.approx(0.0, abs=1e-5)
+    # early stopping's best checkpoint wins; `generate` takes the run too
+    _fake_run(run, (2, 4), best=2, seeds={2: 5, 4: 6})
+    with pytest.raises(SystemExit) as info:
+        main(["generate", str(run), str(prompts), "--out", str(tmp_path / "g.jsonl"),
+              "--max-new-tokens", "3", "--temperature", "0"])  # fmt: skip
+    assert info.value.code in (0, None)
+    said = capsys.readouterr().out
+    assert "using its best checkpoint (eval/loss at step 2)" in said
+    assert len((tmp_path / "g.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_policy_takes_every_reward_source_the_trainers_take(tmp_path: Path) -> None:
+    reward = tmp_path / "my_reward.py"
+    reward.write_text(
+        "def starts_right(prompts, completions, answer, **kwargs):\n"
+        "    # TRL's idiom; None where the row has no answer\n"
+        "    texts = [c[0]['content'] if isinstance(c, list) else c for c in completions]\n"
+        "    return [None if a is None else float(t[:1] == a) for t, a in zip(texts, answer)]\n"
+    )
+    rows = [
+        {"prompt": [{"role": "user", "content": "sort 312:"}], "answer": "1"},
+        {"prompt": "sort 4213:", "answer": None},
+        {"prompt": "reverse 12:", "answer": "2"},
+    ]
+    prompts = _prompt_file(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "out"
+    specs = [
+        f"{reward}:starts_right",
+        "exact_match",
+        "{function: math_format, options: {format: boxed}}",
+    ]
+    argv = ["eval", "policy", "tiny", str(prompts), "--max-new-tokens", "3", "--out-dir", str(out)]
+    for spec in specs:
+        argv += ["--reward", spec]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code in (0, None)
+    report = json.loads((out / "report.json").read_text())
+    assert report[f"{reward}:starts_right"]["reward"]["scored"] == 2  # one row not applicable
+    assert 0.0 <= report[f"{reward}:starts_right"]["reward"]["mean"] <= 1.0
+    assert report["exact_match"]["reward"]["mean"] == 0.0  # the tiny model's noise
+    assert report[specs[2]]["reward"]["max"] == 0.0
+
+
+class _TrainedLength:
+    """A stand-in trained reward model: longer answers score higher."""
+
+    kind, name = "reward", "runs/rm"
+
+    def score(self, prompts, texts):
+        return torch.tensor([float(len(t)) for t in texts])
+
+
+def test_a_trained_reward_and_a_judge_that_disagree_are_reported(models: tuple) -> None:
+    policy, reference, tokenizer = models
+    from alignkit.rollout.rewards import build_reward_source
+
+    judge_source = build_reward_source(
+        [lambda prompts, completions, **_: [-len(c) for c in completions]]
+    )
+    judge_source.name = "short_is_good"
+    report = evaluate_policy(
+        policy,
+        tokenizer,
+        PROMPTS,
+        [_TrainedLength(), judge_source],
+        versus=(reference, tokenizer),
+        max_new_tokens=8,
+        seed=2,
+    )
+    mine, theirs = (
+        report["runs/rm"]["reward"]["mean"],
+        report["versus"]["runs/rm"]["reward"]["mean"],
+    )
+    assert mine != theirs
+    if mine > theirs:  # the trained reward prefers the policy; the judge must then disagree
+        assert len(report["disagreements"]) == 1
+        assert report["disagreements"][0].startswith(
+            "possible reward hacking: the trained reward runs/rm"
+        )
+    else:
+        assert report["disagreements"] == []
+    flipped = evaluate_policy(
+        reference,
+        tokenizer,
+        PROMPTS,
+        [_TrainedLength(), judge_source],
+        versus=(policy, tokenizer),
+        max_new_tokens=8,
+        seed=2,
+    )
+    assert len(report["disagreements"]) + len(flipped["disagreements"]) == 1

@@ -11,6 +11,7 @@ import torch
 
 from alignkit.errors import ConfigError
 from alignkit.models import load_reward_model
+from alignkit.rollout.registry import TRL_EXTRAS
 from alignkit.rollout.rewards import (
     FunctionReward,
     RewardFunctionError,
@@ -28,8 +29,8 @@ def _raises(prompts, completions, **_):
     raise KeyError("answer_typo")
 
 
-def _nan(prompts, completions, **_):
-    return [1.0, float("nan"), 0.0]
+def _inf(prompts, completions, **_):
+    return [1.0, float("inf"), 0.0]
 
 
 def _short(prompts, completions, **_):
@@ -48,10 +49,13 @@ def _bool(prompts, completions, **_):
     ("fn", "message"),
     [
         (_raises, r"'_raises' raised KeyError: 'answer_typo'.*prompt: 'reverse 123:'"),
-        (_nan, r"'_nan' returned nan; use None .* for sample 1:.*completion: '7654 extra'"),
+        (
+            _inf,
+            r"'_inf' returned, for sample 1, inf: a reward must be finite.*completion: '7654 extra'",
+        ),
         (_short, r"'_short' returned 1 values for 3 completions.*prompt: 'reverse 123:'"),
-        (_string, r"'_string' returned str '0.5', not a number for sample 1"),
-        (_bool, r"'_bool' returned a bool \(True\)"),
+        (_string, r"'_string' returned, for sample 1, str '0.5', not a number"),
+        (_bool, r"'_bool' returned, for sample 0, a bool \(True\)"),
     ],
 )
 def test_bad_outputs_name_the_function_and_a_sample(fn, message) -> None:
@@ -70,7 +74,10 @@ def test_row_fields_are_passed_as_columns_and_none_is_nan() -> None:
         return [None, 2, torch.tensor(0.25)]
 
     scores = FunctionReward(fn)(PROMPTS, COMPLETIONS, ROWS)
-    assert seen == {"answer": ["321", "7654", "123"], "rest": {}}
+    assert seen["answer"] == ["321", "7654", "123"]
+    # **rest: TRL's extras (no context given: no ids, no state, hooks that record nothing)
+    assert sorted(seen["rest"]) == sorted(TRL_EXTRAS)
+    assert seen["rest"]["completion_ids"] is None and seen["rest"]["trainer_state"] is None
     assert math.isnan(scores[0]) and scores[1:].tolist() == [2.0, 0.25]
     assert scores.dtype == torch.float32
 
@@ -92,11 +99,8 @@ def test_specs_resolve_modules_files_and_built_ins(tmp_path: Path) -> None:
     # "sort 312:" -> "123" vs answer "123": reverse_match only compares positions, so 1.0
     expected[2] = 0.5 * 3 + 2 * 1.0 + 1.0
     assert scores.tolist() == pytest.approx(expected)
-    assert set(source.last_components) == {
-        f"{user}:length",
-        "reverse_match",
-        "alignkit.rollout.tasks:exact_match",
-    }
+    # under their metric names: a file's or module's function by its own name
+    assert list(source.last_components) == ["length", "reverse_match", "exact_match"]
     assert {
         "reverse_match",
         "sort_match",

@@ -28,6 +28,18 @@ from alignkit.trainers.sft import SFTConfig, train_sft
 _CLOCK = ("timing/", "tokens_per_s")
 
 
+#: The SFT warm-up on the sorting task (examples/sft_sort.yaml's recipe), quiet.
+SORT_SFT_RECIPE = (
+    "epochs=10",
+    "examples_per_device=16",
+    "optim.lr=5e-3",
+    "optim.schedule=cosine",
+    "optim.warmup_ratio=0.05",
+    "logging.progress_bar=false",
+    "logging.plots=false",
+)
+
+
 @pytest.fixture(scope="session")
 def sort_task(tmp_path_factory) -> dict[str, Path]:
     """The sorting task's files and its SFT warm-up model (examples/sft_sort.yaml's recipe,
@@ -43,13 +55,7 @@ def sort_task(tmp_path_factory) -> dict[str, Path]:
             "model.name=tiny",
             f"data.train_file={paths['sort_sft']}",
             "data.max_length=32",
-            "epochs=10",
-            "examples_per_device=16",
-            "optim.lr=5e-3",
-            "optim.schedule=cosine",
-            "optim.warmup_ratio=0.05",
-            "logging.progress_bar=false",
-            "logging.plots=false",
+            *SORT_SFT_RECIPE,
         ],
     )
     summary = train_sft(cfg)
@@ -364,3 +370,56 @@ def test_old_logprobs_reuse_the_behaviour_logprobs_in_fp32_and_are_rescored_unde
 
     bf16 = build_pg_trainer(rl_config(sort_task, "grpo", "reuse16", *settings, "precision=bf16"))
     assert not bf16.behaviour_is_old_policy
+
+
+def test_progress_shows_the_iteration_and_the_prompt_epoch(sort_task, capsys):
+    cfg = rl_config(sort_task, "grpo", "progress", "train.iterations=2")
+    trainer, records = train(cfg)
+    prompts = len(trainer.prompts)
+    said = capsys.readouterr().out
+    assert f"iteration 2/2 prompt epoch {2 * 8 / prompts:.2f}" in said
+    assert "epoch 0.00" not in said
+    assert [r["epoch"] for r in records] == pytest.approx([8 / prompts, 16 / prompts])
+
+
+@pytest.mark.multiprocess
+def test_the_samples_table_gathers_every_processes_rows(sort_task, tmp_path):
+    """`accelerate launch` with 2 processes: the table holds all 64 sequences (rank 0's 32
+    only, before)."""
+    from test_pg import _free_port  # the pg tests' launch helper
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{Path(__file__).resolve().parents[2] / 'src'}",
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+    }
+    settings = [
+        f"output_dir={tmp_path}",
+        "run_name=two",
+        f"model.name={sort_task['model']}",
+        f"data.train_file={sort_task['sort_prompts']}",
+        "data.max_prompt_length=32",
+        "rewards=[{function: sort_match}]",
+        "rollout.prompts_per_iteration=8",
+        "rollout.samples_per_prompt=8",
+        "rollout.max_new_tokens=5",
+        "train.iterations=1",
+        "train.sequences_per_device=32",
+        "logging.progress_bar=false",
+        "logging.plots=false",
+    ]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "-m", "alignkit", "train", "grpo", *settings,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "two" / "samples" / "iteration-000001.jsonl").open()
+    ]
+    assert len(rows) == 64
+    assert sorted({r["group"] for r in rows}) == list(range(8))  # both processes' prompts

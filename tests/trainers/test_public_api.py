@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import alignkit
 from alignkit.errors import DataError
@@ -16,6 +17,14 @@ def test_every_exported_name_resolves():
         assert getattr(alignkit, name) is not None, name
     assert alignkit.train_dpo.__module__ == "alignkit.trainers.dpo"
     assert alignkit.RewardScorer.__name__ == "ModelReward"
+    # online RL from Python: one function per preset, TRL's argument names
+    import inspect
+
+    for name in ("train_grpo", "train_ppo", "train_rloo", "train_reinforce_pp", "train_reinforce"):
+        assert name in alignkit.__all__ and getattr(alignkit, name).__name__ == name
+        parameters = inspect.signature(getattr(alignkit, name)).parameters
+        assert {"model", "reward_funcs", "train_dataset", "overrides"} <= set(parameters)
+    assert "cost_funcs" in inspect.signature(alignkit.train_safe_ppo).parameters
 
 
 def test_importing_alignkit_does_not_import_torch():
@@ -32,6 +41,9 @@ def test_the_documented_python_use_runs(tmp_path, head_of, run_settings):
     )
     summary = alignkit.train_sft(cfg)
     model, tokenizer = alignkit.load_policy(summary["last_checkpoint"] + "/model")
+    from_run, _ = alignkit.load_policy(summary["run_dir"])  # a run is its final model
+    for mine, theirs in zip(model.parameters(), from_run.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
     settings = alignkit.SamplingConfig(max_new_tokens=4, temperature=0.0)
     answers = alignkit.generate_responses(model, tokenizer, ["How do I bake bread?"], settings)
     assert len(answers) == 1 and isinstance(answers[0], str)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -92,15 +93,25 @@ def register(app: typer.Typer) -> None:
 
     @group.command("policy")
     def policy(
-        model: str = typer.Argument(..., help="Policy: tiny, a model name or a directory."),
+        model: str = typer.Argument(
+            ..., help="Policy: tiny, a model name, a directory, or a run (its best or final)."
+        ),
         prompts: Path = typer.Argument(..., help="Prompt file (prompt format)."),
         reward: list[str] = typer.Option(
             ["synthetic"],
-            help="Reward source(s): synthetic (the bundled judges) or a reward/cost model or "
-            "ensemble directory; repeat for several. The first judges the win rate.",
+            help="Reward source(s), repeat for several: synthetic (the bundled judges), a "
+            "reward/cost model or ensemble directory (or run), or a reward function as the "
+            "trainers take it (my_reward.py:fn, module:fn, sort_match, reasoning_gym:<task>, "
+            "'{function: math_accuracy, options: {format: boxed}}'), given the prompt rows' "
+            "other columns. The first judges the win rate.",
         ),
         reference: str | None = typer.Option(None, help="Reference model for KL(pi || ref)."),
-        versus: str | None = typer.Option(None, help="A second policy for the win rate."),
+        versus: str | None = typer.Option(
+            None,
+            help="A second policy (e.g. the one trained from) for the win rate; every source "
+            "scores both, and a trained reward preferring the policy while a judge rates it "
+            "worse is reported (reward hacking).",
+        ),
         max_new_tokens: int = typer.Option(48, min=1, help="Tokens generated per prompt."),
         temperature: float = typer.Option(
             1.0, min=0.0, help="Sampling temperature (1: the KL estimate is unbiased; 0: greedy)."
@@ -113,35 +124,51 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate, then reward/cost/length statistics, KL to a reference, win rate."""
         from alignkit.config import atomic_write_text
-        from alignkit.data.validate import load_validated
-        from alignkit.eval.policy import evaluate_policy
-        from alignkit.models.ensemble import load_reward_source
-        from alignkit.models.loading import ensure_pad_token, load_policy
+        from alignkit.data import load_records
+        from alignkit.eval.policy import evaluate_policy, reward_source
+        from alignkit.models.loading import ensure_pad_token, load_policy, resolve_run_model
+
+        console = Console(soft_wrap=True)
+
+        said: set[str] = set()
+
+        def resolved(name: str) -> str:
+            path, note = resolve_run_model(name)
+            if note and note not in said:
+                said.add(note)
+                console.print(note, markup=False, highlight=False)
+            return path
 
         def load(name: str) -> tuple:
             loaded, tokenizer = load_policy(name)
             return loaded.to(device or "cpu"), ensure_pad_token(tokenizer, loaded)
 
-        rows = [r.record["prompt"] for r in load_validated(prompts, "prompt").rows]
-        rows = rows[:max_prompts] if max_prompts else rows
-        sources = [s if s == "synthetic" else load_reward_source(s, device=device) for s in reward]
-        policy_model, tokenizer = load(model)
-        console = Console(soft_wrap=True)
+        names = {"model": resolved(model)}
+        names |= {k: resolved(v) for k, v in (("reference", reference), ("versus", versus)) if v}
+        records = load_records(prompts, "prompt", keep_fields="all")
+        records = records[:max_prompts] if max_prompts else records
+        rows = [r["prompt"] for r in records]
+        fields = [{k: v for k, v in r.items() if k != "prompt"} for r in records]
+        sources = [reward_source(spec, device) for spec in reward]
+        policy_model, tokenizer = load(names["model"])
         with _progress(console, "generating") as update:
             report = evaluate_policy(
                 policy_model,
                 tokenizer,
                 rows,
                 sources,
-                reference=load(reference)[0] if reference else None,
-                versus=load(versus) if versus else None,
+                reference=load(names["reference"])[0] if reference else None,
+                versus=load(names["versus"]) if versus else None,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 batch_size=batch_size,
                 seed=seed,
                 on_progress=update,
+                fields=fields,
             )
-        report |= {"model": model, "reference": reference, "versus": versus}
+        report |= {"model": names["model"], "reference": reference, "versus": versus}
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
         _print_table(f"{model} on {prompts}", report, console)
+        for text in report.get("disagreements", []):
+            console.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False)
         console.print(f"report: {out_dir / 'report.json'}", highlight=False)

@@ -30,6 +30,7 @@ def generate_file(
 
     from alignkit.errors import ConfigError
     from alignkit.models import load_policy
+    from alignkit.models.loading import resolve_run_model
     from alignkit.rollout import (
         SamplingConfig,
         TransformersEngine,
@@ -50,7 +51,10 @@ def generate_file(
         raise ConfigError(str(err)) from None
     if prompts_per_batch < 1:
         raise ConfigError(f"--prompts-per-batch must be >= 1, got {prompts_per_batch}")
-    model, tokenizer = load_policy(model_name)
+    path, note = resolve_run_model(model_name)  # a run directory: its best or final checkpoint
+    if note:
+        Console(soft_wrap=True).print(note, markup=False, highlight=False)
+    model, tokenizer = load_policy(path)
     prompts = load_prompt_file(prompts_path, tokenizer, max_length=max_prompt_length)
     columns = (TimeRemainingColumn(), BarColumn(), MofNCompleteColumn())
     with Progress(*Progress.get_default_columns()[:1], *columns, transient=True) as progress:
@@ -69,7 +73,9 @@ def generate_file(
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
-        model: str = typer.Argument(..., help="'tiny', a model directory or a fetched model."),
+        model: str = typer.Argument(
+            ..., help="'tiny', a model directory, a fetched model, or a run (its best or final)."
+        ),
         prompts: Path = typer.Argument(..., help="Prompt file ({'prompt', ...other columns})."),
         out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write."),
         samples: int = typer.Option(1, "--samples", "-n", help="Completions per prompt."),

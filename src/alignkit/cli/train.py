@@ -37,10 +37,12 @@ Writing a reward function (rewards: [{function: my_reward.py:fn, weight: 1.0}, {
   - completions[i] answers prompts[i]; every other column of the prompt row ('answer' here)
     comes as a keyword argument, one value per completion; take **kwargs for the rest.
   - Plain-text prompt rows give strings; conversational rows give TRL's message lists
-    (completion[-1]["content"] is the text).
-  - Return one number per completion, or None where the function does not apply (a sample no
-    function scores gets advantage 0). An exception, a bool, a string or a wrong length stops
-    the run naming the function and the sample.
+    (completion[0]["content"] is the text). TRL 1.16's completion_ids, trainer_state,
+    log_extra and log_metric come too; a function without **kwargs gets what it names.
+  - Return one number per completion, or None where the function does not apply (sources are
+    summed over those that scored a sample; a sample none scores gets advantage 0; NaN counts
+    as None). An exception, a bool, a string, an infinity or a wrong length stops the run
+    naming the function and the sample.
   - data.eval_file's greedy completions are scored by the same functions (eval/reward)."""
 
 

@@ -42,6 +42,9 @@ def _plain(value: Any) -> Any:
     if type(value).__module__.startswith("datasets."):
         # An in-memory `datasets.Dataset` given as a data file from Python: recorded, not saved.
         return f"<in-memory {type(value).__name__} of {len(value)} rows>"
+    if callable(value):  # a reward function given from Python: recorded by name
+        name = getattr(value, "__qualname__", None) or type(value).__qualname__
+        return f"<python {getattr(value, '__module__', '?')}.{name}>"
     return value
 
 

@@ -6,7 +6,8 @@ A model name resolves, in this order, to:
 2. a model fetched into the alignkit cache, e.g. ``smollm2-135m-instruct``
    (``<cache>/models/<name>``, see ``alignkit.models.fetch``);
 3. a local directory in Hugging Face format (``config.json`` + weights), or a directory with a
-   saved LoRA adapter;
+   saved LoRA adapter; a run directory (or one of its checkpoints) means the model of its best
+   or final checkpoint (:func:`resolve_run_model`);
 4. a Hugging Face hub id, *only* if it is already in the local Hugging Face cache: alignkit never
    downloads from the hub, and says what is missing instead.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +37,10 @@ from alignkit.models.lora import LoraSettings, apply_lora, has_adapter, require_
 from alignkit.models.pad_token import ensure_pad_token
 from alignkit.models.tiny import PRESETS, TINY_NAME, build_tiny_model, load_tiny_tokenizer
 from alignkit.models.wrappers import unwrap_model
-from alignkit.tracking.checkpoint import register_save_hook
+from alignkit.tracking.checkpoint import register_save_hook, run_checkpoint
 from alignkit.tracking.io import atomic_write_text
+
+logger = logging.getLogger("alignkit.models")
 
 DTypeLike = str | torch.dtype
 ADAPTER_CONFIG = "adapter_config.json"
@@ -116,9 +120,42 @@ def _missing_model_error(name: str) -> ModelError:
     )
 
 
+def resolve_run_model(name_or_path: str | Path) -> tuple[str, str | None]:
+    """A run directory (``alignkit train ...``'s, or one of its ``checkpoints/step-N``) as the
+    model folder of the checkpoint it stands for (``tracking.run_checkpoint``: its best, else
+    its final), with a sentence saying so; anything else as it is, with None."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir() or (path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file():
+        return str(name_or_path), None
+    checkpoint, which = path, "checkpoint"
+    if (path / "checkpoints").is_dir():
+        found = run_checkpoint(path)
+        if found is None:
+            raise ModelError(f"{path} is a run directory without a complete checkpoint yet")
+        checkpoint, which = found
+    if not (checkpoint / "model").is_dir():
+        return str(name_or_path), None
+    model_dir = checkpoint / "model"
+    return str(model_dir), f"{name_or_path}: using its {which}, {model_dir}"
+
+
+_SAID: set[str] = set()
+
+
+def model_of_run(name_or_path: str | Path) -> str:
+    """:func:`resolve_run_model`'s path, its sentence said once on the ``alignkit.models``
+    logger."""
+    path, note = resolve_run_model(name_or_path)
+    if note is not None and note not in _SAID:
+        _SAID.add(note)
+        logger.warning(note)
+    return path
+
+
 def resolve_model(name_or_path: str | Path) -> ResolvedModel:
-    """Resolve a model name or path (order in the module docstring), or raise ModelError."""
-    name = str(name_or_path)
+    """Resolve a model name or path (order in the module docstring), or raise ModelError. A
+    run directory stands for its best or final checkpoint's model (:func:`model_of_run`)."""
+    name = model_of_run(name_or_path)
     if name in PRESETS:
         return ResolvedModel("preset", name, name)
     cached = fetch.cached_model_path(name) if "/" not in name else None

@@ -49,6 +49,7 @@ from alignkit.models.loading import (
     load_policy,
     load_pretrained,
     lora_adapter_dir,
+    model_of_run,
     resolve_dtype,
     resolve_model,
     tokenizer_for,
@@ -386,6 +387,7 @@ def load_reward_model(
         head=head, pooling=pooling, aux_heads=aux_heads, kind=kind, mlp_dropout=mlp_dropout
     )
     given = {key: value for key, value in settings.items() if value is not None}
+    name_or_dir = model_of_run(name_or_dir)  # a run: its best or final checkpoint's model
     directory = Path(name_or_dir).expanduser()
     if (directory / CONFIG_FILE).is_file():
         model = _load_saved(directory, given, torch_dtype)

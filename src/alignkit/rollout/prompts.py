@@ -24,11 +24,13 @@ __all__ = ["Prompt", "load_prompt_file", "prompts_from_records"]
 @dataclass
 class Prompt:
     """A prompt: its text, its token ids (rendered and tokenised as for training), its row's
-    other columns (passed to reward functions as keyword arguments)."""
+    other columns (passed to reward functions as keyword arguments) and, for a conversational
+    row, its message list (what reward functions get as the prompt, as in TRL)."""
 
     text: str
     input_ids: list[int]
     fields: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] | None = None
 
 
 def prompts_from_records(
@@ -44,6 +46,7 @@ def prompts_from_records(
             text=render_prompt(tokenizer, r["prompt"]),
             input_ids=list(e["input_ids"]),
             fields={k: v for k, v in r.items() if k != "prompt"},
+            messages=None if isinstance(r["prompt"], str) else list(r["prompt"]),
         )
         for r, e in zip(records, examples, strict=True)
     ]

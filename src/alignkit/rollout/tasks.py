@@ -2,7 +2,8 @@
 
 Each has TRL's signature ``fn(prompts, completions, **row_fields) -> list[float | None]`` and is
 registered by name (``function: reverse_match`` in a config). They double as examples of the
-reward API.
+reward API: a conversational row's prompt and completion come as message lists, so each reads
+the text through ``completion_text`` (and the judges take either form of prompt).
 
 Partial credit for the digit tasks (``alignkit.data.synthetic.verifiable``): with the completion
 ``c`` (surrounding whitespace stripped) and the answer ``a``,
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from alignkit.rollout.registry import register_reward
+from alignkit.rollout.registry import completion_text, register_reward
 
 __all__ = [
     "add_match",
@@ -40,8 +41,11 @@ def position_match(completion: str, answer: str, from_right: bool = False) -> fl
     return sum(c == a for c, a in zip(completion, answer, strict=False)) / longest
 
 
-def _match(completions: Sequence[str], answer: Sequence[Any], from_right: bool) -> list[float]:
-    return [position_match(c, a, from_right) for c, a in zip(completions, answer, strict=True)]
+def _match(completions: Sequence[Any], answer: Sequence[Any], from_right: bool) -> list[float]:
+    return [
+        position_match(completion_text(c), a, from_right)
+        for c, a in zip(completions, answer, strict=True)
+    ]
 
 
 @register_reward("reverse_match")
@@ -73,7 +77,10 @@ def exact_match(
     prompts: list[str], completions: list[str], answer: list[str], **_: Any
 ) -> list[float]:
     """1.0 when the stripped completion equals the answer, else 0.0 (any task with ``answer``)."""
-    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer, strict=True)]
+    return [
+        float(completion_text(c).strip() == str(a).strip())
+        for c, a in zip(completions, answer, strict=True)
+    ]
 
 
 @register_reward("assistant_helpfulness")
@@ -81,7 +88,8 @@ def assistant_helpfulness(prompts: list[str], completions: list[str], **_: Any) 
     """The synthetic assistant task's helpfulness judge, in [0, 1]."""
     from alignkit.data.synthetic.judges import helpfulness_score
 
-    return [helpfulness_score(p, c) for p, c in zip(prompts, completions, strict=True)]
+    pairs = zip(prompts, completions, strict=True)
+    return [helpfulness_score(p, completion_text(c)) for p, c in pairs]
 
 
 @register_reward("assistant_safety_cost")
@@ -89,4 +97,5 @@ def assistant_safety_cost(prompts: list[str], completions: list[str], **_: Any) 
     """The synthetic assistant task's safety cost (> 0 unsafe, < 0 safe; Safe RLHF's sign)."""
     from alignkit.data.synthetic.judges import safety_cost
 
-    return [safety_cost(p, c) for p, c in zip(prompts, completions, strict=True)]
+    pairs = zip(prompts, completions, strict=True)
+    return [safety_cost(p, completion_text(c)) for p, c in pairs]

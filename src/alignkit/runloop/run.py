@@ -89,6 +89,9 @@ class RunLoop(ABC):
 
     #: Line printed at each logging step (see LoggingConfig.console_format); None: none.
     console_format: ClassVar[str | None] = None
+    #: Words for the step counter and the epoch in the progress line (online: iteration).
+    step_label: ClassVar[str] = "step"
+    epoch_label: ClassVar[str] = "epoch"
     #: Metrics shown next to the progress bar.
     progress_metrics: ClassVar[tuple[str, ...]] = ("loss",)
     #: The model the run produces, saved as `step-N/<name>/` in Hugging Face format with the
@@ -294,6 +297,8 @@ class RunLoop(ABC):
                 key_metrics=self.progress_metrics,
                 description=cfg.run_name,
                 console=self.console,
+                step_label=self.step_label,
+                epoch_label=self.epoch_label,
             )
             self.sinks.append(self.progress)
         self.throughput = Throughput(self.accelerator)

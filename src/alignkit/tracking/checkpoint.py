@@ -11,6 +11,7 @@ name, RNG states, controllers, data position, step (its layout is the trainer's:
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -62,6 +63,28 @@ def latest_checkpoint(run_dir: RunDir | str | Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+def run_checkpoint(run_dir: RunDir | str | Path) -> tuple[Path, str] | None:
+    """The checkpoint a finished or running run stands for, and which one it is: the best
+    evaluation's (``summary.json``'s ``best``, from early stopping) while it is kept, else the
+    newest complete one ("final" once the run's summary names it as its last); None for a
+    directory without a complete checkpoint."""
+    run_dir = as_run_dir(run_dir)
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    summary: dict[str, Any] = {}
+    if run_dir.summary_path.is_file():
+        try:
+            summary = json.loads(run_dir.summary_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            summary = {}
+    best = (summary.get("best") or {}).get("step")
+    if best is not None and (path := run_dir.checkpoint_dir(best)) in list_checkpoints(run_dir):
+        return path, f"best checkpoint ({summary['best'].get('metric')} at step {best})"
+    final = Path(str(summary.get("last_checkpoint", ""))).name == newest.name
+    return newest, "final checkpoint" if final else "newest checkpoint"
 
 
 def save_checkpoint(

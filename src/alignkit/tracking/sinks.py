@@ -108,8 +108,11 @@ class ConsoleSink:
         key_metrics: Sequence[str] = ("loss",),
         description: str = "training",
         console: Console | None = None,
+        step_label: str = "step",
+        epoch_label: str = "epoch",
     ) -> None:
         self.total_steps = total_steps
+        self.labels = (step_label, epoch_label)  # the plain line's words for step and epoch
         self.key_metrics = tuple(key_metrics)
         self.line_format = line_format or None
         self._fields = _template_fields(self.line_format) if self.line_format else ()
@@ -163,7 +166,7 @@ class ConsoleSink:
         if not self._plain_lines:
             return None
         names = [k for k in metrics if k in self.key_metrics or k.startswith("eval/")]
-        parts = [f"step {step}/{self.total_steps}", f"epoch {epoch:.2f}"]
+        parts = [f"{self.labels[0]} {step}/{self.total_steps}", f"{self.labels[1]} {epoch:.2f}"]
         parts += [f"{k}={_short(metrics[k])}" for k in names]
         return " ".join(parts)
 

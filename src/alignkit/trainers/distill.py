@@ -124,8 +124,7 @@ class DistillTrainer(OnlineTrainer):
             ).to(self.accelerator.device)
         if self.reward is not None:
             with self.timed("reward"):
-                exp.scores = self.reward(exp.prompts, exp.completions, exp.row_fields)
-                exp.scores = exp.scores.to(self.accelerator.device)
+                exp.scores = self.score(self.reward, exp).to(self.accelerator.device)
         return exp
 
     def experience_metrics(self, exp: Experience) -> dict[str, Tensor]:

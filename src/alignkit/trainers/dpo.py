@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,11 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from alignkit.config import TrainConfig
-from alignkit.config.schema import requires
 from alignkit.data import PreferenceCollator, tokenize_preferences
-from alignkit.errors import ConfigError
 from alignkit.models.forward import innermost_model, response_logps
 from alignkit.models.loading import weights_digest
 from alignkit.models.tied import accumulate_tied_embedding_grad
 from alignkit.ops.preference import (
-    DPO_LOSSES,
     dpo_loss,
     is_reference_free,
     length_normalized_logps,
@@ -40,7 +35,6 @@ from alignkit.ops.stats import pairwise_accuracy
 from alignkit.tracking.run_dir import RunDir
 from alignkit.trainers.common import (
     DataConfig,
-    ModelConfig,
     gather_per_example,
     load_model_and_tokenizer,
     load_split,
@@ -48,112 +42,11 @@ from alignkit.trainers.common import (
     require_train_file,
     split_pairs,
 )
+from alignkit.trainers.dpo_config import DPOConfig, DPOLossConfig  # noqa: F401  (re-exported)
 from alignkit.trainers.loop import Metrics, Trainer
 from alignkit.trainers.reference import ReferencePolicy
 
 REFERENCE_CACHE = RunDir.REFERENCE_CACHE
-
-
-@dataclass
-class DPOLossConfig:
-    """Which loss of the DPO family, and its temperature."""
-
-    kind: str = field(
-        default="sigmoid",
-        metadata={
-            "help": "sigmoid (DPO), ipo, hinge (SLiC), robust (Chowdhury et al.); the "
-            "reference-free simpo (Meng et al.) and orpo (Hong et al.; beta is its lambda), "
-            "which run no reference pass; or any loss registered with "
-            "alignkit.ops.preference.register_dpo_loss."
-        },
-    )
-    beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the log-ratios."})
-    label_smoothing: float = field(
-        default=0.0, metadata={"help": "Label noise epsilon for sigmoid (cDPO) and robust."}
-    )
-    simpo_gamma: float | None = field(
-        default=None,
-        metadata={
-            "help": "SimPO's target reward margin gamma (null: 0.5, TRL's default); only a "
-            "kind with a margin accepts it."
-        },
-    )
-    length_normalize: bool = field(
-        default=False,
-        metadata={
-            "help": "Divide the policy's and the reference's summed log-probs of each response "
-            "by its token count before the loss. Off by default: summed log-ratios keep beta's "
-            "meaning the same across kinds. On reproduces TRL's IPO, which divides each "
-            "sequence's log-ratio by its completion length. The reference-free simpo and "
-            "orpo always use per-token mean log-probs, whatever this says."
-        },
-    )
-    nll_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "RPO alpha: adds alpha * per-token NLL of the winning response to each "
-            "pair's loss (0: plain DPO), so DPO cannot widen margins by lowering both."
-        },
-    )
-
-
-@dataclass
-class DPOConfig(TrainConfig):
-    """DPO on ``{"prompt","chosen","rejected"}`` rows."""
-
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy."})
-    reference: str | None = field(
-        default=None,
-        metadata={
-            "help": "Reference model name/path; null: the initial policy (or, with LoRA, "
-            "the policy with its adapter disabled)."
-        },
-    )
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Preference data."})
-    dpo: DPOLossConfig = field(default_factory=DPOLossConfig, metadata={"help": "Loss."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        DPO_LOSSES.check(self.dpo.kind, "dpo.kind")
-        evaluates = bool(self.data.eval_file)
-        requires(self, "eval.every", evaluates, "data.eval_file")
-        # The reference pass reads its batches with eval.examples_per_device too.
-        batches = evaluates or not is_reference_free(self.dpo.kind)
-        requires(
-            self,
-            "eval.examples_per_device",
-            batches,
-            "data.eval_file",
-            because=f"with data.eval_file=null and dpo.kind={self.dpo.kind} (no reference pass)",
-        )
-        if self.dpo.beta <= 0:
-            raise ConfigError("dpo.beta must be > 0")
-        if self.dpo.nll_weight < 0:
-            raise ConfigError("dpo.nll_weight must be >= 0")
-        if is_reference_free(self.dpo.kind):
-            self._check_reference_free()
-            return
-        if self.dpo.simpo_gamma is not None:
-            raise ConfigError(f"dpo.simpo_gamma is not defined for dpo.kind={self.dpo.kind}")
-        # The loss itself knows which label_smoothing it accepts; asked now, a bad value is a
-        # config error instead of a traceback after the reference pass.
-        try:
-            DPO_LOSSES[self.dpo.kind](torch.zeros(1), self.dpo.beta, self.dpo.label_smoothing)
-        except ValueError as err:
-            raise ConfigError(f"dpo.label_smoothing: {err}") from None
-
-    def _check_reference_free(self) -> None:
-        kind = self.dpo.kind
-        if self.reference:
-            raise ConfigError(f"reference is set but dpo.kind={kind} uses no reference model")
-        if self.dpo.label_smoothing != 0.0:
-            raise ConfigError(f"dpo.label_smoothing is not defined for dpo.kind={kind}")
-        # The loss knows which margin it accepts (a per-token mean log-prob is < 0).
-        try:
-            logps = torch.full((1,), -1.0)
-            DPO_LOSSES[kind](logps, logps, self.dpo.beta, self.dpo.simpo_gamma)
-        except ValueError as err:
-            raise ConfigError(f"dpo.simpo_gamma: {err}") from None
 
 
 class DPOTrainer(Trainer):

@@ -19,72 +19,16 @@ import copy
 import json
 import random
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from alignkit.config import atomic_write_text
-from alignkit.config.schema import field_help, requires
 from alignkit.errors import CheckpointError, ConfigError
 from alignkit.trainers.reward import RewardConfig, train_reward
+from alignkit.trainers.reward_config import EnsembleConfig, EnsembleSettings
 
 __all__ = ["EnsembleConfig", "EnsembleSettings", "train_rm_ensemble"]
-
-
-@dataclass
-class EnsembleSettings:
-    """How many members and how their data differ."""
-
-    members: int = field(default=3, metadata=field_help("Number of members K (>= 2)."))
-    resample: Literal["bootstrap", "shards", "seeds"] = field(
-        default="bootstrap",
-        metadata=field_help(
-            "bootstrap: rows drawn with replacement per member; shards: disjoint parts; "
-            "seeds: all rows, member k trains with seed + k."
-        ),
-    )
-    stacking_file: str | None = field(
-        default=None,
-        metadata=field_help("Held-out pairs to fit the stacking weights on (null: no stacking)."),
-    )
-    keep_data: bool = field(
-        default=False,
-        metadata=field_help("Keep each member's resampled training file in <run>/data."),
-    )
-
-    def __post_init__(self) -> None:
-        if self.members < 2:
-            raise ConfigError(f"ensemble.members must be >= 2, got {self.members}")
-
-
-@dataclass
-class EnsembleConfig(RewardConfig):
-    """A reward- or cost-model ensemble; every RewardConfig key applies to each member."""
-
-    ensemble: EnsembleSettings = field(
-        default_factory=EnsembleSettings, metadata=field_help("Members and their data.")
-    )
-
-    def __post_init__(self) -> None:
-        # Each member stops early on a watched metric: held-out accuracy unless one is named
-        # (implied here so that patience and min_delta count as used).
-        rule = self.eval.early_stopping
-        if rule.metric is None:
-            rule.metric = "eval/accuracy"
-        super().__post_init__()
-        # A member's checkpoints are its evaluations, all kept until the best is known.
-        members_save = "each member saves a checkpoint at every evaluation (eval.every)"
-        checkpoints = ("checkpoint.every", "checkpoint.keep_last")
-        requires(self, checkpoints, False, because="in rm-ensemble", advice=members_save)
-        if self.resume_from:
-            raise ConfigError("rm-ensemble does not resume; start it again (overwrite=true)")
-        if self.ensemble.stacking_file and self.kind != "reward":
-            raise ConfigError("ensemble.stacking_file: stacking is fitted for kind=reward only")
-        if not self.data.eval_file:
-            raise ConfigError(
-                "rm-ensemble keeps each member's best checkpoint by validation accuracy: "
-                "set data.eval_file"
-            )
 
 
 _CLI_FORMAT = {"preference": "preference", "safety_preference": "safety"}

@@ -43,7 +43,13 @@ from alignkit.rollout import (
     TransformersEngine,
     generate_batched,
 )
-from alignkit.rollout.rewards import RewardSource
+from alignkit.rollout.reward_functions import RewardLog
+from alignkit.rollout.rewards import (
+    RewardContext,
+    RewardSource,
+    RewardState,
+    score_with_context,
+)
 from alignkit.runloop.optimizer import build_lr_scheduler, build_optimizer
 from alignkit.runloop.run import RunLoop
 from alignkit.runloop.runtime import MetricMeans
@@ -99,6 +105,9 @@ class OnlineTrainer(RunLoop):
 
     primary_model_name: ClassVar[str] = "model"
     progress_metrics: ClassVar[tuple[str, ...]] = ("reward/mean", "response_length/mean")
+    # The step counter counts iterations; "epoch" is passes over the prompt file.
+    step_label: ClassVar[str] = "iteration"
+    epoch_label: ClassVar[str] = "prompt epoch"
 
     def __init__(
         self,
@@ -125,6 +134,11 @@ class OnlineTrainer(RunLoop):
         self._engine_weights_step: int | None = None  # the iteration the engine's copy is of
         self.initial_eval: dict[str, float] = {}
         self._guard_streaks: dict[str, int] = {}
+        # Reward functions see a conversational row's prompt as its messages (TRL's contract).
+        self._prompt_messages = {
+            p.text: p.messages for p in [*self.prompts, *self.eval_prompts] if p.messages
+        }
+        self.reward_log = RewardLog()  # what reward functions log (log_extra, log_metric)
         disable_dropout(model)
 
     # ----------------------------------------------------------------- the algorithm
@@ -208,6 +222,14 @@ class OnlineTrainer(RunLoop):
 
     def _summary_fields(self) -> dict[str, Any]:
         return {"initial_eval": dict(self.initial_eval)}
+
+    def _record_fields(self) -> dict[str, float]:
+        return {"epoch": self.prompt_epoch}
+
+    @property
+    def prompt_epoch(self) -> float:
+        """Passes over the prompt file made by the iterations done (TRL's ``epoch``)."""
+        return self.state.step * self.config.rollout.prompts_per_iteration / len(self.prompts)
 
     def _run(self) -> None:
         state, acc = self.state, self.accelerator
@@ -382,9 +404,7 @@ class OnlineTrainer(RunLoop):
             prompts_per_batch=len(prompts),
             generator=torch.Generator(),
         )
-        return torch.stack(
-            [source(exp.prompts, exp.completions, exp.row_fields) for source in sources]
-        )
+        return torch.stack([self.score(source, exp, training=False) for source in sources])
 
     # ----------------------------------------------------------------- helpers
 
@@ -397,32 +417,61 @@ class OnlineTrainer(RunLoop):
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started
 
+    def reward_context(self, exp: Experience, *, training: bool = True) -> RewardContext:
+        """What reward functions get besides texts and columns (``rollout.rewards``): the
+        prompts as the data gave them, the sampled ids, the run's state and, in a training
+        iteration, the hooks whose values reach the samples table and the metrics."""
+        ids, lengths = exp.input_ids[:, exp.prompt_width :].tolist(), exp.response_lengths
+        context = RewardContext(
+            prompts=[self._prompt_messages.get(text, text) for text in exp.prompts],
+            completion_ids=[row[:n] for row, n in zip(ids, lengths.tolist(), strict=True)],
+            trainer_state=RewardState(
+                self.state.step, self.config.train.iterations, self.prompt_epoch
+            ),
+        )
+        if training:
+            hooks = self.reward_log.hooks(self.state.step, exp.group_index.tolist())
+            context.log_extra, context.log_metric = hooks
+        return context
+
+    def score(self, source: RewardSource, exp: Experience, *, training: bool = True) -> Tensor:
+        """``source``'s ``[N]`` scores of `exp`, reward functions called with TRL's arguments
+        (:meth:`reward_context`)."""
+        context = self.reward_context(exp, training=training)
+        return score_with_context(source, exp.prompts, exp.completions, exp.row_fields, context)
+
     def write_samples(self, exp: Experience, iteration: int) -> None:
-        """``samples/iteration-N.jsonl``: every sequence's prompt, completion and reward."""
-        if not self.accelerator.is_main_process:
-            return
+        """``samples/iteration-N.jsonl``: every sequence's prompt, completion and reward (and
+        the columns reward functions added with ``log_extra``), of every process."""
         scores = exp.scores.float().cpu().tolist()
-        lines = [
-            json.dumps(
-                {
-                    "iteration": iteration,
-                    "group": int(g),
-                    "prompt": p,
-                    "completion": c,
-                    "reward": None if math.isnan(s) else s,
-                    "truncated": bool(t),
-                },
-                ensure_ascii=False,
-            )
-            for p, c, s, g, t in zip(
+        groups = exp.group_index.tolist()
+        rows = [
+            {
+                "iteration": iteration,
+                "group": int(g),
+                "prompt": p,
+                "completion": c,
+                "reward": None if math.isnan(s) else s,
+                "truncated": bool(t),
+                **logged,
+            }
+            for p, c, s, g, t, logged in zip(
                 exp.prompts,
                 exp.completions,
                 scores,
-                exp.group_index.tolist(),
+                groups,
                 exp.truncated.tolist(),
+                self.reward_log.columns(self.state.step, groups),
                 strict=True,
             )
         ]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rows = gather_object(rows)  # every process calls: write_samples runs on all
+        if not self.accelerator.is_main_process:
+            return
+        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
         path = self.run_dir.root / "samples" / f"iteration-{iteration:06d}.jsonl"
         atomic_write_text(path, "\n".join(lines) + "\n")
 

@@ -62,6 +62,7 @@ from alignkit.trainers.critic import Critic, as_critic, build_critic
 from alignkit.trainers.kl_penalty import KLPenalty
 from alignkit.trainers.online import OnlineTrainer, applicable
 from alignkit.trainers.reward import load_reward_checkpoint
+from alignkit.trainers.reward_metrics import RewardSourceStats
 from alignkit.trainers.rl_config import PGConfig
 from alignkit.trainers.token_masks import PolicyTokens
 
@@ -108,6 +109,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         self.kl = KLPenalty(config.kl)
         self.register_controller("kl", self.kl.controller)
         self.last_lr = config.optim.lr
+        self.source_stats = RewardSourceStats()  # reward/<name>/mean and /std
 
     def _policy_loss_settings(self) -> dict[str, Any]:
         """The ``policy_loss`` config fields that the loss takes by name (clip ratios for
@@ -189,7 +191,9 @@ class PolicyGradientTrainer(OnlineTrainer):
                 prompts, self.sampling, generator=generator, group_offset=group_offset
             ).to(device)
         with self.timed("reward"):
-            exp.scores = self.reward(exp.prompts, exp.completions, exp.row_fields).to(device)
+            exp.scores = self.score(self.reward, exp).to(device)
+            components = getattr(self.reward, "last_components", {})  # a weighted sum's
+            self.source_stats.add(self.state.step, components)
         with self.timed("old_logprobs"):
             if self.behaviour_is_old_policy:
                 exp.old_logprobs = exp.behaviour_logprobs
@@ -276,6 +280,9 @@ class PolicyGradientTrainer(OnlineTrainer):
             "response_length/mean": exp.response_lengths.float().mean(),
             "response_length/clipped_ratio": exp.truncated.float().mean(),
         }
+        metrics.update(self.source_stats.metrics(self.state.step, self.accelerator))
+        for name, value in self.reward_log.metric_means(self.state.step).items():
+            metrics[name] = torch.tensor(value, device=scores.device)  # reward fns' log_metric
         metrics.update(self.kl.metrics(exp))
         if self.critic is not None:
             metrics.update(self.critic.metrics(exp.values, exp.returns, mask))
@@ -402,10 +409,15 @@ def build_pg_trainer(
     cfg: PGConfig,
     trainer_class: type[PolicyGradientTrainer] = PolicyGradientTrainer,
     extra: Callable[[Any], dict[str, Any]] | None = None,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
 ) -> PolicyGradientTrainer:
     """Load the policy, prompts, reward sources and critic; return the trainer.
 
-    ``extra(tokenizer)`` gives a subclass' own constructor arguments (Safe-PPO's costs)."""
+    ``extra(tokenizer)`` gives a subclass' own constructor arguments (Safe-PPO's costs). A
+    ``model`` (with its ``tokenizer``) given from Python is trained instead of loading
+    ``cfg.model.name`` (``trainers.online_api``)."""
     from alignkit.errors import ConfigError
 
     if not cfg.data.train_file:
@@ -414,7 +426,8 @@ def build_pg_trainer(
         )
     if not cfg.rewards:
         raise ConfigError("rewards: give at least one source, e.g. [{function: sort_match}]")
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
     data = cfg.data
     prompts = load_prompt_file(data.train_file, tokenizer, data.max_prompt_length)
     eval_prompts = (

@@ -39,6 +39,7 @@ METHODS: dict[str, Method] = {
         "SFTConfig",
         "train_sft",
         summary="supervised fine-tuning, prompt-masked cross-entropy",
+        config_module="alignkit.trainers.sft_config",
     ),
     "rm": Method(
         "alignkit.trainers.reward",
@@ -46,6 +47,7 @@ METHODS: dict[str, Method] = {
         "train_reward",
         ("kind=reward",),
         summary="reward model on preference pairs (Bradley-Terry, margin, hinge)",
+        config_module="alignkit.trainers.reward_config",
     ),
     "cost": Method(
         "alignkit.trainers.reward",
@@ -53,24 +55,28 @@ METHODS: dict[str, Method] = {
         "train_reward",
         ("kind=cost",),
         summary="cost model on safety preferences (cost > 0 = unsafe)",
+        config_module="alignkit.trainers.reward_config",
     ),
     "dpo": Method(
         "alignkit.trainers.dpo",
         "DPOConfig",
         "train_dpo",
         summary="DPO family: sigmoid, ipo, hinge, robust, and the reference-free simpo, orpo",
+        config_module="alignkit.trainers.dpo_config",
     ),
     "safe-dpo": Method(
         "alignkit.trainers.safe_dpo",
         "SafeDPOConfig",
         "train_safe_dpo",
         summary="DPO with a safety constraint and a log-space Lagrange multiplier",
+        config_module="alignkit.trainers.dpo_config",
     ),
     "rm-ensemble": Method(
         "alignkit.trainers.ensemble",
         "EnsembleConfig",
         "train_rm_ensemble",
         summary="K reward (or cost) models on resampled data, best checkpoint each, one run",
+        config_module="alignkit.trainers.reward_config",
     ),
     "ppo": Method(
         "alignkit.trainers.pg",
@@ -124,6 +130,7 @@ METHODS: dict[str, Method] = {
         "train_safe_ppo",
         ("advantage.estimator=gae",),
         summary="Safe-PPO (PPO-Lagrangian): reward and cost critics, lambda on mean cost",
+        config_module="alignkit.trainers.safe_ppo_config",
     ),
 }
 

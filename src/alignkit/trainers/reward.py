@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from alignkit.config import TrainConfig
-from alignkit.config.schema import EVALUATION, field_help, requires
 from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.data.loaders import DEFAULT_MAX_PROBLEMS, RecordSet
 from alignkit.errors import CheckpointError, ConfigError, DataError, RowProblem
 from alignkit.models import RewardModel, load_reward_model
 from alignkit.models.reward import HEAD_WEIGHTS
 from alignkit.ops.preference import (
-    REWARD_LOSSES,
     cost_model_loss,
     multitask_reward_loss,
     orient_pairs,
@@ -45,13 +42,16 @@ from alignkit.ops.preference import (
 from alignkit.ops.stats import pairwise_accuracy
 from alignkit.tracking.checkpoint import load_full_state_dict
 from alignkit.trainers.common import (
-    DataConfig,
-    ModelConfig,
     load_split,
     require_train_file,
     split_pairs,
 )
 from alignkit.trainers.loop import Metrics, Trainer
+from alignkit.trainers.reward_config import (  # noqa: F401  (re-exported)
+    RewardConfig,
+    RewardHeadConfig,
+    TaskWeightsConfig,
+)
 
 #: Per-response targets of each auxiliary head, as fields of a row.
 AUX_TARGET_FIELDS = {
@@ -60,141 +60,6 @@ AUX_TARGET_FIELDS = {
 }
 #: What the cost loss reads from each (normalised safety-preference) row.
 COST_FIELDS = ("chosen_safety", "rejected_safety", "chosen_is_safe", "rejected_is_safe")
-
-
-@dataclass
-class TaskWeightsConfig:
-    """Weights of the multi-task loss (seed 002 §4.3.4): w_pref*pref + w_help*help + w_safe*safe."""
-
-    preference: float = field(default=1.0, metadata=field_help("Weight of the pairwise loss."))
-    helpfulness: float = field(
-        default=1.0,
-        metadata=field_help("Weight of the helpfulness head's MSE (if that head is on)."),
-    )
-    safety: float = field(
-        default=1.0, metadata=field_help("Weight of the safety head's BCE (if that head is on).")
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("preference", "helpfulness", "safety"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"task_weights.{name} must be >= 0")
-
-
-@dataclass
-class RewardHeadConfig:
-    """What sits on the backbone (see ``alignkit.models.reward``)."""
-
-    head: Literal["linear", "mlp"] = field(
-        default="linear",
-        metadata=field_help("linear: Linear(H, 1); mlp: Linear, ReLU, Dropout, Linear."),
-    )
-    pooling: Literal["last", "mean", "max", "cls", "attention"] = field(
-        default="last",
-        metadata=field_help(
-            "Hidden states -> one vector: last real token, mean, max, cls, attention."
-        ),
-    )
-    aux_heads: list[Literal["helpfulness", "safety"]] = field(
-        default_factory=list,
-        metadata=field_help(
-            "Auxiliary heads (kind=reward only). helpfulness regresses the rows' "
-            "chosen_helpfulness/rejected_helpfulness; safety classifies chosen_is_safe/"
-            "rejected_is_safe (safety-preference data)."
-        ),
-    )
-    mlp_dropout: float = field(default=0.1, metadata=field_help("Dropout inside the mlp head."))
-    task_weights: TaskWeightsConfig = field(
-        default_factory=TaskWeightsConfig, metadata=field_help("Multi-task loss weights.")
-    )
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.mlp_dropout < 1.0:
-            raise ConfigError("mlp_dropout must lie in [0, 1)")
-        if len(set(self.aux_heads)) != len(self.aux_heads):
-            raise ConfigError(f"aux_heads lists a head twice: {self.aux_heads}")
-        requires(self, "mlp_dropout", self.head == "mlp", "head=mlp", scope="reward_model")
-        for head in ("helpfulness", "safety"):
-            key, enable = f"task_weights.{head}", f"aux_heads=[{head}]"
-            requires(self, key, head in self.aux_heads, enable, scope="reward_model")
-
-
-@dataclass
-class RewardConfig(TrainConfig):
-    """A reward model (kind=reward, ``alignkit train rm``) or cost model (kind=cost,
-    ``alignkit train cost``) trained on pairs."""
-
-    kind: Literal["reward", "cost"] = field(
-        default="reward",
-        metadata=field_help(
-            "reward: pairwise preference loss; cost: Safe RLHF cost loss (cost > 0 = unsafe)."
-        ),
-    )
-    model: ModelConfig = field(
-        default_factory=ModelConfig, metadata=field_help("Backbone (or a saved reward model).")
-    )
-    reward_model: RewardHeadConfig = field(
-        default_factory=RewardHeadConfig, metadata=field_help("Head, pooling and auxiliary heads.")
-    )
-    loss: str = field(
-        default="bt",
-        metadata=field_help(
-            "kind=reward: bt -log s(d - m), margin_weighted -log s(d * m), hinge relu(m - d), "
-            "d = r_chosen - r_rejected, or any loss registered with "
-            "alignkit.ops.preference.register_reward_loss. kind=cost uses its own loss "
-            "(must stay bt)."
-        ),
-    )
-    use_margin: bool = field(
-        default=True,
-        metadata=field_help(
-            "Use the rows' margin field as m when the data has one (else bt/margin_weighted "
-            "use none and hinge uses 1)."
-        ),
-    )
-    data_format: Literal["preference", "safety_preference"] | None = field(
-        default=None,
-        metadata=field_help(
-            "Format of the data files; null: preference for kind=reward, safety_preference "
-            "for kind=cost."
-        ),
-    )
-    data: DataConfig = field(default_factory=DataConfig, metadata=field_help("Pair data."))
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        REWARD_LOSSES.check(self.loss, "loss")
-        requires(self, EVALUATION, bool(self.data.eval_file), "data.eval_file")
-        # A cost model's loss (Safe RLHF eq. 6) has no margin and no task weights.
-        margin = ("use_margin", "reward_model.task_weights.preference")
-        requires(self, margin, self.kind == "reward", "kind=reward")
-        if self.model.lora is not None:
-            raise ConfigError(
-                "model.lora: reward and cost models train all weights; LoRA is not supported "
-                "for them, set model.lora to null"
-            )
-        if self.kind == "cost":
-            if self.data_format == "preference":
-                raise ConfigError(
-                    "kind=cost trains on safety preferences: data_format must be "
-                    "safety_preference (or null)"
-                )
-            if self.loss != "bt":
-                raise ConfigError(
-                    f"loss={self.loss!r}: kind=cost uses the Safe RLHF cost loss (a "
-                    "Bradley-Terry term plus a sign term); leave loss at bt"
-                )
-            if self.reward_model.aux_heads:
-                raise ConfigError(
-                    "reward_model.aux_heads are for kind=reward; a cost model's sign term "
-                    "already classifies responses as safe or unsafe"
-                )
-
-    @property
-    def resolved_data_format(self) -> str:
-        if self.data_format is not None:
-            return self.data_format
-        return "safety_preference" if self.kind == "cost" else "preference"
 
 
 class RewardTrainer(Trainer):

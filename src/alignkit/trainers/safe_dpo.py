@@ -26,31 +26,33 @@ policy, so it is not a KL estimate (it is often negative) and carries its real n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from alignkit.config.schema import requires
 from alignkit.errors import ConfigError
 from alignkit.models import load_reward_model
 from alignkit.models.reward import check_saved_kind
 from alignkit.ops.lagrange import (
-    LagrangeMultiplier,
     estimate_cost,
     estimate_cost_from_data,
     lagrangian_combine,
 )
-from alignkit.ops.preference import is_reference_free, orient_pairs
+from alignkit.ops.preference import orient_pairs
 from alignkit.ops.stats import masked_mean
 from alignkit.trainers.common import gather_per_example, split_pairs
 from alignkit.trainers.dpo import (
-    DPOConfig,
     DPOTrainer,
     build_preference_trainer,
     preference_metrics,
     response_lengths,
+)
+from alignkit.trainers.dpo_config import (  # noqa: F401  (re-exported)
+    LambdaConfig,
+    MultiplierConfig,
+    SafeDPOConfig,
+    SafetyConfig,
 )
 from alignkit.trainers.loop import Metrics
 
@@ -59,102 +61,6 @@ SAFE_DPO_LINE = (
     "log_ratio={log_ratio:.4f} "
     "lambda={lambda:.4f} J_C={J_C:.4f} delta_S_mean={delta_S_mean:.4f}"
 )
-
-
-@dataclass
-class MultiplierConfig:
-    """A Lagrange multiplier's update (seed 000; `ops.LagrangeMultiplier`)."""
-
-    init: float = field(default=1.0, metadata={"help": "Initial lambda."})
-    lr: float = field(default=0.01, metadata={"help": "Step size alpha of the update."})
-    ema: float = field(default=0.95, metadata={"help": "EMA factor of J_C (log rule)."})
-    min_value: float = field(default=1e-6, metadata={"help": "Floor of lambda."})
-    max_value: float = field(default=10.0, metadata={"help": "Ceiling of lambda."})
-    rule: Literal["log", "linear"] = field(
-        default="log",
-        metadata={"help": "log: ln l += lr*l*J_C_ema (seed 000); linear: l += lr*J_C (old)."},
-    )
-
-    def __post_init__(self) -> None:
-        # The linear rule steps on the batch's J_C; the EMA only feeds the log rule.
-        requires(self, "ema", self.rule == "log", "rule=log", scope="lambda")
-
-    def build(self) -> LagrangeMultiplier:
-        return LagrangeMultiplier(
-            init=self.init,
-            lr=self.lr,
-            ema=self.ema,
-            min_value=self.min_value,
-            max_value=self.max_value,
-            rule=self.rule,
-        )
-
-
-@dataclass
-class LambdaConfig(MultiplierConfig):
-    """Safe-DPO's multiplier: the update, and how J_C is estimated from the pairs."""
-
-    cost_estimator: Literal["policy", "data"] = field(
-        default="policy",
-        metadata={
-            "help": "policy: J_C from the policy's preference (seed 000); data: -mean(delta_S)."
-        },
-    )
-    preference: Literal["log_ratio", "implicit_reward"] = field(
-        default="log_ratio",
-        metadata={
-            "help": "What sign() reads in J_C: the policy's log-prob difference (seed 000) or "
-            "the implicit-reward difference (log-ratios to the reference)."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        policy = self.cost_estimator == "policy"
-        requires(self, "preference", policy, "cost_estimator=policy", scope="lambda")
-
-
-@dataclass
-class SafetyConfig:
-    """Where the safety scores of the two responses come from."""
-
-    source: Literal["data", "cost_model"] = field(
-        default="data",
-        metadata={"help": "data: chosen_safety/rejected_safety fields; cost_model: -cost."},
-    )
-    cost_model: str | None = field(
-        default=None, metadata={"help": "Trained cost model directory (source: cost_model)."}
-    )
-
-    def __post_init__(self) -> None:
-        used = self.source == "cost_model"
-        requires(self, "cost_model", used, "source=cost_model", scope="safety")
-
-
-@dataclass
-class SafeDPOConfig(DPOConfig):
-    """Safe-DPO on safety-preference rows (PKU-SafeRLHF or flattened format)."""
-
-    safety: SafetyConfig = field(default_factory=SafetyConfig, metadata={"help": "Safety."})
-    lambda_: LambdaConfig = field(
-        default_factory=LambdaConfig, metadata={"help": "Lagrange multiplier (YAML: lambda)."}
-    )
-    normalize: bool = field(
-        default=True, metadata={"help": "Divide the total by (1 + lambda), as Safe RLHF does."}
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if is_reference_free(self.dpo.kind):
-            raise ConfigError(
-                f"dpo.kind={self.dpo.kind} is reference-free; Safe-DPO needs a reference kind"
-            )
-        if self.dpo.length_normalize:
-            raise ConfigError("dpo.length_normalize is not supported by Safe-DPO; set it to false")
-        if self.safety.source == "cost_model" and not self.safety.cost_model:
-            raise ConfigError("safety.source=cost_model needs safety.cost_model (a directory)")
-        if self.safety.source == "cost_model":
-            check_saved_kind(self.safety.cost_model, "cost", "safety.cost_model")
 
 
 class SafeDPOTrainer(DPOTrainer):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,8 +39,7 @@ from alignkit.rollout.rewards import ModelReward, RewardSource, build_reward_sou
 from alignkit.trainers.critic import Critic, as_critic, build_critic
 from alignkit.trainers.online import applicable
 from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
-from alignkit.trainers.rl_config import CriticConfig, PGConfig, RewardSourceConfig
-from alignkit.trainers.safe_dpo import MultiplierConfig
+from alignkit.trainers.safe_ppo_config import SafePPOConfig
 
 __all__ = ["SafePPOConfig", "SafePPOTrainer", "train_safe_ppo"]
 
@@ -54,47 +53,6 @@ class SafeExperience(Experience):
     cost_values: Tensor | None = None
     cost_returns: Tensor | None = None
     cost_advantages: Tensor | None = None
-
-
-@dataclass
-class SafePPOConfig(PGConfig):
-    """PPO with a cost constraint ``mean episode cost <= cost_limit`` and a multiplier."""
-
-    costs: list[RewardSourceConfig] = field(
-        default_factory=list,
-        metadata={
-            "help": "Cost sources (> 0 unsafe), summed with their weights, same syntax as "
-            "rewards: [{function: assistant_safety_cost}] or [{model: runs/cost}]."
-        },
-    )
-    cost_limit: float = field(
-        default=0.0,
-        metadata={
-            "help": "The constraint: mean episode cost <= cost_limit. (The logged "
-            "cost/violation_rate is the share of episodes with cost > 0, i.e. unsafe.)"
-        },
-    )
-    lambda_: MultiplierConfig = field(
-        default_factory=MultiplierConfig,
-        metadata={"help": "Lagrange multiplier, fed J_C = mean cost - cost_limit (YAML: lambda)."},
-    )
-    cost_critic: CriticConfig | None = field(
-        default=None,
-        metadata={
-            "help": "The cost critic (same kind as `critic`); null: the default critic when "
-            "the estimator needs values."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.critic is not None and self.cost_critic is None:
-            self.cost_critic = CriticConfig()
-        if self.critic is None and self.cost_critic is not None:
-            raise ConfigError(
-                f"cost_critic is set but advantage.estimator={self.advantage.estimator} does "
-                "not use values; use estimator=gae or cost_critic=null"
-            )
 
 
 class SafePPOTrainer(PolicyGradientTrainer):
@@ -138,9 +96,7 @@ class SafePPOTrainer(PolicyGradientTrainer):
         base = super().make_experience(prompts, group_offset, generator)
         exp = SafeExperience(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
         with self.timed("cost"):
-            exp.cost_scores = self.cost(exp.prompts, exp.completions, exp.row_fields).to(
-                exp.scores.device
-            )
+            exp.cost_scores = self.score(self.cost, exp).to(exp.scores.device)
         if self.cost_critic is not None:
             with self.timed("cost_values"):
                 exp.cost_values = self.cost_critic.values(exp)
@@ -201,8 +157,9 @@ class SafePPOTrainer(PolicyGradientTrainer):
         return values
 
 
-def build_safe_ppo_trainer(cfg: SafePPOConfig) -> SafePPOTrainer:
-    """Load everything PPO does, plus the cost sources and the cost critic."""
+def build_safe_ppo_trainer(cfg: SafePPOConfig, **loaded: Any) -> SafePPOTrainer:
+    """Load everything PPO does, plus the cost sources and the cost critic (``loaded``: a
+    model and tokenizer given from Python, as for ``build_pg_trainer``)."""
     if not cfg.costs:
         raise ConfigError(
             "costs: give at least one source, e.g. [{function: assistant_safety_cost}]"
@@ -220,7 +177,7 @@ def build_safe_ppo_trainer(cfg: SafePPOConfig) -> SafePPOTrainer:
         critic = build_critic(cfg, cfg.cost_critic) if cfg.cost_critic is not None else None
         return {"cost": cost, "cost_critic": critic}
 
-    trainer = build_pg_trainer(cfg, SafePPOTrainer, extra)
+    trainer = build_pg_trainer(cfg, SafePPOTrainer, extra, **loaded)
     assert isinstance(trainer, SafePPOTrainer)
     return trainer
 

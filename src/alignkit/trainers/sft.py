@@ -8,13 +8,10 @@ its split into micro-batches and processes (see alignkit.runloop.optimizer).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from torch import Tensor, nn
 
-from alignkit.config import TrainConfig
-from alignkit.config.schema import EVALUATION, requires
 from alignkit.data import SFTCollator, tokenize_sft
 from alignkit.data.packing import PackedSFTCollator, pack_examples
 from alignkit.data.tokenize import IGNORE_INDEX
@@ -22,48 +19,12 @@ from alignkit.models.forward import innermost_model, segment_logprobs, token_log
 from alignkit.models.tied import accumulate_tied_embedding_grad
 from alignkit.ops.stats import masked_mean
 from alignkit.trainers.common import (
-    DataConfig,
-    ModelConfig,
     load_model_and_tokenizer,
     load_split,
     require_train_file,
 )
 from alignkit.trainers.loop import Metrics, Trainer
-
-
-@dataclass
-class SFTDataConfig(DataConfig):
-    """SFT data: the shared data settings plus which assistant turns are trained on."""
-
-    assistant_turns: Literal["all", "last"] = field(
-        default="all",
-        metadata={
-            "help": 'In {"messages"} rows with several assistant turns: all trains every '
-            "assistant turn (each as the chat template renders it), last only the final one. "
-            "Every other token is masked either way."
-        },
-    )
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """Supervised fine-tuning on ``{"prompt","completion"}`` or ``{"messages"}`` rows."""
-
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy."})
-    data: SFTDataConfig = field(default_factory=SFTDataConfig, metadata={"help": "SFT data."})
-    packing: bool = field(
-        default=False,
-        metadata={
-            "help": "Pack several examples into each row of data.max_length tokens (a "
-            "block-diagonal attention mask keeps them apart): less padding, faster epochs."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        requires(self, EVALUATION, bool(self.data.eval_file), "data.eval_file")
-        # SFT's padding-free forward is the one over packed rows.
-        requires(self, "model.packed", self.packing, "packing=true")
+from alignkit.trainers.sft_config import SFTConfig, SFTDataConfig  # noqa: F401  (re-exported)
 
 
 class SFTTrainer(Trainer):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit.rollout.registry import register_reward
+from alignkit.rollout.registry import completion_text, register_reward, row_columns
 from alignkit.rollout.verifiers.sandbox import Sandbox, SandboxLimits
 
 __all__ = ["CodeTests", "TestReport", "extract_code", "run_tests"]
@@ -192,6 +192,7 @@ class CodeTests:
     def __call__(
         self, prompts: list[str], completions: list[str], **fields: Any
     ) -> list[float | None]:
+        fields = row_columns(fields)
         if self.tests_field not in fields:
             raise KeyError(
                 f"code_tests needs the column '{self.tests_field}' (options.tests_field); the "
@@ -207,7 +208,7 @@ class CodeTests:
         def score(i: int) -> float | None:
             if not tests[i]:
                 return None
-            code = extract_code(completions[i], self.code_block)
+            code = extract_code(completion_text(completions[i]), self.code_block)
             report = run_tests(
                 code,
                 tests[i],

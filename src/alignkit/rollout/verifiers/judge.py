@@ -45,7 +45,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from alignkit.errors import ConfigError
-from alignkit.rollout.registry import RewardFunctionError, describe_sample, register_reward
+from alignkit.rollout.registry import (
+    RewardFunctionError,
+    completion_text,
+    describe_sample,
+    prompt_text,
+    register_reward,
+    row_columns,
+)
 
 __all__ = ["DEFAULT_SCORE_PATTERN", "DEFAULT_TEMPLATE", "JudgeError", "LLMJudge", "parse_score"]
 
@@ -271,8 +278,12 @@ class LLMJudge:
     def __call__(
         self, prompts: list[str], completions: list[str], **fields: Sequence[Any]
     ) -> list[float | None]:
-        rows = [{k: v[i] for k, v in fields.items()} for i in range(len(completions))]
-        texts = [self.render(p, c, r) for p, c, r in zip(prompts, completions, rows, strict=True)]
+        columns = row_columns(fields)
+        rows = [{k: v[i] for k, v in columns.items()} for i in range(len(completions))]
+        texts = [
+            self.render(prompt_text(p), completion_text(c), r)
+            for p, c, r in zip(prompts, completions, rows, strict=True)
+        ]
 
         def ask(i: int) -> str:
             try:

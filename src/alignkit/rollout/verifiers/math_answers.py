@@ -32,7 +32,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from alignkit.rollout.registry import register_reward
+from alignkit.rollout.registry import completion_text, register_reward, row_columns
 from alignkit.rollout.verifiers.packages import require_package
 
 __all__ = ["FORMATS", "MathAccuracy", "MathFormat", "final_answer", "math_score"]
@@ -164,8 +164,9 @@ class MathAccuracy:
     def __call__(
         self, prompts: list[str], completions: list[str], **fields: Any
     ) -> list[float | None]:
-        answers = _answers(fields, self.answer_field)
-        return [math_score(c, a, self.format) for c, a in zip(completions, answers, strict=True)]
+        answers = _answers(row_columns(fields), self.answer_field)
+        pairs = zip(completions, answers, strict=True)
+        return [math_score(completion_text(c), a, self.format) for c, a in pairs]
 
 
 @register_reward("math_format")
@@ -177,4 +178,6 @@ class MathFormat:
         self.format = _check_format(format, FORMATS[1:])
 
     def __call__(self, prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-        return [float(final_answer(c, self.format) is not None) for c in completions]
+        return [
+            float(final_answer(completion_text(c), self.format) is not None) for c in completions
+        ]

@@ -29,7 +29,7 @@ from functools import lru_cache
 from typing import Any
 
 from alignkit.errors import ConfigError
-from alignkit.rollout.registry import register_reward_family
+from alignkit.rollout.registry import completion_text, register_reward_family
 from alignkit.rollout.verifiers.packages import require_package
 
 __all__ = ["ReasoningGymReward", "reasoning_gym_rows", "reasoning_gym_tasks", "score_answer"]
@@ -197,6 +197,6 @@ class ReasoningGymReward:
                     f"sample {i} is a '{task[i]}' row, scored by reasoning_gym:{self.task}"
                 )
             row = {"answer": answer[i]} | {k: v[i] for k, v in columns.items() if v is not None}
-            extracted = _extract(completion, self.extract)
+            extracted = _extract(completion_text(completion), self.extract)
             scores.append(score_answer(self.task, extracted, row, self.config))
         return scores
