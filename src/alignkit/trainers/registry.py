@@ -123,6 +123,7 @@ METHODS: dict[str, Method] = {
         "DistillConfig",
         "train_distill",
         summary="on-policy distillation: per-token reverse KL to a teacher on own samples (GKD)",
+        config_module="alignkit.trainers.distill_config",
     ),
     "safe-ppo": Method(
         "alignkit.trainers.safe_ppo",
