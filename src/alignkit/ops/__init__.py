@@ -5,9 +5,10 @@ Submodules by topic: `logprobs` (the one logit/label shift), `stats` (masked sta
 `advantages`, `losses` (policy/value) and `preference` (DPO family, reward-model losses, pair
 orientation), `lagrange` (Lagrangian combination, Safe-DPO multiplier, seed 000), `sampling`
 (the sampling distribution: temperature, top-k, top-p; the inverse-CDF draw), `importance`
-(importance weights, effective sample size) and `proposals` (proposals between a policy and a
-teacher: geometric mixture, α rules, the variance-optimal proposal; seed 001). `_registry.Registry`
-is the one registry behind every kind selected by name; `_dtype` the one precision rule.
+(importance weights, the rollout correction, the sampler/trainer mismatch, effective sample
+size) and `proposals` (proposals between a policy and a teacher: geometric mixture, α rules, the
+variance-optimal proposal; seed 001). `_registry.Registry` is the one registry behind every kind
+selected by name; `_dtype` the one precision rule.
 """
 
 from alignkit.ops._registry import Registry, UnknownNameError
@@ -24,7 +25,12 @@ from alignkit.ops.advantages import (
     reinforce_returns,
     rloo_advantages,
 )
-from alignkit.ops.importance import effective_sample_size, truncated_importance_weights
+from alignkit.ops.importance import (
+    effective_sample_size,
+    mismatch_kl,
+    rollout_correction,
+    truncated_importance_weights,
+)
 from alignkit.ops.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -91,7 +97,7 @@ from alignkit.ops.proposals import (
     progress_terms,
     snr_alpha,
 )
-from alignkit.ops.sampling import inverse_cdf_sample, sampling_distribution
+from alignkit.ops.sampling import inverse_cdf_sample, sampling_distribution, truncate_logits
 from alignkit.ops.stats import (
     Moments,
     RunningMeanStd,
@@ -155,6 +161,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "min_variance_proposal_logprobs",
+    "mismatch_kl",
     "multitask_reward_loss",
     "orient_pairs",
     "orpo_loss",
@@ -175,12 +182,14 @@ __all__ = [
     "reinforce_returns",
     "reward_model_loss",
     "rloo_advantages",
+    "rollout_correction",
     "sampling_distribution",
     "selective_log_softmax",
     "sequence_logprobs",
     "sequence_logprobs_at",
     "simpo_loss",
     "snr_alpha",
+    "truncate_logits",
     "truncated_importance_weights",
     "value_loss",
 ]

@@ -160,6 +160,14 @@ class OnlineTrainer(RunLoop):
 
     # ----------------------------------------------------------------- RunLoop's hooks
 
+    def train(self) -> dict[str, Any]:
+        """The run (see ``RunLoop.train``); the engine's servers, if it started any, are
+        stopped when it ends, normally or by an error."""
+        try:
+            return super().train()
+        finally:
+            self.engine.close()
+
     def _prepare_training(self) -> None:
         cfg = self.config
         check_batch_settings(cfg, self.accelerator.num_processes)
