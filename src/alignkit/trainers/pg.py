@@ -224,8 +224,8 @@ class PolicyGradientTrainer(OnlineTrainer):
         self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
     ) -> Experience:
         device = self.accelerator.device
+        self.engine.set_iteration(self.state.step)  # before the sync: its errors name it
         self._engine_current()
-        self.engine.set_iteration(self.state.step)
         with self.timed("rollout"):
             exp = self.engine.generate(
                 prompts, self.sampling, generator=generator, group_offset=group_offset

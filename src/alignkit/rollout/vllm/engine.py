@@ -139,7 +139,8 @@ class VLLMEngine:
         self.version = 0  # weight syncs done
         self._plan: _Plan | None = None
         self._processes = _Processes()
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, float] = {}  # of the last generate and the syncs before it
+        self._sync_stats: dict[str, float] = {}  # of the syncs since the last generate
         self._checked: set[str] = set()
 
     # --- starting ------------------------------------------------------------------------
@@ -270,8 +271,9 @@ class VLLMEngine:
         self.iteration = iteration
 
     def stats(self) -> dict[str, float]:
-        """Metrics of the last sync and generation (``rollout/...``, ``timing/...``)."""
-        return dict(self._stats)
+        """Metrics of the last generation and of the syncs since the one before
+        (``rollout/...``, ``timing/...``): a sync's numbers are reported once."""
+        return {**self._stats, **self._sync_stats}
 
     def sync_weights(self, model: nn.Module) -> None:
         """Push ``model``'s weights to every server, then verify them with the probe (the first
@@ -290,13 +292,15 @@ class VLLMEngine:
                 self._push_and_verify(model, push)
             except Exception as err:  # every process must learn of it, or the others wait
                 failure = err
-        message = processes.share(_describe(failure))
+        # Every process logs the sync's numbers: metrics are averaged across processes by name.
+        message, stats = processes.share((_describe(failure), self._sync_stats))
         if failure is not None:
             raise failure
         if message is not None:
             raise VLLMError(f"{message} (reported by the main process)")
-        if not processes.main and push:
-            self.version += 1
+        if not processes.main:
+            self._sync_stats = dict(stats)
+            self.version += int(push)
 
     def _push_and_verify(self, model: nn.Module, push: bool) -> None:
         where = f"weight sync {self.version + int(push)} (after iteration {self.iteration})"
@@ -308,9 +312,9 @@ class VLLMEngine:
                 stats = self.weight_sync.push(unwrap_for_generation(model), self.version)
             except VLLMError as err:
                 raise VLLMError(f"{where} failed: {err}{self._resume_hint()}") from err
-            stats["timing/weight_sync"] = time.perf_counter() - start
+            stats["timing/sync_push"] = time.perf_counter() - start
             stats["rollout/weight_version"] = float(self.version)
-            self._stats.update(stats)
+            self._sync_stats.update(stats)
         if self.probe is not None:
             try:
                 self.verify(model)
@@ -330,12 +334,16 @@ class VLLMEngine:
             scores = client.score(self.probe.sequences, model=served)
             where = f"server {client.url}, after iteration {self.iteration}"
             result = self.probe.check(
-                self.version, self.probe.engine_logprobs(scores), trainer, server=where
+                self.version,
+                self.probe.engine_logprobs(scores),
+                trainer,
+                server=client.url,
+                where=where,
             )
             worst, mean = max(worst, result.max_abs), max(mean, result.mean_abs)
-        self._stats["rollout/sync_probe_max_abs"] = worst
-        self._stats["rollout/sync_probe_mean_abs"] = mean
-        self._stats["timing/sync_probe"] = time.perf_counter() - start
+        self._sync_stats["rollout/sync_probe_max_abs"] = worst
+        self._sync_stats["rollout/sync_probe_mean_abs"] = mean
+        self._sync_stats["timing/sync_probe"] = time.perf_counter() - start
 
     def generate(
         self,
@@ -381,13 +389,17 @@ class VLLMEngine:
                 samples = [c for group in pool.map(one, range(len(prompts))) for c in group]
         except VLLMError as err:
             raise VLLMError(
-                f"vLLM rollout of iteration {self.iteration} failed: {err}{self._resume_hint()}"
+                f"vLLM rollout of iteration {self.iteration + 1} failed: {err}{self._resume_hint()}"
             ) from err
         experience = self._assemble(prompts, sampling, samples, group_offset)
         seconds = time.perf_counter() - start
         tokens = int(experience.response_lengths.sum())
-        self._stats["timing/vllm_generate"] = seconds
-        self._stats["rollout/vllm_tokens_per_s"] = tokens / max(seconds, 1e-9)
+        self._stats = {
+            **self._sync_stats,
+            "timing/vllm_generate": seconds,
+            "rollout/vllm_tokens_per_s": tokens / max(seconds, 1e-9),
+        }
+        self._sync_stats = {}
         return experience
 
     def _assemble(
