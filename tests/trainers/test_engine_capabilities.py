@@ -72,9 +72,9 @@ def _trainer(tmp_path, name: str):
 def test_an_engine_with_its_own_weights_is_synced_when_it_says_so(tmp_path, declared):
     trainer = _trainer(tmp_path, f"copy_{declared}")
     trainer.engine = engine = CopyingEngine(trainer, needs_weight_sync=declared)
-    # It samples the policy, but its log-probs are not the trainer's: re-scored, no weights.
+    # It samples the policy, but its log-probs are not the trainer's: re-scored and weighed.
     assert trainer.engine_samples_policy and trainer.exactly_on_policy
-    assert not trainer.behaviour_is_old_policy
+    assert not trainer.behaviour_is_old_policy and trainer.corrects_behaviour
     experiences = []
     make_experience = trainer.make_experience
 
@@ -85,12 +85,17 @@ def test_an_engine_with_its_own_weights_is_synced_when_it_says_so(tmp_path, decl
     trainer.make_experience = watched
     trainer.train()
     assert len(experiences) == 3
+    gaps = []
     for exp in experiences:
-        assert exp.old_logprobs is not exp.behaviour_logprobs and exp.is_weights is None
+        assert exp.old_logprobs is not exp.behaviour_logprobs
+        gaps.append(float((exp.is_weights - 1)[exp.response_mask].abs().max()))
     # Initial evaluation, then per iteration: a rollout and an evaluation.
     assert len(engine.generated_with_current_weights) == 1 + 2 * 3
     if declared:
         assert all(engine.generated_with_current_weights)
+        assert max(gaps) < 1e-4  # the same weights, the same arithmetic: weights of 1
     else:  # the trainer pushes nothing unasked: after the first update the copy is stale
         assert engine.generated_with_current_weights[:2] == [True, True]
         assert not any(engine.generated_with_current_weights[2:])
+        # ... and the correction sees it: the stale copy's samples are weighed away from 1.
+        assert gaps[0] < 1e-4 and min(gaps[1:]) > 1e-3

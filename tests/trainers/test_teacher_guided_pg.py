@@ -58,7 +58,7 @@ def test_grpo_with_a_teacher_samples_from_the_proposal_and_weights_the_loss(tmp_
 
 def test_fixed_alpha_gives_importance_weights_below_the_cap(tmp_path):
     cfg = grpo_config(
-        tmp_path, "rollout.teacher=tiny", "rollout.alpha=0.3", "rollout.max_importance_weight=3"
+        tmp_path, "rollout.teacher=tiny", "rollout.alpha=0.3", "rollout.correction.cap=3"
     )
     trainer = build_pg_trainer(cfg)
     # A teacher that differs from the policy: perturb its weights.

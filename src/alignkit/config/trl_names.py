@@ -306,7 +306,40 @@ TRL_OPTIONS: tuple[TrlOption, ...] = (
     TrlOption("log_completions", (Target("train.samples_every", "online"),)),
     TrlOption(
         "use_vllm",
-        instead="generation runs in-process with the policy; there is no vLLM server option",
+        (
+            Target(
+                "rollout.engine",
+                "online",
+                "rollout.engine: vllm; servers run in vLLM's own venv, settings in rollout.vllm "
+                "(docs/vllm.md)",
+            ),
+        ),
+    ),
+    TrlOption("vllm_server_base_url", (Target("rollout.vllm.urls", "online", "a list"),)),
+    TrlOption(
+        "vllm_importance_sampling_mode",
+        (
+            Target(
+                "rollout.correction.mode",
+                "online",
+                "token_truncate = level token + mode truncate; sequence_mask (TRL's default) = "
+                "level sequence + mode mask",
+            ),
+        ),
+    ),
+    TrlOption(
+        "vllm_importance_sampling_clip_max",
+        (Target("rollout.correction.cap", "online", "formerly rollout.max_importance_weight"),),
+        aliases=("vllm_importance_sampling_cap", "max_importance_weight"),
+    ),
+    TrlOption(
+        "vllm_importance_sampling_clip_min",
+        (Target("rollout.correction.lower", "online", "mode mask only"),),
+    ),
+    TrlOption(
+        "vllm_importance_sampling_correction",
+        instead="always on when rollouts are not the trainer's own distribution (vLLM, top_k/"
+        "top_p, a teacher); rollout.correction sets how",
     ),
     TrlOption(
         "mask_truncated_completions",

@@ -18,6 +18,7 @@ Per-token tensors are ``[B, T]`` and aligned with ``input_ids``: column ``t`` co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, overload
 
 from torch import Tensor, nn
@@ -73,6 +74,7 @@ def token_logprobs(
     position_ids: Tensor | None = ...,
     packed: bool = ...,
     with_entropy: Literal[False] = ...,
+    logits_filter: Callable[[Tensor], Tensor] | None = ...,
 ) -> Tensor: ...
 
 
@@ -86,6 +88,7 @@ def token_logprobs(
     position_ids: Tensor | None = ...,
     packed: bool = ...,
     with_entropy: Literal[True],
+    logits_filter: Callable[[Tensor], Tensor] | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -99,6 +102,7 @@ def token_logprobs(
     position_ids: Tensor | None = ...,
     packed: bool = ...,
     with_entropy: bool,
+    logits_filter: Callable[[Tensor], Tensor] | None = ...,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
@@ -111,6 +115,7 @@ def token_logprobs(
     position_ids: Tensor | None = None,
     packed: bool = False,
     with_entropy: bool = False,
+    logits_filter: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``[B, T]`` log-probs of the tokens where ``scored`` is set (0 elsewhere), one forward.
 
@@ -137,6 +142,10 @@ def token_logprobs(
             holds and no explicit ``position_ids`` are given, else the padded forward runs.
         with_entropy: also return the entropy (nats) of the temperature-scaled predictive
             distribution that each scored token was drawn from, ``[B, T]``, 0 elsewhere.
+        logits_filter: applied to the temperature-scaled logit rows (``[..., V]``) before the
+            log-softmax, e.g. ``ops.sampling.truncate_logits`` with the sampler's top-k/top-p:
+            the log-probs are then those of the truncated, renormalised distribution a
+            truncated sampler draws from (what an importance weight must compare against).
 
     Returns:
         The log-probs (float32 for half-precision models), or ``(logprobs, entropy)`` when
@@ -153,13 +162,15 @@ def token_logprobs(
     if packed and position_ids is None and packable_model(model, input_ids.shape[1]):
         layout = pack_rows(input_ids, attention_mask, **packing_options(model))
         if layout is not None:
-            return _packed_token_logprobs(model, layout, scored, temperature, with_entropy)
+            return _packed_token_logprobs(
+                model, layout, scored, temperature, with_entropy, logits_filter
+            )
     if position_ids is None and takes_position_ids(model):
         position_ids = position_ids_from_mask(attention_mask)
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None:
         inputs["position_ids"] = position_ids
-    return _scored_logprobs(model, inputs, scored, temperature, with_entropy)
+    return _scored_logprobs(model, inputs, scored, temperature, with_entropy, logits_filter)
 
 
 def _scored_logprobs(
@@ -168,6 +179,7 @@ def _scored_logprobs(
     scored: Tensor,
     temperature: float,
     with_entropy: bool,
+    logits_filter: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The forward of :func:`token_logprobs` on prepared model inputs (padded or packed)."""
     input_ids = inputs["input_ids"]
@@ -176,6 +188,8 @@ def _scored_logprobs(
         # [N, V]: one row per scored token, in row-major order of `predicts`.
         logits = model(**inputs, logits_to_keep=predicts).logits
         logits = logits if temperature == 1.0 else logits / temperature
+        if logits_filter is not None:
+            logits = logits_filter(logits)
         if not with_entropy:
             # Nothing else reads these logits: their gradient can take their storage.
             return sequence_logprobs_at(logits, input_ids, scored, overwrite_logits=True)
@@ -183,6 +197,8 @@ def _scored_logprobs(
         return logprobs, _entropy_at_scored(logits, predicts)
     logits = model(**inputs).logits  # [B, T, V]
     logits = logits if temperature == 1.0 else logits / temperature
+    if logits_filter is not None:
+        logits = logits_filter(logits)
     logprobs = sequence_logprobs(logits, input_ids, scored)
     if not with_entropy:
         return logprobs
@@ -197,12 +213,16 @@ def _packed_token_logprobs(
     scored: Tensor,
     temperature: float,
     with_entropy: bool,
+    logits_filter: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`token_logprobs` through the packed layout, returned in the padded layout."""
     dtype = next(model.parameters()).dtype
     inputs = packed_model_inputs(model, layout, dtype)
     with packed_attention(model, layout):
-        out = _scored_logprobs(model, inputs, layout.pack_scored(scored), temperature, with_entropy)
+        packed_scored = layout.pack_scored(scored)
+        out = _scored_logprobs(
+            model, inputs, packed_scored, temperature, with_entropy, logits_filter
+        )
     keep = scored != 0
     packed_outputs = out if isinstance(out, tuple) else (out,)
     unpacked = tuple(

@@ -5,11 +5,12 @@ Submodules by topic: `logprobs` (the one logit/label shift), `stats` (masked sta
 `advantages`, `losses` (policy/value; `surrogates`: GSPO, CISPO, SAPO) and `preference` (DPO
 family, reward-model losses, pair orientation), `lagrange` (Lagrangian combination, Safe-DPO
 multiplier, seed 000), `sampling` (the sampling distribution: temperature, top-k, top-p; the
-inverse-CDF draw), `importance` (importance weights, effective sample size), `proposals`
-(proposals between a policy and a teacher: geometric mixture, α rules, the variance-optimal
-proposal; seed 001), `shaping` (DAPO's group filter and overlong punishment), `token_selection`
-(the entropy and off-policy token masks). `_registry.Registry` is the one registry behind every
-kind selected by name; `_dtype` the one precision rule.
+inverse-CDF draw), `importance` (importance weights, the rollout correction, the sampler/trainer
+mismatch, effective sample size), `proposals` (proposals between a policy and a teacher:
+geometric mixture, α rules, the variance-optimal proposal; seed 001), `shaping` (DAPO's group
+filter and overlong punishment), `token_selection` (the entropy and off-policy token masks).
+`_registry.Registry` is the one registry behind every kind selected by name; `_dtype` the one
+precision rule.
 """
 
 from alignkit.ops._registry import Registry, UnknownNameError
@@ -27,7 +28,12 @@ from alignkit.ops.advantages import (
     reinforce_returns,
     rloo_advantages,
 )
-from alignkit.ops.importance import effective_sample_size, truncated_importance_weights
+from alignkit.ops.importance import (
+    effective_sample_size,
+    mismatch_kl,
+    rollout_correction,
+    truncated_importance_weights,
+)
 from alignkit.ops.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -94,7 +100,7 @@ from alignkit.ops.proposals import (
     progress_terms,
     snr_alpha,
 )
-from alignkit.ops.sampling import inverse_cdf_sample, sampling_distribution
+from alignkit.ops.sampling import inverse_cdf_sample, sampling_distribution, truncate_logits
 from alignkit.ops.shaping import informative_groups, overlong_penalty
 from alignkit.ops.stats import (
     Moments,
@@ -176,6 +182,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "min_variance_proposal_logprobs",
+    "mismatch_kl",
     "multitask_reward_loss",
     "normalize_advantages",
     "off_policy_sequence_mask",
@@ -199,6 +206,7 @@ __all__ = [
     "reinforce_returns",
     "reward_model_loss",
     "rloo_advantages",
+    "rollout_correction",
     "sampling_distribution",
     "sapo_policy_loss",
     "selective_log_softmax",
@@ -208,6 +216,7 @@ __all__ = [
     "simpo_loss",
     "snr_alpha",
     "top_entropy_mask",
+    "truncate_logits",
     "truncated_importance_weights",
     "value_loss",
 ]

@@ -1,21 +1,46 @@
 """Importance weights: correcting for tokens sampled by a behaviour distribution mu (a teacher
-mixture, a truncated sampler, an inference engine, an older policy) while the loss is written
-for pi.
+mixture, an inference engine in another process or precision, weights a few updates old) while
+the loss is written for the trainer's distribution pi.
 
-:func:`truncated_importance_weights` gives the per-token weights ``min(pi/mu, C)``;
-:func:`effective_sample_size` summarises how far a batch of weights is from uniform.
+- :func:`truncated_importance_weights`: the per-token weights ``min(pi/mu, C)``;
+- :func:`rollout_correction`: the rollout correction of an online trainer (``rollout.correction``):
+  token- or sequence-level ratios, truncated or masked (TRL 1.16's
+  ``vllm_importance_sampling_mode``, verl's rollout correction);
+- :func:`mismatch_kl`: how far the sampler is from the trainer (k1 and k3 estimates of
+  KL(mu || pi) on the sampled tokens);
+- :func:`effective_sample_size`: how far a batch of weights is from uniform.
+
+**Which pi.** Under top-k/top-p the sampler draws from the *truncated* policy
+``pi_trunc = softmax over the kept set`` (``ops.sampling.truncate_logits``), and an engine records
+``log mu = log pi_trunc`` (vLLM with ``--logprobs-mode processed_logprobs``, alignkit's decode
+loop). The target of the correction is then the trainer's own ``pi_trunc`` on the same tokens, not
+the full-vocabulary ``pi``: ``pi / mu`` would be the kept mass ``S < 1`` for every token even with
+identical numerics, a log-ratio off by ``log S`` (TRL's open trl#6789). The trainer scores that
+target with ``models.forward.token_logprobs(..., logits_filter=truncate_logits...)``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from alignkit.ops._dtype import compute_dtype
 
-__all__ = ["effective_sample_size", "truncated_importance_weights"]
+__all__ = [
+    "CORRECTION_LEVELS",
+    "CORRECTION_MODES",
+    "RolloutCorrection",
+    "effective_sample_size",
+    "mismatch_kl",
+    "rollout_correction",
+    "truncated_importance_weights",
+]
+
+CORRECTION_LEVELS = ("token", "sequence")
+CORRECTION_MODES = ("truncate", "mask")
 
 # exp(20) ~ 4.9e8: never binds below any sensible cap, and keeps exp() finite.
 _MAX_LOG_WEIGHT = 20.0
@@ -73,3 +98,118 @@ def effective_sample_size(weights: Tensor, mask: Tensor | None = None) -> Tensor
         w = torch.where(mask != 0, w, 0.0)
     squares = w.square().sum()
     return torch.where(squares > 0, w.sum().square() / torch.where(squares > 0, squares, 1), 0.0)
+
+
+class RolloutCorrection(NamedTuple):
+    """The outcome of :func:`rollout_correction`."""
+
+    #: ``[N, T]`` the weight of every response token (0 off the mask), detached.
+    weights: Tensor
+    #: ``[N, T]`` (token level) or ``[N]`` (sequence level): ``log(pi / mu)`` of each unit before
+    #: the cap (clamped to +-20), for metrics.
+    log_ratio: Tensor
+    #: same shape as ``log_ratio``: True where the cap (or mask bounds) changed the weight.
+    limited: Tensor
+
+
+@torch.no_grad()
+def rollout_correction(
+    logp: Tensor,
+    behaviour_logp: Tensor,
+    mask: Tensor,
+    *,
+    level: Literal["token", "sequence"] = "token",
+    mode: Literal["truncate", "mask"] = "truncate",
+    cap: float = 2.0,
+    lower: float | None = None,
+) -> RolloutCorrection:
+    """Importance weights of rollouts sampled by mu for a loss written for pi (detached).
+
+    Ratios (``m_t`` the response mask):
+
+    - ``level="token"``: ``rho_t = pi(y_t | y_<t) / mu(y_t | y_<t)``, one per token;
+    - ``level="sequence"``: ``rho = prod_t rho_t = exp(sum_t m_t log rho_t)``, the same for
+      every token of a sequence.
+
+    Weights:
+
+    - ``mode="truncate"``: ``w = min(rho, C)`` (truncated IS: Ionides 2008; Yao et al. 2025,
+      "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; verl's
+      ``rollout_is``, TRL's ``*_truncate``). Small ratios are kept as they are;
+    - ``mode="mask"``: ``w = rho`` where ``lower <= rho <= C``, else 0: the token (or the whole
+      sequence) leaves the loss (TRL's ``*_mask``, verl's rejection sampling ``rollout_rs``).
+
+    Expectations under mu (exact, ``tests/ops/test_importance.py``): at sequence level
+    ``E_mu[w f(y)] = sum_y min(pi(y), C mu(y)) f(y)`` (truncate) or ``sum_{y kept} pi(y) f(y)``
+    (mask), so ``E_pi[f]`` exactly when no ratio reaches the bounds. At token level each
+    token's conditional is corrected but its prefix stays drawn from mu: ``E_mu[w_t g(y_<=t)]
+    = E_{y_<t ~ mu}[sum_{y_t} min(pi, C mu)(y_t | y_<t) g(y_<=t)]`` (lower variance, biased
+    when mu and pi differ on prefixes).
+
+    Args:
+        logp: ``[N, T]`` log pi of the sampled tokens: the trainer's distribution, the one the
+            tokens *should* have come from (truncated like the sampler, see the module docstring).
+        behaviour_logp: ``[N, T]`` log mu of the same tokens, recorded by the engine.
+        mask: ``[N, T]`` the response tokens.
+        level, mode: see above.
+        cap: ``C >= 1``, the upper bound (TRL: ``vllm_importance_sampling_clip_max``, default 3;
+            verl: ``rollout_is_threshold``, default 2).
+        lower: mask mode only: ratios below it are masked too (TRL's ``clip_min``); None: 0.
+
+    Returns:
+        :class:`RolloutCorrection`; log-ratios are clamped to +-20 before ``exp`` (verl's
+        ``SAFETY_BOUND``) so padding and extreme sequences stay finite.
+    """
+    if level not in CORRECTION_LEVELS or mode not in CORRECTION_MODES:
+        raise ValueError(
+            f"level must be one of {CORRECTION_LEVELS} and mode one of {CORRECTION_MODES}, "
+            f"got {level!r}, {mode!r}"
+        )
+    if not (math.isfinite(cap) and cap >= 1.0):
+        raise ValueError(f"cap must be a finite number >= 1, got {cap}")
+    if lower is not None and (mode != "mask" or not 0 <= lower < 1):
+        raise ValueError(f"lower is a mask-mode bound in [0, 1), got {lower} with mode={mode}")
+    if not logp.shape == behaviour_logp.shape == mask.shape:
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, behaviour_logp {tuple(behaviour_logp.shape)} and mask "
+            f"{tuple(mask.shape)} differ"
+        )
+    dtype = compute_dtype(logp, behaviour_logp)
+    valid = mask != 0
+    token_log_ratio = torch.where(valid, logp.to(dtype) - behaviour_logp.to(dtype), 0.0)
+    if level == "token":
+        log_ratio = token_log_ratio.clamp(-_MAX_LOG_WEIGHT, _MAX_LOG_WEIGHT)
+    else:
+        log_ratio = token_log_ratio.sum(dim=-1).clamp(-_MAX_LOG_WEIGHT, _MAX_LOG_WEIGHT)
+    ratio = log_ratio.exp()
+    if mode == "truncate":
+        limited = ratio > cap
+        unit_weights = ratio.clamp_max(cap)
+    else:
+        limited = (ratio > cap) | (ratio < (lower or 0.0))
+        unit_weights = ratio.masked_fill(limited, 0.0)
+    if level == "sequence":
+        unit_weights = unit_weights[:, None].expand_as(token_log_ratio)
+    weights = torch.where(valid, unit_weights, 0.0)
+    return RolloutCorrection(weights, log_ratio, limited)
+
+
+@torch.no_grad()
+def mismatch_kl(logp: Tensor, behaviour_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Token means of the k1 and k3 estimates of ``KL(mu || pi)`` from tokens sampled by mu.
+
+    ``k1 = log mu - log pi`` (unbiased, noisy, can be negative) and ``k3 = r - 1 - log r`` with
+    ``r = pi / mu`` (unbiased too since ``E_mu[r] = 1``, and never negative; Schulman 2020,
+    "Approximating KL Divergence"), averaged over the response tokens. verl logs the same pair
+    as ``rollout_corr/kl`` and ``rollout_corr/k3_kl``. 0 when mu equals pi. Returns
+    ``{"k1": 0-d, "k3": 0-d}``.
+    """
+    from alignkit.ops.kl import kl_estimate  # ops.kl imports this module
+
+    valid = mask != 0
+    count = valid.sum().clamp_min(1)
+    out = {}
+    for kind in ("k1", "k3"):
+        per_token = kl_estimate(behaviour_logp, logp, kind)  # samples of mu: KL(mu || pi)
+        out[kind] = torch.where(valid, per_token, 0.0).sum() / count
+    return out

@@ -5,8 +5,8 @@ decode loop of the package.
 its type: ``generate``; ``samples_policy(sampling)`` and ``logprobs_match_trainer`` (whether
 its samples and its recorded log-probs are the trainer's distribution and numbers, which
 decide whether the trainer re-scores and applies importance weights); ``needs_weight_sync``
-with ``sync_weights``; ``set_iteration``; ``stats``. ``tests/rollout/test_engine_contract.py``
-checks every engine against what it declares.
+with ``sync_weights``; ``set_iteration``; ``stats``; ``close``.
+``tests/rollout/test_engine_contract.py`` checks every engine against what it declares.
 
 ``TransformersEngine`` is a lean decode loop (no ``generate()``: no logits-processor lists, no
 finished rows fed pad tokens) over one model, or several when its proposal reads more than the
@@ -72,8 +72,9 @@ class GenerationEngine(Protocol):
     """The recorded log-probs are the trainer's own numbers: the same weights in this process,
     arithmetic that agrees with the trainer's fp32 forward (``models.forward.token_logprobs``)
     to ~1e-5. Then, when ``samples_policy`` holds, they can stand for the old log-probs. An
-    engine in another process or precision (vLLM in bf16) samples the policy but its numbers
-    are not the trainer's: False."""
+    engine in another process (vLLM, in any dtype) samples the policy but its numbers are not
+    the trainer's: False, and the trainer re-scores the tokens and weighs them by
+    ``rollout.correction`` (the sampler/trainer mismatch of Yao et al. 2025)."""
 
     needs_weight_sync: bool
     """The engine serves its own copy of the weights: ``sync_weights(model)`` must run after
@@ -110,6 +111,11 @@ class GenerationEngine(Protocol):
     def stats(self) -> dict[str, float]:
         """Statistics of the last ``generate`` that only the engine knows (e.g. a teacher
         mixture's ``sampling/alpha_mean``); logged as they are."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine started (servers); the trainer calls it when training ends,
+        normally or by an error. Generating afterwards is not supported."""
         ...
 
 
@@ -178,6 +184,9 @@ class TransformersEngine:
         """The proposal's per-position quantities, averaged over the sampled positions of the
         last ``generate`` (empty for the policy's own distribution and greedy decoding)."""
         return dict(self._stats)
+
+    def close(self) -> None:
+        """In-process: nothing to release."""
 
     def generate(
         self,

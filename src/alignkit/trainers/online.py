@@ -131,7 +131,10 @@ class OnlineTrainer(RunLoop):
         self.engine: GenerationEngine = engine or TransformersEngine(model, tokenizer)
         self.sampling = config.rollout.sampling()
         self.timings: dict[str, float] = {}
-        self._engine_weights_step: int | None = None  # the iteration the engine's copy is of
+        vllm = config.rollout.engine == "vllm"
+        self.sync_every = config.rollout.vllm.sync_every if vllm else 1
+        self._engine_version: int | None = None  # the optimizer steps the engine's copy is of
+        self._staleness = 0
         self.initial_eval: dict[str, float] = {}
         self._guard_streaks: dict[str, int] = {}
         # Reward functions see a conversational row's prompt as its messages (TRL's contract).
@@ -192,6 +195,14 @@ class OnlineTrainer(RunLoop):
         return model, self.add_optimizer(name, model, optimizer, scheduler)
 
     # ----------------------------------------------------------------- RunLoop's hooks
+
+    def train(self) -> dict[str, Any]:
+        """The run (see ``RunLoop.train``); the engine's servers, if it started any, are
+        stopped when it ends, normally or by an error."""
+        try:
+            return super().train()
+        finally:
+            self.engine.close()
 
     def _prepare_training(self) -> None:
         cfg = self.config
@@ -372,12 +383,25 @@ class OnlineTrainer(RunLoop):
 
     # ----------------------------------------------------------------- engine and evaluation
 
-    def sync_engine(self) -> None:
-        """An engine with its own copy of the weights gets this iteration's policy, once."""
-        if self.engine.needs_weight_sync and self._engine_weights_step != self.state.step:
+    @property
+    def policy_version(self) -> int:
+        """Optimizer steps taken so far (the policy changes once per step)."""
+        return self.state.step * self.optimizer_steps_per_iteration
+
+    def sync_engine(self, *, force: bool = False) -> None:
+        """An engine with its own copy of the weights gets the policy before it generates, once
+        its copy is ``rollout.vllm.sync_every`` optimizer steps behind (``force``, for
+        evaluation: whenever behind). Nothing is generated between the optimizer steps of one
+        iteration, so pushing after each of them would send weights no rollout reads."""
+        if not self.engine.needs_weight_sync:
+            return
+        version = self.policy_version
+        behind = None if self._engine_version is None else version - self._engine_version
+        if behind is None or behind >= self.sync_every or (force and behind > 0):
             with self.timed("weight_sync"):
                 self.engine.sync_weights(self.model)
-            self._engine_weights_step = self.state.step
+            self._engine_version = version
+        self._staleness = version - self._engine_version
 
     def _has_evaluation(self) -> bool:
         return bool(self.eval_prompts) and self.reward is not None
@@ -394,7 +418,7 @@ class OnlineTrainer(RunLoop):
     def score_eval_generations(self, *sources: RewardSource) -> Tensor:
         """``[len(sources), N]``: each source's scores of one greedy completion per held-out
         prompt (generated once, all prompts in one batch)."""
-        self.sync_engine()
+        self.sync_engine(force=True)
         greedy = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
         prompts = self.eval_prompts
         exp = generate_batched(

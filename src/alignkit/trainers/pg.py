@@ -5,7 +5,8 @@ Per iteration (``make_experience``)::
     exp            = engine.generate(prompts)                 # ids, masks, behaviour log-probs
     exp.scores     = rewards(prompts, completions, **row_fields)
     exp.old        = behaviour log-probs   if exactly on-policy (1 epoch, 1 mini-batch, own engine)
-                     else policy.logprobs(exp)                # + truncated IS weights if mu != pi
+                     else policy.logprobs(exp)
+    exp.is_weights = rollout.correction(pi_target / mu)       # only if the sampler is not pi
     exp.reference  = reference.logprobs(exp)                  # only when kl.coef > 0
     exp.values     = critic(exp)                              # PPO only
     token_rewards  = score (+ overlong penalty) on the last response token (- beta * KL_t when
@@ -45,7 +46,6 @@ from alignkit.models import load_policy
 from alignkit.models.forward import token_logprobs
 from alignkit.models.reward import RewardModel
 from alignkit.ops.advantages import get_advantage_estimator, terminal_rewards, zero_std_fraction
-from alignkit.ops.importance import effective_sample_size, truncated_importance_weights
 from alignkit.ops.losses import aggregate_loss, aggregation_units, get_policy_loss
 from alignkit.ops.shaping import overlong_penalty
 from alignkit.ops.stats import Moments, masked_whiten
@@ -58,7 +58,9 @@ from alignkit.rollout import (
 )
 from alignkit.rollout.rewards import RewardSource, build_reward_source
 from alignkit.trainers.common import load_model_and_tokenizer
+from alignkit.trainers.correction import BehaviourCorrection
 from alignkit.trainers.critic import Critic, as_critic, build_critic
+from alignkit.trainers.engine_config import vllm_engine
 from alignkit.trainers.kl_penalty import KLPenalty
 from alignkit.trainers.online import OnlineTrainer, applicable
 from alignkit.trainers.reward import load_reward_checkpoint
@@ -110,6 +112,8 @@ class PolicyGradientTrainer(OnlineTrainer):
         self.register_controller("kl", self.kl.controller)
         self.last_lr = config.optim.lr
         self.source_stats = RewardSourceStats()  # reward/<name>/mean and /std
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.correction = BehaviourCorrection(config.rollout.correction, self.sampling, eos)
 
     def _policy_loss_settings(self) -> dict[str, Any]:
         """The ``policy_loss`` config fields that the loss takes by name (clip ratios for
@@ -120,10 +124,15 @@ class PolicyGradientTrainer(OnlineTrainer):
     # ----------------------------------------------------------------- set-up
 
     def _prepare_training(self) -> None:
-        super()._prepare_training()
+        super()._prepare_training()  # the engine got the initial policy
+        self._engine_version = self.policy_version
         self.kl.prepare(self, self.config.reference, dtype=self.config.model.dtype)
         if self.critic is not None:
             self.critic.prepare(self)
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        super()._load_extra_state(state)
+        self._engine_version = None  # resumed: the checkpoint's weights go out before a rollout
 
     def restore_model_weights(self, model: nn.Module, directory: Path) -> None:
         if isinstance(model, RewardModel):
@@ -156,6 +165,12 @@ class PolicyGradientTrainer(OnlineTrainer):
         return self.exactly_on_policy or self.config.precision == "fp32"
 
     @property
+    def corrects_behaviour(self) -> bool:
+        """Importance weights apply: the engine's samples or its numbers are not the trainer's
+        (a teacher, a truncated sampler, another process such as vLLM), as it declares."""
+        return not (self.engine_samples_policy and self.engine.logprobs_match_trainer)
+
+    @property
     def engine_samples_policy(self) -> bool:
         """The engine draws from the distribution the trainer scores (logits / T, no top-k or
         top-p truncation, no teacher), as it declares; otherwise importance weights correct
@@ -165,8 +180,14 @@ class PolicyGradientTrainer(OnlineTrainer):
     # ----------------------------------------------------------------- experience
 
     @torch.no_grad()
-    def score_logprobs(self, model: nn.Module, exp: Experience) -> Tensor:
-        """``[N, T]`` log-probs of the response tokens under `model` (at the sampling T)."""
+    def score_logprobs(
+        self,
+        model: nn.Module,
+        exp: Experience,
+        logits_filter: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """``[N, T]`` log-probs of the response tokens under `model` (at the sampling T; under
+        the sampler's truncation with a ``logits_filter``)."""
         parts = [
             token_logprobs(
                 model,
@@ -174,6 +195,7 @@ class PolicyGradientTrainer(OnlineTrainer):
                 chunk.response_mask,
                 temperature=self.sampling.temperature,
                 packed=self.config.model.packed,
+                logits_filter=logits_filter,
             ).float()
             for chunk in exp.split(self.config.train.sequences_per_device)
         ]
@@ -182,10 +204,9 @@ class PolicyGradientTrainer(OnlineTrainer):
     def make_experience(
         self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
     ) -> Experience:
-        cfg = self.config
         device = self.accelerator.device
+        self.engine.set_iteration(self.state.step)  # before the sync: its errors name it
         self.sync_engine()
-        self.engine.set_iteration(self.state.step)
         with self.timed("rollout"):
             exp = self.engine.generate(
                 prompts, self.sampling, generator=generator, group_offset=group_offset
@@ -199,9 +220,9 @@ class PolicyGradientTrainer(OnlineTrainer):
                 exp.old_logprobs = exp.behaviour_logprobs
             else:
                 exp.old_logprobs = self.score_logprobs(self.model, exp)
-            if not self.engine_samples_policy:
-                exp.is_weights = truncated_importance_weights(
-                    exp.old_logprobs, exp.behaviour_logprobs, cfg.rollout.max_importance_weight
+            if self.corrects_behaviour:
+                exp.is_weights = self.correction.weights(
+                    exp, partial(self.score_logprobs, self.model, exp)
                 )
         if self.kl.enabled:
             with self.timed("reference"):
@@ -290,10 +311,9 @@ class PolicyGradientTrainer(OnlineTrainer):
         # importance weights are the trainer's own, computed once above.
         for name, value in self.engine.stats().items():
             metrics[name] = torch.tensor(float(value), device=scores.device)
-        if exp.is_weights is not None:
-            metrics["sampling/is_weight_max"] = torch.where(mask, exp.is_weights, 0.0).max()
-            ess = effective_sample_size(exp.is_weights, mask.float())
-            metrics["sampling/ess"] = ess / mask.sum().clamp_min(1)
+        metrics.update(self.correction.metrics(exp))
+        if self.engine.needs_weight_sync:
+            metrics["rollout/weight_staleness"] = scores.new_tensor(float(self._staleness))
         penalty = self.overlong_penalty(exp)
         if penalty is not None:
             metrics["reward/overlong_penalty"] = penalty.mean()
@@ -449,8 +469,11 @@ def build_pg_trainer(
             teacher_tokenizer=teacher_tokenizer,
             floor=cfg.rollout.teacher_floor,
         )
+    elif cfg.rollout.engine == "vllm":
+        # Started at the trainer's first weight sync, in its run directory (known by then).
+        engine = vllm_engine(cfg, tokenizer, prompts, lambda: trainer.run_dir.root / "vllm")
     critic = build_critic(cfg, cfg.critic) if cfg.critic is not None else None
-    return trainer_class(
+    trainer = trainer_class(
         cfg,
         model,
         tokenizer,
@@ -461,6 +484,7 @@ def build_pg_trainer(
         critic=critic,
         **(extra(tokenizer) if extra is not None else {}),
     )
+    return trainer
 
 
 def train_pg(cfg: PGConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ micro-batches of ``train.sequences_per_device`` sequences per process.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,6 +17,7 @@ from alignkit.config import RunConfig
 from alignkit.config.inputs import ModelConfig
 from alignkit.config.schema import field_help, requires
 from alignkit.errors import ConfigError
+from alignkit.trainers.engine_config import CorrectionConfig, VLLMConfig
 from alignkit.trainers.policy_config import (
     AdvantageConfig,
     PolicyLossConfig,
@@ -108,11 +110,22 @@ class RolloutConfig:
             "sampled distribution then differs from the policy's, so importance weights apply)."
         ),
     )
-    max_importance_weight: float = field(
-        default=2.0,
+    engine: Literal["transformers", "vllm"] = field(
+        default="transformers",
         metadata=field_help(
-            "Cap C of the truncated importance weights min(pi/mu, C) used when the sampling "
-            "distribution mu differs from the policy's (top_k/top_p, other engines)."
+            "transformers: alignkit's in-process decode loop (exact, the default); vllm: "
+            "servers in vLLM's own environment with verified weight sync (rollout.vllm; "
+            "docs/vllm.md)."
+        ),
+    )
+    vllm: VLLMConfig = field(
+        default_factory=VLLMConfig, metadata=field_help("engine=vllm: the servers and the sync.")
+    )
+    correction: CorrectionConfig = field(
+        default_factory=CorrectionConfig,
+        metadata=field_help(
+            "Importance weights when the sampler is not the trainer's distribution (a teacher, "
+            "top_k/top_p, suppress_eos, engine=vllm): token/sequence level, truncate/mask, cap."
         ),
     )
 
@@ -168,7 +181,6 @@ class RolloutConfig:
         _require(self.temperature > 0, "temperature must be > 0 (greedy rollouts cannot learn)")
         _require(self.top_k >= 0, "top_k must be >= 0 (0 = off)")
         _require(0 < self.top_p <= 1, "top_p must lie in (0, 1]")
-        _require(self.max_importance_weight >= 1, "max_importance_weight must be >= 1")
         self._check_sampling_settings()
 
     def _check_sampling_settings(self) -> None:
@@ -177,11 +189,15 @@ class RolloutConfig:
         requires(self, ("alpha", "teacher_floor"), teacher, "teacher", scope="rollout")
         floor = self.alpha == "min_variance" or not teacher
         requires(self, "teacher_floor", floor, "alpha=min_variance", scope="rollout")
-        off_policy = teacher or self.top_k > 0 or self.top_p < 1 or self.suppress_eos
-        enable = "teacher, top_k > 0, top_p < 1 or suppress_eos=true"
+        vllm_keys = tuple(f"vllm.{f.name}" for f in dataclasses.fields(VLLMConfig))
+        requires(self, vllm_keys, self.engine == "vllm", "engine=vllm", scope="rollout")
+        enable = "engine=vllm, teacher, top_k > 0, top_p < 1 or suppress_eos=true"
         on_policy = "with on-policy sampling (no importance weights)"
-        requires(
-            self, "max_importance_weight", off_policy, enable, scope="rollout", because=on_policy
+        keys = tuple(f"correction.{name}" for name in ("level", "mode", "cap", "lower"))
+        requires(self, keys, self.corrected, enable, scope="rollout", because=on_policy)
+        _require(
+            not (teacher and self.engine == "vllm"),
+            "rollout.teacher needs the in-process engine (rollout.engine=transformers)",
         )
         requires(
             self, "filter_max_rounds", self.filter_groups, "filter_groups=true", scope="rollout"
@@ -190,6 +206,13 @@ class RolloutConfig:
             self.filter_max_rounds is None or self.filter_max_rounds >= 1,
             "rollout.filter_max_rounds must be >= 1",
         )
+
+    @property
+    def corrected(self) -> bool:
+        """Whether rollouts are importance-weighted: the sampler is not exactly the trainer's
+        softmax(logits / T) (a teacher, a truncation, a suppressed EOS, another engine)."""
+        truncated = self.top_k > 0 or self.top_p < 1 or self.suppress_eos
+        return self.teacher is not None or truncated or self.engine == "vllm"
 
     @property
     def sequences_per_iteration(self) -> int:
@@ -436,6 +459,26 @@ class OnlineConfig(RunConfig):
         offline = ("eval.examples_per_device", "dataloader_workers", "gradient_checkpointing")
         only = "it applies to the offline trainers (sft, dpo, rm, ...) only"
         requires(self, offline, False, because="in an online trainer", advice=only)
+        self._check_vllm_settings()
+
+    def _check_vllm_settings(self) -> None:
+        """What rollout.vllm needs from the model and the data."""
+        if self.rollout.engine != "vllm":
+            return
+        vllm = self.rollout.vllm
+        requires(self, "rollout.vllm.lora_sync", self.model.lora is not None, "model.lora")
+        adapter = vllm.lora_sync == "adapter"
+        _require(
+            not (adapter and vllm.weight_transfer == "nccl"),
+            "rollout.vllm.lora_sync=adapter loads adapters through files; it needs "
+            "rollout.vllm.weight_transfer=file",
+        )
+        longest = self.data.max_prompt_length + self.rollout.max_new_tokens
+        _require(
+            longest <= vllm.max_model_len,
+            f"rollout.vllm.max_model_len={vllm.max_model_len} is below data.max_prompt_length + "
+            f"rollout.max_new_tokens = {longest}: raise it (or shorten those)",
+        )
 
     @property
     def sequences_per_minibatch(self) -> int:

@@ -58,7 +58,6 @@ def test_adapter_only_sync_serves_the_trained_adapter(lora_server):
     engine = VLLMEngine(
         [client], tokenizer, sync=sync,
         probe=SyncProbe.from_prompts(PROMPTS, max_gap=1e-3, min_visible_change=1e-3),
-        engine_dtype="float32", trainer_dtype="float32",
     )  # fmt: skip
     first, second = _lora_policy(1), _lora_policy(2)
     engine.sync_weights(first)

@@ -91,6 +91,17 @@ def test_probe_remembers_each_server_and_raises():
         probe.check(1, a, a - 0.2, server="s1")
 
 
+def test_the_stale_test_compares_syncs_of_the_same_server_whatever_the_message():
+    # A training run names each sync's iteration in its errors; the previous sync it compares
+    # with is that of the same server (keying it by the message saw no stale weights at all).
+    probe = SyncProbe([[1, 2, 3]], max_gap=5.0, min_visible_change=0.01)
+    a = torch.tensor([-1.0, -2.0])
+    probe.check(1, a, a, server="http://s1", where="server http://s1, after iteration 0")
+    with pytest.raises(SyncProbeError, match="STALE") as caught:
+        probe.check(2, a, a - 0.2, server="http://s1", where="server http://s1, after iteration 1")
+    assert "weight sync 2 (server http://s1, after iteration 1)" in str(caught.value)
+
+
 def test_probe_sequences_and_trainer_logprobs_match_token_logprobs():
     model, _ = load_policy("tiny")
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]

@@ -175,7 +175,7 @@ class NCCLWeightSync:
             client.request("POST", "/finish_weight_update", {"weight_version": str(version)})
             client.reset_prefix_cache()
         return {
-            "timing/weight_sync_load": time.perf_counter() - start,
+            "timing/sync_push_load": time.perf_counter() - start,
             "rollout/weight_sync_bytes": float(
                 sum(t.numel() * t.element_size() for t in state.values())
             ),

@@ -204,10 +204,11 @@ class SyncProbe:
         return torch.tensor([x for row in scores for x in row], dtype=torch.float32)
 
     def check(
-        self, sync: int, engine: Tensor, trainer: Tensor, *, server: str = ""
+        self, sync: int, engine: Tensor, trainer: Tensor, *, server: str = "", where: str = ""
     ) -> ProbeComparison:
-        """Compare, remember this sync's log-probs for the next stale test, and raise
-        :class:`SyncProbeError` when the sync is not verified."""
+        """Compare with the previous sync of the same ``server``, remember this sync's log-probs
+        for the next stale test, and raise :class:`SyncProbeError` when the sync is not verified
+        (the message names ``where``, by default the server)."""
         previous = self._previous.get(server)
         result = compare_probe(
             sync,
@@ -218,7 +219,7 @@ class SyncProbe:
             previous_engine=previous[0] if previous else None,
             previous_trainer=previous[1] if previous else None,
         )
-        error = result.error(server)
+        error = result.error(where or server)
         if error is not None:
             raise error
         self._previous[server] = (engine.clone(), trainer.clone())

@@ -4,7 +4,8 @@ alignkit never imports vllm: a started server is ``<python> -m vllm.entrypoints.
 run by the vLLM venv's interpreter (``scripts/install_vllm_cpu.sh`` builds one), or any command
 the user configures (e.g. ``["vllm", "serve"]`` on a GPU machine). The process gets its own
 process group, its output goes to a log file, and it is killed (SIGTERM, then SIGKILL) with
-everything it started when the server is stopped, when start-up fails, or at interpreter exit.
+everything it started when the server is stopped, when start-up fails, or at interpreter exit;
+on Linux it also gets SIGTERM when the process that started it dies, even by SIGKILL.
 
 Start-up waits for ``GET /health`` with a timeout; a process that exits first raises at once with
 the tail of its log. Several ``urls`` are data-parallel servers (prompts are split across them).
@@ -18,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +196,7 @@ class VLLMServer:
                 stdin=subprocess.DEVNULL,
                 env=self.environment(),
                 start_new_session=True,  # its own process group: stop() kills its children too
+                preexec_fn=_die_with_parent,
             )
         atexit.register(self.stop)
         client = self.settings.client(self.url)
@@ -259,6 +262,17 @@ class VLLMServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before exec: on Linux, SIGTERM it when the process that started
+    it dies, even by SIGKILL (which runs no ``atexit``); vLLM's server then stops its engine."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _wait_group_gone(pgid: int, timeout: float) -> None:

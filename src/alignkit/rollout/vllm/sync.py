@@ -132,8 +132,8 @@ class FileWeightSync:
             self._last.unlink(missing_ok=True)
         self._last = path
         return {
-            "timing/weight_sync_write": written - start,
-            "timing/weight_sync_load": time.perf_counter() - written,
+            "timing/sync_push_write": written - start,
+            "timing/sync_push_load": time.perf_counter() - written,
             "rollout/weight_sync_bytes": float(
                 sum(v.numel() * v.element_size() for v in state.values())
             ),
@@ -172,7 +172,7 @@ class LoRAAdapterSync:
             shutil.rmtree(self._last, ignore_errors=True)
         self._last = out
         return {
-            "timing/weight_sync_write": written - start,
-            "timing/weight_sync_load": time.perf_counter() - written,
+            "timing/sync_push_write": written - start,
+            "timing/sync_push_load": time.perf_counter() - written,
             "rollout/weight_sync_bytes": float(size),
         }
