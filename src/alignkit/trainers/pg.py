@@ -49,9 +49,9 @@ from alignkit.rollout import (
     GenerationEngine,
     Prompt,
     TeacherGuidedEngine,
-    generate_batched,
     load_prompt_file,
 )
+from alignkit.rollout.episodes import EnvironmentRollout, SingleTurnRollout
 from alignkit.rollout.rewards import RewardSource, build_reward_source
 from alignkit.trainers.common import load_model_and_tokenizer
 from alignkit.trainers.critic import Critic, as_critic, build_critic
@@ -86,9 +86,13 @@ class PolicyGradientTrainer(OnlineTrainer):
         engine: GenerationEngine | None = None,
         eval_prompts: Sequence[Prompt] | None = None,
         critic: nn.Module | Critic | None = None,
+        rollout: SingleTurnRollout | EnvironmentRollout | None = None,
     ) -> None:
         """`critic`: the value model (wrapped in a :class:`Critic` with ``config.critic``'s
-        settings), or a Critic; needed exactly when the estimator uses values."""
+        settings), or a Critic; needed exactly when the estimator uses values. `rollout`: how
+        an iteration's sequences are made (default: one completion per sample; an
+        ``EnvironmentRollout`` runs multi-turn episodes, and `reward` may then be None when the
+        environment scores them)."""
         super().__init__(
             config, model, tokenizer, prompts, reward, engine=engine, eval_prompts=eval_prompts
         )
@@ -100,6 +104,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         if "values" in self.estimator.needs and self.critic is None:
             raise ValueError(f"advantage estimator {self.estimator.name!r} needs a critic")
         self.kl = KLPenalty(config.kl)
+        self.rollout = rollout or SingleTurnRollout()
         self.register_controller("kl", self.kl.controller)
         self.last_lr = config.optim.lr
         self._engine_weights_step: int | None = None  # the iteration the engine's copy is of
@@ -189,12 +194,12 @@ class PolicyGradientTrainer(OnlineTrainer):
         device = self.accelerator.device
         self._engine_current()
         self.engine.set_iteration(self.state.step)
-        with self.timed("rollout"):
-            exp = self.engine.generate(
-                prompts, self.sampling, generator=generator, group_offset=group_offset
+        with self.timed("rollout"):  # one generate call, or episodes turn by turn
+            exp = self.rollout.generate(
+                self.engine, prompts, self.sampling, generator=generator, group_offset=group_offset
             ).to(device)
         with self.timed("reward"):
-            exp.scores = self.reward(exp.prompts, exp.completions, exp.row_fields).to(device)
+            exp.scores = self.rollout.score(exp, self.reward).to(device)
         with self.timed("old_logprobs"):
             if self.behaviour_is_old_policy:
                 exp.old_logprobs = exp.behaviour_logprobs
@@ -264,7 +269,7 @@ class PolicyGradientTrainer(OnlineTrainer):
             metrics.update(self.critic.metrics(exp.values, exp.returns, mask))
         # What only the engine knows (a teacher mixture's alpha and fallback share); the
         # importance weights are the trainer's own, computed once above.
-        for name, value in self.engine.stats().items():
+        for name, value in {**self.engine.stats(), **self.rollout.stats()}.items():
             metrics[name] = torch.tensor(float(value), device=scores.device)
         if exp.is_weights is not None:
             metrics["sampling/is_weight_max"] = torch.where(mask, exp.is_weights, 0.0).max()
@@ -366,17 +371,8 @@ class PolicyGradientTrainer(OnlineTrainer):
         prompt (generated once, all prompts in one batch)."""
         self._engine_current()
         greedy = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
-        prompts = self.eval_prompts
-        exp = generate_batched(
-            self.engine,
-            prompts,
-            greedy,
-            prompts_per_batch=len(prompts),
-            generator=torch.Generator(),
-        )
-        return torch.stack(
-            [source(exp.prompts, exp.completions, exp.row_fields) for source in sources]
-        )
+        exp = self.rollout.evaluate(self.engine, self.eval_prompts, greedy)
+        return torch.stack([self.rollout.score(exp, source) for source in sources])
 
 
 def applicable(scores: Tensor) -> Tensor:
@@ -402,19 +398,25 @@ def build_pg_trainer(
         raise ConfigError(
             "data.train_file is required (a prompt file, e.g. data/sort_prompts.jsonl)"
         )
-    if not cfg.rewards:
+    if not cfg.rewards and cfg.environment is None:
         raise ConfigError("rewards: give at least one source, e.g. [{function: sort_match}]")
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
     data = cfg.data
-    prompts = load_prompt_file(data.train_file, tokenizer, data.max_prompt_length)
+    rollout = build_environment_rollout(cfg, tokenizer)
+    load = (
+        partial(load_prompt_file, tokenizer=tokenizer) if rollout is None else rollout.load_prompts
+    )
+    prompts = load(data.train_file, max_length=data.max_prompt_length)
     eval_prompts = (
-        load_prompt_file(
-            data.eval_file, tokenizer, data.max_prompt_length, limit=data.max_eval_prompts
-        )
+        load(data.eval_file, max_length=data.max_prompt_length, limit=data.max_eval_prompts)
         if data.eval_file
         else None
     )
-    reward = build_reward_source([s.spec() for s in cfg.rewards], tokenizer=tokenizer)
+    reward = (
+        build_reward_source([s.spec() for s in cfg.rewards], tokenizer=tokenizer)
+        if cfg.rewards
+        else None
+    )
     engine = None
     if cfg.rollout.teacher:
         teacher, teacher_tokenizer = load_policy(cfg.rollout.teacher, dtype=cfg.model.dtype)
@@ -436,7 +438,24 @@ def build_pg_trainer(
         engine=engine,
         eval_prompts=eval_prompts,
         critic=critic,
+        rollout=rollout,
         **(extra(tokenizer) if extra is not None else {}),
+    )
+
+
+def build_environment_rollout(cfg: PGConfig, tokenizer: Any) -> EnvironmentRollout | None:
+    """The episodes of ``cfg.environment`` (None without one)."""
+    env = cfg.environment
+    if env is None:
+        return None
+    from alignkit.rollout.environments import environment_factory
+
+    return EnvironmentRollout(
+        environment_factory(env.name, env.options),
+        tokenizer,
+        env.limits(),
+        tool_format=env.tool_format,
+        check_streams=env.check_token_stream,
     )
 
 
