@@ -104,7 +104,10 @@ def test_qwen2_structured_tool_calls_render_the_same_tokens():
     assert first_call["role"] == "assistant"
     first_call["content"] = ""
     first_call["tool_calls"] = [
-        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "12 * 17"}}}
+        {
+            "type": "function",
+            "function": {"name": "calculator", "arguments": {"expression": "12 * 17"}},
+        }
     ]
     text = rollout.renderer.render(structured, add_generation_prompt=True)
     start = rollout.episodes[0].segments[3].start  # the second assistant turn
@@ -131,7 +134,9 @@ class AskAgain(Environment):
 def test_sampled_episodes_keep_the_sampled_tokens_and_the_template_text(template):
     tok = chat_tokenizer(template)
     model = turn_ending_llama(tok, seed=1)
-    rollout, exp = episodes(tok, TransformersEngine(model, tok), env=AskAgain, samples=4, max_turns=3)
+    rollout, exp = episodes(
+        tok, TransformersEngine(model, tok), env=AskAgain, samples=4, max_turns=3
+    )
     convs = rollout.episodes
     assert max(c.turns for c in convs) == 3  # every turn ends the sampled way (EOS or cap)
     noncanonical = 0

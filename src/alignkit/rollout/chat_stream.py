@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from alignkit.errors import AlignkitError
 from alignkit.rollout.tool_calls import ToolCallFormat, renders_tools
+from alignkit.rollout.tools import ToolCall
 
 __all__ = [
     "ChatRenderer",
@@ -85,8 +86,10 @@ class ChatRenderer:
 
     def initial_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[Message]:
         """The prompt messages the policy sees: with the tool instructions in the system message
-        when the template does not render ``tools=`` itself."""
-        messages = [dict(m) for m in messages]
+        when the template does not render ``tools=`` itself, and the structured ``tool_calls``
+        of assistant messages (an environment's demonstration) written in the model's format
+        as their text, the way the model writes calls."""
+        messages = [self._as_text(m) for m in messages]
         if not self.schemas or self.template_tools or self.tool_format is None:
             return messages
         text = self.tool_format.instructions(self.schemas)
@@ -95,6 +98,23 @@ class ChatRenderer:
         else:
             messages.insert(0, {"role": "system", "content": text})
         return messages
+
+    def _as_text(self, message: Mapping[str, Any]) -> Message:
+        message = dict(message)
+        calls = message.pop("tool_calls", None)
+        if not calls:
+            return message
+        if self.tool_format is None:
+            raise AlignkitError("a message with tool_calls needs a tool-call format")
+        written = [
+            self.tool_format.write(
+                ToolCall(c["function"]["name"], dict(c["function"]["arguments"]))
+            )
+            for c in calls
+        ]
+        content = message.get("content") or ""
+        message["content"] = "\n".join([content, *written] if content else written)
+        return message
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool) -> str:
         tools = self.schemas if self.template_tools else None

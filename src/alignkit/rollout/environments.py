@@ -15,9 +15,10 @@ ends), a reward (None: none at this step) and ``done``. Tool calls never reach `
 rollout parses them in the model's own format and runs ``tools`` (``rollout.tools.ToolBox``:
 limits, timeouts, errors back to the model), then samples the next assistant turn.
 
-The episode's reward is the sum of the steps' rewards plus the config's ``rewards`` sources
-applied to the last assistant message (TRL's ``fn(prompts, completions, **row_fields)``, the
-completion being that message's text); a row with neither is "not applicable" (NaN).
+The episode's reward is the sum of the steps' rewards (0 when there were none: a limit ended
+the episode before the environment rewarded it) plus the config's ``rewards`` sources applied to
+the last assistant message (TRL's ``fn(prompts, completions, **row_fields)``, the completion
+being that message's text; a source's None makes the row "not applicable", NaN).
 
 :class:`Environment` is a base class with those defaults: the row's own prompt, no tools, and a
 ``step`` that ends the episode without a reward. With no tools it is the single-turn case: one
@@ -43,6 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 from alignkit.errors import ConfigError, DataError
 
 __all__ = [
+    "DEMONSTRATION",
     "Calculator",
     "Environment",
     "EnvironmentProtocol",
@@ -231,6 +233,24 @@ def calculator(expression: str) -> str:
     return str(value)
 
 
+#: The calculator's demonstration: one solved question, the call written in the model's format.
+DEMONSTRATION: list[Message] = [
+    {"role": "user", "content": "What is 12 * 34?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "calculator", "arguments": {"expression": "12 * 34"}},
+            }
+        ],
+    },
+    {"role": "tool", "name": "calculator", "content": "408"},
+    {"role": "assistant", "content": "408"},
+]
+
+
 @register_environment("calculator")
 class Calculator(Environment):
     """The row's arithmetic question with a ``calculator`` tool; the answer is scored by the
@@ -239,6 +259,19 @@ class Calculator(Environment):
     Args:
         system: a system message before the row's prompt (the tool's instructions follow it
             when the chat template does not render tools).
+        demonstration: put one solved example (:data:`DEMONSTRATION`: a question, the call,
+            its result, the answer) before the question, as earlier turns of the conversation.
     """
 
     tools = (calculator,)
+
+    def __init__(self, *, system: str | None = None, demonstration: bool = False) -> None:
+        super().__init__(system=system)
+        self.demonstration = demonstration
+
+    def reset(self, row: Mapping[str, Any]) -> list[Message]:
+        messages = super().reset(row)
+        if not self.demonstration:
+            return messages
+        at = 1 if messages[0]["role"] == "system" else 0
+        return [*messages[:at], *DEMONSTRATION, *messages[at:]]

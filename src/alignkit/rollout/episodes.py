@@ -368,18 +368,16 @@ class EnvironmentRollout:
         return self.generate(engine, prompts, one, generator=torch.Generator())
 
     def score(self, exp: Experience, reward: RewardSource | None) -> Tensor:
-        """Per episode of the last ``generate``: the environment's reward plus the reward
-        sources' score of its last assistant message (NaN when neither gives one)."""
+        """Per episode of the last ``generate``: the sum of the environment's step rewards (0
+        when it gave none, e.g. a limit ended the episode first) plus the reward sources'
+        score of its last assistant message (NaN where a source says "not applicable")."""
         if len(self.episodes) != len(exp):
             raise ValueError("score() takes the Experience of the last generate()")
-        env = torch.tensor(
-            [math.nan if c.reward is None else c.reward for c in self.episodes], dtype=torch.float32
-        )
+        env = torch.tensor([c.reward or 0.0 for c in self.episodes], dtype=torch.float32)
         if reward is None:
             return env
         answers = [c.last_answer for c in self.episodes]
-        scores = reward(exp.prompts, answers, exp.row_fields)
-        return torch.where(torch.isnan(env), scores, env + scores)
+        return env + reward(exp.prompts, answers, exp.row_fields)
 
     def stats(self) -> dict[str, float]:
         return dict(self._stats)

@@ -7,7 +7,8 @@ A format is registered by name (``register_tool_format``) with two functions:
   malformed attempt (a call that is not closed, not JSON, has no name or arguments that are not
   an object); a message with neither is a final answer;
 - ``instructions(schemas) -> str``: system-prompt text describing the tools and the format, used
-  only when the chat template ignores ``tools=`` (SmolLM2's does).
+  only when the chat template ignores ``tools=`` (SmolLM2's does);
+- ``write(call) -> str``: a call as the model would write it (demonstrations in a prompt).
 
 :func:`detect_tool_format` picks the format from the tokenizer's chat template: a template that
 writes ``<tool_call>`` (Qwen2.5, Qwen3, Hermes, SmolLM3) is ``hermes``; one that renders tools
@@ -44,18 +45,22 @@ class ToolCallFormat:
     name: str
     parse: Callable[[str], Parsed]
     instructions: Callable[[Sequence[dict[str, Any]]], str]
+    write: Callable[[ToolCall], str]
 
 
 _FORMATS: dict[str, ToolCallFormat] = {}
 
 
 def register_tool_format(
-    name: str, instructions: Callable[[Sequence[dict[str, Any]]], str]
+    name: str,
+    instructions: Callable[[Sequence[dict[str, Any]]], str],
+    write: Callable[[ToolCall], str],
 ) -> Callable[[Callable[[str], Parsed]], Callable[[str], Parsed]]:
-    """Register ``parse`` (decorated) with its ``instructions`` as the format ``name``."""
+    """Register ``parse`` (decorated) with ``instructions`` and ``write`` as the format
+    ``name``."""
 
     def decorate(parse: Callable[[str], Parsed]) -> Callable[[str], Parsed]:
-        _FORMATS[name] = ToolCallFormat(name, parse, instructions)
+        _FORMATS[name] = ToolCallFormat(name, parse, instructions, write)
         return parse
 
     return decorate
@@ -119,7 +124,13 @@ def _hermes_instructions(schemas: Sequence[dict[str, Any]]) -> str:
 _HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
-@register_tool_format("hermes", _hermes_instructions)
+def _hermes_write(call: ToolCall) -> str:
+    # As Qwen2.5's template renders a structured call.
+    payload = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+    return f"<tool_call>\n{payload}\n</tool_call>"
+
+
+@register_tool_format("hermes", _hermes_instructions, _hermes_write)
 def parse_hermes(text: str) -> Parsed:
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, any number."""
     results: list[ToolCall | str] = [_decode(m.strip()) for m in _HERMES_CALL.findall(text)]
@@ -138,7 +149,11 @@ def _json_instructions(schemas: Sequence[dict[str, Any]]) -> str:
     )
 
 
-@register_tool_format("json", _json_instructions)
+def _json_write(call: ToolCall) -> str:
+    return json.dumps({"name": call.name, "parameters": call.arguments}, ensure_ascii=False)
+
+
+@register_tool_format("json", _json_instructions, _json_write)
 def parse_json(text: str) -> Parsed:
     """A message that is one JSON object ``{"name": ..., "parameters": {...}}`` (Llama 3.1/3.2;
     ``arguments`` is accepted too); any other message is an answer."""

@@ -48,11 +48,47 @@ def build_smollm2(model_dir: Path) -> None:
 
 
 def _corpus() -> list[str]:
-    words = (
-        "the a answer is what of and to in calculator tool call result number compute sum "
-        "product difference question reply with only please you are helpful assistant user "
-        "system function arguments expression name value error timed out cannot parse"
-    ).split()
+    words = [
+        "the",
+        "a",
+        "answer",
+        "is",
+        "what",
+        "of",
+        "and",
+        "to",
+        "in",
+        "calculator",
+        "tool",
+        "call",
+        "result",
+        "number",
+        "compute",
+        "sum",
+        "product",
+        "difference",
+        "question",
+        "reply",
+        "with",
+        "only",
+        "please",
+        "you",
+        "are",
+        "helpful",
+        "assistant",
+        "user",
+        "system",
+        "function",
+        "arguments",
+        "expression",
+        "name",
+        "value",
+        "error",
+        "timed",
+        "out",
+        "cannot",
+        "parse",
+    ]
     lines = []
     for i in range(400):
         a, b = (i * 37) % 1000, (i * 53) % 100
@@ -66,8 +102,16 @@ def _corpus() -> list[str]:
 
 
 def build_qwen2() -> None:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -90,7 +134,9 @@ def build_qwen2() -> None:
     bpe.train_from_iterator(_corpus(), trainer=trainer)
     from tokenizers import AddedToken
 
-    bpe.add_tokens([AddedToken("<tool_call>", normalized=False), AddedToken("</tool_call>", normalized=False)])
+    bpe.add_tokens(
+        [AddedToken("<tool_call>", normalized=False), AddedToken("</tool_call>", normalized=False)]
+    )
     out = HERE / "qwen2"
     out.mkdir(exist_ok=True)
     bpe.save(str(out / "tokenizer.json"))
