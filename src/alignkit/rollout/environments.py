@@ -235,7 +235,10 @@ def calculator(expression: str) -> str:
 
 #: The calculator's demonstration: one solved question, the call written in the model's format.
 DEMONSTRATION: list[Message] = [
-    {"role": "user", "content": "Solve the following multiplication: 12 * 34. Give only the result as your final answer."},
+    {
+        "role": "user",
+        "content": "Solve the following multiplication: 12 * 34. Give only the result as your final answer.",
+    },
     {
         "role": "assistant",
         "content": "",

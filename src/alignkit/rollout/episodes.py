@@ -275,7 +275,7 @@ class EnvironmentRollout:
         p, renderer, limits = exp.prompt_width, self.renderer, self.limits
         lengths, truncated = exp.response_lengths.tolist(), exp.truncated.tolist()
         calls: list[tuple[int, ToolCall]] = []
-        errors: dict[int, list[str]] = {}
+        calling: dict[int, list[str]] = {}  # conversation -> its malformed attempts
         for row, i in enumerate(live):
             conv = convs[i]
             room = limits.max_length - len(conv.ids)
@@ -294,7 +294,7 @@ class EnvironmentRollout:
                     conv.done, conv.limit = True, "turns"
                     continue
                 calls += [(i, c) for c in found]
-                errors[i] = malformed
+                calling[i] = malformed
                 continue
             step = _step(envs[i], message)
             if step.reward is not None:
@@ -310,10 +310,10 @@ class EnvironmentRollout:
             conv = convs[i]
             if conv.done:
                 continue
-            if i in errors:
+            if i in calling:
                 replies = [
                     *results.get(i, []),
-                    *(ToolResult("tool_call", f"error: {e}", True) for e in errors[i]),
+                    *(ToolResult("tool_call", f"error: {e}", True) for e in calling[i]),
                 ]
                 conv.tool_calls += len(replies)
                 conv.tool_errors += sum(r.error for r in replies)

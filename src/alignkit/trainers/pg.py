@@ -400,6 +400,9 @@ def build_pg_trainer(
         )
     if not cfg.rewards and cfg.environment is None:
         raise ConfigError("rewards: give at least one source, e.g. [{function: sort_match}]")
+    if cfg.environment is not None and trainer_class is not PolicyGradientTrainer:
+        # Safe-PPO's cost sources score exp.completions, which an episode makes a transcript.
+        raise ConfigError(f"environment: not supported by {trainer_class.__name__} yet")
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
     data = cfg.data
     rollout = build_environment_rollout(cfg, tokenizer)
