@@ -13,6 +13,7 @@ than a test should spend.) A second test runs every policy-gradient preset throu
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -206,3 +207,42 @@ def test_every_preset_trains_on_multi_turn_episodes(tmp_path, warm_model, method
         assert all(v == v for v in record.values() if isinstance(v, float))  # no NaN
     samples = (trainer.run_dir.root / "samples" / "iteration-000001.jsonl").read_text()
     assert '"reward": 1.0' in samples and '"reward": 0.0' in samples
+
+
+@pytest.mark.parametrize(
+    ("example", "task"),
+    [("grpo_reasoning_gym.yaml", "chain_sum"), ("grpo_tool_calculator.yaml", "products")],
+)
+def test_the_smollm2_examples_run_as_written_on_small_data(
+    example, task, warm_model, tmp_path, monkeypatch
+):
+    """The examples' configs as they are, on 8 reasoning-gym rows and a tiny model with
+    SmolLM2's chat template (the real runs' numbers are in examples/README.md)."""
+    import yaml
+
+    from alignkit.cli import main
+    from alignkit.rollout.verifiers.reasoning_tasks import reasoning_gym_rows
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    settings = yaml.safe_load((examples / example).read_text())
+    monkeypatch.chdir(tmp_path)
+    for key in ("train_file", "eval_file"):
+        path = tmp_path / settings["data"][key]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = reasoning_gym_rows(task, 8, 1, min_terms=2, max_terms=2, min_digits=1, max_digits=2)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [
+        f"model.name={warm_model}",
+        "model.lora=null",
+        "train.iterations=1",
+        "rollout.prompts_per_iteration=2",
+        "rollout.max_new_tokens=4",
+        "data.max_eval_prompts=2",
+        "logging.progress_bar=false",
+        "logging.plots=false",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "grpo", "-c", str(examples / example), *overrides])
+    assert exit_info.value.code in (0, None)
+    summary = json.loads((tmp_path / "runs" / settings["run_name"] / "summary.json").read_text())
+    assert summary["step"] == 1 and "eval/reward" in summary["initial_eval"]
