@@ -24,6 +24,7 @@ from _frameworks import alignkit_online_overrides, trl_online_args
 from _harness import run_setting, worker_main, worker_parser
 
 PROMPTS_PER_STEP, GENERATIONS, TEMPERATURE = 8, 4, 0.7
+MICRO_BATCH = 8  # sequences per forward pass; the 32 of a step are 4 micro-batches in both
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 _MATH: Any = None
 
@@ -69,7 +70,7 @@ def run_alignkit(args: argparse.Namespace) -> dict:
             f"rollout.prompts_per_iteration={PROMPTS_PER_STEP}",
             f"rollout.samples_per_prompt={GENERATIONS}",
             f"rollout.temperature={TEMPERATURE}",
-            f"train.sequences_per_device={PROMPTS_PER_STEP * GENERATIONS}",
+            f"train.sequences_per_device={MICRO_BATCH}",
             "kl.coef=0",
             "optim.max_grad_norm=1.0",
         ],
@@ -102,9 +103,12 @@ def run_trl(args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     config = GRPOConfig(
-        **{**trl_online_args(args), "temperature": TEMPERATURE},
-        per_device_train_batch_size=PROMPTS_PER_STEP * GENERATIONS,
-        steps_per_generation=1,
+        **{
+            **trl_online_args(args),
+            "temperature": TEMPERATURE,
+            "gradient_accumulation_steps": PROMPTS_PER_STEP * GENERATIONS // MICRO_BATCH,
+        },
+        per_device_train_batch_size=MICRO_BATCH,
         num_iterations=1,
         num_generations=GENERATIONS,
         max_completion_length=args.max_new_tokens,
