@@ -41,8 +41,8 @@ from alignkit.rollout import (
     GenerationEngine,
     Prompt,
     TransformersEngine,
-    generate_batched,
 )
+from alignkit.rollout.episodes import EnvironmentRollout, SingleTurnRollout, TextScorer
 from alignkit.rollout.reward_functions import RewardLog
 from alignkit.rollout.rewards import (
     RewardContext,
@@ -119,6 +119,7 @@ class OnlineTrainer(RunLoop):
         *,
         engine: GenerationEngine | None = None,
         eval_prompts: Sequence[Prompt] | None = None,
+        rollout: SingleTurnRollout | EnvironmentRollout | None = None,
     ) -> None:
         super().__init__(config, model, tokenizer=tokenizer)
         self.config: OnlineConfig = config
@@ -130,6 +131,9 @@ class OnlineTrainer(RunLoop):
         self.own_engine = engine is None
         self.engine: GenerationEngine = engine or TransformersEngine(model, tokenizer)
         self.sampling = config.rollout.sampling()
+        # How an iteration's sequences are made: one completion per sample, or the multi-turn
+        # episodes of an environment (which may then score them itself: reward None).
+        self.rollout = rollout or SingleTurnRollout()
         self.timings: dict[str, float] = {}
         vllm = config.rollout.engine == "vllm"
         self.sync_every = config.rollout.vllm.sync_every if vllm else 1
@@ -404,7 +408,8 @@ class OnlineTrainer(RunLoop):
         self._staleness = version - self._engine_version
 
     def _has_evaluation(self) -> bool:
-        return bool(self.eval_prompts) and self.reward is not None
+        scored = self.reward is not None or isinstance(self.rollout, EnvironmentRollout)
+        return bool(self.eval_prompts) and scored
 
     def evaluate(self) -> dict[str, float]:
         """Greedy completions of the held-out prompts: mean reward, and accuracy = the share
@@ -420,15 +425,9 @@ class OnlineTrainer(RunLoop):
         prompt (generated once, all prompts in one batch)."""
         self.sync_engine(force=True)
         greedy = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
-        prompts = self.eval_prompts
-        exp = generate_batched(
-            self.engine,
-            prompts,
-            greedy,
-            prompts_per_batch=len(prompts),
-            generator=torch.Generator(),
-        )
-        return torch.stack([self.score(source, exp, training=False) for source in sources])
+        exp = self.rollout.evaluate(self.engine, self.eval_prompts, greedy)
+        scorer = self.text_scorer(exp, training=False)
+        return torch.stack([self.rollout.score(exp, source, scorer) for source in sources])
 
     # ----------------------------------------------------------------- helpers
 
@@ -458,11 +457,24 @@ class OnlineTrainer(RunLoop):
             context.log_extra, context.log_metric = hooks
         return context
 
-    def score(self, source: RewardSource, exp: Experience, *, training: bool = True) -> Tensor:
-        """``source``'s ``[N]`` scores of `exp`, reward functions called with TRL's arguments
+    def score(
+        self,
+        source: RewardSource,
+        exp: Experience,
+        *,
+        training: bool = True,
+        completions: Sequence[str] | None = None,
+    ) -> Tensor:
+        """``source``'s ``[N]`` scores of `exp` (or of its rows with other ``completions``: an
+        episode's last answer), reward functions called with TRL's arguments
         (:meth:`reward_context`)."""
         context = self.reward_context(exp, training=training)
-        return score_with_context(source, exp.prompts, exp.completions, exp.row_fields, context)
+        texts = exp.completions if completions is None else list(completions)
+        return score_with_context(source, exp.prompts, texts, exp.row_fields, context)
+
+    def text_scorer(self, exp: Experience, *, training: bool = True) -> TextScorer:
+        """:meth:`score` as a rollout's ``score_texts(source, completions)``."""
+        return lambda source, texts: self.score(source, exp, training=training, completions=texts)
 
     def write_samples(self, exp: Experience, iteration: int) -> None:
         """``samples/iteration-N.jsonl``: every sequence's prompt, completion and reward (and

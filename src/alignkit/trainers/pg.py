@@ -56,6 +56,7 @@ from alignkit.rollout import (
     TeacherGuidedEngine,
     load_prompt_file,
 )
+from alignkit.rollout.episodes import EnvironmentRollout, SingleTurnRollout
 from alignkit.rollout.rewards import RewardSource, build_reward_source
 from alignkit.trainers.common import load_model_and_tokenizer
 from alignkit.trainers.correction import BehaviourCorrection
@@ -94,11 +95,22 @@ class PolicyGradientTrainer(OnlineTrainer):
         engine: GenerationEngine | None = None,
         eval_prompts: Sequence[Prompt] | None = None,
         critic: nn.Module | Critic | None = None,
+        rollout: SingleTurnRollout | EnvironmentRollout | None = None,
     ) -> None:
         """`critic`: the value model (wrapped in a :class:`Critic` with ``config.critic``'s
-        settings), or a Critic; needed exactly when the estimator uses values."""
+        settings), or a Critic; needed exactly when the estimator uses values. `rollout`: how
+        an iteration's sequences are made (default: one completion per sample; an
+        ``EnvironmentRollout`` runs multi-turn episodes, and `reward` may then be None when the
+        environment scores them)."""
         super().__init__(
-            config, model, tokenizer, prompts, reward, engine=engine, eval_prompts=eval_prompts
+            config,
+            model,
+            tokenizer,
+            prompts,
+            reward,
+            engine=engine,
+            eval_prompts=eval_prompts,
+            rollout=rollout,
         )
         self.config: PGConfig = config
         self.estimator = get_advantage_estimator(config.advantage.estimator)
@@ -207,12 +219,12 @@ class PolicyGradientTrainer(OnlineTrainer):
         device = self.accelerator.device
         self.engine.set_iteration(self.state.step)  # before the sync: its errors name it
         self.sync_engine()
-        with self.timed("rollout"):
-            exp = self.engine.generate(
-                prompts, self.sampling, generator=generator, group_offset=group_offset
+        with self.timed("rollout"):  # one generate call, or episodes turn by turn
+            exp = self.rollout.generate(
+                self.engine, prompts, self.sampling, generator=generator, group_offset=group_offset
             ).to(device)
         with self.timed("reward"):
-            exp.scores = self.score(self.reward, exp).to(device)
+            exp.scores = self.rollout.score(exp, self.reward, self.text_scorer(exp)).to(device)
             components = getattr(self.reward, "last_components", {})  # a weighted sum's
             self.source_stats.add(self.state.step, components)
         with self.timed("old_logprobs"):
@@ -309,7 +321,7 @@ class PolicyGradientTrainer(OnlineTrainer):
             metrics.update(self.critic.metrics(exp.values, exp.returns, mask))
         # What only the engine knows (a teacher mixture's alpha and fallback share); the
         # importance weights are the trainer's own, computed once above.
-        for name, value in self.engine.stats().items():
+        for name, value in {**self.engine.stats(), **self.rollout.stats()}.items():
             metrics[name] = torch.tensor(float(value), device=scores.device)
         metrics.update(self.correction.metrics(exp))
         if self.engine.needs_weight_sync:
@@ -444,20 +456,29 @@ def build_pg_trainer(
         raise ConfigError(
             "data.train_file is required (a prompt file, e.g. data/sort_prompts.jsonl)"
         )
-    if not cfg.rewards:
+    if not cfg.rewards and cfg.environment is None:
         raise ConfigError("rewards: give at least one source, e.g. [{function: sort_match}]")
+    if cfg.environment is not None and trainer_class is not PolicyGradientTrainer:
+        # Safe-PPO's cost sources score exp.completions, which an episode makes a transcript.
+        raise ConfigError(f"environment: not supported by {trainer_class.__name__} yet")
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
     data = cfg.data
-    prompts = load_prompt_file(data.train_file, tokenizer, data.max_prompt_length)
+    rollout = build_environment_rollout(cfg, tokenizer)
+    load = (
+        partial(load_prompt_file, tokenizer=tokenizer) if rollout is None else rollout.load_prompts
+    )
+    prompts = load(data.train_file, max_length=data.max_prompt_length)
     eval_prompts = (
-        load_prompt_file(
-            data.eval_file, tokenizer, data.max_prompt_length, limit=data.max_eval_prompts
-        )
+        load(data.eval_file, max_length=data.max_prompt_length, limit=data.max_eval_prompts)
         if data.eval_file
         else None
     )
-    reward = build_reward_source([s.spec() for s in cfg.rewards], tokenizer=tokenizer)
+    reward = (
+        build_reward_source([s.spec() for s in cfg.rewards], tokenizer=tokenizer)
+        if cfg.rewards
+        else None
+    )
     engine = None
     if cfg.rollout.teacher:
         teacher, teacher_tokenizer = load_policy(cfg.rollout.teacher, dtype=cfg.model.dtype)
@@ -482,9 +503,26 @@ def build_pg_trainer(
         engine=engine,
         eval_prompts=eval_prompts,
         critic=critic,
+        rollout=rollout,
         **(extra(tokenizer) if extra is not None else {}),
     )
     return trainer
+
+
+def build_environment_rollout(cfg: PGConfig, tokenizer: Any) -> EnvironmentRollout | None:
+    """The episodes of ``cfg.environment`` (None without one)."""
+    env = cfg.environment
+    if env is None:
+        return None
+    from alignkit.rollout.environments import environment_factory
+
+    return EnvironmentRollout(
+        environment_factory(env.name, env.options),
+        tokenizer,
+        env.limits(),
+        tool_format=env.tool_format,
+        check_streams=env.check_token_stream,
+    )
 
 
 def train_pg(cfg: PGConfig) -> dict[str, Any]:

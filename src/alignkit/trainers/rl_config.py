@@ -18,6 +18,7 @@ from alignkit.config.inputs import ModelConfig
 from alignkit.config.schema import field_help, requires
 from alignkit.errors import ConfigError
 from alignkit.trainers.engine_config import CorrectionConfig, VLLMConfig
+from alignkit.trainers.environment_config import EnvironmentConfig
 from alignkit.trainers.policy_config import (
     AdvantageConfig,
     PolicyLossConfig,
@@ -449,6 +450,13 @@ class OnlineConfig(RunConfig):
         metadata=field_help("Reward sources, summed with their weights: [{function: ...}, ...]."),
     )
     train: TrainSchedule = field(default_factory=TrainSchedule, metadata=field_help("Schedule."))
+    environment: EnvironmentConfig | None = field(
+        default=None,
+        metadata=field_help(
+            "Multi-turn episodes with an environment and tools: {name: calculator, max_turns: "
+            "4, ...}; null: one completion per sample (docs/environments.md)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
