@@ -206,7 +206,8 @@ class OnlineTrainer(RunLoop):
             rollout_rng = iteration_generator(
                 self.config.seed, iteration, _STREAM_ROLLOUT, acc.process_index
             )
-            exp = self.make_experience(prompts, offset, rollout_rng)
+            with acc.autocast():  # rollout, rewards, reference, values: the run's precision
+                exp = self.make_experience(prompts, offset, rollout_rng)
             stats = self.experience_metrics(exp)
             with self.timed("update"):
                 updates = self.update(exp, iteration)
@@ -216,7 +217,7 @@ class OnlineTrainer(RunLoop):
             values = self.after_iteration(metrics)
             self._guards(metrics)
             if self.throughput is not None:
-                self.throughput.add(exp.attention_mask.sum())
+                self.throughput.add(exp.attention_mask.sum(), self.iteration_flops(exp))
             if (iteration + 1) % self.config.train.samples_every == 0 or iteration == 0:
                 self.write_samples(exp, iteration + 1)
             self.timings["iteration"] = time.perf_counter() - started
@@ -240,6 +241,21 @@ class OnlineTrainer(RunLoop):
             for minibatch in exp.minibatches(self.local_sequences_per_minibatch, generator):
                 means.add(self.optimize(minibatch), self.accelerator.device)
         return means.mean_across_processes(self.accelerator)
+
+    def iteration_flops(self, exp: Experience) -> Tensor | float | None:
+        """Model FLOPs of the policy in an iteration (``runloop.flops``), for ``mfu``: sampling
+        (each prompt prefilled once, each response token decoded through the LM head) and the
+        update (every token, ``epochs_per_iteration`` times, the LM head on the responses). The
+        scoring passes (old and reference log-probs, reward and value models) are left out."""
+        if self.model_flops is None:
+            return None
+        response = exp.response_mask.sum()
+        prompt = (exp.attention_mask.sum() - response) / self.config.rollout.samples_per_prompt
+        epochs = self.config.train.epochs_per_iteration
+        sampling = self.model_flops.inference(prompt + response, response)
+        return sampling + self.model_flops.training(
+            epochs * exp.attention_mask.sum(), epochs * response
+        )
 
     # ----------------------------------------------------------------- prompts
 

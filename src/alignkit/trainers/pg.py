@@ -149,7 +149,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         """
         if not (self.engine_samples_policy and self.engine.logprobs_match_trainer):
             return False
-        return self.exactly_on_policy or self.config.precision == "fp32"
+        return self.exactly_on_policy or self.precision.name == "fp32"
 
     @property
     def engine_samples_policy(self) -> bool:
