@@ -25,7 +25,7 @@ from alignkit.trainers.rl_config import PGConfig
 from alignkit.trainers.sft import SFTConfig, train_sft
 
 #: Iteration-level quantities that depend on the wall clock, not on the maths.
-_CLOCK = ("timing/", "tokens_per_s")
+_CLOCK = ("timing/", "tokens_per_s", "mfu")
 
 
 @pytest.fixture(scope="session")

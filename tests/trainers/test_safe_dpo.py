@@ -229,7 +229,7 @@ def test_resume_after_a_kill_reproduces_metrics_and_lambda(
     assert [r["step"] for r in got] == [r["step"] for r in expected] == [2, 4, 5, 6, 8, 10]
     for want, have in zip(expected, got, strict=True):
         assert have.keys() == want.keys()
-        for key in want.keys() - {"tokens_per_s"}:
+        for key in want.keys() - {"tokens_per_s", "mfu"}:
             assert have[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (want["step"], key)
     assert resumed.multiplier.value == whole.multiplier.value
     assert resumed.multiplier.steps == 10

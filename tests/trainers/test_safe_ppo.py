@@ -27,7 +27,7 @@ from alignkit.trainers.registry import get_method
 from alignkit.trainers.rl_config import PGConfig
 from alignkit.trainers.safe_ppo import SafePPOConfig, SafePPOTrainer, build_safe_ppo_trainer
 
-_CLOCK = ("timing/", "tokens_per_s")
+_CLOCK = ("timing/", "tokens_per_s", "mfu")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "safe_ppo.yaml"
 #: Plain PPO inside the same trainer: lambda held at exactly 0, so the policy's advantage is
 #: (A_r - 0 * A_c) / (1 + 0) = A_r, PPO's own; the cost is still judged and logged.
