@@ -335,8 +335,14 @@ class RunConfig:
     seed: int = field(
         default=0, metadata=field_help("Seed of Python, NumPy, torch and data order.")
     )
-    precision: Literal["fp32", "bf16"] = field(
-        default="fp32", metadata=field_help("fp32, or bf16 autocast (weights stay in their dtype).")
+    precision: Literal["auto", "fp32", "bf16"] = field(
+        default="auto",
+        metadata=field_help(
+            "auto: bf16 where the device runs bf16 matmuls natively (AMX / AVX-512 BF16 CPUs, "
+            "GPUs of compute capability >= 8) and the model is float32 with hidden size >= 128, "
+            "else fp32; fp32; or bf16 autocast (weights stay in their dtype). The run's start-up "
+            "table and summary.json say which was chosen and why."
+        ),
     )
     gradient_checkpointing: bool = field(
         default=False, metadata=field_help("Recompute activations in backward to save memory.")

@@ -113,7 +113,7 @@ TRL_OPTIONS: tuple[TrlOption, ...] = (
             ),
         ),
     ),
-    TrlOption("bf16", _to("precision", "precision: bf16 (fp32 is the default)")),
+    TrlOption("bf16", _to("precision", "precision: bf16 (auto, the default, picks it where fast)")),
     TrlOption("fp16", _to("precision", "fp32 or bf16; no fp16")),
     TrlOption("gradient_checkpointing", _to("gradient_checkpointing", "off by default")),
     TrlOption("dataloader_num_workers", _to("dataloader_workers")),

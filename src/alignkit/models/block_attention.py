@@ -36,6 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.models.bf16_attention import (
+    register_sdpa_with_float32_backward,
+    with_float32_backward,
+)
 from alignkit.models.wrappers import innermost_model
 
 __all__ = ["BLOCK_SDPA", "AttentionBlock", "block_attention", "block_attention_available"]
@@ -115,7 +119,9 @@ def block_sdpa_attention(
 def _register() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(BLOCK_SDPA, block_sdpa_attention)
+    # Both under bf16 autocast on CPU: bf16 forward, float32 backward (models.bf16_attention).
+    AttentionInterface.register(BLOCK_SDPA, with_float32_backward(block_sdpa_attention))
+    register_sdpa_with_float32_backward()
 
 
 _register()

@@ -155,6 +155,13 @@ def token_logprobs(
     positions that predict a scored token, so prompt and padding positions never produce
     ``V``-wide logits; otherwise all logits are computed and the scored rows read from them.
     Neither path holds a float32 ``[B, T, V]`` log-softmax (see `ops.logprobs`).
+
+    Precision: the forward runs in the caller's autocast (a run's ``precision``); under bf16 the
+    logits are bfloat16 and everything after them float32 (`ops.logprobs`). A row's log-probs
+    do not depend on the other rows of a padded batch (measured: identical in bf16), but a
+    packed forward's layout moves with the batch's rows (which prompts are shared, where a
+    sequence starts), and in bf16 that moves a log-prob by up to ~1e-2 (mean ~1e-7; fp32:
+    ~1e-6).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")

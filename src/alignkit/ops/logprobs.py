@@ -9,6 +9,14 @@ losses built on them (importance ratios ``exp(logp - old_logp)``, KL estimates) 
 The two reductions are custom autograd functions: their backward recomputes the softmax of
 each block from the saved logits and per-row log-normaliser, instead of letting autograd keep
 every float32 intermediate alive until the backward pass.
+
+Under bf16 autocast (``precision: bf16``, ``runloop.precision``) the LM head is a bf16 matmul, so
+the logits arrive in bfloat16 and carry its rounding (~0.03 nats for logits of size ~10). What
+accumulates is float32 from there on: the max and log-sum-exp over the vocabulary, the gathered
+log-prob, the entropy's sum over the vocabulary, the gradient ``softmax - onehot`` before it is
+rounded back to the logits' dtype, and every sum over tokens made from these results (a
+sequence's log-prob, the losses of ``ops``). Summing 100 log-probs of -4..0 one by one in bfloat16
+errs by 1.6 nats on average (4.7 at worst, 100 trials); in float32 by < 1e-5.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ warpers and of vLLM's sampler; :func:`truncate_logits` gives its kept set);
 :func:`inverse_cdf_sample` draws one token per row from such log-probs with uniforms from a
 ``torch.Generator``. Behaviour log-probs recorded by an engine
 are read from the same ``[R, V]`` tensor the token was drawn from, so they are exactly the
-log-probs of the distribution sampled.
+log-probs of the distribution sampled. bfloat16 logits (a bf16 decode) are upcast first: the
+log-softmax, the top-p mass, the cumulative sum drawn from and the recorded log-prob are float32.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ sliding window shorter than the sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -160,21 +160,44 @@ class DynamicCacheDecoder:
         return logits
 
 
+class _Linear(NamedTuple):
+    """An ``nn.Linear``'s weight and bias in the decoder's matmul dtype."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    @classmethod
+    def of(cls, layer: nn.Linear, dtype: torch.dtype) -> _Linear:
+        """Cast once per decoder (no copy when the dtype already is ``dtype``)."""
+        bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+        return cls(layer.weight.detach().to(dtype), bias)
+
+
 @dataclass
 class _Layer:
     input_norm: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
-    o: nn.Linear
+    q: _Linear
+    k: _Linear
+    v: _Linear
+    o: _Linear
     post_norm: nn.Module
-    gate: nn.Linear
-    up: nn.Linear
-    down: nn.Linear
+    gate: _Linear
+    up: _Linear
+    down: _Linear
 
 
-def _linear(x: Tensor, layer: nn.Linear) -> Tensor:
-    return F.linear(x, layer.weight, layer.bias)
+def _linear(x: Tensor, layer: _Linear) -> Tensor:
+    """``x W^T + b`` in the weights' dtype (the input is cast to it, as autocast would)."""
+    return F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
+
+
+def matmul_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a forward of float32 ``weight`` runs its matmuls in here: autocast's (bfloat16)
+    when autocast is on for the weight's device, else the weight's own."""
+    device = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
 def _rms_norm(x: Tensor, norm: Any) -> Tensor:
@@ -192,6 +215,15 @@ class StaticCacheDecoder:
     Rows are ``B * repeats`` (each prompt's ``repeats`` rows adjacent). :meth:`prefill` runs the
     B prompts once and writes their keys and values into the first ``W`` cache slots of all
     their rows; each :meth:`step` fills the next slot.
+
+    Precision follows the caller's autocast, decided once when the decoder is built
+    (:func:`matmul_dtype`). Under bf16 autocast with float32 weights it does what the model's
+    forward under autocast does, without autocast's per-call casts: the projection and LM-head
+    weights are cast to bfloat16 once per decoder, the cache holds bfloat16 keys and values (what
+    attention reads under autocast), and what autocast keeps in float32 stays float32: the
+    residual stream (bf16 matmul outputs are added to it in float32), RMSNorm and the rotary
+    embedding (computed in float32 from the bf16 projections, then rounded for attention). The
+    logits are bfloat16, as the model's are; the sampler upcasts them (``ops.sampling``).
     """
 
     def __init__(
@@ -204,18 +236,28 @@ class StaticCacheDecoder:
     ) -> None:
         config = model.config
         inner = model.model
-        self.embed, self.final_norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
+        self.embed, self.final_norm = inner.embed_tokens, inner.norm
+        weight = self.embed.weight
+        self.device_type = weight.device.type
+        self.dtype = matmul_dtype(weight)
+        self.lm_head = _Linear.of(model.lm_head, self.dtype)
         self.layers = [
             _Layer(
                 layer.input_layernorm,
-                layer.self_attn.q_proj,
-                layer.self_attn.k_proj,
-                layer.self_attn.v_proj,
-                layer.self_attn.o_proj,
+                *(
+                    _Linear.of(p, self.dtype)
+                    for p in (
+                        layer.self_attn.q_proj,
+                        layer.self_attn.k_proj,
+                        layer.self_attn.v_proj,
+                    )
+                ),
+                _Linear.of(layer.self_attn.o_proj, self.dtype),
                 layer.post_attention_layernorm,
-                layer.mlp.gate_proj,
-                layer.mlp.up_proj,
-                layer.mlp.down_proj,
+                *(
+                    _Linear.of(p, self.dtype)
+                    for p in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+                ),
             )
             for layer in inner.layers[: config.num_hidden_layers]
         ]
@@ -229,10 +271,9 @@ class StaticCacheDecoder:
 
         prompts, width = prompt_mask.shape
         rows = prompts * repeats
-        weight = self.embed.weight
         shape = (len(self.layers), rows, self.kv_heads, width + new_slots, self.head_dim)
-        self.keys = weight.new_empty(shape)
-        self.values = weight.new_empty(shape)
+        self.keys = weight.new_empty(shape, dtype=self.dtype)
+        self.values = weight.new_empty(shape, dtype=self.dtype)
         self.length = 0  # filled slots
 
         # Key mask [R, slots]: the prompt's padding is masked, generated tokens are not.
@@ -275,7 +316,7 @@ class StaticCacheDecoder:
         return (x * cos) + (x.roll(self.head_dim // 2, dims=-1) * signed_sin)
 
     def _mlp(self, hidden: Tensor, layer: _Layer) -> Tensor:
-        x = _rms_norm(hidden, layer.post_norm)
+        x = _rms_norm(hidden, layer.post_norm).to(self.dtype)
         return hidden + _linear(F.silu(_linear(x, layer.gate)) * _linear(x, layer.up), layer.down)
 
     def _logits(self, hidden: Tensor) -> Tensor:
@@ -284,9 +325,14 @@ class StaticCacheDecoder:
     def prefill(self, prompt_ids: Tensor) -> Tensor:
         """Run the ``[B, W]`` prompts, fill the first ``W`` slots of every row; return the
         ``[B * repeats, V]`` next-token logits."""
-        prompts, width = prompt_ids.shape
         if self.length:
             raise RuntimeError("prefill runs once, before the first step")
+        # Autocast off: the casts it would make per call are made once (class docstring).
+        with torch.autocast(self.device_type, enabled=False):
+            return self._prefill(prompt_ids)
+
+    def _prefill(self, prompt_ids: Tensor) -> Tensor:
+        prompts, width = prompt_ids.shape
         # Causal and padding mask [B, 1, W, W]. A padding query may see itself only: it has no
         # real key before it, and a fully masked row would give NaN keys/values in the next
         # layer (they are masked for every real query, but 0 * NaN is NaN).
@@ -302,17 +348,21 @@ class StaticCacheDecoder:
         keys, values = self.keys.view(grouped), self.values.view(grouped)
         hidden = F.embedding(prompt_ids, self.embed.weight)  # [B, W, hidden]
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(hidden, layer.input_norm)
+            x = _rms_norm(hidden, layer.input_norm).to(self.dtype)
             q = _linear(x, layer.q).view(prompts, width, self.heads, -1).transpose(1, 2)
             k = _linear(x, layer.k).view(prompts, width, self.kv_heads, -1).transpose(1, 2)
             v = _linear(x, layer.v).view(prompts, width, self.kv_heads, -1).transpose(1, 2)
-            k = self._rotate(k, cos, signed_sin)
+            k = self._rotate(k, cos, signed_sin).to(self.dtype)
             keys[i, :, :, :, :width] = k[:, None]
             values[i, :, :, :, :width] = v[:, None]
             if groups > 1:  # what transformers' repeat_kv does
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             attended = F.scaled_dot_product_attention(
-                self._rotate(q, cos, signed_sin), k, v, attn_mask=mask, scale=self.scaling
+                self._rotate(q, cos, signed_sin).to(self.dtype),
+                k,
+                v,
+                attn_mask=mask,
+                scale=self.scaling,
             )
             hidden = hidden + _linear(attended.transpose(1, 2).reshape(prompts, width, -1), layer.o)
             hidden = self._mlp(hidden, layer)
@@ -321,23 +371,27 @@ class StaticCacheDecoder:
 
     def step(self, tokens: Tensor) -> Tensor:
         """Append ``tokens`` ``[R]``; return the ``[R, V]`` logits of the next token."""
-        rows, slot = tokens.shape[0], self.length
-        if not slot:
+        if not self.length:
             raise RuntimeError("step needs the prefill first")
-        if slot >= self.keys.shape[3]:
-            raise RuntimeError(f"the preallocated cache has {slot} slots, all filled")
+        if self.length >= self.keys.shape[3]:
+            raise RuntimeError(f"the preallocated cache has {self.length} slots, all filled")
+        with torch.autocast(self.device_type, enabled=False):
+            return self._step(tokens)
+
+    def _step(self, tokens: Tensor) -> Tensor:
+        rows, slot = tokens.shape[0], self.length
         groups = self.heads // self.kv_heads
         cos = self.cos.index_select(0, self.next_position).unsqueeze(1)  # [R, 1, D]
         signed_sin = self.signed_sin.index_select(0, self.next_position).unsqueeze(1)
         mask = None if self.mask is None else self.mask[:, None, None, : slot + 1]
         hidden = F.embedding(tokens, self.embed.weight)  # [R, hidden]
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(hidden, layer.input_norm)
+            x = _rms_norm(hidden, layer.input_norm).to(self.dtype)
             q = _linear(x, layer.q).view(rows, self.heads, self.head_dim)
             k = _linear(x, layer.k).view(rows, self.kv_heads, self.head_dim)
             self.keys[i, :, :, slot] = self._rotate(k, cos, signed_sin)
             self.values[i, :, :, slot] = _linear(x, layer.v).view(rows, self.kv_heads, -1)
-            q = self._rotate(q, cos, signed_sin)
+            q = self._rotate(q, cos, signed_sin).to(self.dtype)
             # One query token: the `groups` query heads of a key/value head attend as `groups`
             # queries of that head (what transformers does for GQA decoding, no repeat_kv).
             attended = F.scaled_dot_product_attention(

@@ -34,19 +34,23 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from rich.console import Console
+from rich.table import Table
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, SequentialSampler
 
 from alignkit.config import RunConfig, config_to_dict, library_versions, save_resolved_config
 from alignkit.errors import AlignkitError, CheckpointError, ConfigError
 from alignkit.runloop.allocator import retain_freed_memory
+from alignkit.runloop.flops import ModelFlops, peak_matmul_rate
 from alignkit.runloop.optimizer import OptimizerStep
+from alignkit.runloop.precision import resolve_precision
 from alignkit.runloop.resume import describing_the_run, rescale_learning_rate, resume_changes
 from alignkit.runloop.runtime import (
     EpochShuffleSampler,
     LoopState,
     Throughput,
     make_accelerator,
+    process_device,
     seed_everything,
 )
 from alignkit.tracking import (
@@ -107,7 +111,12 @@ class RunLoop(ABC):
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         self.config = config
-        self.accelerator = make_accelerator(config, self._gradient_accumulation_steps(config))
+        #: What the run computes in (``runloop.precision``: ``auto`` resolved for this model
+        #: and device); under bf16 every forward runs inside ``self.accelerator.autocast()``.
+        self.precision = resolve_precision(config.precision, model, process_device())
+        self.accelerator = make_accelerator(
+            config, self._gradient_accumulation_steps(config), precision=self.precision.name
+        )
         seed_everything(config.seed)
         self.model = model  # wrapped for the device setup once _prepare_training prepares it
         self.tokenizer = tokenizer
@@ -122,6 +131,8 @@ class RunLoop(ABC):
         self.throughput: Throughput | None = None
         self._controllers: dict[str, Stateful] = {}
         self._extra_models: dict[str, nn.Module] = {}
+        self.model_flops: ModelFlops | None = None  # of the prepared model, set by train()
+        self._peak_flops_per_s: float | None = None
 
     # ----------------------------------------------------------------- what a schedule writes
 
@@ -258,6 +269,17 @@ class RunLoop(ABC):
             generator=torch.Generator().manual_seed(self.config.seed),
         )
 
+    @property
+    def peak_flops_per_s(self) -> float:
+        """The dense matmul rate of this device in the run's precision at the model's shapes
+        (``runloop.flops``), what ``mfu`` is a share of; measured once, when first asked."""
+        if self._peak_flops_per_s is None:
+            shapes = self.model_flops.shapes if self.model_flops is not None else (1, 1)
+            self._peak_flops_per_s = peak_matmul_rate(
+                self.precision.dtype, shapes, self.accelerator.device
+            )
+        return self._peak_flops_per_s
+
     # ----------------------------------------------------------------- the template
 
     def train(self) -> dict[str, Any]:
@@ -272,8 +294,11 @@ class RunLoop(ABC):
         changes = self._shared(lambda: self._prepare_run_dir(resume_step))
         if cfg.retain_freed_memory and self.accelerator.device.type == "cpu":
             retain_freed_memory()
+        self._print_setup()
         self._prepare_training()
-        self.on_train_begin()
+        self.model_flops = ModelFlops.of(self.unwrapped_model)
+        with self.accelerator.autocast():  # e.g. DPO's reference pass: the run's precision
+            self.on_train_begin()
         if checkpoint is not None:
             self._restore(checkpoint)
             self._apply_changes(changes or [])
@@ -354,9 +379,13 @@ class RunLoop(ABC):
         record: dict[str, float] = {}
         if final or state.step % cfg.logging.every == 0:
             record = state.flush_window()
-            tokens_per_s = self.throughput.flush() if self.throughput is not None else None
+            tokens_per_s, flops_per_s = (
+                self.throughput.flush() if self.throughput is not None else (None, None)
+            )
             if tokens_per_s is not None:
                 record["tokens_per_s"] = tokens_per_s
+            if flops_per_s is not None:
+                record["mfu"] = flops_per_s / self.peak_flops_per_s
             state.last_record = dict(record)
         record.update(eval_metrics)
         if record:
@@ -396,7 +425,8 @@ class RunLoop(ABC):
         rng = capture_rng_state()
         self.model.eval()
         try:
-            metrics = {k: float(v) for k, v in self.evaluate().items()}
+            with self.accelerator.autocast():
+                metrics = {k: float(v) for k, v in self.evaluate().items()}
         finally:
             self.model.train()
             restore_rng_state(rng)
@@ -568,6 +598,8 @@ class RunLoop(ABC):
             "best": self._best_summary(),
             "last_checkpoint": str(self.run_dir.checkpoint_dir(state.step)),
             "train_seconds": round(seconds, 3),
+            "precision": self.precision.as_dict(),
+            "peak_flops_per_s": self._peak_flops_per_s,
             "versions": library_versions(),
         }
         if self.accelerator.is_main_process:
@@ -594,6 +626,22 @@ class RunLoop(ABC):
         }
 
     # ----------------------------------------------------------------- plumbing
+
+    def _print_setup(self) -> None:
+        """The start-up table: the chosen precision and why, the device and processes."""
+        if not self.accelerator.is_main_process or not self.config.logging.progress_bar:
+            return
+        table = Table(title="run set-up", show_header=False)
+        rows = [
+            ("precision", self.precision.name),
+            (f"why ({self.precision.requested})", self.precision.reason),
+            ("device", str(self.accelerator.device)),
+            ("processes", str(self.accelerator.num_processes)),
+            ("torch threads per process", str(torch.get_num_threads())),
+        ]
+        for label, value in rows:
+            table.add_row(label, value)
+        self.console.print(table)
 
     def _say(self, message: str) -> None:
         if self.accelerator.is_main_process:

@@ -22,6 +22,7 @@ from torch.utils.data import Sampler
 
 from alignkit.config import EarlyStoppingConfig, RunConfig
 from alignkit.errors import ConfigError
+from alignkit.runloop.precision import drop_autocast_wrapper
 
 
 def seed_everything(seed: int) -> None:
@@ -29,26 +30,50 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def make_accelerator(config: RunConfig, gradient_accumulation_steps: int = 1) -> Accelerator:
-    """The Accelerator for `config`: fp32/bf16 autocast, and the accumulation steps its
-    ``backward`` divides by (and DeepSpeed accumulates over)."""
-    mixed_precision = "bf16" if config.precision == "bf16" else "no"
+def process_device() -> torch.device:
+    """The device of this process, as the Accelerator will see it (its process state is
+    created here if it is not yet, with ``accelerate launch --cpu`` honoured as accelerate does)."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+
+
+def make_accelerator(
+    config: RunConfig, gradient_accumulation_steps: int = 1, *, precision: str | None = None
+) -> Accelerator:
+    """The Accelerator for `config`: bf16 autocast or none (`precision`, the chosen one of
+    ``runloop.precision``; default ``config.precision``, which must then be explicit), and the
+    accumulation steps its ``backward`` divides by (and DeepSpeed accumulates over).
+
+    Models it prepares keep their own ``forward`` (:func:`~alignkit.runloop.precision.
+    drop_autocast_wrapper`): the run opens ``accelerator.autocast()`` around every forward."""
+    chosen = precision or config.precision
+    if chosen not in ("fp32", "bf16"):
+        raise ValueError(f"make_accelerator needs fp32 or bf16, got {chosen!r} (resolve it first)")
+    mixed_precision = "bf16" if chosen == "bf16" else "no"
     _refuse_fsdp_on_cpu()
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
         if PartialState().num_processes > 1:
             raise ConfigError(
-                f"precision={config.precision} differs from an earlier trainer in this "
+                f"precision {chosen} differs from an earlier trainer in this "
                 "distributed job; use one precision per launch"
             )
         # One process, nothing distributed to break: accelerate keeps its precision in a
         # process-wide singleton, so a notebook that trains fp32 then bf16 must reset it.
         AcceleratorState._reset_state()
-    return Accelerator(
+    return _Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
+
+
+class _Accelerator(Accelerator):
+    """accelerate's Accelerator, less the mixed-precision wrapper on prepared models."""
+
+    def prepare_model(self, model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        prepared = super().prepare_model(model, *args, **kwargs)
+        drop_autocast_wrapper(model)
+        return prepared
 
 
 def _refuse_fsdp_on_cpu() -> None:
@@ -172,20 +197,29 @@ class MetricMeans:
 
 
 class Throughput:
-    """Non-pad tokens per second of training time (evaluation and saving excluded)."""
+    """Non-pad tokens and model FLOPs (``runloop.flops``) per second of training time
+    (evaluation and saving excluded)."""
 
     def __init__(self, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
         self.tokens = torch.zeros((), device=accelerator.device)
+        self.flops = torch.zeros((), device=accelerator.device)
         self.counting = True
+        self.counting_flops = True
         self.seconds = 0.0
         self._since = time.perf_counter()
 
-    def add(self, tokens: Tensor | int | None) -> None:
+    def add(self, tokens: Tensor | int | None, flops: Tensor | float | None = None) -> None:
+        """Count ``tokens`` (None: throughput is not reported) and their model FLOPs (None:
+        MFU is not reported)."""
         if tokens is None:
             self.counting = False
         else:
             self.tokens = self.tokens + tokens
+        if flops is None:
+            self.counting_flops = False
+        else:
+            self.flops = self.flops + flops
 
     def pause(self) -> None:
         self.seconds += time.perf_counter() - self._since
@@ -193,15 +227,22 @@ class Throughput:
     def resume(self) -> None:
         self._since = time.perf_counter()
 
-    def flush(self) -> float | None:
-        """Tokens per second (all processes together) since the last flush; None if uncounted."""
-        total = self.tokens
+    def flush(self) -> tuple[float | None, float | None]:
+        """Tokens and model FLOPs per second (all processes together) since the last flush;
+        None where uncounted."""
+        totals = torch.stack([self.tokens.float(), self.flops.float()])
         if self.accelerator.num_processes > 1:
-            total = self.accelerator.reduce(total, reduction="sum")
-        rate = float(total) / max(self.seconds, 1e-9) if self.counting else None
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        tokens, flops = totals.tolist()
+        seconds = max(self.seconds, 1e-9)
+        rates = (
+            tokens / seconds if self.counting else None,
+            flops / seconds if self.counting and self.counting_flops else None,
+        )
         self.tokens = torch.zeros((), device=self.accelerator.device)
+        self.flops = torch.zeros((), device=self.accelerator.device)
         self.seconds = 0.0
-        return rate
+        return rates
 
 
 @dataclass

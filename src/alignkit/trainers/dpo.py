@@ -125,7 +125,7 @@ class DPOTrainer(Trainer):
         # dtype and max length also show in the weights and token ids; precision (autocast)
         # shows nowhere else.
         settings = (cfg.reference, cfg.model.dtype, cfg.data.max_length, cfg.data.length_policy)
-        digest.update(repr((*settings, cfg.precision)).encode())
+        digest.update(repr((*settings, self.precision.name)).encode())
         digest.update(weights_digest(self.accelerator.unwrap_model(reference)).encode())
         if self.tokenizer is not None:
             digest.update(repr(sorted(self.tokenizer.get_vocab().items())).encode())

@@ -32,6 +32,7 @@ Hooks, all optional but `compute_loss`:
     (``state.step`` still counts the steps before this one).
   - ``evaluate() -> metrics``: default averages ``compute_loss`` metrics over the eval set.
   - ``count_tokens(batch)``: default ``attention_mask.sum()``, for ``tokens_per_s``.
+  - ``count_flops(batch)``: default from ``count_tokens`` and the scored tokens, for ``mfu``.
   - ``on_train_begin()``: once models are on their device, before the first step.
 """
 
@@ -47,6 +48,7 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 
 from alignkit.config import TrainConfig
+from alignkit.data.tokenize import IGNORE_INDEX
 from alignkit.errors import AlignkitError
 from alignkit.runloop.optimizer import (
     OptimizerStep,
@@ -130,6 +132,15 @@ class Trainer(RunLoop):
                 return ids.numel()
         return None
 
+    def count_flops(self, batch: Any) -> Tensor | float | None:
+        """Model FLOPs of a forward + backward on `batch` (``runloop.flops``: 6 per weight per
+        token of :meth:`count_tokens`, the LM head on the tokens a loss scores: ``labels`` not
+        -100, or ``response_mask``), for ``mfu``; None: not reported."""
+        tokens = self.count_tokens(batch)
+        if tokens is None or self.model_flops is None:
+            return None
+        return self.model_flops.training(tokens, scored_tokens(batch))
+
     # ----------------------------------------------------------------- the primary optimizer
 
     @property
@@ -201,7 +212,7 @@ class Trainer(RunLoop):
         share = loss * (mine / units)
         self._train_metrics.add(metrics, acc.device)
         self._train_metrics.add_totals({"loss": share}, acc.device)
-        self.throughput.add(self.count_tokens(batch))
+        self.throughput.add(self.count_tokens(batch), self.count_flops(batch))
         return share
 
     def _epoch_windows(self) -> Iterator[list[Any]]:
@@ -259,6 +270,18 @@ class Trainer(RunLoop):
             "seed": cfg.seed,
             "train_examples": len(self.train_dataset),
         }
+
+
+def scored_tokens(batch: Any) -> Tensor | int:
+    """Tokens of `batch` whose log-prob enters a loss: ``labels`` other than -100 (SFT), else
+    ``response_mask`` (preference pairs); 0 when it holds neither (a reward model)."""
+    if isinstance(batch, Mapping):
+        labels, response = batch.get("labels"), batch.get("response_mask")
+        if isinstance(labels, Tensor) and labels.dtype == torch.long:
+            return (labels != IGNORE_INDEX).sum()
+        if isinstance(response, Tensor):
+            return response.sum()
+    return 0
 
 
 def batch_rows(batch: Any) -> int:

@@ -258,7 +258,8 @@ class OnlineTrainer(RunLoop):
             iteration = state.step
             self.timings = {}
             started = time.perf_counter()
-            exp, filtering = self.collect_experience(iteration)
+            with acc.autocast():  # rollout, rewards, reference, values: the run's precision
+                exp, filtering = self.collect_experience(iteration)
             stats = self.experience_metrics(exp)
             with self.timed("update"):
                 updates = self.update(exp, iteration)
@@ -268,7 +269,7 @@ class OnlineTrainer(RunLoop):
             values = self.after_iteration(metrics)
             self._guards(metrics)
             if self.throughput is not None:
-                self.throughput.add(exp.attention_mask.sum())
+                self.throughput.add(exp.attention_mask.sum(), self.iteration_flops(exp))
             if (iteration + 1) % self.config.train.samples_every == 0 or iteration == 0:
                 self.write_samples(exp, iteration + 1)
             self.timings["iteration"] = time.perf_counter() - started
@@ -361,6 +362,21 @@ class OnlineTrainer(RunLoop):
             return float(count)
         total = torch.tensor(float(count), device=self.accelerator.device)
         return float(self.accelerator.reduce(total, reduction="sum"))
+
+    def iteration_flops(self, exp: Experience) -> Tensor | float | None:
+        """Model FLOPs of the policy in an iteration (``runloop.flops``), for ``mfu``: sampling
+        (each prompt prefilled once, each response token decoded through the LM head) and the
+        update (every token, ``epochs_per_iteration`` times, the LM head on the responses). The
+        scoring passes (old and reference log-probs, reward and value models) are left out."""
+        if self.model_flops is None:
+            return None
+        response = exp.response_mask.sum()
+        prompt = (exp.attention_mask.sum() - response) / self.config.rollout.samples_per_prompt
+        epochs = self.config.train.epochs_per_iteration
+        sampling = self.model_flops.inference(prompt + response, response)
+        return sampling + self.model_flops.training(
+            epochs * exp.attention_mask.sum(), epochs * response
+        )
 
     # ----------------------------------------------------------------- prompts
 

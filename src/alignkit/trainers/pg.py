@@ -34,6 +34,7 @@ is copied per method.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -169,12 +170,15 @@ class PolicyGradientTrainer(OnlineTrainer):
         pi_old is the policy that sampled the iteration, whatever the number of updates after
         it, so re-scoring only corrects the numerical gap between the decode path and the
         training forward: ~1e-6 in fp32 (the engine's log-probs equal a re-scoring forward to
-        1e-5, tested), but up to ~1e-2 under bf16 autocast, where a re-score keeps the first
-        ratio at exactly 1 (verl recomputes for the same reason).
+        1e-5, tested), but under bf16 a mean of 2e-3 (tiny preset) to 4e-2 nats (SmolLM2-135M),
+        up to 0.23, so bf16 re-scores: the re-score equals the training forward in a padded
+        layout and to ~1e-7 on average (1e-2 at most) in a packed one, whose layout moves with
+        a micro-batch's rows (verl recomputes for the same reason). Exactly on-policy, the loss
+        takes the training forward's own log-probs, detached (:meth:`policy_objective`).
         """
         if not (self.engine_samples_policy and self.engine.logprobs_match_trainer):
             return False
-        return self.exactly_on_policy or self.config.precision == "fp32"
+        return self.exactly_on_policy or self.precision.name == "fp32"
 
     @property
     def corrects_behaviour(self) -> bool:
@@ -372,6 +376,11 @@ class PolicyGradientTrainer(OnlineTrainer):
         agg = cfg.resolved_agg
         mask = self.loss_mask(batch)
         logp, entropy = self._logprobs_and_entropy(batch)
+        if self.exactly_on_policy:
+            # pi_old is the policy of this very forward: its own log-probs, detached, make the
+            # ratio exactly 1, where the engine's differ by numerics (bf16 on SmolLM2: mean
+            # 0.04, up to 0.23 nats, beyond the clip range). TRL's GRPO does the same.
+            batch = dataclasses.replace(batch, old_logprobs=logp.detach())
         keep, entropy_keep = self.tokens.keep(batch, logp, entropy, mask, entropy_floor)
         weights = batch.is_weights
         if keep is not None:

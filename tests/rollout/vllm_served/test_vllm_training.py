@@ -39,7 +39,7 @@ pytestmark = pytest.mark.vllm
 SRC = Path(__file__).resolve().parents[3] / "src"
 #: Quantities of the clock or of the sync mechanism (a started server's first sync verifies the
 #: weights it was started with, a connected one's pushes them; a resumed engine counts anew).
-_NOT_THE_RUN = ("timing/", "tokens_per_s", "rollout/vllm_tokens_per_s", "rollout/sync_probe")
+_NOT_THE_RUN = ("timing/", "tokens_per_s", "mfu", "rollout/vllm_tokens_per_s", "rollout/sync_probe")
 _NOT_THE_RUN += ("rollout/weight_sync_bytes", "rollout/weight_version")
 
 
