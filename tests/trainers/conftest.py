@@ -15,16 +15,17 @@ from typing import Any
 
 import pytest
 import torch
+from online_helpers import SORT_SFT_RECIPE
 from torch.utils.data import DataLoader
 
 from alignkit.config import load_config
-from alignkit.data.synthetic import SyntheticTask, write_task
+from alignkit.data.synthetic import SyntheticTask, write_task, write_verifiable_tasks
 from alignkit.eval import evaluate_synthetic_task
 from alignkit.eval.task import TaskEvaluation
 from alignkit.models import load_policy
 from alignkit.rollout import SamplingConfig
 from alignkit.tracking import read_metrics
-from alignkit.trainers.sft import SFTConfig, SFTTrainer, build_sft_trainer
+from alignkit.trainers.sft import SFTConfig, SFTTrainer, build_sft_trainer, train_sft
 
 #: Every prompt + answer of the task fits (prompts < 20 words, answers < 30).
 MAX_LENGTH = 128
@@ -183,3 +184,26 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="session")
 def jsonl_rows() -> Callable[[Path], list[dict[str, Any]]]:
     return read_jsonl
+
+
+@pytest.fixture(scope="session")
+def sort_task(tmp_path_factory) -> dict[str, Path]:
+    """The sorting task's files and its SFT warm-up model (examples/sft_sort.yaml's recipe,
+    about 10 s on one thread)."""
+    root = tmp_path_factory.mktemp("online")
+    paths = write_verifiable_tasks(root / "data")
+    cfg = load_config(
+        SFTConfig,
+        None,
+        [
+            f"output_dir={root}",
+            "run_name=sft_sort",
+            "model.name=tiny",
+            f"data.train_file={paths['sort_sft']}",
+            "data.max_length=32",
+            *SORT_SFT_RECIPE,
+        ],
+    )
+    summary = train_sft(cfg)
+    model = Path(summary["last_checkpoint"]) / "model"
+    return {"model": model, "root": root, **paths}

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from online_helpers import REWARD_RISE, mean_of, rl_config, train
 from precision_helpers import first_steps, parity
-from test_online import REWARD_RISE, mean_of, rl_config, sort_task, train  # noqa: F401
 
 from alignkit.config import load_config
 from alignkit.models import load_policy
@@ -332,7 +332,7 @@ def test_dpo_learns_in_bf16(sft_run, task_files, head_of, run_settings, tmp_path
     assert summary["eval"]["eval/loss"] < 0.5 * math.log(2)
 
 
-def test_grpo_raises_the_sorting_reward_in_bf16(sort_task):  # noqa: F811 (the fixture)
+def test_grpo_raises_the_sorting_reward_in_bf16(sort_task):
     # 16 prompts per iteration: with 8 (test_online's fp32 setting) the rise over seeds 0-2
     # was 0.07, 0.10, 0.09 in fp32 and 0.02, 0.16, 0.07 in bf16, too noisy for one seed; with
     # 16 it was 0.08, 0.11, 0.13 in bf16.

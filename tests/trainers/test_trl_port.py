@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_online import SORT_SFT_RECIPE  # the sorting task's SFT warm-up
+from online_helpers import SORT_SFT_RECIPE  # the sorting task's SFT warm-up
 
 import alignkit
 from alignkit.config import load_config

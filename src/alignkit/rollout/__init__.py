@@ -1,7 +1,7 @@
 """Rollouts: prompts, the engine contract and the one decode loop, proposals, the generation
 front-end, experience batches and reward sources."""
 
-from alignkit.rollout.engine import GenerationEngine, TransformersEngine
+from alignkit.rollout.engine import GenerationEngine, SnapshotEngine, TransformersEngine
 from alignkit.rollout.experience import Experience
 from alignkit.rollout.generate import (
     completion_rows,
@@ -21,6 +21,7 @@ __all__ = [
     "Prompt",
     "Proposal",
     "SamplingConfig",
+    "SnapshotEngine",
     "TeacherGuidedEngine",
     "TeacherMixture",
     "TransformersEngine",

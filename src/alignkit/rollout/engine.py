@@ -33,6 +33,7 @@ restored) and run under ``torch.inference_mode()``; the global RNG is never touc
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -51,6 +52,7 @@ from alignkit.rollout.sampling import SamplingConfig
 
 __all__ = [
     "GenerationEngine",
+    "SnapshotEngine",
     "TransformersEngine",
     "assemble_experience",
     "pad_prompts",
@@ -346,3 +348,41 @@ def assemble_experience(
         completions=tokenizer.batch_decode(response_ids.tolist(), skip_special_tokens=True),
         row_fields=[dict(p.fields) for p in prompts for _ in range(g)],
     )
+
+
+class SnapshotEngine(TransformersEngine):
+    """The in-process engine on its own copy of the policy's weights, refreshed by
+    ``sync_weights``: it may generate in a worker thread while the trainer updates the policy
+    (``rollout.max_staleness: 1``). The arithmetic is the trainer's (``logprobs_match_trainer``),
+    but between two syncs the weights are an older policy's, which the trainer knows from the
+    staleness and corrects for.
+
+    Args:
+        model: the policy; a deep copy is taken (gradients off), the original is never read
+            again except by ``sync_weights``.
+        tokenizer, proposal, lean_decode: as :class:`TransformersEngine`.
+    """
+
+    needs_weight_sync = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        proposal: Proposal | None = None,
+        lean_decode: bool = True,
+    ) -> None:
+        snapshot = copy.deepcopy(unwrap_for_generation(model)).requires_grad_(False)
+        super().__init__(snapshot, tokenizer, proposal=proposal, lean_decode=lean_decode)
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Copy ``model``'s parameters and buffers into the snapshot (same architecture)."""
+        source = unwrap_for_generation(model)
+        with torch.no_grad():
+            pairs = [
+                *zip(self.model.parameters(), source.parameters(), strict=True),
+                *zip(self.model.buffers(), source.buffers(), strict=True),
+            ]
+            for mine, theirs in pairs:
+                mine.copy_(theirs)

@@ -68,13 +68,7 @@ class DistillTrainer(OnlineTrainer):
         super()._prepare_training()
         self.teacher = self.prepare_frozen(self.teacher)
 
-    def make_experience(
-        self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
-    ) -> Experience:
-        with self.timed("rollout"):
-            exp = self.engine.generate(
-                prompts, self.sampling, generator=generator, group_offset=group_offset
-            ).to(self.accelerator.device)
+    def complete_experience(self, exp: Experience) -> Experience:
         if self.reward is not None:
             with self.timed("reward"):
                 exp.scores = self.score(self.reward, exp).to(self.accelerator.device)

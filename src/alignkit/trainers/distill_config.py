@@ -51,6 +51,11 @@ class DistillConfig(OnlineConfig):
             )
         if self.reference:
             raise ConfigError("reference has no effect in distillation (no KL to a reference)")
+        if self.rollout.max_staleness is not None:
+            raise ConfigError(
+                "rollout.max_staleness: the distillation loss is on-policy (the reverse KL on the "
+                "policy's own samples) and has no importance correction; set it to null"
+            )
         if self.rollout.filter_groups:
             raise ConfigError(
                 "rollout.filter_groups filters groups by reward for group advantages; the "

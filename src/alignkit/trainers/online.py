@@ -35,11 +35,13 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
+from alignkit.errors import ConfigError
 from alignkit.ops.shaping import informative_groups
 from alignkit.rollout import (
     Experience,
     GenerationEngine,
     Prompt,
+    SnapshotEngine,
     TransformersEngine,
 )
 from alignkit.rollout.episodes import EnvironmentRollout, SingleTurnRollout, TextScorer
@@ -54,6 +56,7 @@ from alignkit.runloop.optimizer import build_lr_scheduler, build_optimizer
 from alignkit.runloop.run import RunLoop
 from alignkit.runloop.runtime import MetricMeans
 from alignkit.tracking.io import atomic_write_text
+from alignkit.trainers.async_rollout import AsyncGeneration
 from alignkit.trainers.rl_config import OnlineConfig, check_batch_settings
 
 __all__ = ["OnlineTrainer", "applicable", "disable_dropout", "iteration_generator"]
@@ -129,7 +132,29 @@ class OnlineTrainer(RunLoop):
         self.eval_prompts = list(eval_prompts or [])
         self.reward = reward
         self.own_engine = engine is None
-        self.engine: GenerationEngine = engine or TransformersEngine(model, tokenizer)
+        staleness = config.rollout.max_staleness
+        if engine is None:
+            # One update ahead, the engine samples while the trainer's weights change: on a copy.
+            engine = (SnapshotEngine if staleness else TransformersEngine)(model, tokenizer)
+        elif staleness and not engine.needs_weight_sync:
+            raise ConfigError(
+                f"rollout.max_staleness: {staleness} samples while the policy updates, which "
+                f"{type(engine).__name__} cannot: it reads the trainer's own module"
+            )
+        self.engine: GenerationEngine = engine
+        self.engine_stats: dict[str, float] = {}  # the last batch's generate call's
+        self.async_generation = (
+            None
+            if staleness is None
+            else AsyncGeneration(
+                staleness,
+                prepare=self._prepare_generation,
+                generate=self.generate_experience,
+                engine=self.engine,
+                autocast=self.accelerator.autocast,
+                version=lambda: self.state.step,
+            )
+        )
         self.sampling = config.rollout.sampling()
         # How an iteration's sequences are made: one completion per sample, or the multi-turn
         # episodes of an environment (which may then score them itself: reward None).
@@ -150,11 +175,31 @@ class OnlineTrainer(RunLoop):
 
     # ----------------------------------------------------------------- the algorithm
 
-    @abstractmethod
     def make_experience(
         self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
     ) -> Experience:
         """Sample, score and prepare one iteration's sequences (this process' share)."""
+        self.engine.set_iteration(self.state.step)  # before the sync: its errors name it
+        self.sync_engine()
+        with self.timed("rollout"):  # one generate call, or episodes turn by turn
+            exp = self.generate_experience(prompts, group_offset, generator)
+        self.engine_stats = {**self.engine.stats(), **self.rollout.stats()}
+        return self.complete_experience(exp)
+
+    def generate_experience(
+        self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
+    ) -> Experience:
+        """The engine's sequences of `prompts` (unscored). Touches no trainer state: with
+        ``rollout.max_staleness`` it runs on the generation worker thread."""
+        exp = self.rollout.generate(
+            self.engine, prompts, self.sampling, generator=generator, group_offset=group_offset
+        )
+        return exp.to(self.accelerator.device)
+
+    @abstractmethod
+    def complete_experience(self, exp: Experience) -> Experience:
+        """Score and prepare freshly sampled sequences for the update (rewards, and whatever
+        the algorithm needs: old and reference log-probs, values, advantages)."""
 
     @abstractmethod
     def optimize(self, minibatch: Experience) -> Mapping[str, Tensor]:
@@ -206,6 +251,8 @@ class OnlineTrainer(RunLoop):
         try:
             return super().train()
         finally:
+            if self.async_generation is not None:
+                self.async_generation.close()
             self.engine.close()
 
     def _prepare_training(self) -> None:
@@ -308,6 +355,8 @@ class OnlineTrainer(RunLoop):
         stay in step. Logged: ``rollout/filter_rounds`` (extra rounds), ``rollout/
         filtered_groups`` (groups dropped, all processes) and ``rollout/filter_shortfall``.
         """
+        if self.async_generation is not None:
+            return self._take_generated(iteration)
         acc = self.accelerator
         seed, rounds = self.config.seed, self.config.rollout.extra_filter_rounds
         prompts, offset = self.iteration_prompts(iteration)
@@ -339,6 +388,27 @@ class OnlineTrainer(RunLoop):
             "rollout/filtered_groups": self._global_sum(poor.numel()),
             "rollout/filter_shortfall": float(missing),
         }
+
+    def _take_generated(self, iteration: int) -> tuple[Experience, dict[str, float]]:
+        """``rollout.max_staleness``: the worker's batch of `iteration` (``async_rollout``),
+        completed on this thread; its staleness in iterations of updates is logged."""
+        assert self.async_generation is not None
+        generated, waited = self.async_generation.take(iteration, self.total_steps - 1)
+        self.timings["rollout"] = generated.seconds  # on the worker, overlapping the update
+        self.timings["rollout_wait"] = waited
+        self.engine_stats = generated.engine_stats
+        exp = self.complete_experience(generated.exp)
+        return exp, {"rollout/policy_staleness": float(iteration - generated.version)}
+
+    def _prepare_generation(self, iteration: int) -> tuple[list[Prompt], int, torch.Generator]:
+        """On the main thread, before the worker samples `iteration`: its prompts, group
+        offset and generator (the synchronous path's), and the engine synced."""
+        prompts, offset = self.iteration_prompts(iteration)
+        process = self.accelerator.process_index
+        generator = iteration_generator(self.config.seed, iteration, _STREAM_ROLLOUT, process)
+        self.engine.set_iteration(iteration)
+        self.sync_engine()
+        return prompts, offset, generator
 
     def round_prompts(self, iteration: int, round_: int) -> tuple[list[Prompt], int]:
         """This process' prompts of dynamic sampling's extra round `round_` (>= 1) and the
@@ -439,6 +509,8 @@ class OnlineTrainer(RunLoop):
     def score_eval_generations(self, *sources: RewardSource) -> Tensor:
         """``[len(sources), N]``: each source's scores of one greedy completion per held-out
         prompt (generated once, all prompts in one batch)."""
+        if self.async_generation is not None:
+            self.async_generation.quiesce()  # the worker must be idle while the weights move
         self.sync_engine(force=True)
         greedy = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
         exp = self.rollout.evaluate(self.engine, self.eval_prompts, greedy)

@@ -1,6 +1,6 @@
 """One policy-gradient trainer; PPO, GRPO, RLOO, REINFORCE++ and REINFORCE are presets of it.
 
-Per iteration (``make_experience``)::
+Per iteration (``make_experience``: the sampling, then ``complete_experience``)::
 
     exp            = engine.generate(prompts)                 # ids, masks, behaviour log-probs
     exp.scores     = rewards(prompts, completions, **row_fields)
@@ -161,7 +161,14 @@ class PolicyGradientTrainer(OnlineTrainer):
             self.optimizer_steps_per_iteration == 1
             and self.engine_samples_policy
             and self.config.train.epochs_per_iteration == 1
+            and not self.stale_rollouts
         )
+
+    @property
+    def stale_rollouts(self) -> bool:
+        """``rollout.max_staleness: 1``: a batch may come from the policy one update back, so
+        it is re-scored and importance-weighted like any sampler that is not the trainer."""
+        return bool(self.config.rollout.max_staleness)
 
     @property
     def behaviour_is_old_policy(self) -> bool:
@@ -176,15 +183,17 @@ class PolicyGradientTrainer(OnlineTrainer):
         a micro-batch's rows (verl recomputes for the same reason). Exactly on-policy, the loss
         takes the training forward's own log-probs, detached (:meth:`policy_objective`).
         """
-        if not (self.engine_samples_policy and self.engine.logprobs_match_trainer):
+        if self.corrects_behaviour:
             return False
         return self.exactly_on_policy or self.precision.name == "fp32"
 
     @property
     def corrects_behaviour(self) -> bool:
         """Importance weights apply: the engine's samples or its numbers are not the trainer's
-        (a teacher, a truncated sampler, another process such as vLLM), as it declares."""
-        return not (self.engine_samples_policy and self.engine.logprobs_match_trainer)
+        (a teacher, a truncated sampler, another process such as vLLM), as it declares, or
+        they are an older policy's (asynchronous generation)."""
+        own = self.engine_samples_policy and self.engine.logprobs_match_trainer
+        return not own or self.stale_rollouts
 
     @property
     def engine_samples_policy(self) -> bool:
@@ -217,16 +226,8 @@ class PolicyGradientTrainer(OnlineTrainer):
         ]
         return torch.cat(parts)
 
-    def make_experience(
-        self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
-    ) -> Experience:
+    def complete_experience(self, exp: Experience) -> Experience:
         device = self.accelerator.device
-        self.engine.set_iteration(self.state.step)  # before the sync: its errors name it
-        self.sync_engine()
-        with self.timed("rollout"):  # one generate call, or episodes turn by turn
-            exp = self.rollout.generate(
-                self.engine, prompts, self.sampling, generator=generator, group_offset=group_offset
-            ).to(device)
         with self.timed("reward"):
             exp.scores = self.rollout.score(exp, self.reward, self.text_scorer(exp)).to(device)
             components = getattr(self.reward, "last_components", {})  # a weighted sum's
@@ -325,7 +326,7 @@ class PolicyGradientTrainer(OnlineTrainer):
             metrics.update(self.critic.metrics(exp.values, exp.returns, mask))
         # What only the engine knows (a teacher mixture's alpha and fallback share); the
         # importance weights are the trainer's own, computed once above.
-        for name, value in {**self.engine.stats(), **self.rollout.stats()}.items():
+        for name, value in self.engine_stats.items():
             metrics[name] = torch.tensor(float(value), device=scores.device)
         metrics.update(self.correction.metrics(exp))
         if self.engine.needs_weight_sync:

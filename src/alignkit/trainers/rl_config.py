@@ -161,6 +161,15 @@ class RolloutConfig:
             "iteration has prompts_per_iteration informative groups (group estimators only)."
         ),
     )
+    max_staleness: int | None = field(
+        default=None,
+        metadata=field_help(
+            "Asynchronous generation: 1 generates the next iteration's batch in a worker "
+            "thread while this one trains (one-step off-policy, as verl's and TRL's async "
+            "modes; importance-corrected by rollout.correction); 0 takes the same code path "
+            "without overlap (it reproduces the synchronous run exactly); null: synchronous."
+        ),
+    )
     filter_max_rounds: int | None = field(
         default=None,
         metadata=field_help(
@@ -207,13 +216,25 @@ class RolloutConfig:
             self.filter_max_rounds is None or self.filter_max_rounds >= 1,
             "rollout.filter_max_rounds must be >= 1",
         )
+        _require(
+            self.max_staleness in (None, 0, 1),
+            f"rollout.max_staleness must be null, 0 or 1, got {self.max_staleness!r} (a batch "
+            "is generated while the previous one trains; deeper pipelines are not offered)",
+        )
+        if self.max_staleness is not None:
+            _require(
+                not self.filter_groups and not teacher,
+                "rollout.max_staleness (asynchronous generation) does not combine with "
+                "filter_groups or a teacher: set it to null",
+            )
 
     @property
     def corrected(self) -> bool:
         """Whether rollouts are importance-weighted: the sampler is not exactly the trainer's
         softmax(logits / T) (a teacher, a truncation, a suppressed EOS, another engine)."""
         truncated = self.top_k > 0 or self.top_p < 1 or self.suppress_eos
-        return self.teacher is not None or truncated or self.engine == "vllm"
+        stale = bool(self.max_staleness)  # a batch sampled by the previous iteration's policy
+        return self.teacher is not None or truncated or self.engine == "vllm" or stale
 
     @property
     def sequences_per_iteration(self) -> int:
@@ -560,6 +581,11 @@ class PGConfig(OnlineConfig):
                 "values; use estimator=gae or critic=null"
             )
         requires(self, "reference", self.kl.enabled, "kl.coef > 0")
+        if self.rollout.max_staleness is not None and self.environment is not None:
+            raise ConfigError(
+                "rollout.max_staleness (asynchronous generation) runs single-turn rollouts; "
+                "with an environment set it to null"
+            )
         if "group_index" in needs and self.rollout.samples_per_prompt < 2:
             raise ConfigError(
                 f"advantage.estimator={self.advantage.estimator} compares samples of a prompt: "

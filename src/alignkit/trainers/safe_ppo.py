@@ -88,12 +88,10 @@ class SafePPOTrainer(PolicyGradientTrainer):
         if self.cost_critic is not None:
             self.cost_critic.prepare(self)
 
-    def make_experience(
-        self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator
-    ) -> Experience:
+    def complete_experience(self, exp: Experience) -> Experience:
         """PPO's experience (reward advantages), then the cost side, then the combination
         ``A = (A_r - lambda A_c) / (1 + lambda)``."""
-        base = super().make_experience(prompts, group_offset, generator)
+        base = super().complete_experience(exp)
         exp = SafeExperience(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
         with self.timed("cost"):
             exp.cost_scores = self.score(self.cost, exp).to(exp.scores.device)

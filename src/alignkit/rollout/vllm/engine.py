@@ -440,9 +440,11 @@ class VLLMEngine:
             self._checked.add(client.url)
 
     def _resume_hint(self) -> str:
-        servers = [s for s in self.servers if not s.alive()]
-        dead = f" (the server this run started has exited; log: {servers[0].log_path})"
-        return (dead if servers else "") + (
+        dead = [s for s in self.servers if not s.alive()]
+        exited = (
+            f" (the server this run started has exited; log: {dead[0].log_path})" if dead else ""
+        )
+        return exited + (
             "; the run stops here: `alignkit train <method> --resume <run dir>` continues it "
             "from its last checkpoint"
         )

@@ -177,7 +177,10 @@ class SyncProbe:
         return cls(sequences, **bounds)
 
     def trainer_logprobs(self, model: nn.Module) -> Tensor:
-        """The trainer's log-probs of the probe tokens (temperature 1), flat, float32."""
+        """The trainer's log-probs of the probe tokens (temperature 1), flat, float32, computed
+        in the weights' dtype with autocast off: the probe checks the weights the server holds
+        (its bound follows the weights' and the server's dtypes), whatever precision the run's
+        forwards use (``precision: bf16`` would add its own ~1e-2 rounding to the gap)."""
         from alignkit.models.forward import token_logprobs
 
         device = next(model.parameters()).device
@@ -193,7 +196,7 @@ class SyncProbe:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 logprobs = token_logprobs(model, batch, scored.to(device))
         finally:
             model.train(was_training)
