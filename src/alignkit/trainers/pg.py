@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from alignkit.models import load_policy
 from alignkit.models.forward import token_logprobs
-from alignkit.models.reward import RewardModel
+from alignkit.models.reward import RewardModel, load_reward_checkpoint
 from alignkit.ops.advantages import get_advantage_estimator, terminal_rewards
 from alignkit.ops.losses import aggregate_loss, aggregation_units, get_policy_loss
 from alignkit.rollout import (
@@ -65,7 +65,6 @@ from alignkit.trainers.engine_config import vllm_engine
 from alignkit.trainers.kl_penalty import KLPenalty
 from alignkit.trainers.online import OnlineTrainer
 from alignkit.trainers.pg_experience import PolicyGradientExperience, _batch
-from alignkit.trainers.reward import load_reward_checkpoint
 from alignkit.trainers.reward_metrics import RewardSourceStats
 from alignkit.trainers.rl_config import PGConfig
 from alignkit.trainers.token_masks import PolicyTokens
