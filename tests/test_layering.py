@@ -204,6 +204,14 @@ def test_no_import_runs_up_a_layer():
     assert upward_imports(package_imports()) == []
 
 
+def test_tracking_io_imports_nothing_of_alignkit():
+    """config, tracking and the CLI share io.py's atomic writes; it stands below them all."""
+    sources = package_sources()
+    text, is_package = sources["alignkit.tracking.io"]
+    assert parse_imports("alignkit.tracking.io", text, is_package, sources) == []
+    assert "import" in text  # it does import (the standard library): the parse had work to do
+
+
 def test_the_root_facade_imports_nothing_of_alignkit():
     sources = package_sources()
     text, is_package = sources["alignkit"]
