@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import alignkit
+from alignkit.data.augment import _components as strongly_connected
 
 SRC = Path(alignkit.__file__).parent
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -149,39 +150,14 @@ def upward_imports(imports: Iterable[Import]) -> list[str]:
 
 
 def circles(edges: Mapping[str, Iterable[str]]) -> list[list[str]]:
-    """The strongly connected components of more than one module (Tarjan), each sorted."""
-    graph = {node: sorted(set(targets)) for node, targets in edges.items()}
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found: list[list[str]] = []
-
-    def connect(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        on_stack.add(node)
-        for target in graph.get(node, []):
-            if target not in index:
-                connect(target)
-                low[node] = min(low[node], low[target])
-            elif target in on_stack:
-                low[node] = min(low[node], index[target])
-        if low[node] == index[node]:
-            component = []
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                component.append(member)
-                if member == node:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for node in sorted(graph):
-        if node not in index:
-            connect(node)
-    return sorted(found)
+    """The strongly connected components of more than one module, each sorted (Tarjan's, as
+    ``data.augment`` finds preference cycles)."""
+    graph = {node: set(targets) for node, targets in edges.items()}
+    for targets in list(graph.values()):
+        for target in targets:
+            graph.setdefault(target, set())
+    components = strongly_connected(sorted(graph), graph)
+    return sorted(sorted(component) for component in components if len(component) > 1)
 
 
 def import_graph(imports: Iterable[Import], kinds: set[str]) -> dict[str, set[str]]:
