@@ -17,14 +17,13 @@ sampling generator, the mini-batch shuffle) comes from a generator seeded by ``(
 process)`` (and the round of dynamic sampling), so a run resumed at an iteration boundary makes
 exactly the draws of the uninterrupted run; the global RNG (dropout is off) is checkpointed by
 the run lifecycle. The prompts, the seeded generators and dynamic sampling's rounds live in
-``trainers/online_collect.py``.
+``trainers/online_collect.py``; the samples tables, the guards and the batch table in
+``trainers/online_reporting.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,7 +31,6 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
-from rich.table import Table
 from torch import Tensor, nn
 
 from alignkit.rollout import (
@@ -52,19 +50,15 @@ from alignkit.rollout.rewards import (
 from alignkit.runloop.optimizer import build_lr_scheduler, build_optimizer
 from alignkit.runloop.run import RunLoop
 from alignkit.runloop.runtime import MetricMeans
-from alignkit.tracking.io import atomic_write_text
 from alignkit.trainers.online_collect import (
     _STREAM_MINIBATCH,
     ExperienceCollection,
     iteration_generator,
 )
+from alignkit.trainers.online_reporting import OnlineReporting
 from alignkit.trainers.rl_config import OnlineConfig, check_batch_settings
 
 __all__ = ["OnlineTrainer", "applicable", "disable_dropout", "iteration_generator"]
-
-# Warn when a guard's condition has held this many iterations in a row.
-_GUARD_PATIENCE = 3
-_GUARD_THRESHOLD = 0.95
 
 
 def disable_dropout(model: nn.Module) -> int:
@@ -86,7 +80,7 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
-class OnlineTrainer(ExperienceCollection, RunLoop):
+class OnlineTrainer(ExperienceCollection, OnlineReporting, RunLoop):
     """Iterations of rollout then update; a subclass writes the algorithm:
 
     - ``make_experience(prompts, group_offset, generator) -> Experience``;
@@ -391,89 +385,6 @@ class OnlineTrainer(ExperienceCollection, RunLoop):
     def text_scorer(self, exp: Experience, *, training: bool = True) -> TextScorer:
         """:meth:`score` as a rollout's ``score_texts(source, completions)``."""
         return lambda source, texts: self.score(source, exp, training=training, completions=texts)
-
-    def write_samples(self, exp: Experience, iteration: int) -> None:
-        """``samples/iteration-N.jsonl``: every sequence's prompt, completion and reward (and
-        the columns reward functions added with ``log_extra``), of every process."""
-        scores = exp.scores.float().cpu().tolist()
-        groups = exp.group_index.tolist()
-        rows = [
-            {
-                "iteration": iteration,
-                "group": int(g),
-                "prompt": p,
-                "completion": c,
-                "reward": None if math.isnan(s) else s,
-                "truncated": bool(t),
-                **logged,
-            }
-            for p, c, s, g, t, logged in zip(
-                exp.prompts,
-                exp.completions,
-                scores,
-                groups,
-                exp.truncated.tolist(),
-                self.reward_log.columns(self.state.step, groups),
-                strict=True,
-            )
-        ]
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            rows = gather_object(rows)  # every process calls: write_samples runs on all
-        if not self.accelerator.is_main_process:
-            return
-        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
-        path = self.run_dir.root / "samples" / f"iteration-{iteration:06d}.jsonl"
-        atomic_write_text(path, "\n".join(lines) + "\n")
-
-    def _guards(self, metrics: Mapping[str, Tensor]) -> None:
-        """Warn loudly when learning has silently stopped (research/online-rl.md section 2)."""
-        checks = {
-            "response_length/clipped_ratio": (
-                "of the completions hit max_new_tokens: rewards of cut-off answers are usually "
-                "0, so nothing is learnt; raise rollout.max_new_tokens"
-            ),
-            "reward/zero_std_frac": (
-                "of the groups have the same reward for every sample: their advantages are 0; "
-                "make the task easier (SFT warm-up), raise samples_per_prompt, or check the "
-                "reward function"
-            ),
-        }
-        for name, advice in checks.items():
-            if name not in metrics:
-                continue
-            value = float(metrics[name])
-            streak = self._guard_streaks.get(name, 0) + 1 if value >= _GUARD_THRESHOLD else 0
-            self._guard_streaks[name] = streak
-            if streak == _GUARD_PATIENCE:
-                self._say(
-                    f"WARNING iteration {self.state.step + 1}: {value:.0%} {advice} "
-                    f"({name} >= {_GUARD_THRESHOLD} for {streak} iterations)"
-                )
-
-    def _print_batch_table(self) -> None:
-        if not self.accelerator.is_main_process or not self.config.logging.progress_bar:
-            return
-        cfg = self.config
-        table = Table(title="online batch quantities", show_header=False)
-        rows = [
-            ("prompts per iteration", cfg.rollout.prompts_per_iteration),
-            ("samples per prompt", cfg.rollout.samples_per_prompt),
-            ("sequences per iteration", cfg.rollout.sequences_per_iteration),
-            ("sequences per optimizer step", cfg.sequences_per_minibatch),
-            ("sequences per forward (per process)", cfg.train.sequences_per_device),
-            (
-                "micro-batches per optimizer step (per process)",
-                self.local_sequences_per_minibatch // cfg.train.sequences_per_device,
-            ),
-            ("optimizer steps per iteration", self.optimizer_steps_per_iteration),
-            ("processes", self.accelerator.num_processes),
-            ("iterations", cfg.train.iterations),
-        ]
-        for label, value in rows:
-            table.add_row(label, str(value))
-        self.console.print(table)
 
 
 def applicable(scores: Tensor) -> Tensor:
