@@ -11,10 +11,10 @@ import torch
 
 from alignkit.ops.importance import (
     effective_sample_size,
-    mismatch_kl,
     rollout_correction,
     truncated_importance_weights,
 )
+from alignkit.ops.kl import mismatch_kl
 from alignkit.ops.sampling import sampling_distribution
 
 

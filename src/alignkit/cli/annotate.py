@@ -182,17 +182,10 @@ def register(app: typer.Typer) -> None:
         db: str = typer.Option("annotate.db", "--db", help=DB_HELP),
     ) -> None:
         """Generate responses to every prompt from your own checkpoints; duplicates dropped."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
         from alignkit.annotate.generate import generate as run
+        from alignkit.cli.progress import progress_bar
 
-        with Progress(
-            TextColumn("generate"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeRemainingColumn(),
-        ) as bar:
-            job = bar.add_task("generate", total=None)
+        with progress_bar("generate", transient=False) as update:
             report = run(
                 _db(db),
                 model,
@@ -200,7 +193,7 @@ def register(app: typer.Typer) -> None:
                 samples,
                 max_new_tokens,
                 seed=seed,
-                progress=lambda done, total: bar.update(job, completed=done, total=total),
+                progress=update,
             )
         out.print(
             f"[green]added[/] {report.added} responses ({report.duplicates} duplicates dropped)"
@@ -240,25 +233,14 @@ def register(app: typer.Typer) -> None:
         db: str = typer.Option("annotate.db", "--db", help=DB_HELP),
     ) -> None:
         """Make pair tasks: all pairs for <= 3 responses, else smart sampling."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
         from alignkit.annotate.pairs import create_tasks as run
         from alignkit.annotate.pairs import parse_mix, uncertainty_scorer
+        from alignkit.cli.progress import progress_bar
 
         scorer = uncertainty_scorer(by, ensemble, measure, device)
-        with Progress(
-            TextColumn("scoring"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeRemainingColumn(),
-            transient=True,
-            disable=scorer is None,
-        ) as bar:
+        with progress_bar("scoring", enabled=scorer is not None) as update:
             if scorer is not None:  # each response is scored twice: as a and as b of its pairs
-                job = bar.add_task("scoring", total=None)
-                scorer.on_progress = lambda done, total: bar.update(
-                    job, completed=done, total=total
-                )
+                scorer.on_progress = update
             report = run(
                 _db(db),
                 num_prompts=num_prompts,

@@ -194,8 +194,7 @@ def register(data: typer.Typer) -> None:
         device: str | None = typer.Option(None, help="Where the members run (default cpu)."),
     ) -> None:
         """Select the BUDGET candidate pairs the ensemble is least sure of, to label first."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
+        from alignkit.cli.progress import progress_bar
         from alignkit.data.loaders import read_rows
         from alignkit.data.output import write_rows
         from alignkit.data.select import candidate_pairs, select_uncertain
@@ -212,16 +211,8 @@ def register(data: typer.Typer) -> None:
         if len(scorer) < 2:
             raise ConfigError(f"{ensemble}: uncertainty needs an ensemble of >= 2 members")
         console = Console(soft_wrap=True, highlight=False)
-        with Progress(
-            TextColumn("scoring"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
-            job = bar.add_task("scoring", total=None)
-            scorer.on_progress = lambda done, total: bar.update(job, completed=done, total=total)
+        with progress_bar("scoring", console) as update:
+            scorer.on_progress = update
             chosen = select_uncertain(scorer, candidates, budget, measure)
         write_rows(out, chosen)
         console.print(

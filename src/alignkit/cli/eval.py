@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from alignkit.cli.progress import progress_bar
 
 
 def _print_table(title: str, report: dict, console: Console) -> None:
@@ -29,23 +29,6 @@ def _print_table(title: str, report: dict, console: Console) -> None:
 
     add("", report)
     console.print(table)
-
-
-@contextmanager
-def _progress(console: Console, what: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar with ETA; yields the ``(done, total)`` callback to update it."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn(what),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        job = bar.add_task(what, total=None)
-        yield lambda done, total: bar.update(job, completed=done, total=total)
 
 
 def register(app: typer.Typer) -> None:
@@ -83,7 +66,7 @@ def register(app: typer.Typer) -> None:
         records = [r.record for r in report_in.rows]
         pairs = pairs_from_records(records, report_in.format, source.kind, str(data))
         console = Console(soft_wrap=True)
-        with _progress(console, "scoring") as update:
+        with progress_bar("scoring", console) as update:
             source.on_progress = update
             report = evaluate_reward_model(source, pairs, out_dir, bins)
         report["data"] = str(data)
@@ -151,7 +134,7 @@ def register(app: typer.Typer) -> None:
         fields = [{k: v for k, v in r.items() if k != "prompt"} for r in records]
         sources = [reward_source(spec, device) for spec in reward]
         policy_model, tokenizer = load(names["model"])
-        with _progress(console, "generating") as update:
+        with progress_bar("generating", console) as update:
             report = evaluate_policy(
                 policy_model,
                 tokenizer,

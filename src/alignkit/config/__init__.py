@@ -12,7 +12,7 @@ A field whose name is a Python keyword plus ``_`` (``lambda_``) is written witho
 underscore in YAML (``lambda:``).
 """
 
-from alignkit.config.loader import config_key, load_config
+from alignkit.config.loader import load_config
 from alignkit.config.schema import (
     CHANGES_KEY,
     VERSIONS_KEY,
@@ -23,6 +23,7 @@ from alignkit.config.schema import (
     OptimConfig,
     RunConfig,
     TrainConfig,
+    config_key,
 )
 from alignkit.config.writer import (
     config_to_dict,

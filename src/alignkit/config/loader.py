@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import keyword
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -14,21 +13,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from alignkit.config.schema import CHANGES_KEY, VERSIONS_KEY, T
+from alignkit.config.schema import CHANGES_KEY, VERSIONS_KEY, T, config_key
 from alignkit.config.trl_names import trl_hint
 from alignkit.errors import ConfigError
 
 # --------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------
-
-
-def config_key(f: dataclasses.Field) -> str:
-    """The YAML key of a dataclass field (`lambda_` is written `lambda`)."""
-    name = f.name
-    if name.endswith("_") and keyword.iskeyword(name[:-1]):
-        return name[:-1]
-    return name
 
 
 class _Origin:

@@ -4,6 +4,7 @@ the run and offline-schedule settings (`RunConfig`, `TrainConfig`)."""
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,14 @@ T = TypeVar("T")
 VERSIONS_KEY = "_versions"
 #: In a run's config.yaml: the settings changed on a resume, each with the step it took effect.
 CHANGES_KEY = "_changes"
+
+
+def config_key(f: dataclasses.Field) -> str:
+    """The YAML key of a dataclass field (`lambda_` is written `lambda`)."""
+    name = f.name
+    if name.endswith("_") and keyword.iskeyword(name[:-1]):
+        return name[:-1]
+    return name
 
 
 def field_help(text: str) -> dict[str, str]:
@@ -99,8 +108,6 @@ def shown(value: Any) -> str:
 
 
 def _field_at(cfg: Any, key: str) -> tuple[Any, dataclasses.Field]:
-    from alignkit.config.loader import config_key  # the loader imports this module
-
     parent, found = cfg, None
     for part in key.split("."):
         if found is not None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from alignkit.config.loader import _fields_by_key, _parse_override, _type_name, config_key
-from alignkit.config.schema import CHANGES_KEY, VERSIONS_KEY
+from alignkit.config.loader import _fields_by_key, _parse_override, _type_name
+from alignkit.config.schema import CHANGES_KEY, VERSIONS_KEY, config_key
 
 # --------------------------------------------------------------------------------------
 # Writing

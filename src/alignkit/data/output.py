@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import atomic_write_text
 from alignkit.errors import AlignkitError
+from alignkit.tracking.io import atomic_write_text
 
 __all__ = ["write_rows"]
 

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from alignkit.errors import CheckpointError, ConfigError
-from alignkit.models.reward import CONFIG_FILE, load_reward_model, reward_scores, score_texts
+from alignkit.models.reward import CONFIG_FILE, load_reward_model, reward_scores
+from alignkit.models.scoring import score_texts
 from alignkit.ops.evaluation import COMBINATIONS, combine_rewards, pair_uncertainty
 from alignkit.ops.preference import reward_model_loss
 from alignkit.tracking.checkpoint import latest_checkpoint

@@ -18,8 +18,9 @@ Saved layout (``save_pretrained``): the backbone in Hugging Face format (``confi
 ``alignkit_reward.json`` with the head config and the base model's name;
 ``load_reward_model(dir)`` restores it in one call.
 
-``score_texts`` is the one way texts are scored by a sequence model (reward and cost models,
-ensembles, the teacher log-ratio reward): ``prompt + completion`` tokenised as in training.
+``load_reward_checkpoint`` loads a run's checkpoint of a reward model (or a critic) in place.
+``score_texts`` (``models/scoring.py``, re-exported here) is the one way texts are scored by a
+sequence model (reward and cost models, ensembles, the teacher log-ratio reward).
 """
 
 from __future__ import annotations
@@ -27,18 +28,17 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignkit import __version__
-from alignkit.data.collate import SFTCollator
-from alignkit.data.tokenize import IGNORE_INDEX, tokenize_sft
 from alignkit.errors import CheckpointError, ConfigError, ModelError
 from alignkit.models.forward import position_ids_from_mask
 from alignkit.models.loading import (
@@ -62,7 +62,9 @@ from alignkit.models.packing import (
     packing_options,
 )
 from alignkit.models.pooling import POOLINGS, AttentionPooling, pool
+from alignkit.models.scoring import score_texts, text_length_limit  # noqa: F401  (re-exported)
 from alignkit.models.tiny import TINY_NAME, build_tiny_model
+from alignkit.tracking.checkpoint import load_full_state_dict
 
 REWARD_HEADS = ("linear", "mlp")
 AUX_HEADS = ("helpfulness", "safety")
@@ -279,7 +281,6 @@ def _saved_config(directory: Path) -> RewardModelConfig:
 
 
 def _load_saved(directory: Path, overrides: dict[str, Any], dtype: Any) -> RewardModel:
-    from safetensors.torch import load_file
     from transformers import AutoModel
 
     config = _saved_config(directory)
@@ -413,17 +414,24 @@ def _is_causal(backbone: nn.Module) -> bool:
     return any(getattr(module, "is_causal", None) is True for module in backbone.modules())
 
 
+def load_reward_checkpoint(model: nn.Module, directory: Path) -> None:
+    """Load a checkpoint written by ``RewardModel.save_pretrained`` into `model`: the
+    backbone's Hugging Face files, then the heads' file."""
+    weights: dict[str, Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        prefix = "" if file.name == HEAD_WEIGHTS else "backbone."
+        weights.update({prefix + key: value for key, value in load_file(file).items()})
+    if not weights:
+        raise CheckpointError(f"{directory}: no .safetensors weights to load")
+    result = load_full_state_dict(model, weights)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{directory} does not match the model being trained: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
 # ---------------------------------------------------------------------- scoring texts
-
-#: transformers sets ``model_max_length`` to int(1e30) when a tokenizer declares no limit.
-_NO_LIMIT = 1_000_000
-
-
-def text_length_limit(tokenizer: Any, max_length: int | None = None) -> int | None:
-    """``max_length``, else the tokenizer's ``model_max_length`` unless that is transformers'
-    "no limit" sentinel; None means no limit."""
-    limit = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
-    return None if limit is None or limit > _NO_LIMIT else int(limit)
 
 
 def reward_scores(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
@@ -434,51 +442,3 @@ def reward_scores(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         .rewards.float()
         .cpu()
     )
-
-
-@torch.inference_mode()
-def score_texts(
-    score_batch: Callable[[dict[str, Tensor]], Tensor],
-    tokenizer: Any,
-    prompts: Sequence[Any],
-    completions: Sequence[str],
-    *,
-    batch_size: int,
-    max_length: int | None = None,
-    assistant_turns: str = "last",
-    on_progress: Callable[[int, int], None] | None = None,
-) -> Tensor:
-    """``[..., N]`` scores of ``prompt + completion`` texts, tokenised exactly as in training.
-
-    Each text is ``data.tokenize.tokenize_sft`` of ``{"prompt", "completion"}``: the prompt (a
-    string or messages) rendered as for training, the completion's ids, EOS; longer than
-    :func:`text_length_limit` ``(tokenizer, max_length)`` tokens, the prompt's start is cut.
-    With ``assistant_turns="last"`` only the completion is the response (``response_mask``):
-    earlier assistant turns of a message-list prompt are part of the prompt. ``score_batch``
-    gets right-padded CPU batches ``{"input_ids", "attention_mask", "response_mask"}`` of up
-    to ``batch_size`` texts and returns ``[..., b]`` scores; they are concatenated along the
-    last dim. ``on_progress(done, total)`` is called after each batch.
-    """
-    records = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
-    examples = tokenize_sft(
-        records,
-        tokenizer,
-        max_length=text_length_limit(tokenizer, max_length),
-        assistant_turns=assistant_turns,
-    )
-    collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
-    parts = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size])
-        parts.append(
-            score_batch(
-                {
-                    "input_ids": batch["input_ids"],
-                    "attention_mask": batch["attention_mask"],
-                    "response_mask": batch["labels"] != IGNORE_INDEX,
-                }
-            )
-        )
-        if on_progress is not None:
-            on_progress(min(start + batch_size, len(examples)), len(examples))
-    return torch.cat(parts, dim=-1)

@@ -30,7 +30,6 @@ from alignkit.ops.advantages import (
 )
 from alignkit.ops.importance import (
     effective_sample_size,
-    mismatch_kl,
     rollout_correction,
     truncated_importance_weights,
 )
@@ -43,6 +42,7 @@ from alignkit.ops.kl import (
     full_kl,
     kl_estimate,
     kl_loss,
+    mismatch_kl,
     register_kl_estimator,
 )
 from alignkit.ops.lagrange import (

@@ -6,9 +6,10 @@ the loss is written for the trainer's distribution pi.
 - :func:`rollout_correction`: the rollout correction of an online trainer (``rollout.correction``):
   token- or sequence-level ratios, truncated or masked (TRL 1.16's
   ``vllm_importance_sampling_mode``, verl's rollout correction);
-- :func:`mismatch_kl`: how far the sampler is from the trainer (k1 and k3 estimates of
-  KL(mu || pi) on the sampled tokens);
 - :func:`effective_sample_size`: how far a batch of weights is from uniform.
+
+How far the sampler is from the trainer (k1 and k3 estimates of KL(mu || pi) on the sampled
+tokens) is ``ops.kl.mismatch_kl``.
 
 **Which pi.** Under top-k/top-p the sampler draws from the *truncated* policy
 ``pi_trunc = softmax over the kept set`` (``ops.sampling.truncate_logits``), and an engine records
@@ -34,7 +35,6 @@ __all__ = [
     "CORRECTION_MODES",
     "RolloutCorrection",
     "effective_sample_size",
-    "mismatch_kl",
     "rollout_correction",
     "truncated_importance_weights",
 ]
@@ -192,24 +192,3 @@ def rollout_correction(
         unit_weights = unit_weights[:, None].expand_as(token_log_ratio)
     weights = torch.where(valid, unit_weights, 0.0)
     return RolloutCorrection(weights, log_ratio, limited)
-
-
-@torch.no_grad()
-def mismatch_kl(logp: Tensor, behaviour_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Token means of the k1 and k3 estimates of ``KL(mu || pi)`` from tokens sampled by mu.
-
-    ``k1 = log mu - log pi`` (unbiased, noisy, can be negative) and ``k3 = r - 1 - log r`` with
-    ``r = pi / mu`` (unbiased too since ``E_mu[r] = 1``, and never negative; Schulman 2020,
-    "Approximating KL Divergence"), averaged over the response tokens. verl logs the same pair
-    as ``rollout_corr/kl`` and ``rollout_corr/k3_kl``. 0 when mu equals pi. Returns
-    ``{"k1": 0-d, "k3": 0-d}``.
-    """
-    from alignkit.ops.kl import kl_estimate  # ops.kl imports this module
-
-    valid = mask != 0
-    count = valid.sum().clamp_min(1)
-    out = {}
-    for kind in ("k1", "k3"):
-        per_token = kl_estimate(behaviour_logp, logp, kind)  # samples of mu: KL(mu || pi)
-        out[kind] = torch.where(valid, per_token, 0.0).sum() / count
-    return out

@@ -54,6 +54,7 @@ __all__ = [
     "kl_estimate",
     "kl_loss",
     "kl_loss_weights",
+    "mismatch_kl",
     "register_kl_estimator",
 ]
 
@@ -450,3 +451,22 @@ def _read_value(state: Mapping[str, Any], owner: str) -> float:
     if "value" not in state:
         raise CheckpointError(f"{owner} state has no 'value' (keys: {sorted(state)})")
     return float(state["value"])
+
+
+@torch.no_grad()
+def mismatch_kl(logp: Tensor, behaviour_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Token means of the k1 and k3 estimates of ``KL(mu || pi)`` from tokens sampled by mu.
+
+    ``k1 = log mu - log pi`` (unbiased, noisy, can be negative) and ``k3 = r - 1 - log r`` with
+    ``r = pi / mu`` (unbiased too since ``E_mu[r] = 1``, and never negative; Schulman 2020,
+    "Approximating KL Divergence"), averaged over the response tokens. verl logs the same pair
+    as ``rollout_corr/kl`` and ``rollout_corr/k3_kl``. 0 when mu equals pi. Returns
+    ``{"k1": 0-d, "k3": 0-d}``.
+    """
+    valid = mask != 0
+    count = valid.sum().clamp_min(1)
+    out = {}
+    for kind in ("k1", "k3"):
+        per_token = kl_estimate(behaviour_logp, logp, kind)  # samples of mu: KL(mu || pi)
+        out[kind] = torch.where(valid, per_token, 0.0).sum() / count
+    return out

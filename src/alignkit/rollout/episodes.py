@@ -119,7 +119,8 @@ class SingleTurnRollout:
 
 @dataclass(frozen=True)
 class EpisodeLimits:
-    """Bounds of one episode and of its tool calls (``trainers.rl_config.EnvironmentConfig``)."""
+    """Bounds of one episode and of its tool calls
+    (``trainers.environment_config.EnvironmentConfig``)."""
 
     max_turns: int = 4
     max_tool_calls: int = 8

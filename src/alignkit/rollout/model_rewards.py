@@ -20,7 +20,8 @@ from transformers import PreTrainedTokenizerBase
 from alignkit.errors import ConfigError
 from alignkit.models.forward import response_logps
 from alignkit.models.loading import load_policy
-from alignkit.models.reward import CONFIG_FILE, load_reward_model, reward_scores, score_texts
+from alignkit.models.reward import CONFIG_FILE, load_reward_model, reward_scores
+from alignkit.models.scoring import score_texts
 from alignkit.rollout.experience import Experience
 from alignkit.tracking.checkpoint import latest_checkpoint
 

@@ -1,8 +1,9 @@
 """The run machinery every trainer stands on: the run lifecycle (`run.RunLoop`: run directory,
-resume, sinks, evaluation, checkpoints), the optimizer and its step (`optimizer`: AdamW, the
-learning-rate schedule, `OptimizerStep`), the loop state and process set-up (`runtime`), what a
-resume may change (`resume`) and the CPU allocator setting (`allocator`). Algorithms live in
-`alignkit.trainers`."""
+resume, sinks, evaluation; `checkpointing`: what a checkpoint holds, writing and restoring it),
+the optimizer and its step (`optimizer`: AdamW, the learning-rate schedule, `OptimizerStep`),
+the loop state and process set-up (`runtime`), what a resume may change (`resume`), the
+compute precision (`precision`), model FLOPs (`flops`) and the CPU allocator setting
+(`allocator`). Algorithms live in `alignkit.trainers`."""
 
 from __future__ import annotations
 

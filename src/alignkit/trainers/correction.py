@@ -17,7 +17,7 @@ token/sequence level, truncate/mask, cap. Metrics (means over response tokens):
 ``rollout/is_weight_mean``, ``sampling/is_weight_max``, ``sampling/ess`` (Kish, as a share),
 ``rollout/is_truncated_frac`` or ``rollout/is_masked_frac`` (the share of tokens, or sequences
 at sequence level, that the bounds changed) and ``rollout/mismatch_kl_k1`` / ``_k3`` (KL of the
-sampler from the trainer's target, ``ops.importance.mismatch_kl``).
+sampler from the trainer's target, ``ops.kl.mismatch_kl``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from torch import Tensor
 from alignkit.ops.importance import (
     RolloutCorrection,
     effective_sample_size,
-    mismatch_kl,
     rollout_correction,
 )
+from alignkit.ops.kl import mismatch_kl
 from alignkit.ops.sampling import truncate_logits
 from alignkit.rollout import Experience, SamplingConfig
 from alignkit.trainers.engine_config import CorrectionConfig

@@ -1,5 +1,6 @@
 """The configs of `alignkit train dpo` (``DPOConfig``) and `train safe-dpo` (``SafeDPOConfig``,
-with the Lagrange multiplier's ``MultiplierConfig`` that Safe-PPO shares), torch-free so that
+whose ``LambdaConfig`` extends the ``MultiplierConfig`` of ``trainers/lagrange_config.py``
+that Safe-PPO shares), torch-free so that
 the CLI reads and checks them without importing the trainers (``trainers/dpo.py``,
 ``trainers/safe_dpo.py``); the checks that ask the registered losses import them when a config
 is built."""
@@ -7,15 +8,13 @@ is built."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from alignkit.config import TrainConfig
 from alignkit.config.inputs import DataConfig, ModelConfig
 from alignkit.config.schema import requires
 from alignkit.errors import ConfigError
-
-if TYPE_CHECKING:
-    from alignkit.ops.lagrange import LagrangeMultiplier
+from alignkit.trainers.lagrange_config import MultiplierConfig
 
 __all__ = [
     "DPOConfig",
@@ -136,37 +135,6 @@ class DPOConfig(TrainConfig):
             DPO_LOSSES[kind](logps, logps, self.dpo.beta, self.dpo.simpo_gamma)
         except ValueError as err:
             raise ConfigError(f"dpo.simpo_gamma: {err}") from None
-
-
-@dataclass
-class MultiplierConfig:
-    """A Lagrange multiplier's update (seed 000; `ops.LagrangeMultiplier`)."""
-
-    init: float = field(default=1.0, metadata={"help": "Initial lambda."})
-    lr: float = field(default=0.01, metadata={"help": "Step size alpha of the update."})
-    ema: float = field(default=0.95, metadata={"help": "EMA factor of J_C (log rule)."})
-    min_value: float = field(default=1e-6, metadata={"help": "Floor of lambda."})
-    max_value: float = field(default=10.0, metadata={"help": "Ceiling of lambda."})
-    rule: Literal["log", "linear"] = field(
-        default="log",
-        metadata={"help": "log: ln l += lr*l*J_C_ema (seed 000); linear: l += lr*J_C (old)."},
-    )
-
-    def __post_init__(self) -> None:
-        # The linear rule steps on the batch's J_C; the EMA only feeds the log rule.
-        requires(self, "ema", self.rule == "log", "rule=log", scope="lambda")
-
-    def build(self) -> LagrangeMultiplier:
-        from alignkit.ops.lagrange import LagrangeMultiplier
-
-        return LagrangeMultiplier(
-            init=self.init,
-            lr=self.lr,
-            ema=self.ema,
-            min_value=self.min_value,
-            max_value=self.max_value,
-            rule=self.rule,
-        )
 
 
 @dataclass

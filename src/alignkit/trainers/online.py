@@ -16,27 +16,24 @@ no experience is ever saved. Every random draw of an iteration (the prompt order
 sampling generator, the mini-batch shuffle) comes from a generator seeded by ``(seed, iteration,
 process)`` (and the round of dynamic sampling), so a run resumed at an iteration boundary makes
 exactly the draws of the uninterrupted run; the global RNG (dropout is off) is checkpointed by
-the run lifecycle.
+the run lifecycle. The prompts, the seeded generators and dynamic sampling's rounds live in
+``trainers/online_collect.py``; the samples tables, the guards and the batch table in
+``trainers/online_reporting.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
-from rich.table import Table
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError
-from alignkit.ops.shaping import informative_groups
 from alignkit.rollout import (
     Experience,
     GenerationEngine,
@@ -55,25 +52,16 @@ from alignkit.rollout.rewards import (
 from alignkit.runloop.optimizer import build_lr_scheduler, build_optimizer
 from alignkit.runloop.run import RunLoop
 from alignkit.runloop.runtime import MetricMeans
-from alignkit.tracking.io import atomic_write_text
 from alignkit.trainers.async_rollout import AsyncGeneration
+from alignkit.trainers.online_collect import (
+    _STREAM_MINIBATCH,
+    ExperienceCollection,
+    iteration_generator,
+)
+from alignkit.trainers.online_reporting import OnlineReporting
 from alignkit.trainers.rl_config import OnlineConfig, check_batch_settings
 
 __all__ = ["OnlineTrainer", "applicable", "disable_dropout", "iteration_generator"]
-
-# Warn when a guard's condition has held this many iterations in a row.
-_GUARD_PATIENCE = 3
-_GUARD_THRESHOLD = 0.95
-
-
-def iteration_generator(
-    seed: int, iteration: int, stream: int, process: int = 0, round_: int = 0
-) -> torch.Generator:
-    """A CPU generator seeded by ``(seed, iteration, stream, process)`` only (and ``round_``,
-    the round of dynamic sampling, when > 0)."""
-    entropy = [seed, iteration, stream, process, *([round_] if round_ else [])]
-    state = np.random.SeedSequence(entropy).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
 
 
 def disable_dropout(model: nn.Module) -> int:
@@ -95,10 +83,7 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
-_STREAM_PROMPTS, _STREAM_ROLLOUT, _STREAM_MINIBATCH, _STREAM_ROUND_PROMPTS = 0, 1, 2, 3
-
-
-class OnlineTrainer(RunLoop):
+class OnlineTrainer(ExperienceCollection, OnlineReporting, RunLoop):
     """Iterations of rollout then update; a subclass writes the algorithm:
 
     - ``make_experience(prompts, group_offset, generator) -> Experience``;
@@ -342,97 +327,6 @@ class OnlineTrainer(RunLoop):
                 means.add(self.optimize(minibatch), self.accelerator.device)
         return means.mean_across_processes(self.accelerator)
 
-    # ----------------------------------------------------------------- experience
-
-    def collect_experience(self, iteration: int) -> tuple[Experience, dict[str, float]]:
-        """This process' experience of `iteration`, and dynamic sampling's counts.
-
-        With ``rollout.filter_groups`` the groups whose rewards are all equal are dropped and
-        rounds of ``prompts_per_iteration`` more prompts (``round_prompts``) are sampled until
-        every process has its share of informative groups, or ``filter_max_rounds`` extra
-        rounds were made; a shortfall is filled with dropped groups (zero advantages). Every
-        process makes every round, so the collective operations inside ``make_experience``
-        stay in step. Logged: ``rollout/filter_rounds`` (extra rounds), ``rollout/
-        filtered_groups`` (groups dropped, all processes) and ``rollout/filter_shortfall``.
-        """
-        if self.async_generation is not None:
-            return self._take_generated(iteration)
-        acc = self.accelerator
-        seed, rounds = self.config.seed, self.config.rollout.extra_filter_rounds
-        prompts, offset = self.iteration_prompts(iteration)
-        rng = iteration_generator(seed, iteration, _STREAM_ROLLOUT, acc.process_index)
-        exp = self.make_experience(prompts, offset, rng)
-        if not rounds:
-            return exp, {}
-        share, parts = len(prompts), [exp]
-        made = 0
-        while True:
-            pool = Experience.cat(parts)
-            informative = informative_groups(pool.scores, pool.group_index)
-            found = pool.group_index[informative].unique().numel()
-            missing = self._global_sum(max(share - found, 0))
-            if missing == 0 or made == rounds:
-                break
-            made += 1
-            prompts, offset = self.round_prompts(iteration, made)
-            rng = iteration_generator(seed, iteration, _STREAM_ROLLOUT, acc.process_index, made)
-            parts.append(self.make_experience(prompts, offset, rng))
-        # Group ids grow with the round and the prompt: sorted ids are generation order.
-        good = pool.group_index[informative].unique()
-        groups = pool.group_index.unique()
-        poor = groups[~torch.isin(groups, good)]
-        chosen = torch.cat([good[:share], poor[: max(share - good.numel(), 0)]])
-        exp = self.merge_rounds(pool.select(torch.isin(pool.group_index, chosen).nonzero()[:, 0]))
-        return exp, {
-            "rollout/filter_rounds": float(made),
-            "rollout/filtered_groups": self._global_sum(poor.numel()),
-            "rollout/filter_shortfall": float(missing),
-        }
-
-    def _take_generated(self, iteration: int) -> tuple[Experience, dict[str, float]]:
-        """``rollout.max_staleness``: the worker's batch of `iteration` (``async_rollout``),
-        completed on this thread; its staleness in iterations of updates is logged."""
-        assert self.async_generation is not None
-        generated, waited = self.async_generation.take(iteration, self.total_steps - 1)
-        self.timings["rollout"] = generated.seconds  # on the worker, overlapping the update
-        self.timings["rollout_wait"] = waited
-        self.engine_stats = generated.engine_stats
-        exp = self.complete_experience(generated.exp)
-        return exp, {"rollout/policy_staleness": float(iteration - generated.version)}
-
-    def _prepare_generation(self, iteration: int) -> tuple[list[Prompt], int, torch.Generator]:
-        """On the main thread, before the worker samples `iteration`: its prompts, group
-        offset and generator (the synchronous path's), and the engine synced."""
-        prompts, offset = self.iteration_prompts(iteration)
-        process = self.accelerator.process_index
-        generator = iteration_generator(self.config.seed, iteration, _STREAM_ROLLOUT, process)
-        self.engine.set_iteration(iteration)
-        self.sync_engine()
-        return prompts, offset, generator
-
-    def round_prompts(self, iteration: int, round_: int) -> tuple[list[Prompt], int]:
-        """This process' prompts of dynamic sampling's extra round `round_` (>= 1) and the
-        group id of the first: ``prompts_per_iteration`` draws of a permutation seeded by
-        ``(seed, iteration, round_)`` only, so a resumed run draws the same. Group ids follow
-        every id of the run's first rounds, so they never collide."""
-        per_iteration = self.config.rollout.prompts_per_iteration
-        share = per_iteration // self.accelerator.num_processes
-        first = self.accelerator.process_index * share
-        generator = iteration_generator(
-            self.config.seed, iteration, _STREAM_ROUND_PROMPTS, 0, round_
-        )
-        order = torch.randperm(len(self.prompts), generator=generator).tolist()
-        chosen = [self.prompts[order[k % len(order)]] for k in range(first, first + share)]
-        total = self.config.train.iterations * per_iteration
-        return chosen, total * round_ + iteration * per_iteration + first
-
-    def _global_sum(self, count: int) -> float:
-        """`count` summed over the processes (an all-reduce: every process calls)."""
-        if self.accelerator.num_processes == 1:
-            return float(count)
-        total = torch.tensor(float(count), device=self.accelerator.device)
-        return float(self.accelerator.reduce(total, reduction="sum"))
-
     def iteration_flops(self, exp: Experience) -> Tensor | float | None:
         """Model FLOPs of the policy in an iteration (``runloop.flops``), for ``mfu``: sampling
         (each prompt prefilled once, each response token decoded through the LM head) and the
@@ -447,29 +341,6 @@ class OnlineTrainer(RunLoop):
         return sampling + self.model_flops.training(
             epochs * exp.attention_mask.sum(), epochs * response
         )
-
-    # ----------------------------------------------------------------- prompts
-
-    def iteration_prompts(self, iteration: int) -> tuple[list[Prompt], int]:
-        """This process' prompts of `iteration` and the global index of the first.
-
-        Position k = iteration * prompts_per_iteration + j walks through epochs of the prompt
-        file, each a permutation seeded by (seed, epoch): resumable from the iteration alone.
-        """
-        per_iteration = self.config.rollout.prompts_per_iteration
-        size = len(self.prompts)
-        start = iteration * per_iteration
-        share = per_iteration // self.accelerator.num_processes
-        first = start + self.accelerator.process_index * share
-        chosen = []
-        orders: dict[int, list[int]] = {}
-        for k in range(first, first + share):
-            epoch = k // size
-            if epoch not in orders:
-                generator = iteration_generator(self.config.seed, epoch, _STREAM_PROMPTS)
-                orders[epoch] = torch.randperm(size, generator=generator).tolist()
-            chosen.append(self.prompts[orders[epoch][k % size]])
-        return chosen, first
 
     # ----------------------------------------------------------------- engine and evaluation
 
@@ -563,89 +434,6 @@ class OnlineTrainer(RunLoop):
     def text_scorer(self, exp: Experience, *, training: bool = True) -> TextScorer:
         """:meth:`score` as a rollout's ``score_texts(source, completions)``."""
         return lambda source, texts: self.score(source, exp, training=training, completions=texts)
-
-    def write_samples(self, exp: Experience, iteration: int) -> None:
-        """``samples/iteration-N.jsonl``: every sequence's prompt, completion and reward (and
-        the columns reward functions added with ``log_extra``), of every process."""
-        scores = exp.scores.float().cpu().tolist()
-        groups = exp.group_index.tolist()
-        rows = [
-            {
-                "iteration": iteration,
-                "group": int(g),
-                "prompt": p,
-                "completion": c,
-                "reward": None if math.isnan(s) else s,
-                "truncated": bool(t),
-                **logged,
-            }
-            for p, c, s, g, t, logged in zip(
-                exp.prompts,
-                exp.completions,
-                scores,
-                groups,
-                exp.truncated.tolist(),
-                self.reward_log.columns(self.state.step, groups),
-                strict=True,
-            )
-        ]
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            rows = gather_object(rows)  # every process calls: write_samples runs on all
-        if not self.accelerator.is_main_process:
-            return
-        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
-        path = self.run_dir.root / "samples" / f"iteration-{iteration:06d}.jsonl"
-        atomic_write_text(path, "\n".join(lines) + "\n")
-
-    def _guards(self, metrics: Mapping[str, Tensor]) -> None:
-        """Warn loudly when learning has silently stopped (research/online-rl.md section 2)."""
-        checks = {
-            "response_length/clipped_ratio": (
-                "of the completions hit max_new_tokens: rewards of cut-off answers are usually "
-                "0, so nothing is learnt; raise rollout.max_new_tokens"
-            ),
-            "reward/zero_std_frac": (
-                "of the groups have the same reward for every sample: their advantages are 0; "
-                "make the task easier (SFT warm-up), raise samples_per_prompt, or check the "
-                "reward function"
-            ),
-        }
-        for name, advice in checks.items():
-            if name not in metrics:
-                continue
-            value = float(metrics[name])
-            streak = self._guard_streaks.get(name, 0) + 1 if value >= _GUARD_THRESHOLD else 0
-            self._guard_streaks[name] = streak
-            if streak == _GUARD_PATIENCE:
-                self._say(
-                    f"WARNING iteration {self.state.step + 1}: {value:.0%} {advice} "
-                    f"({name} >= {_GUARD_THRESHOLD} for {streak} iterations)"
-                )
-
-    def _print_batch_table(self) -> None:
-        if not self.accelerator.is_main_process or not self.config.logging.progress_bar:
-            return
-        cfg = self.config
-        table = Table(title="online batch quantities", show_header=False)
-        rows = [
-            ("prompts per iteration", cfg.rollout.prompts_per_iteration),
-            ("samples per prompt", cfg.rollout.samples_per_prompt),
-            ("sequences per iteration", cfg.rollout.sequences_per_iteration),
-            ("sequences per optimizer step", cfg.sequences_per_minibatch),
-            ("sequences per forward (per process)", cfg.train.sequences_per_device),
-            (
-                "micro-batches per optimizer step (per process)",
-                self.local_sequences_per_minibatch // cfg.train.sequences_per_device,
-            ),
-            ("optimizer steps per iteration", self.optimizer_steps_per_iteration),
-            ("processes", self.accelerator.num_processes),
-            ("iterations", cfg.train.iterations),
-        ]
-        for label, value in rows:
-            table.add_row(label, str(value))
-        self.console.print(table)
 
 
 def applicable(scores: Tensor) -> Tensor:

@@ -29,7 +29,8 @@ metric over the step. ``rollout.filter_groups`` (DAPO's dynamic sampling) makes 
 batch from several rounds of ``make_experience`` (``OnlineTrainer.collect_experience``); the
 advantages are then estimated again over the batch kept (``merge_rounds``). Methods map onto
 it through ``trainers/registry.py`` presets (advantage estimator, critic, policy loss); nothing
-is copied per method.
+is copied per method. The steps ``make_experience`` calls (on-policy decisions, scoring
+log-probs, the estimator, shaping, the rollout's metrics) are in ``trainers/pg_experience.py``.
 """
 
 from __future__ import annotations
@@ -40,16 +41,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from alignkit.models import load_policy
 from alignkit.models.forward import token_logprobs
-from alignkit.models.reward import RewardModel
-from alignkit.ops.advantages import get_advantage_estimator, terminal_rewards, zero_std_fraction
+from alignkit.models.reward import RewardModel, load_reward_checkpoint
+from alignkit.ops.advantages import get_advantage_estimator, terminal_rewards
 from alignkit.ops.losses import aggregate_loss, aggregation_units, get_policy_loss
-from alignkit.ops.shaping import overlong_penalty
-from alignkit.ops.stats import Moments, masked_whiten
 from alignkit.rollout import (
     Experience,
     GenerationEngine,
@@ -64,8 +62,8 @@ from alignkit.trainers.correction import BehaviourCorrection
 from alignkit.trainers.critic import Critic, as_critic, build_critic
 from alignkit.trainers.engine_config import vllm_engine
 from alignkit.trainers.kl_penalty import KLPenalty
-from alignkit.trainers.online import OnlineTrainer, applicable
-from alignkit.trainers.reward import load_reward_checkpoint
+from alignkit.trainers.online import OnlineTrainer
+from alignkit.trainers.pg_experience import PolicyGradientExperience, _batch
 from alignkit.trainers.reward_metrics import RewardSourceStats
 from alignkit.trainers.rl_config import PGConfig
 from alignkit.trainers.token_masks import PolicyTokens
@@ -76,11 +74,7 @@ __all__ = ["PolicyGradientTrainer", "build_critic", "build_pg_trainer", "train_p
 _STAT_NAMES = {"clipfrac": "actor/pg_clipfrac", "approx_kl": "actor/ppo_kl"}
 
 
-def _batch(exp: Experience) -> dict[str, Tensor]:
-    return {"input_ids": exp.input_ids, "attention_mask": exp.attention_mask}
-
-
-class PolicyGradientTrainer(OnlineTrainer):
+class PolicyGradientTrainer(PolicyGradientExperience, OnlineTrainer):
     """See the module docstring."""
 
     progress_metrics = ("reward/mean", "kl/mean", "response_length/mean")
@@ -153,78 +147,7 @@ class PolicyGradientTrainer(OnlineTrainer):
         else:
             super().restore_model_weights(model, directory)
 
-    @property
-    def exactly_on_policy(self) -> bool:
-        """One optimizer step per iteration on samples drawn from the policy's own
-        distribution: the update is exactly on-policy."""
-        return (
-            self.optimizer_steps_per_iteration == 1
-            and self.engine_samples_policy
-            and self.config.train.epochs_per_iteration == 1
-            and not self.stale_rollouts
-        )
-
-    @property
-    def stale_rollouts(self) -> bool:
-        """``rollout.max_staleness: 1``: a batch may come from the policy one update back, so
-        it is re-scored and importance-weighted like any sampler that is not the trainer."""
-        return bool(self.config.rollout.max_staleness)
-
-    @property
-    def behaviour_is_old_policy(self) -> bool:
-        """The recorded behaviour log-probs can stand for pi_old in every mini-batch and epoch.
-
-        pi_old is the policy that sampled the iteration, whatever the number of updates after
-        it, so re-scoring only corrects the numerical gap between the decode path and the
-        training forward: ~1e-6 in fp32 (the engine's log-probs equal a re-scoring forward to
-        1e-5, tested), but under bf16 a mean of 2e-3 (tiny preset) to 4e-2 nats (SmolLM2-135M),
-        up to 0.23, so bf16 re-scores: the re-score equals the training forward in a padded
-        layout and to ~1e-7 on average (1e-2 at most) in a packed one, whose layout moves with
-        a micro-batch's rows (verl recomputes for the same reason). Exactly on-policy, the loss
-        takes the training forward's own log-probs, detached (:meth:`policy_objective`).
-        """
-        if self.corrects_behaviour:
-            return False
-        return self.exactly_on_policy or self.precision.name == "fp32"
-
-    @property
-    def corrects_behaviour(self) -> bool:
-        """Importance weights apply: the engine's samples or its numbers are not the trainer's
-        (a teacher, a truncated sampler, another process such as vLLM), as it declares, or
-        they are an older policy's (asynchronous generation)."""
-        own = self.engine_samples_policy and self.engine.logprobs_match_trainer
-        return not own or self.stale_rollouts
-
-    @property
-    def engine_samples_policy(self) -> bool:
-        """The engine draws from the distribution the trainer scores (logits / T, no top-k or
-        top-p truncation, no teacher), as it declares; otherwise importance weights correct
-        the mismatch."""
-        return self.engine.samples_policy(self.sampling)
-
     # ----------------------------------------------------------------- experience
-
-    @torch.no_grad()
-    def score_logprobs(
-        self,
-        model: nn.Module,
-        exp: Experience,
-        logits_filter: Callable[[Tensor], Tensor] | None = None,
-    ) -> Tensor:
-        """``[N, T]`` log-probs of the response tokens under `model` (at the sampling T; under
-        the sampler's truncation with a ``logits_filter``)."""
-        parts = [
-            token_logprobs(
-                model,
-                _batch(chunk),
-                chunk.response_mask,
-                temperature=self.sampling.temperature,
-                packed=self.config.model.packed,
-                logits_filter=logits_filter,
-            ).float()
-            for chunk in exp.split(self.config.train.sequences_per_device)
-        ]
-        return torch.cat(parts)
 
     def complete_experience(self, exp: Experience) -> Experience:
         device = self.accelerator.device
@@ -257,84 +180,12 @@ class PolicyGradientTrainer(OnlineTrainer):
             )
         return exp
 
-    def estimate(
-        self, exp: Experience, token_rewards: Tensor, values: Tensor | None, scores: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Advantages and returns of the configured estimator (whitened when set); rows whose
-        score is NaN (not applicable) are left out of its statistics and get 0. Statistics
-        over the batch (REINFORCE's, REINFORCE++'s, the whitening) span every process."""
-        cfg = self.config.advantage
-        rows = torch.isfinite(scores).nonzero().squeeze(1)
-        mask = exp.response_mask[rows]
-        reduce = self._global_moments if self.accelerator.num_processes > 1 else None
-        a, r = self.estimator(
-            token_rewards=token_rewards[rows],
-            mask=mask,
-            values=values[rows] if values is not None else None,
-            group_index=exp.group_index[rows],
-            reduce_moments=reduce,
-            **cfg.estimator_settings(),
-        )
-        if cfg.whiten:
-            a = masked_whiten(a, mask, reduce_moments=reduce)
-        advantages = torch.zeros_like(token_rewards)
-        returns = torch.zeros_like(token_rewards)
-        advantages[rows], returns[rows] = a.float(), r.float()
-        return advantages, returns
-
-    def shape_scores(self, exp: Experience) -> Tensor:
-        """The scores plus DAPO's soft overlong punishment (NaN scores stay NaN)."""
-        penalty = self.overlong_penalty(exp)
-        return exp.scores if penalty is None else exp.scores + penalty
-
-    def overlong_penalty(self, exp: Experience) -> Tensor | None:
-        """``[N]`` ``ops.shaping.overlong_penalty`` when ``reward.overlong_buffer`` is set."""
-        shaping = self.config.reward
-        if shaping.overlong_buffer is None:
-            return None
-        factor = 1.0 if shaping.overlong_penalty is None else shaping.overlong_penalty
-        limit = self.config.rollout.max_new_tokens
-        penalty = overlong_penalty(exp.response_lengths, limit, shaping.overlong_buffer, factor)
-        return penalty.to(exp.scores)
-
     def merge_rounds(self, exp: Experience) -> Experience:
         """The batch that dynamic sampling kept from several rounds: its advantages again,
         so that batch statistics (scale_rewards=batch, rloo's normalize, whitening) are the
         kept batch's."""
         exp.advantages, exp.returns = self.estimate(exp, exp.token_rewards, exp.values, exp.scores)
         return exp
-
-    def _global_moments(self, moments: Moments) -> Moments:
-        """The moments of every process' batch together (an all-reduce: all processes call)."""
-        return Moments.from_tensor(self.accelerator.reduce(moments.tensor(), reduction="sum"))
-
-    def experience_metrics(self, exp: Experience) -> dict[str, Tensor]:
-        mask = exp.response_mask
-        scores = exp.scores
-        scored = applicable(scores)
-        metrics: dict[str, Tensor] = {
-            "reward/mean": scored.mean() if scored.numel() else scores.new_zeros(()),
-            "reward/zero_std_frac": zero_std_fraction(scores, exp.group_index),
-            "response_length/mean": exp.response_lengths.float().mean(),
-            "response_length/clipped_ratio": exp.truncated.float().mean(),
-        }
-        metrics.update(self.source_stats.metrics(self.state.step, self.accelerator))
-        for name, value in self.reward_log.metric_means(self.state.step).items():
-            metrics[name] = torch.tensor(value, device=scores.device)  # reward fns' log_metric
-        metrics.update(self.kl.metrics(exp))
-        if self.critic is not None:
-            metrics.update(self.critic.metrics(exp.values, exp.returns, mask))
-        # What only the engine knows (a teacher mixture's alpha and fallback share); the
-        # importance weights are the trainer's own, computed once above.
-        for name, value in self.engine_stats.items():
-            metrics[name] = torch.tensor(float(value), device=scores.device)
-        metrics.update(self.correction.metrics(exp))
-        if self.engine.needs_weight_sync:
-            metrics["rollout/weight_staleness"] = scores.new_tensor(float(self._staleness))
-        penalty = self.overlong_penalty(exp)
-        if penalty is not None:
-            metrics["reward/overlong_penalty"] = penalty.mean()
-        return metrics
 
     def after_iteration(self, metrics: Mapping[str, Tensor]) -> dict[str, float]:
         sequences = self.config.rollout.sequences_per_iteration

@@ -26,21 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from alignkit.data import PreferenceCollator, tokenize_preferences
 from alignkit.data.loaders import DEFAULT_MAX_PROBLEMS, RecordSet
-from alignkit.errors import CheckpointError, ConfigError, DataError, RowProblem
+from alignkit.errors import ConfigError, DataError, RowProblem
 from alignkit.models import RewardModel, load_reward_model
-from alignkit.models.reward import HEAD_WEIGHTS
+from alignkit.models.reward import load_reward_checkpoint
 from alignkit.ops.preference import (
     cost_model_loss,
     multitask_reward_loss,
     orient_pairs,
 )
 from alignkit.ops.stats import pairwise_accuracy
-from alignkit.tracking.checkpoint import load_full_state_dict
 from alignkit.trainers.common import (
     load_split,
     require_train_file,
@@ -344,20 +342,3 @@ def build_reward_trainer(cfg: RewardConfig) -> RewardTrainer:
 def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     """Train a reward or cost model; returns the run summary."""
     return build_reward_trainer(cfg).train()
-
-
-def load_reward_checkpoint(model: nn.Module, directory: Path) -> None:
-    """Load a checkpoint written by ``RewardModel.save_pretrained`` into `model`: the
-    backbone's Hugging Face files, then the heads' file."""
-    weights: dict[str, Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        prefix = "" if file.name == HEAD_WEIGHTS else "backbone."
-        weights.update({prefix + key: value for key, value in load_file(file).items()})
-    if not weights:
-        raise CheckpointError(f"{directory}: no .safetensors weights to load")
-    result = load_full_state_dict(model, weights)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{directory} does not match the model being trained: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alignkit.errors import ConfigError
-from alignkit.trainers.dpo_config import MultiplierConfig
+from alignkit.trainers.lagrange_config import MultiplierConfig
 from alignkit.trainers.rl_config import CriticConfig, PGConfig, RewardSourceConfig
 
 __all__ = ["SafePPOConfig"]
