@@ -11,15 +11,14 @@ first digit is even): their groups carry no gradient and must be dropped.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
+import launched_pg
 import pytest
 import torch
+from launch_helpers import accelerate_launch
 from metric_helpers import is_clock_metric
 
 from alignkit.config import load_config
@@ -30,7 +29,7 @@ from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
 from alignkit.trainers.registry import get_method
 from alignkit.trainers.rl_config import PGConfig
 
-SRC = Path(__file__).resolve().parents[2] / "src"
+LAUNCHED_PG = Path(launched_pg.__file__)
 
 REWARD = textwrap.dedent(
     """
@@ -154,88 +153,6 @@ def test_a_resumed_run_draws_the_rounds_of_the_uninterrupted_one(task):
 # --------------------------------------------------------------------------------------
 # Several processes (gloo)
 
-SCRIPT = textwrap.dedent(
-    """
-    import json
-    import sys
-
-    import torch
-
-    from alignkit.config import load_config
-    from alignkit.ops import informative_groups
-    from alignkit.rollout import Experience, TransformersEngine
-    from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
-    from alignkit.trainers.registry import get_method
-    from alignkit.trainers.rl_config import PGConfig
-
-
-    class PerPromptEngine(TransformersEngine):
-        # Each prompt sampled with a generator seeded by its group id: the same sequences
-        # whichever process draws them.
-        def generate(self, prompts, sampling, *, generator, group_offset=0):
-            parts = [
-                super(PerPromptEngine, self).generate(
-                    [prompt], sampling, generator=torch.Generator().manual_seed(group_offset + i),
-                    group_offset=group_offset + i,
-                )
-                for i, prompt in enumerate(prompts)
-            ]
-            return Experience.cat(parts)
-
-
-    class Recording(PolicyGradientTrainer):
-        def collect_experience(self, iteration):
-            exp, counts = super().collect_experience(iteration)
-            keep = informative_groups(exp.scores, exp.group_index)
-            record = {
-                "groups": exp.group_index.unique().numel(),
-                "informative": exp.group_index[keep].unique().numel(),
-                **counts,
-            }
-            path = self.run_dir.root / f"batch-{iteration}-{self.accelerator.process_index}.json"
-            path.write_text(json.dumps(record))
-            return exp, counts
-
-
-    if __name__ == "__main__":
-        cfg = load_config(PGConfig, None, [*get_method("grpo").defaults, *sys.argv[1:]])
-        built = build_pg_trainer(cfg)
-        model, tokenizer = built.unwrapped_model, built.tokenizer
-        torch.manual_seed(0)
-        Recording(
-            cfg, model, tokenizer, built.prompts, built.reward,
-            engine=PerPromptEngine(model, tokenizer),
-        ).train()
-    """
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(root: Path, processes: int, *args: str) -> subprocess.CompletedProcess:
-    script = root / "filter_processes.py"
-    script.write_text(SCRIPT)
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "HF_HOME": str(root / "hf_home"),
-    }
-    command = [sys.executable, str(script), *args]
-    if processes > 1:
-        env["ACCELERATE_USE_CPU"] = "true"
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-            "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), str(script), *args,
-        ]  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
 
 def _settings(task: dict[str, Path], name: str, *extra: str) -> list[str]:
     return [
@@ -258,16 +175,32 @@ def _settings(task: dict[str, Path], name: str, *extra: str) -> list[str]:
     ]
 
 
+FILTERED = ("rollout.filter_groups=true", "train.iterations=3")
+# Without filtering, the same sequences on 1 or 2 processes give the same update only if the
+# top-entropy threshold and scale_rewards=batch's std are taken over both halves.
+SPANNING = (
+    "train.iterations=2",
+    "policy_loss.top_entropy_quantile=0.4",
+    "advantage.scale_rewards=batch",
+)
+
+
+@pytest.fixture(scope="module")
+def two_processes(task) -> subprocess.CompletedProcess:
+    """Runs two_filter and two_q of the tests below, made by one launch of 2 processes
+    (starting processes is most of a launch's time)."""
+    jobs = [
+        {"method": "grpo", "recorder": "batches", "args": _settings(task, name, *settings)}
+        for name, settings in (("two_filter", FILTERED), ("two_q", SPANNING))
+    ]
+    return accelerate_launch(LAUNCHED_PG, json.dumps(jobs), root=task["root"])
+
+
 @pytest.mark.multiprocess
-def test_two_processes_fill_their_shares_in_lockstep(task):
+def test_two_processes_fill_their_shares_in_lockstep(task, two_processes):
     # The processes' prompts differ, so one needs more rounds than the other: both make every
     # round (else the collectives of make_experience would hang) and each keeps its 4 groups.
-    done = _launch(
-        task["root"],
-        2,
-        *_settings(task, "two_filter", "rollout.filter_groups=true", "train.iterations=3"),
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert two_processes.returncode == 0, two_processes.stderr[-3000:]
     run = task["root"] / "two_filter"
     for iteration in range(3):
         records = [json.loads((run / f"batch-{iteration}-{p}.json").read_text()) for p in (0, 1)]
@@ -279,20 +212,13 @@ def test_two_processes_fill_their_shares_in_lockstep(task):
 
 
 @pytest.mark.multiprocess
-def test_the_entropy_quantile_and_the_batch_std_span_the_processes(task):
-    # Without filtering, the same sequences on 1 or 2 processes give the same update only if
-    # the top-entropy threshold and scale_rewards=batch's std are taken over both halves.
-    extra = (
-        "train.iterations=2",
-        "policy_loss.top_entropy_quantile=0.4",
-        "advantage.scale_rewards=batch",
-    )
-    metrics, weights = {}, {}
+def test_the_entropy_quantile_and_the_batch_std_span_the_processes(task, two_processes):
     from safetensors.torch import load_file
 
-    for name, processes in (("one_q", 1), ("two_q", 2)):
-        done = _launch(task["root"], processes, *_settings(task, name, *extra))
-        assert done.returncode == 0, done.stderr[-3000:]
+    assert two_processes.returncode == 0, two_processes.stderr[-3000:]
+    launched_pg.train("grpo", "batches", _settings(task, "one_q", *SPANNING))
+    metrics, weights = {}, {}
+    for name in ("one_q", "two_q"):
         metrics[name] = read_metrics(task["root"] / name / "metrics.jsonl")[-1]
         model = latest_checkpoint(task["root"] / name) / "model" / "model.safetensors"
         weights[name] = load_file(model)

@@ -1,36 +1,30 @@
 """Training and checkpoints under FSDP.
 
 Pins down: two processes sharded by FSDP (version 2, over gloo) train a tiny Llama to the loss
-curve of DDP; a run killed after its step-4 checkpoint resumes to the uninterrupted run's
-metrics; the checkpoint holds the full optimizer state keyed by parameter name and a model
-that ``AutoModelForCausalLM.from_pretrained`` loads with the FSDP model's gathered weights and
-logits. The same save and load functions, in one process on a one-process FSDP mesh, round-trip
-a causal LM with its optimizer and a reward model exactly; the optimizer state saved under FSDP
-loads without it, the reverse is refused; and ``accelerate launch --use_fsdp`` on CPU processes,
-which accelerate 1.15 would quietly run as DDP, is refused.
+curve of the same batches unsharded; a run killed after its step-4 checkpoint resumes to the
+uninterrupted run's metrics; the checkpoint holds the full optimizer state keyed by parameter
+name and a model that ``AutoModelForCausalLM.from_pretrained`` loads with the FSDP model's
+gathered weights and logits. The same save and load functions, in one process on a one-process
+FSDP mesh, round-trip a causal LM with its optimizer and a reward model exactly; the optimizer
+state saved under FSDP loads without it, the reverse is refused; and ``accelerate launch
+--use_fsdp`` on CPU processes, which accelerate 1.15 would quietly run as DDP, is refused.
 
-accelerate 1.15 enables FSDP only on GPUs and other accelerators, while torch's FSDP2
-(``fully_shard``) runs on CPU processes over gloo. The two-process test therefore launches
-``accelerate launch --use_fsdp --fsdp_version 2`` and, inside the script, switches accelerate's
-process-wide state from DDP (MULTI_CPU) to FSDP before the trainer is built
-(:data:`FORCE_FSDP_ON_CPU`): everything after that, accelerate's ``fully_shard`` preparation
-and alignkit's save and restore, is the code that runs on GPUs.
+The two-process runs are made by one launch of ``launched_fsdp.py`` (how it gets FSDP on CPU
+processes is told there).
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import launched_fsdp
 import pytest
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
+from counting_llama import counting_sequences, probe_ids, tiny_llama
+from launch_helpers import accelerate_launch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -42,177 +36,31 @@ from alignkit.errors import CheckpointError, ConfigError
 from alignkit.runloop import OptimizerStep
 from alignkit.runloop.optimizer import build_lr_scheduler, build_optimizer, is_keyed_by_name
 from alignkit.runloop.runtime import make_accelerator
-from alignkit.tracking import latest_checkpoint, load_trainer_state, read_metrics
+from alignkit.tracking import load_trainer_state, read_metrics
 from alignkit.tracking.checkpoint import load_model_weights, save_model_weights
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-
-TINY_LLAMA = textwrap.dedent(
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def tiny_llama():
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-            tie_word_embeddings=True,
-        )
-        return LlamaForCausalLM(config)
-
-    def counting_sequences(n=48, length=12):
-        # Token t+1 = token t + 1 (mod 64), right-padded: easy to learn.
-        generator = torch.Generator().manual_seed(0)
-        rows = []
-        for _ in range(n):
-            start = int(torch.randint(0, 64, (1,), generator=generator))
-            real = int(torch.randint(6, length + 1, (1,), generator=generator))
-            ids = (start + torch.arange(length)) % 64
-            mask = (torch.arange(length) < real).long()
-            rows.append(
-                {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-            )
-        return rows
-
-    def probe_ids():
-        return (torch.arange(20).reshape(2, 10) * 3) % 64
-    """
+LAUNCHED_FSDP = Path(launched_fsdp.__file__)
+#: `accelerate launch`'s FSDP flags: version 2, one unit per decoder layer, full state dicts.
+FSDP_FLAGS = (
+    "--use_fsdp",
+    "--fsdp_version",
+    "2",
+    "--fsdp_auto_wrap_policy",
+    "TRANSFORMER_BASED_WRAP",
+    "--fsdp_transformer_layer_cls_to_wrap",
+    "LlamaDecoderLayer",
+    "--fsdp_state_dict_type",
+    "FULL_STATE_DICT",
 )
-
-#: Turns accelerate's DDP-on-CPU state into FSDP (what `--use_fsdp` gives on GPUs), with the
-#: FSDP plugin accelerate built from `accelerate launch`'s FSDP flags.
-FORCE_FSDP_ON_CPU = textwrap.dedent(
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    def force_fsdp_on_cpu():
-        state = Accelerator().state
-        assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
-        PartialState().distributed_type = DistributedType.FSDP  # copied into AcceleratorState
-        state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* flags
-    """
-)
-
-TRAINING_SCRIPT = (
-    TINY_LLAMA
-    + FORCE_FSDP_ON_CPU
-    + textwrap.dedent(
-        """
-    import json, os, sys
-    from pathlib import Path
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.tensor import DTensor
-    from alignkit.config import TrainConfig, load_config
-    from alignkit.trainers import Trainer
-
-    class LMTrainer(Trainer):
-        def compute_loss(self, model, batch):
-            if self.state.step + 1 == int(os.environ.get("CRASH_AT_STEP", 0)):
-                raise SystemExit(3)
-            return model(**batch).loss, {}
-
-    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
-        force_fsdp_on_cpu()
-    config = load_config(TrainConfig, None, sys.argv[1:])
-    trainer = LMTrainer(config, tiny_llama(), counting_sequences())
-    trainer.train()
-    # What the trained model is, seen from the processes: its logits on a probe, its weights
-    # gathered by torch (not by alignkit's checkpoint code) and how it is sharded.
-    model = trainer.model
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe_ids()).logits
-    weights = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    first = next(model.parameters())
-    if trainer.accelerator.is_main_process:
-        out = Path(config.run_dir)
-        torch.save({"logits": logits, "weights": weights}, out / "final_model.pt")
-        (out / "setup.json").write_text(json.dumps({
-            "distributed_type": str(trainer.accelerator.distributed_type),
-            "model_class": type(model).__name__,
-            "param_class": type(first).__name__,
-            "local_elements": (first.to_local() if isinstance(first, DTensor) else first).numel(),
-            "elements": first.numel(),
-        }))
-    # As `alignkit train` does: leave the gloo group together, not at interpreter exit.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    """
-    )
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(tmp_path: Path, run_name: str, *overrides: str, fsdp: bool, crash_at_step: int = 0):
-    script = tmp_path / "train_fsdp.py"
-    script.write_text(TRAINING_SCRIPT)
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),  # no user accelerate config
-        "ACCELERATE_USE_CPU": "true",
-        "CRASH_AT_STEP": str(crash_at_step),
-    }
-    sharding = ["--multi_gpu"]
-    if fsdp:
-        sharding = [
-            "--use_fsdp",
-            "--fsdp_version",
-            "2",
-            "--fsdp_auto_wrap_policy",
-            "TRANSFORMER_BASED_WRAP",
-            "--fsdp_transformer_layer_cls_to_wrap",
-            "LlamaDecoderLayer",
-            "--fsdp_state_dict_type",
-            "FULL_STATE_DICT",
-        ]
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *sharding,
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(script),
-        f"output_dir={tmp_path}",
-        f"run_name={run_name}",
-        "examples_per_device=4",
-        "max_steps=9",  # 48 rows, 2 x 4 per step: 6 steps an epoch, so the run crosses one
-        "logging.every=1",
-        "checkpoint.every=4",
-        "optim.lr=3e-3",
-        "logging.progress_bar=false",
-        *overrides,
-    ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.multiprocess
-def test_fsdp_matches_ddp_resumes_exactly_and_saves_a_hugging_face_model(tmp_path):
+def test_fsdp_matches_unsharded_training_resumes_exactly_and_saves_a_hugging_face_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    whole = _launch(tmp_path, "fsdp", fsdp=True)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    # One launch makes the FSDP runs: "fsdp", "cut" killed in step 7, "cut" resumed.
+    launched = accelerate_launch(LAUNCHED_FSDP, str(tmp_path), root=tmp_path, sharding=FSDP_FLAGS)
+    assert launched.returncode == 0, launched.stderr[-3000:]
     setup = read_json(tmp_path / "fsdp" / "setup.json")
     assert setup["distributed_type"] == "DistributedType.FSDP"
     assert setup["model_class"] == "FSDPLlamaForCausalLM"  # torch's fully_shard
@@ -222,28 +70,25 @@ def test_fsdp_matches_ddp_resumes_exactly_and_saves_a_hugging_face_model(tmp_pat
     assert [r["step"] for r in records] == list(range(1, 10))
     assert records[-1]["loss"] < records[0]["loss"] - 0.3
 
-    # Sharding changes where the parameters live, not the update: DDP's curve up to float
-    # summation order (measured: equal to 7 digits).
-    ddp = _launch(tmp_path, "ddp", fsdp=False)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    ddp_records = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    # Sharding changes where the parameters live, not the update: the curve of the same
+    # batches unsharded (one process accumulating both halves of each step, which DDP matches
+    # in test_loop.py) up to float summation order.
+    launched_fsdp.train(f"output_dir={tmp_path}", "run_name=unsharded", "grad_accum_steps=2")
+    unsharded = read_metrics(tmp_path / "unsharded" / "metrics.jsonl")
     for name in ("loss", "grad_norm"):
-        assert [r[name] for r in records] == pytest.approx([r[name] for r in ddp_records], rel=1e-5)
+        assert [r[name] for r in records] == pytest.approx([r[name] for r in unsharded], rel=1e-5)
 
-    # Killed in step 7: the newest checkpoint is step 4, in the middle of the first epoch.
-    cut = _launch(tmp_path, "cut", fsdp=True, crash_at_step=7)
-    assert cut.returncode != 0
-    checkpoint = latest_checkpoint(tmp_path / "cut")
-    assert checkpoint.name == "step-4"
-    optimizer = load_trainer_state(checkpoint)["optimizer"]["model"]
-    assert is_keyed_by_name(optimizer)
-    moments = optimizer["state"]["model.embed_tokens.weight"]
+    # The checkpoint holds the full optimizer state, keyed by parameter name.
+    optimizer = load_trainer_state(tmp_path / "fsdp" / "checkpoints" / "step-8")["optimizer"]
+    assert is_keyed_by_name(optimizer["model"])
+    moments = optimizer["model"]["state"]["model.embed_tokens.weight"]
     assert moments["exp_avg"].shape == moments["exp_avg_sq"].shape == (64, 32)  # full, not 32
-    assert float(moments["step"]) == 4.0
-    assert len(optimizer["state"]) == 20  # every parameter; lm_head is tied to the embedding
+    assert float(moments["step"]) == 8.0
+    assert len(optimizer["model"]["state"]) == 20  # every parameter; lm_head is tied
 
-    resumed = _launch(tmp_path, "cut", f"resume_from={tmp_path / 'cut'}", fsdp=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Killed in step 7: the newest checkpoint was step 4, in the middle of the first epoch.
+    at_kill = read_json(tmp_path / "cut-at-kill.json")
+    assert at_kill == {"latest_checkpoint": "step-4", "logged_steps": list(range(1, 7))}
     got = read_metrics(tmp_path / "cut" / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, 10))
     # Same processes, same reduction order: the resumed curve is the uninterrupted one.
@@ -259,9 +104,8 @@ def test_fsdp_matches_ddp_resumes_exactly_and_saves_a_hugging_face_model(tmp_pat
     assert set(reloaded.state_dict()) == set(trained["weights"])
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, trained["weights"][name]), name
-    probe = (torch.arange(20).reshape(2, 10) * 3) % 64
     with torch.no_grad():
-        logits = reloaded(input_ids=probe).logits
+        logits = reloaded(input_ids=probe_ids()).logits
     torch.testing.assert_close(logits, trained["logits"], rtol=1e-5, atol=1e-5)
 
 
@@ -277,9 +121,7 @@ def read_json(path: Path):
 
 
 def _tiny_llama():
-    namespace: dict = {}
-    exec(TINY_LLAMA, namespace)  # the model the launched script trains
-    return namespace["tiny_llama"](), namespace["counting_sequences"]()
+    return tiny_llama(), counting_sequences()  # the model the launched script trains
 
 
 def _trained_steps(model, optimizer, rows, steps: int = 2) -> None:
@@ -404,7 +246,7 @@ def test_an_fsdp_optimizer_state_resumes_without_fsdp(tmp_path):
     fresh_optimizer = build_optimizer(fresh, OptimConfig(lr=1e-2))
     cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "run_name=plain"])
     step = OptimizerStep(
-        make_accelerator(cfg),
+        make_accelerator(cfg, precision="fp32"),
         fresh,
         fresh_optimizer,
         build_lr_scheduler(fresh_optimizer, cfg.optim, total_steps=10),
@@ -435,4 +277,4 @@ def test_fsdp_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path, monkeypatch):
     cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "run_name=x"])
     message = r"--use_fsdp on CPU processes: accelerate 1.15 shards with FSDP only on GPUs"
     with pytest.raises(ConfigError, match=message):
-        make_accelerator(cfg)
+        make_accelerator(cfg, precision="fp32")

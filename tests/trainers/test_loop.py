@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
-import socket
-import subprocess
-import sys
-import textwrap
+import json
 from pathlib import Path
 
+import launched_loop
 import pytest
 import torch
+from counting_llama import counting_sequences, tiny_llama
+from launch_helpers import SimulatedKill, accelerate_launch
+from launched_loop import Regressor
 from rich.console import Console
 from torch import nn
 
@@ -35,20 +35,7 @@ from alignkit.tracking import (
 )
 from alignkit.trainers import Trainer
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-class Regressor(nn.Module):
-    def __init__(self, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
-
-
-class SimulatedKill(Exception):
-    pass
+LAUNCHED_LOOP = Path(launched_loop.__file__)
 
 
 class RegressionTrainer(Trainer):
@@ -113,6 +100,7 @@ def make_config(tmp_path: Path, name: str, *overrides: str) -> TrainConfig:
             f"output_dir={tmp_path}",
             f"run_name={name}",
             "logging.progress_bar=false",
+            "logging.plots=false",  # drawn in the one test that looks at them
             "optim.lr=3e-2",
             *overrides,
         ],
@@ -148,6 +136,7 @@ def test_run_directory_matches_the_design(tmp_path):
         "logging.every=2",
         "checkpoint.every=4",
         "checkpoint.keep_last=2",
+        "logging.plots=true",
     )
     run(RegressionTrainer, config)
     root = tmp_path / "layout"
@@ -532,38 +521,6 @@ def test_gradient_checkpointing_needs_a_model_that_supports_it(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
-
-
-def counting_sequences(n: int = 48, length: int = 12) -> list[dict[str, torch.Tensor]]:
-    """Token t+1 = token t + 1 (mod 64), right-padded to `length`: easy to learn."""
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        start = int(torch.randint(0, 64, (1,), generator=generator))
-        real = int(torch.randint(6, length + 1, (1,), generator=generator))
-        ids = (start + torch.arange(length)) % 64
-        mask = (torch.arange(length) < real).long()
-        rows.append(
-            {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-        )
-    return rows
-
-
 class CausalLMTrainer(Trainer):
     def compute_loss(self, model, batch):
         return model(**batch).loss, {}
@@ -621,98 +578,13 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
 # Two processes (DDP over gloo) under `accelerate launch`
 # --------------------------------------------------------------------------------------
 
-TRAINING_SCRIPT = textwrap.dedent(
-    """
-    import os, sys
-    import torch
-    from torch import nn
-    from alignkit.config import OptimConfig, TrainConfig, load_config
-    from alignkit.trainers import Trainer
-
-    class Regressor(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
-
-        def forward(self, x):
-            return self.net(x).squeeze(-1)
-
-    class RegressionTrainer(Trainer):
-        def compute_loss(self, model, batch):
-            if self.state.step + 1 == int(os.environ.get("CRASH_AT_STEP", 0)):
-                raise SystemExit(3)
-            prediction = model(batch["x"])
-            return ((prediction - batch["y"]) ** 2).mean(), {}
-
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 4, generator=generator)
-    y = x @ torch.randn(4, generator=generator)
-    rows = [{"x": a, "y": b, "attention_mask": torch.ones(3, dtype=torch.long)} for a, b in zip(x, y)]
-    torch.manual_seed(0)
-    RegressionTrainer(load_config(TrainConfig, None, sys.argv[1:]), Regressor(), rows).train()
-    """
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(tmp_path: Path, processes: int, *overrides: str, crash_at_step: int = 0):
-    script = tmp_path / "train_script.py"
-    script.write_text(TRAINING_SCRIPT)
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),  # no user accelerate config
-        "CRASH_AT_STEP": str(crash_at_step),
-    }
-    args = [
-        f"output_dir={tmp_path}",
-        "examples_per_device=4",
-        "epochs=2",
-        "logging.every=1",
-        "checkpoint.every=3",
-        "optim.lr=1e-2",
-        "logging.progress_bar=false",
-        *overrides,
-    ]
-    if processes == 1:
-        command = [sys.executable, str(script), *args]
-    else:
-        # `accelerate launch --cpu --num_processes 2` starts one process unless an mpirun
-        # hostfile is given; torchrun-style launching with ACCELERATE_USE_CPU gives DDP on gloo.
-        env["ACCELERATE_USE_CPU"] = "true"
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            str(script),
-            *args,
-        ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-
 
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process_with_accumulation_and_resume(tmp_path):
-    two = _launch(tmp_path, 2, "run_name=two")
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = _launch(tmp_path, 1, "run_name=one", "grad_accum_steps=2")
-    assert one.returncode == 0, one.stderr[-3000:]
+    # One launch makes the two-process runs: "two", "cut" killed in step 8, "cut" resumed.
+    launched = accelerate_launch(LAUNCHED_LOOP, str(tmp_path), root=tmp_path)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    launched_loop.train(f"output_dir={tmp_path}", "run_name=one", "grad_accum_steps=2")
     two_records = read_metrics(tmp_path / "two" / "metrics.jsonl")
     # 64 rows, 4 per device, 2 devices: 8 steps per epoch, as 1 device with 2 accumulations.
     assert [r["step"] for r in two_records] == list(range(1, 17))
@@ -723,11 +595,8 @@ def test_two_processes_match_one_process_with_accumulation_and_resume(tmp_path):
     # batches on one process, so the curves agree up to float summation order.
     assert two_curve == pytest.approx(losses(tmp_path / "one" / "metrics.jsonl"), rel=1e-5)
 
-    crashed = _launch(tmp_path, 2, "run_name=cut", crash_at_step=8)
-    assert crashed.returncode != 0
-    assert latest_checkpoint(tmp_path / "cut").name == "step-6"
-    resumed = _launch(tmp_path, 2, "run_name=cut", f"resume_from={tmp_path / 'cut'}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    at_kill = json.loads((tmp_path / "cut-at-kill.json").read_text())
+    assert at_kill == {"latest_checkpoint": "step-6", "logged_steps": list(range(1, 8))}
     cut_records = read_metrics(tmp_path / "cut" / "metrics.jsonl")
     assert [r["loss"] for r in cut_records] == pytest.approx(two_curve, rel=1e-6)
     state = load_trainer_state(tmp_path / "cut" / "checkpoints" / "step-16")

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
+import launched_optimize
 import pytest
 import torch
+from counting_llama import tiny_llama
+from launch_helpers import accelerate_launch
 from rich.console import Console
 from torch import nn
 
@@ -35,14 +33,20 @@ from alignkit.tracking.checkpoint import TRAINER_STATE_FILE
 from alignkit.trainers import Trainer
 from alignkit.trainers.sft import SFTTrainer
 
-SRC = Path(__file__).resolve().parents[2] / "src"
+LAUNCHED_OPTIMIZE = Path(launched_optimize.__file__)
 
 
 def config(tmp_path: Path, name: str, *overrides: str) -> TrainConfig:
     return load_config(
         TrainConfig,
         None,
-        [f"output_dir={tmp_path}", f"run_name={name}", "logging.progress_bar=false", *overrides],
+        [
+            f"output_dir={tmp_path}",
+            f"run_name={name}",
+            "logging.progress_bar=false",
+            "logging.plots=false",  # drawing them is most of a short run's time
+            *overrides,
+        ],
     )
 
 
@@ -53,7 +57,7 @@ def config(tmp_path: Path, name: str, *overrides: str) -> TrainConfig:
 
 def _linear_step(tmp_path: Path, *overrides: str, sgd: bool = False, say=None) -> OptimizerStep:
     cfg = config(tmp_path, "unused", *overrides)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, precision="fp32")
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     if sgd:
@@ -307,23 +311,6 @@ def test_a_format_1_checkpoint_resumes_and_an_unknown_format_is_refused(tmp_path
 # --------------------------------------------------------------------------------------
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-        )
-    )
-
-
 def ragged_sft_rows() -> list[dict[str, list[int]]]:
     """8 rows; completions of 1 to 14 tokens after prompts of 2 to 5."""
     generator = torch.Generator().manual_seed(3)
@@ -367,12 +354,12 @@ def test_sft_step_gradient_does_not_depend_on_the_micro_batch_split(tmp_path):
             f"grad_accum_steps={accumulation}",
             "optim.max_grad_norm=null",
         )
-        trainer = GradientSpy(cfg, tiny_llama(), rows, collate_fn=collate)
+        trainer = GradientSpy(cfg, tiny_llama(tie_word_embeddings=False), rows, collate_fn=collate)
         trainer.train()
         runs[name] = (trainer.grads, read_metrics(tmp_path / name / "metrics.jsonl")[0]["loss"])
 
     # The exact objective: mean NLL over all completion tokens of the step.
-    model = tiny_llama()
+    model = tiny_llama(tie_word_embeddings=False)
     batch = collate(rows)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
@@ -399,98 +386,21 @@ def test_sft_step_gradient_does_not_depend_on_the_micro_batch_split(tmp_path):
 # Two processes (DDP over gloo) with ragged units
 # --------------------------------------------------------------------------------------
 
-WEIGHTED_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import torch
-    from torch import nn
-    from alignkit.config import TrainConfig, load_config
-    from alignkit.trainers import Trainer
-
-    class WeightedRegression(Trainer):
-        # Loss = sum(w * err^2) / sum(w) per micro-batch; its units are sum(w).
-        def compute_loss(self, model, batch):
-            error = (model(batch["x"]).squeeze(-1) - batch["y"]) ** 2
-            return (batch["w"] * error).sum() / batch["w"].sum(), {}
-
-        def loss_units(self, batch):
-            return batch["w"].sum()
-
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 4, generator=generator)
-    y = x @ torch.randn(4, generator=generator)
-    w = torch.randint(1, 20, (32,), generator=generator).float()
-    rows = [{"x": a, "y": b, "w": c} for a, b, c in zip(x, y, w)]
-    torch.manual_seed(0)
-    cfg = load_config(TrainConfig, None, sys.argv[1:])
-    WeightedRegression(cfg, nn.Linear(4, 1), rows).train()
-    """
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(tmp_path: Path, processes: int, *overrides: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "weighted.py"
-    script.write_text(WEIGHTED_SCRIPT)
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-    }
-    args = [
-        f"output_dir={tmp_path}",
-        "epochs=2",
-        "logging.every=1",
-        "optim.lr=0.2",
-        "logging.progress_bar=false",
-        "logging.plots=false",
-        *overrides,
-    ]
-    command = [sys.executable, str(script), *args]
-    if processes > 1:
-        env["ACCELERATE_USE_CPU"] = "true"
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            str(script),
-            *args,
-        ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-
 
 @pytest.mark.multiprocess
 def test_two_processes_equal_one_on_ragged_units(tmp_path):
-    runs = {
-        "two": (2, "examples_per_device=4"),
-        "accum": (1, "examples_per_device=4", "grad_accum_steps=2"),
-        "whole": (1, "examples_per_device=8"),
-    }
+    from safetensors.torch import load_file
+
+    # "two" is launched; the one-process references run here.
+    launched = accelerate_launch(LAUNCHED_OPTIMIZE, str(tmp_path), root=tmp_path)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    output = f"output_dir={tmp_path}"
+    launched_optimize.train(output, "run_name=accum", "examples_per_device=4", "grad_accum_steps=2")
+    launched_optimize.train(output, "run_name=whole", "examples_per_device=8")
     curves, weights = {}, {}
-    for name, (processes, *settings) in runs.items():
-        done = _launch(tmp_path, processes, f"run_name={name}", *settings)
-        assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("two", "accum", "whole"):
         curves[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
         final = latest_checkpoint(tmp_path / name) / "model" / "model.safetensors"
-        from safetensors.torch import load_file
-
         weights[name] = load_file(final)
     assert len(curves["whole"]) == 8  # 32 rows, 8 per step, 2 epochs
     assert curves["whole"][-1] < 0.5 * curves["whole"][0]

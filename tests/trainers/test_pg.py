@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import launched_pg
 import pytest
 import torch
+from launch_helpers import accelerate_launch
+from launch_helpers import free_port as _free_port  # noqa: F401 (test_online.py imports it)
 from torch import nn
 
 from alignkit.config import load_config
@@ -32,7 +31,7 @@ from alignkit.trainers.reference import ReferencePolicy
 from alignkit.trainers.registry import get_method
 from alignkit.trainers.rl_config import KLConfig, PGConfig
 
-SRC = Path(__file__).resolve().parents[2] / "src"
+LAUNCHED_PG = Path(launched_pg.__file__)
 
 REWARD = textwrap.dedent(
     """
@@ -252,98 +251,6 @@ def test_a_policy_loss_receives_the_config_fields_it_names(task):
 # Batch statistics over processes: 2 gloo processes equal 1
 # --------------------------------------------------------------------------------------
 
-SCRIPT = textwrap.dedent(
-    """
-    import json
-    import sys
-
-    import torch
-
-    from alignkit.config import load_config
-    from alignkit.rollout import Experience, TransformersEngine
-    from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
-    from alignkit.trainers.registry import get_method
-    from alignkit.trainers.rl_config import PGConfig
-
-
-    class PerPromptEngine(TransformersEngine):
-        # Each prompt sampled with a generator seeded by its global index: the same
-        # sequences whichever process draws them.
-        def generate(self, prompts, sampling, *, generator, group_offset=0):
-            parts = []
-            for i, prompt in enumerate(prompts):
-                seeded = torch.Generator().manual_seed(group_offset + i)
-                parts.append(
-                    super().generate(
-                        [prompt], sampling, generator=seeded, group_offset=group_offset + i
-                    )
-                )
-            return Experience.cat(parts)
-
-
-    class Recording(PolicyGradientTrainer):
-        def make_experience(self, prompts, group_offset, generator):
-            exp = super().make_experience(prompts, group_offset, generator)
-            rows, seen = {}, {}
-            for i, group in enumerate(exp.group_index.tolist()):  # key: group, sample in it
-                seen[group] = seen.get(group, -1) + 1
-                rows[f"{group}-{seen[group]}"] = exp.advantages[i][exp.response_mask[i]].tolist()
-            path = self.run_dir.root / f"advantages-{self.accelerator.process_index}.json"
-            path.write_text(json.dumps(rows))
-            return exp
-
-
-    if __name__ == "__main__":
-        cfg = load_config(PGConfig, None, [*get_method(sys.argv[1]).defaults, *sys.argv[2:]])
-        built = build_pg_trainer(cfg)
-        model, tokenizer = built.unwrapped_model, built.tokenizer
-        torch.manual_seed(0)
-        Recording(
-            cfg, model, tokenizer, built.prompts, built.reward,
-            engine=PerPromptEngine(model, tokenizer),
-        ).train()
-    """
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(root: Path, processes: int, *args: str) -> subprocess.CompletedProcess:
-    script = root / "global_statistics.py"
-    script.write_text(SCRIPT)
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "HF_HOME": str(root / "hf_home"),
-    }
-    command = [sys.executable, str(script), *args]
-    if processes > 1:
-        env["ACCELERATE_USE_CPU"] = "true"
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            str(script),
-            *args,
-        ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
 
 @pytest.mark.multiprocess
 def test_two_processes_whiten_and_update_like_one_on_the_same_sequences(task):
@@ -367,10 +274,12 @@ def test_two_processes_whiten_and_update_like_one_on_the_same_sequences(task):
         "logging.progress_bar=false",
         "logging.plots=false",
     )
+    jobs = [{"method": "reinforce", "recorder": "advantages", "args": [*settings, "run_name=two"]}]
+    launched = accelerate_launch(LAUNCHED_PG, json.dumps(jobs), root=task["root"])
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    launched_pg.train("reinforce", "advantages", [*settings, "run_name=one"])
     advantages, metrics, weights = {}, {}, {}
-    for name, processes in (("one", 1), ("two", 2)):
-        done = _launch(task["root"], processes, "reinforce", *settings, f"run_name={name}")
-        assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("one", "two"):
         run = task["root"] / name
         advantages[name] = {}
         for path in sorted(run.glob("advantages-*.json")):
