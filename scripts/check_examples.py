@@ -87,9 +87,9 @@ def prepare(workdir: Path) -> None:
     for checkpoint, args in WARMUPS:
         if not (workdir / checkpoint).is_dir():
             name = Path(checkpoint).parts[1]
-            _alignkit(
-                ["train", *args, "logging.progress_bar=false"], workdir, workdir / f"{name}.log"
-            )
+            # overwrite: a warm-up of the same name with other settings (an older example's)
+            args = [*args, "overwrite=true", "logging.progress_bar=false"]
+            _alignkit(["train", *args], workdir, workdir / f"{name}.log")
 
 
 def _evaluations(metrics_file: Path) -> list[dict[str, Any]]:
@@ -141,14 +141,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of README.md: one line per example and seed."""
     lines = [
         "| example | seed | iterations | held-out greedy reward | held-out accuracy | "
-        "learns | time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "learns | time (s) | held-out cost, violations |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         (r0, r1), (a0, a1) = r["reward"], r["accuracy"]
+        safety = ""
+        if "cost" in r:  # Safe-PPO: the constraint it trades reward for
+            (c0, c1), (v0, v1) = r["cost"], r["violation_rate"]
+            safety = f"{c0:.3f} -> {c1:.3f}, {v0:.0%} -> {v1:.0%}"
         lines.append(
             f"| `{r['example']}.yaml` | {r['seed']} | {r['iterations']} | {r0:.3f} -> {r1:.3f} | "
-            f"{a0:.0%} -> {a1:.0%} | {'yes' if r['learns'] else '**no**'} | {r['seconds']:.0f} |"
+            f"{a0:.0%} -> {a1:.0%} | {'yes' if r['learns'] else '**no**'} | {r['seconds']:.0f} | "
+            f"{safety} |"
         )
     return "\n".join(lines)
 
