@@ -192,8 +192,10 @@ def run(
     per_annotator: int,
     kill_after: float | None = None,
     budget: float = 300.0,
+    kill_at_label: int | None = None,
 ) -> Result:
-    """Run the annotators against ``server``; with ``kill_after``, SIGKILL and restart it once."""
+    """Run the annotators against ``server``; SIGKILL and restart it once, ``kill_after`` seconds
+    into the load or once ``kill_at_label`` labels are acknowledged (mid-load on any machine)."""
     result = Result()
     deadline = time.monotonic() + budget
     threads = [
@@ -205,6 +207,10 @@ def run(
         thread.start()
     if kill_after is not None:
         time.sleep(kill_after)
+    if kill_at_label is not None:
+        while len(result.acked) < kill_at_label and any(t.is_alive() for t in threads):
+            time.sleep(0.005)
+    if kill_after is not None or kill_at_label is not None:
         server.kill()
         server.start()
     for thread in threads:

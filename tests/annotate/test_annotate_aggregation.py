@@ -71,9 +71,11 @@ def test_estimates_recover_each_annotators_accuracy() -> None:
 
 def _beta_cdf_half(a: int, b: int) -> float:
     """P(X < 1/2) for X ~ Beta(a, b), by numerical integration of the density."""
-    x = np.linspace(0.0, 1.0, 400_001)
+    # 40k intervals: the trapezoid rule is within 1e-9 of the exact tail on these polynomials,
+    # far inside the 1e-6 kept clear of the threshold below (400k points took seconds)
+    x = np.linspace(0.0, 1.0, 40_001)
     density = x ** (a - 1) * (1 - x) ** (b - 1)
-    return float(np.trapezoid(density[:200_001], x[:200_001]) / np.trapezoid(density, x))
+    return float(np.trapezoid(density[:20_001], x[:20_001]) / np.trapezoid(density, x))
 
 
 def test_below_chance_is_the_beta_posterior_tail() -> None:

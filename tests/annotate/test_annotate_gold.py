@@ -23,6 +23,7 @@ agreement with the others (test_annotate_aggregation.py: the cheater who knows t
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import random
 import re
@@ -32,8 +33,8 @@ import uuid
 from collections import Counter, defaultdict
 from typing import Any
 
+import httpx
 import numpy as np
-from fastapi.testclient import TestClient
 
 from alignkit.annotate.assign import AssignConfig
 from alignkit.annotate.db import open_database
@@ -118,8 +119,11 @@ def _round(url: str) -> tuple[Any, list[str]]:
                 new.append(NewResponse(prompt.id, _response(topic, rng), f"m{j % 2}", settings, j))
         add_responses(session, new)
     assert make_gold(db, 24, seed=3) == 24
-    report = create_tasks(db, annotators_per_task=2, max_pairs_per_prompt=6, mix={"random": 1.0})
-    assert report.gold >= 40
+    # 3 pairs a prompt (every response in one at least): 432 claims, 78 of them gold. The null's
+    # spread follows the prompts (the claims of one prompt move together) more than the claims:
+    # 6 pairs a prompt (672 claims, 1.5 times the requests) narrowed its sd from 0.042 to 0.036
+    report = create_tasks(db, annotators_per_task=2, max_pairs_per_prompt=3, mix={"random": 1.0})
+    assert report.gold >= 35
     tokens = [add_annotator(db, f"ann{i}") for i in range(6)]
     return db, tokens
 
@@ -154,67 +158,73 @@ def _sentences(text: str) -> set[str]:
     return {s.strip().lower() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()}
 
 
-def _play(db: Any, tokens: list[str]) -> list[dict[str, Any]]:
-    """The annotators take turns until nothing is left; one observation per claim."""
-    client = TestClient(
-        create_app(
-            db,
-            ServerConfig(
-                assign=AssignConfig(min_agreement=0.0), seed=1, rate_per_second=1e4, rate_burst=1e4
-            ),
-        )
+async def _play(db: Any, tokens: list[str]) -> list[dict[str, Any]]:
+    """The annotators take turns until nothing is left; one observation per claim. (The requests
+    go to the app in this event loop: a TestClient spent more time handing each one to its own
+    loop's thread than the app spent answering it.)"""
+    app = create_app(
+        db,
+        ServerConfig(
+            assign=AssignConfig(min_agreement=0.0), seed=1, rate_per_second=1e4, rate_burst=1e4
+        ),
     )
     rng = random.Random(11)
     seen: list[dict[str, Any]] = []
     previous: dict[int, dict[str, float]] = {}
     open_ = set(range(len(tokens)))
     step = 0
-    while open_:
-        for i in sorted(open_):
-            auth = {"Authorization": f"Bearer {tokens[i]}"}
-            start = time.perf_counter()
-            reply = client.post("/api/next", headers=auth, json={})
-            next_seconds = time.perf_counter() - start
-            body = reply.json()
-            if body["task"] is None:
-                open_.discard(i)
-                continue
-            task = body["task"]
-            start = time.perf_counter()
-            label = client.post(
-                f"/api/assignments/{task['assignment_id']}/label",
-                headers=auth,
-                json={
-                    "idempotency_key": uuid.uuid4().hex,
-                    "choice": rng.choice(["left", "right"]),
-                    "confidence": 3,
-                }
-                | (
-                    {"safer": "same", "left_safe": True, "right_safe": True}
-                    if task["ask_safety"]
-                    else {}
-                ),
-            )
-            label_seconds = time.perf_counter() - start
-            me = client.get("/api/me", headers=auth).json()
-            fields = {f"next.{k}": v for k, v in _flatten(body).items()}
-            fields |= {f"label.{k}": v for k, v in _flatten(label.json()).items()}
-            fields |= {f"me.{k}": v for k, v in _flatten(me).items()}
-            moved = {f"{k}.delta": v - previous.get(i, {}).get(k, v) for k, v in fields.items()}
-            previous[i] = fields
-            seen.append(
-                {
-                    "annotator": i,
-                    "assignment_id": task["assignment_id"],
-                    "prompt": _prompt_text(task["prompt"]),
-                    "left": task["left"],
-                    "right": task["right"],
-                    "fields": fields
-                    | moved
-                    | {"time.next": next_seconds, "time.label": label_seconds, "order.step": step},
-                }
-            )
-            step += 1
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gold.test") as client:
+        while open_:
+            for i in sorted(open_):
+                auth = {"Authorization": f"Bearer {tokens[i]}"}
+                start = time.perf_counter()
+                reply = await client.post("/api/next", headers=auth, json={})
+                next_seconds = time.perf_counter() - start
+                body = reply.json()
+                if body["task"] is None:
+                    open_.discard(i)
+                    continue
+                task = body["task"]
+                start = time.perf_counter()
+                label = await client.post(
+                    f"/api/assignments/{task['assignment_id']}/label",
+                    headers=auth,
+                    json={
+                        "idempotency_key": uuid.uuid4().hex,
+                        "choice": rng.choice(["left", "right"]),
+                        "confidence": 3,
+                    }
+                    | (
+                        {"safer": "same", "left_safe": True, "right_safe": True}
+                        if task["ask_safety"]
+                        else {}
+                    ),
+                )
+                label_seconds = time.perf_counter() - start
+                me = (await client.get("/api/me", headers=auth)).json()
+                fields = {f"next.{k}": v for k, v in _flatten(body).items()}
+                fields |= {f"label.{k}": v for k, v in _flatten(label.json()).items()}
+                fields |= {f"me.{k}": v for k, v in _flatten(me).items()}
+                moved = {f"{k}.delta": v - previous.get(i, {}).get(k, v) for k, v in fields.items()}
+                previous[i] = fields
+                seen.append(
+                    {
+                        "annotator": i,
+                        "assignment_id": task["assignment_id"],
+                        "prompt": _prompt_text(task["prompt"]),
+                        "left": task["left"],
+                        "right": task["right"],
+                        "fields": fields
+                        | moved
+                        | {
+                            "time.next": next_seconds,
+                            "time.label": label_seconds,
+                            "order.step": step,
+                        },
+                    }
+                )
+                step += 1
     return seen
 
 
@@ -283,46 +293,48 @@ RELATIONAL = {
 }
 
 
-def _auc(gold: np.ndarray, real: np.ndarray) -> float:
-    """P(a gold score > a real score) + 1/2 P(equal): the Mann-Whitney AUC."""
-    both = np.concatenate([gold, real])
-    ranks = np.empty(len(both))
-    ordered = np.argsort(both, kind="mergesort")
-    values = both[ordered]
-    i = 0
-    while i < len(values):  # average ranks over ties
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[i]:
-            j += 1
-        ranks[ordered[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[: len(gold)].sum() - len(gold) * (len(gold) + 1) / 2
-    return float(u / (len(gold) * len(real)))
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """The ranks 1..n of each column of ``values`` (n rows), ties given their average rank."""
+    ranks = np.empty(values.shape)
+    for j in range(values.shape[1]):
+        order = np.argsort(values[:, j], kind="mergesort")
+        _, first, count = np.unique(values[order, j], return_index=True, return_counts=True)
+        ranks[order, j] = np.repeat(first + (count + 1) / 2, count)
+    return ranks
+
+
+def _aucs(ranks: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """P(a gold score > a real score) + 1/2 P(equal), the Mann-Whitney AUC, of every column of
+    ``ranks`` (`_ranks` of the scores) for every labelling in the rows of ``gold`` (bool,
+    labellings x scores): the rank sum of the gold scores, less its least value, over the pairs.
+    The ranks do not depend on the labelling, so one matrix product scores all of them."""
+    n_gold = gold.sum(1, keepdims=True)
+    u = gold.astype(float) @ ranks - n_gold * (n_gold + 1) / 2
+    return u / (n_gold * (gold.shape[1] - n_gold))
+
+
+def _auc(scores: np.ndarray, gold: np.ndarray) -> float:
+    return float(_aucs(_ranks(scores[:, None]), gold[None])[0, 0])
 
 
 def _null(
     seen: list[dict[str, Any]], pairs: dict[int, tuple[int, int, int]], targets: int, rounds: int
-) -> list[np.ndarray]:
+) -> np.ndarray:
     """Gold labels drawn as the design draws them, from prompts that carry no gold: ``targets``
-    random prompts, in each one random response as the donor."""
+    random prompts, in each one random response as the donor (a row per round)."""
     rng = np.random.default_rng(0)
     by_prompt: dict[int, set[int]] = defaultdict(set)
     for prompt, a, b in pairs.values():
         by_prompt[prompt] |= {a, b}
     prompts = sorted(by_prompt)
+    side_a = np.array([pairs[o["assignment_id"]][1] for o in seen])
+    side_b = np.array([pairs[o["assignment_id"]][2] for o in seen])
     drawn = []
     for _ in range(rounds):
         chosen = rng.choice(prompts, size=targets, replace=False)
-        donors = {int(rng.choice(sorted(by_prompt[p]))) for p in chosen}
-        drawn.append(
-            np.array(
-                [
-                    bool({pairs[o["assignment_id"]][1], pairs[o["assignment_id"]][2]} & donors)
-                    for o in seen
-                ]
-            )
-        )
-    return drawn
+        donors = [int(rng.choice(sorted(by_prompt[p]))) for p in chosen]
+        drawn.append(np.isin(side_a, donors) | np.isin(side_b, donors))
+    return np.array(drawn)
 
 
 def _within(observed: float, null: list[float]) -> bool:
@@ -336,12 +348,12 @@ def _detector_auc(matrix: np.ndarray, label: np.ndarray, train: np.ndarray) -> f
     z = (matrix - mean) / std
     direction = z[train & label].mean(0) - z[train & ~label].mean(0)
     scores = z @ direction
-    return _auc(scores[~train & label], scores[~train & ~label])
+    return _auc(scores[~train], label[~train])
 
 
 def test_a_client_watching_the_api_cannot_tell_gold_from_real(tmp_path) -> None:
     db, tokens = _round(f"sqlite:///{tmp_path / 'gold.db'}")
-    seen = _play(db, tokens)
+    seen = asyncio.run(_play(db, tokens))
     with db.read() as session:
         rows = (
             session.query(
@@ -355,7 +367,7 @@ def test_a_client_watching_the_api_cannot_tell_gold_from_real(tmp_path) -> None:
     targets = len({r[1] for r in rows if r[4]})
     _content_features(seen)
     is_gold = np.array([obs["assignment_id"] in gold_assignments for obs in seen])
-    assert is_gold.sum() >= 120 and (~is_gold).sum() >= 400, (is_gold.sum(), (~is_gold).sum())
+    assert is_gold.sum() >= 70 and (~is_gold).sum() >= 300, (is_gold.sum(), (~is_gold).sum())
     names = sorted({k for obs in seen for k in obs["fields"]})
     assert {"next.progress.available", "next.progress.available.delta", "next.task.left"} <= set(
         names
@@ -365,16 +377,18 @@ def test_a_client_watching_the_api_cannot_tell_gold_from_real(tmp_path) -> None:
     real = [obs for obs in seen if obs["assignment_id"] in pairs]
     real_matrix = matrix[~is_gold]
     nulls = _null(real, pairs, targets, rounds=300)
+    observed = _aucs(_ranks(matrix), is_gold[None])[0]
+    usable = nulls[(nulls.sum(1) > 0) & (nulls.sum(1) < nulls.shape[1])]
+    null_aucs = _aucs(_ranks(real_matrix), usable)  # rounds x features
     telling, relational = {}, {}
     for j, name in enumerate(names):
-        observed = _auc(matrix[is_gold, j], matrix[~is_gold, j])
         if name in RELATIONAL:
-            relational[name] = round(observed, 3)
+            relational[name] = round(float(observed[j]), 3)
             continue
-        null = [_auc(real_matrix[g, j], real_matrix[~g, j]) for g in nulls if 0 < g.sum() < len(g)]
-        if not _within(observed, null):
+        null = null_aucs[:, j].tolist()
+        if not _within(float(observed[j]), null):
             telling[name] = (
-                round(observed, 3),
+                round(float(observed[j]), 3),
                 round(statistics.fmean(null), 3),
                 round(statistics.pstdev(null), 3),
             )

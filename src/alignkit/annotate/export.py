@@ -25,7 +25,6 @@ from alignkit.annotate.db import Database
 from alignkit.annotate.limits import check_number
 from alignkit.annotate.quality import Collected, QualityConfig, TaskResult, aggregate, collect
 from alignkit.annotate.schema import Prompt, Response
-from alignkit.config import atomic_write_text
 
 __all__ = ["ExportReport", "export_rows", "write_export"]
 
@@ -161,6 +160,10 @@ def export_rows(
 
 def write_export(db: Database, out: str | Path, **options: Any) -> ExportReport:
     """Write the export as JSONL, atomically (readers see the old file or the whole new one)."""
+    # imported here: alignkit.tracking imports torch, which `annotate serve` never needs (its
+    # start took seconds longer with it)
+    from alignkit.config import atomic_write_text
+
     rows, report = export_rows(db, **options)
     atomic_write_text(Path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return report
