@@ -40,8 +40,16 @@ def _root(
     """alignkit: align language models with feedback."""
 
 
+_registered = False
+
+
 def _register_commands() -> None:
     # Imported here so `alignkit --help` stays fast and each command module owns its options.
+    # Once per process: every registration adds the commands again (tests call main() often).
+    global _registered
+    if _registered:
+        return
+    _registered = True
     from alignkit.cli import (
         annotate,
         checks,
