@@ -249,4 +249,5 @@ def test_two_trainer_processes_share_one_server(warm):
     assert all(r["rollout/sync_probe_max_abs"] < 1e-4 for r in records)
     assert all(r["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-4) for r in records)
     samples = (warm["root"] / "two" / "samples" / "iteration-000001.jsonl").read_text()
-    assert len(samples.splitlines()) == 32  # the main process' half: 4 prompts x 8 samples
+    # Both processes' rows, gathered (8 prompts x 8 samples): each half came from the server.
+    assert len(samples.splitlines()) == 64
