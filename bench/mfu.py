@@ -50,53 +50,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignkit.runloop import flops as _flops
 
-def training_flops(
-    non_embedding_params: int,
-    tokens: int,
-    *,
-    hidden_size: int = 0,
-    vocab_size: int = 0,
-    scored_rows: int = 0,
-) -> float:
-    """Model FLOPs of training on ``tokens`` tokens, LM head on ``scored_rows`` of them.
-
-    ``6 * N * tokens + 6 * hidden_size * vocab_size * scored_rows`` (module docstring: 2 FLOPs per
-    weight per token forward, 4 backward). ``non_embedding_params`` excludes the input
-    embedding and the LM head (see :func:`non_embedding_parameters`).
-    """
-    return 6.0 * non_embedding_params * tokens + 6.0 * hidden_size * vocab_size * scored_rows
-
-
-def non_embedding_parameters(model: Any) -> int:
-    """Parameters of ``model`` except its input embedding and LM head (tied or not).
-
-    Works for a Hugging Face causal LM and for alignkit's ``RewardModel`` (its backbone's input
-    embedding is excluded; the scalar heads stay in, they are tiny).
-    """
-    excluded: set[int] = set()
-    for module in _embedding_modules(model):
-        excluded.update(id(p) for p in module.parameters())
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in seen or id(p) in excluded:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
-
-
-def _embedding_modules(model: Any) -> list[Any]:
-    modules = []
-    for owner in (model, getattr(model, "backbone", None)):
-        if owner is None:
-            continue
-        for getter in ("get_input_embeddings", "get_output_embeddings"):
-            module = getattr(owner, getter, lambda: None)()
-            if module is not None:
-                modules.append(module)
-    return modules
+# The one model-FLOPs count (alignkit.runloop.flops, also behind metrics.jsonl's mfu); re-exported
+# for the bench workers that import it from here.
+training_flops = _flops.training_flops
+non_embedding_parameters = _flops.non_embedding_parameters
 
 
 def model_shapes(config: Any) -> dict[str, int]:
