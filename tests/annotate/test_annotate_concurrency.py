@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 
 from annotate_helpers import annotators, seed_round
@@ -16,6 +17,35 @@ from alignkit.annotate.db import open_database
 from alignkit.annotate.schema import Annotation, Assignment, Task
 
 CONFIG = AssignConfig(min_agreement=0.0)
+
+
+def test_a_claim_waits_for_a_held_task_instead_of_reporting_nothing_left(db) -> None:
+    """Another transaction holds the only open task (a concurrent claim or submit): the claim
+    must wait for it, not tell the annotator that nothing is left (on PostgreSQL a claim that
+    only skipped locked rows did, and a worker stopped with a task one label short)."""
+    seed_round(db, n_prompts=1, annotators_per_task=1)
+    annotators(db, 1)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with db.write() as session:
+            session.scalars(select(Task.id).with_for_update()).all()
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    claimed: list = []
+    claimer = threading.Thread(
+        target=lambda: claimed.append(claim(db, 1, CONFIG, random.Random(0)))
+    )
+    claimer.start()
+    time.sleep(0.3)
+    release.set()
+    claimer.join(10)
+    holder.join(10)
+    assert len(claimed) == 1 and claimed[0] is not None
 
 
 def test_racing_claims_never_over_assign(db) -> None:

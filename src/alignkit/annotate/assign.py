@@ -133,9 +133,15 @@ def _candidate(session: Session, annotator_id: int, postgres: bool) -> int | Non
         .order_by(Task.assigned.desc(), Task.id)
         .limit(1)
     )
-    if postgres:
-        query = query.with_for_update(skip_locked=True, of=Task)
-    return session.scalar(query)
+    if not postgres:
+        return session.scalar(query)
+    # Skip rows other transactions hold (a claim or a submit of the same task) to spread
+    # annotators; when every open task is held, wait for one instead: skipping then would
+    # tell the annotator that nothing is left while the task still needs them.
+    task_id = session.scalar(query.with_for_update(skip_locked=True, of=Task))
+    if task_id is None:
+        task_id = session.scalar(query.with_for_update(of=Task))
+    return task_id
 
 
 def claim(
