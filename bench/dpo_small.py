@@ -158,8 +158,13 @@ def main(args: Any) -> int:
         inputs = write_small_inputs(scratch, args.steps * args.batch_pairs, args.seed)
         shares = token_shares(inputs, args)
         shapes = model_shapes_of(inputs["model_dir"])
-        rate = machine_matmul_rate(threads, shapes["hidden_size"], shapes["intermediate_size"])
-        print(f"fp32 matmul rate at {threads} thread(s): {rate['flops_per_s'] / 1e9:.1f} GFLOP/s")
+        rate = machine_matmul_rate(
+            threads, shapes["hidden_size"], shapes["intermediate_size"], dtype=args.precision
+        )
+        print(
+            f"{args.precision} matmul rate at {threads} thread(s): "
+            f"{rate['flops_per_s'] / 1e9:.1f} GFLOP/s"
+        )
 
         def run_one(setting: str) -> dict[str, Any]:
             run = run_dpo_worker(setting, threads, inputs, args, scratch)
@@ -193,15 +198,16 @@ def main(args: Any) -> int:
         "benchmark": "dpo-small",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "python bench/compare_trl.py dpo-small --repeats "
-        f"{args.repeats} --steps {args.steps} --warmup-steps {args.warmup_steps}"
-        + (" --trl-malloc" if args.trl_malloc else ""),
+        f"{args.repeats} --steps {args.steps} --warmup-steps {args.warmup_steps} "
+        f"--precision {args.precision}" + (" --trl-malloc" if args.trl_malloc else ""),
         "runtime_s": time.perf_counter() - started,
         "machine": machine(args.thread_counts),
         "loadavg_start": load_start,
         "loadavg_end": list(os.getloadavg()),
         "matmul_rate": rate,
         "setup": {
-            "model": f"{SMALL_MODEL} (alignkit models fetch), fp32",
+            "model": f"{SMALL_MODEL} (alignkit models fetch), fp32 weights",
+            "precision": args.precision,
             "data": inputs["data_source"],
             "pairs": args.steps * args.batch_pairs,
             "pairs_per_step": args.batch_pairs,
@@ -209,12 +215,13 @@ def main(args: Any) -> int:
             **{k: round(v, 4) for k, v in shares.items()},
             "loss": f"sigmoid DPO, beta {args.beta}",
             "lr": args.lr,
-            "trl": "DPOTrainer, precompute_ref_log_probs=True, bf16 off, no checkpointing"
+            "trl": "DPOTrainer, precompute_ref_log_probs=True, "
+            f"bf16={args.precision == 'bf16'}, no checkpointing"
             + (f"; {TRL_MALLOC}: the same with {TRL_MALLOC_ENV}" if args.trl_malloc else ""),
             "model_shapes": shapes,
             "mfu": "bench/mfu.py: (6 x non-embedding params x real tokens of the window's chosen "
             "and rejected rows + 6 x d x V x their response share of them) / window time, over "
-            "the fp32 matmul rate",
+            f"the {args.precision} matmul rate",
             "timed_window": f"end of step {args.warmup_steps} to end of step {args.steps}",
             "repeats": args.repeats,
             "order": "the settings alternate in fresh processes, the order rotating every repeat",

@@ -107,6 +107,7 @@ def run_dpo_worker(
         "model-dir": inputs["model_dir"],
         "data": inputs["data"],
         "seed": args.seed,
+        "precision": args.precision,
         "lr": args.lr,
         "beta": args.beta,
         "batch-pairs": args.batch_pairs,
@@ -264,7 +265,8 @@ def main(args: argparse.Namespace) -> int:
         "loadavg_start": load_start,
         "loadavg_end": list(os.getloadavg()),
         "setup": {
-            "model": f"tiny preset, {inputs['parameters']} parameters, fp32, seed {args.seed}",
+            "model": f"tiny preset, {inputs['parameters']} parameters, seed {args.seed}",
+            "precision": args.precision,
             "data": inputs["data_source"],
             "pairs": args.pairs,
             "pairs_per_step": args.batch_pairs,

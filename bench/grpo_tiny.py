@@ -50,6 +50,7 @@ def run_one(framework: str, inputs: dict[str, Any], args: Any, scratch: Path) ->
         "model-dir": inputs["model_dir"],
         "prompts": inputs["prompts"],
         "seed": args.seed,
+        "precision": args.precision,
         "steps": args.steps,
         "prompts-per-step": args.prompts_per_step,
         "generations": args.generations,
@@ -116,7 +117,8 @@ def main(args: Any) -> int:
         "benchmark": "grpo-tiny",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "setup": {
-            "model": f"tiny preset, random weights (seed {args.seed}), fp32",
+            "model": f"tiny preset, random weights (seed {args.seed})",
+            "precision": args.precision,
             "prompts_per_step": args.prompts_per_step,
             "completions_per_prompt": args.generations,
             "max_new_tokens": args.max_new_tokens,

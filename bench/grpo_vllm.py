@@ -50,6 +50,7 @@ def run_one(setting: str, inputs: dict[str, Any], args: Any, scratch: Path) -> d
         "model-dir": inputs["model_dir"],
         "prompts": inputs["prompts"],
         "seed": args.seed,
+        "precision": args.precision,
         "steps": args.steps,
         "prompts-per-step": args.prompts_per_step,
         "generations": args.generations,
@@ -109,7 +110,8 @@ def main(args: Any) -> int:
         "benchmark": "grpo-vllm",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "setup": {
-            "model": f"{MODEL}, fp32 (vLLM: float32, --enforce-eager, 1 GiB KV cache)",
+            "model": f"{MODEL} (vLLM: float32, --enforce-eager, 1 GiB KV cache)",
+            "precision": f"training {args.precision}",
             "prompts_per_step": args.prompts_per_step,
             "completions_per_prompt": args.generations,
             "max_new_tokens": args.max_new_tokens,

@@ -1,5 +1,6 @@
 """Model-FLOPs utilisation (MFU): the model FLOPs a training run achieves per second, as a share
-of this machine's dense fp32 matmul rate at the same thread count.
+of this machine's dense matmul rate in the run's precision (fp32, or bf16 for a run under bf16
+autocast) at the same thread count.
 
 Model FLOPs of one optimizer step (forward + backward), the convention of Kaplan et al. 2020
 (arXiv:2001.08361, section 2.1) and of PaLM's MFU (Chowdhery et al. 2022, arXiv:2204.02311,
@@ -29,14 +30,16 @@ appendix B)::
 
 The machine's rate is measured, not taken from a datasheet: a loop of ``torch.mm`` at the
 model's own matmul shapes (``tokens x d @ d x d``, ``tokens x d @ d x ff``, ``tokens x ff @ ff
-x d``), fp32, in a fresh process with the benchmark's thread count. Each shape is timed
+x d``), in the run's precision (float32 or bfloat16 operands: on a CPU with AMX or AVX-512
+BF16 the bf16 rate is ~3x the fp32 one, so a bf16 run is judged against the bf16 peak), in a
+fresh process with the benchmark's thread count. Each shape is timed
 ``repeats`` times; the rate of each shape is its best repeat (the least disturbed by
 neighbours), the machine rate is the FLOP-weighted mean over the shapes (total FLOPs / total
 best times). Both wall time and process CPU time are measured; MFU uses wall time, the CPU
 variant (model FLOPs per CPU-second / matmul FLOPs per CPU-second) is less sensitive to a busy
 machine.
 
-    python bench/mfu.py --threads 1 --hidden 576 --intermediate 1536 --tokens 512
+    python bench/mfu.py --threads 1 --hidden 576 --intermediate 1536 --tokens 512 [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -67,11 +70,22 @@ def model_shapes(config: Any) -> dict[str, int]:
     }
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
 def measure_matmul_rate(
-    hidden: int, intermediate: int, tokens: int = 512, repeats: int = 7, repeat_s: float = 0.1
+    hidden: int,
+    intermediate: int,
+    tokens: int = 512,
+    repeats: int = 7,
+    repeat_s: float = 0.1,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
-    """fp32 ``torch.mm`` FLOPs/s at the model's shapes in this process (see module docstring)."""
+    """``torch.mm`` FLOPs/s in ``dtype`` (``fp32`` or ``bf16``) at the model's shapes in this
+    process (see module docstring)."""
     import torch
+
+    torch_dtype = getattr(torch, DTYPES[dtype])
 
     generator = torch.Generator().manual_seed(0)
     shapes = [
@@ -82,9 +96,9 @@ def measure_matmul_rate(
     per_shape = []
     total_flops = total_wall = total_cpu = 0.0
     for m, k, n in shapes:
-        a = torch.randn(m, k, generator=generator)
-        b = torch.randn(k, n, generator=generator)
-        out = torch.empty(m, n)
+        a = torch.randn(m, k, generator=generator).to(torch_dtype)
+        b = torch.randn(k, n, generator=generator).to(torch_dtype)
+        out = torch.empty(m, n, dtype=torch_dtype)
         torch.mm(a, b, out=out)  # warm-up: first-call allocation and kernel selection
         flops = 2.0 * m * k * n
         calls = 1
@@ -114,7 +128,8 @@ def measure_matmul_rate(
         "flops_per_cpu_s": total_flops / total_cpu,
         "threads": torch.get_num_threads(),
         "shapes": per_shape,
-        "dtype": "float32",
+        "dtype": DTYPES[dtype],
+        "precision": dtype,
         "repeats": repeats,
     }
 
@@ -125,8 +140,10 @@ def machine_matmul_rate(
     intermediate: int,
     tokens: int = 512,
     env: dict[str, str] | None = None,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
-    """:func:`measure_matmul_rate` in a fresh process with ``threads`` torch threads."""
+    """:func:`measure_matmul_rate` in ``dtype`` in a fresh process with ``threads`` torch
+    threads."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -134,6 +151,7 @@ def machine_matmul_rate(
         f"--hidden={hidden}",
         f"--intermediate={intermediate}",
         f"--tokens={tokens}",
+        f"--dtype={dtype}",
     ]
     env = dict(env if env is not None else os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -157,17 +175,20 @@ def utilisation(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="fp32 matmul FLOPs/s at a model's shapes")
+    parser = argparse.ArgumentParser(description="matmul FLOPs/s at a model's shapes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--hidden", type=int, required=True)
     parser.add_argument("--intermediate", type=int, required=True)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    rate = measure_matmul_rate(args.hidden, args.intermediate, args.tokens, args.repeats)
+    rate = measure_matmul_rate(
+        args.hidden, args.intermediate, args.tokens, args.repeats, dtype=args.dtype
+    )
     print(json.dumps(rate))
 
 

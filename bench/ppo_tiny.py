@@ -128,6 +128,7 @@ def run_one(
         "reward-hf-dir": inputs["reward_hf_dir"],
         "prompts": inputs["prompts"][framework],
         "seed": args.seed,
+        "precision": args.precision,
         "steps": args.steps,
         "rollout": rollout,
         "minibatches": MINIBATCHES,
@@ -207,7 +208,8 @@ def main(args: Any) -> int:
         "trl_version": runs[[r["framework"] for r in runs].index("trl")]["trl_version"],
         "trl_version_note": "TRL 1.16.0 has no PPO (removed in 1.13.0); 1.12.0 is the last with it",
         "setup": {
-            "model": f"tiny preset, random weights (seed {args.seed}), fp32",
+            "model": f"tiny preset, random weights (seed {args.seed})",
+            "precision": args.precision,
             "reward_model": f"tiny backbone + linear head, random (seed {args.seed + 1}), "
             "identical weights in both formats",
             "critic": "initialised from the reward model in both",

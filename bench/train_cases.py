@@ -5,8 +5,9 @@
 
 Each case alternates fresh worker processes (bench/_sft_worker.py, bench/_rm_worker.py) of its
 settings, rotating the order every repeat, on the same saved initial weights, the same rows and
-the same token ids (TRL is given the ids and labels alignkit's tokeniser made of the rows), fp32,
-one torch thread, TRL's bf16 and gradient checkpointing off, logging every 10 steps, no saving.
+the same token ids (TRL is given the ids and labels alignkit's tokeniser made of the rows), fp32
+(or with ``--precision bf16`` bf16 autocast over fp32 weights in both: TRL ``bf16=True``), one
+torch thread, gradient checkpointing off, logging every 10 steps, no saving.
 The first ``warmup_steps`` optimizer steps are outside the timed window.
 
 - ``*-tiny``: the ``tiny`` preset (random weights, seed 0), the synthetic task's rows.
@@ -17,7 +18,8 @@ The first ``warmup_steps`` optimizer steps are outside the timed window.
 Reported per setting: median [min-max] examples (SFT) or pairs (RM) per second and per CPU
 second, tokens/s, s/step, peak RSS, and for the real model the model-FLOPs utilisation
 (bench/mfu.py: 6 x non-embedding parameters x tokens + LM head on the completion tokens, over
-this machine's fp32 matmul rate measured once per run at the same thread count). The ratio is
+this machine's matmul rate in the run's precision, measured once per run at the same thread
+count). The ratio is
 the faster alignkit setting over the faster TRL setting. Results: bench/results/<case>.json.
 """
 
@@ -34,7 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _harness import alternating_runs, machine, medians, print_table, run_worker, write_report
+from _harness import (
+    PRECISIONS,
+    alternating_runs,
+    machine,
+    medians,
+    print_table,
+    run_worker,
+    write_report,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 SMALL_MODEL = "smollm2-135m-instruct"
@@ -175,6 +185,7 @@ def run_one(
         "max-length": case.max_length,
         "max-steps": case.max_steps,
         "warmup-steps": args.warmup_steps,
+        "precision": args.precision,
     }
     if case.kind == "sft":
         options.update(rows=case.batch, batch=inputs["padded_batch"])
@@ -271,7 +282,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of timing")
     parser.add_argument("--max-steps", type=int, default=None, help="default: the case's")
-    parser.add_argument("--out", type=Path, default=None, help="default bench/results/<case>.json")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32, or bf16 autocast over fp32 weights in both (TRL bf16=True)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default bench/results/<case>[-bf16].json"
+    )
     args = parser.parse_args(argv)
     case = CASES[args.benchmark]
     args.setting_list = tuple(args.settings.split(",")) if args.settings else case.settings
@@ -291,7 +310,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error("--max-steps must exceed --warmup-steps")
         case = dataclasses.replace(case, max_steps=args.max_steps)
     args.case = case
-    args.out = args.out or BENCH_DIR / "results" / f"{args.benchmark}.json"
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    args.out = args.out or BENCH_DIR / "results" / f"{args.benchmark}{suffix}.json"
     return args
 
 
@@ -322,9 +342,12 @@ def main(argv: list[str]) -> int:
         from transformers import AutoConfig
 
         shapes = model_shapes(AutoConfig.from_pretrained(inputs["model_dir"]))
-        rate = machine_matmul_rate(args.threads, shapes["hidden_size"], shapes["intermediate_size"])
+        rate = machine_matmul_rate(
+            args.threads, shapes["hidden_size"], shapes["intermediate_size"], dtype=args.precision
+        )
         print(
-            f"fp32 matmul rate at {args.threads} thread(s): {rate['flops_per_s'] / 1e9:.1f} GFLOP/s"
+            f"{args.precision} matmul rate at {args.threads} thread(s): "
+            f"{rate['flops_per_s'] / 1e9:.1f} GFLOP/s"
         )
 
         def measured(setting: str) -> dict[str, Any]:
@@ -358,12 +381,13 @@ def main(argv: list[str]) -> int:
             "optimizer_steps": case.max_steps,
             "timed_window": f"end of step {args.warmup_steps} to end of step {case.max_steps}",
             "lr": f"{case.lr}, linear decay to 0 over the steps, AdamW, grad clip 1.0",
-            "precision": "fp32; TRL bf16=False, gradient_checkpointing=False",
+            "precision": f"{args.precision} (fp32 weights); TRL bf16="
+            f"{args.precision == 'bf16'}, gradient_checkpointing=False",
             "threads": args.threads,
             "repeats": args.repeats,
             "order": "settings alternate in fresh processes, the order rotating every repeat",
             "mfu": "bench/mfu.py: (6 x non-embedding params x tokens + 6 x d x V x completion "
-            "tokens for SFT) / window time, over the fp32 matmul rate",
+            f"tokens for SFT) / window time, over the {args.precision} matmul rate",
         },
         **{k: v for k, v in summary.items() if k != "medians"},
         "medians": summary["medians"],
