@@ -14,6 +14,7 @@ training: greedy answers of the held-out prompts by alignkit's engine, scored by
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -76,12 +77,21 @@ def run_alignkit(args: argparse.Namespace) -> dict:
         ],
     )
     trainer = build_pg_trainer(cfg)
+    cpu_ends: list[float] = []  # process CPU seconds at each iteration's end
+    after_iteration = trainer.after_iteration
+
+    def clocked_after_iteration(metrics: Any) -> Any:
+        cpu_ends.append(time.process_time())
+        return after_iteration(metrics)
+
+    trainer.after_iteration = clocked_after_iteration
     started = time.perf_counter()
     summary = trainer.train()
     train_call = time.perf_counter() - started
     records = [r for r in read_metrics(trainer.run_dir.metrics_path) if "reward/mean" in r]
     return {
         "step_s": [r["timing/iteration"] for r in records],
+        "step_cpu_s": [b - a for a, b in itertools.pairwise(cpu_ends)],
         "generation_s": [r["timing/rollout"] for r in records],
         "scoring_s": [r["timing/reward"] for r in records],
         "experience_s": [r["timing/iteration"] - r["timing/update"] for r in records],
@@ -132,6 +142,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         task_type="CAUSAL_LM",
     )
     times: list[float] = []
+    cpu_ends: list[float] = []  # process CPU seconds at each step's end
     # Seconds per step in TRL's generation (_generate), reward functions (_calculate_rewards) and
     # the whole experience (_generate_and_score_completions: both, plus old log-probs and
     # advantages); the update is the rest of the step.
@@ -164,6 +175,7 @@ def run_trl(args: argparse.Namespace) -> dict:
 
         def on_step_end(self, *_, **__):
             times.append(time.perf_counter() - self.started)
+            cpu_ends.append(time.process_time())
             for stage, seconds in running.items():
                 stages[stage].append(seconds)
 
@@ -182,6 +194,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     logs = [h for h in trainer.state.log_history if "reward" in h]
     return {
         "step_s": times,
+        "step_cpu_s": [b - a for a, b in itertools.pairwise(cpu_ends)],
         "generation_s": stages["generation"],
         "scoring_s": stages["scoring"],
         "experience_s": stages["experience"],

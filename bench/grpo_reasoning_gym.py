@@ -54,6 +54,9 @@ def summarise(run: dict[str, Any], warmup_steps: int) -> dict[str, Any]:
     return {
         **run,
         **{f"{key}_median": statistics.median(run[key][warmup_steps:]) for key in SPLIT},
+        # CPU seconds of steps warmup_steps+1.. (the list starts at step 2): with one thread, the
+        # measure a busy machine disturbs least.
+        "cpu_s_per_step_median": statistics.median(run["step_cpu_s"][max(warmup_steps - 1, 0) :]),
         "s_per_step_mean": statistics.mean(steps),
         "s_per_step_median": statistics.median(steps),
         "reward_by_5_steps": [round(statistics.mean(w), 3) for w in windows],
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             lambda r: (
                 f"{r['framework']:<9} {r['s_per_step_median']:.1f} s/step median (generation "
                 f"{r['generation_s_median']:.1f}, scoring {r['scoring_s_median']:.2f}, update "
-                f"{r['update_s_median']:.1f})  reward by 5 steps {r['reward_by_5_steps']}  "
+                f"{r['update_s_median']:.1f}; CPU {r['cpu_s_per_step_median']:.1f} s/step)  "
+                f"reward by 5 steps {r['reward_by_5_steps']}  "
                 f"held-out after {r['held_out_after']:.3f}  peak RSS {r['peak_rss_mib']:.0f} MiB  "
                 f"load {r['load_1min'][0]:.1f}->{r['load_1min'][1]:.1f}"
             ),

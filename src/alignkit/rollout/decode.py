@@ -16,10 +16,11 @@ logits of the next token of each live row, and ``select(keep)`` to drop finished
   float rounding (tests compare both paths' logits, tokens and log-probs).
 
 :func:`lean_decode_support` decides which path a model can take: the exact transformers class
-(a subclass may override ``forward``), plain ``nn.Linear`` projections and the class's own
-RMSNorm (no peft adapters, no quantised layers), SiLU MLPs, a static RoPE table (``default``,
-``linear``, ``llama3``, ``yarn``), ``sdpa`` or ``eager`` attention, no module hooks, and no
-sliding window shorter than the sequence.
+(a subclass may override ``forward``), plain ``nn.Linear`` projections or peft's vanilla LoRA
+over them (applied as peft's forward applies them, in its order and dtypes, so a LoRA policy
+decodes lean too; no DoRA, no quantised layers), the class's own RMSNorm, SiLU MLPs, a static
+RoPE table (``default``, ``linear``, ``llama3``, ``yarn``), ``sdpa`` or ``eager`` attention, no
+module hooks, and no sliding window shorter than the sequence.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
+
+from alignkit.models.wrappers import innermost_model
 
 __all__ = [
     "DynamicCacheDecoder",
@@ -50,9 +53,39 @@ _LLAMA_LIKE = {
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
+def _lora_reason(layer: nn.Module) -> str | None:
+    """``None`` when ``layer`` is peft's LoRA ``Linear`` over a plain ``nn.Linear`` in a state
+    :func:`_linear` reproduces (vanilla LoRA, dropout idle); else the reason."""
+    cls = type(layer)
+    if (cls.__module__, cls.__name__) != ("peft.tuners.lora.layer", "Linear"):
+        return "a projection that is not a plain nn.Linear (a quantised or custom layer)"
+    if type(layer.base_layer) is not nn.Linear:
+        return "a LoRA adapter over a layer that is not a plain nn.Linear"
+    if layer.disable_adapters or layer.merged:
+        return None  # the forward is the base layer's alone (merged: the delta is in it)
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        if name in getattr(layer, "lora_variant", {}):
+            return f"LoRA adapter {name!r} is a variant (DoRA or another), not vanilla LoRA"
+        dropout = layer.lora_dropout[name]
+        if type(dropout) not in (nn.Dropout, nn.Identity):
+            return f"LoRA adapter {name!r} has a {type(dropout).__name__} on its input"
+        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+            return f"LoRA adapter {name!r} has dropout active (the model is in training mode)"
+        if any(type(m) is not nn.Linear for m in (layer.lora_A[name], layer.lora_B[name])):
+            return f"LoRA adapter {name!r} has A/B modules that are not plain nn.Linear"
+        same = layer.lora_A[name].weight.dtype == layer.base_layer.weight.dtype
+        if not (same or getattr(layer, "cast_input_dtype_enabled", True)):
+            return f"LoRA adapter {name!r} computes in its input's dtype (cast disabled)"
+    return None
+
+
 def lean_decode_support(model: nn.Module, sequence_length: int) -> str | None:
     """``None`` when :class:`StaticCacheDecoder` can decode ``model`` for sequences of up to
-    ``sequence_length`` tokens (prompt and response); otherwise the reason it cannot."""
+    ``sequence_length`` tokens (prompt and response); otherwise the reason it cannot. A peft
+    model is decoded through its base model, its LoRA adapters applied as peft applies them."""
+    model = innermost_model(model)
     cls = type(model)
     if _LLAMA_LIKE.get(cls.__module__) != cls.__name__:
         return f"{cls.__name__} is not one of {sorted(_LLAMA_LIKE.values())}"
@@ -72,8 +105,9 @@ def lean_decode_support(model: nn.Module, sequence_length: int) -> str | None:
         attention, mlp = layer.self_attn, layer.mlp
         projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
         projections += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if any(type(p) is not nn.Linear for p in projections):
-            return "a projection that is not a plain nn.Linear (adapter or quantised layer)"
+        for projection in projections:
+            if type(projection) is not nn.Linear and (why := _lora_reason(projection)):
+                return why
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if any(type(n) is not norm_class for n in norms):
             return "a norm of another class"
@@ -160,17 +194,49 @@ class DynamicCacheDecoder:
         return logits
 
 
+class _Adapter(NamedTuple):
+    """One active LoRA adapter of a projection: ``scaling * B(A(x))`` (B may have a bias), its
+    weights in the dtype its matmuls run in."""
+
+    a: Tensor
+    b: Tensor
+    b_bias: Tensor | None
+    scaling: float
+
+
 class _Linear(NamedTuple):
-    """An ``nn.Linear``'s weight and bias in the decoder's matmul dtype."""
+    """An ``nn.Linear``'s weight and bias in the decoder's matmul dtype, with the active LoRA
+    adapters of a peft ``Linear`` around it (none for a plain one)."""
 
     weight: Tensor
     bias: Tensor | None
+    adapters: tuple[_Adapter, ...] = ()
 
     @classmethod
-    def of(cls, layer: nn.Linear, dtype: torch.dtype) -> _Linear:
+    def of(cls, layer: nn.Module, dtype: torch.dtype) -> _Linear:
         """Cast once per decoder (no copy when the dtype already is ``dtype``)."""
-        bias = None if layer.bias is None else layer.bias.detach().to(dtype)
-        return cls(layer.weight.detach().to(dtype), bias)
+        if type(layer) is nn.Linear:
+            bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+            return cls(layer.weight.detach().to(dtype), bias)
+        base = cls.of(layer.base_layer, dtype)
+        if layer.disable_adapters or layer.merged:
+            return base
+        adapters = []
+        for name in layer.active_adapters:
+            if name not in layer.lora_A:
+                continue
+            a, b = layer.lora_A[name], layer.lora_B[name]
+            lora_dtype = matmul_dtype(a.weight)  # peft casts the input to A's dtype
+            b_bias = None if b.bias is None else b.bias.detach().to(lora_dtype)
+            adapters.append(
+                _Adapter(
+                    a.weight.detach().to(lora_dtype),
+                    b.weight.detach().to(lora_dtype),
+                    b_bias,
+                    layer.scaling[name],
+                )
+            )
+        return base._replace(adapters=tuple(adapters))
 
 
 @dataclass
@@ -187,8 +253,17 @@ class _Layer:
 
 
 def _linear(x: Tensor, layer: _Linear) -> Tensor:
-    """``x W^T + b`` in the weights' dtype (the input is cast to it, as autocast would)."""
-    return F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
+    """``x W^T + b`` in the weights' dtype (the input is cast to it, as autocast would), plus
+    each active LoRA adapter's ``scaling * B(A(x))`` in the order and dtypes of peft's
+    ``lora.Linear.forward`` (the sum is cast back to the base output's dtype)."""
+    out = F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
+    if not layer.adapters:
+        return out
+    result_dtype = out.dtype
+    for adapter in layer.adapters:
+        inner = F.linear(x.to(adapter.a.dtype), adapter.a)
+        out = out + F.linear(inner, adapter.b, adapter.b_bias) * adapter.scaling
+    return out.to(result_dtype)
 
 
 def matmul_dtype(weight: Tensor) -> torch.dtype:
@@ -234,6 +309,7 @@ class StaticCacheDecoder:
         repeats: int,
         new_slots: int,
     ) -> None:
+        model = innermost_model(model)
         config = model.config
         inner = model.model
         self.embed, self.final_norm = inner.embed_tokens, inner.norm
