@@ -25,21 +25,22 @@ TESTS = Path(__file__).resolve().parent
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on now (for the launcher's rendezvous)."""
+    """A TCP port nobody listens on now (a launcher's rendezvous, a server a test starts, or an
+    address where nothing answers)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def accelerate_launch(
-    script: Path,
-    *args: str,
+    *target: str | Path,
     root: Path,
     processes: int = 2,
     sharding: Sequence[str] = ("--multi_gpu",),
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
-    """``accelerate launch <sharding> --num_processes <processes> script *args`` on CPU.
+    """``accelerate launch <sharding> --num_processes <processes> *target`` on CPU: ``target``
+    is a script and its arguments, or ``"-m", "alignkit", "train", ...``.
 
     `root` holds the launcher's HF_HOME, so no user accelerate config applies. `sharding` is
     ``--multi_gpu`` for DDP: ``accelerate launch --cpu --num_processes 2`` starts one process
@@ -61,8 +62,7 @@ def accelerate_launch(
         "no",
         "--main_process_port",
         str(free_port()),
-        str(script),
-        *args,
+        *map(str, target),
     ]
     environment = {
         **os.environ,

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from alignkit import quickstart
-from alignkit.quickstart import StageSettings, run_quickstart
+from alignkit.config import load_config
+from alignkit.pipeline import TOOLS
+from alignkit.pipeline.spec import resolve
+from alignkit.quickstart import StageSettings, quickstart_pipeline, run_quickstart
+from alignkit.trainers.registry import get_method
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -52,24 +57,35 @@ def test_quickstart_runs_three_stages_and_writes_its_report(tmp_path, monkeypatc
     assert "digit sorting" in report
 
 
-def test_chat_prompt_files_keep_every_row_and_wrap_only_the_prompt(tmp_path):
-    from alignkit.data.synthetic import SyntheticTask
-
-    files = SyntheticTask(seed=0).write(tmp_path)
-    chat = quickstart._with_chat_prompts(files)
-
-    assert sorted(chat) == sorted(f"{k}_{s}" for k in ("sft", "preference", "safety")
-                                  for s in ("train", "heldout"))  # fmt: skip
-    for key, path in chat.items():
-        assert path.name == "chat_" + files[key].name
-        plain = [json.loads(line) for line in files[key].read_text().splitlines()]
-        wrapped = [json.loads(line) for line in path.read_text().splitlines()]
-        assert len(wrapped) == len(plain) > 0
-        for before, after in zip(plain, wrapped, strict=True):
-            assert after["prompt"] == [{"role": "user", "content": before["prompt"]}]
-            assert {k: v for k, v in after.items() if k != "prompt"} == {
-                k: v for k, v in before.items() if k != "prompt"
-            }
+@pytest.mark.parametrize("model", ["tiny", SMOLLM2])
+def test_every_stage_of_the_quickstart_pipeline_loads_on_the_files_its_data_stage_writes(
+    model, tmp_path
+):
+    spec = quickstart_pipeline(tmp_path / "qs", model=model, seed=3)
+    data = spec.stages[0]
+    assert data.tool == "data-synthetic" and spec.root == tmp_path / "qs"
+    TOOLS["data-synthetic"](data.args, tmp_path / "qs" / "data")
+    artifacts = {s.name: {"model": f"runs/{s.name}/model"} for s in spec.stages}
+    trained = [s for s in spec.stages if s.method is not None]
+    judges = [s.args for s in spec.stages if s.tool == "eval-task"]
+    assert [j["model"] for j in judges] == [
+        model, *(f"${{stages.{s}.model}}" for s in ("sft", "dpo", "safe-dpo"))
+    ]  # fmt: skip
+    preset = quickstart.PRESETS["tiny" if model == "tiny" else "pretrained"]
+    for judge in judges:  # one user message (chat template) and 48 prompts for a real model
+        assert judge["chat"] == (model != "tiny") and judge["seed"] == 3
+        assert judge["max_prompts"] == preset.judged_prompts
+    for stage in trained:
+        chosen = get_method(stage.method)
+        overrides = [*chosen.defaults, *resolve(list(stage.overrides), artifacts, stage.name)]
+        cfg = load_config(chosen.load()[0], None, overrides)
+        assert cfg.seed == 3
+        for path in (cfg.data.train_file, cfg.data.eval_file):
+            assert path is None or Path(path).is_file(), (stage.name, path)
+        chat = Path(cfg.data.train_file).name.startswith("chat_")
+        assert chat == (model != "tiny" and stage.name != "sft_sort"), stage.name
+    expected = ["sft", "dpo", "safe-dpo"] + (["sft_sort", "grpo"] if model == "tiny" else [])
+    assert [s.name for s in trained] == expected
 
 
 @pytest.mark.slow

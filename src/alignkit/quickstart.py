@@ -3,34 +3,28 @@ then online RL: GRPO on a verifiable task (digit sorting) from a short SFT warm-
 
 It shows the whole pipeline on a laptop CPU in a few minutes and answers two questions with
 numbers: does Safe-DPO make the policy safer without making it useless, and does GRPO raise a
-verifiable reward? Each stage is an ordinary run directory (config, metrics, checkpoints,
-plots) that `alignkit train` would write.
+verifiable reward? It is a pipeline of `alignkit.pipeline` (`quickstart_pipeline`: the data,
+the training stages, and after each an ``eval-task`` stage that judges its model's greedy
+answers to held-out prompts), run from scratch each time; the tables are read from the stages'
+records. Each training stage is an ordinary run directory (config, metrics, checkpoints, plots)
+that `alignkit train` would write.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import random
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from alignkit.config import atomic_write_text, load_config
-from alignkit.data.synthetic import SPLITS, SyntheticTask
-from alignkit.eval import evaluate_synthetic_task
-from alignkit.models import load_policy
-from alignkit.rollout import SamplingConfig
-from alignkit.rollout.generate import PromptText
-from alignkit.tracking import read_metrics
-from alignkit.trainers.dpo import DPOConfig, build_dpo_trainer
-from alignkit.trainers.safe_dpo import SafeDPOConfig, build_safe_dpo_trainer
-from alignkit.trainers.sft import SFTConfig, build_sft_trainer
+from alignkit.config import atomic_write_text
+from alignkit.pipeline import PipelineSpec, Stage, StageRecord, run_pipeline
+from alignkit.tracking import RunDir, read_metrics
 
 
 @dataclass(frozen=True)
@@ -128,110 +122,6 @@ class StageResult:
     examples: list[tuple[str, str]] = field(default_factory=list)
 
 
-def run_quickstart(
-    out_dir: str | Path = "runs/quickstart",
-    model: str = "tiny",
-    seed: int = 0,
-    console: Console | None = None,
-) -> list[StageResult]:
-    """Run the three stages and return what the table shows."""
-    console = console or Console()
-    out = Path(out_dir)
-    preset = PRESETS["tiny" if model == "tiny" else "pretrained"]
-    task = SyntheticTask(seed=seed)
-    files = task.write(out / "data")
-    prompts: list[PromptText] = list(task.prompts("heldout"))
-    if preset.judged_prompts is not None and preset.judged_prompts < len(prompts):
-        chosen = sorted(random.Random(seed).sample(range(len(prompts)), preset.judged_prompts))
-        prompts = [prompts[i] for i in chosen]
-    if preset.chat_prompts:
-        files |= _with_chat_prompts(files)
-        prompts = [_user_message(p) for p in prompts]
-    common = [
-        f"output_dir={out}",
-        f"seed={seed}",
-        "overwrite=true",
-        "logging.every=4",  # dense enough for the plots and the lambda summary
-        f"data.max_length={preset.max_length}",
-    ]
-    results: list[StageResult] = []
-
-    console.rule("[bold]1/3 SFT")
-    started = time.perf_counter()
-    sft_cfg = load_config(
-        SFTConfig,
-        None,
-        [
-            *common,
-            "run_name=sft",
-            f"model.name={model}",
-            f"data.train_file={files['sft_train']}",
-            f"data.eval_file={files['sft_heldout']}",
-            *preset.sft,
-        ],
-    )
-    sft = build_sft_trainer(sft_cfg)
-    base_policy, tokenizer = load_policy(model, seed=seed)
-    base = _judge("untrained", None, base_policy, tokenizer, prompts)
-    summary = sft.train()
-    sft_model = Path(summary["last_checkpoint"]) / "model"
-    result = _judge("SFT", sft_cfg.run_dir, sft.unwrapped_model, tokenizer, prompts)
-    result.preference_accuracy = 0.5  # the SFT model is the reference: every margin is 0
-    result.seconds = time.perf_counter() - started
-    results += [base, result]
-
-    for title, config_class, builder, stage_overrides, data in (
-        (
-            "2/3 DPO (helpfulness preferences)",
-            DPOConfig,
-            build_dpo_trainer,
-            preset.dpo,
-            "preference",
-        ),
-        (
-            "3/3 Safe-DPO (helpfulness + safety, Lagrange multiplier)",
-            SafeDPOConfig,
-            build_safe_dpo_trainer,
-            preset.safe_dpo,
-            "safety",
-        ),
-    ):
-        console.rule(f"[bold]{title}")
-        started = time.perf_counter()
-        name = "dpo" if config_class is DPOConfig else "safe-dpo"
-        cfg = load_config(
-            config_class,
-            None,
-            [
-                *common,
-                f"run_name={name}",
-                f"model.name={sft_model}",
-                f"data.train_file={files[data + '_train']}",
-                f"data.eval_file={files[data + '_heldout']}",
-                *stage_overrides,
-            ],
-        )
-        trainer = builder(cfg)
-        summary = trainer.train()
-        label = "DPO" if name == "dpo" else "Safe-DPO"
-        result = _judge(label, cfg.run_dir, trainer.unwrapped_model, tokenizer, prompts)
-        result.preference_accuracy = summary["eval"].get("eval/rewards/accuracies")
-        if name == "safe-dpo":
-            result.lambda_trajectory = _lambda_trajectory(cfg.run_dir, cfg.lambda_.init)
-        result.seconds = time.perf_counter() - started
-        results.append(result)
-
-    online: list[OnlineResult] = []
-    if model == "tiny":
-        online = _online_stage(console, out, seed, preset)
-    _print_report(console, results, out)
-    if online:
-        _print_online_report(console, online)
-    report = [_as_json(r) for r in results] + [dataclasses.asdict(r) for r in online]
-    atomic_write_text(out / "quickstart.json", json.dumps(report, indent=2, default=str))
-    return results
-
-
 @dataclass
 class OnlineResult:
     """One row of the online table: greedy reward and accuracy on held-out sorting prompts."""
@@ -243,61 +133,149 @@ class OnlineResult:
     seconds: float
 
 
-def _online_stage(
-    console: Console, out: Path, seed: int, preset: StageSettings
-) -> list[OnlineResult]:
-    """SFT warm-up on the digit-sorting task, then GRPO from it (tiny preset only)."""
-    from alignkit.data.synthetic import write_verifiable_tasks
-    from alignkit.trainers.pg import build_pg_trainer
-    from alignkit.trainers.registry import get_method
-    from alignkit.trainers.rl_config import PGConfig
+#: The judged models in table order: the row's name and the stage that trained the model.
+JUDGED = (("untrained", None), ("SFT", "sft"), ("DPO", "dpo"), ("Safe-DPO", "safe-dpo"))
 
-    console.rule("[bold]4/4 GRPO on a verifiable task (digit sorting) from an SFT warm-up")
-    started = time.perf_counter()
-    files = write_verifiable_tasks(out / "data", seed=seed)
-    common = [f"output_dir={out}", f"seed={seed}", "overwrite=true"]
-    warmup = load_config(
-        SFTConfig,
-        None,
-        [
-            *common,
-            "run_name=sft_sort",
+
+def quickstart_pipeline(
+    out_dir: str | Path = "runs/quickstart", model: str = "tiny", seed: int = 0
+) -> PipelineSpec:
+    """The quickstart's stages (pipeline directory ``out_dir``): the bundled data; SFT from
+    ``model``, then DPO and Safe-DPO from the SFT model, with a judge (``judge_<stage>``) of the
+    untrained model and after each training stage; then, for the tiny preset, the sorting
+    task's SFT warm-up and GRPO from it (which evaluates its own model before and after)."""
+    out = Path(out_dir)
+    preset = PRESETS["tiny" if model == "tiny" else "pretrained"]
+    data = out / "data"
+    chat = "chat_" if preset.chat_prompts else ""
+    judge = {"seed": seed, "max_prompts": preset.judged_prompts, "chat": preset.chat_prompts}
+    # logging every 4 steps: dense enough for the plots and the lambda summary
+    common = (f"seed={seed}", "logging.every=4", f"data.max_length={preset.max_length}")
+
+    def trained(name: str, start: str, kind: str, overrides: tuple[str, ...]) -> list[Stage]:
+        files = (
+            f"data.train_file={data / f'{chat}{kind}_train.jsonl'}",
+            f"data.eval_file={data / f'{chat}{kind}_heldout.jsonl'}",
+        )
+        return [
+            Stage(
+                name, method=name, overrides=(*common, f"model.name={start}", *files, *overrides)
+            ),
+            Stage(f"judge_{name}", tool="eval-task", args={**judge, "model": _model(name)}),
+        ]
+
+    written = {"out": str(data), "seed": seed, "chat": preset.chat_prompts}
+    stages = [
+        Stage("data", tool="data-synthetic", args=written),
+        Stage("judge_untrained", tool="eval-task", args={**judge, "model": model}),
+        *trained("sft", model, "sft", preset.sft),
+        *trained("dpo", _model("sft"), "preference", preset.dpo),
+        *trained("safe-dpo", _model("sft"), "safety", preset.safe_dpo),
+    ]
+    if model == "tiny":
+        warmup = (
+            f"seed={seed}",
             "model.name=tiny",
-            f"data.train_file={files['sort_sft']}",
+            f"data.train_file={data / 'sort_sft.jsonl'}",
             "data.max_length=32",
             "logging.every=19",
             *preset.sort_warmup,
-        ],
-    )
-    warm_model = Path(build_sft_trainer(warmup).train()["last_checkpoint"]) / "model"
-    warm_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    cfg = load_config(
-        PGConfig,
-        None,
-        [
-            *get_method("grpo").defaults,
-            *common,
-            "run_name=grpo",
-            f"model.name={warm_model}",
-            f"data.train_file={files['sort_prompts']}",
-            f"data.eval_file={files['sort_heldout']}",
+        )
+        grpo = (
+            f"seed={seed}",
+            f"model.name={_model('sft_sort')}",
+            f"data.train_file={data / 'sort_prompts.jsonl'}",
+            f"data.eval_file={data / 'sort_heldout.jsonl'}",
             "data.max_prompt_length=32",
             "rewards=[{function: sort_match}]",
             "logging.every=10",
             *preset.grpo,
-        ],
-    )
-    summary = build_pg_trainer(cfg).train()
-    before, after = summary["initial_eval"], summary["eval"]
+        )
+        stages += [
+            Stage("sft_sort", method="sft", overrides=warmup),
+            Stage("grpo", method="grpo", overrides=grpo),
+        ]
+    return PipelineSpec(out.name, out.parent, tuple(stages), source="alignkit quickstart")
+
+
+def run_quickstart(
+    out_dir: str | Path = "runs/quickstart",
+    model: str = "tiny",
+    seed: int = 0,
+    console: Console | None = None,
+) -> list[StageResult]:
+    """Run the quickstart's pipeline and return what the table shows."""
+    console = console or Console()
+    out = Path(out_dir)
+    spec = quickstart_pipeline(out, model, seed)
+    about = "SFT; DPO (helpfulness preferences) and Safe-DPO (helpfulness + safety, Lagrange "
+    about += "multiplier) from the SFT model; each model judged on held-out prompts"
+    if model == "tiny":
+        about += "; then GRPO on a verifiable task (digit sorting) from an SFT warm-up"
+    console.print(about, markup=False)
+    # From the first stage: every stage runs afresh, as a quickstart should (by default the
+    # runner skips what an earlier run of the same stages completed).
+    ran = run_pipeline(spec, from_stage=spec.stages[0].name, console=console)
+    records = {r.name: r for r in ran}
+    results = [_judged(name, stage, records) for name, stage in JUDGED]
+    online = _online(records) if "grpo" in records else []
+    _print_report(console, results, out)
+    if online:
+        _print_online_report(console, online)
+    report = [_as_json(r) for r in results] + [dataclasses.asdict(r) for r in online]
+    atomic_write_text(out / "quickstart.json", json.dumps(report, indent=2, default=str))
+    return results
+
+
+def _model(stage: str) -> str:
+    return f"${{stages.{stage}.model}}"
+
+
+def _judged(name: str, stage: str | None, records: dict[str, StageRecord]) -> StageResult:
+    """A table row: the judge's metrics and first answers, and what its model's stage did."""
+    judge = records[f"judge_{stage or 'untrained'}"]
+    answers = Path(judge.artifacts["run_dir"]) / "generations.jsonl"
+    rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()[:4]]
+    examples = [
+        (r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"], r["response"])
+        for r in rows
+    ]
+    result = StageResult(name, None, judge.artifacts["metrics"], examples=examples)
+    if stage is None:
+        return result
+    trained = records[stage]
+    result.run_dir = Path(trained.artifacts["run_dir"])
+    result.seconds = trained.seconds + judge.seconds
+    if stage == "sft":  # the SFT model is the reference: every margin is 0
+        result.preference_accuracy = 0.5
+        result.seconds += records["judge_untrained"].seconds
+    else:
+        result.preference_accuracy = trained.artifacts["eval"].get("eval/rewards/accuracies")
+    if stage == "safe-dpo":
+        result.lambda_trajectory = _lambda_trajectory(RunDir(result.run_dir))
+    return result
+
+
+def _lambda_trajectory(run: RunDir) -> tuple[float, float, float, float]:
+    init = yaml.safe_load(run.config_path.read_text(encoding="utf-8"))["lambda"]["init"]
+    values = [float(init), *(r["lambda"] for r in read_metrics(run.metrics_path) if "lambda" in r)]
+    return values[0], max(values), min(values), values[-1]
+
+
+def _online(records: dict[str, StageRecord]) -> list[OnlineResult]:
+    """The sorting task's rows: GRPO's evaluation of its starting model (the warm-up's) and of
+    its final one."""
+    warmup, grpo = records["sft_sort"], records["grpo"]
+    run = RunDir(grpo.artifacts["run_dir"])
+    before = json.loads(run.summary_path.read_text(encoding="utf-8"))["initial_eval"]
+    after = grpo.artifacts["eval"]
     return [
         OnlineResult(
-            "SFT warm-up", str(warmup.run_dir), before["eval/reward"],
-            before["eval/accuracy"], warm_seconds,
+            "SFT warm-up", warmup.artifacts["run_dir"], before["eval/reward"],
+            before["eval/accuracy"], warmup.seconds,
         ),
         OnlineResult(
-            "GRPO", str(cfg.run_dir), after["eval/reward"], after["eval/accuracy"],
-            time.perf_counter() - started,
+            "GRPO", str(run.root), after["eval/reward"], after["eval/accuracy"], grpo.seconds
         ),
     ]  # fmt: skip
 
@@ -313,44 +291,6 @@ def _print_online_report(console: Console, results: list[OnlineResult]) -> None:
         "reward: share of digit positions right (sort_match, 1 = sorted); accuracy: share of "
         f"prompts answered exactly. GRPO run: {results[-1].run_dir}"
     )
-
-
-def _user_message(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
-
-
-def _with_chat_prompts(files: dict[str, Path]) -> dict[str, Path]:
-    """Copies (``chat_<name>``) of the SFT and preference files whose prompt is a user message."""
-    chat: dict[str, Path] = {}
-    for kind in ("sft", "preference", "safety"):
-        for split in SPLITS:
-            path = files[f"{kind}_{split}"]
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-            lines = [
-                json.dumps({**row, "prompt": _user_message(row["prompt"])}, ensure_ascii=False)
-                for row in rows
-            ]
-            target = path.with_name(f"chat_{path.name}")
-            atomic_write_text(target, "".join(line + "\n" for line in lines))
-            chat[f"{kind}_{split}"] = target
-    return chat
-
-
-def _judge(
-    name: str, run_dir: Path | None, model: Any, tokenizer: Any, prompts: Sequence[PromptText]
-) -> StageResult:
-    evaluation = evaluate_synthetic_task(
-        model, tokenizer, prompts, SamplingConfig(max_new_tokens=40, temperature=0.0)
-    )
-    texts = [p if isinstance(p, str) else p[-1]["content"] for p in evaluation.prompts]
-    examples = list(zip(texts, evaluation.responses, strict=True))[:4]
-    return StageResult(name, run_dir, evaluation.metrics, examples=examples)
-
-
-def _lambda_trajectory(run_dir: Path, init: float) -> tuple[float, float, float, float]:
-    values = [row["lambda"] for row in read_metrics(run_dir / "metrics.jsonl") if "lambda" in row]
-    values = [init, *values]
-    return values[0], max(values), min(values), values[-1]
 
 
 def _print_report(console: Console, results: list[StageResult], out: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 from alignkit.annotate.db import Database
@@ -60,12 +59,6 @@ def seed_round(
 
 def annotators(db: Database, n: int, prefix: str = "ann") -> list[str]:
     return [add_annotator(db, f"{prefix}{i}") for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def side_for(db: Database, assignment_id: int, want: str) -> str:

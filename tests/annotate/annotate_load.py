@@ -3,8 +3,8 @@ simulated annotators as threads, optional SIGKILL + restart of the server mid-lo
 
 The full-size run whose figures docs/annotate.md reports (20 annotators x 500 submissions)::
 
-    PYTHONPATH=src .venv/bin/python tests/annotate/annotate_load.py --annotators 20 --per-annotator 500
-    PYTHONPATH=src .venv/bin/python tests/annotate/annotate_load.py --kill-after 5   # with a crash
+    PYTHONPATH=src:tests .venv/bin/python tests/annotate/annotate_load.py --annotators 20 --per-annotator 500
+    PYTHONPATH=src:tests .venv/bin/python tests/annotate/annotate_load.py --kill-after 5   # with a crash
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from launch_helpers import free_port
 from sqlalchemy import func, select
 
 from alignkit.annotate.db import open_database
@@ -32,12 +32,6 @@ from alignkit.annotate.schema import Annotation, Prompt, Task
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 _NETWORK = (httpx.TransportError, httpx.RemoteProtocolError)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def seed(url: str, annotators: int, per_annotator: int, per_task: int) -> list[str]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from annotate_helpers import free_port
+from launch_helpers import free_port
 
 from alignkit.annotate.db import Database, open_database
 

@@ -10,7 +10,8 @@ import warnings
 
 import pytest
 from annotate_helpers import SCRIPT, seed_round
-from annotate_load import Server, free_port
+from annotate_load import Server
+from launch_helpers import free_port
 from sqlalchemy import select
 
 from alignkit.annotate.db import open_database

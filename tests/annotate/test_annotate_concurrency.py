@@ -9,7 +9,8 @@ import time
 from collections import Counter
 
 from annotate_helpers import annotators, seed_round
-from annotate_load import Server, free_port, run, seed
+from annotate_load import Server, run, seed
+from launch_helpers import free_port
 from sqlalchemy import func, select
 
 from alignkit.annotate.assign import AssignConfig, Submission, claim, submit

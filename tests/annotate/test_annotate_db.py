@@ -6,7 +6,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from annotate_helpers import DATA, free_port
+from annotate_helpers import DATA
+from launch_helpers import free_port
 from sqlalchemy import inspect, select, text
 
 from alignkit.annotate.db import SCHEMA_VERSION, DatabaseError, open_database

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ensemble_helpers import train_tiny_ensemble
 from fastapi.testclient import TestClient
 
 from alignkit.annotate import pairs
@@ -18,37 +19,9 @@ from alignkit.annotate.ingest import NewResponse, add_annotator, add_responses, 
 from alignkit.annotate.schema import Annotator, Prompt, Task
 from alignkit.annotate.server import ServerConfig, create_app
 from alignkit.cli import main
-from alignkit.data.synthetic import write_task
 from alignkit.models.ensemble import load_reward_source
 from alignkit.ops.evaluation import UNCERTAINTIES, pair_uncertainty
 
-# The tiny rm-ensemble of tests/models/test_ensemble.py (three members), trained for 10 steps
-# instead of 20 and evaluated at the end only: what matters here is that the members agree on
-# some pairs and split on others, which `planted` checks on their own scores.
-CONFIG = """\
-run_name: ens
-output_dir: {out}
-max_steps: 10
-examples_per_device: 8
-model:
-  name: tiny
-data:
-  train_file: {data}/preference_train.jsonl
-  eval_file: {data}/preference_heldout.jsonl
-  max_length: 96
-  max_eval_examples: 64
-optim:
-  lr: 3.0e-3
-eval:
-  every: null
-  examples_per_device: 32
-logging:
-  every: 10
-  progress_bar: false
-  plots: false
-ensemble:
-  members: 3
-"""
 WORDS = ["zorp", "quix", "blarg", "flum", "tesk", "vreen", "ogg", "plim", "snar", "dwex"]
 
 
@@ -58,13 +31,10 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict],
     ranks the same way, and three out-of-distribution pairs the members split their votes on
     (checked here on the members' own scores, so the planting does not rest on luck)."""
     root = tmp_path_factory.mktemp("uncertain")
-    write_task(root / "data", seed=0)
-    config = root / "ens.yaml"
-    config.write_text(CONFIG.format(out=root / "runs", data=root / "data"))
-    with pytest.raises(SystemExit) as info:
-        main(["train", "rm-ensemble", "-c", str(config)])
-    assert info.value.code in (0, None)
-    run = root / "runs" / "ens"
+    # The ensemble of tests/models/test_ensemble.py trained for 10 steps instead of 20 and
+    # evaluated at the end only: what matters here is that the members agree on some pairs and
+    # split on others, which is checked below on their own scores.
+    run = train_tiny_ensemble(root, max_steps=10, eval_every=None)
     ensemble = load_reward_source(run)
     rows, seen = [], set()
     for line in (root / "data" / "preference_heldout.jsonl").read_text().splitlines():

@@ -11,14 +11,11 @@ traceback; DPO under `accelerate launch` with 2 processes x 4 pairs gives the lo
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from launch_helpers import accelerate_launch
 
 from alignkit.cli import main
 from alignkit.config import load_config
@@ -29,7 +26,6 @@ from alignkit.trainers.registry import get_method
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-SRC = ROOT / "src"
 #: Each example and the method that runs it.
 EXAMPLE_METHODS = {
     "sft.yaml": "sft",
@@ -270,12 +266,6 @@ def test_an_unknown_method_exits_2_listing_the_valid_ones(capsys):
 # --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_processes_give_the_one_process_dpo_loss_curve(data, tmp_path):
     train_file = tmp_path / "pairs.jsonl"
@@ -292,38 +282,9 @@ def test_two_processes_give_the_one_process_dpo_loss_curve(data, tmp_path):
         "logging.every=1",
         *QUIET,
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),  # no user accelerate config
-        # `--cpu --num_processes 2` starts one process in accelerate 1.15; torchrun-style
-        # launching with ACCELERATE_USE_CPU gives two processes over gloo.
-        "ACCELERATE_USE_CPU": "true",
-    }
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "alignkit",
-        "train",
-        *common,
-        "run_name=two",
-        "examples_per_device=4",
-    ]
-    two = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    two = accelerate_launch(
+        "-m", "alignkit", "train", *common, "run_name=two", "examples_per_device=4", root=tmp_path
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert train([*common, "run_name=one", "examples_per_device=8"]) == 0
 

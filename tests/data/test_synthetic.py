@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import json
 import re
 
 import pytest
@@ -22,6 +23,7 @@ from alignkit.data.synthetic import (
     is_harmful,
     safety_cost,
     score_responses,
+    write_chat_prompt_copies,
     write_task,
 )
 from alignkit.data.synthetic import builders as builders_module
@@ -283,3 +285,21 @@ def test_tokenizer_from_corpus_covers_every_row(tokenizer):
 def test_docstring_examples_run():
     result = doctest.testmod(builders_module)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_chat_prompt_files_keep_every_row_and_wrap_only_the_prompt(tmp_path):
+    files = SyntheticTask(seed=0).write(tmp_path)
+    chat = write_chat_prompt_copies(files)
+
+    assert sorted(chat) == sorted(f"{k}_{s}" for k in ("sft", "preference", "safety")
+                                  for s in ("train", "heldout"))  # fmt: skip
+    for key, path in chat.items():
+        assert path.name == "chat_" + files[key].name
+        plain = [json.loads(line) for line in files[key].read_text().splitlines()]
+        wrapped = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(wrapped) == len(plain) > 0
+        for before, after in zip(plain, wrapped, strict=True):
+            assert after["prompt"] == [{"role": "user", "content": before["prompt"]}]
+            assert {k: v for k, v in after.items() if k != "prompt"} == {
+                k: v for k, v in before.items() if k != "prompt"
+            }

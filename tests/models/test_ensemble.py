@@ -8,49 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from ensemble_helpers import train_tiny_ensemble
 
 from alignkit.cli import main
 from alignkit.data.select import select_uncertain
-from alignkit.data.synthetic import write_task
 from alignkit.models.ensemble import fit_stacking, load_reward_source
 from alignkit.ops.stats import pairwise_accuracy
-
-CONFIG = """\
-run_name: ens
-output_dir: {out}
-max_steps: 20
-examples_per_device: 8
-model:
-  name: tiny
-data:
-  train_file: {data}/preference_train.jsonl
-  eval_file: {data}/preference_heldout.jsonl
-  max_length: 96
-  max_eval_examples: 64
-optim:
-  lr: 3.0e-3
-eval:
-  every: 10
-  examples_per_device: 32
-logging:
-  every: 10
-  progress_bar: false
-  plots: false
-ensemble:
-  members: 3
-"""
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ensemble")
-    write_task(root / "data", seed=0)
-    config = root / "ens.yaml"
-    config.write_text(CONFIG.format(out=root / "runs", data=root / "data"))
-    with pytest.raises(SystemExit) as info:
-        main(["train", "rm-ensemble", "-c", str(config)])
-    assert info.value.code in (0, None)
-    return root / "runs" / "ens", root / "data"
+    return train_tiny_ensemble(root, max_steps=20, eval_every=10), root / "data"
 
 
 def _heldout(data: Path, n: int = 64) -> list[dict]:

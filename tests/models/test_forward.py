@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
@@ -188,18 +186,6 @@ def test_lm_head_runs_on_the_scored_rows_only() -> None:
     batch = _right_padded_batch()
     # Row 0 scores 6 tokens, row 1 scores 2, row 2 scores 2: 10 logit rows, not 3 x 10.
     assert _logit_rows_seen(model, model.lm_head, batch) == [torch.Size([10, VOCAB])]
-
-
-@pytest.fixture
-def single_process_group(tmp_path: Path) -> Iterator[None]:
-    assert not dist.is_initialized(), "a process group leaked from another test"
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.usefixtures("single_process_group")

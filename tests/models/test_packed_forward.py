@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from llama_helpers import build_llama
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -116,19 +117,7 @@ def _logps_entropy_grads(model: nn.Module, batch, packed: bool, temperature: flo
 
 def _tiny_gqa_llama() -> nn.Module:
     """The tiny preset's shape with grouped-query attention (4 query heads, 2 key/value heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return build_llama(64, num_attention_heads=4, num_key_value_heads=2)
 
 
 def _tiny_gpt2() -> nn.Module:

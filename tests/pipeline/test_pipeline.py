@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 import yaml
 
 from alignkit.cli import main
-from alignkit.pipeline import PipelineError, load_pipeline, run_pipeline
+from alignkit.data.synthetic import SyntheticTask
+from alignkit.pipeline import TOOLS, PipelineError, load_pipeline, run_pipeline
 from alignkit.tracking import latest_checkpoint, read_metrics
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -166,3 +168,18 @@ def test_a_killed_stage_resumes_from_its_last_checkpoint(tmp_path: Path) -> None
     steps = [r["step"] for r in read_metrics(sft_dir / "metrics.jsonl") if "loss" in r]
     assert steps[-1] == 6 * 14
     assert int(cut.name.split("-")[1]) < 6 * 14
+
+
+def test_the_task_tools_can_give_prompts_as_one_user_message(tmp_path: Path) -> None:
+    plain = TOOLS["data-synthetic"]({"out": str(tmp_path / "plain")}, tmp_path / "d1")
+    chat = TOOLS["data-synthetic"]({"out": str(tmp_path / "chat"), "chat": True}, tmp_path / "d2")
+    assert chat["files"] == plain["files"] + 6  # sft, preference, safety x train, held-out
+    assert (tmp_path / "chat" / "chat_safety_heldout.jsonl").is_file()
+    args = {"model": "tiny", "seed": 1, "max_prompts": 3, "max_new_tokens": 4, "chat": True}
+    metrics = TOOLS["eval-task"](args, tmp_path / "judge")
+    rows = [json.loads(line) for line in (tmp_path / "judge" / "generations.jsonl").open()]
+    assert metrics["n_benign"] + metrics["n_harmful"] == len(rows) == 3
+    held_out = SyntheticTask(seed=1).prompts("heldout")
+    for row in rows:
+        assert [m["role"] for m in row["prompt"]] == ["user"]
+        assert row["prompt"][0]["content"] in held_out

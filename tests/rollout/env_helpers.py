@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from llama_helpers import build_llama
+from transformers import AutoTokenizer
 
 from alignkit.rollout import Experience, Prompt, SamplingConfig
 from alignkit.rollout.engine import assemble_experience, pad_prompts
@@ -24,26 +25,22 @@ def chat_tokenizer(name: str):
 def turn_ending_llama(tokenizer, seed: int = 0, eos_bias: float = 3.0, hidden: int = 32):
     """A one-layer Llama over the tokenizer's vocabulary whose LM head has a bias that makes EOS
     likely (turns of a few tokens), seeded; a real model for the engine and the trainer."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    model = build_llama(
+        len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
         num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
         max_position_embeddings=4096,
+        seed=seed,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        head = torch.nn.Linear(hidden, len(tokenizer), bias=True)
-        head.weight.data.copy_(model.lm_head.weight.data)
-        head.bias.data.zero_()
-        head.bias.data[tokenizer.eos_token_id] = eos_bias
-        model.lm_head = head
+    # skip_init: the head's weights are copied in, so it draws nothing from the random state.
+    head = torch.nn.utils.skip_init(torch.nn.Linear, hidden, len(tokenizer), bias=True)
+    head.weight.data.copy_(model.lm_head.weight.data)
+    head.bias.data.zero_()
+    head.bias.data[tokenizer.eos_token_id] = eos_bias
+    model.lm_head = head
     return model.eval()
 
 

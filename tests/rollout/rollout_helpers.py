@@ -1,10 +1,11 @@
-"""Shared by the rollout tests: a tiny-vocabulary Llama built from a config, a tokenizer stub for
-it, and Pearson's chi-square p-value."""
+"""Shared by the rollout tests: a tiny-vocabulary Llama (`llama_helpers.build_llama`), a tokenizer
+stub for it, and Pearson's chi-square p-value."""
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from llama_helpers import build_llama
+from transformers import LlamaForCausalLM
 
 PAD, EOS = 0, 1
 
@@ -32,22 +33,16 @@ class TinyVocabTokenizer:
 def tiny_llama(vocab: int, seed: int, hidden: int, scale: float) -> LlamaForCausalLM:
     """A one-layer Llama with ``vocab`` tokens, seeded, its LM head scaled by ``scale`` (larger
     logits than the default init: a distribution far from uniform), in eval mode."""
-    config = LlamaConfig(
-        vocab_size=vocab,
+    model = build_llama(
+        vocab,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
         num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        seed=seed,
         pad_token_id=PAD,
         eos_token_id=EOS,
         bos_token_id=2,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        model.lm_head.weight.data.mul_(scale)
+    model.lm_head.weight.data.mul_(scale)
     return model.eval()
 
 

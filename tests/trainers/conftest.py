@@ -18,6 +18,7 @@ import torch
 from online_helpers import SORT_SFT_RECIPE
 from torch.utils.data import DataLoader
 
+import alignkit.trainers.dpo as dpo_module
 from alignkit.config import load_config
 from alignkit.data.synthetic import SyntheticTask, write_task, write_verifiable_tasks
 from alignkit.eval import evaluate_synthetic_task
@@ -91,6 +92,21 @@ def head_of(
         return made[kind, rows]
 
     return head
+
+
+@pytest.fixture
+def reference_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the per-example passes of DPO's reference (one per dataset: train, eval): the
+    size of each dataset passed, in order."""
+    calls: list[int] = []
+    original = dpo_module.gather_per_example
+
+    def counting(trainer, dataset, compute, width):
+        calls.append(len(dataset))
+        return original(trainer, dataset, compute, width)
+
+    monkeypatch.setattr(dpo_module, "gather_per_example", counting)
+    return calls
 
 
 @dataclass(frozen=True)

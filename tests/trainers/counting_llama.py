@@ -1,27 +1,23 @@
-"""A tiny Llama (vocabulary 64, 2 layers, built from a config) and the counting task it learns
+"""A tiny Llama (vocabulary 64, 2 layers, `llama_helpers.build_llama`) and the counting task it learns
 in a few steps: what the loop, optimizer and FSDP tests train, in the test's process or in
 launched ones."""
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from llama_helpers import build_llama
+from transformers import LlamaForCausalLM
 
 
 def tiny_llama(*, tie_word_embeddings: bool = True) -> LlamaForCausalLM:
     """The same weights on every call (seeded with 0)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+    return build_llama(
+        64,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=32,
         tie_word_embeddings=tie_word_embeddings,
     )
-    return LlamaForCausalLM(config)
 
 
 def counting_sequences(n: int = 48, length: int = 12) -> list[dict[str, torch.Tensor]]:

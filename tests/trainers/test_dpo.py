@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import alignkit.trainers.dpo as dpo_module
 from alignkit.config import load_config
 from alignkit.errors import ConfigError
 from alignkit.models import load_policy
@@ -53,20 +52,6 @@ class EvaluatedAtStart(DPOTrainer):
         self.model.eval()
         self.at_start = self.evaluate()
         self.model.train()
-
-
-@pytest.fixture
-def reference_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the per-example passes of DPO's reference (one per dataset: train, eval)."""
-    calls: list[int] = []
-    original = dpo_module.gather_per_example
-
-    def counting(trainer, dataset, compute, width):
-        calls.append(len(dataset))
-        return original(trainer, dataset, compute, width)
-
-    monkeypatch.setattr(dpo_module, "gather_per_example", counting)
-    return calls
 
 
 def dpo_config(run_settings, tmp_path: Path, name: str, model: Path, *overrides: str) -> DPOConfig:

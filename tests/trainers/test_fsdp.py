@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import launched_fsdp
 import pytest
 import torch
-import torch.distributed as dist
 from accelerate.utils import DistributedType
 from counting_llama import counting_sequences, probe_ids, tiny_llama
 from launch_helpers import accelerate_launch
@@ -132,17 +131,6 @@ def _trained_steps(model, optimizer, rows, steps: int = 2) -> None:
         optimizer.zero_grad()
 
 
-@pytest.fixture
-def one_process_group(tmp_path):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _through_a_file(state: dict, tmp_path: Path) -> dict:
     """`state` as a resume reads it: no tensor shared with the optimizer it came from."""
     torch.save(state, tmp_path / "state.pt")
@@ -170,7 +158,7 @@ def _fully_shard(model):
     return model
 
 
-def test_fsdp_optimizer_and_weights_round_trip_in_one_process(one_process_group, tmp_path):
+def test_fsdp_optimizer_and_weights_round_trip_in_one_process(single_process_group, tmp_path):
     model, rows = _tiny_llama()
     _fully_shard(model)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
@@ -207,7 +195,7 @@ def test_fsdp_optimizer_and_weights_round_trip_in_one_process(one_process_group,
 
 
 def test_a_reward_model_saved_under_fsdp_loads_plainly_and_back_into_shards(
-    one_process_group, tmp_path
+    single_process_group, tmp_path
 ):
     """A RewardModel is saved as backbone + heads files: from the gathered weights too."""
     from alignkit.models import load_reward_model

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from llama_helpers import build_llama
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from alignkit.config import load_config
 from alignkit.models.forward import token_logprobs
@@ -64,19 +65,12 @@ class Locked(Environment):
 
 
 def tiny_model(tokenizer) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+    return build_llama(
+        len(tokenizer),
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
 
 
 def warm_up(model, rollout: EnvironmentRollout, steps: int = 40) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import accelerate_launch
 from metric_helpers import is_clock_metric
 from online_helpers import REWARD_RISE, mean_of, rl_config, train
 
@@ -305,14 +306,6 @@ def test_progress_shows_the_iteration_and_the_prompt_epoch(sort_task, capsys):
 def test_the_samples_table_gathers_every_processes_rows(sort_task, tmp_path):
     """`accelerate launch` with 2 processes: the table holds all 64 sequences (rank 0's 32
     only, before)."""
-    from test_pg import _free_port  # the pg tests' launch helper
-
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{Path(__file__).resolve().parents[2] / 'src'}",
-        "OMP_NUM_THREADS": "1",
-        "ACCELERATE_USE_CPU": "true",
-    }
     settings = [
         f"output_dir={tmp_path}",
         "run_name=two",
@@ -328,13 +321,7 @@ def test_the_samples_table_gathers_every_processes_rows(sort_task, tmp_path):
         "logging.progress_bar=false",
         "logging.plots=false",
     ]
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "alignkit", "train", "grpo", *settings,
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = accelerate_launch("-m", "alignkit", "train", "grpo", *settings, root=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [
         json.loads(line)

@@ -16,7 +16,6 @@ import launched_pg
 import pytest
 import torch
 from launch_helpers import accelerate_launch
-from launch_helpers import free_port as _free_port  # noqa: F401 (test_online.py imports it)
 from torch import nn
 
 from alignkit.config import load_config

@@ -15,26 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import alignkit.trainers.dpo as dpo_module
 from alignkit.config import load_config
 from alignkit.models import load_policy
 from alignkit.models.forward import response_logps
 from alignkit.tracking import read_metrics
 from alignkit.trainers.common import split_pairs
 from alignkit.trainers.dpo import REFERENCE_CACHE, DPOConfig, build_dpo_trainer
-
-
-@pytest.fixture
-def reference_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    original = dpo_module.gather_per_example
-
-    def counting(trainer, dataset, compute, width):
-        calls.append(len(dataset))
-        return original(trainer, dataset, compute, width)
-
-    monkeypatch.setattr(dpo_module, "gather_per_example", counting)
-    return calls
 
 
 def config(run_settings, tmp_path: Path, model: Path | str, data: Path, *overrides: str):

@@ -49,33 +49,45 @@ def _take(args: dict[str, Any], tool: str, allowed: dict[str, Any]) -> dict[str,
 
 @register_tool("data-synthetic", key_metric="files")
 def write_synthetic_data(args: dict[str, Any], stage_dir: Path) -> dict[str, float]:
-    """Write the bundled tasks (``alignkit data synthetic``) into ``out`` (default: data)."""
-    from alignkit.data.synthetic import write_task, write_verifiable_tasks
+    """Write the bundled tasks (``alignkit data synthetic``) into ``out`` (default: data); with
+    ``chat``, also copies of the SFT and preference files whose prompt is one user message
+    (``chat_<name>``, for an instruct model's chat template)."""
+    from alignkit.data.synthetic import write_chat_prompt_copies, write_task, write_verifiable_tasks
 
-    a = _take(args, "data-synthetic", {"out": "data", "seed": 0})
+    a = _take(args, "data-synthetic", {"out": "data", "seed": 0, "chat": False})
     out, seed = Path(a["out"]), int(a["seed"])
-    return {
-        "files": float(len(write_task(out, seed=seed) | write_verifiable_tasks(out, seed=seed)))
-    }
+    files = write_task(out, seed=seed)
+    chat = write_chat_prompt_copies(files) if a["chat"] else {}
+    return {"files": float(len(files) + len(chat) + len(write_verifiable_tasks(out, seed=seed)))}
 
 
 @register_tool("eval-task", key_metric="helpfulness")
 def evaluate_on_synthetic_task(args: dict[str, Any], stage_dir: Path) -> dict[str, float]:
     """Judge greedy answers of ``model`` to held-out prompts of the bundled task: helpfulness,
-    cost and unsafe rate (the quickstart's table); the answers go to ``stage_dir``."""
+    cost and unsafe rate (the quickstart's table); the answers go to ``stage_dir``.
+
+    ``seed`` is the task's (which prompts are held out), that of the ``max_prompts`` judged
+    (a random subset) and that of the ``tiny`` preset's weights; ``chat`` gives each prompt as
+    one user message, rendered with the model's chat template."""
     from alignkit.data.synthetic import SyntheticTask
     from alignkit.eval import evaluate_synthetic_task
     from alignkit.models import load_policy
     from alignkit.rollout import SamplingConfig
+    from alignkit.rollout.generate import PromptText
 
     a = _take(
-        args, "eval-task", {"model": ..., "seed": 0, "max_prompts": None, "max_new_tokens": 40}
+        args,
+        "eval-task",
+        {"model": ..., "seed": 0, "max_prompts": None, "max_new_tokens": 40, "chat": False},
     )
-    prompts = SyntheticTask(seed=int(a["seed"])).prompts("heldout")
+    seed = int(a["seed"])
+    prompts: list[PromptText] = list(SyntheticTask(seed=seed).prompts("heldout"))
     if a["max_prompts"] is not None and int(a["max_prompts"]) < len(prompts):
-        keep = sorted(random.Random(0).sample(range(len(prompts)), int(a["max_prompts"])))
+        keep = sorted(random.Random(seed).sample(range(len(prompts)), int(a["max_prompts"])))
         prompts = [prompts[i] for i in keep]
-    model, tokenizer = load_policy(str(a["model"]))
+    if a["chat"]:
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
+    model, tokenizer = load_policy(str(a["model"]), seed=seed)
     result = evaluate_synthetic_task(
         model,
         tokenizer,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import urllib.error
 import urllib.request
 
 import pytest
+from launch_helpers import free_port
 
 from alignkit.errors import ConfigError
 from alignkit.models import load_policy
@@ -200,9 +200,7 @@ def test_timeout_and_server_down_are_errors_naming_the_sample(url) -> None:
         match=r"(?s)sample 0: POST .*failed 2 times, last: .*(timed out|Timeout).*prompt: 'p'",
     ):
         slow(["p"], ["a"])
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     down = LLMJudge(url=f"http://127.0.0.1:{port}", model=NAME, max_retries=2)
     assert down.url == f"http://127.0.0.1:{port}/v1"
     with pytest.raises(

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import free_port
 
 from alignkit.cli import main
 from alignkit.config import load_config
@@ -220,12 +220,6 @@ def test_the_probe_stops_a_run_whose_sync_failed(warm, monkeypatch, capsys, faul
     assert [r["step"] for r in records] == [1]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_trainer_processes_share_one_server(warm):
     env = {
@@ -237,7 +231,7 @@ def test_two_trainer_processes_share_one_server(warm):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "alignkit", "train", "grpo",
+        "--main_process_port", str(free_port()), "-m", "alignkit", "train", "grpo",
         *overrides(warm, "two", "train.iterations=3", f"rollout.vllm.urls=[{warm['url']}]"),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -4,7 +4,6 @@ import copy
 import http.server
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import free_port
 
 from alignkit.errors import ConfigError
 from alignkit.models import load_policy
@@ -55,14 +55,8 @@ def test_worker_extension_imports_nothing_of_alignkit():
     assert "import alignkit" not in text and "from alignkit" not in text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_refused_connection_fails_after_bounded_retries():
-    client = VLLMClient(f"http://127.0.0.1:{_free_port()}", retries=2, backoff=0.01, timeout=5)
+    client = VLLMClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01, timeout=5)
     start = time.monotonic()
     with pytest.raises(VLLMError, match="failed after 3 attempt"):
         client.complete([1, 2], n=1, max_tokens=1, temperature=1.0)

@@ -9,7 +9,13 @@ words, prompts under 20 words, answers under 30) for a tiny model to learn in se
 
 from __future__ import annotations
 
-from alignkit.data.synthetic.builders import SPLITS, SyntheticTask, corpus, write_task
+from alignkit.data.synthetic.builders import (
+    SPLITS,
+    SyntheticTask,
+    corpus,
+    write_chat_prompt_copies,
+    write_task,
+)
 from alignkit.data.synthetic.content import BENIGN_MODES, HARMFUL_MODES, TASKS, TEMPLATES, Task
 from alignkit.data.synthetic.judges import (
     find_task,
@@ -42,6 +48,7 @@ __all__ = [
     "safety_cost",
     "score_responses",
     "verifiable_rows",
+    "write_chat_prompt_copies",
     "write_task",
     "write_verifiable_tasks",
 ]

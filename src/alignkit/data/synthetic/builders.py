@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ from alignkit.data.synthetic.content import (
     render_response,
 )
 from alignkit.data.synthetic.judges import find_task, helpfulness_score, safety_cost
+from alignkit.tracking.io import atomic_write_text
 
-__all__ = ["SPLITS", "SyntheticTask", "corpus", "write_task"]
+__all__ = ["SPLITS", "SyntheticTask", "corpus", "write_chat_prompt_copies", "write_task"]
 
 SPLITS = ("train", "heldout")
 CHAT_WORDS = ("system", "user", "assistant")
@@ -273,6 +274,28 @@ def write_task(
     """Write the synthetic task's JSONL files into ``out_dir`` (see ``SyntheticTask.write``)."""
     task = SyntheticTask(seed, heldout_templates, harmful_comply_fraction, safe_better_fraction)
     return task.write(out_dir)
+
+
+def write_chat_prompt_copies(files: Mapping[str, Path]) -> dict[str, Path]:
+    """Copies (``chat_<name>``) of the SFT, preference and safety files of ``SyntheticTask.write``
+    whose prompt is one user message; returns ``{"<kind>_<split>": path}`` of the copies.
+
+    An instruct model then reads a request through its chat template, and its answer follows
+    the template's assistant header instead of the question's last character.
+    """
+    chat: dict[str, Path] = {}
+    for kind in ("sft", "preference", "safety"):
+        for split in SPLITS:
+            path = files[f"{kind}_{split}"]
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            lines = [
+                json.dumps({**row, "prompt": _messages(row["prompt"])}, ensure_ascii=False)
+                for row in rows
+            ]
+            target = path.with_name(f"chat_{path.name}")
+            atomic_write_text(target, "".join(line + "\n" for line in lines))
+            chat[f"{kind}_{split}"] = target
+    return chat
 
 
 def corpus() -> list[str]:
