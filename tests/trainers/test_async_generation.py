@@ -98,16 +98,12 @@ def test_the_worker_generates_on_another_thread_and_its_errors_reach_the_trainer
             raise RuntimeError("the engine failed on batch 2")
         return f"batch {offset}"
 
-    class Engine:
-        def stats(self):
-            return {"tokens": 1.0}
-
     versions = iter(range(10))
     pipeline = AsyncGeneration(
         1,
         prepare=lambda i: ([], i, torch.Generator()),
         generate=generate,
-        engine=Engine(),
+        stats=lambda: {"tokens": 1.0},
         autocast=lambda: torch.autocast("cpu", enabled=False),
         version=lambda: next(versions),
     )
@@ -126,10 +122,6 @@ def test_the_worker_generates_on_another_thread_and_its_errors_reach_the_trainer
     [
         (("rollout.max_staleness=2",), "must be null, 0 or 1"),
         (("rollout.max_staleness=1", "rollout.filter_groups=true"), "filter_groups"),
-        (
-            ("rollout.max_staleness=1", "environment={name: calculator}"),
-            "single-turn rollouts",
-        ),
     ],
 )
 def test_settings_asynchronous_generation_cannot_serve_are_refused(sort_task, overrides, message):

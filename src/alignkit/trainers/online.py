@@ -135,7 +135,7 @@ class OnlineTrainer(ExperienceCollection, OnlineReporting, RunLoop):
                 staleness,
                 prepare=self._prepare_generation,
                 generate=self.generate_experience,
-                engine=self.engine,
+                stats=lambda: {**self.engine.stats(), **self.rollout.stats()},
                 autocast=self.accelerator.autocast,
                 version=lambda: self.state.step,
             )
