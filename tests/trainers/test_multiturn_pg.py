@@ -23,6 +23,7 @@ from metric_helpers import is_clock_metric
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from alignkit.config import load_config
+from alignkit.errors import ConfigError
 from alignkit.models.forward import token_logprobs
 from alignkit.rollout.chat_stream import Conversation
 from alignkit.rollout.environments import Environment, Step
@@ -340,3 +341,20 @@ def test_the_smollm2_examples_run_as_written_on_small_data(
     assert exit_info.value.code in (0, None)
     summary = json.loads((tmp_path / "runs" / settings["run_name"] / "summary.json").read_text())
     assert summary["step"] == 1 and "eval/reward" in summary["initial_eval"]
+
+
+def test_vllm_needs_a_context_that_holds_an_episode(tmp_path):
+    """Later turns continue conversations of up to environment.max_length tokens: a server
+    with a shorter context would refuse them mid-run."""
+    settings = [
+        *get_method("grpo").defaults,
+        f"output_dir={tmp_path}",
+        "data.train_file=prompts.jsonl",
+        "data.max_prompt_length=64",
+        "rollout.max_new_tokens=16",
+        "rollout.engine=vllm",
+        "environment={name: calculator, max_length: 300}",
+    ]
+    with pytest.raises(ConfigError, match=r"below environment.max_length = 300"):
+        load_config(PGConfig, None, [*settings, "rollout.vllm.max_model_len=256"])
+    load_config(PGConfig, None, [*settings, "rollout.vllm.max_model_len=300"])
