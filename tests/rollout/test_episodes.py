@@ -125,8 +125,11 @@ def test_scores_add_the_environment_and_the_reward_sources():
     scores = rollout.score(exp, FunctionReward(source))
     assert answers == ["again", "again"]  # the last assistant message, not the transcript
     assert scores[0] == 2.5 and math.isnan(scores[1])
-    silent = run(tok, engine, env="single_turn", samples=1)[0]
-    assert silent.score(exp, None).tolist() == [0.0, 0.0]  # no reward at all: 0, not NaN
+    silent, quiet = run(tok, engine, env="single_turn", samples=1)
+    assert silent.score(quiet, None).tolist() == [0.0, 0.0]  # no reward at all: 0, not NaN
+    # The episodes travel with their batch: an earlier batch still scores as its own.
+    assert rollout.score(exp, None).tolist() == [1.5, 1.5]
+    assert rollout.score(exp.select([1]), None).tolist() == [1.5]
 
 
 class Moody(Environment):

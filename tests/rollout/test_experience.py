@@ -101,3 +101,18 @@ def test_shapes_are_checked() -> None:
         Experience(**{**exp.__dict__, "scores": torch.zeros(3)})
     with pytest.raises(ValueError, match="completions has 2 rows"):
         Experience(**{**exp.__dict__, "completions": ["a", "b"]})
+    with pytest.raises(ValueError, match="episodes has 1 rows"):
+        Experience(**{**exp.__dict__, "episodes": ["e"]})
+
+
+def test_episodes_follow_their_rows_when_set() -> None:
+    exp = _experience(n=4)
+    assert exp.select([1]).episodes is None and Experience.cat([exp, exp]).episodes is None
+    with_episodes = Experience(**{**exp.__dict__, "episodes": [f"e{i}" for i in range(4)]})
+    assert with_episodes.select([3, 0, 0]).episodes == ["e3", "e0", "e0"]
+    assert [c.episodes for c in with_episodes.split(3)] == [["e0", "e1", "e2"], ["e3"]]
+    both = Experience.cat([with_episodes, with_episodes.select([2])])
+    assert both.episodes == ["e0", "e1", "e2", "e3", "e2"]
+    assert both.to("cpu").episodes == both.episodes
+    with pytest.raises(ValueError, match="episodes is set in some parts only"):
+        Experience.cat([with_episodes, exp])

@@ -18,9 +18,10 @@ from alignkit.config import load_config
 from alignkit.errors import ConfigError
 from alignkit.models import load_policy
 from alignkit.rollout import SamplingConfig, SnapshotEngine, TransformersEngine, load_prompt_file
+from alignkit.tracking import read_metrics
 from alignkit.trainers.async_rollout import AsyncGeneration
 from alignkit.trainers.distill_config import DistillConfig
-from alignkit.trainers.pg import PolicyGradientTrainer
+from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
 from alignkit.trainers.registry import get_method
 
 #: Only the asynchronous run logs these (how long the main thread waited, the staleness).
@@ -65,6 +66,21 @@ def test_staleness_one_trains_each_batch_at_most_one_update_late_and_learns(sort
     assert last - first > 0.03, (first, last)
 
 
+def test_each_batch_logs_the_weight_lag_of_its_own_sampler(sort_task):
+    """With a sync every 2 optimizer steps, the engine's copy lags 0 or 1 step when a batch is
+    submitted; that lag is logged with the batch it sampled, not with the batch submitted
+    after it (which the main thread's sync state would hold by logging time)."""
+    cfg = rl_config(sort_task, "grpo", "async-lag", "train.iterations=7", "rollout.max_staleness=1")
+    trainer = build_pg_trainer(cfg)
+    trainer.sync_every = 2  # rollout.vllm.sync_every's schedule, on the in-process copy
+    trainer.train()
+    records = [r for r in read_metrics(trainer.run_dir.metrics_path) if r["step"] > 0]
+    # Batches 0 and 1 are submitted before the first update (both from the first sync); batch
+    # k >= 2 at step k - 1: synced when 2 steps behind, so lags 1, 0, 1, 0, ...
+    assert [r["rollout/weight_staleness"] for r in records] == [0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert [r["rollout/policy_staleness"] for r in records] == [0.0] + [1.0] * 6
+
+
 def test_the_snapshot_engine_samples_its_copy_until_synced(sort_task):
     model, tokenizer = load_policy(str(sort_task["model"]))
     prompts = load_prompt_file(sort_task["sort_prompts"], tokenizer, 32)[:4]
@@ -98,16 +114,12 @@ def test_the_worker_generates_on_another_thread_and_its_errors_reach_the_trainer
             raise RuntimeError("the engine failed on batch 2")
         return f"batch {offset}"
 
-    class Engine:
-        def stats(self):
-            return {"tokens": 1.0}
-
     versions = iter(range(10))
     pipeline = AsyncGeneration(
         1,
         prepare=lambda i: ([], i, torch.Generator()),
         generate=generate,
-        engine=Engine(),
+        stats=lambda: {"tokens": 1.0},
         autocast=lambda: torch.autocast("cpu", enabled=False),
         version=lambda: next(versions),
     )
@@ -126,10 +138,6 @@ def test_the_worker_generates_on_another_thread_and_its_errors_reach_the_trainer
     [
         (("rollout.max_staleness=2",), "must be null, 0 or 1"),
         (("rollout.max_staleness=1", "rollout.filter_groups=true"), "filter_groups"),
-        (
-            ("rollout.max_staleness=1", "environment={name: calculator}"),
-            "single-turn rollouts",
-        ),
     ],
 )
 def test_settings_asynchronous_generation_cannot_serve_are_refused(sort_task, overrides, message):

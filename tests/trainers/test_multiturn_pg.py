@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 from llama_helpers import build_llama
+from metric_helpers import is_clock_metric
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from alignkit.config import load_config
+from alignkit.errors import ConfigError
 from alignkit.models.forward import token_logprobs
 from alignkit.rollout.chat_stream import Conversation
 from alignkit.rollout.environments import Environment, Step
@@ -34,6 +36,8 @@ from alignkit.trainers.pg import PolicyGradientTrainer, build_pg_trainer
 from alignkit.trainers.registry import get_method
 from alignkit.trainers.rl_config import PGConfig
 
+#: Only an asynchronous run logs these (how long the main thread waited, the staleness).
+_ASYNC_ONLY = ("timing/rollout_wait", "rollout/policy_staleness")
 TOKENIZER = Path(__file__).resolve().parents[1] / "rollout" / "chat_tokenizers" / "smollm2"
 
 
@@ -162,6 +166,97 @@ def test_grpo_learns_to_call_the_tool_that_unlocks_the_reward(tmp_path, warm_mod
     assert sum(rewards[:3]) / 3 < 0.75 and sum(rewards[-3:]) / 3 > 0.95, rewards
 
 
+class FixedLocked(Locked):
+    """``Locked`` with the same code in every episode: two runs see the same tool results."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.code = "7"
+
+
+def _locked_run(tmp_path, warm_model, name: str, *extra: str):
+    """GRPO on ``FixedLocked`` episodes (8 prompts x 8 samples) from a config, 4 held-out
+    prompts; the trainer and its iterations' metrics."""
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(f'{{"prompt": [{{"role": "user", "content": "go {n}"}}]}}\n' for n in range(8))
+    )
+    environment = (
+        f"{{name: '{Path(__file__)}:FixedLocked', tool_format: unlock, max_turns: 3, "
+        "max_length: 200}"
+    )
+    cfg = load_config(
+        PGConfig,
+        None,
+        [
+            *get_method("grpo").defaults,
+            f"output_dir={tmp_path}",
+            f"run_name={name}",
+            f"model.name={warm_model}",
+            f"data.train_file={tmp_path / 'prompts.jsonl'}",
+            f"data.eval_file={tmp_path / 'prompts.jsonl'}",
+            "data.max_eval_prompts=4",
+            f"environment={environment}",
+            "rollout.prompts_per_iteration=8",
+            "rollout.samples_per_prompt=8",
+            "rollout.max_new_tokens=4",
+            "train.sequences_per_device=64",
+            "optim.lr=3e-3",
+            "optim.schedule=constant",
+            "kl.coef=0",
+            "logging.every=1",
+            "logging.progress_bar=false",
+            "logging.plots=false",
+            *extra,
+        ],
+    )
+    trainer = build_pg_trainer(cfg)
+    trainer.train()
+    records = read_metrics(trainer.run_dir.metrics_path)
+    return trainer, [r for r in records if "reward/mean" in r]
+
+
+def test_asynchronous_episodes_reproduce_the_synchronous_run_and_run_one_update_ahead(
+    tmp_path, warm_model
+):
+    """``rollout.max_staleness`` with an environment: each batch's episodes travel with it
+    (``Experience.episodes``), so batch i is scored while the worker plays batch i+1."""
+    runs = {}
+    for name, extra in (("sync", ()), ("async0", ("rollout.max_staleness=0",))):
+        trainer, records = _locked_run(
+            tmp_path, warm_model, name, "train.iterations=3", "eval.every=2", *extra
+        )
+        runs[name] = records, [p.detach().clone() for p in trainer.unwrapped_model.parameters()]
+    (sync, sync_weights), (async0, async_weights) = runs["sync"], runs["async0"]
+    assert [r["rollout/policy_staleness"] for r in async0] == [0.0] * 3
+    assert all(r["env/tool_calls_mean"] > 0 for r in sync)  # the env metrics are there
+    for want, have in zip(sync, async0, strict=True):
+        for key in want.keys() | have.keys():
+            if not is_clock_metric(key) and key not in _ASYNC_ONLY:
+                assert have[key] == want[key], (want["step"], key)  # bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(sync_weights, async_weights, strict=True))
+
+    # Evaluations in between (their episodes are played while a batch is in flight).
+    trainer, records = _locked_run(
+        tmp_path,
+        warm_model,
+        "async1",
+        "train.iterations=20",
+        "train.samples_every=1",
+        "eval.every=3",
+        "rollout.max_staleness=1",
+    )
+    assert [r["rollout/policy_staleness"] for r in records] == [0.0] + [1.0] * 19
+    assert all("rollout/is_weight_mean" in r for r in records[1:])  # stale batches corrected
+    # Each batch is scored from its own episodes (not the ones the worker plays meanwhile):
+    # every rewarded transcript holds the tool's result.
+    for path in sorted((trainer.run_dir.root / "samples").glob("iteration-*.jsonl")):
+        samples = [json.loads(line) for line in path.read_text().splitlines()]
+        assert all("7" in s["completion"] for s in samples if s["reward"] == 1.0), path.name
+    calls = [r["env/tool_calls_mean"] for r in records]
+    rewards = [r["reward/mean"] for r in records]
+    assert sum(rewards[:3]) / 3 < 0.75 and sum(rewards[-3:]) / 3 > 0.9, (rewards, calls)
+
+
 @pytest.mark.parametrize("method", ["grpo", "rloo", "reinforce++", "ppo"])
 def test_every_preset_trains_on_multi_turn_episodes(tmp_path, warm_model, method):
     """The ``environment`` setting from a config, through ``build_pg_trainer`` (this file's
@@ -240,3 +335,20 @@ def test_the_smollm2_examples_run_as_written_on_small_data(
     assert exit_info.value.code in (0, None)
     summary = json.loads((tmp_path / "runs" / settings["run_name"] / "summary.json").read_text())
     assert summary["step"] == 1 and "eval/reward" in summary["initial_eval"]
+
+
+def test_vllm_needs_a_context_that_holds_an_episode(tmp_path):
+    """Later turns continue conversations of up to environment.max_length tokens: a server
+    with a shorter context would refuse them mid-run."""
+    settings = [
+        *get_method("grpo").defaults,
+        f"output_dir={tmp_path}",
+        "data.train_file=prompts.jsonl",
+        "data.max_prompt_length=64",
+        "rollout.max_new_tokens=16",
+        "rollout.engine=vllm",
+        "environment={name: calculator, max_length: 300}",
+    ]
+    with pytest.raises(ConfigError, match=r"below environment.max_length = 300"):
+        load_config(PGConfig, None, [*settings, "rollout.vllm.max_model_len=256"])
+    load_config(PGConfig, None, [*settings, "rollout.vllm.max_model_len=300"])

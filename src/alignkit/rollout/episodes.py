@@ -160,7 +160,7 @@ class EnvironmentRollout:
         self.tool_format = get_tool_format(name)
         self.renderer = ChatRenderer(tokenizer, schemas, self.tool_format)
         self.check_streams = check_streams
-        self.episodes: list[Conversation] = []
+        self.episodes: list[Conversation] = []  # the last generate's (scores read exp.episodes)
         self._stats: dict[str, float] = {}
 
     def _toolbox(self, env: Any) -> ToolBox:
@@ -383,19 +383,21 @@ class EnvironmentRollout:
     def score(
         self, exp: Experience, reward: RewardSource | None, score_texts: TextScorer | None = None
     ) -> Tensor:
-        """Per episode of the last ``generate``: the sum of the environment's step rewards (0
-        when it gave none, e.g. a limit ended the episode first) plus the reward sources'
-        score of its last assistant message (NaN where a source says "not applicable";
-        ``score_texts`` as in :meth:`SingleTurnRollout.score`)."""
-        if len(self.episodes) != len(exp):
-            raise ValueError("score() takes the Experience of the last generate()")
-        env = torch.tensor([c.reward or 0.0 for c in self.episodes], dtype=torch.float32)
+        """Per episode of ``exp`` (made by :meth:`generate`, which leaves the episodes in
+        ``exp.episodes``, so any earlier batch can be scored while the next one is generated):
+        the sum of the environment's step rewards (0 when it gave none, e.g. a limit ended the
+        episode first) plus the reward sources' score of its last assistant message (NaN where
+        a source says "not applicable"; ``score_texts`` as in :meth:`SingleTurnRollout.score`)."""
+        if exp.episodes is None:
+            raise ValueError("score() takes an Experience made by EnvironmentRollout.generate()")
+        env = torch.tensor([c.reward or 0.0 for c in exp.episodes], dtype=torch.float32)
         if reward is None:
             return env
-        answers = [c.last_answer for c in self.episodes]
+        answers = [c.last_answer for c in exp.episodes]
         return env + (score_texts or _plain_scorer(exp))(reward, answers)
 
     def stats(self) -> dict[str, float]:
+        """The episode metrics (``env/...``) of the last :meth:`generate`."""
         return dict(self._stats)
 
     def _episode_stats(self, convs: Sequence[Conversation]) -> dict[str, float]:
@@ -474,4 +476,5 @@ def _experience(
         prompts=prompts,
         completions=transcripts,
         row_fields=fields,
+        episodes=list(convs),
     )

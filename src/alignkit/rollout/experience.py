@@ -29,6 +29,8 @@ OPTIONAL_TOKEN_FIELDS = (
     "is_weights",
 )
 _LIST_FIELDS = ("prompts", "completions", "row_fields")
+# Per-row lists that a rollout may leave unset (None).
+_OPTIONAL_LIST_FIELDS = ("episodes",)
 # Fills used when ``cat`` widens a batch: a pad column is masked out everywhere.
 _PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "response_mask": False}
 
@@ -53,6 +55,9 @@ class Experience:
         row_fields: N dicts, the prompt file's other columns (e.g. ``answer``).
         old_logprobs, reference_logprobs, values, token_rewards, advantages, returns,
         is_weights: ``[N, T] float32`` or None, filled by the trainer.
+        episodes: N episodes (``rollout.chat_stream.Conversation``) the rows were made from, for
+            an environment's rollout (its scores read them); None for single-turn rollouts. They
+            travel with the batch so that one batch can be scored while the next is generated.
     """
 
     input_ids: Tensor
@@ -74,6 +79,7 @@ class Experience:
     advantages: Tensor | None = None
     returns: Tensor | None = None
     is_weights: Tensor | None = None
+    episodes: list[Any] | None = None
 
     def __post_init__(self) -> None:
         n, t = self.input_ids.shape
@@ -83,7 +89,7 @@ class Experience:
                 raise ValueError(
                     f"Experience.{name} has shape {tuple(value.shape)}, not {expected}"
                 )
-        for name in _LIST_FIELDS:
+        for name in self._list_fields():
             if len(getattr(self, name)) != n:
                 raise ValueError(f"Experience.{name} has {len(getattr(self, name))} rows, not {n}")
         if not 0 <= self.prompt_width <= t:
@@ -94,6 +100,10 @@ class Experience:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 yield f.name, value
+
+    def _list_fields(self) -> list[str]:
+        optional = [name for name in _OPTIONAL_LIST_FIELDS if getattr(self, name) is not None]
+        return [*_LIST_FIELDS, *optional]
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -110,7 +120,7 @@ class Experience:
         changes: dict[str, Any] = {
             name: value.index_select(0, index.to(value.device)) for name, value in self._tensors()
         }
-        for name in _LIST_FIELDS:
+        for name in self._list_fields():
             rows = getattr(self, name)
             changes[name] = [rows[i] for i in picked]
         return replace(self, **changes)
@@ -161,6 +171,11 @@ class Experience:
             value = getattr(first, name)
             if name in _LIST_FIELDS:
                 changes[name] = [row for p in parts for row in getattr(p, name)]
+            elif name in _OPTIONAL_LIST_FIELDS:
+                lists = [getattr(p, name) for p in parts]
+                if any(rows is None for rows in lists) and not all(rows is None for rows in lists):
+                    raise ValueError(f"Experience.cat: {name} is set in some parts only")
+                changes[name] = None if lists[0] is None else [r for rows in lists for r in rows]
             elif isinstance(value, Tensor) or name in OPTIONAL_TOKEN_FIELDS:
                 values = [getattr(p, name) for p in parts]
                 if any(v is None for v in values):

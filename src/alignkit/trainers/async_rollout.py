@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.rollout import Experience, GenerationEngine, Prompt
+from alignkit.rollout import Experience, Prompt
 
 __all__ = ["AsyncGeneration", "Generated"]
 
@@ -41,7 +41,7 @@ __all__ = ["AsyncGeneration", "Generated"]
 class Generated:
     """One batch from the worker: the raw experience (unscored), the policy version that
     sampled it (iterations of updates in the engine's weights), the worker's seconds and the
-    engine's statistics of that generate call."""
+    engine's (and the rollout's) statistics of that batch."""
 
     exp: Experience
     version: int
@@ -62,8 +62,10 @@ class AsyncGeneration:
         max_staleness: 0 (the asynchronous path without overlap) or 1.
         prepare: ``prepare(iteration)`` on the main thread before a batch is submitted: the
             iteration's prompts, group offset and generator, after the engine was synced.
-        generate: ``generate(prompts, offset, generator)`` on the worker: the engine's call.
-        engine: the engine (its ``stats()`` are read on the worker, right after the call).
+        generate: ``generate(prompts, offset, generator)`` on the worker: the rollout (one
+            engine call, or an environment's episodes).
+        stats: the batch's statistics (the engine's and the rollout's), read on the worker
+            right after ``generate``.
         autocast: the run's autocast context factory (autocast is per thread).
         version: the current policy version (iterations of updates), read at submission.
     """
@@ -74,14 +76,14 @@ class AsyncGeneration:
         *,
         prepare: Callable[[int], tuple[list[Prompt], int, torch.Generator]],
         generate: Callable[[list[Prompt], int, torch.Generator], Experience],
-        engine: GenerationEngine,
+        stats: Callable[[], dict[str, float]],
         autocast: Callable[[], AbstractContextManager],
         version: Callable[[], int],
     ) -> None:
         if max_staleness not in (0, 1):
             raise ValueError(f"max_staleness must be 0 or 1, got {max_staleness}")
         self.max_staleness = max_staleness
-        self._prepare, self._generate, self._engine = prepare, generate, engine
+        self._prepare, self._generate, self._stats = prepare, generate, stats
         self._autocast, self._version = autocast, version
         self._pool: ThreadPoolExecutor | None = None
         self._pending: _Pending | None = None
@@ -134,7 +136,7 @@ class AsyncGeneration:
             started = time.perf_counter()
             with self._autocast():
                 exp = self._generate(prompts, offset, generator)
-            stats = dict(self._engine.stats())
+            stats = dict(self._stats())
             return Generated(exp, version, time.perf_counter() - started, stats)
 
         self._pending = _Pending(iteration, self._pool.submit(work))

@@ -127,7 +127,7 @@ class OnlineTrainer(ExperienceCollection, OnlineReporting, RunLoop):
                 f"{type(engine).__name__} cannot: it reads the trainer's own module"
             )
         self.engine: GenerationEngine = engine
-        self.engine_stats: dict[str, float] = {}  # the last batch's generate call's
+        self.engine_stats: dict[str, float] = {}  # the last batch's (_generation_stats)
         self.async_generation = (
             None
             if staleness is None
@@ -135,7 +135,7 @@ class OnlineTrainer(ExperienceCollection, OnlineReporting, RunLoop):
                 staleness,
                 prepare=self._prepare_generation,
                 generate=self.generate_experience,
-                engine=self.engine,
+                stats=self._generation_stats,
                 autocast=self.accelerator.autocast,
                 version=lambda: self.state.step,
             )
@@ -168,8 +168,18 @@ class OnlineTrainer(ExperienceCollection, OnlineReporting, RunLoop):
         self.sync_engine()
         with self.timed("rollout"):  # one generate call, or episodes turn by turn
             exp = self.generate_experience(prompts, group_offset, generator)
-        self.engine_stats = {**self.engine.stats(), **self.rollout.stats()}
+        self.engine_stats = self._generation_stats()
         return self.complete_experience(exp)
+
+    def _generation_stats(self) -> dict[str, float]:
+        """A batch's statistics, read right after it was generated (on the worker thread with
+        ``rollout.max_staleness``): the engine's, the rollout's and, for an engine with its own
+        copy of the weights, the optimizer steps that copy lagged behind the policy when the
+        batch was submitted (``rollout/weight_staleness``; set by the sync before it)."""
+        stats = {**self.engine.stats(), **self.rollout.stats()}
+        if self.engine.needs_weight_sync:
+            stats["rollout/weight_staleness"] = float(self._staleness)
+        return stats
 
     def generate_experience(
         self, prompts: Sequence[Prompt], group_offset: int, generator: torch.Generator

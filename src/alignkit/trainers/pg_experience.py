@@ -164,13 +164,11 @@ class PolicyGradientExperience:
         metrics.update(self.kl.metrics(exp))
         if self.critic is not None:
             metrics.update(self.critic.metrics(exp.values, exp.returns, mask))
-        # What only the engine knows (a teacher mixture's alpha and fallback share); the
-        # importance weights are the trainer's own, computed once above.
+        # What only the engine knows (a teacher mixture's alpha and fallback share, how far its
+        # weights lagged); the importance weights are the trainer's own, computed once above.
         for name, value in self.engine_stats.items():
             metrics[name] = torch.tensor(float(value), device=scores.device)
         metrics.update(self.correction.metrics(exp))
-        if self.engine.needs_weight_sync:
-            metrics["rollout/weight_staleness"] = scores.new_tensor(float(self._staleness))
         penalty = self.overlong_penalty(exp)
         if penalty is not None:
             metrics["reward/overlong_penalty"] = penalty.mean()

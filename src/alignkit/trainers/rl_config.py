@@ -313,6 +313,14 @@ class OnlineConfig(RunConfig):
             f"rollout.vllm.max_model_len={vllm.max_model_len} is below data.max_prompt_length + "
             f"rollout.max_new_tokens = {longest}: raise it (or shorten those)",
         )
+        # An episode's later turns continue conversations of up to environment.max_length
+        # tokens; the server shortens a turn at its context (the episode then ends on length).
+        episode = None if self.environment is None else self.environment.max_length
+        _require(
+            episode is None or episode <= vllm.max_model_len,
+            f"rollout.vllm.max_model_len={vllm.max_model_len} is below environment.max_length = "
+            f"{episode}, the longest conversation an episode continues: raise it (or lower that)",
+        )
 
     @property
     def sequences_per_minibatch(self) -> int:
@@ -386,11 +394,6 @@ class PGConfig(OnlineConfig):
                 "values; use estimator=gae or critic=null"
             )
         requires(self, "reference", self.kl.enabled, "kl.coef > 0")
-        if self.rollout.max_staleness is not None and self.environment is not None:
-            raise ConfigError(
-                "rollout.max_staleness (asynchronous generation) runs single-turn rollouts; "
-                "with an environment set it to null"
-            )
         if "group_index" in needs and self.rollout.samples_per_prompt < 2:
             raise ConfigError(
                 f"advantage.estimator={self.advantage.estimator} compares samples of a prompt: "

@@ -36,6 +36,8 @@ def test_server_command_and_environment(tmp_path):
     for flag, value in [("--logprobs-mode", "processed_logprobs"), ("--dtype", "bfloat16")]:
         assert command[command.index(flag) + 1] == value
     assert "--enable-lora" in command and "--enforce-eager" in command
+    # seeded requests: a split prefill would crash vLLM's CPU engine (see VLLMServer.command)
+    assert "--no-enable-chunked-prefill" in command
     env = server.environment()
     # the trainer's sources never reach vLLM's interpreter; the worker extension does
     assert env["PYTHONPATH"] == str(worker_extension_path())

@@ -139,8 +139,12 @@ class VLLMEngine:
         self.version = 0  # weight syncs done
         self._plan: _Plan | None = None
         self._processes = _Processes()
-        self._stats: dict[str, float] = {}  # of the last generate and the syncs before it
+        # The generate calls since the last set_iteration or sync (an environment's episodes make
+        # one per turn): their seconds and tokens, and the syncs before the first of them.
+        self._generated: list[float] = [0.0, 0.0]
+        self._synced: dict[str, float] = {}
         self._sync_stats: dict[str, float] = {}  # of the syncs since the last generate
+        self._fresh = True  # the next generate starts a new count
         self._checked: set[str] = set()
 
     # --- starting ------------------------------------------------------------------------
@@ -267,13 +271,21 @@ class VLLMEngine:
         return sampling.plain_softmax
 
     def set_iteration(self, iteration: int) -> None:
-        """The trainer's iteration, named in sync errors."""
+        """The trainer's iteration, named in sync errors; the statistics start anew."""
         self.iteration = iteration
+        self._fresh = True
 
     def stats(self) -> dict[str, float]:
-        """Metrics of the last generation and of the syncs since the one before
-        (``rollout/...``, ``timing/...``): a sync's numbers are reported once."""
-        return {**self._stats, **self._sync_stats}
+        """Metrics (``rollout/...``, ``timing/...``) of the generate calls since the last
+        ``set_iteration`` or sync, summed (every turn of an environment's episodes), and of the
+        syncs before them and since: a sync's numbers are reported once."""
+        seconds, tokens = self._generated
+        generated = (
+            {"timing/vllm_generate": seconds, "rollout/vllm_tokens_per_s": tokens / seconds}
+            if seconds > 0
+            else {}
+        )
+        return {**self._synced, **self._sync_stats, **generated}
 
     def sync_weights(self, model: nn.Module) -> None:
         """Push ``model``'s weights to every server, then verify them with the probe (the first
@@ -286,6 +298,7 @@ class VLLMEngine:
 
     def _sync(self, model: nn.Module, *, push: bool) -> None:
         processes = self._processes
+        self._fresh = True
         failure: Exception | None = None
         if processes.main:
             try:
@@ -400,14 +413,11 @@ class VLLMEngine:
                 f"vLLM rollout of iteration {self.iteration + 1} failed: {err}{self._resume_hint()}"
             ) from err
         experience = self._assemble(prompts, sampling, samples, group_offset)
-        seconds = time.perf_counter() - start
-        tokens = int(experience.response_lengths.sum())
-        self._stats = {
-            **self._sync_stats,
-            "timing/vllm_generate": seconds,
-            "rollout/vllm_tokens_per_s": tokens / max(seconds, 1e-9),
-        }
-        self._sync_stats = {}
+        if self._fresh:
+            self._synced, self._sync_stats = self._sync_stats, {}
+            self._generated, self._fresh = [0.0, 0.0], False
+        self._generated[0] += max(time.perf_counter() - start, 1e-9)
+        self._generated[1] += float(experience.response_lengths.sum())
         return experience
 
     def _assemble(

@@ -162,6 +162,11 @@ class VLLMServer:
             "--logprobs-mode", "processed_logprobs",
             "--worker-extension-cls", WORKER_EXTENSION_CLS,
             "--seed", "0",
+            # Whole prompts per step: every rollout request carries a seed, and vLLM 0.32 rewinds
+            # the generator of a request whose prefill was split (``set_offset``), which a CPU
+            # generator lacks: the CPU engine dies ("CPU Generator does not use offset"). On a
+            # GPU, extra_args [--enable-chunked-prefill] gives vLLM's default back.
+            "--no-enable-chunked-prefill",
         ]  # fmt: skip
         if s.enforce_eager:
             args.append("--enforce-eager")
