@@ -191,9 +191,11 @@ def test_unparseable_replies_follow_the_documented_rule(url) -> None:
 
 
 def test_timeout_and_server_down_are_errors_naming_the_sample(url) -> None:
-    # 150 new tokens take far longer than 50 ms: every try times out.
+    # No reply of 150 new tokens (tokenising, a prefill, 150 decode steps, JSON) comes back
+    # within 1 ms: every try times out. (50 ms was not enough: the tiny model's lean decoder
+    # answered in time once on a quiet machine, and the test failed on the unparsed reply.)
     slow = LLMJudge(
-        url=url, model=NAME, template="{completion}", max_tokens=150, timeout=0.05, max_retries=1
+        url=url, model=NAME, template="{completion}", max_tokens=150, timeout=0.001, max_retries=1
     )
     with pytest.raises(
         RewardFunctionError,
